@@ -1,0 +1,194 @@
+"""slicer-init: PID 1 of every guest (standard library only).
+
+Mounts the pseudo filesystems, links ``/dev/virtio-ports`` (there is no udev), sets the
+hostname and the network from the kernel command line (``slicer.hostname``, ``slicer.ip``,
+``slicer.gw``, ``slicer.dns``), starts and supervises the agent, reaps orphans, and powers off
+or reboots cleanly on request: SIGUSR2 or the ACPI power button (QMP ``system_powerdown``)
+powers off, SIGTERM or SIGINT reboots.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+RB_POWER_OFF = 0x4321FEDC
+RB_AUTOBOOT = 0x01234567
+KEY_POWER = 116
+EV_KEY = 1
+INPUT_EVENT = struct.Struct("llHHi")
+
+_request: str | None = None
+
+
+def log(msg: str) -> None:
+    print(f"slicer-init: {msg}", flush=True)
+
+
+def run(*cmd: str) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        log(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+
+def mount(fstype: str, target: str, options: str = "") -> None:
+    os.makedirs(target, exist_ok=True)
+    args = ["mount", "-t", fstype, fstype, target] + (["-o", options] if options else [])
+    run(*args)
+
+
+def kernel_params() -> dict[str, str]:
+    with open("/proc/cmdline") as f:
+        words = f.read().split()
+    return dict(w.split("=", 1) for w in words if w.startswith("slicer.") and "=" in w)
+
+
+def link_virtio_ports() -> None:
+    os.makedirs("/dev/virtio-ports", exist_ok=True)
+    for path in glob.glob("/sys/class/virtio-ports/*/name"):
+        with open(path) as f:
+            name = f.read().strip()
+        dev = os.path.basename(os.path.dirname(path))
+        link = f"/dev/virtio-ports/{name}"
+        if name and not os.path.lexists(link):
+            os.symlink(f"../{dev}", link)
+
+
+def setup_network(params: dict[str, str]) -> None:
+    run("ip", "link", "set", "lo", "up")
+    ip = params.get("slicer.ip")
+    if not ip:
+        return
+    run("ip", "addr", "add", ip, "dev", "eth0")
+    run("ip", "link", "set", "eth0", "up")
+    if gw := params.get("slicer.gw"):
+        run("ip", "route", "add", "default", "via", gw)
+    if dns := params.get("slicer.dns"):
+        with open("/etc/resolv.conf", "w") as f:
+            f.writelines(f"nameserver {d}\n" for d in dns.split(","))
+
+
+def set_hostname(name: str) -> None:
+    socket.sethostname(name)
+    with open("/etc/hostname", "w") as f:
+        f.write(name + "\n")
+    with open("/etc/hosts", "w") as f:
+        f.write(f"127.0.0.1 localhost\n127.0.1.1 {name}\n::1 localhost ip6-localhost\n")
+
+
+def power_buttons() -> list[int]:
+    fds = []
+    for dev in glob.glob("/sys/class/input/event*"):
+        try:
+            with open(f"{dev}/device/name") as f:
+                if "Power Button" not in f.read():
+                    continue
+            fds.append(os.open(f"/dev/input/{os.path.basename(dev)}", os.O_RDONLY | os.O_NONBLOCK))
+        except OSError:
+            continue
+    return fds
+
+
+def start_agent() -> subprocess.Popen:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": "/opt/slicer", "HOME": "/root"}
+    return subprocess.Popen([sys.executable, "-m", "slicer.agent"], env=env, start_new_session=True)
+
+
+def on_signal(signum: int, _frame: object) -> None:
+    global _request
+    if signum == signal.SIGUSR2:
+        _request = "poweroff"
+    elif signum in (signal.SIGTERM, signal.SIGINT):
+        _request = "reboot"
+
+
+def reap() -> list[int]:
+    gone = []
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return gone
+        if pid == 0:
+            return gone
+        gone.append(pid)
+
+
+def finish(action: str) -> None:
+    log(f"{action}: stopping processes")
+    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 1.0)):
+        try:
+            os.kill(-1, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            reap()
+            try:
+                os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            time.sleep(0.05)
+    os.sync()
+    run("mount", "-o", "remount,ro", "/")
+    os.sync()
+    log(f"{action} now")
+    ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF if action == "poweroff" else RB_AUTOBOOT)
+
+
+def main() -> None:
+    os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+    mount("proc", "/proc")
+    mount("sysfs", "/sys")
+    mount("tmpfs", "/run", "mode=0755,nosuid,nodev")
+    mount("tmpfs", "/tmp", "mode=1777,nosuid,nodev")
+    mount("devpts", "/dev/pts", "mode=0620,ptmxmode=0666,gid=5")
+    mount("tmpfs", "/dev/shm", "mode=1777,nosuid,nodev")
+    os.makedirs("/run/slicer", mode=0o700, exist_ok=True)
+    params = kernel_params()
+    set_hostname(params.get("slicer.hostname", "slicer"))
+    link_virtio_ports()
+    setup_network(params)
+    for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wfd)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the select below
+    buttons = power_buttons()
+    agent = start_agent()
+    log(f"agent started (pid {agent.pid})")
+    while _request is None:
+        try:
+            ready, _, _ = select.select([rfd, *buttons], [], [], 5.0)
+        except InterruptedError:
+            ready = []
+        for fd in ready:
+            if fd == rfd:
+                os.read(rfd, 4096)
+                continue
+            data = os.read(fd, INPUT_EVENT.size * 16)
+            for i in range(0, len(data) - INPUT_EVENT.size + 1, INPUT_EVENT.size):
+                _, _, etype, code, value = INPUT_EVENT.unpack_from(data, i)
+                if etype == EV_KEY and code == KEY_POWER and value == 1:
+                    on_signal(signal.SIGUSR2, None)
+        if agent.pid in reap() and _request is None:
+            log("agent exited; restarting it")
+            time.sleep(0.5)
+            agent = start_agent()
+    finish(_request)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # PID 1 must never exit: that panics the kernel
+        log(f"fatal: {e!r}")
+        finish("poweroff")

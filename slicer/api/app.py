@@ -1,0 +1,34 @@
+"""The FastAPI application: routes are thin; the manager does the work."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from slicer import __version__
+from slicer.api import errors
+from slicer.api.routes import nodes, system, vm
+from slicer.core.manager import Manager
+
+
+def create_app(manager: Manager, token: str | None, git_commit: str = "unknown") -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await manager.start()
+        try:
+            yield
+        finally:
+            await manager.stop()
+
+    app = FastAPI(title="Slicer API", version=__version__, lifespan=lifespan)
+    app.state.manager = manager
+    app.state.token = token
+    app.state.git_commit = git_commit
+    errors.install(app)
+    app.include_router(system.public)
+    app.include_router(system.router)
+    app.include_router(nodes.router)
+    app.include_router(vm.router)
+    return app

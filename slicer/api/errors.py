@@ -1,0 +1,61 @@
+"""Every error leaves the API as JSON ``{"error": "...", "code": "..."}`` with its status."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from slicer.core.errors import SlicerError
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 408: "timeout", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
+}
+
+
+def error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
+
+
+def _describe(exc: RequestValidationError) -> str:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+    if err.get("type") == "json_invalid":
+        return "request body is not valid JSON"
+    if err.get("type") == "extra_forbidden":
+        return f"unknown field {'.'.join(loc)!r}"
+    if err.get("type") == "model_attributes_type" or (not loc and "dict" in err.get("msg", "")):
+        return "request body must be a JSON object"
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return f"{'.'.join(loc)}: {msg}" if loc else msg
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(SlicerError)
+    async def _slicer(request: Request, exc: SlicerError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, exc.message)
+        return error_response(exc.status, exc.message, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, _describe(exc), "invalid_request")
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(exc.status_code, message, _HTTP_CODES.get(exc.status_code, "error"),
+                              getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_response(500, f"internal error: {exc}", "internal_error")

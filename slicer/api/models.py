@@ -1,0 +1,83 @@
+"""Request bodies and query values of the API, validated before anything is created."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from slicer.core.errors import BadRequest
+
+MAX_USERDATA = 1 << 20
+_GITHUB_USER = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})$"
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+class CreateNodeRequest(BaseModel):
+    """Body of ``POST /hostgroup/{name}/nodes`` (Slicer's SlicerCreateNodeRequest)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    hostname: str | None = Field(default=None, max_length=63)
+    ip: str | None = Field(default=None, max_length=15)
+    ram_bytes: int | None = Field(default=None, ge=0)
+    cpus: int | None = Field(default=None, ge=0)
+    gpu_count: int = Field(default=0, ge=0)
+    persistent: bool = False
+    protected: bool = False
+    disk_image: str | None = None
+    import_user: str | None = Field(default=None, pattern=_GITHUB_USER)
+    github_user: str | None = Field(default=None, pattern=_GITHUB_USER)
+    ssh_keys: list[str] = Field(default_factory=list, max_length=100)
+    userdata: str | None = Field(default=None, max_length=MAX_USERDATA)
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    secrets: list[str] = Field(default_factory=list, max_length=256)
+    pci_devices: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> CreateNodeRequest:
+        if self.gpu_count:
+            raise ValueError("gpu_count: GPUs are not supported by the qemu driver")
+        if self.pci_devices:
+            raise ValueError("pci_devices: PCI passthrough is not supported by the qemu driver")
+        if self.disk_image:
+            raise ValueError("disk_image: custom disk images are not supported yet")
+        if self.import_user and self.github_user and self.import_user != self.github_user:
+            raise ValueError("github_user and import_user name the same thing; give one")
+        for tag in self.tags:
+            if not tag or len(tag) > 128:
+                raise ValueError("tags: each tag must be 1-128 characters")
+        for key in self.ssh_keys:
+            if len(key) > 16384 or not key.strip():
+                raise ValueError("ssh_keys: each key must be a non-empty line of at most 16 KiB")
+        return self
+
+    def spec(self) -> dict:
+        """What later stages act on (userdata, keys, secrets, tags), stored with the node."""
+        return {
+            "userdata": self.userdata,
+            "import_user": self.import_user or self.github_user,
+            "ssh_keys": self.ssh_keys,
+            "tags": self.tags,
+            "secrets": self.secrets,
+            "protected": self.protected,
+        }
+
+
+def parse_duration(value: str) -> float:
+    """Go duration (``30s``, ``2m``, ``1m30s``, ``500ms``) or plain seconds, in seconds."""
+    v = value.strip()
+    try:
+        seconds = float(v)
+    except ValueError:
+        pos, seconds = 0, 0.0
+        for m in _DURATION.finditer(v):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+            pos = m.end()
+        if pos != len(v) or not v:
+            raise BadRequest(f"timeout {value!r} is not a duration (try 30s or 2m)", "invalid_timeout") from None
+    if not 0 < seconds <= 3600:
+        raise BadRequest("timeout must be between 0 and 1h", "invalid_timeout")
+    return seconds

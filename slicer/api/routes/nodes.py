@@ -1,0 +1,59 @@
+"""Host groups and nodes: list, create, inspect, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Depends, Query
+
+from slicer.api.deps import manager, require_auth
+from slicer.api.models import CreateNodeRequest, parse_duration
+from slicer.core.manager import Manager
+
+router = APIRouter(dependencies=[Depends(require_auth)])
+Mgr = Annotated[Manager, Depends(manager)]
+DEFAULT_WAIT_TIMEOUT = "5m"
+
+
+@router.get("/hostgroup")
+async def list_host_groups(m: Mgr) -> list[dict]:
+    return m.host_groups()
+
+
+@router.get("/hostgroup/{name}/nodes")
+async def list_group_nodes(m: Mgr, name: str, tag: str | None = None, tag_prefix: str | None = None) -> list[dict]:
+    return [n.view() for n in m.list(group=name, tag=tag, tag_prefix=tag_prefix)]
+
+
+@router.post("/hostgroup/{name}/nodes", status_code=201)
+async def create_node(
+    m: Mgr,
+    name: str,
+    body: Annotated[CreateNodeRequest | None, Body()] = None,
+    wait: Annotated[Literal["agent", "userdata"] | None, Query()] = None,
+    timeout: str | None = None,
+) -> dict:
+    body = body or CreateNodeRequest()
+    seconds = parse_duration(timeout or DEFAULT_WAIT_TIMEOUT)
+    node = await m.create(
+        name, cpus=body.cpus, ram_bytes=body.ram_bytes, persistent=body.persistent,
+        hostname=body.hostname, ip=body.ip, spec=body.spec(), wait=wait, timeout=seconds,
+    )
+    r = node.record
+    return {"hostname": r.hostname, "hostgroup": r.hostgroup, "ip": r.ip, "created_at": r.created_at, "arch": "x86_64"}
+
+
+@router.delete("/hostgroup/{name}/nodes/{hostname}")
+async def delete_node(m: Mgr, name: str, hostname: str) -> dict:
+    removed = await m.delete(name, hostname)
+    return {"message": "Node deleted", "disk_removed": "true" if removed else "false"}
+
+
+@router.get("/nodes")
+async def list_nodes(m: Mgr, tag: str | None = None, tag_prefix: str | None = None) -> list[dict]:
+    return [n.view() for n in m.list(tag=tag, tag_prefix=tag_prefix)]
+
+
+@router.get("/vm/{hostname}")
+async def get_node(m: Mgr, hostname: str) -> dict:
+    return m.get(hostname).view()

@@ -1,0 +1,49 @@
+"""Actions on one VM: console logs, agent health, power and pause."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import PlainTextResponse, Response
+
+from slicer.api.deps import manager, require_auth
+from slicer.core.errors import SlicerError
+from slicer.core.manager import Manager
+
+router = APIRouter(prefix="/vm/{hostname}", dependencies=[Depends(require_auth)])
+Mgr = Annotated[Manager, Depends(manager)]
+
+
+@router.get("/logs")
+async def logs(m: Mgr, hostname: str, lines: Annotated[int, Query(ge=0, le=1_000_000)] = 20) -> dict:
+    return {"hostname": hostname, "lines": lines, "content": m.logs(hostname, lines)}
+
+
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=None)
+async def health(m: Mgr, request: Request, hostname: str) -> Response | dict:
+    if request.method == "HEAD":
+        try:
+            await m.health(hostname)
+        except SlicerError as e:
+            return Response(status_code=e.status)
+        return Response(status_code=200)
+    return await m.health(hostname)
+
+
+@router.post("/shutdown", response_class=PlainTextResponse)
+async def shutdown(m: Mgr, hostname: str, action: str = "reboot") -> str:
+    await m.shutdown(hostname, action)
+    return f"{'Reboot' if action == 'reboot' else 'Shutdown'} of {hostname} started\n"
+
+
+@router.post("/pause", response_class=PlainTextResponse)
+async def pause(m: Mgr, hostname: str) -> str:
+    await m.pause(hostname)
+    return f"{hostname} paused\n"
+
+
+@router.post("/resume", response_class=PlainTextResponse)
+async def resume(m: Mgr, hostname: str) -> str:
+    await m.resume(hostname)
+    return f"{hostname} resumed\n"

@@ -1,0 +1,210 @@
+"""Host end of a VM's channel: the unix socket QEMU serves, the handshake, and streams.
+
+:class:`Channel` owns one connection and one yamux session; :meth:`Channel.open` gives a
+stream already connected to a port inside the guest. If the guest restarted its side (a
+reboot, a restore), streams stop being acknowledged: the channel then drops the connection,
+and the next :meth:`Channel.open` reconnects with a fresh nonce. QEMU discards what the guest
+had not read when we disconnect, so a new connection never sees the old one's bytes.
+
+:class:`ChannelTransport` plugs a channel into httpx, so the agent's HTTP API is used like any
+other: ``httpx.AsyncClient(transport=ChannelTransport(ch), base_url="http://agent")``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import typing
+
+import httpcore
+import httpx
+
+from slicer.channel.yamux import READY, Session, Stream, StreamClosed, connect_port
+
+HANDSHAKE_LIMIT = 8 * 1024 * 1024  # stale guest bytes tolerated before the READY line
+
+
+class ChannelError(ConnectionError):
+    """The guest side of the channel is not answering."""
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.transport: asyncio.Transport | None = None
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.channel._on_data(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.can_write.set()
+        self.channel._on_lost(self)
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+
+class Channel:
+    """One VM's channel. Safe to share between tasks; every stream has its own owner."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self._proto: _Protocol | None = None
+        self._session: Session | None = None
+        self._nonce = b""
+        self._pending = bytearray()
+        self._ready: asyncio.Event = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.first_byte_at: float | None = None  # loop time of the first guest byte (for bench)
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, proto = await loop.create_unix_connection(lambda: _Protocol(self), self.socket_path)
+        except OSError as e:
+            raise ChannelError(f"cannot connect to channel {self.socket_path}: {e}") from e
+        self._proto = proto
+        self._session = None
+        self._pending.clear()
+        self._ready = asyncio.Event()
+        self._nonce = secrets.token_hex(8).encode()
+        assert proto.transport is not None
+        proto.transport.write(b"SLICER-HELLO " + self._nonce + b"\n")
+
+    def _on_data(self, proto: _Protocol, data: bytes) -> None:
+        if proto is not self._proto:
+            return
+        if self.first_byte_at is None:
+            self.first_byte_at = asyncio.get_running_loop().time()
+        if self._session is not None:
+            try:
+                self._session.feed(data)
+            except Exception:
+                self.disconnect()
+            return
+        self._pending += data
+        marker = READY + self._nonce + b"\n"
+        i = self._pending.find(marker)
+        if i < 0:
+            if len(self._pending) > HANDSHAKE_LIMIT:
+                del self._pending[: -len(marker)]
+            return
+        rest = bytes(self._pending[i + len(marker) :])
+        self._pending.clear()
+        transport = proto.transport
+        assert transport is not None
+        self._session = Session(transport.write, proto.can_write.wait, client=True)
+        self._ready.set()
+        if rest:
+            self._on_data(proto, rest)
+
+    def _on_lost(self, proto: _Protocol) -> None:
+        if proto is self._proto:
+            self._drop("channel connection lost")
+
+    def _drop(self, reason: str) -> None:
+        if self._session is not None:
+            self._session.connection_lost(reason)
+        self._session = None
+        self._proto = None
+
+    def disconnect(self) -> None:
+        """Drop the connection; the next :meth:`open` reconnects and handshakes again."""
+        proto = self._proto
+        self._drop("disconnected by host")
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()
+
+    async def session(self, timeout: float) -> Session:
+        """The live session, connecting and handshaking first if needed."""
+        async with self._lock:
+            if self._session is not None and not self._session.closed:
+                return self._session
+            if self._proto is None:
+                await self._connect()
+            ready = self._ready
+        try:
+            await asyncio.wait_for(ready.wait(), timeout)
+        except TimeoutError:
+            raise ChannelError(f"guest agent did not answer the channel within {timeout:.1f}s") from None
+        if self._session is None:
+            raise ChannelError("channel closed during handshake")
+        return self._session
+
+    async def open(self, port: int | str, timeout: float = 10.0) -> Stream:
+        """A stream connected to ``port`` (or ``unix:/path``) inside the guest."""
+        session = await self.session(timeout)
+        try:
+            stream = await session.open_stream(timeout=timeout)
+        except StreamClosed as e:
+            # An unacknowledged SYN means the guest restarted its end: start over next time.
+            if self._session is session:
+                self.disconnect()
+            raise ChannelError(str(e)) from e
+        try:
+            await asyncio.wait_for(connect_port(stream, port), timeout)
+        except (StreamClosed, TimeoutError) as e:
+            stream.reset()
+            raise ChannelError(str(e) or f"CONNECT {port} timed out") from e
+        return stream
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None and not self._session.closed
+
+
+class _StreamAdapter(httpcore.AsyncNetworkStream):
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await asyncio.wait_for(self._stream.read(max_bytes), timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._stream.write(buffer), timeout)
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.close()
+        except ConnectionError:
+            pass
+        if not self._stream.remote_closed:
+            self._stream.reset()
+
+
+class _ChannelBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, channel: Channel, port: int) -> None:
+        self._channel = channel
+        self._port = port
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        try:
+            stream = await self._channel.open(self._port, timeout=timeout or 10.0)
+        except ChannelError as e:
+            raise httpcore.ConnectError(str(e)) from e
+        return _StreamAdapter(stream)
+
+    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise httpcore.ConnectError("unix sockets are reached through connect_tcp on the channel")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class ChannelTransport(httpx.AsyncHTTPTransport):
+    """An httpx transport whose connections are channel streams to one guest port."""
+
+    def __init__(self, channel: Channel, port: int) -> None:
+        super().__init__()
+        # One stream per request: a pooled stream would not survive a guest restart.
+        self._pool = httpcore.AsyncConnectionPool(
+            max_keepalive_connections=0, network_backend=_ChannelBackend(channel, port)
+        )

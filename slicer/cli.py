@@ -1,0 +1,111 @@
+"""The ``slicer`` command: run the daemon, build the guest image."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from slicer.core.config import DEFAULT_CONFIG, load_config
+from slicer.core.errors import SlicerError
+
+app = typer.Typer(
+    help="Slicer: micro-VMs on your own Linux host, behind an HTTP API.",
+    no_args_is_help=True, rich_markup_mode="rich",
+)
+image_app = typer.Typer(help="Build and inspect the guest image.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+err = Console(stderr=True)
+
+DataDir = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir", envvar="SLICER_DATA_DIR",
+        help="Where images, disks, logs, secrets and state live.",
+    ),
+]
+DEFAULT_DATA_DIR = Path("/var/lib/slicer")
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("SLICER_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # it logs every socket event
+
+
+@app.command()
+def up(
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML config; omit to use the embedded default (one VM).")
+    ] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    build: Annotated[bool, typer.Option(help="Build the guest image first if it is missing.")] = True,
+) -> None:
+    """Run the daemon: boot the config's VMs and serve the API until Ctrl-C.
+
+    Example: [bold]slicer up[/bold] (embedded config: host group "vm", one VM, API on
+    127.0.0.1:8080), or [bold]slicer up vm.yaml --data-dir /srv/slicer[/bold].
+    """
+    _logging()
+    try:
+        text = config.read_text() if config else DEFAULT_CONFIG
+        cfg = load_config(text, config.parent if config else None)
+    except OSError as e:
+        err.print(f"[red]cannot read {config}: {e}[/red]")
+        raise typer.Exit(2) from e
+    except SlicerError as e:
+        err.print(f"[red]{e.message}[/red]")
+        raise typer.Exit(2) from e
+    from slicer.daemon import run_daemon
+    from slicer.image.build import ImageError, build_image, current_image
+
+    try:
+        try:
+            current_image(data_dir)
+        except ImageError:
+            if not build:
+                raise
+            build_image(data_dir, progress=lambda m: err.print(f"[cyan]image:[/cyan] {m}"))
+        run_daemon(cfg, data_dir)
+    except (ImageError, SlicerError) as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from e
+
+
+@image_app.command("build")
+def image_build(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a cached image matches.")] = False,
+) -> None:
+    """Build the guest image (Debian cloud kernel, initramfs, ext4 root with the agent).
+
+    Cached by content: a second run returns at once. Needs root, mmdebstrap, apt and
+    busybox-static. Example: [bold]slicer image build --data-dir /var/lib/slicer[/bold]
+    """
+    from slicer.image.build import ImageError, build_image
+
+    try:
+        image = build_image(data_dir, progress=lambda m: err.print(f"[cyan]image:[/cyan] {m}"), force=force)
+    except ImageError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from e
+    typer.echo(str(image.directory))
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from slicer import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

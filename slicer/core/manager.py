@@ -1,0 +1,373 @@
+"""Node lifecycle: host groups, services and sandboxes, reconciled against the state store.
+
+Services are the VMs of a group's YAML ``count``: started with the daemon, shut down
+gracefully with it, never deleted through the API. Sandboxes are created through the API:
+deleted (process and disk) when asked, when their guest powers off, and when the daemon stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+import shutil
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+
+from slicer.core.config import Config, HostGroup
+from slicer.core.errors import BadRequest, Conflict, Forbidden, NotFound, SlicerError
+from slicer.core.node import Node
+from slicer.core.state import NodeRecord, StateStore
+from slicer.image.build import GuestImage
+from slicer.vmm.base import Driver, VMMError, VMSpec, VMState, VMStateError
+
+log = logging.getLogger(__name__)
+
+HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+GRACEFUL_TIMEOUT = 30.0
+MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class Manager:
+    def __init__(self, config: Config, data_dir: Path, driver: Driver, image: GuestImage) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.driver = driver
+        self.image = image
+        self.store = StateStore(data_dir / "state.db")
+        self.nodes: dict[str, Node] = {}
+        self._alloc = asyncio.Lock()  # hostname and IP allocation
+        self._tasks: set[asyncio.Task] = set()
+        self.started_at = now_rfc3339()
+        if len(str(self.run_dir("x" * 63) / "channel.sock")) > MAX_SOCKET_PATH:
+            raise SlicerError(f"data directory path {data_dir} is too long for unix sockets")
+
+    # -- paths ----------------------------------------------------------------------------------
+    def run_dir(self, hostname: str) -> Path:
+        return self.data_dir / "run" / hostname
+
+    def persistent_disk(self, hostname: str) -> Path:
+        return self.data_dir / "disks" / f"{hostname}.qcow2"
+
+    # -- daemon lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Reconcile the record with what exists, then boot the services."""
+        for rec in self.store.all():
+            if self.driver.kill_stale(self.run_dir(rec.hostname)):
+                log.warning("%s: killed a QEMU left running by an earlier daemon", rec.hostname)
+            if rec.kind == "sandbox" and not rec.persistent:
+                log.info("%s: removing sandbox left by an earlier daemon", rec.hostname)
+                self._remove_files(rec, disk=True)
+                self.store.delete(rec.hostname)
+            elif rec.kind == "sandbox":
+                self.nodes[rec.hostname] = Node(rec, self.run_dir(rec.hostname))
+        for group in self.config.host_groups:
+            for i in range(1, group.count + 1):
+                self._spawn(self._boot_service(group, i))
+
+    async def _boot_service(self, group: HostGroup, index: int) -> None:
+        hostname = f"{group.name}-{index}"
+        old = next((r for r in self.store.all() if r.hostname == hostname), None)
+        persistent = group.service_persistent
+        disk = self.persistent_disk(hostname) if persistent else self.run_dir(hostname) / "disk.qcow2"
+        if not persistent:
+            disk.unlink(missing_ok=True)
+        rec = NodeRecord(
+            hostname=hostname, hostgroup=group.name, kind="service",
+            ip=str(self._address(group, index + 1)), cpus=group.vcpu, ram_bytes=group.ram,
+            persistent=persistent, created_at=old.created_at if old else now_rfc3339(),
+            disk=str(disk), spec={"userdata": group.userdata} if group.userdata else {},
+        )
+        self.store.put(rec)
+        node = Node(rec, self.run_dir(hostname))
+        self.nodes[hostname] = node
+        try:
+            await self._launch(node, group)
+            log.info("%s: service booted", hostname)
+        except SlicerError as e:
+            log.error("%s: service failed to boot: %s", hostname, e.message)
+
+    async def stop(self) -> None:
+        """Delete sandboxes, shut services down gracefully (killed after a timeout)."""
+        for task in list(self._tasks):
+            task.cancel()
+        jobs = []
+        for node in list(self.nodes.values()):
+            if node.is_service or node.record.persistent:
+                jobs.append(self._stop_vm(node, graceful=self.config.graceful_shutdown))
+            else:
+                jobs.append(self._destroy(node))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                log.error("stop: %r", r)
+        self.store.close()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- queries ----------------------------------------------------------------------------------
+    def group(self, name: str) -> HostGroup:
+        group = self.config.group(name)
+        if group is None:
+            raise NotFound(f"host group {name!r} not found", "hostgroup_not_found")
+        return group
+
+    def host_groups(self) -> list[dict]:
+        return [
+            {"name": g.name, "count": g.count, "ram_bytes": g.ram, "cpus": g.vcpu,
+             "gpu_count": g.gpu_count, "arch": "x86_64"}
+            for g in self.config.host_groups
+        ]
+
+    def list(self, group: str | None = None, tag: str | None = None, tag_prefix: str | None = None) -> list[Node]:
+        if tag is not None and tag_prefix is not None:
+            raise BadRequest("give only one of tag and tag_prefix")
+        if group is not None:
+            self.group(group)
+        nodes = [n for n in self.nodes.values() if group is None or n.record.hostgroup == group]
+        if tag is not None:
+            nodes = [n for n in nodes if tag in n.record.tags]
+        if tag_prefix is not None:
+            nodes = [n for n in nodes if any(t.startswith(tag_prefix) for t in n.record.tags)]
+        return sorted(nodes, key=lambda n: (n.record.hostgroup, _index(n.hostname)))
+
+    def get(self, hostname: str) -> Node:
+        if not HOSTNAME_RE.match(hostname):
+            raise BadRequest(f"invalid hostname {hostname!r}", "invalid_hostname")
+        node = self.nodes.get(hostname)
+        if node is None:
+            raise NotFound(f"VM {hostname!r} not found", "vm_not_found")
+        return node
+
+    # -- create / delete --------------------------------------------------------------------------
+    def _address(self, group: HostGroup, host: int) -> ipaddress.IPv4Address:
+        net = group.network.interface.network
+        if host >= net.num_addresses - 2:
+            raise Conflict(f"host group {group.name} has no free address in {net}", "no_free_address")
+        return net.network_address + host
+
+    async def create(
+        self, group_name: str, *, cpus: int | None, ram_bytes: int | None, persistent: bool,
+        hostname: str | None, ip: str | None, spec: dict, wait: str | None, timeout: float,
+    ) -> Node:
+        group = self.group(group_name)
+        cpus = cpus or group.vcpu
+        ram = ram_bytes or group.ram
+        if cpus > group.vcpu:
+            raise BadRequest(f"cpus {cpus} exceeds the host group's limit of {group.vcpu}", "limit_exceeded")
+        if ram > group.ram:
+            raise BadRequest(f"ram_bytes {ram} exceeds the host group's limit of {group.ram}", "limit_exceeded")
+        if ram < 64 << 20:
+            raise BadRequest("ram_bytes must be at least 64 MiB", "invalid_size")
+        async with self._alloc:
+            hostname, addr = self._allocate(group, hostname, ip)
+            disk = self.persistent_disk(hostname) if persistent else self.run_dir(hostname) / "disk.qcow2"
+            rec = NodeRecord(
+                hostname=hostname, hostgroup=group.name, kind="sandbox", ip=addr, cpus=cpus,
+                ram_bytes=ram, persistent=persistent, created_at=now_rfc3339(), disk=str(disk), spec=spec,
+            )
+            disk.unlink(missing_ok=True)  # a leftover with no record is not anyone's disk
+            node = Node(rec, self.run_dir(hostname))
+            self.nodes[hostname] = node
+            self.store.put(rec)
+        try:
+            await self._launch(node, group)
+            if wait:
+                await node.wait_ready(timeout, userdata=(wait == "userdata"))
+        except BaseException:
+            await self._destroy(node)
+            raise
+        return node
+
+    def _allocate(self, group: HostGroup, hostname: str | None, ip: str | None) -> tuple[str, str]:
+        used_ips = {n.record.ip for n in self.nodes.values() if n.record.hostgroup == group.name}
+        if hostname is not None:
+            if not HOSTNAME_RE.match(hostname):
+                raise BadRequest(f"invalid hostname {hostname!r}", "invalid_hostname")
+            if hostname in self.nodes:
+                raise Conflict(f"VM {hostname!r} already exists", "exists")
+        else:
+            used = {_index(h) for h in self.nodes if h.startswith(group.name + "-")}
+            n = group.count + 1  # services own 1..count
+            while n in used:
+                n += 1
+            hostname = f"{group.name}-{n}"
+        if ip is not None:
+            try:
+                addr = ipaddress.IPv4Address(ip)
+            except ValueError:
+                raise BadRequest(f"invalid ip {ip!r}", "invalid_ip") from None
+            net = group.network.interface.network
+            if addr not in net or addr in (net.network_address, net.broadcast_address,
+                                           group.network.interface.ip, net.broadcast_address - 1):
+                raise BadRequest(f"ip {ip} is not a usable address of {net}", "invalid_ip")
+            if str(addr) in used_ips:
+                raise Conflict(f"ip {ip} is already in use", "ip_in_use")
+            return hostname, str(addr)
+        host = 2
+        while str(self._address(group, host)) in used_ips:
+            host += 1
+        return hostname, str(self._address(group, host))
+
+    async def _launch(self, node: Node, group: HostGroup) -> None:
+        rec = node.record
+        net = group.network.interface
+        spec = VMSpec(
+            name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
+            kernel=self.image.kernel, initrd=self.image.initrd, base_disk=self.image.rootfs,
+            disk=Path(rec.disk), disk_size=group.disk_size, run_dir=node.run_dir,
+            ip_cidr=f"{rec.ip}/{net.network.prefixlen}", gateway=str(net.ip),
+            dns=group.dns_servers, isolated=group.network.mode == "isolated",
+        )
+        node.stopping = False
+        try:
+            vm = await self.driver.start(spec)
+        except VMMError as e:
+            raise SlicerError(f"{rec.hostname}: could not start the VM: {e}", "vm_start_failed") from e
+        node.attach(vm)
+        self._spawn(self._watch(node))
+
+    async def _watch(self, node: Node) -> None:
+        """React to the VM's process ending: a powered-off sandbox is deleted."""
+        vm = node.vm
+        assert vm is not None
+        code = await vm.wait()
+        if node.vm is not vm or node.stopping:
+            return
+        if code == 0:
+            log.info("%s: guest powered off", node.hostname)
+            if not node.is_service and not node.record.persistent:
+                await self._destroy(node)
+        else:
+            log.error("%s: QEMU died (exit %s); see %s", node.hostname, code, node.run_dir / "qemu.log")
+
+    async def _stop_vm(self, node: Node, graceful: bool) -> None:
+        vm = node.vm
+        if vm is None or vm.state == VMState.STOPPED:
+            return
+        node.stopping = True
+        if graceful:
+            with contextlib.suppress(VMMError):
+                await vm.powerdown()
+            try:
+                await asyncio.wait_for(asyncio.shield(vm.wait()), GRACEFUL_TIMEOUT)
+                return
+            except TimeoutError:
+                log.warning("%s: guest did not power off in %gs; killing it", node.hostname, GRACEFUL_TIMEOUT)
+        await vm.kill()
+
+    async def _destroy(self, node: Node) -> bool:
+        """Stop the VM and forget a sandbox; returns whether its disk was removed."""
+        node.stopping = True
+        if node.vm is not None:
+            await node.vm.kill()
+        if node.agent is not None:
+            await node.agent.aclose()
+        remove_disk = not node.record.persistent
+        self._remove_files(node.record, disk=remove_disk)
+        self.store.delete(node.hostname)
+        self.nodes.pop(node.hostname, None)
+        return remove_disk
+
+    def _remove_files(self, rec: NodeRecord, disk: bool) -> None:
+        if disk:
+            Path(rec.disk).unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir(rec.hostname), ignore_errors=True)
+
+    async def delete(self, group_name: str, hostname: str) -> bool:
+        self.group(group_name)
+        node = self.get(hostname)
+        if node.record.hostgroup != group_name:
+            raise NotFound(f"VM {hostname!r} is not in host group {group_name!r}", "vm_not_found")
+        if node.record.spec.get("protected"):
+            raise Forbidden(f"{hostname} is protected; it cannot be deleted", "protected")
+        if node.is_service:
+            raise Forbidden(
+                f"{hostname} is a service from the config file; change its count there instead",
+                "protected",
+            )
+        async with node.busy:
+            return await self._destroy(node)
+
+    # -- actions on a running VM ------------------------------------------------------------------
+    async def pause(self, hostname: str) -> None:
+        await self._vm_action(hostname, "pause")
+
+    async def resume(self, hostname: str) -> None:
+        await self._vm_action(hostname, "resume")
+
+    async def _vm_action(self, hostname: str, action: str) -> None:
+        node = self.get(hostname)
+        async with node.busy:
+            if node.vm is None:
+                raise Conflict(f"{hostname} is not running", "not_running")
+            try:
+                await getattr(node.vm, action)()
+            except VMStateError as e:
+                raise Conflict(f"{hostname}: {e}", "invalid_state") from e
+            except VMMError as e:
+                raise SlicerError(str(e)) from e
+
+    async def shutdown(self, hostname: str, action: str) -> None:
+        """Power off (ACPI, killed after a timeout) or reboot the guest; returns once started."""
+        if action not in ("shutdown", "reboot"):
+            raise BadRequest(f"action must be shutdown or reboot, not {action!r}", "invalid_action")
+        node = self.get(hostname)
+        if node.vm is None or node.vm.state == VMState.STOPPED:
+            raise Conflict(f"{hostname} is not running", "not_running")
+        if action == "reboot":
+            await self._reboot(node)
+            return
+        self._spawn(self._power_off(node))
+
+    async def _power_off(self, node: Node) -> None:
+        await self._stop_vm(node, graceful=True)
+        if not node.is_service and not node.record.persistent:
+            await self._destroy(node)  # a sandbox's disk goes with its shutdown
+
+    async def _reboot(self, node: Node) -> None:
+        vm = node.vm
+        assert vm is not None
+        if vm.state == VMState.PAUSED:
+            await vm.resume()
+        try:
+            await node.running_agent().power("reboot")  # orderly: processes stopped, disk synced
+        except SlicerError as e:
+            log.warning("%s: agent could not reboot (%s); resetting the machine", node.hostname, e.message)
+            await vm.reset()
+
+    def logs(self, hostname: str, lines: int) -> str:
+        node = self.get(hostname)
+        if lines < 0:
+            raise BadRequest("lines must be 0 (everything) or more", "invalid_lines")
+        log_file = node.run_dir / "console.log"
+        parts = [log_file.with_name("console.log.1"), log_file]
+        if not any(p.exists() for p in parts):
+            raise NotFound(f"no console log for {hostname} yet", "log_not_found")
+        tail: deque[str] = deque(maxlen=lines or None)
+        for part in parts:
+            with contextlib.suppress(FileNotFoundError), open(part, errors="replace", newline="") as f:
+                for line in f:
+                    tail.append(line)
+        return "".join(tail)
+
+    async def health(self, hostname: str) -> dict:
+        node = self.get(hostname)
+        agent = node.running_agent()
+        health = await agent.health(timeout=10.0)
+        return health
+
+
+def _index(hostname: str) -> int:
+    tail = hostname.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0

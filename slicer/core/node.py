@@ -1,0 +1,92 @@
+"""A node: its record (what should exist) joined to its VM and agent (what does exist)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from slicer.channel.host import Channel, ChannelError
+from slicer.core.agent import AgentClient
+from slicer.core.errors import AgentUnreachable, Conflict, WaitTimeout
+from slicer.core.state import NodeRecord
+from slicer.vmm.base import VM, VMState
+
+ARCH = "x86_64"
+
+
+class Node:
+    def __init__(self, record: NodeRecord, run_dir: Path) -> None:
+        self.record = record
+        self.run_dir = run_dir
+        self.vm: VM | None = None
+        self.agent: AgentClient | None = None
+        self.stopping = False  # a stop we asked for: its exit is not a crash
+        self.busy = asyncio.Lock()  # serialises lifecycle actions on this node
+
+    @property
+    def hostname(self) -> str:
+        return self.record.hostname
+
+    @property
+    def is_service(self) -> bool:
+        return self.record.kind == "service"
+
+    def attach(self, vm: VM) -> None:
+        self.vm = vm
+        self.agent = AgentClient(Channel(str(vm.spec.channel_socket)))
+        # After a reboot or reset the guest's end of the channel starts over.
+        vm.on_reset = self.agent.channel.disconnect
+
+    @property
+    def status(self) -> str:
+        if self.vm is None:
+            return "Stopped"
+        state = self.vm.state
+        if state == VMState.STOPPED:
+            return "Stopped" if self.stopping or self.vm.exit_code == 0 else "Crashed"
+        return {VMState.RUNNING: "Running", VMState.PAUSED: "Paused", VMState.STARTING: "Starting"}[state]
+
+    def running_agent(self) -> AgentClient:
+        """The agent of a VM that can answer now, or a clear error why not."""
+        if self.vm is None or self.agent is None or self.vm.state == VMState.STOPPED:
+            raise Conflict(f"{self.hostname} is not running", "not_running")
+        if self.vm.state == VMState.PAUSED:
+            raise Conflict(f"{self.hostname} is paused; resume it first", "paused")
+        return self.agent
+
+    async def wait_ready(self, timeout: float, userdata: bool = False) -> dict:
+        """Wait until the agent answers health (and userdata has run, if asked)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last = "no answer yet"
+        while (left := deadline - loop.time()) > 0:
+            if self.vm is None or self.vm.state == VMState.STOPPED:
+                code = self.vm.exit_code if self.vm else None
+                raise AgentUnreachable(f"{self.hostname} stopped while booting (QEMU exit {code})")
+            try:
+                agent = self.running_agent()
+                await agent.channel.session(timeout=min(left, 5.0))
+                health = await agent.health(timeout=min(left, 5.0))
+                if not userdata or health.get("userdata_ran") or not self.record.spec.get("userdata"):
+                    return health
+                last = "userdata has not finished"
+            except (AgentUnreachable, ChannelError, Conflict) as e:
+                last = str(e)
+            await asyncio.sleep(min(0.2, max(deadline - loop.time(), 0)))
+        raise WaitTimeout(f"{self.hostname} was not ready within {timeout:g}s ({last})")
+
+    def view(self) -> dict:
+        r = self.record
+        return {
+            "hostname": r.hostname,
+            "hostgroup": r.hostgroup,
+            "ip": r.ip,
+            "ram_bytes": r.ram_bytes,
+            "cpus": r.cpus,
+            "created_at": r.created_at,
+            "tags": r.tags,
+            "arch": ARCH,
+            "status": self.status,
+            "persistent": r.persistent,
+            "kind": r.kind,
+        }

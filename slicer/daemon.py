@@ -1,0 +1,82 @@
+"""Assemble and run the daemon: data directory, image, accelerator, driver, manager, API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import subprocess
+from pathlib import Path
+
+import uvicorn
+
+from slicer.api.app import create_app
+from slicer.core.config import Config
+from slicer.core.manager import Manager
+from slicer.image.build import current_image
+from slicer.vmm.accel import choose_accelerator
+from slicer.vmm.qemu import QEMU_BINARY, QemuDriver
+
+log = logging.getLogger("slicer")
+
+
+def ensure_token(data_dir: Path) -> str:
+    """The API token, created once (mode 0600) and reused after."""
+    path = data_dir / "auth" / "token"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        os.replace(tmp, path)
+    return path.read_text().strip()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_daemon(config: Config, data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    image = current_image(data_dir)
+    accel = choose_accelerator(QEMU_BINARY, image.kernel, image.initrd, data_dir / "accel.json")
+    log.info("hypervisor qemu microvm, accelerator %s, image %s", accel, image.build_id)
+    manager = Manager(config, data_dir, QemuDriver(accel), image)
+    api = config.api
+    uds = api.unix_socket
+    token = ensure_token(data_dir) if api.auth.enabled and not uds else None
+    app = create_app(manager, token, git_commit())
+    server_config = uvicorn.Config(
+        app, host=api.bind_address, port=api.port, log_level="info",
+        access_log=False, timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(server_config)
+    if uds:
+        log.info("API on unix socket %s (mode 0600, no token)", uds)
+    else:
+        where = f"http://{api.bind_address}:{api.port}"
+        log.info("API on %s%s", where, f", token in {data_dir / 'auth/token'}" if token else "")
+
+    async def serve() -> None:
+        sockets = None
+        if uds:
+            # Bound here, not by uvicorn, which would make the socket world-writable (0666).
+            if os.path.exists(uds):
+                os.unlink(uds)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(uds)
+            os.chmod(uds, 0o600)
+            sock.listen(128)
+            sockets = [sock]
+        await server.serve(sockets=sockets)
+
+    asyncio.run(serve())

@@ -1,0 +1,124 @@
+"""The hypervisor driver interface: what the lifecycle layer may ask of any VMM.
+
+One driver per hypervisor (QEMU microvm today; Firecracker or Cloud Hypervisor on KVM hosts
+later). Drivers speak plain values and files: no HTTP, no database. Each VM exposes a channel
+socket that :class:`slicer.channel.host.Channel` connects to.
+
+Actions and when they are allowed (anything else raises :class:`VMStateError`):
+
+=============  ===========================  ==========================================
+action         allowed in                   effect
+=============  ===========================  ==========================================
+``start``      (new VM)                     boots; state ``running``
+``pause``      running                      vCPUs stop; state ``paused``
+``resume``     paused                       vCPUs run; state ``running``
+``powerdown``  running, paused              asks the guest to power off (ACPI button)
+``reset``      running, paused              hard reset of the machine
+``kill``       any but ``stopped``          ends the process at once
+=============  ===========================  ==========================================
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class VMState(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"  # the process ended: cleanly (guest powered off) or not, see exit_code
+
+
+class VMMError(Exception):
+    """The hypervisor failed to do what was asked."""
+
+
+class VMStateError(VMMError):
+    """The action is not allowed in the VM's current state."""
+
+
+@dataclass
+class VMSpec:
+    """Everything a driver needs to boot one VM. Paths are on the host."""
+
+    name: str
+    cpus: int
+    ram_bytes: int
+    kernel: Path
+    initrd: Path
+    base_disk: Path  # read-only base image
+    disk: Path  # this VM's copy-on-write overlay (created by the driver if missing)
+    disk_size: int  # bytes, virtual size of the overlay
+    run_dir: Path  # sockets, pid file, serial log
+    ip_cidr: str  # e.g. 192.168.137.2/24
+    gateway: str  # e.g. 192.168.137.1
+    dns: list[str] = field(default_factory=list)
+    isolated: bool = False  # no egress from the guest
+    kernel_args: list[str] = field(default_factory=list)
+
+    @property
+    def channel_socket(self) -> Path:
+        return self.run_dir / "channel.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+
+class VM(abc.ABC):
+    """A running (or ended) VM of some driver."""
+
+    spec: VMSpec
+    on_reset: Callable[[], None] | None = None  # called when the guest reboots or is reset
+
+    @property
+    @abc.abstractmethod
+    def state(self) -> VMState: ...
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int | None: ...
+
+    @property
+    @abc.abstractmethod
+    def exit_code(self) -> int | None:
+        """The process exit code once ``stopped``; 0 when the guest powered itself off."""
+
+    @abc.abstractmethod
+    async def pause(self) -> None: ...
+
+    @abc.abstractmethod
+    async def resume(self) -> None: ...
+
+    @abc.abstractmethod
+    async def powerdown(self) -> None: ...
+
+    @abc.abstractmethod
+    async def reset(self) -> None: ...
+
+    @abc.abstractmethod
+    async def kill(self) -> None: ...
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """Wait for the process to end; returns its exit code."""
+
+
+class Driver(abc.ABC):
+    """Boots VMs of one hypervisor."""
+
+    name: str
+    accelerator: str
+
+    @abc.abstractmethod
+    async def start(self, spec: VMSpec) -> VM:
+        """Boot a VM; returns once the hypervisor runs it (not when the guest is ready)."""
+
+    @abc.abstractmethod
+    def kill_stale(self, run_dir: Path) -> bool:
+        """End a process left behind in ``run_dir`` by an earlier daemon; True if one was."""

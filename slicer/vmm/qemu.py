@@ -1,0 +1,280 @@
+"""QEMU ``microvm`` driver: one ``qemu-system-x86_64`` process per VM, QMP via ``qemu.qmp``.
+
+Per VM, in its run directory: ``serial.sock`` (the console; QEMU waits for us to connect so
+no boot line is lost), ``qmp.sock``, ``channel.sock`` (the virtio-serial port of the agent),
+``qemu.pid``, ``qemu.log`` (QEMU's own stderr) and ``console.log`` (bounded, rotated once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from slicer.channel.yamux import PORT_NAME
+from slicer.vmm.accel import tsc_khz
+from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState, VMStateError
+
+log = logging.getLogger(__name__)
+
+QEMU_BINARY = "qemu-system-x86_64"
+SERIAL_LOG_MAX = 1024 * 1024  # per file; one rotated file is kept beside it
+SOCKET_WAIT = 15.0
+
+
+class SerialLog:
+    """Appends console output to a file, rotating it so it never exceeds twice the limit."""
+
+    def __init__(self, path: Path, limit: int = SERIAL_LOG_MAX) -> None:
+        self.path = path
+        self.limit = limit
+        self._f = open(path, "ab")
+        self._size = self._f.tell()
+
+    def write(self, data: bytes) -> None:
+        if self._size + len(data) > self.limit:
+            self._f.close()
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self._f = open(self.path, "ab")
+            self._size = 0
+        self._f.write(data)
+        self._f.flush()
+        self._size += len(data)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+async def _wait_for_socket(path: Path, proc: asyncio.subprocess.Process, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SOCKET_WAIT
+    while not path.exists():
+        if proc.returncode is not None or loop.time() > deadline:
+            raise VMMError(f"QEMU did not create its {what} socket")
+        await asyncio.sleep(0.01)
+
+
+def _qemu_failure(run_dir: Path) -> str:
+    try:
+        text = (run_dir / "qemu.log").read_text(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text.splitlines()[-1] if text else "no output"
+
+
+class QemuVM(VM):
+    def __init__(self, spec: VMSpec, proc: asyncio.subprocess.Process) -> None:
+        self.spec = spec
+        self._proc = proc
+        self._state = VMState.STARTING
+        self._qmp = QMPClient(spec.name)
+        self._tasks: list[asyncio.Task] = []
+        self._serial: SerialLog | None = None
+
+    @property
+    def state(self) -> VMState:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._proc.returncode
+
+    async def _attach(self) -> None:
+        run = self.spec.run_dir
+        await _wait_for_socket(run / "serial.sock", self._proc, "serial")
+        reader, writer = await asyncio.open_unix_connection(str(run / "serial.sock"))
+        self._serial = SerialLog(self.spec.serial_log)
+        self._tasks.append(asyncio.create_task(self._pump_serial(reader, writer)))
+        await _wait_for_socket(run / "qmp.sock", self._proc, "QMP")
+        await self._qmp.connect(str(run / "qmp.sock"))
+        self._tasks.append(asyncio.create_task(self._watch_events()))
+        self._tasks.append(asyncio.create_task(self._watch_process()))
+        status = await self._qmp.execute("query-status")
+        self._state = VMState.RUNNING if status.get("running") else VMState.PAUSED
+
+    async def _pump_serial(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The writer is held here: a collected StreamWriter closes the connection.
+        assert self._serial is not None
+        try:
+            while data := await reader.read(65536):
+                self._serial.write(data)
+        finally:
+            writer.close()
+
+    async def _watch_events(self) -> None:
+        async for event in self._qmp.events:
+            name = event["event"]
+            if name == "STOP" and self._state == VMState.RUNNING:
+                self._state = VMState.PAUSED
+            elif name == "RESUME" and self._state == VMState.PAUSED:
+                self._state = VMState.RUNNING
+            elif name == "RESET" and self.on_reset is not None:
+                self.on_reset()
+
+    async def _watch_process(self) -> None:
+        code = await self._proc.wait()
+        self._state = VMState.STOPPED
+        log.info("%s: QEMU exited with %s", self.spec.name, code)
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        with contextlib.suppress(Exception):
+            await self._qmp.disconnect()
+        if self._serial is not None:
+            self._serial.close()
+
+    async def _execute(self, command: str, allowed: tuple[VMState, ...]) -> None:
+        if self._state not in allowed:
+            raise VMStateError(f"cannot {command} a VM that is {self._state}")
+        try:
+            await self._qmp.execute(command)
+        except Exception as e:
+            raise VMMError(f"QMP {command} failed: {e}") from e
+
+    async def pause(self) -> None:
+        await self._execute("stop", (VMState.RUNNING,))
+        self._state = VMState.PAUSED
+
+    async def resume(self) -> None:
+        await self._execute("cont", (VMState.PAUSED,))
+        self._state = VMState.RUNNING
+
+    async def powerdown(self) -> None:
+        if self._state == VMState.PAUSED:
+            await self.resume()  # a paused guest cannot hear the power button
+        await self._execute("system_powerdown", (VMState.RUNNING,))
+
+    async def reset(self) -> None:
+        await self._execute("system_reset", (VMState.RUNNING, VMState.PAUSED))
+
+    async def kill(self) -> None:
+        if self._proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._qmp.execute("quit"), 2)
+        try:
+            await asyncio.wait_for(self._proc.wait(), 3)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
+        await asyncio.sleep(0)  # let _watch_process record the end
+
+    async def wait(self) -> int:
+        code = await self._proc.wait()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        return code
+
+
+class QemuDriver(Driver):
+    name = "qemu"
+
+    def __init__(self, accelerator: str, binary: str = QEMU_BINARY) -> None:
+        if shutil.which(binary) is None:
+            raise VMMError(f"{binary} not found: install Debian's qemu-system-x86")
+        self.binary = binary
+        self.accelerator = accelerator
+
+    def command(self, spec: VMSpec) -> list[str]:
+        """The full QEMU command line for ``spec`` (also used by bench/boot.py)."""
+        run = spec.run_dir
+        args = [
+            "console=ttyS0", "root=/dev/vda", "rw", "reboot=t", "panic=-1",
+            f"slicer.hostname={spec.name}", f"slicer.ip={spec.ip_cidr}", f"slicer.gw={spec.gateway}",
+        ]
+        if spec.dns:
+            args.append("slicer.dns=" + ",".join(spec.dns))
+        if self.accelerator == "tcg" and (khz := tsc_khz()):
+            args.append(f"tsc_early_khz={khz}")  # without it, 2 boots in 3 hang calibrating
+        args += spec.kernel_args
+        net = spec.ip_cidr.split("/")
+        network = f"{spec.gateway}/{net[1]}" if len(net) == 2 else spec.gateway
+        prefix = spec.gateway.rsplit(".", 1)[0]
+        netdev = f"user,id=net0,net={network},host={spec.gateway},dns={prefix}.254,ipv6=off"
+        if spec.isolated:
+            netdev += ",restrict=on"
+        accel = ["-accel", "tcg,thread=multi,tb-size=64", "-cpu", "max"]
+        if self.accelerator == "kvm":
+            accel = ["-accel", "kvm", "-cpu", "host"]
+        return [
+            self.binary,
+            "-name", spec.name,
+            "-M", "microvm,acpi=on,pit=off,pic=off,rtc=on",
+            *accel,
+            "-smp", str(spec.cpus),
+            "-m", f"{spec.ram_bytes // (1 << 20)}M",
+            "-nodefaults", "-no-user-config", "-display", "none",
+            "-chardev", f"socket,id=serial0,path={run / 'serial.sock'},server=on,wait=on",
+            "-serial", "chardev:serial0",
+            "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", " ".join(args),
+            "-drive", f"id=root,file={spec.disk},format=qcow2,if=none,discard=unmap",
+            "-device", "virtio-blk-device,drive=root",
+            "-netdev", netdev, "-device", "virtio-net-device,netdev=net0",
+            "-device", "virtio-rng-device",
+            "-device", "virtio-serial-device",
+            "-chardev", f"socket,id=channel0,path={spec.channel_socket},server=on,wait=off",
+            "-device", f"virtserialport,chardev=channel0,name={PORT_NAME}",
+            "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
+            "-pidfile", str(run / "qemu.pid"),
+        ]
+
+    async def create_disk(self, spec: VMSpec) -> None:
+        spec.disk.parent.mkdir(parents=True, exist_ok=True)
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(spec.base_disk), "-F", "raw",
+            str(spec.disk), str(spec.disk_size),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+        if proc.returncode:
+            raise VMMError(f"qemu-img create failed: {err.decode().strip()}")
+
+    async def start(self, spec: VMSpec) -> QemuVM:
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("serial.sock", "qmp.sock", "channel.sock"):
+            (spec.run_dir / name).unlink(missing_ok=True)
+        if not spec.disk.exists():
+            await self.create_disk(spec)
+        with open(spec.run_dir / "qemu.log", "wb") as qlog:
+            proc = await asyncio.create_subprocess_exec(
+                *self.command(spec), stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
+                start_new_session=True,  # Ctrl-C on the daemon must not kill guests uncleanly
+            )
+        vm = QemuVM(spec, proc)
+        try:
+            await vm._attach()
+        except BaseException as e:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            if isinstance(e, VMMError):
+                raise VMMError(f"{e}: {_qemu_failure(spec.run_dir)}") from e
+            raise
+        return vm
+
+    def kill_stale(self, run_dir: Path) -> bool:
+        pidfile = run_dir / "qemu.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError):
+            return False
+        if b"qemu-system" not in cmdline or str(run_dir).encode() not in cmdline:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        pidfile.unlink(missing_ok=True)
+        return True
