@@ -48,7 +48,7 @@ def git_commit() -> str:
 def run_daemon(config: Config, data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     image = current_image(data_dir)
-    accel = choose_accelerator(QEMU_BINARY, image.kernel, image.initrd, data_dir / "accel.json")
+    accel = choose_accelerator(QEMU_BINARY, image.kernel, image.initrd, image.directory.parent / "accel.json")
     log.info("hypervisor qemu microvm, accelerator %s, image %s", accel, image.build_id)
     manager = Manager(config, data_dir, QemuDriver(accel), image)
     api = config.api

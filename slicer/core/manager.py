@@ -79,9 +79,11 @@ class Manager:
         disk = self.persistent_disk(hostname) if persistent else self.run_dir(hostname) / "disk.qcow2"
         if not persistent:
             disk.unlink(missing_ok=True)
+        used = self._used_ips()
+        ip = old.ip if old and old.ip not in used else self._free_ip(group, used)
         rec = NodeRecord(
             hostname=hostname, hostgroup=group.name, kind="service",
-            ip=str(self._address(group, index + 1)), cpus=group.vcpu, ram_bytes=group.ram,
+            ip=ip, cpus=group.vcpu, ram_bytes=group.ram,
             persistent=persistent, created_at=old.created_at if old else now_rfc3339(),
             disk=str(disk), spec={"userdata": group.userdata} if group.userdata else {},
         )
@@ -189,8 +191,18 @@ class Manager:
             raise
         return node
 
+    def _used_ips(self) -> set[str]:
+        # Across groups: groups may share a subnet, and every VM's address must be unique.
+        return {n.record.ip for n in self.nodes.values()}
+
+    def _free_ip(self, group: HostGroup, used: set[str]) -> str:
+        host = 2
+        while str(self._address(group, host)) in used | {str(group.network.interface.ip)}:
+            host += 1
+        return str(self._address(group, host))
+
     def _allocate(self, group: HostGroup, hostname: str | None, ip: str | None) -> tuple[str, str]:
-        used_ips = {n.record.ip for n in self.nodes.values() if n.record.hostgroup == group.name}
+        used_ips = self._used_ips()
         if hostname is not None:
             if not HOSTNAME_RE.match(hostname):
                 raise BadRequest(f"invalid hostname {hostname!r}", "invalid_hostname")
@@ -214,10 +226,7 @@ class Manager:
             if str(addr) in used_ips:
                 raise Conflict(f"ip {ip} is already in use", "ip_in_use")
             return hostname, str(addr)
-        host = 2
-        while str(self._address(group, host)) in used_ips:
-            host += 1
-        return hostname, str(self._address(group, host))
+        return hostname, self._free_ip(group, used_ips)
 
     async def _launch(self, node: Node, group: HostGroup) -> None:
         rec = node.record

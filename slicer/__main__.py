@@ -1,0 +1,5 @@
+"""``python -m slicer`` is the ``slicer`` command."""
+
+from slicer.cli import app
+
+app()

@@ -1,0 +1,160 @@
+"""Fixtures that run real daemons booting real VMs under QEMU (TCG on these hosts).
+
+The guest image is built once into ``SLICER_TEST_IMAGE_DIR`` (default ``/var/lib/slicer``,
+where ``slicer image build`` puts it) and shared by every test daemon through a symlink.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from slicer.image.build import build_image
+
+IMAGE_DATA_DIR = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer"))
+BOOT_TIMEOUT = 240.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def qemu_pids(marker: str) -> list[int]:
+    """PIDs of QEMU processes whose command line mentions ``marker`` (a data dir)."""
+    out = subprocess.run(["pgrep", "-f", f"qemu-system.*{marker}"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+class Daemon:
+    """One ``slicer up`` process with its own data directory and config."""
+
+    def __init__(self, config: str, data_dir: Path | None = None) -> None:
+        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp"))
+        images = self.data_dir / "images"
+        if not images.exists():
+            images.symlink_to(IMAGE_DATA_DIR / "images")
+        self.port = free_port()
+        self.config_text = config.replace("PORT", str(self.port))
+        self.config_path = self.data_dir / "config.yaml"
+        self.config_path.write_text(self.config_text)
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.data_dir / "daemon.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def token(self) -> str | None:
+        path = self.data_dir / "auth" / "token"
+        return path.read_text().strip() if path.exists() else None
+
+    def start(self) -> Daemon:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "slicer", "up", str(self.config_path), "--data-dir", str(self.data_dir),
+             "--no-build"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"daemon did not come up:\n{self.log()}")
+
+    def client(self, token: str | None = "default") -> httpx.Client:
+        headers = {}
+        token = self.token if token == "default" else token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.Client(base_url=self.url, headers=headers, timeout=300)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        for pid in qemu_pids(str(self.data_dir)):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def wait_agent(client: httpx.Client, hostname: str, timeout: float = BOOT_TIMEOUT) -> dict:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = client.get(f"/vm/{hostname}/health")
+        if last.status_code == 200:
+            return last.json()
+        time.sleep(0.5)
+    raise AssertionError(f"{hostname} agent not healthy: {last and last.text}")
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    IMAGE_DATA_DIR.mkdir(parents=True, exist_ok=True)
+    return build_image(IMAGE_DATA_DIR, progress=lambda m: print(f"image: {m}")).directory
+
+
+MAIN_CONFIG = """
+config:
+  host_groups:
+  - name: vm
+    count: 1
+    vcpu: 2
+    ram_mb: 512
+    storage_size: 2G
+  - name: sbx
+    count: 0
+    vcpu: 1
+    ram_mb: 384
+    storage_size: 2G
+  api:
+    bind_address: 127.0.0.1
+    port: PORT
+    auth:
+      enabled: true
+"""
+
+
+@pytest.fixture(scope="session")
+def daemon(guest_image):
+    d = Daemon(MAIN_CONFIG).start()
+    yield d
+    d.cleanup()
+
+
+@pytest.fixture(scope="session")
+def api(daemon) -> httpx.Client:
+    with daemon.client() as c:
+        yield c

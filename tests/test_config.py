@@ -1,0 +1,116 @@
+"""Config, sizes, durations and request validation: pure logic, no VM."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from slicer.api.models import CreateNodeRequest, parse_duration
+from slicer.core.config import DEFAULT_CONFIG, load_config, parse_size
+from slicer.core.errors import BadRequest
+
+
+def test_default_config_is_one_small_vm():
+    cfg = load_config(DEFAULT_CONFIG)
+    (g,) = cfg.host_groups
+    assert (g.name, g.count, g.vcpu, g.ram, g.disk_size) == ("vm", 1, 2, 1 << 30, 4 << 30)
+    assert cfg.api.port == 8080 and not cfg.api.auth.enabled
+
+
+def test_slicer_style_config_parses():
+    cfg = load_config(
+        """
+config:
+  host_groups:
+  - name: api
+    storage: image
+    storage_size: 25G
+    count: 3
+    vcpu: 4
+    ram_mb: 2048
+    network:
+      bridge: brvm0
+      tap_prefix: vmtap
+      gateway: 10.0.0.1/24
+  github_user: someone
+  api:
+    bind_address: /run/slicer.sock
+    auth:
+      enabled: true
+"""
+    )
+    g = cfg.group("api")
+    assert g.ram == 2048 << 20 and g.disk_size == 25 << 30 and g.service_persistent
+    assert cfg.api.unix_socket == "/run/slicer.sock"
+
+
+@pytest.mark.parametrize(
+    "snippet, words",
+    [
+        ("host_groups: [{name: vm, ram_gb: 1, ram_mb: 10}]", "only one of ram_gb"),
+        ("host_groups: [{name: Bad_Name}]", "host_groups.0.name"),
+        ("host_groups: [{name: a}, {name: a}]", "unique"),
+        ("host_groups: [{name: a, storage_size: lots}]", "not a size"),
+        ("host_groups: [{name: a, colour: red}]", "colour"),
+        ("host_groups: [{name: a, network: {gateway: 10.0.0.1/30}}]", "gateway"),
+        ("hypervisor: firecracker", "KVM"),
+    ],
+)
+def test_bad_configs_name_the_field(snippet, words):
+    with pytest.raises(BadRequest) as e:
+        load_config("config:\n  " + snippet)
+    assert words in e.value.message
+
+
+def test_config_must_be_yaml_mapping():
+    with pytest.raises(BadRequest):
+        load_config("config: [1, 2")
+    with pytest.raises(BadRequest):
+        load_config("- just a list")
+
+
+def test_userdata_file_is_read_relative_to_config(tmp_path):
+    (tmp_path / "boot.sh").write_text("echo hi\n")
+    cfg = load_config("config:\n  host_groups: [{name: a, userdata_file: boot.sh}]", tmp_path)
+    assert cfg.host_groups[0].userdata == "echo hi\n"
+
+
+@pytest.mark.parametrize("text, size", [("25G", 25 << 30), ("512M", 512 << 20), ("1Gi", 1 << 30), ("100", 100)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text, seconds", [("30s", 30), ("2m", 120), ("1m30s", 90), ("500ms", 0.5), ("5", 5)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "5x", "-1s", "0s", "2h"])
+def test_bad_durations(text):
+    with pytest.raises(BadRequest):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"cpus": "2"},
+        {"ram_bytes": -1},
+        {"persistent": "yes"},
+        {"tags": "a"},
+        {"gpu_count": 1},
+        {"unknown": 1},
+        {"userdata": "x" * ((1 << 20) + 1)},
+        {"import_user": "bad user"},
+        {"github_user": "a", "import_user": "b"},
+    ],
+)
+def test_create_request_rejects(body):
+    with pytest.raises(ValidationError):
+        CreateNodeRequest.model_validate(body)
+
+
+def test_create_request_accepts_seed_shapes():
+    assert CreateNodeRequest.model_validate({}).spec()["userdata"] is None
+    r = CreateNodeRequest.model_validate({"userdata": "apt update", "github_user": "alex", "tags": ["ci"]})
+    assert r.spec()["import_user"] == "alex" and r.spec()["tags"] == ["ci"]

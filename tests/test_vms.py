@@ -1,0 +1,267 @@
+"""The daemon's API against real VMs booted under QEMU: lifecycle, logs, health, errors, auth."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import BOOT_TIMEOUT, qemu_pids, wait_agent
+
+pytestmark = pytest.mark.vm
+CREATE_KEYS = {"hostname", "hostgroup", "ip", "created_at", "arch"}
+
+
+def create(api: httpx.Client, group: str = "sbx", body: dict | None = None, **params) -> httpx.Response:
+    return api.post(f"/hostgroup/{group}/nodes", json=body if body is not None else {}, params=params)
+
+
+def wait_until(predicate, timeout: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def footprint(daemon) -> tuple:
+    """What exists for the daemon: nodes, run directories, disks, QEMU processes."""
+    run = daemon.data_dir / "run"
+    disks = daemon.data_dir / "disks"
+    return (
+        sorted(n["hostname"] for n in daemon.client().get("/nodes").json()),
+        sorted(p.name for p in run.iterdir()) if run.exists() else [],
+        sorted(p.name for p in disks.iterdir()) if disks.exists() else [],
+        len(qemu_pids(str(daemon.data_dir))),
+    )
+
+
+@pytest.fixture(scope="module")
+def sandbox(api) -> str:
+    r = create(api, body={"tags": ["team=a", "ci"]}, wait="agent", timeout="4m")
+    assert r.status_code == 201, r.text
+    hostname = r.json()["hostname"]
+    yield hostname
+    api.delete(f"/hostgroup/sbx/nodes/{hostname}")
+
+
+def test_service_from_yaml_boots_with_its_address(api):
+    health = wait_agent(api, "vm-1")
+    assert health["hostname"] == "vm-1"
+    assert isinstance(health["agent_uptime"], int) and isinstance(health["system_uptime"], int)
+    assert health["agent_version"] and health["userdata_ran"] is False
+    (node,) = api.get("/hostgroup/vm/nodes").json()
+    assert node["hostname"] == "vm-1" and node["ip"] == "192.168.137.2" and node["status"] == "Running"
+    assert node["cpus"] == 2 and node["ram_bytes"] == 512 << 20 and node["arch"] == "x86_64"
+
+
+def test_info_and_host_groups(api):
+    info = api.get("/info").json()
+    assert info["version"] and info["git_commit"] and info["accelerator"] in ("tcg", "kvm")
+    groups = {g["name"]: g for g in api.get("/hostgroup").json()}
+    assert groups["vm"] == {"name": "vm", "count": 1, "ram_bytes": 512 << 20, "cpus": 2, "gpu_count": 0,
+                            "arch": "x86_64"}
+    assert groups["sbx"]["count"] == 0
+
+
+def test_create_waits_for_agent_and_returns_the_documented_shape(api, sandbox):
+    node = api.get(f"/vm/{sandbox}").json()
+    assert sandbox.startswith("sbx-") and node["status"] == "Running"
+    assert node["hostgroup"] == "sbx" and node["cpus"] == 1 and node["ram_bytes"] == 384 << 20
+    # health answers at once: wait=agent returned only when the agent was up
+    assert api.get(f"/vm/{sandbox}/health").status_code == 200
+
+
+def test_create_response_keys_and_unique_addresses(api, daemon):
+    r = create(api, body={"tags": ["shape"]})
+    assert r.status_code == 201, r.text
+    body = r.json()
+    try:
+        assert set(body) == CREATE_KEYS
+        assert body["hostgroup"] == "sbx" and body["arch"] == "x86_64"
+        ips = [n["ip"] for n in api.get("/nodes").json()]
+        assert len(ips) == len(set(ips)), "every VM gets its own address"
+    finally:
+        assert api.delete(f"/hostgroup/sbx/nodes/{body['hostname']}").status_code == 200
+
+
+def test_list_and_tag_filters(api, sandbox):
+    all_nodes = {n["hostname"] for n in api.get("/nodes").json()}
+    assert {"vm-1", sandbox} <= all_nodes
+    assert [n["hostname"] for n in api.get("/nodes", params={"tag": "ci"}).json()] == [sandbox]
+    assert [n["hostname"] for n in api.get("/nodes", params={"tag_prefix": "team="}).json()] == [sandbox]
+    assert api.get("/nodes", params={"tag": "nope"}).json() == []
+    assert [n["hostname"] for n in api.get("/hostgroup/sbx/nodes", params={"tag": "ci"}).json()] == [sandbox]
+    r = api.get("/nodes", params={"tag": "a", "tag_prefix": "b"})
+    assert r.status_code == 400 and r.json()["code"]
+
+
+def test_logs_hold_the_kernel_banner(api, sandbox):
+    everything = api.get(f"/vm/{sandbox}/logs", params={"lines": 0}).json()
+    assert everything["hostname"] == sandbox and everything["lines"] == 0
+    assert "Linux version" in everything["content"]
+    assert "slicer-init: agent started" in everything["content"]
+    default = api.get(f"/vm/{sandbox}/logs").json()
+    assert default["lines"] == 20 and 0 < default["content"].count("\n") <= 20
+    three = api.get(f"/vm/{sandbox}/logs", params={"lines": 3}).json()["content"]
+    assert three.count("\n") <= 3 and everything["content"].endswith(three)
+    bad = api.get(f"/vm/{sandbox}/logs", params={"lines": -1})
+    assert bad.status_code == 400 and "error" in bad.json()
+
+
+def test_health_head_and_get(api, sandbox):
+    head = api.head(f"/vm/{sandbox}/health")
+    assert head.status_code == 200 and head.content == b""
+    get = api.get(f"/vm/{sandbox}/health").json()
+    assert get["hostname"] == sandbox
+    assert set(get) >= {"hostname", "agent_uptime", "agent_version", "system_uptime", "userdata_ran"}
+
+
+def test_pause_and_resume(api, sandbox):
+    r = api.post(f"/vm/{sandbox}/pause")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert api.get(f"/vm/{sandbox}").json()["status"] == "Paused"
+    paused = api.get(f"/vm/{sandbox}/health")
+    assert paused.status_code == 409 and paused.json()["code"] == "paused"
+    again = api.post(f"/vm/{sandbox}/pause")
+    assert again.status_code == 409 and again.json()["code"] == "invalid_state"
+    assert api.post(f"/vm/{sandbox}/resume").status_code == 200
+    assert api.get(f"/vm/{sandbox}").json()["status"] == "Running"
+    assert api.get(f"/vm/{sandbox}/health").status_code == 200
+
+
+def test_reboot_comes_back(api, sandbox):
+    before = wait_agent(api, sandbox)
+    time.sleep(max(0, 3 - before["system_uptime"]))
+    r = api.post(f"/vm/{sandbox}/shutdown", params={"action": "reboot"})
+    assert r.status_code == 200, r.text
+
+    def rebooted():
+        h = api.get(f"/vm/{sandbox}/health")
+        return h.status_code == 200 and h.json()["system_uptime"] < before["system_uptime"] + 2 and \
+            "reboot" in api.get(f"/vm/{sandbox}/logs", params={"lines": 0}).json()["content"] and h.json()
+
+    after = wait_until(rebooted, BOOT_TIMEOUT, "the guest to come back after reboot")
+    assert after["hostname"] == sandbox
+    logs = api.get(f"/vm/{sandbox}/logs", params={"lines": 0}).json()["content"]
+    assert logs.count("Linux version") >= 2, "the kernel booted a second time"
+    assert api.get(f"/vm/{sandbox}").json()["status"] == "Running"
+
+
+def test_shutdown_of_a_sandbox_removes_it(api, daemon):
+    r = create(api, wait="agent", timeout="4m")
+    assert r.status_code == 201, r.text
+    hostname = r.json()["hostname"]
+    run_dir = daemon.data_dir / "run" / hostname
+    pid = int((run_dir / "qemu.pid").read_text())
+    r = api.post(f"/vm/{hostname}/shutdown", params={"action": "shutdown"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    wait_until(lambda: api.get(f"/vm/{hostname}").status_code == 404, 90, "the sandbox to go away")
+    assert not Path(f"/proc/{pid}").exists()
+    assert not run_dir.exists()
+
+
+def test_delete_removes_process_and_overlay(api, daemon):
+    r = create(api)
+    assert r.status_code == 201, r.text
+    hostname = r.json()["hostname"]
+    run_dir = daemon.data_dir / "run" / hostname
+    pid = int((run_dir / "qemu.pid").read_text())
+    assert (run_dir / "disk.qcow2").exists()
+    r = api.delete(f"/hostgroup/sbx/nodes/{hostname}")
+    assert r.status_code == 200
+    assert r.json() == {"message": "Node deleted", "disk_removed": "true"}
+    assert not Path(f"/proc/{pid}").exists()
+    assert not run_dir.exists()
+    assert api.get(f"/vm/{hostname}").status_code == 404
+    again = api.delete(f"/hostgroup/sbx/nodes/{hostname}")
+    assert again.status_code == 404 and again.json()["code"] == "vm_not_found"
+
+
+def test_a_dead_qemu_shows_as_crashed(api, daemon):
+    r = create(api)
+    assert r.status_code == 201, r.text
+    hostname = r.json()["hostname"]
+    pid = int((daemon.data_dir / "run" / hostname / "qemu.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: api.get(f"/vm/{hostname}").json()["status"] == "Crashed", 30, "status Crashed")
+    h = api.get(f"/vm/{hostname}/health")
+    assert h.status_code == 409 and h.json()["code"] == "not_running"
+    assert api.delete(f"/hostgroup/sbx/nodes/{hostname}").status_code == 200
+
+
+def test_deleting_a_service_is_refused(api):
+    r = api.delete("/hostgroup/vm/nodes/vm-1")
+    assert r.status_code == 403 and r.json()["code"] == "protected" and "error" in r.json()
+    assert api.get("/vm/vm-1").json()["status"] == "Running"
+
+
+def test_wait_timeout_is_408_and_cleans_up(api, daemon):
+    before = footprint(daemon)
+    r = create(api, wait="agent", timeout="1s")
+    assert r.status_code == 408 and r.json()["code"] == "timeout"
+    assert footprint(daemon) == before
+
+
+def test_auth_matrix(daemon):
+    with daemon.client(token=None) as anon:
+        r = anon.get("/nodes")
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+        assert anon.get("/healthz").json() == {"status": "ok"}
+        assert anon.head("/healthz").status_code == 200
+        assert anon.post("/hostgroup/sbx/nodes", json={}).status_code == 401
+        assert anon.get("/vm/vm-1/logs").status_code == 401
+    with daemon.client(token="wrong-token") as wrong:
+        assert wrong.get("/info").status_code == 401
+        assert wrong.delete("/hostgroup/sbx/nodes/sbx-1").status_code == 401
+    with httpx.Client(base_url=daemon.url, headers={"Authorization": daemon.token}) as no_scheme:
+        assert no_scheme.get("/info").status_code == 401
+    with daemon.client() as right:
+        assert right.get("/info").status_code == 200
+    token_file = daemon.data_dir / "auth" / "token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    "method, path, kwargs, status",
+    [
+        ("post", "/hostgroup/sbx/nodes", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": [1, 2]}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"cpus": "two"}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"cpus": 64}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"ram_bytes": 1 << 50}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"ram_bytes": 1024}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"hostname": "../etc"}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"hostname": "vm-1"}}, 409),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"ip": "10.9.9.9"}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"ip": "192.168.137.2"}}, 409),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"surprise": True}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"tags": [""]}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": {}, "params": {"wait": "forever"}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": {}, "params": {"wait": "agent", "timeout": "soon"}}, 400),
+        ("post", "/hostgroup/nope/nodes", {"json": {}}, 404),
+        ("get", "/hostgroup/nope/nodes", {}, 404),
+        ("get", "/vm/NOT_A_HOST", {}, 400),
+        ("get", "/vm/ghost-9/logs", {}, 404),
+        ("post", "/vm/ghost-9/pause", {}, 404),
+        ("post", "/vm/vm-1/shutdown", {"params": {"action": "explode"}}, 400),
+        ("delete", "/hostgroup/nope/nodes/vm-1", {}, 404),
+        ("delete", "/hostgroup/sbx/nodes/vm-1", {}, 404),
+        ("get", "/no/such/route", {}, 404),
+        ("put", "/nodes", {}, 405),
+        ("delete", "/info", {}, 405),
+    ],
+)
+def test_bad_input_gets_json_error_and_creates_nothing(api, daemon, method, path, kwargs, status):
+    before = footprint(daemon)
+    r = api.request(method.upper(), path, **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "code"} and body["error"] and body["code"]
+    assert footprint(daemon) == before
