@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import BOOT_TIMEOUT, qemu_pids, wait_agent
 
 pytestmark = pytest.mark.vm
+JSON = {"content-type": "application/json"}
 CREATE_KEYS = {"hostname", "hostgroup", "ip", "created_at", "arch"}
 
 
@@ -231,7 +232,7 @@ def test_auth_matrix(daemon):
 @pytest.mark.parametrize(
     "method, path, kwargs, status",
     [
-        ("post", "/hostgroup/sbx/nodes", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"content": b"{not json", "headers": JSON}, 400),
         ("post", "/hostgroup/sbx/nodes", {"json": [1, 2]}, 400),
         ("post", "/hostgroup/sbx/nodes", {"json": {"cpus": "two"}}, 400),
         ("post", "/hostgroup/sbx/nodes", {"json": {"cpus": 64}}, 400),
