@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -79,4 +80,9 @@ def run_daemon(config: Config, data_dir: Path) -> None:
             sockets = [sock]
         await server.serve(sockets=sockets)
 
+    # uvicorn handles SIGTERM/SIGINT during serve() and re-raises them afterwards; with these
+    # no-op handlers in place a graceful stop ends the process with status 0, not a signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     asyncio.run(serve())
+    log.info("daemon stopped")

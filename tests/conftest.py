@@ -46,7 +46,8 @@ class Daemon:
         if not images.exists():
             images.symlink_to(IMAGE_DATA_DIR / "images")
         self.port = free_port()
-        self.config_text = config.replace("PORT", str(self.port))
+        self.socket = self.data_dir / "api.sock" if "SOCKET" in config else None
+        self.config_text = config.replace("PORT", str(self.port)).replace("SOCKET", str(self.socket))
         self.config_path = self.data_dir / "config.yaml"
         self.config_path.write_text(self.config_text)
         self.proc: subprocess.Popen | None = None
@@ -73,8 +74,9 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
+                with self.client(token=None) as c:
+                    if c.get("/healthz", timeout=1).status_code == 200:
+                        return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
@@ -85,6 +87,9 @@ class Daemon:
         token = self.token if token == "default" else token
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        if self.socket is not None:
+            transport = httpx.HTTPTransport(uds=str(self.socket))
+            return httpx.Client(transport=transport, base_url="http://slicer", headers=headers, timeout=300)
         return httpx.Client(base_url=self.url, headers=headers, timeout=300)
 
     def log(self) -> str:

@@ -6,7 +6,19 @@ import httpx
 
 from slicer.channel.host import Channel, ChannelTransport
 from slicer.channel.yamux import AGENT_PORT
-from slicer.core.errors import AgentUnreachable
+from slicer.core.errors import AgentUnreachable, SlicerError
+
+
+def agent_error(resp: httpx.Response) -> SlicerError:
+    """The agent's JSON error as a core error with the same status and code."""
+    try:
+        body = resp.json()
+        message, code = body["error"], body.get("code") or "agent_error"
+    except (ValueError, KeyError, TypeError):
+        message, code = f"agent answered {resp.status_code}: {resp.text[:200]}", "agent_error"
+    err = SlicerError(message, code)
+    err.status = resp.status_code
+    return err
 
 
 class AgentClient:
@@ -27,6 +39,19 @@ class AgentClient:
         if r.status_code != 200:
             raise AgentUnreachable(f"agent health answered {r.status_code}")
         return r.json()
+
+    async def open_exec(self, params: list[tuple[str, str]], stdin=None) -> httpx.Response:
+        """Start a command; the caller reads (and must close) the streamed response."""
+        req = self.http.build_request("POST", "/exec", params=params, content=stdin)
+        try:
+            resp = await self.http.send(req, stream=True)
+        except httpx.HTTPError as e:
+            raise AgentUnreachable(f"agent did not answer: {e}") from e
+        if resp.status_code != 200:
+            await resp.aread()
+            await resp.aclose()
+            raise agent_error(resp)
+        return resp
 
     async def power(self, action: str, timeout: float = 5.0) -> None:
         r = await self._request("POST", "/power", timeout, params={"action": action})

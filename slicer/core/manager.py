@@ -370,6 +370,13 @@ class Manager:
                     tail.append(line)
         return "".join(tail)
 
+    async def open_exec(self, hostname: str, params: list[tuple[str, str]], stdin=None):
+        """Start a command in the VM; returns the agent's streamed response (caller closes it)."""
+        if not any(k == "cmd" and v for k, v in params):
+            raise BadRequest("cmd is required", "invalid_request")
+        agent = self.get(hostname).running_agent()
+        return await agent.open_exec(params, stdin)
+
     async def health(self, hostname: str) -> dict:
         node = self.get(hostname)
         agent = node.running_agent()

@@ -58,11 +58,7 @@ GUEST_FILES = [
     "slicer/__init__.py",
     "slicer/channel/__init__.py",
     "slicer/channel/yamux.py",
-    "slicer/agent/__init__.py",
-    "slicer/agent/__main__.py",
-    "slicer/agent/demux.py",
-    "slicer/agent/server.py",
-    "slicer/agent/init.py",
+    *sorted(str(p.relative_to(_PKG_DIR.parent)) for p in (_PKG_DIR / "agent").glob("*.py")),
 ]
 
 Progress = Callable[[str], None]

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install what Slicer needs on a Debian/Ubuntu host (as root): QEMU, the image tools, and this
+# package with its Python dependencies. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends \
+    qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio procps ca-certificates
+python3 -m pip install -q -e '.[test]'

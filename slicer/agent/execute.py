@@ -1,0 +1,244 @@
+"""Run commands in the guest and stream their output as NDJSON frames.
+
+Every frame carries Slicer's typed fields (``type``, ``data``, ``pid``, ``started_at``,
+``ended_at``, ``signal``) and the seed API's (``stdout``, ``stderr``, ``exit_code``), so old
+and new clients both read it. Output is sent as it appears; nothing is buffered whole unless
+the caller asked for ``buffered``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import codecs
+import contextlib
+import json
+import os
+import shlex
+import signal
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+READ_CHUNK = 65536
+BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+class ExecError(Exception):
+    """The command could not be started; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, code: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _flag(query, name: str, default: bool) -> bool:
+    value = query.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ExecError(f"{name} must be true or false, not {value!r}", "invalid_request")
+
+
+def _int(query, name: str, default: int) -> int:
+    value = query.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        n = int(value)
+    except ValueError:
+        raise ExecError(f"{name} must be an integer, not {value!r}", "invalid_request") from None
+    if not 0 <= n < 2**32:
+        raise ExecError(f"{name} out of range", "invalid_request")
+    return n
+
+
+@dataclass
+class ExecRequest:
+    cmd: str
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    uid: int = 0
+    gid: int = 0
+    cwd: str | None = None
+    shell: str = "/bin/bash"
+    stdin: bool = False
+    stdout: bool = True
+    stderr: bool = True
+    base64: bool = False
+    buffered: bool = False
+
+    @classmethod
+    def from_query(cls, query) -> ExecRequest:
+        """Parse a multi-dict of query parameters (Slicer's names)."""
+        cmd = query.get("cmd", "")
+        if not cmd:
+            raise ExecError("cmd is required", "invalid_request")
+        env = {}
+        for item in query.getall("env", []):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ExecError(f"env must be KEY=VALUE, not {item!r}", "invalid_request")
+            env[key] = value
+        stdio = query.get("stdio", "text") or "text"
+        if stdio not in ("text", "base64"):
+            raise ExecError("stdio must be text or base64", "invalid_request")
+        return cls(
+            cmd=cmd,
+            args=list(query.getall("args", [])),
+            env=env,
+            uid=_int(query, "uid", 0),
+            gid=_int(query, "gid", 0),
+            cwd=query.get("cwd") or None,
+            shell=query.get("shell", "/bin/bash"),
+            stdin=_flag(query, "stdin", False),
+            stdout=_flag(query, "stdout", True),
+            stderr=_flag(query, "stderr", True),
+            base64=stdio == "base64",
+            buffered=_flag(query, "buffered", False),
+        )
+
+    def argv(self) -> list[str]:
+        if self.shell:
+            line = " ".join([self.cmd, *(shlex.quote(a) for a in self.args)])
+            return [self.shell, "-c", line]
+        return [self.cmd, *self.args]
+
+
+def _home(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return "/"
+
+
+async def spawn(req: ExecRequest) -> asyncio.subprocess.Process:
+    if req.cwd and not os.path.isdir(req.cwd):
+        raise ExecError(f"cwd {req.cwd!r} is not a directory", "invalid_cwd")
+    env = {**BASE_ENV, "HOME": _home(req.uid), **req.env}
+    try:
+        return await asyncio.create_subprocess_exec(
+            *req.argv(),
+            stdin=asyncio.subprocess.PIPE if req.stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE if req.stdout else asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE if req.stderr else asyncio.subprocess.DEVNULL,
+            cwd=req.cwd or _home(req.uid), env=env,
+            user=req.uid if req.uid else None, group=req.gid if req.gid else None,
+            extra_groups=[] if req.uid or req.gid else None,
+            start_new_session=True,  # its own process group: killed as a whole
+        )
+    except FileNotFoundError:
+        raise ExecError(f"{req.argv()[0]}: command not found", "not_found", 400) from None
+    except PermissionError as e:
+        raise ExecError(f"cannot run {req.argv()[0]}: {e.strerror}", "permission_denied") from None
+    except (OSError, ValueError) as e:
+        raise ExecError(f"cannot start {req.argv()[0]}: {e}", "exec_failed") from None
+
+
+def kill_group(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def frame(ftype: str, **fields) -> bytes:
+    out = {"type": ftype, "stdout": "", "stderr": "", "exit_code": 0, **fields}
+    return json.dumps(out, separators=(",", ":")).encode() + b"\n"
+
+
+class _Encoder:
+    def __init__(self, b64: bool) -> None:
+        self.b64 = b64
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def __call__(self, data: bytes, final: bool = False) -> str:
+        if self.b64:
+            return base64.b64encode(data).decode()
+        return self.decoder.decode(data, final)
+
+
+def exit_fields(returncode: int) -> dict:
+    if returncode < 0:
+        sig = signal.Signals(-returncode)
+        return {"exit_code": 128 - returncode, "signal": sig.name}
+    return {"exit_code": returncode, "signal": ""}
+
+
+async def output_events(proc: asyncio.subprocess.Process, stdin_source=None):
+    """Yield ``(name, bytes)`` for stdout/stderr as they come; the process is killed on exit."""
+    queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue(maxsize=16)
+    readers = []
+
+    async def pump(name: str, pipe: asyncio.StreamReader) -> None:
+        while chunk := await pipe.read(READ_CHUNK):
+            await queue.put((name, chunk))  # bounded: a slow client slows the process, not memory
+        await queue.put(None)
+
+    for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+        if pipe is not None:
+            readers.append(asyncio.ensure_future(pump(name, pipe)))
+    feeder = asyncio.ensure_future(_feed_stdin(proc, stdin_source)) if stdin_source is not None else None
+    try:
+        open_pipes = len(readers)
+        while open_pipes:
+            item = await queue.get()
+            if item is None:
+                open_pipes -= 1
+            else:
+                yield item
+        await proc.wait()
+    finally:
+        kill_group(proc)
+        for task in [*readers, feeder]:
+            if task is not None:
+                task.cancel()
+
+
+async def stream_frames(req: ExecRequest, proc: asyncio.subprocess.Process, stdin_source=None):
+    """NDJSON frames: started, stdout/stderr as they appear, then exit with the true code."""
+    started = now()
+    yield frame("started", pid=proc.pid, started_at=started)
+    encoders = {"stdout": _Encoder(req.base64), "stderr": _Encoder(req.base64)}
+    async for name, chunk in output_events(proc, stdin_source):
+        if text := encoders[name](chunk):
+            yield frame(name, data=text, **{name: text})
+    for name, enc in encoders.items():
+        if not req.base64 and (rest := enc(b"", final=True)):
+            yield frame(name, data=rest, **{name: rest})
+    code = await proc.wait()
+    yield frame("exit", pid=proc.pid, started_at=started, ended_at=now(), **exit_fields(code))
+
+
+async def _feed_stdin(proc: asyncio.subprocess.Process, source) -> None:
+    assert proc.stdin is not None
+    try:
+        async for chunk in source:
+            proc.stdin.write(chunk)
+            await proc.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            proc.stdin.close()
+
+
+async def run_buffered(req: ExecRequest, proc: asyncio.subprocess.Process, stdin_source=None) -> dict:
+    """One ``{stdout, stderr, exit_code}`` (the caller asked for the whole output at once)."""
+    out = {"stdout": bytearray(), "stderr": bytearray()}
+    async for name, chunk in output_events(proc, stdin_source):
+        out[name] += chunk
+    code = await proc.wait()
+
+    def enc(b: bytearray) -> str:
+        return base64.b64encode(bytes(b)).decode() if req.base64 else b.decode(errors="replace")
+
+    return {"stdout": enc(out["stdout"]), "stderr": enc(out["stderr"]), **exit_fields(code)}

@@ -1,0 +1,127 @@
+"""Exec through the API into a real VM: frames, exit codes, identity, stdin, bytes, big output."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+import pytest
+
+from tests.conftest import wait_agent
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def vm(api) -> str:
+    wait_agent(api, "vm-1")
+    return "vm-1"
+
+
+def run(api, vm, **params) -> list[dict]:
+    with api.stream("POST", f"/vm/{vm}/exec", params=params) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        return [json.loads(line) for line in r.iter_lines() if line]
+
+
+def test_frames_carry_typed_and_legacy_fields_in_order(api, vm):
+    frames = run(api, vm, cmd="echo one; echo two >&2; sleep 0.2; echo three; exit 3")
+    assert frames[0]["type"] == "started" and frames[0]["pid"] > 0 and frames[0]["started_at"]
+    last = frames[-1]
+    assert last["type"] == "exit" and last["exit_code"] == 3 and last["ended_at"] and last["signal"] == ""
+    out = "".join(f["stdout"] for f in frames)
+    err = "".join(f["stderr"] for f in frames)
+    assert out == "one\nthree\n" and err == "two\n"
+    for f in frames[1:-1]:
+        assert f["data"] == f[f["type"]] and f["exit_code"] == 0
+    kinds = [f["type"] for f in frames if f["type"] in ("stdout", "stderr")]
+    assert kinds.index("stderr") < len(kinds) - 1, "stderr 'two' came before stdout 'three'"
+
+
+@pytest.mark.parametrize("cmd, code, signal", [("true", 0, ""), ("false", 1, ""), ("kill -9 $$", 137, "SIGKILL")])
+def test_exit_codes(api, vm, cmd, code, signal):
+    last = run(api, vm, cmd=cmd)[-1]
+    assert (last["exit_code"], last["signal"]) == (code, signal)
+
+
+def test_env_cwd_uid_gid_and_args(api, vm):
+    r = api.post(f"/vm/{vm}/exec", params=[
+        ("cmd", 'echo "$GREETING $(pwd) $(id -u):$(id -g)"'),
+        ("env", "GREETING=hello world"), ("cwd", "/tmp"), ("uid", "1000"), ("gid", "1000"),
+        ("buffered", "true"),
+    ])
+    assert r.json()["stdout"] == "hello world /tmp 1000:1000\n"
+    direct = api.post(f"/vm/{vm}/exec", params=[
+        ("cmd", "/usr/bin/printf"), ("args", "%s|"), ("args", "a b"), ("args", "$HOME"), ("shell", ""),
+        ("buffered", "true"),
+    ]).json()
+    assert direct["stdout"] == "a b|$HOME|", "without a shell, arguments are passed untouched"
+
+
+def test_stdin_is_piped(api, vm):
+    payload = b"line one\nline two\n" * 1000
+    r = api.post(f"/vm/{vm}/exec", params={"cmd": "sha256sum", "stdin": "true", "buffered": "true"},
+                 content=payload)
+    assert r.json()["stdout"].split()[0] == hashlib.sha256(payload).hexdigest()
+
+
+def test_base64_round_trips_every_byte(api, vm):
+    every = bytes(range(256))
+    r = api.post(f"/vm/{vm}/exec", params={"cmd": "cat", "stdin": "true", "stdio": "base64", "buffered": "true"},
+                 content=every)
+    assert base64.b64decode(r.json()["stdout"]) == every
+    frames = run(api, vm, cmd="printf '\\x00\\xff\\x80'", stdio="base64")
+    data = b"".join(base64.b64decode(f["data"]) for f in frames if f["type"] == "stdout")
+    assert data == b"\x00\xff\x80"
+
+
+def test_big_output_streams_completely(api, vm):
+    size = 50 * 1024 * 1024
+    h = hashlib.sha256()
+    total = 0
+    frames = 0
+    with api.stream("POST", f"/vm/{vm}/exec", params={"cmd": f"head -c {size} /dev/urandom | base64 -w 0",
+                                                        "stderr": "false"}) as r:
+        for line in r.iter_lines():
+            if not line:
+                continue
+            f = json.loads(line)
+            frames += 1
+            if f["type"] == "stdout":
+                h.update(f["data"].encode())
+                total += len(f["data"])
+            last = f
+    assert last["type"] == "exit" and last["exit_code"] == 0
+    assert total == (size + 2) // 3 * 4
+    assert frames > 100, "output arrives in many frames, not one buffer"
+
+
+@pytest.mark.parametrize(
+    "params, status, code",
+    [
+        ({}, 400, "invalid_request"),
+        ({"cmd": "/no/such/binary", "shell": ""}, 400, "not_found"),
+        ({"cmd": "pwd", "cwd": "/no/such/dir"}, 400, "invalid_cwd"),
+        ({"cmd": "true", "uid": "abc"}, 400, "invalid_request"),
+        ({"cmd": "true", "stdio": "hex"}, 400, "invalid_request"),
+        ({"cmd": "true", "env": "NOEQUALS"}, 400, "invalid_request"),
+    ],
+)
+def test_bad_exec_requests_are_refused_before_the_stream(api, vm, params, status, code):
+    r = api.post(f"/vm/{vm}/exec", params=params)
+    assert r.status_code == status and r.json()["code"] == code and r.json()["error"]
+
+
+def test_exec_on_a_paused_vm_is_409(api, vm):
+    assert api.post(f"/vm/{vm}/pause").status_code == 200
+    try:
+        r = api.post(f"/vm/{vm}/exec", params={"cmd": "true"})
+        assert r.status_code == 409 and r.json()["code"] == "paused"
+    finally:
+        assert api.post(f"/vm/{vm}/resume").status_code == 200
+
+
+def test_exec_on_unknown_vm_is_404(api):
+    assert api.post("/vm/ghost-1/exec", params={"cmd": "true"}).status_code == 404
