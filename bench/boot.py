@@ -1,0 +1,133 @@
+"""Boot benchmark: API create (``wait=agent``) against a bare QEMU boot of the same image.
+
+Prints JSON: the median seconds from ``POST /hostgroup/NAME/nodes?wait=agent`` to its response,
+the median seconds from starting the same ``qemu-system-x86_64`` command by hand to the agent's
+first byte on the channel, and their ratio. Runs are interleaved (bare, API, bare, …) so both
+see the same machine noise. Usage: ``python3 bench/boot.py [--runs 5]`` (as root, image built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from slicer.image.build import current_image  # noqa: E402
+from slicer.vmm.accel import choose_accelerator  # noqa: E402
+from slicer.vmm.base import VMSpec  # noqa: E402
+from slicer.vmm.qemu import QEMU_BINARY, QemuDriver  # noqa: E402
+
+IMAGES = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer"))
+CPUS, RAM_MB = 2, 512
+CONFIG = f"""
+config:
+  host_groups:
+  - name: bench
+    count: 0
+    vcpu: {CPUS}
+    ram_mb: {RAM_MB}
+    storage_size: 2G
+  api:
+    bind_address: 127.0.0.1
+    port: PORT
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bare_boot(driver: QemuDriver, image, work: Path, n: int) -> float:
+    """Seconds from exec of QEMU to the guest agent's first byte on the channel."""
+    run = work / f"bare-{n}"
+    run.mkdir()
+    disk = run / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.rootfs), "-F", "raw",
+                    str(disk), "2G"], check=True)
+    spec = VMSpec(name=f"bare-{n}", cpus=CPUS, ram_bytes=RAM_MB << 20, kernel=image.kernel, initrd=image.initrd,
+                  base_disk=image.rootfs, disk=disk, disk_size=2 << 30, run_dir=run,
+                  ip_cidr="192.168.137.2/24", gateway="192.168.137.1")
+    cmd = driver.command(spec)
+    # Same machine, but the console goes to a file: nothing waits for a serial client.
+    i = cmd.index("-serial")
+    cmd[i - 1] = f"file,id=serial0,path={run / 'console.log'}"
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sock_path = spec.channel_socket
+        while not sock_path.exists():
+            time.sleep(0.002)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(sock_path))
+        s.sendall(b"SLICER-HELLO bench\n")
+        s.recv(1)  # the first byte the agent writes
+        elapsed = time.monotonic() - start
+        s.close()
+        return elapsed
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    image = current_image(IMAGES)
+    accel = choose_accelerator(QEMU_BINARY, image.kernel, image.initrd, image.directory.parent / "accel.json")
+    driver = QemuDriver(accel)
+    with tempfile.TemporaryDirectory(prefix="slb-", dir="/tmp") as tmp:
+        work = Path(tmp)
+        (work / "images").symlink_to(IMAGES / "images")
+        port = free_port()
+        (work / "config.yaml").write_text(CONFIG.replace("PORT", str(port)))
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "slicer", "up", str(work / "config.yaml"), "--data-dir", str(work), "--no-build"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        api_times: list[float] = []
+        bare_times: list[float] = []
+        try:
+            client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+            for _ in range(600):
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            for n in range(args.runs):
+                bare_times.append(bare_boot(driver, image, work, n))
+                t = time.monotonic()
+                r = client.post("/hostgroup/bench/nodes", params={"wait": "agent", "timeout": "5m"}, json={})
+                api_times.append(time.monotonic() - t)
+                r.raise_for_status()
+                client.delete(f"/hostgroup/bench/nodes/{r.json()['hostname']}").raise_for_status()
+        finally:
+            daemon.terminate()
+            daemon.wait(120)
+    api_med, bare_med = statistics.median(api_times), statistics.median(bare_times)
+    print(json.dumps({
+        "accelerator": accel,
+        "runs": args.runs,
+        "api_create_wait_agent_s": {"median": round(api_med, 3), "all": [round(x, 3) for x in api_times]},
+        "bare_qemu_to_agent_first_byte_s": {"median": round(bare_med, 3), "all": [round(x, 3) for x in bare_times]},
+        "ratio_api_over_bare": round(api_med / bare_med, 3),
+        "goal_ratio": 1.05,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
