@@ -92,6 +92,18 @@ def test_create_response_keys_and_unique_addresses(api, daemon):
         assert api.delete(f"/hostgroup/sbx/nodes/{body['hostname']}").status_code == 200
 
 
+def test_create_accepts_json_whatever_the_content_type(api):
+    # curl -d sends application/x-www-form-urlencoded; Slicer's clients are not strict either
+    r = api.post("/hostgroup/sbx/nodes", content=b'{"tags": ["form"]}',
+                 headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 201, r.text
+    assert api.get(f"/vm/{r.json()['hostname']}").json()["tags"] == ["form"]
+    assert api.delete(f"/hostgroup/sbx/nodes/{r.json()['hostname']}").status_code == 200
+    empty = api.post("/hostgroup/sbx/nodes")  # no body at all means defaults
+    assert empty.status_code == 201, empty.text
+    assert api.delete(f"/hostgroup/sbx/nodes/{empty.json()['hostname']}").status_code == 200
+
+
 def test_list_and_tag_filters(api, sandbox):
     all_nodes = {n["hostname"] for n in api.get("/nodes").json()}
     assert {"vm-1", sandbox} <= all_nodes
@@ -244,6 +256,7 @@ def test_auth_matrix(daemon):
         ("post", "/hostgroup/sbx/nodes", {"json": {"ip": "192.168.137.2"}}, 409),
         ("post", "/hostgroup/sbx/nodes", {"json": {"surprise": True}}, 400),
         ("post", "/hostgroup/sbx/nodes", {"json": {"tags": [""]}}, 400),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"userdata": "x" * (5 << 20)}}, 400),
         ("post", "/hostgroup/sbx/nodes", {"json": {}, "params": {"wait": "forever"}}, 400),
         ("post", "/hostgroup/sbx/nodes", {"json": {}, "params": {"wait": "agent", "timeout": "soon"}}, 400),
         ("post", "/hostgroup/nope/nodes", {"json": {}}, 404),

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from slicer.api.models import describe_validation
 from slicer.core.errors import SlicerError
 
 log = logging.getLogger(__name__)
@@ -23,19 +24,6 @@ def error_response(status: int, message: str, code: str, headers: dict | None = 
     return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
 
 
-def _describe(exc: RequestValidationError) -> str:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
-    if err.get("type") == "json_invalid":
-        return "request body is not valid JSON"
-    if err.get("type") == "extra_forbidden":
-        return f"unknown field {'.'.join(loc)!r}"
-    if err.get("type") == "model_attributes_type" or (not loc and "dict" in err.get("msg", "")):
-        return "request body must be a JSON object"
-    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-    return f"{'.'.join(loc)}: {msg}" if loc else msg
-
-
 def install(app: FastAPI) -> None:
     @app.exception_handler(SlicerError)
     async def _slicer(request: Request, exc: SlicerError) -> JSONResponse:
@@ -45,7 +33,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, _describe(exc), "invalid_request")
+        return error_response(400, describe_validation(exc.errors()), "invalid_request")
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

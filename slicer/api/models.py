@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from slicer.core.errors import BadRequest
 
@@ -62,6 +65,41 @@ class CreateNodeRequest(BaseModel):
             "secrets": self.secrets,
             "protected": self.protected,
         }
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[M], limit: int = 4 * MAX_USERDATA) -> M:
+    """The JSON body as ``model``, whatever the Content-Type (``curl -d`` sends a form type,
+    and Slicer's clients are not strict about it); an empty body is ``{}``."""
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:  # checked while reading: a huge body is never held whole
+            raise BadRequest(f"request body over {limit} bytes", "too_large")
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        raise BadRequest("request body is not valid JSON", "invalid_request") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object", "invalid_request")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise BadRequest(describe_validation(e.errors()), "invalid_request") from None
+
+
+def describe_validation(errors: list) -> str:
+    """One readable line for the first pydantic/FastAPI validation error."""
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+    if err.get("type") == "json_invalid":
+        return "request body is not valid JSON"
+    if err.get("type") == "extra_forbidden":
+        return f"unknown field {'.'.join(loc)!r}"
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return f"{'.'.join(loc)}: {msg}" if loc else msg
 
 
 def parse_duration(value: str) -> float:

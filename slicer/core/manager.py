@@ -182,10 +182,14 @@ class Manager:
             node = Node(rec, self.run_dir(hostname))
             self.nodes[hostname] = node
             self.store.put(rec)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         try:
             await self._launch(node, group)
+            t1 = loop.time()
             if wait:
                 await node.wait_ready(timeout, userdata=(wait == "userdata"))
+                log.info("%s: QEMU up in %.2fs, agent ready %.2fs later", hostname, t1 - t0, loop.time() - t1)
         except BaseException:
             await self._destroy(node)
             raise

@@ -15,7 +15,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from slicer.channel.yamux import PORT_NAME
 from slicer.vmm.accel import tsc_khz
@@ -51,12 +51,21 @@ class SerialLog:
         self._f.close()
 
 
-async def _wait_for_socket(path: Path, proc: asyncio.subprocess.Process, what: str) -> None:
+async def _connect_when_listening(path: Path, proc: asyncio.subprocess.Process, what: str, connect):
+    """Call ``connect()`` once QEMU listens on ``path``: the file appears (bind) a moment
+    before QEMU listens, so a refused connection is retried until the deadline."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SOCKET_WAIT
-    while not path.exists():
-        if proc.returncode is not None or loop.time() > deadline:
-            raise VMMError(f"QEMU did not create its {what} socket")
+    while True:
+        if proc.returncode is not None:
+            raise VMMError(f"QEMU exited (status {proc.returncode}) before its {what} socket was ready")
+        if path.exists():
+            try:
+                return await connect()
+            except (ConnectionRefusedError, FileNotFoundError, ConnectError):
+                pass
+        if loop.time() > deadline:
+            raise VMMError(f"QEMU did not open its {what} socket within {SOCKET_WAIT:g}s")
         await asyncio.sleep(0.01)
 
 
@@ -91,12 +100,14 @@ class QemuVM(VM):
 
     async def _attach(self) -> None:
         run = self.spec.run_dir
-        await _wait_for_socket(run / "serial.sock", self._proc, "serial")
-        reader, writer = await asyncio.open_unix_connection(str(run / "serial.sock"))
+        serial = run / "serial.sock"
+        reader, writer = await _connect_when_listening(
+            serial, self._proc, "serial", lambda: asyncio.open_unix_connection(str(serial))
+        )
         self._serial = SerialLog(self.spec.serial_log)
         self._tasks.append(asyncio.create_task(self._pump_serial(reader, writer)))
-        await _wait_for_socket(run / "qmp.sock", self._proc, "QMP")
-        await self._qmp.connect(str(run / "qmp.sock"))
+        qmp = run / "qmp.sock"
+        await _connect_when_listening(qmp, self._proc, "QMP", lambda: self._qmp.connect(str(qmp)))
         self._tasks.append(asyncio.create_task(self._watch_events()))
         self._tasks.append(asyncio.create_task(self._watch_process()))
         status = await self._qmp.execute("query-status")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 
 from slicer.api.deps import manager, require_auth
-from slicer.api.models import CreateNodeRequest, parse_duration
+from slicer.api.models import CreateNodeRequest, parse_body, parse_duration
 from slicer.core.manager import Manager
 
 router = APIRouter(dependencies=[Depends(require_auth)])
@@ -29,11 +29,11 @@ async def list_group_nodes(m: Mgr, name: str, tag: str | None = None, tag_prefix
 async def create_node(
     m: Mgr,
     name: str,
-    body: Annotated[CreateNodeRequest | None, Body()] = None,
+    request: Request,
     wait: Annotated[Literal["agent", "userdata"] | None, Query()] = None,
     timeout: str | None = None,
 ) -> dict:
-    body = body or CreateNodeRequest()
+    body = await parse_body(request, CreateNodeRequest)
     seconds = parse_duration(timeout or DEFAULT_WAIT_TIMEOUT)
     node = await m.create(
         name, cpus=body.cpus, ram_bytes=body.ram_bytes, persistent=body.persistent,
