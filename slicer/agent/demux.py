@@ -183,7 +183,8 @@ class Demux:
             elif target.startswith("unix:"):
                 reader, writer = await asyncio.open_unix_connection(target[5:])
             else:
-                reader, writer = await asyncio.open_connection("127.0.0.1", int(target))
+                host, _, port = target.rpartition(":")
+                reader, writer = await asyncio.open_connection(host.strip("[]") or "127.0.0.1", int(port))
         except (OSError, ValueError, TimeoutError, ProtocolError) as e:
             try:
                 await stream.write(f"ERR {e}\n".encode())

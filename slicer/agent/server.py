@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import socket
+import tarfile
 import time
 
 from aiohttp import web
 
-from slicer.agent import AGENT_VERSION, USERDATA_SENTINEL
+from slicer.agent import AGENT_VERSION, USERDATA_SENTINEL, files
 from slicer.agent.execute import ExecError, ExecRequest, run_buffered, spawn, stream_frames
 
 STREAM_CHUNK = 65536
@@ -68,6 +70,91 @@ def make_app(started: float) -> web.Application:
                 await resp.write(line)
         await resp.write_eof()
         return resp
+
+    @routes.post("/cp")
+    async def copy_in(request: web.Request) -> web.Response:
+        q = request.query
+        try:
+            path = files.require_path(q.get("path"))
+            perms = files.parse_permissions(q.get("permissions"))
+            uid, gid = files.parse_id(q.get("uid"), "uid"), files.parse_id(q.get("gid"), "gid")
+            if q.get("mode", "binary") == "tar":
+                reader = files.BodyReader(asyncio.get_running_loop(), request.content)
+                count = await asyncio.to_thread(files.extract_tar, reader, path, perms, uid, gid)
+                return web.json_response({"path": path, "mode": "tar", "entries": count})
+            if q.get("mode", "binary") != "binary":
+                raise files.FileError("mode must be binary or tar", "invalid_request")
+            size = await files.receive_file(path, request.content.iter_chunked(files.CHUNK), perms, uid, gid)
+            return web.json_response({"path": path, "mode": "binary", "size": size})
+        except files.FileError as e:
+            return error(str(e), e.code, e.status)
+        except (OSError, tarfile.TarError) as e:
+            return error(f"copy to {q.get('path')} failed: {e}", "copy_failed", 400)
+
+    @routes.get("/cp")
+    async def copy_out(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        try:
+            path = files.require_path(q.get("path"))
+            mode = q.get("mode") or "binary"
+            if mode == "tar":
+                if not os.path.exists(path):
+                    raise files.not_found(path)
+                resp = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+                await resp.prepare(request)
+                writer = files.ResponseWriter(asyncio.get_running_loop(), resp)
+                await asyncio.to_thread(files.write_tar, writer, path)
+                await resp.write_eof()
+                return resp
+            f, size, fmode = files.open_for_sending(path)
+        except files.FileError as e:
+            return error(str(e), e.code, e.status)
+        with f:
+            resp = web.StreamResponse(headers={
+                "Content-Type": "application/octet-stream", "X-Slicer-File-Mode": f"{fmode:04o}",
+            })
+            resp.content_length = size
+            await resp.prepare(request)
+            while chunk := f.read(files.CHUNK):
+                await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    def fs_call(fn):
+        async def handler(request: web.Request) -> web.Response:
+            try:
+                return web.json_response(await fn(request))
+            except files.FileError as e:
+                return error(str(e), e.code, e.status)
+            except ValueError as e:
+                return error(f"bad request: {e}", "invalid_request", 400)
+            except OSError as e:
+                return error(str(e), "fs_error", 400)
+        return handler
+
+    async def readdir(request):
+        return files.fs_readdir(files.require_path(request.query.get("path")))
+
+    async def stat_(request):
+        return files.fs_stat(files.require_path(request.query.get("path")))
+
+    async def mkdir(request):
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise files.FileError("body must be a JSON object", "invalid_request")
+        path = files.require_path(body.get("path"))
+        files.fs_mkdir(path, bool(body.get("recursive")), files.parse_permissions(body.get("mode")))
+        return {"path": path, "created": True}
+
+    async def remove(request):
+        path = files.require_path(request.query.get("path"))
+        files.fs_remove(path, request.query.get("recursive", "").lower() in ("1", "true", "yes"))
+        return {"path": path, "removed": True}
+
+    routes.get("/fs/readdir")(fs_call(readdir))
+    routes.get("/fs/stat")(fs_call(stat_))
+    routes.post("/fs/mkdir")(fs_call(mkdir))
+    routes.delete("/fs/remove")(fs_call(remove))
 
     app = web.Application(client_max_size=1 << 20)
     app.add_routes(routes)

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from slicer import __version__
 from slicer.api import errors
-from slicer.api.routes import execute, nodes, system, vm
+from slicer.api.routes import execute, files, nodes, system, tunnels, vm
 from slicer.core.manager import Manager
 
 
@@ -32,4 +32,6 @@ def create_app(manager: Manager, token: str | None, git_commit: str = "unknown")
     app.include_router(nodes.router)
     app.include_router(vm.router)
     app.include_router(execute.router)
+    app.include_router(tunnels.router)
+    app.include_router(files.router)
     return app

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from slicer.core.errors import Unauthorized
 from slicer.core.manager import Manager
 
 
-def manager(request: Request) -> Manager:
+def manager(request: HTTPConnection) -> Manager:
     return request.app.state.manager
 
 
-def require_auth(request: Request) -> None:
+def require_auth(request: HTTPConnection) -> None:
     token: str | None = request.app.state.token
     if token is None:
         return

@@ -40,18 +40,34 @@ class AgentClient:
             raise AgentUnreachable(f"agent health answered {r.status_code}")
         return r.json()
 
-    async def open_exec(self, params: list[tuple[str, str]], stdin=None) -> httpx.Response:
-        """Start a command; the caller reads (and must close) the streamed response."""
-        req = self.http.build_request("POST", "/exec", params=params, content=stdin)
+    async def send(self, method: str, path: str, *, params=None, content=None, json=None,
+                   timeout: float | None = None) -> httpx.Response:
+        """A streamed request to the agent; the caller reads and closes the response.
+        A non-2xx answer becomes the agent's error (same status and code)."""
+        req = self.http.build_request(method, path, params=params, content=content, json=json,
+                                      timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
         try:
             resp = await self.http.send(req, stream=True)
         except httpx.HTTPError as e:
             raise AgentUnreachable(f"agent did not answer: {e}") from e
-        if resp.status_code != 200:
+        if resp.status_code >= 300:
             await resp.aread()
             await resp.aclose()
             raise agent_error(resp)
         return resp
+
+    async def call(self, method: str, path: str, **kw) -> dict | list:
+        """A request whose (small) JSON answer is read whole."""
+        resp = await self.send(method, path, **kw)
+        try:
+            await resp.aread()
+        finally:
+            await resp.aclose()
+        return resp.json()
+
+    async def open_exec(self, params: list[tuple[str, str]], stdin=None) -> httpx.Response:
+        """Start a command; the caller reads (and must close) the streamed response."""
+        return await self.send("POST", "/exec", params=params, content=stdin, timeout=None)
 
     async def power(self, action: str, timeout: float = 5.0) -> None:
         r = await self._request("POST", "/power", timeout, params={"action": action})

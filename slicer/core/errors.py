@@ -48,3 +48,7 @@ class Unavailable(SlicerError):
 
 class AgentUnreachable(SlicerError):
     status, code = 503, "agent_unavailable"
+
+
+class UpstreamUnreachable(SlicerError):
+    status, code = 502, "upstream_unreachable"

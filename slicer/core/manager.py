@@ -17,8 +17,11 @@ from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 
+from slicer.channel.host import ChannelError
+from slicer.channel.yamux import Stream
+from slicer.core.agent import AgentClient
 from slicer.core.config import Config, HostGroup
-from slicer.core.errors import BadRequest, Conflict, Forbidden, NotFound, SlicerError
+from slicer.core.errors import BadRequest, Conflict, Forbidden, NotFound, SlicerError, UpstreamUnreachable
 from slicer.core.node import Node
 from slicer.core.state import NodeRecord, StateStore
 from slicer.image.build import GuestImage
@@ -26,6 +29,7 @@ from slicer.vmm.base import Driver, VMMError, VMSpec, VMState, VMStateError
 
 log = logging.getLogger(__name__)
 
+FORWARD_TARGET = re.compile(r"^(unix:/\S{1,200}|([A-Za-z0-9.\-]{1,253}:|\[[0-9a-fA-F:]+\]:)?\d{1,5})$")
 HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 GRACEFUL_TIMEOUT = 30.0
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
@@ -374,12 +378,25 @@ class Manager:
                     tail.append(line)
         return "".join(tail)
 
+    def agent(self, hostname: str) -> AgentClient:
+        """The agent of a running VM (404 unknown, 409 paused or stopped)."""
+        return self.get(hostname).running_agent()
+
     async def open_exec(self, hostname: str, params: list[tuple[str, str]], stdin=None):
         """Start a command in the VM; returns the agent's streamed response (caller closes it)."""
         if not any(k == "cmd" and v for k, v in params):
             raise BadRequest("cmd is required", "invalid_request")
+        return await self.agent(hostname).open_exec(params, stdin)
+
+    async def open_stream(self, hostname: str, target: str) -> Stream:
+        """A byte stream to ``target`` inside the VM: ``port``, ``host:port`` or ``unix:/path``."""
+        if not FORWARD_TARGET.match(target):
+            raise BadRequest(f"target {target!r} must be host:port, a port, or unix:/path", "invalid_target")
         agent = self.get(hostname).running_agent()
-        return await agent.open_exec(params, stdin)
+        try:
+            return await agent.channel.open(target, timeout=15.0)
+        except ChannelError as e:
+            raise UpstreamUnreachable(f"cannot reach {target} in {hostname}: {e}") from e
 
     async def health(self, hostname: str) -> dict:
         node = self.get(hostname)

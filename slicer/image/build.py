@@ -209,6 +209,7 @@ def _build_initramfs(kernel_tree: Path, out: Path, work: Path) -> None:
     init = root / "init"
     shutil.copy2(Path(__file__).parent / "initramfs-init.sh", init)
     init.chmod(0o755)
+    _install_guest_files(root / "slicer")
     files = subprocess.run(
         ["find", ".", "-mindepth", "1"], cwd=root, check=True, capture_output=True
     ).stdout
@@ -220,19 +221,26 @@ def _build_initramfs(kernel_tree: Path, out: Path, work: Path) -> None:
         f.write(gzip.compress(cpio.stdout, compresslevel=6))
 
 
+def _install_guest_files(dest: Path) -> None:
+    """This repository's guest code under ``dest/opt/slicer`` and the init at ``dest/slicer-init``."""
+    for rel in GUEST_FILES:
+        dst = dest / "opt/slicer" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(_PKG_DIR.parent / rel, dst)
+    init = dest / "slicer-init"
+    init.write_text("#!/bin/sh\nexport PYTHONPATH=/opt/slicer\nexec /usr/bin/python3 -m slicer.agent.init\n")
+    init.chmod(0o755)
+
+
 def _build_rootfs(base_tar: Path, out: Path, work: Path) -> None:
     root = work / "rootfs"
     root.mkdir()
     with tarfile.open(base_tar) as tf:
         tf.extractall(root, filter="fully_trusted")  # our own mmdebstrap output
-    guest = root / "opt/slicer"
-    for rel in GUEST_FILES:
-        dst = guest / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(_PKG_DIR.parent / rel, dst)
-    init = root / "sbin/slicer-init"
-    init.write_text("#!/bin/sh\nexport PYTHONPATH=/opt/slicer\nexec /usr/bin/python3 -m slicer.agent.init\n")
-    init.chmod(0o755)
+    _install_guest_files(root / "slicer")  # the initramfs installs them again at every boot
+    shutil.copytree(root / "slicer/opt/slicer", root / "opt/slicer")
+    shutil.copy2(root / "slicer/slicer-init", root / "sbin/slicer-init")
+    shutil.rmtree(root / "slicer")
     for d in ("run/slicer", "etc/slicer"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "etc/fstab").write_text("/dev/vda / ext4 rw,relatime 0 1\n")

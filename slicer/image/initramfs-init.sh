@@ -18,6 +18,12 @@ mkdir -p /newroot
 if ! mount -t ext4 -o rw /dev/vda /newroot; then
     echo "slicer-initramfs: cannot mount /dev/vda"; sleep 2; poweroff -f
 fi
+# The agent and init come with the initramfs, so every boot (persistent disks included) runs
+# the agent of the image the host booted it with: guest and host never drift.
+rm -rf /newroot/opt/slicer
+mkdir -p /newroot/opt /newroot/sbin
+cp -a /slicer/opt/slicer /newroot/opt/slicer
+cp -a /slicer/slicer-init /newroot/sbin/slicer-init
 mount --move /dev /newroot/dev
 umount /proc /sys
 exec switch_root /newroot /sbin/slicer-init

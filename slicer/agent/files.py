@@ -1,0 +1,261 @@
+"""Copy files in and out of the guest (binary or tar, streamed) and the ``fs/*`` operations.
+
+Tar work runs in a thread on ``tarfile``'s stream modes; the thread reads the request body
+and writes the response through the event loop, so nothing is held whole in memory.
+Extraction checks every member before it touches the disk: no absolute names, no ``..``,
+no path that leads out through a symlink, no link pointing out, no device files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import tempfile
+
+CHUNK = 65536
+
+
+class FileError(Exception):
+    def __init__(self, message: str, code: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def parse_permissions(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise FileError(f"permissions must be octal like 0644, not {value!r}", "invalid_request") from None
+    if not 0 <= mode <= 0o7777:
+        raise FileError("permissions out of range", "invalid_request")
+    return mode
+
+
+def parse_id(value: str | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or int(value) >= 2**32:
+        raise FileError(f"{name} must be a number", "invalid_request")
+    return int(value)
+
+
+def require_path(value: str | None) -> str:
+    if not value:
+        raise FileError("path is required", "invalid_request")
+    if not value.startswith("/"):
+        raise FileError(f"path must be absolute, not {value!r}", "invalid_request")
+    return os.path.normpath(value)
+
+
+def not_found(path: str) -> FileError:
+    return FileError(f"{path}: no such file or directory", "not_found", 404)
+
+
+# -- binary -------------------------------------------------------------------------------------
+async def receive_file(path: str, chunks, permissions: int | None, uid: int | None, gid: int | None) -> int:
+    """Write the body to ``path`` (atomically: a temp file renamed into place)."""
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise FileError(f"{path} is a directory; send a tar (mode=tar) or name the file", "is_directory")
+    if not os.path.isdir(parent):
+        raise not_found(parent)
+    old_mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slicer-cp-")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in chunks:
+                f.write(chunk)
+                size += len(chunk)
+        os.chmod(tmp, permissions if permissions is not None else old_mode)
+        if uid is not None or gid is not None:
+            os.chown(tmp, uid if uid is not None else -1, gid if gid is not None else -1)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return size
+
+
+def open_for_sending(path: str) -> tuple[io.BufferedReader, int, int]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise not_found(path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FileError(f"{path} is a directory; ask for a tar (mode=tar)", "is_directory")
+    return open(path, "rb"), st.st_size, stat.S_IMODE(st.st_mode)
+
+
+# -- tar ----------------------------------------------------------------------------------------
+class BodyReader(io.RawIOBase):
+    """A blocking file over an aiohttp request body, for use from a worker thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, content) -> None:
+        self._loop = loop
+        self._content = content
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = asyncio.run_coroutine_threadsafe(self._content.read(len(b)), self._loop).result()
+        b[: len(data)] = data
+        return len(data)
+
+
+class ResponseWriter(io.RawIOBase):
+    """A blocking file over an aiohttp StreamResponse, for use from a worker thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, response) -> None:
+        self._loop = loop
+        self._response = response
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        data = bytes(b)
+        asyncio.run_coroutine_threadsafe(self._response.write(data), self._loop).result()
+        return len(data)
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def check_member(root: str, member: tarfile.TarInfo) -> str:
+    """The absolute destination of ``member`` under ``root``, or FileError if it is unsafe."""
+    name = member.name
+    if name.startswith("/") or posixpath.isabs(name):
+        raise FileError(f"tar member {name!r} has an absolute path", "unsafe_tar")
+    if ".." in name.split("/"):
+        raise FileError(f"tar member {name!r} contains '..'", "unsafe_tar")
+    if member.isdev() or not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        raise FileError(f"tar member {name!r} is a device or special file", "unsafe_tar")
+    target = os.path.normpath(os.path.join(root, name))
+    parent = os.path.realpath(os.path.dirname(target)) if target != root else root
+    if not _within(parent, root) or not _within(target, root):
+        raise FileError(f"tar member {name!r} would be written outside {root} (through a symlink)", "unsafe_tar")
+    if member.issym():
+        link = member.linkname
+        resolved = os.path.normpath(os.path.join(os.path.dirname(target), link))
+        if posixpath.isabs(link) or not _within(resolved, root):
+            raise FileError(f"tar symlink {name!r} -> {link!r} points outside {root}", "unsafe_tar")
+    if member.islnk():
+        resolved = os.path.normpath(os.path.join(root, member.linkname))
+        if posixpath.isabs(member.linkname) or not _within(os.path.realpath(resolved), root):
+            raise FileError(f"tar hard link {name!r} -> {member.linkname!r} points outside {root}", "unsafe_tar")
+    return target
+
+
+def extract_tar(fileobj, root: str, permissions: int | None, uid: int | None, gid: int | None) -> int:
+    """Extract a tar stream into ``root`` (created if missing); returns the member count."""
+    os.makedirs(root, exist_ok=True)
+    root = os.path.realpath(root)
+    count = 0
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+        for member in tf:
+            target = check_member(root, member)
+            if os.path.islink(target) or (os.path.exists(target) and not member.isdir()
+                                          and not os.path.isdir(target)):
+                os.unlink(target)  # replace, never write through what is there
+            tf.extract(member, root, set_attrs=not member.issym(), numeric_owner=True)
+            if permissions is not None and member.isfile():
+                os.chmod(target, permissions)
+            if uid is not None or gid is not None:
+                os.lchown(target, uid if uid is not None else -1, gid if gid is not None else -1)
+            count += 1
+    return count
+
+
+def write_tar(fileobj, path: str) -> None:
+    """Stream ``path`` (file or directory) as an uncompressed tar, named by its basename."""
+    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(path, arcname=os.path.basename(path.rstrip("/")) or ".", recursive=True)
+
+
+# -- fs -----------------------------------------------------------------------------------------
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "file"
+
+
+def describe(path: str, name: str | None = None) -> dict:
+    st = os.lstat(path)
+    return {
+        "name": name or os.path.basename(path) or "/",
+        "type": _kind(st.st_mode),
+        "size": st.st_size,
+        "mtime": int(st.st_mtime),
+        "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+    }
+
+
+def fs_stat(path: str) -> dict:
+    try:
+        return describe(path)
+    except FileNotFoundError:
+        raise not_found(path) from None
+
+
+def fs_readdir(path: str) -> list[dict]:
+    try:
+        with os.scandir(path) as it:
+            names = sorted(e.name for e in it)
+    except FileNotFoundError:
+        raise not_found(path) from None
+    except NotADirectoryError:
+        raise FileError(f"{path} is not a directory", "not_a_directory") from None
+    out = []
+    for name in names:
+        try:
+            out.append(describe(os.path.join(path, name), name))
+        except FileNotFoundError:
+            continue  # removed while we listed
+    return out
+
+
+def fs_mkdir(path: str, recursive: bool, mode: int | None) -> None:
+    try:
+        if recursive:
+            os.makedirs(path, mode=mode or 0o755, exist_ok=True)
+        else:
+            os.mkdir(path, mode or 0o755)
+    except FileExistsError:
+        raise FileError(f"{path} already exists", "exists", 409) from None
+    except FileNotFoundError:
+        raise not_found(os.path.dirname(path)) from None
+    if mode is not None:
+        os.chmod(path, mode)
+
+
+def fs_remove(path: str, recursive: bool) -> None:
+    if path == "/":
+        raise FileError("refusing to remove /", "invalid_request")
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            if recursive:
+                shutil.rmtree(path)
+            else:
+                os.rmdir(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        raise not_found(path) from None
+    except OSError as e:
+        raise FileError(f"{path}: {e.strerror} (use recursive=true for a non-empty directory)",
+                        "not_empty") from None

@@ -1,0 +1,84 @@
+"""Files in the VM: ``cp`` (binary or tar, streamed both ways) and ``fs/*``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from slicer.api.deps import manager, require_auth
+from slicer.api.models import parse_body
+from slicer.core.manager import Manager
+
+router = APIRouter(prefix="/vm/{hostname}", dependencies=[Depends(require_auth)])
+Mgr = Annotated[Manager, Depends(manager)]
+TAR = "application/x-tar"
+
+
+def _mode(request: Request, header: str) -> str:
+    """``mode`` if given; otherwise tar when the Content-Type/Accept header says tar."""
+    mode = request.query_params.get("mode")
+    if mode:
+        return mode
+    return "tar" if TAR in request.headers.get(header, "") else "binary"
+
+
+def _params(request: Request, mode: str) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in request.query_params.multi_items() if k != "mode"] + [("mode", mode)]
+
+
+@router.post("/cp")
+async def copy_to_vm(m: Mgr, hostname: str, request: Request) -> dict:
+    """Body: the file (``application/octet-stream``) or a tar (``application/x-tar``).
+    Query: path (required), mode=binary|tar, uid, gid, permissions (octal)."""
+    agent = m.agent(hostname)
+    params = _params(request, _mode(request, "content-type"))
+    return await agent.call("POST", "/cp", params=params, content=request.stream(), timeout=None)
+
+
+@router.get("/cp")
+async def copy_from_vm(m: Mgr, hostname: str, request: Request) -> StreamingResponse:
+    """Query: path (required), mode=binary|tar (or ``Accept: application/x-tar``)."""
+    agent = m.agent(hostname)
+    resp = await agent.send("GET", "/cp", params=_params(request, _mode(request, "accept")), timeout=None)
+    headers = {k: v for k, v in resp.headers.items() if k.lower() in ("content-length", "x-slicer-file-mode")}
+
+    async def relay():
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+        finally:
+            await resp.aclose()
+
+    return StreamingResponse(relay(), media_type=resp.headers.get("content-type"), headers=headers)
+
+
+class MkdirRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    path: str
+    recursive: bool = False
+    mode: str | None = None
+
+
+@router.get("/fs/readdir")
+async def readdir(m: Mgr, hostname: str, path: str) -> list:
+    return await m.agent(hostname).call("GET", "/fs/readdir", params={"path": path})
+
+
+@router.get("/fs/stat")
+async def stat(m: Mgr, hostname: str, path: str) -> dict:
+    return await m.agent(hostname).call("GET", "/fs/stat", params={"path": path})
+
+
+@router.post("/fs/mkdir")
+async def mkdir(m: Mgr, hostname: str, request: Request) -> dict:
+    body = await parse_body(request, MkdirRequest)
+    return await m.agent(hostname).call("POST", "/fs/mkdir", json=body.model_dump(exclude_none=True))
+
+
+@router.delete("/fs/remove")
+async def remove(m: Mgr, hostname: str, path: str, recursive: bool = False) -> dict:
+    params = {"path": path, "recursive": "true" if recursive else "false"}
+    return await m.agent(hostname).call("DELETE", "/fs/remove", params=params)

@@ -1,0 +1,70 @@
+"""WebSocket routes: ``/vm/{hostname}/forward`` (raw TCP bytes) and ``/vm/{hostname}/shell``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect
+
+from slicer.api.deps import manager, require_auth
+from slicer.api.errors import error_response
+from slicer.channel.yamux import Stream
+from slicer.core.errors import BadRequest, SlicerError
+
+router = APIRouter()
+
+
+async def deny(ws: WebSocket, err: SlicerError) -> None:
+    """Refuse the upgrade with a JSON error and the right status, like any other route."""
+    await ws.send_denial_response(error_response(err.status, err.message, err.code))
+
+
+async def relay(ws: WebSocket, stream: Stream) -> None:
+    """Binary WebSocket messages <-> stream bytes, until either side ends."""
+
+    async def ws_to_stream() -> None:
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                data = msg.get("bytes") or (msg.get("text") or "").encode()
+                if data:
+                    await stream.write(data)
+        finally:
+            with contextlib.suppress(ConnectionError):
+                await stream.close()
+
+    async def stream_to_ws() -> None:
+        while chunk := await stream.read(65536):
+            await ws.send_bytes(chunk)
+
+    tasks = [asyncio.ensure_future(ws_to_stream()), asyncio.ensure_future(stream_to_ws())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stream.reset()
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await ws.close()
+
+
+@router.websocket("/vm/{hostname}/forward")
+async def forward(ws: WebSocket, hostname: str) -> None:
+    """One WebSocket per TCP connection; the target is ``X-Inlets-Upstream`` (``host:port``
+    or ``unix:/path`` inside the VM). Bytes are relayed as binary messages, unframed."""
+    try:
+        require_auth(ws)
+        target = ws.headers.get("x-inlets-upstream", "").strip()
+        if not target:
+            raise BadRequest("X-Inlets-Upstream header is required (host:port or unix:/path)", "invalid_target")
+        stream = await manager(ws).open_stream(hostname, target)
+    except SlicerError as e:
+        await deny(ws, e)
+        return
+    await ws.accept()
+    await relay(ws, stream)
