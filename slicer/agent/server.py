@@ -12,7 +12,7 @@ import time
 
 from aiohttp import web
 
-from slicer.agent import AGENT_VERSION, USERDATA_SENTINEL, files
+from slicer.agent import AGENT_VERSION, USERDATA_SENTINEL, files, shell
 from slicer.agent.execute import ExecError, ExecRequest, run_buffered, spawn, stream_frames
 
 STREAM_CHUNK = 65536
@@ -119,6 +119,44 @@ def make_app(started: float) -> web.Application:
                 await resp.write(chunk)
         await resp.write_eof()
         return resp
+
+    @routes.get("/shell")
+    async def shell_session(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        try:
+            uid, gid = files.parse_id(q.get("uid"), "uid") or 0, files.parse_id(q.get("gid"), "gid") or 0
+            session = shell.ShellSession(uid, gid, q.get("shell", ""), q.get("cwd") or None)
+        except files.FileError as e:
+            return error(str(e), e.code, e.status)
+        except OSError as e:
+            return error(str(e), "invalid_request", 400)
+        ws = web.WebSocketResponse(max_msg_size=1 << 20)
+        await ws.prepare(request)
+
+        async def pump_output() -> None:
+            async for data in session.output():
+                await ws.send_bytes(shell.encode(shell.DATA, data))
+            # the shell exited: tell the client (payload: exit code) and end the session
+            await ws.send_bytes(shell.encode(shell.SESSION_CLOSE, str(session.exit_code).encode()))
+            await ws.close()
+
+        output = asyncio.ensure_future(pump_output())
+        try:
+            async for msg in ws:
+                if msg.type != web.WSMsgType.BINARY:
+                    continue
+                frames = shell.decode(msg.data)
+                if any(ftype == shell.HEARTBEAT for ftype, _ in frames):
+                    await ws.send_bytes(shell.encode(shell.HEARTBEAT))
+                if not all(session.handle(ftype, payload) for ftype, payload in frames):
+                    break
+        except ValueError:
+            pass  # a malformed frame ends the session
+        finally:
+            session.hang_up()  # client gone or done: the shell gets SIGHUP, like a closed terminal
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(output, 5)
+        return ws
 
     def fs_call(fn):
         async def handler(request: web.Request) -> web.Response:

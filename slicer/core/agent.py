@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 
-from slicer.channel.host import Channel, ChannelTransport
+from slicer.channel.host import Channel, ChannelError, ChannelTransport
+from slicer.channel.websocket import StreamWebSocket, WebSocketRejected
 from slicer.channel.yamux import AGENT_PORT
 from slicer.core.errors import AgentUnreachable, SlicerError
 
@@ -68,6 +69,23 @@ class AgentClient:
     async def open_exec(self, params: list[tuple[str, str]], stdin=None) -> httpx.Response:
         """Start a command; the caller reads (and must close) the streamed response."""
         return await self.send("POST", "/exec", params=params, content=stdin, timeout=None)
+
+    async def websocket(self, target: str) -> StreamWebSocket:
+        """A WebSocket to one of the agent's routes (e.g. ``/shell?uid=0``)."""
+        try:
+            stream = await self.channel.open(AGENT_PORT)
+        except ChannelError as e:
+            raise AgentUnreachable(f"agent did not answer: {e}") from e
+        ws = StreamWebSocket(stream)
+        try:
+            await ws.handshake(target)
+        except WebSocketRejected as e:
+            stream.reset()
+            raise agent_error(httpx.Response(e.status, content=e.body)) from None
+        except ConnectionError as e:
+            stream.reset()
+            raise AgentUnreachable(f"agent did not answer: {e}") from e
+        return ws
 
     async def power(self, action: str, timeout: float = 5.0) -> None:
         r = await self._request("POST", "/power", timeout, params={"action": action})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
@@ -68,3 +69,43 @@ async def forward(ws: WebSocket, hostname: str) -> None:
         return
     await ws.accept()
     await relay(ws, stream)
+
+
+@router.websocket("/vm/{hostname}/shell")
+async def shell(ws: WebSocket, hostname: str) -> None:
+    """Slicer's shell frames (type byte, u32 length, payload) relayed to a PTY in the VM.
+    Query: uid, gid, shell, cwd."""
+    try:
+        require_auth(ws)
+        agent = manager(ws).agent(hostname)
+        query = urlencode([(k, v) for k, v in ws.query_params.multi_items() if k in ("uid", "gid", "shell", "cwd")])
+        session = await agent.websocket("/shell?" + query)
+    except SlicerError as e:
+        await deny(ws, e)
+        return
+    await ws.accept()
+
+    async def client_to_vm() -> None:
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            data = msg.get("bytes") or (msg.get("text") or "").encode()
+            if data:
+                await session.send(data)
+
+    async def vm_to_client() -> None:
+        while (msg := await session.recv()) is not None:
+            await ws.send_bytes(msg)
+
+    tasks = [asyncio.ensure_future(client_to_vm()), asyncio.ensure_future(vm_to_client())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await session.close()
+        session.stream.reset()
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await ws.close()
