@@ -1,0 +1,129 @@
+"""cp (binary and tar, both ways) and fs/* against a real VM, including unsafe tars."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+
+import pytest
+
+from tests.conftest import wait_agent
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def vm(api) -> str:
+    wait_agent(api, "vm-1")
+    return "vm-1"
+
+
+def sh(api, vm, cmd: str) -> str:
+    r = api.post(f"/vm/{vm}/exec", params={"cmd": cmd, "buffered": "true"})
+    assert r.status_code == 200, r.text
+    return r.json()["stdout"]
+
+
+def make_tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def file_member(name: str, data: bytes = b"x", mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), mode
+    return info, data
+
+
+def link_member(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+def test_binary_round_trip_with_owner_and_permissions(api, vm):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    r = api.post(f"/vm/{vm}/cp", params={"path": "/tmp/blob.bin", "permissions": "0640", "uid": "1000", "gid": "1000"},
+                 content=data, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    assert r.json()["size"] == len(data)
+    assert sh(api, vm, "stat -c '%a %u %g' /tmp/blob.bin").split() == ["640", "1000", "1000"]
+    assert sh(api, vm, "sha256sum /tmp/blob.bin").split()[0] == hashlib.sha256(data).hexdigest()
+    back = api.get(f"/vm/{vm}/cp", params={"path": "/tmp/blob.bin"}, headers={"accept": "application/octet-stream"})
+    assert back.status_code == 200 and back.content == data
+    assert back.headers["x-slicer-file-mode"] == "0640"
+
+
+def test_directory_round_trip_as_tar(api, vm, tmp_path):
+    files = {"a.txt": b"alpha\n", "sub/b.bin": os.urandom(70000), "sub/deeper/c": b""}
+    members = [file_member(name, data, 0o600 if name == "a.txt" else 0o644) for name, data in files.items()]
+    r = api.post(f"/vm/{vm}/cp", params={"path": "/tmp/tree", "uid": "1000"}, content=make_tar(members),
+                 headers={"content-type": "application/x-tar"})
+    assert r.status_code == 200, r.text
+    assert sh(api, vm, "stat -c '%a %U' /tmp/tree/a.txt").split() == ["600", "ubuntu"]
+    back = api.get(f"/vm/{vm}/cp", params={"path": "/tmp/tree"}, headers={"accept": "application/x-tar"})
+    assert back.status_code == 200 and back.headers["content-type"].startswith("application/x-tar")
+    with tarfile.open(fileobj=io.BytesIO(back.content)) as tf:
+        got = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+    assert got == {f"tree/{k}": v for k, v in files.items()}
+
+
+@pytest.mark.parametrize(
+    "members, words",
+    [
+        ([file_member("../escape")], "'..'"),
+        ([file_member("/etc/escape")], "absolute"),
+        ([link_member("ln", "/etc")], "outside"),
+        ([link_member("ln", "../../../etc")], "outside"),
+        ([link_member("ln", "sub"), link_member("sub", "..")], "outside"),
+        ([link_member("hard", "/etc/passwd", tarfile.LNKTYPE)], "outside"),
+    ],
+)
+def test_unsafe_tars_are_refused(api, vm, members, words):
+    target = f"/tmp/unsafe-{os.urandom(4).hex()}"
+    r = api.post(f"/vm/{vm}/cp", params={"path": target, "mode": "tar"}, content=make_tar(members))
+    assert r.status_code == 400 and r.json()["code"] == "unsafe_tar" and words in r.json()["error"]
+    assert sh(api, vm, "ls /tmp/escape /etc/escape 2>&1; true").count("No such file") == 2
+
+
+def test_symlink_placed_before_extraction_is_not_followed(api, vm):
+    # a symlink already in the target directory must not lead a tar member outside it
+    sh(api, vm, "rm -rf /tmp/pre && mkdir -p /tmp/pre && ln -s /etc /tmp/pre/etc")
+    r = api.post(f"/vm/{vm}/cp", params={"path": "/tmp/pre", "mode": "tar"},
+                 content=make_tar([file_member("etc/evil", b"owned")]))
+    assert r.status_code == 400 and r.json()["code"] == "unsafe_tar"
+    assert "No such file" in sh(api, vm, "ls /etc/evil 2>&1; true")
+
+
+def test_missing_paths_are_404_json(api, vm):
+    r = api.get(f"/vm/{vm}/cp", params={"path": "/no/such/file"})
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+    r = api.post(f"/vm/{vm}/cp", params={"path": "/no/such/dir/file"}, content=b"x")
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+    r = api.get(f"/vm/{vm}/cp", params={"path": "relative/path"})
+    assert r.status_code == 400
+
+
+def test_fs_endpoints(api, vm):
+    base = f"/tmp/fs-{os.urandom(4).hex()}"
+    r = api.post(f"/vm/{vm}/fs/mkdir", json={"path": f"{base}/x/y", "recursive": True, "mode": "0750"})
+    assert r.status_code == 200, r.text
+    again = api.post(f"/vm/{vm}/fs/mkdir", json={"path": f"{base}/x/y"})
+    assert again.status_code == 409 and again.json()["code"] == "exists"
+    api.post(f"/vm/{vm}/cp", params={"path": f"{base}/x/file.txt"}, content=b"12345")
+    entries = api.get(f"/vm/{vm}/fs/readdir", params={"path": f"{base}/x"}).json()
+    assert [(e["name"], e["type"]) for e in entries] == [("file.txt", "file"), ("y", "directory")]
+    st = api.get(f"/vm/{vm}/fs/stat", params={"path": f"{base}/x/file.txt"}).json()
+    assert st["size"] == 5 and st["type"] == "file" and st["mtime"] > 0
+    assert api.get(f"/vm/{vm}/fs/stat", params={"path": f"{base}/x/y"}).json()["mode"] == "0750"
+    nonempty = api.delete(f"/vm/{vm}/fs/remove", params={"path": f"{base}/x"})
+    assert nonempty.status_code == 400 and nonempty.json()["code"] == "not_empty"
+    assert api.delete(f"/vm/{vm}/fs/remove", params={"path": base, "recursive": "true"}).status_code == 200
+    gone = api.get(f"/vm/{vm}/fs/stat", params={"path": base})
+    assert gone.status_code == 404 and gone.json()["code"] == "not_found"
+    assert api.post(f"/vm/{vm}/fs/mkdir", json={"path": 5}).status_code == 400
