@@ -125,3 +125,67 @@ def test_exec_on_a_paused_vm_is_409(api, vm):
 
 def test_exec_on_unknown_vm_is_404(api):
     assert api.post("/vm/ghost-1/exec", params={"cmd": "true"}).status_code == 404
+
+
+def test_background_exec_lifecycle(api, vm):
+    r = api.post(f"/vm/{vm}/exec", params={"cmd": "for i in 1 2 3; do echo line$i; sleep 0.2; done; echo err >&2; "
+                                                  "exit 7", "background": "true"})
+    assert r.status_code == 201, r.text
+    started = r.json()
+    exec_id = started["exec_id"]
+    assert started["pid"] > 0 and started["ring_bytes"] == 1 << 20
+    assert exec_id in [e["exec_id"] for e in api.get(f"/vm/{vm}/exec").json()]
+    with api.stream("GET", f"/vm/{vm}/exec/{exec_id}/logs", params={"follow": "true"}) as logs:
+        frames = [json.loads(line) for line in logs.iter_lines() if line]
+    assert "".join(f.get("data", "") for f in frames if f["type"] == "stdout") == "line1\nline2\nline3\n"
+    assert frames[-1]["type"] == "exit" and frames[-1]["exit_code"] == 7
+    assert [f["id"] for f in frames] == sorted(f["id"] for f in frames)
+    waited = api.get(f"/vm/{vm}/exec/{exec_id}/wait-exit", params={"timeout": 30}).json()
+    assert waited["running"] is False and waited["exit_code"] == 7 and waited["timed_out"] is False
+    info = api.get(f"/vm/{vm}/exec/{exec_id}").json()
+    assert info["running"] is False and info["exit_code"] == 7 and info["bytes_written"] >= 21
+    replay = [json.loads(x) for x in api.get(f"/vm/{vm}/exec/{exec_id}/logs", params={"from_id": 3}).text.splitlines()]
+    assert replay[0]["id"] == 3
+    assert api.delete(f"/vm/{vm}/exec/{exec_id}").json() == {"exec_id": exec_id, "reaped": True}
+    for method, path in [("GET", ""), ("GET", "/logs"), ("POST", "/kill"), ("GET", "/wait-exit"), ("DELETE", "")]:
+        gone = api.request(method, f"/vm/{vm}/exec/{exec_id}{path}")
+        assert gone.status_code == 410 and gone.json()["code"] == "gone", (method, path, gone.text)
+
+
+def test_background_kill_wait_and_ring_eviction(api, vm):
+    r = api.post(f"/vm/{vm}/exec", params={"cmd": "yes filler-line | head -c 300000; sleep 600",
+                                           "background": "true", "ring_bytes": "65536"})
+    assert r.status_code == 201, r.text
+    exec_id = r.json()["exec_id"]
+    timed = api.get(f"/vm/{vm}/exec/{exec_id}/wait-exit", params={"timeout": 1}).json()
+    assert timed["timed_out"] is True and timed["running"] is True
+    frames = [json.loads(x) for x in api.get(f"/vm/{vm}/exec/{exec_id}/logs").text.splitlines()]
+    assert frames[0]["type"] == "gap" and frames[0]["dropped_bytes"] > 0, "old output was evicted"
+    kept = sum(len(f.get("data", "")) for f in frames if f["type"] == "stdout")
+    assert 0 < kept <= 65536
+    killed = api.post(f"/vm/{vm}/exec/{exec_id}/kill", json={"signal": "KILL"}).json()
+    assert killed["signal_sent"] == "KILL"
+    done = api.get(f"/vm/{vm}/exec/{exec_id}/wait-exit", params={"timeout": 30}).json()
+    assert done["running"] is False and done["exit_code"] == 137 and done["signal"] == "SIGKILL"
+    api.delete(f"/vm/{vm}/exec/{exec_id}")
+
+
+def test_background_budget_and_bad_requests(api, vm):
+    r = api.post(f"/vm/{vm}/exec", params={"cmd": "true", "background": "true", "ring_bytes": str(1 << 40)})
+    assert r.status_code == 400
+    ids = []
+    try:
+        for _ in range(80):
+            r = api.post(f"/vm/{vm}/exec", params={"cmd": "sleep 300", "background": "true"})
+            if r.status_code != 201:
+                break
+            ids.append(r.json()["exec_id"])
+        assert r.status_code == 503 and r.json()["code"] == "budget_exhausted"
+    finally:
+        for exec_id in ids:
+            api.post(f"/vm/{vm}/exec/{exec_id}/kill", json={"signal": "KILL"})
+            api.delete(f"/vm/{vm}/exec/{exec_id}")
+    assert api.post(f"/vm/{vm}/exec", params={"cmd": "cat", "background": "true", "stdin": "true"}).status_code == 400
+    assert api.get(f"/vm/{vm}/exec/not..valid").status_code in (400, 404)
+    assert api.get(f"/vm/{vm}/exec/deadbeef").status_code == 404
+    assert api.post(f"/vm/{vm}/exec/deadbeef/kill", json={"signal": "BOOM"}).status_code == 400

@@ -74,6 +74,8 @@ class ExecRequest:
     stderr: bool = True
     base64: bool = False
     buffered: bool = False
+    background: bool = False
+    ring_bytes: int = 0
 
     @classmethod
     def from_query(cls, query) -> ExecRequest:
@@ -103,7 +105,13 @@ class ExecRequest:
             stderr=_flag(query, "stderr", True),
             base64=stdio == "base64",
             buffered=_flag(query, "buffered", False),
+            background=_flag(query, "background", False),
+            ring_bytes=_int(query, "ring_bytes", 0),
         )
+
+    def validate(self) -> None:
+        if self.background and (self.stdin or self.buffered):
+            raise ExecError("background execs take neither stdin nor buffered", "invalid_request")
 
     def argv(self) -> list[str]:
         if self.shell:
@@ -122,6 +130,7 @@ def _home(uid: int) -> str:
 
 
 async def spawn(req: ExecRequest) -> asyncio.subprocess.Process:
+    req.validate()
     if req.cwd and not os.path.isdir(req.cwd):
         raise ExecError(f"cwd {req.cwd!r} is not a directory", "invalid_cwd")
     env = {**BASE_ENV, "HOME": _home(req.uid), **req.env}

@@ -12,7 +12,7 @@ import time
 
 from aiohttp import web
 
-from slicer.agent import AGENT_VERSION, USERDATA_SENTINEL, files, shell
+from slicer.agent import AGENT_VERSION, USERDATA_SENTINEL, background, files, shell
 from slicer.agent.execute import ExecError, ExecRequest, run_buffered, spawn, stream_frames
 
 STREAM_CHUNK = 65536
@@ -29,6 +29,7 @@ def _system_uptime() -> int:
 
 def make_app(started: float) -> web.Application:
     routes = web.RouteTableDef()
+    registry = background.Registry()
 
     @routes.get("/health")
     async def health(request: web.Request) -> web.Response:
@@ -43,6 +44,55 @@ def make_app(started: float) -> web.Application:
             }
         )
 
+    def background_call(fn):
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                entry = registry.get(request.match_info["exec_id"])
+                return await fn(request, entry)
+            except ExecError as e:
+                return error(str(e), e.code, e.status)
+            except ValueError as e:
+                return error(f"bad request: {e}", "invalid_request", 400)
+        return handler
+
+    @routes.get("/exec")
+    async def list_background(request: web.Request) -> web.Response:
+        return web.json_response([e.info() for e in registry.entries.values()])
+
+    async def bg_info(request, entry):
+        return web.json_response(entry.info())
+
+    async def bg_reap(request, entry):
+        return web.json_response(registry.reap(entry))
+
+    async def bg_logs(request, entry):
+        follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
+        from_id = int(request.query.get("from_id") or 0)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        async with contextlib.aclosing(registry.frames(entry, from_id, follow)) as frames:
+            async for line in frames:
+                await resp.write(line)
+        await resp.write_eof()
+        return resp
+
+    async def bg_kill(request, entry):
+        body = await request.json() if request.can_read_body else {}
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        return web.json_response(await registry.kill(entry, str(body.get("signal") or "TERM"),
+                                                     int(body.get("grace_ms") or 5000)))
+
+    async def bg_wait(request, entry):
+        timeout = min(max(float(request.query.get("timeout") or 30), 0), 600)
+        return web.json_response(await registry.wait_exit(entry, timeout))
+
+    routes.get("/exec/{exec_id}")(background_call(bg_info))
+    routes.delete("/exec/{exec_id}")(background_call(bg_reap))
+    routes.get("/exec/{exec_id}/logs")(background_call(bg_logs))
+    routes.post("/exec/{exec_id}/kill")(background_call(bg_kill))
+    routes.get("/exec/{exec_id}/wait-exit")(background_call(bg_wait))
+
     @routes.post("/power")
     async def power(request: web.Request) -> web.Response:
         action = request.query.get("action", "shutdown")
@@ -56,9 +106,14 @@ def make_app(started: float) -> web.Application:
     async def execute(request: web.Request) -> web.StreamResponse:
         try:
             req = ExecRequest.from_query(request.query)
+            ring = registry.check_budget(req.ring_bytes) if req.background else 0
             proc = await spawn(req)
         except ExecError as e:
             return error(str(e), e.code, e.status)
+        if req.background:
+            entry = registry.start(req, proc, ring)
+            return web.json_response({"exec_id": entry.exec_id, "pid": proc.pid, "started_at": entry.started_at,
+                                      "ring_bytes": ring}, status=201)
         stdin = request.content.iter_chunked(STREAM_CHUNK) if req.stdin else None
         if req.buffered:
             return web.json_response(await run_buffered(req, proc, stdin))

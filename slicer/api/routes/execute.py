@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+import httpx
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from slicer.api.deps import manager, require_auth
+from slicer.api.models import parse_body
 from slicer.core.manager import Manager
 
 router = APIRouter(dependencies=[Depends(require_auth)])
@@ -23,18 +26,67 @@ async def execute(m: Mgr, hostname: str, request: Request) -> Response:
     query = request.query_params
     stdin = request.stream() if query.get("stdin", "").lower() in TRUE else None
     resp = await m.open_exec(hostname, params, stdin)
-    if query.get("buffered", "").lower() in TRUE:
+    if query.get("buffered", "").lower() in TRUE or query.get("background", "").lower() in TRUE:
         body = await resp.aread()
         await resp.aclose()
-        return Response(body, media_type="application/json")
+        return Response(body, status_code=resp.status_code, media_type="application/json")
+    # Passed through as the agent writes it: one JSON object per line, flushed as it comes.
+    # Closing the agent's response (also when our client goes away) kills the process.
+    return StreamingResponse(relay(resp), media_type="application/x-ndjson")
 
-    async def relay():
-        # Passed through as the agent writes it: one JSON object per line, flushed as it comes.
-        # Closing the agent's response (also when our client goes away) kills the process.
-        try:
-            async for chunk in resp.aiter_raw():
-                yield chunk
-        finally:
-            await resp.aclose()
 
-    return StreamingResponse(relay(), media_type="application/x-ndjson")
+async def relay(resp: httpx.Response):
+    """The agent's streamed body, closed when done or when our client goes away."""
+    try:
+        async for chunk in resp.aiter_raw():
+            yield chunk
+    finally:
+        await resp.aclose()
+
+
+ExecId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+@router.get("/vm/{hostname}/exec")
+async def list_background(m: Mgr, hostname: str) -> list:
+    """Background execs the agent tracks (running and exited, until reaped)."""
+    return await m.agent(hostname).call("GET", "/exec")
+
+
+@router.get("/vm/{hostname}/exec/{exec_id}")
+async def background_info(m: Mgr, hostname: str, exec_id: ExecId) -> dict:
+    return await m.agent(hostname).call("GET", f"/exec/{exec_id}")
+
+
+@router.delete("/vm/{hostname}/exec/{exec_id}")
+async def background_reap(m: Mgr, hostname: str, exec_id: ExecId) -> dict:
+    """Free the ring and forget the exec (later calls: 410). Does not kill it."""
+    return await m.agent(hostname).call("DELETE", f"/exec/{exec_id}")
+
+
+@router.get("/vm/{hostname}/exec/{exec_id}/logs")
+async def background_logs(m: Mgr, hostname: str, exec_id: ExecId, request: Request) -> StreamingResponse:
+    """Replay the ring (``from_id``), and with ``follow=true`` stream until the process exits."""
+    params = [(k, v) for k, v in request.query_params.multi_items() if k in ("follow", "from_id")]
+    resp = await m.agent(hostname).send("GET", f"/exec/{exec_id}/logs", params=params, timeout=None)
+    return StreamingResponse(relay(resp), media_type="application/x-ndjson")
+
+
+@router.post("/vm/{hostname}/exec/{exec_id}/kill")
+async def background_kill(m: Mgr, hostname: str, exec_id: ExecId, request: Request) -> dict:
+    """Body (optional): ``{"signal": "TERM", "grace_ms": 5000}``; TERM escalates to KILL."""
+    body = await parse_body(request, KillRequest)
+    return await m.agent(hostname).call("POST", f"/exec/{exec_id}/kill", json=body.model_dump())
+
+
+@router.get("/vm/{hostname}/exec/{exec_id}/wait-exit")
+async def background_wait(m: Mgr, hostname: str, exec_id: ExecId,
+                          timeout: Annotated[int, Query(ge=0, le=600)] = 30) -> dict:
+    return await m.agent(hostname).call("GET", f"/exec/{exec_id}/wait-exit", params={"timeout": timeout},
+                                        timeout=timeout + 30)
+
+
+class KillRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    signal: str = Field(default="TERM", pattern=r"^(SIG)?(TERM|KILL|INT|HUP|QUIT|USR1|USR2)$")
+    grace_ms: int = Field(default=5000, ge=0, le=600_000)
