@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from slicer.channel import yamux
 from slicer.channel.yamux import (
     FLAG_SYN,
-    INITIAL_WINDOW,
+    STREAM_WINDOW,
     TYPE_DATA,
     TYPE_WINDOW_UPDATE,
     ProtocolError,
@@ -97,16 +97,16 @@ def test_flow_control_blocks_writer_at_window_and_resumes():
 
         pair = Pair(hold)
         s = await pair.client.open_stream()
-        writer = asyncio.ensure_future(s.write(b"x" * (INITIAL_WINDOW * 3)))
+        writer = asyncio.ensure_future(s.write(b"x" * (STREAM_WINDOW * 3)))
         await asyncio.sleep(0.05)
         assert not writer.done(), "writer must stop at the peer's window"
         assert s._send_window == 0
         peer = received[s.id]
         got = bytearray()
-        while len(got) < INITIAL_WINDOW * 3:
+        while len(got) < STREAM_WINDOW * 3:
             got += await peer.read()
         await asyncio.wait_for(writer, 5)
-        assert bytes(got) == b"x" * (INITIAL_WINDOW * 3)
+        assert bytes(got) == b"x" * (STREAM_WINDOW * 3)
 
     run(main())
 
@@ -121,8 +121,8 @@ def test_stalled_stream_does_not_block_another():
         pair = Pair(hold)
         stalled = await pair.client.open_stream()
         busy = await pair.client.open_stream()
-        stall_task = asyncio.ensure_future(stalled.write(b"s" * (INITIAL_WINDOW * 4)))
-        payload = random.randbytes(4 * 1024 * 1024)
+        stall_task = asyncio.ensure_future(stalled.write(b"s" * (STREAM_WINDOW * 4)))
+        payload = random.randbytes(3 * STREAM_WINDOW)
 
         async def send() -> None:
             await busy.write(payload)
@@ -197,7 +197,7 @@ def test_window_overrun_is_a_protocol_error():
         pair = Pair(hold)
         s = await pair.client.open_stream()
         await asyncio.sleep(0)
-        frame = encode_header(TYPE_DATA, 0, s.id, INITIAL_WINDOW) + bytes(INITIAL_WINDOW)
+        frame = encode_header(TYPE_DATA, 0, s.id, STREAM_WINDOW) + bytes(STREAM_WINDOW)
         pair.server.feed(frame)  # exactly the window: fine
         with pytest.raises(ProtocolError):
             pair.server.feed(encode_header(TYPE_DATA, 0, s.id, 1) + b"!")
@@ -284,7 +284,7 @@ def test_malformed_frames_close_the_session_cleanly(garbage):
         encode_header(9, 0, 1, 0),  # unknown type
         encode_header(TYPE_DATA, 0, 0, 0),  # data on stream 0
         encode_header(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0),  # peer used our parity
-        encode_header(TYPE_DATA, 0, 1, INITIAL_WINDOW * 2),  # absurd length
+        encode_header(TYPE_DATA, 0, 1, STREAM_WINDOW * 2),  # absurd length
         encode_header(yamux.TYPE_PING, FLAG_SYN, 5, 0),  # ping on a stream
     ],
 )

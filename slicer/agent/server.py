@@ -12,7 +12,7 @@ import time
 
 from aiohttp import web
 
-from slicer.agent import AGENT_VERSION, USERDATA_SENTINEL, background, files, shell
+from slicer.agent import AGENT_SOCKET, AGENT_VERSION, USERDATA_SENTINEL, background, files, shell
 from slicer.agent.execute import ExecError, ExecRequest, run_buffered, spawn, stream_frames
 
 STREAM_CHUNK = 65536
@@ -265,3 +265,13 @@ async def serve(path: str, started: float) -> web.AppRunner:
     finally:
         os.umask(old)
     return runner
+
+
+async def main() -> None:
+    started = float(os.environ.get("SLICER_AGENT_STARTED") or time.monotonic())
+    await serve(AGENT_SOCKET, started)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

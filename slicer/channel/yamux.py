@@ -30,7 +30,11 @@ GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR, GO_AWAY_INTERNAL_ERROR = 0, 1, 2
 
 HEADER = struct.Struct(">BBHII")
 HEADER_SIZE = HEADER.size
-INITIAL_WINDOW = 256 * 1024
+INITIAL_WINDOW = 256 * 1024  # the spec's starting window; every stream begins with it
+# What we grant each stream right away (the SYN/ACK frame carries the extra as a window
+# delta): under TCG the host<->guest round trip is long enough that 256 KiB caps a stream
+# at a few MB/s.
+STREAM_WINDOW = 4 * 1024 * 1024
 MAX_DATA_FRAME = 64 * 1024
 
 HELLO = b"SLICER-HELLO "
@@ -63,7 +67,7 @@ class Stream:
         self.id = stream_id
         self._recv: deque[bytes] = deque()
         self._recv_size = 0  # bytes buffered, counted against our receive window
-        self._recv_window = INITIAL_WINDOW  # what the peer may still send us
+        self._recv_window = STREAM_WINDOW  # what the peer may still send us (after our grant)
         self._consumed = 0  # read by the application, not yet returned in a window update
         self._send_window = INITIAL_WINDOW
         self._readable = asyncio.Event()
@@ -89,7 +93,7 @@ class Stream:
             chunk = chunk[:n]
         self._recv_size -= len(chunk)
         self._consumed += len(chunk)
-        if self._consumed >= INITIAL_WINDOW // 2 and not (self.remote_closed or self.reset_by):
+        if self._consumed >= STREAM_WINDOW // 4 and not (self.remote_closed or self.reset_by):
             delta, self._consumed = self._consumed, 0
             self._recv_window += delta
             self._session._send_frame(TYPE_WINDOW_UPDATE, 0, self.id, delta)
@@ -216,7 +220,7 @@ class Session:
             if version != VERSION:
                 raise ProtocolError(f"bad version {version}")
             if ftype == TYPE_DATA:
-                if length > INITIAL_WINDOW + MAX_DATA_FRAME:
+                if length > STREAM_WINDOW:
                     raise ProtocolError(f"data frame of {length} bytes")
                 if len(buf) - pos - HEADER_SIZE < length:
                     break
@@ -257,7 +261,7 @@ class Session:
             stream = Stream(self, sid)
             stream._established.set()
             self._streams[sid] = stream
-            self._send_frame(TYPE_WINDOW_UPDATE, FLAG_ACK, sid, 0)
+            self._send_frame(TYPE_WINDOW_UPDATE, FLAG_ACK, sid, STREAM_WINDOW - INITIAL_WINDOW)
             self._spawn(self._on_stream(stream))
         if stream is None:
             # A frame for a stream we already forgot (e.g. after RST): tell the peer, drop it.
@@ -306,7 +310,7 @@ class Session:
         self._next_id += 2
         stream = Stream(self, sid)
         self._streams[sid] = stream
-        self._send_frame(TYPE_WINDOW_UPDATE, FLAG_SYN, sid, 0)
+        self._send_frame(TYPE_WINDOW_UPDATE, FLAG_SYN, sid, STREAM_WINDOW - INITIAL_WINDOW)
         try:
             await asyncio.wait_for(stream._established.wait(), timeout)
         except TimeoutError:
