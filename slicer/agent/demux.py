@@ -34,7 +34,10 @@ class VirtioPort:
         self._on_state = on_state
         self._loop = asyncio.get_running_loop()
         self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._bufs = [bytearray(READ_BUFFER_SIZE) for _ in range(READ_BUFFERS)]
+        # One buffer seen as 16 page-sized views: readv fills them in one call, one copy out.
+        self._buf = bytearray(READ_BUFFERS * READ_BUFFER_SIZE)
+        view = memoryview(self._buf)
+        self._bufs = [view[i * READ_BUFFER_SIZE : (i + 1) * READ_BUFFER_SIZE] for i in range(READ_BUFFERS)]
         self._out = bytearray()
         self._writing = False
         self._can_write = asyncio.Event()
@@ -76,14 +79,7 @@ class VirtioPort:
         if n == 0:
             self._disconnected()
             return
-        chunks = []
-        for buf in self._bufs:
-            take = min(n, READ_BUFFER_SIZE)
-            chunks.append(bytes(buf[:take]))
-            n -= take
-            if n == 0:
-                break
-        self._on_data(b"".join(chunks))
+        self._on_data(bytes(self._buf[:n]))
 
     def write(self, data: bytes) -> None:
         if not self.connected:
@@ -205,7 +201,7 @@ async def pump(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.Str
     """Copy bytes both ways between a yamux stream and a socket until both directions end."""
 
     async def to_socket() -> None:
-        while chunk := await stream.read(65536):
+        while chunk := await stream.read(262144):
             writer.write(chunk)
             await writer.drain()
         if stream.reset_by:
@@ -214,7 +210,7 @@ async def pump(stream: Stream, reader: asyncio.StreamReader, writer: asyncio.Str
             writer.write_eof()
 
     async def to_stream() -> None:
-        while chunk := await reader.read(65536):
+        while chunk := await reader.read(262144):
             await stream.write(chunk)
         await stream.close()
 
