@@ -38,6 +38,7 @@ def _logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)  # it logs every socket event
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # and this every agent request
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 
 import pytest
 
@@ -189,3 +190,19 @@ def test_background_budget_and_bad_requests(api, vm):
     assert api.get(f"/vm/{vm}/exec/not..valid").status_code in (400, 404)
     assert api.get(f"/vm/{vm}/exec/deadbeef").status_code == 404
     assert api.post(f"/vm/{vm}/exec/deadbeef/kill", json={"signal": "BOOM"}).status_code == 400
+
+
+def test_client_disconnect_kills_the_foreground_process(api, vm):
+    tag = f"disconnect-{time.time_ns()}"
+    with api.stream("POST", f"/vm/{vm}/exec", params={"cmd": f"echo started; exec -a {tag} sleep 600"}) as r:
+        for line in r.iter_lines():
+            if line and json.loads(line).get("stdout") == "started\n":
+                break
+    # the client is gone: the agent must kill the process group
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = api.post(f"/vm/{vm}/exec", params={"cmd": f"pgrep -f ^{tag} || true", "buffered": "true"})
+        if not left.json()["stdout"].strip():
+            break
+        time.sleep(0.5)
+    assert not left.json()["stdout"].strip(), "the process outlived its client"

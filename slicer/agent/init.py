@@ -164,6 +164,8 @@ def main() -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the select below
     buttons = power_buttons()
     agent = start_agent()
+    # Grow the root filesystem to the disk's size (storage_size): online, in the background.
+    subprocess.Popen(["resize2fs", "/dev/vda"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log(f"agent started (pid {agent.pid})")
     while _request is None:
         try:

@@ -18,6 +18,36 @@ from slicer.agent.execute import ExecError, ExecRequest, run_buffered, spawn, st
 STREAM_CHUNK = 65536
 
 
+async def until_disconnect(request: web.Request, items):
+    """Yield from ``items`` until it ends or the client goes away. aiohttp 3.8 (Debian's) does
+    not cancel a handler whose client left, and a silent stream never fails a write, so we
+    look at the transport whenever nothing has come for a second."""
+    it = items.__aiter__()
+    pending = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=1.0)
+            if not done:
+                if request.transport is None or request.transport.is_closing():
+                    return
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        if hasattr(it, "aclose"):
+            await it.aclose()
+
+
 def error(message: str, code: str, status: int) -> web.Response:
     return web.json_response({"error": message, "code": code}, status=status)
 
@@ -70,7 +100,7 @@ def make_app(started: float) -> web.Application:
         from_id = int(request.query.get("from_id") or 0)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        async with contextlib.aclosing(registry.frames(entry, from_id, follow)) as frames:
+        async with contextlib.aclosing(until_disconnect(request, registry.frames(entry, from_id, follow))) as frames:
             async for line in frames:
                 await resp.write(line)
         await resp.write_eof()
@@ -120,7 +150,8 @@ def make_app(started: float) -> web.Application:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         # aclosing: if the client goes away the handler is cancelled and the process killed
-        async with contextlib.aclosing(stream_frames(req, proc, stdin)) as frames:
+        # leaving early (client gone) closes the frames, which kills the process group
+        async with contextlib.aclosing(until_disconnect(request, stream_frames(req, proc, stdin))) as frames:
             async for line in frames:
                 await resp.write(line)
         await resp.write_eof()

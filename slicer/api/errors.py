@@ -27,7 +27,7 @@ def error_response(status: int, message: str, code: str, headers: dict | None = 
 def install(app: FastAPI) -> None:
     @app.exception_handler(SlicerError)
     async def _slicer(request: Request, exc: SlicerError) -> JSONResponse:
-        if exc.status >= 500:
+        if exc.status >= 500 and exc.status != 503:  # 503: not ready yet, not a fault of ours
             log.error("%s %s: %s", request.method, request.url.path, exc.message)
         return error_response(exc.status, exc.message, exc.code)
 

@@ -169,7 +169,10 @@ class _StreamAdapter(httpcore.AsyncNetworkStream):
         return await asyncio.wait_for(self._stream.read(max_bytes), timeout)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._stream.write(buffer), timeout)
+        try:
+            await asyncio.wait_for(self._stream.write(buffer), timeout)
+        except StreamClosed as e:
+            raise httpcore.WriteError(f"the guest closed the stream while we were sending: {e}") from e
 
     async def aclose(self) -> None:
         try:

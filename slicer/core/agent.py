@@ -7,7 +7,7 @@ import httpx
 from slicer.channel.host import Channel, ChannelError, ChannelTransport
 from slicer.channel.websocket import StreamWebSocket, WebSocketRejected
 from slicer.channel.yamux import AGENT_PORT
-from slicer.core.errors import AgentUnreachable, SlicerError
+from slicer.core.errors import AgentUnreachable, SlicerError, UpstreamUnreachable
 
 
 def agent_error(resp: httpx.Response) -> SlicerError:
@@ -49,6 +49,10 @@ class AgentClient:
                                       timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
         try:
             resp = await self.http.send(req, stream=True)
+        except httpx.WriteError as e:
+            raise UpstreamUnreachable(
+                f"the agent stopped reading the request body (a failed write in the guest, e.g. a full disk?): {e}"
+            ) from e
         except httpx.HTTPError as e:
             raise AgentUnreachable(f"agent did not answer: {e}") from e
         if resp.status_code >= 300:

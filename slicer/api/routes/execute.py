@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 import httpx
@@ -32,15 +33,31 @@ async def execute(m: Mgr, hostname: str, request: Request) -> Response:
         return Response(body, status_code=resp.status_code, media_type="application/json")
     # Passed through as the agent writes it: one JSON object per line, flushed as it comes.
     # Closing the agent's response (also when our client goes away) kills the process.
-    return StreamingResponse(relay(resp), media_type="application/x-ndjson")
+    return StreamingResponse(relay(resp, None if stdin else request), media_type="application/x-ndjson")
 
 
-async def relay(resp: httpx.Response):
-    """The agent's streamed body, closed when done or when our client goes away."""
+async def relay(resp: httpx.Response, request: Request | None = None):
+    """The agent's streamed body, closed when done or when our client goes away.
+
+    A silent stream (``sleep 600``) never fails a write, so with ``request`` given we also
+    listen for the client's disconnect and close the agent's stream then: the agent kills
+    the process when its stream closes."""
+
+    async def watch() -> None:
+        assert request is not None
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        await resp.aclose()
+
+    watcher = asyncio.ensure_future(watch()) if request is not None else None
     try:
         async for chunk in resp.aiter_raw():
             yield chunk
+    except httpx.HTTPError:
+        pass  # closed by the watcher: the client is gone, nobody to tell
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await resp.aclose()
 
 
@@ -69,7 +86,7 @@ async def background_logs(m: Mgr, hostname: str, exec_id: ExecId, request: Reque
     """Replay the ring (``from_id``), and with ``follow=true`` stream until the process exits."""
     params = [(k, v) for k, v in request.query_params.multi_items() if k in ("follow", "from_id")]
     resp = await m.agent(hostname).send("GET", f"/exec/{exec_id}/logs", params=params, timeout=None)
-    return StreamingResponse(relay(resp), media_type="application/x-ndjson")
+    return StreamingResponse(relay(resp, request), media_type="application/x-ndjson")
 
 
 @router.post("/vm/{hostname}/exec/{exec_id}/kill")
