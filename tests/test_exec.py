@@ -206,3 +206,46 @@ def test_client_disconnect_kills_the_foreground_process(api, vm):
             break
         time.sleep(0.5)
     assert not left.json()["stdout"].strip(), "the process outlived its client"
+
+
+def test_stdin_is_full_duplex(daemon, vm):
+    """Each line sent to `cat` comes back while the request body is still open."""
+    import socket
+
+    import h11
+
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=60)
+    conn = h11.Connection(h11.CLIENT)
+    sock.sendall(conn.send(h11.Request(method="POST", target=f"/vm/{vm}/exec?cmd=cat&stdin=true", headers=[
+        ("Host", "slicer"), ("Transfer-Encoding", "chunked"), ("Authorization", f"Bearer {daemon.token}")])))
+    pending = b""
+
+    def next_frame() -> dict:
+        nonlocal pending
+        while b"\n" not in pending:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                assert event.status_code == 200
+            elif isinstance(event, h11.Data):
+                pending += event.data
+            else:
+                raise AssertionError(f"stream ended: {event}")
+        line, pending = pending.split(b"\n", 1)
+        return json.loads(line)
+
+    assert next_frame()["type"] == "started"
+    for i in range(3):
+        sock.sendall(conn.send(h11.Data(data=f"ping-{i}\n".encode())))
+        echoed = ""
+        while echoed != f"ping-{i}\n":
+            f = next_frame()
+            assert f["type"] == "stdout", f
+            echoed += f["stdout"]
+    sock.sendall(conn.send(h11.EndOfMessage()))
+    last = next_frame()
+    while last["type"] != "exit":
+        last = next_frame()
+    assert last["exit_code"] == 0
+    sock.close()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 import httpx
 
+from slicer.channel.duplex import DuplexResponse, duplex_request
 from slicer.channel.host import Channel, ChannelError, ChannelTransport
 from slicer.channel.websocket import StreamWebSocket, WebSocketRejected
 from slicer.channel.yamux import AGENT_PORT
@@ -70,9 +73,21 @@ class AgentClient:
             await resp.aclose()
         return resp.json()
 
-    async def open_exec(self, params: list[tuple[str, str]], stdin=None) -> httpx.Response:
-        """Start a command; the caller reads (and must close) the streamed response."""
-        return await self.send("POST", "/exec", params=params, content=stdin, timeout=None)
+    async def open_exec(self, params: list[tuple[str, str]], stdin=None) -> httpx.Response | DuplexResponse:
+        """Start a command; the caller reads (and must close) the streamed response.
+        With ``stdin``, the body goes on streaming in while the output streams out."""
+        if stdin is None:
+            return await self.send("POST", "/exec", params=params, timeout=None)
+        try:
+            stream = await self.channel.open(AGENT_PORT)
+            resp = await duplex_request(stream, "POST", "/exec?" + urlencode(params), stdin)
+        except ConnectionError as e:
+            raise AgentUnreachable(f"agent did not answer: {e}") from e
+        if resp.status_code >= 300:
+            body = await resp.aread()
+            await resp.aclose()
+            raise agent_error(httpx.Response(resp.status_code, content=body))
+        return resp
 
     async def websocket(self, target: str) -> StreamWebSocket:
         """A WebSocket to one of the agent's routes (e.g. ``/shell?uid=0``)."""

@@ -53,8 +53,8 @@ async def relay(resp: httpx.Response, request: Request | None = None):
     try:
         async for chunk in resp.aiter_raw():
             yield chunk
-    except httpx.HTTPError:
-        pass  # closed by the watcher: the client is gone, nobody to tell
+    except (httpx.HTTPError, ConnectionError):
+        pass  # closed by the watcher, or the agent went away: nobody left to tell
     finally:
         if watcher is not None:
             watcher.cancel()
