@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import tarfile
+import time
 
 import pytest
 
@@ -127,3 +128,38 @@ def test_fs_endpoints(api, vm):
     gone = api.get(f"/vm/{vm}/fs/stat", params={"path": base})
     assert gone.status_code == 404 and gone.json()["code"] == "not_found"
     assert api.post(f"/vm/{vm}/fs/mkdir", json={"path": 5}).status_code == 400
+
+
+def test_fs_watch_streams_events_as_sse(api, vm):
+    import json
+    import threading
+
+    base = f"/tmp/watch-{os.urandom(4).hex()}"
+    api.post(f"/vm/{vm}/fs/mkdir", json={"path": f"{base}/sub", "recursive": True})
+    events: list[dict] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        params = [("paths", base), ("recursive", "true"), ("events", "create"), ("patterns", "*.txt"),
+                  ("max_events", "2"), ("timeout", "90s")]
+        with api.stream("GET", f"/vm/{vm}/fs/watch", params=params) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith(":"):
+                    ready.set()
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+
+    t = threading.Thread(target=listen)
+    t.start()
+    assert ready.wait(60), "the watch never started"
+    time.sleep(1)
+    sh(api, vm, f"echo x > {base}/ignored.log; echo a > {base}/a.txt; sleep 0.5; echo b > {base}/sub/b.txt")
+    t.join(90)
+    assert not t.is_alive(), "max_events=2 must end the stream"
+    assert [(e["type"], e["path"]) for e in events] == [("create", f"{base}/a.txt"), ("create", f"{base}/sub/b.txt")]
+    assert [e["id"] for e in events] == [1, 2] and events[0]["isDir"] is False
+    bad = api.get(f"/vm/{vm}/fs/watch", params={"paths": "/no/such/dir"})
+    assert bad.status_code == 404 and bad.json()["code"] == "not_found"
+    assert api.get(f"/vm/{vm}/fs/watch", params={"paths": base, "events": "explode"}).status_code == 400
+    assert api.get(f"/vm/{vm}/fs/watch", params={"paths": base}, headers={"Last-Event-ID": "x"}).status_code == 400

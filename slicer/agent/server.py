@@ -12,7 +12,7 @@ import time
 
 from aiohttp import web
 
-from slicer.agent import AGENT_SOCKET, AGENT_VERSION, USERDATA_SENTINEL, background, files, shell
+from slicer.agent import AGENT_SOCKET, AGENT_VERSION, USERDATA_SENTINEL, background, files, shell, watch
 from slicer.agent.execute import ExecError, ExecRequest, run_buffered, spawn, stream_frames
 
 STREAM_CHUNK = 65536
@@ -274,6 +274,20 @@ def make_app(started: float) -> web.Application:
         path = files.require_path(request.query.get("path"))
         files.fs_remove(path, request.query.get("recursive", "").lower() in ("1", "true", "yes"))
         return {"path": path, "removed": True}
+
+    @routes.get("/fs/watch")
+    async def fs_watch(request: web.Request) -> web.StreamResponse:
+        try:
+            w = watch.Watch(request.query)
+        except watch.WatchError as e:
+            return error(str(e), e.code, e.status)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        async with contextlib.aclosing(until_disconnect(request, w.events())) as blocks:
+            async for block in blocks:
+                await resp.write(block.encode())
+        await resp.write_eof()
+        return resp
 
     routes.get("/fs/readdir")(fs_call(readdir))
     routes.get("/fs/stat")(fs_call(stat_))

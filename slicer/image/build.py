@@ -37,6 +37,7 @@ GUEST_PACKAGES = [
     "openssh-server",
     "sudo",
     "less",
+    "inotify-tools",
 ]
 # Loaded in this order by the initramfs; dependencies found in each module are loaded first.
 GUEST_MODULES = [

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
-import httpx
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from slicer.api.deps import manager, require_auth
 from slicer.api.models import parse_body
+from slicer.api.streaming import relay
 from slicer.core.manager import Manager
 
 router = APIRouter(dependencies=[Depends(require_auth)])
@@ -34,31 +33,6 @@ async def execute(m: Mgr, hostname: str, request: Request) -> Response:
     # Passed through as the agent writes it: one JSON object per line, flushed as it comes.
     # Closing the agent's response (also when our client goes away) kills the process.
     return StreamingResponse(relay(resp, None if stdin else request), media_type="application/x-ndjson")
-
-
-async def relay(resp: httpx.Response, request: Request | None = None):
-    """The agent's streamed body, closed when done or when our client goes away.
-
-    A silent stream (``sleep 600``) never fails a write, so with ``request`` given we also
-    listen for the client's disconnect and close the agent's stream then: the agent kills
-    the process when its stream closes."""
-
-    async def watch() -> None:
-        assert request is not None
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        await resp.aclose()
-
-    watcher = asyncio.ensure_future(watch()) if request is not None else None
-    try:
-        async for chunk in resp.aiter_raw():
-            yield chunk
-    except (httpx.HTTPError, ConnectionError):
-        pass  # closed by the watcher, or the agent went away: nobody left to tell
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-        await resp.aclose()
 
 
 ExecId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict
 
 from slicer.api.deps import manager, require_auth
 from slicer.api.models import parse_body
+from slicer.api.streaming import relay
+from slicer.core.errors import BadRequest
 from slicer.core.manager import Manager
 
 router = APIRouter(prefix="/vm/{hostname}", dependencies=[Depends(require_auth)])
@@ -44,15 +46,7 @@ async def copy_from_vm(m: Mgr, hostname: str, request: Request) -> StreamingResp
     agent = m.agent(hostname)
     resp = await agent.send("GET", "/cp", params=_params(request, _mode(request, "accept")), timeout=None)
     headers = {k: v for k, v in resp.headers.items() if k.lower() in ("content-length", "x-slicer-file-mode")}
-
-    async def relay():
-        try:
-            async for chunk in resp.aiter_raw():
-                yield chunk
-        finally:
-            await resp.aclose()
-
-    return StreamingResponse(relay(), media_type=resp.headers.get("content-type"), headers=headers)
+    return StreamingResponse(relay(resp, request), media_type=resp.headers.get("content-type"), headers=headers)
 
 
 class MkdirRequest(BaseModel):
@@ -82,3 +76,16 @@ async def mkdir(m: Mgr, hostname: str, request: Request) -> dict:
 async def remove(m: Mgr, hostname: str, path: str, recursive: bool = False) -> dict:
     params = {"path": path, "recursive": "true" if recursive else "false"}
     return await m.agent(hostname).call("DELETE", "/fs/remove", params=params)
+
+
+@router.get("/fs/watch")
+async def watch(m: Mgr, hostname: str, request: Request) -> StreamingResponse:
+    """Server-Sent Events of filesystem changes. Query: paths (repeat), patterns, events
+    (create, write, remove, rename, chmod, all), recursive, one_shot, debounce, timeout, max_events."""
+    last_id = request.headers.get("last-event-id")
+    if last_id is not None and not (last_id.isdigit() and int(last_id) < 2**64):
+        raise BadRequest("Last-Event-ID must be an unsigned 64-bit integer", "invalid_request")
+    agent = m.agent(hostname)
+    resp = await agent.send("GET", "/fs/watch", params=list(request.query_params.multi_items()), timeout=None)
+    return StreamingResponse(relay(resp, request), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
