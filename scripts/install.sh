@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
-    qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio procps ca-certificates
+    qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio procps ca-certificates openssh-client
 python3 -m pip install -q -e '.[test]'

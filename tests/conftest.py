@@ -133,6 +133,7 @@ def guest_image() -> Path:
 
 MAIN_CONFIG = """
 config:
+  github_keys_url: KEYS_URL
   host_groups:
   - name: vm
     count: 1
@@ -152,9 +153,40 @@ config:
 """
 
 
+class KeyServer:
+    """A loopback stand-in for github.com/<user>.keys, with a real key pair for alice."""
+
+    def __init__(self) -> None:
+        import functools
+        import http.server
+        import threading
+
+        self.dir = Path(tempfile.mkdtemp(prefix="slt-keys-"))
+        self.private_key = self.dir / "alice_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice@test", "-f",
+                        str(self.private_key)], check=True)
+        self.public_key = (self.dir / "alice_ed25519.pub").read_text().strip()
+        (self.dir / "alice.keys").write_text(self.public_key + "\n")
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(self.dir))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def daemon(guest_image):
-    d = Daemon(MAIN_CONFIG).start()
+def key_server():
+    ks = KeyServer()
+    yield ks
+    ks.close()
+
+
+@pytest.fixture(scope="session")
+def daemon(guest_image, key_server):
+    d = Daemon(MAIN_CONFIG.replace("KEYS_URL", key_server.url)).start()
     yield d
     d.cleanup()
 

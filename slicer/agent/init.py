@@ -166,6 +166,9 @@ def main() -> None:
     agent = start_agent()
     # Grow the root filesystem to the disk's size (storage_size): online, in the background.
     subprocess.Popen(["resize2fs", "/dev/vda"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # sshd with host keys of this VM's own (made at its first boot, kept on its disk).
+    subprocess.Popen(["/bin/sh", "-c", "ssh-keygen -A && mkdir -p /run/sshd && exec /usr/sbin/sshd"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log(f"agent started (pid {agent.pid})")
     while _request is None:
         try:

@@ -12,7 +12,7 @@ import time
 
 from aiohttp import web
 
-from slicer.agent import AGENT_SOCKET, AGENT_VERSION, USERDATA_SENTINEL, background, files, shell, watch
+from slicer.agent import AGENT_SOCKET, AGENT_VERSION, background, files, meter, provision, shell, watch
 from slicer.agent.execute import ExecError, ExecRequest, run_buffered, spawn, stream_frames
 
 STREAM_CHUNK = 65536
@@ -64,13 +64,15 @@ def make_app(started: float) -> web.Application:
     @routes.get("/health")
     async def health(request: web.Request) -> web.Response:
         # aiohttp answers HEAD for GET routes with the same status and no body.
+        ran, code = provision.userdata_status()
         return web.json_response(
             {
                 "hostname": socket.gethostname(),
                 "agent_uptime": int(time.monotonic() - started),
                 "agent_version": AGENT_VERSION,
                 "system_uptime": _system_uptime(),
-                "userdata_ran": os.path.exists(USERDATA_SENTINEL),
+                "userdata_ran": ran,
+                "userdata_exit_code": code,
             }
         )
 
@@ -122,6 +124,42 @@ def make_app(started: float) -> web.Application:
     routes.get("/exec/{exec_id}/logs")(background_call(bg_logs))
     routes.post("/exec/{exec_id}/kill")(background_call(bg_kill))
     routes.get("/exec/{exec_id}/wait-exit")(background_call(bg_wait))
+
+    async def json_body(request: web.Request):
+        try:
+            return await request.json()
+        except ValueError:
+            raise web.HTTPBadRequest(text='{"error": "body is not JSON", "code": "invalid_request"}',
+                                     content_type="application/json") from None
+
+    @routes.put("/secrets")
+    async def put_secrets(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        try:
+            return web.json_response(await asyncio.to_thread(provision.sync_secrets, body))
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            return error(f"cannot install secrets: {e}", "invalid_request", 400)
+
+    @routes.put("/ssh-keys")
+    async def put_keys(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        try:
+            return web.json_response(provision.install_keys(list(body.get("keys") or []),
+                                                            body.get("user") or provision.DEFAULT_USER))
+        except (KeyError, TypeError, OSError) as e:
+            return error(f"cannot install keys: {e}", "invalid_request", 400)
+
+    @routes.post("/userdata")
+    async def userdata(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        script = body.get("script") if isinstance(body, dict) else None
+        if not isinstance(script, str):
+            return error("script is required", "invalid_request", 400)
+        return web.json_response({"status": provision.start_userdata(script)})
+
+    @routes.get("/stats")
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(meter.snapshot))
 
     @routes.post("/power")
     async def power(request: web.Request) -> web.Response:

@@ -9,7 +9,8 @@ from fastapi import FastAPI
 
 from slicer import __version__
 from slicer.api import errors
-from slicer.api.routes import execute, files, nodes, system, tunnels, vm
+from slicer.api.routes import execute, files, nodes, secrets, stats, system, tunnels, vm
+from slicer.api.telemetry import MetricsMiddleware
 from slicer.core.manager import Manager
 
 
@@ -34,4 +35,7 @@ def create_app(manager: Manager, token: str | None, git_commit: str = "unknown")
     app.include_router(execute.router)
     app.include_router(tunnels.router)
     app.include_router(files.router)
+    app.include_router(stats.router)
+    app.include_router(secrets.router)
+    app.add_middleware(MetricsMiddleware)
     return app

@@ -73,6 +73,15 @@ M = TypeVar("M", bound=BaseModel)
 async def parse_body(request: Request, model: type[M], limit: int = 4 * MAX_USERDATA) -> M:
     """The JSON body as ``model``, whatever the Content-Type (``curl -d`` sends a form type,
     and Slicer's clients are not strict about it); an empty body is ``{}``."""
+    data = await read_json_object(request, limit)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise BadRequest(describe_validation(e.errors()), "invalid_request") from None
+
+
+async def read_json_object(request: Request, limit: int = 4 * MAX_USERDATA) -> dict:
+    """The body as a JSON object, read with a size limit; an empty body is ``{}``."""
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
@@ -84,10 +93,7 @@ async def parse_body(request: Request, model: type[M], limit: int = 4 * MAX_USER
         raise BadRequest("request body is not valid JSON", "invalid_request") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", "invalid_request")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise BadRequest(describe_validation(e.errors()), "invalid_request") from None
+    return data
 
 
 def describe_validation(errors: list) -> str:

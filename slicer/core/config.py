@@ -137,6 +137,8 @@ class Config(_Strict):
     api: ApiConfig = ApiConfig()
     github_user: str | None = None
     ssh_keys: list[str] = []
+    # Where GitHub users' public keys are fetched from (<url>/<user>.keys); tests use loopback.
+    github_keys_url: str = "https://github.com"
     image: str | None = None
     kernel_image: str | None = None
     kernel_file: str | None = None

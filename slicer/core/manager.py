@@ -17,12 +17,24 @@ from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
+
 from slicer.channel.host import ChannelError
 from slicer.channel.yamux import Stream
+from slicer.core import telemetry
 from slicer.core.agent import AgentClient
 from slicer.core.config import Config, HostGroup
-from slicer.core.errors import BadRequest, Conflict, Forbidden, NotFound, SlicerError, UpstreamUnreachable
+from slicer.core.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    SlicerError,
+    UpstreamUnreachable,
+    WaitTimeout,
+)
 from slicer.core.node import Node
+from slicer.core.secrets import SecretStore
 from slicer.core.state import NodeRecord, StateStore
 from slicer.image.build import GuestImage
 from slicer.vmm.base import Driver, VMMError, VMSpec, VMState, VMStateError
@@ -46,6 +58,7 @@ class Manager:
         self.driver = driver
         self.image = image
         self.store = StateStore(data_dir / "state.db")
+        self.secrets = SecretStore(data_dir / "secrets")
         self.nodes: dict[str, Node] = {}
         self._alloc = asyncio.Lock()  # hostname and IP allocation
         self._tasks: set[asyncio.Task] = set()
@@ -192,8 +205,15 @@ class Manager:
             await self._launch(node, group)
             t1 = loop.time()
             if wait:
-                await node.wait_ready(timeout, userdata=(wait == "userdata"))
+                await node.wait_ready(timeout, userdata=False)
                 log.info("%s: QEMU up in %.2fs, agent ready %.2fs later", hostname, t1 - t0, loop.time() - t1)
+                left = max(0.1, timeout - (loop.time() - t0))
+                try:
+                    await asyncio.wait_for(node.provisioned.wait(), left)
+                except TimeoutError:
+                    raise WaitTimeout(f"{hostname} was not set up within {timeout:g}s") from None
+                if wait == "userdata":
+                    await node.wait_ready(max(0.1, timeout - (loop.time() - t0)), userdata=True)
         except BaseException:
             await self._destroy(node)
             raise
@@ -252,7 +272,9 @@ class Manager:
         except VMMError as e:
             raise SlicerError(f"{rec.hostname}: could not start the VM: {e}", "vm_start_failed") from e
         node.attach(vm)
+        telemetry.VM_STARTS.labels(rec.hostgroup, rec.kind).inc()
         self._spawn(self._watch(node))
+        self._spawn(self._provision(node, vm, group))
 
     async def _watch(self, node: Node) -> None:
         """React to the VM's process ending: a powered-off sandbox is deleted."""
@@ -266,7 +288,70 @@ class Manager:
             if not node.is_service and not node.record.persistent:
                 await self._destroy(node)
         else:
+            telemetry.QEMU_EXITS.labels(node.record.hostgroup, "crash").inc()
             log.error("%s: QEMU died (exit %s); see %s", node.hostname, code, node.run_dir / "qemu.log")
+
+    async def _provision(self, node: Node, vm, group: HostGroup) -> None:
+        """After every boot of ``vm``: wait for its agent, hand over secrets, SSH keys and
+        (once per disk) userdata; then wait for the next reboot."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        first = True
+        while node.vm is vm and vm.state != VMState.STOPPED:
+            try:
+                await node.wait_ready(timeout=600)
+            except SlicerError:
+                continue  # the loop ends when the VM stops
+            if first:
+                telemetry.BOOT_SECONDS.labels(group.name).observe(loop.time() - t0)
+                first = False
+            try:
+                await self._configure_guest(node)
+            except SlicerError as e:
+                log.warning("%s: setting up the guest failed: %s", node.hostname, e.message)
+                node.warnings.append(f"guest setup: {e.message}")
+            node.provisioned.set()
+            await node.rebooted.wait()
+            node.rebooted.clear()
+
+    async def _configure_guest(self, node: Node) -> None:
+        agent = node.running_agent()
+        spec = node.record.spec
+        await self._push_secrets(node)
+        keys = list(self.config.ssh_keys) + list(spec.get("ssh_keys") or [])
+        for user in {u for u in (self.config.github_user, spec.get("import_user")) if u}:
+            keys += await self._github_keys(node, user)
+        await agent.call("PUT", "/ssh-keys", json={"keys": keys})
+        if spec.get("userdata"):
+            await agent.call("POST", "/userdata", json={"script": spec["userdata"]})
+
+    async def _github_keys(self, node: Node, user: str) -> list[str]:
+        url = f"{self.config.github_keys_url.rstrip('/')}/{user}.keys"
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                r = await client.get(url)
+                r.raise_for_status()
+        except httpx.HTTPError as e:
+            msg = f"could not fetch SSH keys of {user} from {url}: {e}"
+            log.warning("%s: %s", node.hostname, msg)
+            node.warnings.append(msg)
+            return []
+        return [line for line in r.text.splitlines() if line.strip()]
+
+    async def _push_secrets(self, node: Node) -> None:
+        allowed = node.record.spec.get("secrets") or None
+        await node.running_agent().call("PUT", "/secrets", json=self.secrets.for_guest(allowed))
+
+    async def sync_secrets(self) -> None:
+        """Push the current secrets to every VM whose boot was set up (after each change)."""
+        nodes = [n for n in self.nodes.values() if n.provisioned.is_set()]
+        results = await asyncio.gather(*(self._push_secrets(n) for n in nodes), return_exceptions=True)
+        for node, r in zip(nodes, results, strict=True):
+            if isinstance(r, BaseException):
+                log.warning("%s: secrets not updated: %s", node.hostname, r)
+
+    def secrets_changed(self) -> None:
+        self._spawn(self.sync_secrets())
 
     async def _stop_vm(self, node: Node, graceful: bool) -> None:
         vm = node.vm
@@ -397,6 +482,21 @@ class Manager:
             return await agent.channel.open(target, timeout=15.0)
         except ChannelError as e:
             raise UpstreamUnreachable(f"cannot reach {target} in {hostname}: {e}") from e
+
+    async def node_stats(self, node: Node, timeout: float = 5.0) -> dict:
+        """The node's view plus its meter snapshot, or an ``error`` if the agent does not answer."""
+        view = node.view()
+        try:
+            agent = node.running_agent()
+            view["snapshot"] = await asyncio.wait_for(agent.call("GET", "/stats", timeout=timeout), timeout)
+            node.last_snapshot = view["snapshot"]
+        except (SlicerError, TimeoutError) as e:
+            view["error"] = e.message if isinstance(e, SlicerError) else f"agent did not answer in {timeout:g}s"
+        return view
+
+    async def all_stats(self, timeout: float = 5.0) -> list[dict]:
+        """Every node's stats, gathered concurrently: one slow VM costs its own timeout only."""
+        return list(await asyncio.gather(*(self.node_stats(n, timeout) for n in self.list())))
 
     async def health(self, hostname: str) -> dict:
         node = self.get(hostname)

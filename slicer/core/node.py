@@ -22,6 +22,10 @@ class Node:
         self.agent: AgentClient | None = None
         self.stopping = False  # a stop we asked for: its exit is not a crash
         self.busy = asyncio.Lock()  # serialises lifecycle actions on this node
+        self.last_snapshot: dict | None = None  # the meter's latest, for /metrics
+        self.provisioned = asyncio.Event()  # set once this boot's secrets/keys/userdata are handed over
+        self.rebooted = asyncio.Event()
+        self.warnings: list[str] = []  # e.g. SSH keys that could not be fetched
 
     @property
     def hostname(self) -> str:
@@ -34,8 +38,16 @@ class Node:
     def attach(self, vm: VM) -> None:
         self.vm = vm
         self.agent = AgentClient(Channel(str(vm.spec.channel_socket)))
-        # After a reboot or reset the guest's end of the channel starts over.
-        vm.on_reset = self.agent.channel.disconnect
+        self.provisioned.clear()
+        vm.on_reset = self._on_reset
+
+    def _on_reset(self) -> None:
+        # After a reboot or reset the guest's end of the channel starts over, and what the
+        # host sets up after a boot (secrets on tmpfs, keys) must be set up again.
+        assert self.agent is not None
+        self.agent.channel.disconnect()
+        self.provisioned.clear()
+        self.rebooted.set()
 
     @property
     def status(self) -> str:
@@ -89,4 +101,5 @@ class Node:
             "status": self.status,
             "persistent": r.persistent,
             "kind": r.kind,
+            **({"warnings": self.warnings} if self.warnings else {}),
         }

@@ -1,0 +1,105 @@
+"""What the host sets up in a guest after each boot: secrets, SSH keys, and userdata (once)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import pwd
+import shutil
+import tempfile
+
+from slicer.agent import USERDATA_SENTINEL
+
+SECRETS_DIR = "/run/slicer/secrets"  # on /run: tmpfs, never on the VM's disk
+USERDATA_SCRIPT = "/etc/slicer/userdata"
+USERDATA_LOG = "/var/log/slicer-userdata.log"
+DEFAULT_USER = "ubuntu"
+
+
+def _atomic_write(path: str, data: bytes, mode: int, uid: int, gid: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+        os.fchown(fd, uid, gid)
+        os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def sync_secrets(secrets: dict[str, dict]) -> dict:
+    """Make ``SECRETS_DIR`` hold exactly ``secrets`` (name -> data, permissions, uid, gid)."""
+    os.makedirs(SECRETS_DIR, exist_ok=True)
+    os.chmod("/run/slicer", 0o711)  # owners of secrets must be able to reach them
+    os.chmod(SECRETS_DIR, 0o711)
+    for name, s in secrets.items():
+        if "/" in name or name in (".", ".."):
+            raise ValueError(f"bad secret name {name!r}")
+        _atomic_write(os.path.join(SECRETS_DIR, name), base64.b64decode(s["data"]), int(s["permissions"], 8),
+                      int(s["uid"]), int(s["gid"]))
+    removed = [n for n in os.listdir(SECRETS_DIR) if n not in secrets and not n.startswith(".tmp-")]
+    for name in removed:
+        os.unlink(os.path.join(SECRETS_DIR, name))
+    return {"secrets": sorted(secrets), "removed": sorted(removed)}
+
+
+def install_keys(keys: list[str], user: str = DEFAULT_USER) -> dict:
+    """Write ``authorized_keys`` of ``user`` (the keys the host gathered: config, body, GitHub)."""
+    pw = pwd.getpwnam(user)
+    ssh = os.path.join(pw.pw_dir, ".ssh")
+    os.makedirs(ssh, exist_ok=True)
+    os.chown(ssh, pw.pw_uid, pw.pw_gid)
+    os.chmod(ssh, 0o700)
+    body = "".join(k.strip() + "\n" for k in keys if k.strip())
+    _atomic_write(os.path.join(ssh, "authorized_keys"), body.encode(), 0o600, pw.pw_uid, pw.pw_gid)
+    return {"user": user, "keys": len([k for k in keys if k.strip()])}
+
+
+def userdata_status() -> tuple[bool, int | None]:
+    try:
+        with open(USERDATA_SENTINEL) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return False, None
+    return True, int(text) if text.lstrip("-").isdigit() else 0
+
+
+_running: asyncio.Task | None = None
+
+
+def start_userdata(script: str) -> str:
+    """Run the userdata once, as root, in the background; the sentinel holds its exit code."""
+    global _running
+    if userdata_status()[0]:
+        return "already ran"
+    if _running is not None and not _running.done():
+        return "running"
+    os.makedirs(os.path.dirname(USERDATA_SCRIPT), exist_ok=True)
+    _atomic_write(USERDATA_SCRIPT, script.encode(), 0o700, 0, 0)
+    _running = asyncio.ensure_future(_run_userdata())
+    return "started"
+
+
+async def _run_userdata() -> None:
+    shell = "/bin/bash" if shutil.which("bash") else "/bin/sh"
+    with open(USERDATA_LOG, "ab") as log, open("/dev/console", "wb", buffering=0) as console:
+        console.write(b"slicer-userdata: running\n")
+        proc = await asyncio.create_subprocess_exec(
+            shell, USERDATA_SCRIPT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL, cwd="/root", start_new_session=True,
+            env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"},
+        )
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            log.write(line)
+            console.write(b"slicer-userdata: " + line)  # to the serial log on the host
+        code = await proc.wait()
+        console.write(f"slicer-userdata: exited with {code}\n".encode())
+    _atomic_write(USERDATA_SENTINEL, f"{code}\n".encode(), 0o644, 0, 0)

@@ -1,0 +1,90 @@
+"""``/metrics``: API requests and latency by route, plus the core's VM metrics."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from slicer.core.manager import Manager
+from slicer.core.telemetry import REGISTRY
+
+REQUESTS = Counter("slicer_api_requests_total", "API requests", ["method", "route", "status"], registry=REGISTRY)
+LATENCY = Histogram("slicer_api_request_duration_seconds", "API request duration (to the last byte)",
+                    ["method", "route"], registry=REGISTRY)
+
+
+class MetricsMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware), so streamed responses stay streamed."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        async def capture(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            REQUESTS.labels(scope["method"], route, str(status["code"])).inc()
+            LATENCY.labels(scope["method"], route).observe(time.perf_counter() - start)
+
+
+class NodeCollector:
+    """VMs by group and status, and each VM's latest meter snapshot, read at scrape time."""
+
+    GAUGES = {
+        "loadAvg1": ("slicer_vm_load1", "1-minute load average in the guest"),
+        "memoryUsed": ("slicer_vm_memory_used_bytes", "Guest memory in use"),
+        "totalMemory": ("slicer_vm_memory_total_bytes", "Guest memory"),
+        "diskSpaceUsed": ("slicer_vm_disk_used_bytes", "Root filesystem space used"),
+        "diskSpaceTotal": ("slicer_vm_disk_total_bytes", "Root filesystem size"),
+    }
+    COUNTERS = {
+        "networkReadTotal": ("slicer_vm_network_receive_bytes", "Bytes received by the guest"),
+        "networkWriteTotal": ("slicer_vm_network_transmit_bytes", "Bytes sent by the guest"),
+        "diskReadTotal": ("slicer_vm_disk_read_bytes", "Bytes read from disk by the guest"),
+        "diskWriteTotal": ("slicer_vm_disk_written_bytes", "Bytes written to disk by the guest"),
+    }
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    def collect(self):
+        vms = GaugeMetricFamily("slicer_vms", "VMs by host group and status", labels=["hostgroup", "status"])
+        counts: dict[tuple[str, str], int] = {}
+        for node in self.manager.list():
+            key = (node.record.hostgroup, node.status)
+            counts[key] = counts.get(key, 0) + 1
+        for (group, status), n in sorted(counts.items()):
+            vms.add_metric([group, status], n)
+        yield vms
+        families = {k: GaugeMetricFamily(name, doc, labels=["hostname", "hostgroup"])
+                    for k, (name, doc) in self.GAUGES.items()}
+        families |= {k: CounterMetricFamily(name, doc, labels=["hostname", "hostgroup"])
+                     for k, (name, doc) in self.COUNTERS.items()}
+        for node in self.manager.list():
+            snap = node.last_snapshot
+            if not snap:
+                continue
+            for key, family in families.items():
+                if key in snap:
+                    family.add_metric([node.hostname, node.record.hostgroup], float(snap[key]))
+        yield from families.values()
+
+
+def render_metrics(manager: Manager) -> tuple[bytes, str]:
+    nodes = CollectorRegistry(auto_describe=False)
+    nodes.register(NodeCollector(manager))
+    return generate_latest(REGISTRY) + generate_latest(nodes), CONTENT_TYPE_LATEST

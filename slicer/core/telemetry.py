@@ -1,0 +1,17 @@
+"""Counters the core keeps for Prometheus (rendered by the API at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+BOOT_SECONDS = Histogram(
+    "slicer_vm_boot_seconds", "Seconds from starting QEMU to an answering agent", ["hostgroup"],
+    buckets=(0.5, 1, 2, 4, 6, 8, 10, 15, 20, 30, 60, 120), registry=REGISTRY,
+)
+QEMU_EXITS = Counter(
+    "slicer_qemu_exits_total", "QEMU processes that ended without being asked to (crash: non-zero exit)",
+    ["hostgroup", "kind"], registry=REGISTRY,
+)
+VM_STARTS = Counter("slicer_vm_starts_total", "VMs started", ["hostgroup", "kind"], registry=REGISTRY)
