@@ -166,8 +166,10 @@ def make_app(started: float) -> web.Application:
         action = request.query.get("action", "shutdown")
         if action not in ("shutdown", "reboot"):
             return error(f"unknown action {action!r}", "bad_request", 400)
-        # PID 1 (slicer-init) does the orderly part: SIGUSR2 powers off, SIGTERM reboots.
-        os.kill(1, signal.SIGUSR2 if action == "shutdown" else signal.SIGTERM)
+        # PID 1 (slicer-init) does the orderly part: SIGUSR2 powers off, SIGTERM reboots. It
+        # stops every process, this one too: signal it only once the answer is on its way.
+        sig = signal.SIGUSR2 if action == "shutdown" else signal.SIGTERM
+        asyncio.get_running_loop().call_later(0.3, os.kill, 1, sig)
         return web.json_response({"message": f"{action} started"})
 
     @routes.post("/exec")

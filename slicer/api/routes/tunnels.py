@@ -22,18 +22,34 @@ async def deny(ws: WebSocket, err: SlicerError) -> None:
     await ws.send_denial_response(error_response(err.status, err.message, err.code))
 
 
+async def client_messages(ws: WebSocket):
+    """The client's messages as bytes, until it disconnects."""
+    while True:
+        msg = await ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            return
+        if data := msg.get("bytes") or (msg.get("text") or "").encode():
+            yield data
+
+
+async def until_either(*coros) -> None:
+    """Run both directions of a relay; when one ends, stop the other."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def relay(ws: WebSocket, stream: Stream) -> None:
     """Binary WebSocket messages <-> stream bytes, until either side ends."""
 
     async def ws_to_stream() -> None:
         try:
-            while True:
-                msg = await ws.receive()
-                if msg["type"] == "websocket.disconnect":
-                    break
-                data = msg.get("bytes") or (msg.get("text") or "").encode()
-                if data:
-                    await stream.write(data)
+            async for data in client_messages(ws):
+                await stream.write(data)
         finally:
             with contextlib.suppress(ConnectionError):
                 await stream.close()
@@ -42,13 +58,9 @@ async def relay(ws: WebSocket, stream: Stream) -> None:
         while chunk := await stream.read(65536):
             await ws.send_bytes(chunk)
 
-    tasks = [asyncio.ensure_future(ws_to_stream()), asyncio.ensure_future(stream_to_ws())]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await until_either(ws_to_stream(), stream_to_ws())
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         stream.reset()
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await ws.close()
@@ -86,25 +98,16 @@ async def shell(ws: WebSocket, hostname: str) -> None:
     await ws.accept()
 
     async def client_to_vm() -> None:
-        while True:
-            msg = await ws.receive()
-            if msg["type"] == "websocket.disconnect":
-                return
-            data = msg.get("bytes") or (msg.get("text") or "").encode()
-            if data:
-                await session.send(data)
+        async for data in client_messages(ws):
+            await session.send(data)
 
     async def vm_to_client() -> None:
         while (msg := await session.recv()) is not None:
             await ws.send_bytes(msg)
 
-    tasks = [asyncio.ensure_future(client_to_vm()), asyncio.ensure_future(vm_to_client())]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await until_either(client_to_vm(), vm_to_client())
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         await session.close()
         session.stream.reset()
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):

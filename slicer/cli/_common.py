@@ -1,0 +1,66 @@
+"""What every client command shares: the connection options, output, and errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from slicer.client import APIError, ConnectionFailed, SlicerClient
+
+out = Console()
+err = Console(stderr=True)
+
+Url = Annotated[str | None, typer.Option("--url", envvar="SLICER_URL",
+                                         help="Daemon URL or unix socket path [default: http://127.0.0.1:8080]")]
+Token = Annotated[str | None, typer.Option("--token", envvar="SLICER_TOKEN", help="API token.")]
+TokenFile = Annotated[str | None, typer.Option("--token-file", envvar="SLICER_TOKEN_FILE",
+                                               help="File holding the API token [default: /var/lib/slicer/auth/token]")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def client(url: str | None, token: str | None, token_file: str | None) -> SlicerClient:
+    try:
+        return SlicerClient(url, token=token, token_file=token_file)
+    except OSError as e:
+        fail(f"cannot read the token file: {e}")
+        raise
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def handle(fn):
+    """Run a command body, turning API and connection errors into one clear line and exit 1."""
+    try:
+        return fn()
+    except APIError as e:
+        fail(f"{e.error} ({e.code}, HTTP {e.status})")
+    except ConnectionFailed as e:
+        fail(str(e))
+
+
+def dump(value: Any) -> None:
+    def plain(v: Any) -> Any:
+        if hasattr(v, "model_dump"):
+            return v.model_dump()
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    sys.stdout.write(json.dumps(plain(value), indent=2) + "\n")
+
+
+def table(rows: list[dict], columns: list[str], title: str | None = None) -> None:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c.upper())
+    for row in rows:
+        t.add_row(*(str(row.get(c, "")) if not isinstance(row.get(c), list) else ",".join(row[c]) for c in columns))
+    out.print(t)

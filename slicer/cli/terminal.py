@@ -1,0 +1,123 @@
+"""The interactive parts of the CLI: a raw local terminal for ``vm shell`` and local
+listeners for ``vm forward``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import struct
+import sys
+import termios
+import threading
+import tty
+
+DATA, WINDOW, SHUTDOWN, HEARTBEAT, CLOSE = 1, 2, 3, 4, 5
+
+
+def frame(ftype: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">BI", ftype, len(payload)) + payload
+
+
+def _window() -> bytes:
+    try:
+        cols, rows = os.get_terminal_size(sys.stdout.fileno())
+    except OSError:
+        cols, rows = 80, 24
+    return frame(WINDOW, struct.pack(">II", cols, rows))
+
+
+def run_shell(ws) -> int:
+    """Bridge this terminal to a shell WebSocket; returns the shell's exit status."""
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    code = 0
+    old_winch = signal.getsignal(signal.SIGWINCH)
+    stop = threading.Event()
+
+    def keys() -> None:
+        with contextlib.suppress(Exception):
+            while not stop.is_set() and (data := os.read(fd, 4096)):
+                ws.send(frame(DATA, data))
+
+    def heartbeat() -> None:
+        while not stop.wait(30):
+            with contextlib.suppress(Exception):
+                ws.send(frame(HEARTBEAT))
+
+    try:
+        if saved is not None:
+            tty.setraw(fd, termios.TCSANOW)  # keep typeahead: TCSAFLUSH would drop it
+        ws.send(_window())
+        signal.signal(signal.SIGWINCH, lambda *_: ws.send(_window()))
+        threading.Thread(target=keys, daemon=True).start()
+        threading.Thread(target=heartbeat, daemon=True).start()
+        for msg in ws:
+            if not isinstance(msg, bytes) or len(msg) < 5:
+                continue
+            ftype, payload = msg[0], msg[5:]
+            if ftype == DATA:
+                os.write(sys.stdout.fileno(), payload)
+            elif ftype == CLOSE:
+                code = int(payload or b"0") if payload.strip().lstrip(b"-").isdigit() else 0
+                break
+    except Exception:
+        code = code or 1
+    finally:
+        stop.set()
+        signal.signal(signal.SIGWINCH, old_winch)
+        if saved is not None:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)  # the terminal as we found it
+        with contextlib.suppress(Exception):
+            ws.close()
+    return code
+
+
+def forward_ports(client, hostname: str, specs: list[tuple[str, int, str]]) -> None:
+    """Listen on each (addr, port) and carry every connection to its target in the VM."""
+    from rich.console import Console
+
+    from slicer.client import AsyncSlicerClient
+
+    err = Console(stderr=True)
+    settings = client.settings
+
+    async def serve() -> None:
+        async with AsyncSlicerClient(settings.base_url if not settings.uds else settings.uds,
+                                     token=settings.token) as ac:
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
+                try:
+                    ws = await ac.forward(hostname, target)
+                except Exception as e:
+                    err.print(f"[red]{target}: {e}[/red]")
+                    writer.close()
+                    return
+
+                async def up() -> None:
+                    while data := await reader.read(65536):
+                        await ws.send(data)
+                    await ws.close()
+
+                async def down() -> None:
+                    async for msg in ws:
+                        writer.write(msg if isinstance(msg, bytes) else msg.encode())
+                        await writer.drain()
+
+                tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for t in tasks:
+                    t.cancel()
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await ws.close()
+
+            servers = []
+            for addr, port, target in specs:
+                server = await asyncio.start_server(lambda r, w, t=target: handle(r, w, t), addr, port)
+                servers.append(server)
+                err.print(f"forwarding {addr}:{port} → {hostname} {target} (Ctrl-C to stop)")
+            await asyncio.gather(*(s.serve_forever() for s in servers))
+
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(serve())

@@ -1,0 +1,41 @@
+"""Python SDK for the Slicer API: :class:`SlicerClient` (sync) and :class:`AsyncSlicerClient`.
+
+Both read ``SLICER_URL`` (an http URL or a unix socket path), ``SLICER_TOKEN`` or
+``SLICER_TOKEN_FILE`` (default ``/var/lib/slicer/auth/token``) unless given arguments, and raise
+:class:`APIError` subclasses carrying ``status``, ``error`` and ``code``.
+"""
+
+from slicer.client._async import AsyncSlicerClient
+from slicer.client._errors import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    ConnectionFailed,
+    ForbiddenError,
+    GoneError,
+    NotFoundError,
+    ServerError,
+    SlicerError,
+    WaitTimeoutError,
+)
+from slicer.client._models import (
+    BackgroundExec,
+    CreatedNode,
+    ExecFrame,
+    ExecResult,
+    Health,
+    HostGroup,
+    Info,
+    Node,
+    NodeStats,
+    Secret,
+)
+from slicer.client._sync import SlicerClient
+
+__all__ = [
+    "APIError", "AsyncSlicerClient", "AuthenticationError", "BackgroundExec", "BadRequestError", "ConflictError",
+    "ConnectionFailed", "CreatedNode", "ExecFrame", "ExecResult", "ForbiddenError", "GoneError", "Health",
+    "HostGroup", "Info", "Node", "NodeStats", "NotFoundError", "Secret", "ServerError", "SlicerClient",
+    "SlicerError", "WaitTimeoutError",
+]

@@ -1,0 +1,254 @@
+"""The asynchronous client: the same methods as :class:`SlicerClient`, awaited."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from slicer.client import _models as m
+from slicer.client._base import Call, Calls, Settings, check, exec_params
+from slicer.client._errors import ConnectionFailed, error_for
+from slicer.client._sync import _chunks
+
+CHUNK = 256 * 1024
+Progress = Callable[[int], None]
+
+
+class AsyncSlicerClient:
+    """An asyncio client for one Slicer daemon.
+
+    >>> async with AsyncSlicerClient() as c:
+    ...     vm = await c.create_node("vm", wait="agent")
+    ...     async for frame in c.exec_stream(vm.hostname, "uname -a"):
+    ...         print(frame.stdout, end="")
+    """
+
+    def __init__(self, url: str | None = None, token: str | None = None, token_file: str | None = None,
+                 timeout: float = 60.0) -> None:
+        self.settings = Settings.resolve(url, token, token_file)
+        transport = httpx.AsyncHTTPTransport(uds=self.settings.uds) if self.settings.uds else None
+        self._http = httpx.AsyncClient(base_url=self.settings.base_url, headers=self.settings.headers(),
+                                  transport=transport, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncSlicerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    async def _call(self, call: Call) -> Any:
+        try:
+            resp = await self._http.request(call.method, call.path, params=call.params, json=call.json,
+                                      timeout=call.timeout)
+        except httpx.TransportError as e:
+            raise ConnectionFailed(f"cannot reach the Slicer daemon at {self.settings.base_url}: {e}") from e
+        return call.parse(check(resp))
+
+    async def _stream(self, method: str, path: str, **kw: Any):
+        try:
+            req = self._http.build_request(method, path, timeout=None, **kw)
+            resp = await self._http.send(req, stream=True)
+        except httpx.TransportError as e:
+            raise ConnectionFailed(f"cannot reach the Slicer daemon at {self.settings.base_url}: {e}") from e
+        if resp.status_code >= 300:
+            await resp.aread()
+            await resp.aclose()
+            raise error_for(resp.status_code, resp.content)
+        return resp
+
+    # -- daemon and nodes -------------------------------------------------------------------------
+    async def info(self) -> m.Info:
+        return await self._call(Calls.info())
+
+    async def host_groups(self) -> list[m.HostGroup]:
+        return await self._call(Calls.host_groups())
+
+    async def nodes(self, group: str | None = None, tag: str | None = None,
+                    tag_prefix: str | None = None) -> list[m.Node]:
+        return await self._call(Calls.nodes(group, tag, tag_prefix))
+
+    async def get_node(self, hostname: str) -> m.Node:
+        return await self._call(Calls.get_node(hostname))
+
+    async def create_node(self, group: str, *, wait: str | None = None, timeout: str | None = None,
+                          **fields: Any) -> m.CreatedNode:
+        """Fields as in the API: cpus, ram_bytes, userdata, import_user, ssh_keys, tags, secrets,
+        persistent. ``wait="agent"`` or ``"userdata"`` returns once the VM is ready."""
+        return await self._call(Calls.create_node(group, wait, timeout, **fields))
+
+    async def delete_node(self, group: str, hostname: str) -> dict:
+        return await self._call(Calls.delete_node(group, hostname))
+
+    async def logs(self, hostname: str, lines: int = 20) -> str:
+        return await self._call(Calls.logs(hostname, lines))
+
+    async def health(self, hostname: str) -> m.Health:
+        return await self._call(Calls.health(hostname))
+
+    async def pause(self, hostname: str) -> str:
+        return await self._call(Calls.power(hostname, "pause"))
+
+    async def resume(self, hostname: str) -> str:
+        return await self._call(Calls.power(hostname, "resume"))
+
+    async def shutdown(self, hostname: str, action: str = "shutdown") -> str:
+        return await self._call(Calls.power(hostname, action))
+
+    async def stats(self, hostname: str | None = None) -> m.NodeStats | list[m.NodeStats]:
+        return await self._call(Calls.stats(hostname))
+
+    # -- exec -------------------------------------------------------------------------------------
+    async def exec(self, hostname: str, cmd: str, *, stdin: bytes | None = None, **options: Any) -> m.ExecResult:
+        """Run ``cmd`` and return its whole output (``args``, ``env``, ``uid``, ``gid``, ``cwd``,
+        ``shell``, ``stdio`` as in the API)."""
+        params = exec_params(cmd, **options) + [("buffered", "true")]
+        if stdin is not None:
+            params.append(("stdin", "true"))
+        resp = await self._stream("POST", f"/vm/{hostname}/exec", params=params, content=stdin)
+        try:
+            return m.ExecResult.model_validate(json.loads(await resp.aread()))
+        finally:
+            await resp.aclose()
+
+    async def exec_stream(self, hostname: str, cmd: str, *, stdin: AsyncIterable[bytes] | bytes | None = None,
+                          **options: Any) -> AsyncIterator[m.ExecFrame]:
+        """Frames as the command produces them; the last one has ``type == "exit"``."""
+        params = exec_params(cmd, **options)
+        if stdin is not None:
+            params.append(("stdin", "true"))
+        resp = await self._stream("POST", f"/vm/{hostname}/exec", params=params, content=stdin)
+        try:
+            async for line in resp.aiter_lines():
+                if line:
+                    yield m.ExecFrame.model_validate_json(line)
+        finally:
+            await resp.aclose()
+
+    async def exec_background(self, hostname: str, cmd: str, **options: Any) -> m.BackgroundExec:
+        return await self._call(Calls.exec_background(hostname, exec_params(cmd, **options)))
+
+    async def background_execs(self, hostname: str) -> list[m.BackgroundExec]:
+        return await self._call(Calls.background(hostname, "", "list"))
+
+    async def background_info(self, hostname: str, exec_id: str) -> m.BackgroundExec:
+        return await self._call(Calls.background(hostname, exec_id))
+
+    async def background_logs(self, hostname: str, exec_id: str, follow: bool = False,
+                              from_id: int | None = None) -> AsyncIterator[m.ExecFrame]:
+        params = {"follow": str(follow).lower(), **({"from_id": from_id} if from_id else {})}
+        resp = await self._stream("GET", f"/vm/{hostname}/exec/{exec_id}/logs", params=params)
+        try:
+            async for line in resp.aiter_lines():
+                if line:
+                    yield m.ExecFrame.model_validate_json(line)
+        finally:
+            await resp.aclose()
+
+    async def background_kill(self, hostname: str, exec_id: str, signal: str = "TERM", grace_ms: int = 5000) -> dict:
+        return await self._call(Calls.background(hostname, exec_id, "kill", signal=signal, grace_ms=grace_ms))
+
+    async def background_wait(self, hostname: str, exec_id: str, timeout: int = 30) -> dict:
+        return await self._call(Calls.background(hostname, exec_id, "wait", timeout=timeout))
+
+    async def background_delete(self, hostname: str, exec_id: str) -> dict:
+        return await self._call(Calls.background(hostname, exec_id, "delete"))
+
+    # -- files ------------------------------------------------------------------------------------
+    async def upload(self, hostname: str, source: str | Path | bytes | Iterable[bytes], path: str, *, tar: bool = False,
+               uid: int | None = None, gid: int | None = None, permissions: str | None = None,
+               progress: Progress | None = None) -> dict:
+        """Copy a local file (or bytes, or an iterable of chunks; a tar stream with ``tar=True``)
+        to ``path`` in the VM, streamed."""
+        params = {k: v for k, v in (("path", path), ("uid", uid), ("gid", gid), ("permissions", permissions),
+                                     ("mode", "tar" if tar else "binary")) if v is not None}
+        body = _chunks(source, progress)
+        ctype = "application/x-tar" if tar else "application/octet-stream"
+        resp = await self._stream("POST", f"/vm/{hostname}/cp", params=params, content=_achunks(body),
+                                  headers={"Content-Type": ctype})
+        try:
+            return json.loads(await resp.aread())
+        finally:
+            await resp.aclose()
+
+    async def download(self, hostname: str, path: str, dest: str | Path | None = None, *, tar: bool = False,
+                 progress: Progress | None = None) -> bytes | None:
+        """Copy ``path`` out of the VM into ``dest`` (streamed), or return its bytes."""
+        params = {"path": path, "mode": "tar" if tar else "binary"}
+        resp = await self._stream("GET", f"/vm/{hostname}/cp", params=params)
+        done = 0
+        try:
+            if dest is None:
+                return await resp.aread()
+            with open(dest, "wb") as f:
+                async for chunk in resp.aiter_raw(CHUNK):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done)
+            return None
+        finally:
+            await resp.aclose()
+
+    async def readdir(self, hostname: str, path: str) -> list[dict]:
+        return await self._call(Calls.fs(hostname, "readdir", path))
+
+    async def stat(self, hostname: str, path: str) -> dict:
+        return await self._call(Calls.fs(hostname, "stat", path))
+
+    async def mkdir(self, hostname: str, path: str, recursive: bool = False, mode: str | None = None) -> dict:
+        kw: dict[str, Any] = {"recursive": recursive, **({"mode": mode} if mode else {})}
+        return await self._call(Calls.fs(hostname, "mkdir", path, **kw))
+
+    async def remove(self, hostname: str, path: str, recursive: bool = False) -> dict:
+        return await self._call(Calls.fs(hostname, "remove", path, recursive=recursive))
+
+    # -- secrets ----------------------------------------------------------------------------------
+    async def secrets(self) -> list[m.Secret]:
+        return await self._call(Calls.secrets())
+
+    async def create_secret(self, name: str, data: bytes, permissions: str = "0600", uid: int = 0,
+                            gid: int = 0) -> m.Secret:
+        return await self._call(Calls.create_secret(name, data, permissions, uid, gid))
+
+    async def update_secret(self, name: str, **changes: Any) -> m.Secret:
+        return await self._call(Calls.update_secret(name, **changes))
+
+    async def delete_secret(self, name: str) -> None:
+        await self._call(Calls.delete_secret(name))
+
+    # -- WebSockets -------------------------------------------------------------------------------
+    def shell(self, hostname: str, **query: Any):
+        # returns an awaitable/async context manager: `async with client.shell(h) as ws:`
+        """A ``websockets`` connection speaking Slicer's shell frames (see docs/api.md)."""
+        from urllib.parse import urlencode
+
+        from websockets.asyncio.client import connect, unix_connect
+
+        url = self.settings.ws_url(f"/vm/{hostname}/shell?{urlencode(query)}")
+        if self.settings.uds:
+            return unix_connect(self.settings.uds, url, additional_headers=self.settings.headers())
+        return connect(url, additional_headers=self.settings.headers())
+
+    def forward(self, hostname: str, upstream: str):
+        """A ``websockets`` connection carrying one TCP connection to ``upstream`` in the VM."""
+        from websockets.asyncio.client import connect, unix_connect
+
+        headers = {**self.settings.headers(), "X-Inlets-Upstream": upstream}
+        url = self.settings.ws_url(f"/vm/{hostname}/forward")
+        if self.settings.uds:
+            return unix_connect(self.settings.uds, url, additional_headers=headers, max_size=None)
+        return connect(url, additional_headers=headers, max_size=None)
+
+
+
+async def _achunks(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:  # local file reads: small and quick, no need for a thread
+        yield chunk

@@ -1,0 +1,211 @@
+"""What the sync and async clients share: where the daemon is, the token, and every
+non-streaming call as a plain description (method, path, query, body, how to read the answer)."""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from slicer.client import _models as m
+from slicer.client._errors import error_for
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_TOKEN_FILE = "/var/lib/slicer/auth/token"
+
+
+@dataclass
+class Settings:
+    base_url: str
+    uds: str | None
+    token: str | None
+
+    @classmethod
+    def resolve(cls, url: str | None = None, token: str | None = None, token_file: str | None = None) -> Settings:
+        """Arguments first, then ``SLICER_URL``, ``SLICER_TOKEN``, ``SLICER_TOKEN_FILE``, then the
+        default token file if it is readable. A URL that is a path is a unix socket."""
+        url = url or os.environ.get("SLICER_URL") or DEFAULT_URL
+        uds = None
+        if url.startswith("unix:") or url.startswith("/"):
+            uds, url = url.removeprefix("unix:"), "http://slicer"
+        token = token or os.environ.get("SLICER_TOKEN")
+        if not token:
+            path = token_file or os.environ.get("SLICER_TOKEN_FILE") or DEFAULT_TOKEN_FILE
+            try:
+                token = open(path).read().strip() or None
+            except OSError:
+                if token_file:
+                    raise
+                token = None
+        return cls(url.rstrip("/"), uds, token)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def ws_url(self, path: str) -> str:
+        return self.base_url.replace("http://", "ws://").replace("https://", "wss://") + path
+
+
+def check(resp: httpx.Response) -> httpx.Response:
+    """Raise the SDK's error for a non-2xx answer (the body must have been read)."""
+    if resp.status_code >= 300:
+        raise error_for(resp.status_code, resp.content)
+    return resp
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    params: Any = None
+    json: Any = None
+    parse: Callable[[httpx.Response], Any] = field(default=lambda r: r.json())
+    timeout: float | None = 60.0
+
+
+def _vm(hostname: str) -> str:
+    return f"/vm/{quote(hostname, safe='')}"
+
+
+def _list(model):
+    return lambda r: [model.model_validate(x) for x in r.json()]
+
+
+def _one(model):
+    return lambda r: model.model_validate(r.json())
+
+
+def _text(r: httpx.Response) -> str:
+    return r.text
+
+
+def _none(r: httpx.Response) -> None:
+    return None
+
+
+class Calls:
+    """Every non-streaming operation of the API, described once for both clients."""
+
+    @staticmethod
+    def info() -> Call:
+        return Call("GET", "/info", parse=_one(m.Info))
+
+    @staticmethod
+    def host_groups() -> Call:
+        return Call("GET", "/hostgroup", parse=_list(m.HostGroup))
+
+    @staticmethod
+    def nodes(group: str | None = None, tag: str | None = None, tag_prefix: str | None = None) -> Call:
+        params = {k: v for k, v in (("tag", tag), ("tag_prefix", tag_prefix)) if v is not None}
+        path = f"/hostgroup/{quote(group, safe='')}/nodes" if group else "/nodes"
+        return Call("GET", path, params=params, parse=_list(m.Node))
+
+    @staticmethod
+    def get_node(hostname: str) -> Call:
+        return Call("GET", _vm(hostname), parse=_one(m.Node))
+
+    @staticmethod
+    def create_node(group: str, wait: str | None = None, timeout: str | None = None, **body: Any) -> Call:
+        params = {k: v for k, v in (("wait", wait), ("timeout", timeout)) if v}
+        body = {k: v for k, v in body.items() if v is not None}
+        # the server waits up to `timeout` (default 5m when waiting); give the HTTP call longer
+        return Call("POST", f"/hostgroup/{quote(group, safe='')}/nodes", params=params, json=body,
+                    parse=_one(m.CreatedNode), timeout=None if wait else 120.0)
+
+    @staticmethod
+    def delete_node(group: str, hostname: str) -> Call:
+        return Call("DELETE", f"/hostgroup/{quote(group, safe='')}/nodes/{quote(hostname, safe='')}")
+
+    @staticmethod
+    def logs(hostname: str, lines: int = 20) -> Call:
+        return Call("GET", f"{_vm(hostname)}/logs", params={"lines": lines}, parse=lambda r: r.json()["content"])
+
+    @staticmethod
+    def health(hostname: str) -> Call:
+        return Call("GET", f"{_vm(hostname)}/health", parse=_one(m.Health))
+
+    @staticmethod
+    def power(hostname: str, action: str) -> Call:
+        if action in ("pause", "resume"):
+            return Call("POST", f"{_vm(hostname)}/{action}", parse=_text)
+        return Call("POST", f"{_vm(hostname)}/shutdown", params={"action": action}, parse=_text)
+
+    @staticmethod
+    def stats(hostname: str | None = None) -> Call:
+        if hostname:
+            return Call("GET", f"/node/{quote(hostname, safe='')}/stats", parse=_one(m.NodeStats))
+        return Call("GET", "/nodes/stats", parse=_list(m.NodeStats))
+
+    @staticmethod
+    def exec_buffered(hostname: str, params: list, stdin: bytes | None = None) -> Call:
+        return Call("POST", f"{_vm(hostname)}/exec", params=params + [("buffered", "true")],
+                    parse=_one(m.ExecResult), timeout=None)
+
+    @staticmethod
+    def exec_background(hostname: str, params: list) -> Call:
+        return Call("POST", f"{_vm(hostname)}/exec", params=params + [("background", "true")],
+                    parse=_one(m.BackgroundExec))
+
+    @staticmethod
+    def background(hostname: str, exec_id: str, op: str = "", **params: Any) -> Call:
+        path = f"{_vm(hostname)}/exec" + (f"/{quote(exec_id, safe='')}" if exec_id else "")
+        if op == "list":
+            return Call("GET", path, parse=_list(m.BackgroundExec))
+        if op == "kill":
+            return Call("POST", f"{path}/kill", json={"signal": params.get("signal", "TERM"),
+                                                     "grace_ms": params.get("grace_ms", 5000)})
+        if op == "wait":
+            t = params.get("timeout", 30)
+            return Call("GET", f"{path}/wait-exit", params={"timeout": t}, timeout=t + 30)
+        if op == "delete":
+            return Call("DELETE", path)
+        return Call("GET", path, parse=_one(m.BackgroundExec))
+
+    @staticmethod
+    def fs(hostname: str, op: str, path: str, **kw: Any) -> Call:
+        base = f"{_vm(hostname)}/fs/{op}"
+        if op == "mkdir":
+            return Call("POST", base, json={"path": path, **kw})
+        if op == "remove":
+            return Call("DELETE", base, params={"path": path, "recursive": str(kw.get("recursive", False)).lower()})
+        return Call("GET", base, params={"path": path})
+
+    @staticmethod
+    def secrets() -> Call:
+        return Call("GET", "/secrets", parse=_list(m.Secret))
+
+    @staticmethod
+    def create_secret(name: str, data: bytes, permissions: str = "0600", uid: int = 0, gid: int = 0) -> Call:
+        return Call("POST", "/secrets", json={"name": name, "data": base64.b64encode(data).decode(),
+                                              "permissions": permissions, "uid": uid, "gid": gid},
+                    parse=_one(m.Secret))
+
+    @staticmethod
+    def update_secret(name: str, data: bytes | None = None, permissions: str | None = None,
+                      uid: int | None = None, gid: int | None = None) -> Call:
+        body: dict[str, Any] = {k: v for k, v in (("permissions", permissions), ("uid", uid), ("gid", gid))
+                                if v is not None}
+        if data is not None:
+            body["data"] = base64.b64encode(data).decode()
+        return Call("PATCH", f"/secrets/{quote(name, safe='')}", json=body, parse=_one(m.Secret))
+
+    @staticmethod
+    def delete_secret(name: str) -> Call:
+        return Call("DELETE", f"/secrets/{quote(name, safe='')}", parse=_none)
+
+
+def exec_params(cmd: str, args: list[str] | None = None, env: dict[str, str] | None = None, uid: int | None = None,
+                gid: int | None = None, cwd: str | None = None, shell: str | None = None,
+                stdio: str | None = None) -> list[tuple[str, str]]:
+    params: list[tuple[str, str]] = [("cmd", cmd)]
+    params += [("args", a) for a in args or []]
+    params += [("env", f"{k}={v}") for k, v in (env or {}).items()]
+    for key, value in (("uid", uid), ("gid", gid), ("cwd", cwd), ("shell", shell), ("stdio", stdio)):
+        if value is not None:
+            params.append((key, str(value)))
+    return params

@@ -1,0 +1,263 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from slicer.client import _models as m
+from slicer.client._base import Call, Calls, Settings, check, exec_params
+from slicer.client._errors import ConnectionFailed, error_for
+
+CHUNK = 256 * 1024
+Progress = Callable[[int], None]
+
+
+class SlicerClient:
+    """A client for one Slicer daemon.
+
+    >>> with SlicerClient() as c:                      # SLICER_URL / SLICER_TOKEN or defaults
+    ...     vm = c.create_node("vm", wait="agent")
+    ...     print(c.exec(vm.hostname, "uname -a").stdout)
+    ...     c.delete_node("vm", vm.hostname)
+    """
+
+    def __init__(self, url: str | None = None, token: str | None = None, token_file: str | None = None,
+                 timeout: float = 60.0) -> None:
+        self.settings = Settings.resolve(url, token, token_file)
+        transport = httpx.HTTPTransport(uds=self.settings.uds) if self.settings.uds else None
+        self._http = httpx.Client(base_url=self.settings.base_url, headers=self.settings.headers(),
+                                  transport=transport, timeout=timeout)
+
+    def __enter__(self) -> SlicerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _call(self, call: Call) -> Any:
+        try:
+            resp = self._http.request(call.method, call.path, params=call.params, json=call.json,
+                                      timeout=call.timeout)
+        except httpx.TransportError as e:
+            raise ConnectionFailed(f"cannot reach the Slicer daemon at {self.settings.base_url}: {e}") from e
+        return call.parse(check(resp))
+
+    def _stream(self, method: str, path: str, **kw: Any):
+        try:
+            req = self._http.build_request(method, path, timeout=None, **kw)
+            resp = self._http.send(req, stream=True)
+        except httpx.TransportError as e:
+            raise ConnectionFailed(f"cannot reach the Slicer daemon at {self.settings.base_url}: {e}") from e
+        if resp.status_code >= 300:
+            resp.read()
+            resp.close()
+            raise error_for(resp.status_code, resp.content)
+        return resp
+
+    # -- daemon and nodes -------------------------------------------------------------------------
+    def info(self) -> m.Info:
+        return self._call(Calls.info())
+
+    def host_groups(self) -> list[m.HostGroup]:
+        return self._call(Calls.host_groups())
+
+    def nodes(self, group: str | None = None, tag: str | None = None, tag_prefix: str | None = None) -> list[m.Node]:
+        return self._call(Calls.nodes(group, tag, tag_prefix))
+
+    def get_node(self, hostname: str) -> m.Node:
+        return self._call(Calls.get_node(hostname))
+
+    def create_node(self, group: str, *, wait: str | None = None, timeout: str | None = None,
+                    **fields: Any) -> m.CreatedNode:
+        """Fields as in the API: cpus, ram_bytes, userdata, import_user, ssh_keys, tags, secrets,
+        persistent. ``wait="agent"`` or ``"userdata"`` returns once the VM is ready."""
+        return self._call(Calls.create_node(group, wait, timeout, **fields))
+
+    def delete_node(self, group: str, hostname: str) -> dict:
+        return self._call(Calls.delete_node(group, hostname))
+
+    def logs(self, hostname: str, lines: int = 20) -> str:
+        return self._call(Calls.logs(hostname, lines))
+
+    def health(self, hostname: str) -> m.Health:
+        return self._call(Calls.health(hostname))
+
+    def pause(self, hostname: str) -> str:
+        return self._call(Calls.power(hostname, "pause"))
+
+    def resume(self, hostname: str) -> str:
+        return self._call(Calls.power(hostname, "resume"))
+
+    def shutdown(self, hostname: str, action: str = "shutdown") -> str:
+        return self._call(Calls.power(hostname, action))
+
+    def stats(self, hostname: str | None = None) -> m.NodeStats | list[m.NodeStats]:
+        return self._call(Calls.stats(hostname))
+
+    # -- exec -------------------------------------------------------------------------------------
+    def exec(self, hostname: str, cmd: str, *, stdin: bytes | None = None, **options: Any) -> m.ExecResult:
+        """Run ``cmd`` and return its whole output (``args``, ``env``, ``uid``, ``gid``, ``cwd``,
+        ``shell``, ``stdio`` as in the API)."""
+        params = exec_params(cmd, **options) + [("buffered", "true")]
+        if stdin is not None:
+            params.append(("stdin", "true"))
+        resp = self._stream("POST", f"/vm/{hostname}/exec", params=params, content=stdin)
+        try:
+            return m.ExecResult.model_validate(json.loads(resp.read()))
+        finally:
+            resp.close()
+
+    def exec_stream(self, hostname: str, cmd: str, *, stdin: Iterable[bytes] | bytes | None = None,
+                    **options: Any) -> Iterator[m.ExecFrame]:
+        """Frames as the command produces them; the last one has ``type == "exit"``."""
+        params = exec_params(cmd, **options)
+        if stdin is not None:
+            params.append(("stdin", "true"))
+        resp = self._stream("POST", f"/vm/{hostname}/exec", params=params, content=stdin)
+        try:
+            for line in resp.iter_lines():
+                if line:
+                    yield m.ExecFrame.model_validate_json(line)
+        finally:
+            resp.close()
+
+    def exec_background(self, hostname: str, cmd: str, **options: Any) -> m.BackgroundExec:
+        return self._call(Calls.exec_background(hostname, exec_params(cmd, **options)))
+
+    def background_execs(self, hostname: str) -> list[m.BackgroundExec]:
+        return self._call(Calls.background(hostname, "", "list"))
+
+    def background_info(self, hostname: str, exec_id: str) -> m.BackgroundExec:
+        return self._call(Calls.background(hostname, exec_id))
+
+    def background_logs(self, hostname: str, exec_id: str, follow: bool = False,
+                        from_id: int | None = None) -> Iterator[m.ExecFrame]:
+        params = {"follow": str(follow).lower(), **({"from_id": from_id} if from_id else {})}
+        resp = self._stream("GET", f"/vm/{hostname}/exec/{exec_id}/logs", params=params)
+        try:
+            for line in resp.iter_lines():
+                if line:
+                    yield m.ExecFrame.model_validate_json(line)
+        finally:
+            resp.close()
+
+    def background_kill(self, hostname: str, exec_id: str, signal: str = "TERM", grace_ms: int = 5000) -> dict:
+        return self._call(Calls.background(hostname, exec_id, "kill", signal=signal, grace_ms=grace_ms))
+
+    def background_wait(self, hostname: str, exec_id: str, timeout: int = 30) -> dict:
+        return self._call(Calls.background(hostname, exec_id, "wait", timeout=timeout))
+
+    def background_delete(self, hostname: str, exec_id: str) -> dict:
+        return self._call(Calls.background(hostname, exec_id, "delete"))
+
+    # -- files ------------------------------------------------------------------------------------
+    def upload(self, hostname: str, source: str | Path | bytes | Iterable[bytes], path: str, *, tar: bool = False,
+               uid: int | None = None, gid: int | None = None, permissions: str | None = None,
+               progress: Progress | None = None) -> dict:
+        """Copy a local file (or bytes, or an iterable of chunks; a tar stream with ``tar=True``)
+        to ``path`` in the VM, streamed."""
+        params = {k: v for k, v in (("path", path), ("uid", uid), ("gid", gid), ("permissions", permissions),
+                                     ("mode", "tar" if tar else "binary")) if v is not None}
+        body = _chunks(source, progress)
+        ctype = "application/x-tar" if tar else "application/octet-stream"
+        resp = self._stream("POST", f"/vm/{hostname}/cp", params=params, content=body,
+                            headers={"Content-Type": ctype})
+        try:
+            return json.loads(resp.read())
+        finally:
+            resp.close()
+
+    def download(self, hostname: str, path: str, dest: str | Path | None = None, *, tar: bool = False,
+                 progress: Progress | None = None) -> bytes | None:
+        """Copy ``path`` out of the VM into ``dest`` (streamed), or return its bytes."""
+        params = {"path": path, "mode": "tar" if tar else "binary"}
+        resp = self._stream("GET", f"/vm/{hostname}/cp", params=params)
+        done = 0
+        try:
+            if dest is None:
+                return resp.read()
+            with open(dest, "wb") as f:
+                for chunk in resp.iter_raw(CHUNK):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done)
+            return None
+        finally:
+            resp.close()
+
+    def readdir(self, hostname: str, path: str) -> list[dict]:
+        return self._call(Calls.fs(hostname, "readdir", path))
+
+    def stat(self, hostname: str, path: str) -> dict:
+        return self._call(Calls.fs(hostname, "stat", path))
+
+    def mkdir(self, hostname: str, path: str, recursive: bool = False, mode: str | None = None) -> dict:
+        kw: dict[str, Any] = {"recursive": recursive, **({"mode": mode} if mode else {})}
+        return self._call(Calls.fs(hostname, "mkdir", path, **kw))
+
+    def remove(self, hostname: str, path: str, recursive: bool = False) -> dict:
+        return self._call(Calls.fs(hostname, "remove", path, recursive=recursive))
+
+    # -- secrets ----------------------------------------------------------------------------------
+    def secrets(self) -> list[m.Secret]:
+        return self._call(Calls.secrets())
+
+    def create_secret(self, name: str, data: bytes, permissions: str = "0600", uid: int = 0, gid: int = 0) -> m.Secret:
+        return self._call(Calls.create_secret(name, data, permissions, uid, gid))
+
+    def update_secret(self, name: str, **changes: Any) -> m.Secret:
+        return self._call(Calls.update_secret(name, **changes))
+
+    def delete_secret(self, name: str) -> None:
+        self._call(Calls.delete_secret(name))
+
+    # -- WebSockets -------------------------------------------------------------------------------
+    def shell(self, hostname: str, **query: Any):
+        """A ``websockets`` connection speaking Slicer's shell frames (see docs/api.md)."""
+        from urllib.parse import urlencode
+
+        from websockets.sync.client import connect, unix_connect
+
+        url = self.settings.ws_url(f"/vm/{hostname}/shell?{urlencode(query)}")
+        if self.settings.uds:
+            return unix_connect(self.settings.uds, url, additional_headers=self.settings.headers())
+        return connect(url, additional_headers=self.settings.headers())
+
+    def forward(self, hostname: str, upstream: str):
+        """A ``websockets`` connection carrying one TCP connection to ``upstream`` in the VM."""
+        from websockets.sync.client import connect, unix_connect
+
+        headers = {**self.settings.headers(), "X-Inlets-Upstream": upstream}
+        url = self.settings.ws_url(f"/vm/{hostname}/forward")
+        if self.settings.uds:
+            return unix_connect(self.settings.uds, url, additional_headers=headers, max_size=None)
+        return connect(url, additional_headers=headers, max_size=None)
+
+
+def _chunks(source: str | Path | bytes | Iterable[bytes], progress: Progress | None) -> Iterator[bytes]:
+    done = 0
+    if isinstance(source, bytes):
+        source = [source]
+    if isinstance(source, str | Path):
+        with open(source, "rb") as f:
+            while chunk := f.read(CHUNK):
+                done += len(chunk)
+                if progress:
+                    progress(done)
+                yield chunk
+        return
+    for chunk in source:
+        done += len(chunk)
+        if progress:
+            progress(done)
+        yield chunk

@@ -1,0 +1,150 @@
+"""The `slicer` CLI through subprocess (and a pseudo-terminal for `vm shell`), real daemon and VMs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pty
+import select
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, wait_agent
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def cli(daemon, api):
+    wait_agent(api, "vm-1")
+    env = {**os.environ, "SLICER_URL": daemon.url, "SLICER_TOKEN": daemon.token, "COLUMNS": "200"}
+
+    def run(*args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        p = subprocess.run([sys.executable, "-m", "slicer", *args], env=env, input=input, capture_output=True,
+                           timeout=300)
+        if check:
+            assert p.returncode == 0, (args, p.stdout[-2000:], p.stderr[-2000:])
+        return p
+
+    run.env = env
+    return run
+
+
+def test_help_teaches_with_examples(cli):
+    for cmd in (["--help"], ["vm", "--help"], ["vm", "exec", "--help"], ["vm", "cp", "--help"],
+                ["secret", "create", "--help"]):
+        text = cli(*cmd).stdout.decode()
+        assert "Usage" in text
+    assert "Example" in cli("vm", "add", "--help").stdout.decode()
+
+
+def test_info_list_and_json(cli):
+    info = json.loads(cli("info", "--json").stdout)
+    assert info["version"] and info["accelerator"] in ("tcg", "kvm")
+    nodes = json.loads(cli("vm", "list", "--json").stdout)
+    assert "vm-1" in [n["hostname"] for n in nodes]
+    assert "vm-1" in cli("vm", "list").stdout.decode()
+    assert json.loads(cli("vm", "get", "vm-1", "--json").stdout)["status"] == "Running"
+    assert json.loads(cli("vm", "health", "vm-1", "--json").stdout)["hostname"] == "vm-1"
+    assert "Linux version" in cli("vm", "logs", "vm-1", "-n", "0").stdout.decode()
+    top = json.loads(cli("vm", "top", "--json").stdout)
+    assert any(r["hostname"] == "vm-1" and r.get("snapshot") for r in top)
+    assert "host_groups" in cli("new", "web", "--count", "2").stdout.decode()
+
+
+def test_exec_status_and_streams(cli):
+    p = cli("vm", "exec", "vm-1", "--", "sh", "-c", "echo out; echo err >&2; exit 3", check=False)
+    assert p.returncode == 3 and p.stdout == b"out\n" and p.stderr == b"err\n"
+    p = cli("vm", "exec", "vm-1", "--stdin", "--", "wc", "-c", input=b"12345")
+    assert p.stdout.strip() == b"5"
+    p = cli("vm", "exec", "ghost-9", "--", "true", check=False)
+    assert p.returncode == 1 and b"not found" in p.stderr
+
+
+def test_cp_both_ways_and_directories(cli, tmp_path):
+    data = os.urandom(1_500_000)
+    (tmp_path / "f.bin").write_bytes(data)
+    cli("vm", "cp", str(tmp_path / "f.bin"), "vm-1:/tmp/cli.bin")
+    cli("vm", "cp", "vm-1:/tmp/cli.bin", str(tmp_path / "back.bin"))
+    assert hashlib.sha256((tmp_path / "back.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_text("alpha")
+    (tree / "sub" / "b.txt").write_text("beta")
+    cli("vm", "cp", "-r", str(tree), "vm-1:/tmp/clitree")
+    cli("vm", "cp", "-r", "vm-1:/tmp/clitree", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "clitree" / "sub" / "b.txt").read_text() == "beta"
+    p = cli("vm", "cp", "a", "b", check=False)
+    assert p.returncode != 0
+
+
+def test_add_delete_and_secrets(cli):
+    created = json.loads(cli("vm", "add", "sbx", "--tag", "cli", "--json").stdout)
+    h = created["hostname"]
+    try:
+        assert [n["hostname"] for n in json.loads(cli("vm", "list", "--tag", "cli", "--json").stdout)] == [h]
+        assert cli("vm", "ready", h, "--timeout", "60").returncode == 0
+        cli("vm", "pause", h)
+        assert json.loads(cli("vm", "get", h, "--json").stdout)["status"] == "Paused"
+        cli("vm", "resume", h)
+    finally:
+        cli("vm", "delete", h)
+    cli("secret", "create", "cli-secret", input=b"from-stdin")
+    rows = json.loads(cli("secret", "list", "--json").stdout)
+    assert any(r["name"] == "cli-secret" and r["size"] == 10 for r in rows)
+    cli("secret", "update", "cli-secret", "--value", "changed!")
+    cli("secret", "remove", "cli-secret")
+    assert cli("secret", "remove", "cli-secret", check=False).returncode == 1
+
+
+def test_shell_in_a_pseudo_terminal(cli):
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe(sys.executable, [sys.executable, "-m", "slicer", "vm", "shell", "vm-1"], cli.env)
+    out = b""
+
+    def read_until(marker: bytes, timeout: float = 60) -> None:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while marker not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:
+                    break
+        assert marker in out, out[-500:]
+
+    read_until(b"\x1b[?2004h")  # readline is waiting for input: the session is up
+    os.write(fd, b"echo MARK-$((6*7))\r")
+    read_until(b"MARK-42")
+    os.write(fd, b"exit 5\r")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 5
+
+
+def test_forward_serves_http_from_the_guest(cli):
+    cli("vm", "exec", "vm-1", "--", "sh", "-c", "mkdir -p /tmp/fw && echo fw-ok > /tmp/fw/index.html && cd /tmp/fw "
+        "&& (nohup python3 -m http.server 8766 --bind 127.0.0.1 >/dev/null 2>&1 &)")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "slicer", "vm", "forward", "vm-1", "-L", f"{port}:127.0.0.1:8766"],
+                            env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        body = ""
+        while time.monotonic() < deadline and "fw-ok" not in body:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    pass
+                body = httpx.get(f"http://127.0.0.1:{port}/index.html", timeout=30).text
+            except (OSError, httpx.HTTPError):
+                time.sleep(0.5)
+        assert body == "fw-ok\n"
+    finally:
+        proc.send_signal(2)
+        proc.wait(10)
