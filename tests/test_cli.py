@@ -72,6 +72,8 @@ def test_cp_both_ways_and_directories(cli, tmp_path):
     (tmp_path / "f.bin").write_bytes(data)
     cli("vm", "cp", str(tmp_path / "f.bin"), "vm-1:/tmp/cli.bin")
     cli("vm", "cp", "vm-1:/tmp/cli.bin", str(tmp_path / "back.bin"))
+    cli("vm", "cp", str(tmp_path / "f.bin"), "vm-1:/tmp/")  # into a directory, like cp
+    assert json.loads(cli("vm", "exec", "vm-1", "--", "stat", "-c", "%s", "/tmp/f.bin").stdout) == len(data)
     assert hashlib.sha256((tmp_path / "back.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)

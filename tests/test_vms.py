@@ -69,6 +69,9 @@ def test_info_and_host_groups(api):
     assert groups["vm"] == {"name": "vm", "count": 1, "ram_bytes": 512 << 20, "cpus": 2, "gpu_count": 0,
                             "arch": "x86_64"}
     assert groups["sbx"]["count"] == 0
+    spec = api.get("/openapi.json").json()
+    assert {"/vm/{hostname}/exec", "/hostgroup/{name}/nodes", "/secrets"} <= set(spec["paths"])
+    assert "swagger" in api.get("/docs").text.lower()
 
 
 def test_create_waits_for_agent_and_returns_the_documented_shape(api, sandbox):

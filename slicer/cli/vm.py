@@ -255,6 +255,8 @@ def vm_cp(
             local = Path(src_path)
             if local.is_dir() and not recursive:
                 fail(f"{local} is a directory: use -r")
+            if not recursive and (dst_path.endswith("/") or _remote_is_dir(c, dst_vm, dst_path)):
+                dst_path = dst_path.rstrip("/") + "/" + local.name  # like cp: into the directory
             total = None if recursive else local.stat().st_size
             task = bar.add_task(f"→ {dest}", total=total)
             body = _tar_stream(local) if recursive else local
@@ -269,6 +271,15 @@ def vm_cp(
                 if target.is_dir():
                     target = target / Path(src_path).name
                 handle(lambda: c.download(src_vm, src_path, target, progress=lambda n: bar.update(task, completed=n)))
+
+
+def _remote_is_dir(c, hostname: str, path: str) -> bool:
+    from slicer.client import NotFoundError
+
+    try:
+        return c.stat(hostname, path)["type"] == "directory"
+    except NotFoundError:
+        return False
 
 
 def _tar_stream(directory: Path):

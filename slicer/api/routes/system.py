@@ -12,7 +12,8 @@ public = APIRouter()
 router = APIRouter(dependencies=[Depends(require_auth)])
 
 
-@public.api_route("/healthz", methods=["GET", "HEAD"])
+@public.get("/healthz")
+@public.head("/healthz")
 async def healthz() -> dict:
     return {"status": "ok"}
 

@@ -20,7 +20,8 @@ async def logs(m: Mgr, hostname: str, lines: Annotated[int, Query(ge=0, le=1_000
     return {"hostname": hostname, "lines": lines, "content": m.logs(hostname, lines)}
 
 
-@router.api_route("/health", methods=["GET", "HEAD"], response_model=None)
+@router.get("/health", response_model=None)
+@router.head("/health", response_model=None)
 async def health(m: Mgr, request: Request, hostname: str) -> Response | dict:
     if request.method == "HEAD":
         try:
