@@ -95,8 +95,16 @@ def test_add_delete_and_secrets(cli):
         cli("vm", "pause", h)
         assert json.loads(cli("vm", "get", h, "--json").stdout)["status"] == "Paused"
         cli("vm", "resume", h)
+        cli("vm", "reboot", h)
+        assert cli("vm", "ready", h, "--timeout", "240").returncode == 0
     finally:
         cli("vm", "delete", h)
+    other = json.loads(cli("vm", "add", "sbx", "--json").stdout)["hostname"]
+    cli("vm", "shutdown", other)  # a sandbox that powers off is removed
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and cli("vm", "get", other, check=False).returncode == 0:
+        time.sleep(1)
+    assert cli("vm", "get", other, check=False).returncode == 1
     cli("secret", "create", "cli-secret", input=b"from-stdin")
     rows = json.loads(cli("secret", "list", "--json").stdout)
     assert any(r["name"] == "cli-secret" and r["size"] == 10 for r in rows)

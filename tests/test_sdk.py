@@ -57,6 +57,13 @@ def test_sync_client_covers_the_daily_routes(client, tmp_path):
         client.mkdir(h, "/tmp/sdk/dir", recursive=True)
         assert [e["name"] for e in client.readdir(h, "/tmp/sdk")] == ["dir"]
         client.remove(h, "/tmp/sdk", recursive=True)
+        tree = tmp_path / "tree"
+        (tree / "d").mkdir(parents=True)
+        (tree / "d" / "x.txt").write_text("x-content")
+        client.upload(h, tree, "/tmp/sdktree")
+        client.download(h, "/tmp/sdktree", tmp_path / "got", tar=True)
+        assert (tmp_path / "got" / "sdktree" / "d" / "x.txt").read_text() == "x-content"
+        assert client.wait_ready(h, timeout=30).hostname == h
 
         bg = client.exec_background(h, "echo bg-out; exit 2")
         assert client.background_wait(h, bg.exec_id, timeout=30)["exit_code"] == 2

@@ -259,13 +259,12 @@ def vm_cp(
                 dst_path = dst_path.rstrip("/") + "/" + local.name  # like cp: into the directory
             total = None if recursive else local.stat().st_size
             task = bar.add_task(f"→ {dest}", total=total)
-            body = _tar_stream(local) if recursive else local
-            handle(lambda: c.upload(dst_vm, body, dst_path, tar=recursive, uid=uid, gid=gid, permissions=permissions,
+            handle(lambda: c.upload(dst_vm, local, dst_path, tar=recursive, uid=uid, gid=gid, permissions=permissions,
                                     progress=lambda n: bar.update(task, completed=n)))
         else:
             task = bar.add_task(f"← {source}", total=None)
             if recursive:
-                handle(lambda: _download_tree(c, src_vm, src_path, Path(dst_path)))
+                handle(lambda: c.download(src_vm, src_path, Path(dst_path), tar=True))
             else:
                 target = Path(dst_path)
                 if target.is_dir():
@@ -280,51 +279,6 @@ def _remote_is_dir(c, hostname: str, path: str) -> bool:
         return c.stat(hostname, path)["type"] == "directory"
     except NotFoundError:
         return False
-
-
-def _tar_stream(directory: Path):
-    """A tar of ``directory``'s contents, produced in a thread and read in chunks: never whole."""
-    import tarfile
-    import threading
-
-    r, w = os.pipe()
-
-    def produce() -> None:
-        with os.fdopen(w, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tf:
-            tf.add(directory, arcname=".")
-
-    threading.Thread(target=produce, daemon=True).start()
-    with os.fdopen(r, "rb") as f:
-        while chunk := f.read(256 * 1024):
-            yield chunk
-
-
-def _download_tree(c, hostname: str, path: str, dest: Path) -> None:
-    import tarfile
-
-    dest.mkdir(parents=True, exist_ok=True)
-    resp = c._stream("GET", f"/vm/{hostname}/cp", params={"path": path, "mode": "tar"})
-    try:
-        stream = _RawReader(resp.iter_raw(256 * 1024))
-        with tarfile.open(fileobj=stream, mode="r|") as tf:
-            tf.extractall(dest, filter="data")  # refuses absolute paths, .. and links out
-    finally:
-        resp.close()
-
-
-class _RawReader:
-    def __init__(self, chunks) -> None:
-        self._chunks = chunks
-        self._buf = b""
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            try:
-                self._buf += next(self._chunks)
-            except StopIteration:
-                break
-        data, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
-        return data
 
 
 @vm_app.command("shell")

@@ -12,7 +12,7 @@ import httpx
 from slicer.client import _models as m
 from slicer.client._base import Call, Calls, Settings, check, exec_params
 from slicer.client._errors import ConnectionFailed, error_for
-from slicer.client._sync import _chunks
+from slicer.client._sync import _chunks, tar_stream
 
 CHUNK = 256 * 1024
 Progress = Callable[[int], None]
@@ -166,7 +166,9 @@ class AsyncSlicerClient:
                uid: int | None = None, gid: int | None = None, permissions: str | None = None,
                progress: Progress | None = None) -> dict:
         """Copy a local file (or bytes, or an iterable of chunks; a tar stream with ``tar=True``)
-        to ``path`` in the VM, streamed."""
+        to ``path`` in the VM, streamed. A local directory is sent as a tar of its contents."""
+        if isinstance(source, str | Path) and Path(source).is_dir():
+            source, tar = tar_stream(Path(source)), True
         params = {k: v for k, v in (("path", path), ("uid", uid), ("gid", gid), ("permissions", permissions),
                                      ("mode", "tar" if tar else "binary")) if v is not None}
         body = _chunks(source, progress)
@@ -196,6 +198,26 @@ class AsyncSlicerClient:
             return None
         finally:
             await resp.aclose()
+
+    async def wait_ready(self, hostname: str, userdata: bool = False, timeout: float = 300) -> m.Health:
+        """Poll the agent until it answers (and userdata ran, if asked); WaitTimeoutError after."""
+        import asyncio
+        import time
+
+        from slicer.client._errors import APIError, WaitTimeoutError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                h = await self.health(hostname)
+                if not userdata or h.userdata_ran:
+                    return h
+            except APIError as e:
+                if e.status == 404:
+                    raise
+            if time.monotonic() > deadline:
+                raise WaitTimeoutError(408, f"{hostname} not ready within {timeout:g}s", "timeout")
+            await asyncio.sleep(0.5)
 
     async def readdir(self, hostname: str, path: str) -> list[dict]:
         return await self._call(Calls.fs(hostname, "readdir", path))

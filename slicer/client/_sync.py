@@ -164,7 +164,10 @@ class SlicerClient:
                uid: int | None = None, gid: int | None = None, permissions: str | None = None,
                progress: Progress | None = None) -> dict:
         """Copy a local file (or bytes, or an iterable of chunks; a tar stream with ``tar=True``)
-        to ``path`` in the VM, streamed."""
+        to ``path`` in the VM, streamed. A local directory is sent as a tar of its contents
+        and lands in ``path``."""
+        if isinstance(source, str | Path) and Path(source).is_dir():
+            source, tar = tar_stream(Path(source)), True
         params = {k: v for k, v in (("path", path), ("uid", uid), ("gid", gid), ("permissions", permissions),
                                      ("mode", "tar" if tar else "binary")) if v is not None}
         body = _chunks(source, progress)
@@ -178,13 +181,17 @@ class SlicerClient:
 
     def download(self, hostname: str, path: str, dest: str | Path | None = None, *, tar: bool = False,
                  progress: Progress | None = None) -> bytes | None:
-        """Copy ``path`` out of the VM into ``dest`` (streamed), or return its bytes."""
+        """Copy ``path`` out of the VM into ``dest`` (streamed), or return its bytes. With
+        ``tar=True`` and a ``dest`` directory, the tree is extracted there (safely)."""
         params = {"path": path, "mode": "tar" if tar else "binary"}
         resp = self._stream("GET", f"/vm/{hostname}/cp", params=params)
         done = 0
         try:
             if dest is None:
                 return resp.read()
+            if tar:
+                extract_tar(resp.iter_raw(CHUNK), Path(dest))
+                return None
             with open(dest, "wb") as f:
                 for chunk in resp.iter_raw(CHUNK):
                     f.write(chunk)
@@ -194,6 +201,25 @@ class SlicerClient:
             return None
         finally:
             resp.close()
+
+    def wait_ready(self, hostname: str, userdata: bool = False, timeout: float = 300) -> m.Health:
+        """Poll the agent until it answers (and userdata ran, if asked); WaitTimeoutError after."""
+        import time
+
+        from slicer.client._errors import APIError, WaitTimeoutError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                h = self.health(hostname)
+                if not userdata or h.userdata_ran:
+                    return h
+            except APIError as e:
+                if e.status == 404:
+                    raise
+            if time.monotonic() > deadline:
+                raise WaitTimeoutError(408, f"{hostname} not ready within {timeout:g}s", "timeout")
+            time.sleep(0.5)
 
     def readdir(self, hostname: str, path: str) -> list[dict]:
         return self._call(Calls.fs(hostname, "readdir", path))
@@ -261,3 +287,47 @@ def _chunks(source: str | Path | bytes | Iterable[bytes], progress: Progress | N
         if progress:
             progress(done)
         yield chunk
+
+
+def tar_stream(directory: Path) -> Iterator[bytes]:
+    """A tar of ``directory``'s contents, made in a thread and read in chunks: never whole."""
+    import os
+    import tarfile
+    import threading
+
+    r, w = os.pipe()
+
+    def produce() -> None:
+        with os.fdopen(w, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tf:
+            tf.add(directory, arcname=".")
+
+    threading.Thread(target=produce, daemon=True).start()
+    with os.fdopen(r, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+class _ChunkReader:
+    """A file-like ``read`` over an iterator of chunks (for tarfile's stream mode)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            try:
+                self._buf += next(self._chunks)
+            except StopIteration:
+                break
+        data, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
+        return data
+
+
+def extract_tar(chunks: Iterator[bytes], dest: Path) -> None:
+    """Extract a streamed tar into ``dest``; the ``data`` filter refuses paths and links out."""
+    import tarfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=_ChunkReader(chunks), mode="r|") as tf:
+        tf.extractall(dest, filter="data")
