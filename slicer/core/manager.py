@@ -281,6 +281,7 @@ class Manager:
         vm = node.vm
         assert vm is not None
         code = await vm.wait()
+        node.rebooted.set()  # wakes the provisioner of this VM, which then sees it stopped and ends
         if node.vm is not vm or node.stopping:
             return
         if code == 0:
