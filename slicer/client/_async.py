@@ -125,12 +125,8 @@ class AsyncSlicerClient:
         if stdin is not None:
             params.append(("stdin", "true"))
         resp = await self._stream("POST", f"/vm/{hostname}/exec", params=params, content=stdin)
-        try:
-            async for line in resp.aiter_lines():
-                if line:
-                    yield m.ExecFrame.model_validate_json(line)
-        finally:
-            await resp.aclose()
+        async for frame in _frames(resp):
+            yield frame
 
     async def exec_background(self, hostname: str, cmd: str, **options: Any) -> m.BackgroundExec:
         return await self._call(Calls.exec_background(hostname, exec_params(cmd, **options)))
@@ -145,12 +141,8 @@ class AsyncSlicerClient:
                               from_id: int | None = None) -> AsyncIterator[m.ExecFrame]:
         params = {"follow": str(follow).lower(), **({"from_id": from_id} if from_id else {})}
         resp = await self._stream("GET", f"/vm/{hostname}/exec/{exec_id}/logs", params=params)
-        try:
-            async for line in resp.aiter_lines():
-                if line:
-                    yield m.ExecFrame.model_validate_json(line)
-        finally:
-            await resp.aclose()
+        async for frame in _frames(resp):
+            yield frame
 
     async def background_kill(self, hostname: str, exec_id: str, signal: str = "TERM", grace_ms: int = 5000) -> dict:
         return await self._call(Calls.background(hostname, exec_id, "kill", signal=signal, grace_ms=grace_ms))
@@ -274,3 +266,13 @@ class AsyncSlicerClient:
 async def _achunks(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
     for chunk in chunks:  # local file reads: small and quick, no need for a thread
         yield chunk
+
+
+async def _frames(resp: httpx.Response) -> AsyncIterator[m.ExecFrame]:
+    """NDJSON exec frames of a streamed response, which is closed at the end."""
+    try:
+        async for line in resp.aiter_lines():
+            if line:
+                yield m.ExecFrame.model_validate_json(line)
+    finally:
+        await resp.aclose()

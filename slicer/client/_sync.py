@@ -123,12 +123,7 @@ class SlicerClient:
         if stdin is not None:
             params.append(("stdin", "true"))
         resp = self._stream("POST", f"/vm/{hostname}/exec", params=params, content=stdin)
-        try:
-            for line in resp.iter_lines():
-                if line:
-                    yield m.ExecFrame.model_validate_json(line)
-        finally:
-            resp.close()
+        yield from _frames(resp)
 
     def exec_background(self, hostname: str, cmd: str, **options: Any) -> m.BackgroundExec:
         return self._call(Calls.exec_background(hostname, exec_params(cmd, **options)))
@@ -143,12 +138,7 @@ class SlicerClient:
                         from_id: int | None = None) -> Iterator[m.ExecFrame]:
         params = {"follow": str(follow).lower(), **({"from_id": from_id} if from_id else {})}
         resp = self._stream("GET", f"/vm/{hostname}/exec/{exec_id}/logs", params=params)
-        try:
-            for line in resp.iter_lines():
-                if line:
-                    yield m.ExecFrame.model_validate_json(line)
-        finally:
-            resp.close()
+        yield from _frames(resp)
 
     def background_kill(self, hostname: str, exec_id: str, signal: str = "TERM", grace_ms: int = 5000) -> dict:
         return self._call(Calls.background(hostname, exec_id, "kill", signal=signal, grace_ms=grace_ms))
@@ -331,3 +321,13 @@ def extract_tar(chunks: Iterator[bytes], dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=_ChunkReader(chunks), mode="r|") as tf:
         tf.extractall(dest, filter="data")
+
+
+def _frames(resp: httpx.Response) -> Iterator[m.ExecFrame]:
+    """NDJSON exec frames of a streamed response, which is closed at the end."""
+    try:
+        for line in resp.iter_lines():
+            if line:
+                yield m.ExecFrame.model_validate_json(line)
+    finally:
+        resp.close()
