@@ -6,5 +6,11 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
-    qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio procps ca-certificates openssh-client
-python3 -m pip install -q -e '.[test]'
+    qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio procps ca-certificates openssh-client \
+    python3-pip
+# Debian and Ubuntu mark their system Python as externally managed (PEP 668); this host is ours.
+pip_flags=()
+if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["stdlib"], "EXTERNALLY-MANAGED")))'; then
+    pip_flags+=(--break-system-packages)
+fi
+python3 -m pip install -q "${pip_flags[@]}" -e '.[test]'
