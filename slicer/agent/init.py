@@ -26,6 +26,14 @@ KEY_POWER = 116
 EV_KEY = 1
 INPUT_EVENT = struct.Struct("llHHi")
 
+SSHD = """
+for t in ed25519 ecdsa; do
+    [ -s /etc/ssh/ssh_host_${t}_key ] || ssh-keygen -q -t $t -N '' -f /etc/ssh/ssh_host_${t}_key
+done
+mkdir -p /run/sshd
+exec /usr/sbin/sshd -h /etc/ssh/ssh_host_ed25519_key -h /etc/ssh/ssh_host_ecdsa_key
+"""
+
 _request: str | None = None
 
 
@@ -97,9 +105,13 @@ def power_buttons() -> list[int]:
     return fds
 
 
-def start_agent() -> subprocess.Popen:
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": "/opt/slicer", "HOME": "/root"}
-    return subprocess.Popen([sys.executable, "-m", "slicer.agent"], env=env, start_new_session=True)
+AGENT_PROCESSES = ("slicer.agent", "slicer.agent.server")  # channel demux, HTTP server
+
+
+def start_agent(module: str) -> subprocess.Popen:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": "/opt/slicer", "HOME": "/root",
+           "SLICER_AGENT_STARTED": str(time.monotonic())}
+    return subprocess.Popen([sys.executable, "-m", module], env=env, start_new_session=True)
 
 
 def on_signal(signum: int, _frame: object) -> None:
@@ -163,13 +175,15 @@ def main() -> None:
     signal.set_wakeup_fd(wfd)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the select below
     buttons = power_buttons()
-    agent = start_agent()
-    # Grow the root filesystem to the disk's size (storage_size): online, in the background.
-    subprocess.Popen(["resize2fs", "/dev/vda"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # sshd with host keys of this VM's own (made at its first boot, kept on its disk).
-    subprocess.Popen(["/bin/sh", "-c", "ssh-keygen -A && mkdir -p /run/sshd && exec /usr/sbin/sshd"],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log(f"agent started (pid {agent.pid})")
+    agents = {start_agent(m).pid: m for m in AGENT_PROCESSES}
+    # Background chores, niced so the agent comes up first: grow the root filesystem to the
+    # disk's size (storage_size), and start sshd with host keys of this VM's own, made at its
+    # first boot and kept on its disk (ed25519 and ecdsa: RSA keygen costs seconds under TCG).
+    subprocess.Popen(["nice", "-n", "10", "resize2fs", "/dev/vda"], stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+    subprocess.Popen(["nice", "-n", "10", "/bin/sh", "-c", SSHD], stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+    log(f"agent started (pids {', '.join(map(str, agents))})")
     while _request is None:
         try:
             ready, _, _ = select.select([rfd, *buttons], [], [], 5.0)
@@ -184,10 +198,12 @@ def main() -> None:
                 _, _, etype, code, value = INPUT_EVENT.unpack_from(data, i)
                 if etype == EV_KEY and code == KEY_POWER and value == 1:
                     on_signal(signal.SIGUSR2, None)
-        if agent.pid in reap() and _request is None:
-            log("agent exited; restarting it")
-            time.sleep(0.5)
-            agent = start_agent()
+        for pid in reap():
+            module = agents.pop(pid, None)
+            if module and _request is None:
+                log(f"{module} exited; restarting it")
+                time.sleep(0.5)
+                agents[start_agent(module).pid] = module
     finish(_request)
 
 
