@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -157,21 +156,9 @@ def vm_ready(hostname: str, agent: bool = True, userdata: bool = False, timeout:
              url: Url = None, token: Token = None, token_file: TokenFile = None) -> None:
     """Wait until the agent answers (and userdata ran, with --userdata); exit 1 on timeout.
     Example: [bold]slicer vm ready vm-1 --userdata --timeout 120[/bold]"""
-    from slicer.client import APIError
-
-    deadline = time.monotonic() + timeout
     with client(url, token, token_file) as c, err.status(f"waiting for {hostname}"):
-        while time.monotonic() < deadline:
-            try:
-                h = c.health(hostname)
-                if not userdata or h.userdata_ran:
-                    out.print(f"{hostname} is ready")
-                    return
-            except APIError as e:
-                if e.status == 404:
-                    fail(e.error)
-            time.sleep(0.5)
-    fail(f"{hostname} was not ready within {timeout:g}s")
+        handle(lambda: c.wait_ready(hostname, userdata=userdata, timeout=timeout))
+    out.print(f"{hostname} is ready")
 
 
 @vm_app.command("top")

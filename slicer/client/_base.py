@@ -142,11 +142,6 @@ class Calls:
         return Call("GET", "/nodes/stats", parse=_list(m.NodeStats))
 
     @staticmethod
-    def exec_buffered(hostname: str, params: list, stdin: bytes | None = None) -> Call:
-        return Call("POST", f"{_vm(hostname)}/exec", params=params + [("buffered", "true")],
-                    parse=_one(m.ExecResult), timeout=None)
-
-    @staticmethod
     def exec_background(hostname: str, params: list) -> Call:
         return Call("POST", f"{_vm(hostname)}/exec", params=params + [("background", "true")],
                     parse=_one(m.BackgroundExec))

@@ -76,7 +76,8 @@ class Manager:
     # -- daemon lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Reconcile the record with what exists, then boot the services."""
-        for rec in self.store.all():
+        records = self.store.all()
+        for rec in records:
             if self.driver.kill_stale(self.run_dir(rec.hostname)):
                 log.warning("%s: killed a QEMU left running by an earlier daemon", rec.hostname)
             if rec.kind == "sandbox" and not rec.persistent:
@@ -87,11 +88,11 @@ class Manager:
                 self.nodes[rec.hostname] = Node(rec, self.run_dir(rec.hostname))
         for group in self.config.host_groups:
             for i in range(1, group.count + 1):
-                self._spawn(self._boot_service(group, i))
+                hostname = f"{group.name}-{i}"
+                old = next((r for r in records if r.hostname == hostname and r.kind == "service"), None)
+                self._spawn(self._boot_service(group, hostname, old))
 
-    async def _boot_service(self, group: HostGroup, index: int) -> None:
-        hostname = f"{group.name}-{index}"
-        old = next((r for r in self.store.all() if r.hostname == hostname), None)
+    async def _boot_service(self, group: HostGroup, hostname: str, old: NodeRecord | None) -> None:
         persistent = group.service_persistent
         disk = self.persistent_disk(hostname) if persistent else self.run_dir(hostname) / "disk.qcow2"
         if not persistent:
@@ -500,10 +501,7 @@ class Manager:
         return list(await asyncio.gather(*(self.node_stats(n, timeout) for n in self.list())))
 
     async def health(self, hostname: str) -> dict:
-        node = self.get(hostname)
-        agent = node.running_agent()
-        health = await agent.health(timeout=10.0)
-        return health
+        return await self.agent(hostname).health(timeout=10.0)
 
 
 def _index(hostname: str) -> int:
