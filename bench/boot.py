@@ -38,6 +38,7 @@ config:
     vcpu: {CPUS}
     ram_mb: {RAM_MB}
     storage_size: 2G
+    boot: cold  # this benchmark measures the cold path; bench/start.py compares it with restores
   api:
     bind_address: 127.0.0.1
     port: PORT

@@ -158,3 +158,21 @@ def test_forward_serves_http_from_the_guest(cli):
     finally:
         proc.send_signal(2)
         proc.wait(10)
+
+
+def test_suspend_restore_and_storage(cli, api):
+    r = api.post("/hostgroup/sbx/nodes", params={"wait": "agent"}, json={})
+    assert r.status_code == 201, r.text
+    h = r.json()["hostname"]
+    try:
+        assert "suspended" in cli("vm", "suspend", h).stdout.decode()
+        text = cli("storage").stdout.decode()
+        assert h in text and "Templates" in text and "total:" in text
+        assert "restored" in cli("vm", "restore", h).stdout.decode()
+        assert api.get(f"/vm/{h}").json()["status"] == "Running"
+        again = cli("vm", "restore", h, check=False)
+        assert again.returncode == 1 and b"not_suspended" in again.stderr
+        templates = json.loads(cli("template", "list", "--json").stdout)
+        assert any(t["hostgroup"] == "sbx" and t["clones"] >= 1 for t in templates)
+    finally:
+        api.delete(f"/hostgroup/sbx/nodes/{h}")

@@ -143,3 +143,23 @@ def test_async_client(daemon, api):
                 await c.health("ghost-1")
 
     asyncio.run(main())
+
+
+def test_suspend_restore_relaunch_and_storage(client):
+    vm = client.create_node("sbx", wait="agent")
+    try:
+        assert client.get_node(vm.hostname).boot == "template"
+        client.exec(vm.hostname, "echo 42 > /dev/shm/kept")  # tmpfs: only memory keeps it
+        assert "suspended" in client.suspend(vm.hostname)
+        assert client.get_node(vm.hostname).status == "Suspended"
+        with pytest.raises(ConflictError):
+            client.exec(vm.hostname, "true")
+        usage = client.storage()
+        assert any(n.hostname == vm.hostname and n.state_bytes > 0 for n in usage.nodes)
+        assert usage.templates and usage.total_bytes > 0
+        client.restore(vm.hostname)
+        assert client.exec(vm.hostname, "cat /dev/shm/kept").stdout == "42\n"
+        with pytest.raises(ConflictError):
+            client.relaunch(vm.hostname)
+    finally:
+        client.delete_node("sbx", vm.hostname)

@@ -92,6 +92,18 @@ def set_hostname(name: str) -> None:
         f.write(f"127.0.0.1 localhost\n127.0.1.1 {name}\n::1 localhost ip6-localhost\n")
 
 
+def ensure_machine_id() -> None:
+    """A machine-id of this VM's own, made at its first boot and kept on its disk."""
+    try:
+        with open("/etc/machine-id") as f:
+            if len(f.read().strip()) == 32:
+                return
+    except FileNotFoundError:
+        pass
+    with open("/etc/machine-id", "w") as f:
+        f.write(os.urandom(16).hex() + "\n")
+
+
 def power_buttons() -> list[int]:
     fds = []
     for dev in glob.glob("/sys/class/input/event*"):
@@ -169,6 +181,7 @@ def main() -> None:
     set_hostname(params.get("slicer.hostname", "slicer"))
     link_virtio_ports()
     setup_network(params)
+    ensure_machine_id()
     for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -7,12 +7,13 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import tarfile
 import time
 
 from aiohttp import web
 
-from slicer.agent import AGENT_SOCKET, AGENT_VERSION, background, files, meter, provision, shell, watch
+from slicer.agent import AGENT_SOCKET, AGENT_VERSION, background, files, identity, meter, provision, shell, watch
 from slicer.agent.execute import ExecError, ExecRequest, run_buffered, spawn, stream_frames
 
 STREAM_CHUNK = 65536
@@ -156,6 +157,18 @@ def make_app(started: float) -> web.Application:
         if not isinstance(script, str):
             return error("script is required", "invalid_request", 400)
         return web.json_response({"status": provision.start_userdata(script)})
+
+    @routes.post("/identity")
+    async def reset_identity(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        try:
+            return web.json_response(await asyncio.to_thread(identity.reset, body))
+        except (ValueError, KeyError, TypeError, OSError, subprocess.CalledProcessError) as e:
+            return error(f"cannot reset the identity: {e}", "invalid_request", 400)
+
+    @routes.post("/settle")
+    async def settle(request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(identity.settle))
 
     @routes.get("/stats")
     async def stats(request: web.Request) -> web.Response:

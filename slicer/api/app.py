@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from slicer import __version__
 from slicer.api import errors
-from slicer.api.routes import execute, files, nodes, secrets, stats, system, tunnels, vm
+from slicer.api.routes import execute, files, nodes, secrets, stats, storage, system, tunnels, vm
 from slicer.api.telemetry import MetricsMiddleware
 from slicer.core.manager import Manager
 
@@ -37,5 +37,6 @@ def create_app(manager: Manager, token: str | None, git_commit: str = "unknown")
     app.include_router(files.router)
     app.include_router(stats.router)
     app.include_router(secrets.router)
+    app.include_router(storage.router)
     app.add_middleware(MetricsMiddleware)
     return app

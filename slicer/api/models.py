@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -36,6 +36,8 @@ class CreateNodeRequest(BaseModel):
     tags: list[str] = Field(default_factory=list, max_length=64)
     secrets: list[str] = Field(default_factory=list, max_length=256)
     pci_devices: list[str] = Field(default_factory=list)
+    # "cold" boots the kernel even when the group restores sandboxes from its template.
+    boot: Literal["snapshot", "cold"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> CreateNodeRequest:
@@ -64,6 +66,7 @@ class CreateNodeRequest(BaseModel):
             "tags": self.tags,
             "secrets": self.secrets,
             "protected": self.protected,
+            **({"boot": self.boot} if self.boot else {}),
         }
 
 

@@ -48,6 +48,13 @@ def up(
     ] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     build: Annotated[bool, typer.Option(help="Build the guest image first if it is missing.")] = True,
+    suspend_on_shutdown: Annotated[bool, typer.Option(
+        "--suspend-on-shutdown",
+        help="On stop, save services' memory to disk instead of shutting them down; restore them at the next start.",
+    )] = False,
+    warm: Annotated[bool, typer.Option(
+        "--warm", help="Build each host group's template at start, so even the first sandbox restores in a second.",
+    )] = False,
 ) -> None:
     """Run the daemon: boot the config's VMs and serve the API until Ctrl-C.
 
@@ -58,6 +65,8 @@ def up(
     try:
         text = config.read_text() if config else DEFAULT_CONFIG
         cfg = load_config(text, config.parent if config else None)
+        cfg.suspend_on_shutdown |= suspend_on_shutdown
+        cfg.warm |= warm
     except OSError as e:
         err.print(f"[red]cannot read {config}: {e}[/red]")
         raise typer.Exit(2) from e

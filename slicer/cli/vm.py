@@ -88,6 +88,8 @@ def vm_add(
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag (repeatable).")] = None,
     secrets: Annotated[list[str] | None, typer.Option("--secrets", help="Only these secrets (repeatable).")] = None,
     persistent: bool = False,
+    cold: Annotated[bool, typer.Option("--cold", help="Boot the kernel, not a restore from the group's template.")]
+    = False,
     wait: Annotated[str | None, typer.Option(help="agent or userdata: return once ready.")] = "agent",
     timeout: str = "5m",
     url: Url = None, token: Token = None, token_file: TokenFile = None, json: Json = False,
@@ -97,7 +99,7 @@ def vm_add(
         userdata = userdata_file.read_text()
     fields = {"cpus": cpus, "ram_bytes": int(ram_gb * (1 << 30)) if ram_gb else None, "userdata": userdata,
               "ssh_keys": ssh_key or None, "import_user": import_user, "tags": tag or None, "secrets": secrets or None,
-              "persistent": persistent or None}
+              "persistent": persistent or None, "boot": "cold" if cold else None}
     with client(url, token, token_file) as c, err.status(f"creating a VM in {group}" + (f", waiting for {wait}"
                                                                                           if wait else "")):
         node = handle(lambda: c.create_node(group, wait=wait or None, timeout=timeout, **fields))

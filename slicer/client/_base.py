@@ -136,6 +136,29 @@ class Calls:
         return Call("POST", f"{_vm(hostname)}/shutdown", params={"action": action}, parse=_text)
 
     @staticmethod
+    def suspend(hostname: str) -> Call:
+        return Call("POST", f"{_vm(hostname)}/suspend", parse=_text, timeout=None)
+
+    @staticmethod
+    def restore(hostname: str, wait: str | None = None, timeout: str | None = None) -> Call:
+        params = {k: v for k, v in (("wait", wait), ("timeout", timeout)) if v}
+        return Call("POST", f"{_vm(hostname)}/restore", params=params, parse=_text, timeout=None)
+
+    @staticmethod
+    def relaunch(hostname: str, wait: str | None = None, timeout: str | None = None) -> Call:
+        params = {k: v for k, v in (("wait", wait), ("timeout", timeout)) if v}
+        return Call("POST", f"{_vm(hostname)}/relaunch", params=params, parse=_one(m.CreatedNode), timeout=None)
+
+    @staticmethod
+    def storage() -> Call:
+        return Call("GET", "/storage", parse=_one(m.Storage))
+
+    @staticmethod
+    def build_template(group: str) -> Call:
+        return Call("POST", f"/hostgroup/{quote(group, safe='')}/template", parse=_one(m.TemplateUsage),
+                    timeout=None)
+
+    @staticmethod
     def stats(hostname: str | None = None) -> Call:
         if hostname:
             return Call("GET", f"/node/{quote(hostname, safe='')}/stats", parse=_one(m.NodeStats))

@@ -37,6 +37,7 @@ class Node(_Model):
     tags: list[str] = []
     arch: str = "x86_64"
     status: str = ""
+    boot: str | None = None  # how the running VM started: boot, template or suspend
 
 
 class CreatedNode(_Model):
@@ -95,3 +96,33 @@ class Secret(_Model):
 class NodeStats(Node):
     snapshot: dict | None = None
     error: str | None = None
+
+
+class TemplateUsage(_Model):
+    """A host group's saved, booted VM that sandboxes restore from, and what it takes on disk."""
+
+    name: str
+    hostgroup: str
+    cpus: int = 0
+    ram_bytes: int = 0
+    created_at: str = ""
+    retired: bool = False
+    clones: int = 0
+    state_bytes: int = 0
+    disk_bytes: int = 0
+
+
+class NodeUsage(_Model):
+    hostname: str
+    hostgroup: str = ""
+    status: str = ""
+    template: str | None = None
+    disk: str = ""
+    disk_bytes: int = 0
+    state_bytes: int = 0
+
+
+class Storage(_Model):
+    templates: list[TemplateUsage] = []
+    nodes: list[NodeUsage] = []
+    total_bytes: int = 0

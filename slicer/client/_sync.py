@@ -100,6 +100,26 @@ class SlicerClient:
     def shutdown(self, hostname: str, action: str = "shutdown") -> str:
         return self._call(Calls.power(hostname, action))
 
+    def suspend(self, hostname: str) -> str:
+        """Save the VM's memory and device state to the host's disk and stop it."""
+        return self._call(Calls.suspend(hostname))
+
+    def restore(self, hostname: str, wait: str | None = "agent", timeout: str | None = None) -> str:
+        """Bring a suspended VM back where it was (``wait="agent"``: once its agent answers)."""
+        return self._call(Calls.restore(hostname, wait, timeout))
+
+    def relaunch(self, hostname: str, wait: str | None = "agent", timeout: str | None = None) -> m.CreatedNode:
+        """Boot a shut-down (or crashed) VM again from its disk."""
+        return self._call(Calls.relaunch(hostname, wait, timeout))
+
+    def storage(self) -> m.Storage:
+        """Templates, disks and saved states, with the bytes each takes on the host."""
+        return self._call(Calls.storage())
+
+    def build_template(self, group: str) -> m.TemplateUsage:
+        """Build the host group's template now, if it has no current one."""
+        return self._call(Calls.build_template(group))
+
     def stats(self, hostname: str | None = None) -> m.NodeStats | list[m.NodeStats]:
         return self._call(Calls.stats(hostname))
 

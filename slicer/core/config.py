@@ -85,6 +85,9 @@ class HostGroup(_Strict):
     dns_servers: list[str] = ["8.8.8.8", "1.1.1.1"]
     gpu_count: int = 0
     network: NetworkConfig = NetworkConfig()
+    # "snapshot": sandboxes of the group's size restore from the group's template (a saved,
+    # booted VM) in about a second; "cold": every VM boots its kernel.
+    boot: Literal["snapshot", "cold"] = "snapshot"
 
     @model_validator(mode="after")
     def _check(self) -> HostGroup:
@@ -144,6 +147,9 @@ class Config(_Strict):
     kernel_file: str | None = None
     hypervisor: Literal["qemu", "firecracker", "cloud-hypervisor"] = "qemu"
     graceful_shutdown: bool = True
+    # On stop, save services' memory to disk instead of shutting them down; restore them at start.
+    suspend_on_shutdown: bool = False
+    warm: bool = False  # build the templates of snapshot groups at start, not at the first create
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -1,8 +1,10 @@
 """Node lifecycle: host groups, services and sandboxes, reconciled against the state store.
 
 Services are the VMs of a group's YAML ``count``: started with the daemon, shut down
-gracefully with it, never deleted through the API. Sandboxes are created through the API:
-deleted (process and disk) when asked, when their guest powers off, and when the daemon stops.
+gracefully with it (or suspended, with ``suspend_on_shutdown``), never deleted through the
+API. Sandboxes are created through the API: deleted (process and disk) when asked, when their
+guest powers off, and when the daemon stops. A sandbox of its group's size restores from the
+group's template (see :mod:`slicer.core.templates`) unless it or its group asks to boot cold.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import ipaddress
 import logging
 import re
 import shutil
-from collections import deque
-from datetime import UTC, datetime
+from collections import Counter, deque
 from pathlib import Path
 
 import httpx
@@ -33,11 +34,14 @@ from slicer.core.errors import (
     UpstreamUnreachable,
     WaitTimeout,
 )
+from slicer.core.identity import identity_body
 from slicer.core.node import Node
 from slicer.core.secrets import SecretStore
-from slicer.core.state import NodeRecord, StateStore
+from slicer.core.specs import vm_spec
+from slicer.core.state import NodeRecord, StateStore, now_rfc3339
+from slicer.core.templates import Template, Templates, allocated_bytes
 from slicer.image.build import GuestImage
-from slicer.vmm.base import Driver, VMMError, VMSpec, VMState, VMStateError
+from slicer.vmm.base import Driver, VMMError, VMState, VMStateError
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +49,6 @@ FORWARD_TARGET = re.compile(r"^(unix:/\S{1,200}|([A-Za-z0-9.\-]{1,253}:|\[[0-9a-
 HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 GRACEFUL_TIMEOUT = 30.0
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 class Manager:
@@ -59,6 +59,7 @@ class Manager:
         self.image = image
         self.store = StateStore(data_dir / "state.db")
         self.secrets = SecretStore(data_dir / "secrets")
+        self.templates = Templates(data_dir / "templates", data_dir / "run", driver, image)
         self.nodes: dict[str, Node] = {}
         self._alloc = asyncio.Lock()  # hostname and IP allocation
         self._tasks: set[asyncio.Task] = set()
@@ -72,6 +73,10 @@ class Manager:
 
     def persistent_disk(self, hostname: str) -> Path:
         return self.data_dir / "disks" / f"{hostname}.qcow2"
+
+    def state_file(self, hostname: str) -> Path:
+        """Where a suspended VM's memory and device state is kept."""
+        return self.data_dir / "snapshots" / f"{hostname}.state"
 
     # -- daemon lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -87,12 +92,29 @@ class Manager:
             elif rec.kind == "sandbox":
                 self.nodes[rec.hostname] = Node(rec, self.run_dir(rec.hostname))
         for group in self.config.host_groups:
+            if self.driver.kill_stale(self.templates.spec(group).run_dir):
+                log.warning("%s: killed a template VM left building by an earlier daemon", group.name)
+        self.templates.collect(self.config.host_groups, self._templates_in_use())
+        for group in self.config.host_groups:
             for i in range(1, group.count + 1):
                 hostname = f"{group.name}-{i}"
                 old = next((r for r in records if r.hostname == hostname and r.kind == "service"), None)
                 self._spawn(self._boot_service(group, hostname, old))
+            if self.config.warm and group.boot == "snapshot":
+                self._spawn(self.templates.ensure(group))
 
     async def _boot_service(self, group: HostGroup, hostname: str, old: NodeRecord | None) -> None:
+        if old is not None and old.suspended:
+            node = self.nodes[hostname] = Node(old, self.run_dir(hostname))
+            if old.suspended != "shutdown":
+                return  # suspended through the API: it stays so until restored
+            try:
+                await self._restore(node, group)
+                log.info("%s: service restored from its saved state", hostname)
+                return
+            except SlicerError as e:
+                log.error("%s: could not restore its saved state (%s); booting it", hostname, e.message)
+                self.state_file(hostname).unlink(missing_ok=True)
         persistent = group.service_persistent
         disk = self.persistent_disk(hostname) if persistent else self.run_dir(hostname) / "disk.qcow2"
         if not persistent:
@@ -120,7 +142,10 @@ class Manager:
             task.cancel()
         jobs = []
         for node in list(self.nodes.values()):
-            if node.is_service or node.record.persistent:
+            keep = node.is_service or node.record.persistent
+            if keep and self.config.suspend_on_shutdown and node.is_service and not node.record.suspended:
+                jobs.append(self._suspend_or_stop(node))
+            elif keep:
                 jobs.append(self._stop_vm(node, graceful=self.config.graceful_shutdown))
             else:
                 jobs.append(self._destroy(node))
@@ -202,23 +227,33 @@ class Manager:
             self.store.put(rec)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        # Clones share their template's disk, so persistent VMs (and other sizes) boot cold.
+        cold = persistent or "cold" in (group.boot, spec.get("boot")) or (cpus, ram) != (group.vcpu, group.ram)
         try:
-            await self._launch(node, group)
-            t1 = loop.time()
+            template = None if cold else await self.templates.ensure(group)
+            await self._launch(node, group, template=template)
+            log.info("%s: QEMU up in %.2fs (%s)", hostname, loop.time() - t0, node.boot)
             if wait:
-                await node.wait_ready(timeout, userdata=False)
-                log.info("%s: QEMU up in %.2fs, agent ready %.2fs later", hostname, t1 - t0, loop.time() - t1)
-                left = max(0.1, timeout - (loop.time() - t0))
-                try:
-                    await asyncio.wait_for(node.provisioned.wait(), left)
-                except TimeoutError:
-                    raise WaitTimeout(f"{hostname} was not set up within {timeout:g}s") from None
-                if wait == "userdata":
-                    await node.wait_ready(max(0.1, timeout - (loop.time() - t0)), userdata=True)
+                await self._wait_setup(node, wait, timeout - (loop.time() - t0))
+                log.info("%s: ready %.2fs after the request", hostname, loop.time() - t0)
         except BaseException:
             await self._destroy(node)
             raise
         return node
+
+    async def _wait_setup(self, node: Node, wait: str, timeout: float) -> None:
+        """Wait until the agent answers and this boot's setup is done (and userdata ran)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.1)
+        await node.wait_ready(max(0.1, deadline - loop.time()), userdata=False)
+        try:
+            await asyncio.wait_for(node.provisioned.wait(), max(0.1, deadline - loop.time()))
+        except TimeoutError:
+            raise WaitTimeout(f"{node.hostname} was not set up within {timeout:g}s") from None
+        if node.setup_error:
+            raise SlicerError(f"{node.hostname}: {node.setup_error}", "setup_failed")
+        if wait == "userdata":
+            await node.wait_ready(max(0.1, deadline - loop.time()), userdata=True)
 
     def _used_ips(self) -> set[str]:
         # Across groups: groups may share a subnet, and every VM's address must be unique.
@@ -257,22 +292,43 @@ class Manager:
             return hostname, str(addr)
         return hostname, self._free_ip(group, used_ips)
 
-    async def _launch(self, node: Node, group: HostGroup) -> None:
+    async def _launch(self, node: Node, group: HostGroup, template: Template | None = None,
+                      restore_from: Path | None = None) -> None:
+        """Boot the node's VM; or restore it, from ``template`` (a new clone) or from its own
+        saved state ``restore_from``. A clone whose restore fails boots cold instead."""
         rec = node.record
-        net = group.network.interface
-        spec = VMSpec(
-            name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
-            kernel=self.image.kernel, initrd=self.image.initrd, base_disk=self.image.rootfs,
-            disk=Path(rec.disk), disk_size=group.disk_size, run_dir=node.run_dir,
-            ip_cidr=f"{rec.ip}/{net.network.prefixlen}", gateway=str(net.ip),
-            dns=group.dns_servers, isolated=group.network.mode == "isolated",
-        )
+        spec = vm_spec(self.image, group, name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
+                       ip=rec.ip, disk=Path(rec.disk), run_dir=node.run_dir)
+        boot = "suspend" if restore_from is not None else "boot"
+        if rec.template:  # a clone's memory is mapped from its template's: same machine, same layout
+            spec.memory_file = self.templates.root / rec.template / "ram"
+        if template is not None:
+            spec.base_disk, spec.base_format = template.disk, "qcow2"
+            spec.memory_file = template.ram
+            template.start_console_log(spec.serial_log, rec.hostname)
+            restore_from, boot = template.state, "template"
+            rec.template = template.name
+            self.store.put(rec)
         node.stopping = False
+        vm = None
         try:
-            vm = await self.driver.start(spec)
+            vm = await self.driver.start(spec, restore_from)
+            if vm.state == VMState.PAUSED:
+                await vm.resume()
         except VMMError as e:
-            raise SlicerError(f"{rec.hostname}: could not start the VM: {e}", "vm_start_failed") from e
-        node.attach(vm)
+            if vm is not None:
+                await vm.kill()
+            if template is None:
+                raise SlicerError(f"{rec.hostname}: could not start the VM: {e}", "vm_start_failed") from e
+            self.templates.retire(template, f"restoring {rec.hostname} failed: {e}")
+            log.warning("%s: restore from template %s failed (%s); booting cold", rec.hostname, template.name, e)
+            Path(rec.disk).unlink(missing_ok=True)
+            spec.serial_log.unlink(missing_ok=True)
+            rec.template = ""
+            self.store.put(rec)
+            self.templates.collect(self.config.host_groups, self._templates_in_use())
+            return await self._launch(node, group)
+        node.attach(vm, boot)
         telemetry.VM_STARTS.labels(rec.hostgroup, rec.kind).inc()
         self._spawn(self._watch(node))
         self._spawn(self._provision(node, vm, group))
@@ -304,6 +360,7 @@ class Manager:
                 await node.wait_ready(timeout=600)
             except SlicerError:
                 continue  # the loop ends when the VM stops
+            log.debug("%s: agent answered %.2fs after launch", node.hostname, loop.time() - t0)
             if first:
                 telemetry.BOOT_SECONDS.labels(group.name).observe(loop.time() - t0)
                 first = False
@@ -312,12 +369,23 @@ class Manager:
             except SlicerError as e:
                 log.warning("%s: setting up the guest failed: %s", node.hostname, e.message)
                 node.warnings.append(f"guest setup: {e.message}")
+                if node.identity_pending:  # a clone that is not yet itself must not be used
+                    node.setup_error = f"identity reset after restore failed: {e.message}"
             node.provisioned.set()
             await node.rebooted.wait()
             node.rebooted.clear()
 
     async def _configure_guest(self, node: Node) -> None:
         agent = node.running_agent()
+        if node.identity_pending:
+            assert node.vm is not None
+            t0 = asyncio.get_running_loop().time()
+            body = await identity_body(node, node.vm.spec)
+            t1 = asyncio.get_running_loop().time()
+            await agent.call("POST", "/identity", json=body, timeout=30)
+            node.identity_pending = False
+            log.debug("%s: identity reset (host %.3fs, guest %.3fs)", node.hostname, t1 - t0,
+                     asyncio.get_running_loop().time() - t1)
         spec = node.record.spec
         await self._push_secrets(node)
         keys = list(self.config.ssh_keys) + list(spec.get("ssh_keys") or [])
@@ -381,12 +449,18 @@ class Manager:
         self._remove_files(node.record, disk=remove_disk)
         self.store.delete(node.hostname)
         self.nodes.pop(node.hostname, None)
+        if node.record.template and remove_disk:
+            self.templates.collect(self.config.host_groups, self._templates_in_use())
         return remove_disk
 
     def _remove_files(self, rec: NodeRecord, disk: bool) -> None:
         if disk:
             Path(rec.disk).unlink(missing_ok=True)
+        self.state_file(rec.hostname).unlink(missing_ok=True)
         shutil.rmtree(self.run_dir(rec.hostname), ignore_errors=True)
+
+    def _templates_in_use(self) -> set[str]:
+        return {n.record.template for n in self.nodes.values() if n.record.template}
 
     async def delete(self, group_name: str, hostname: str) -> bool:
         self.group(group_name)
@@ -402,6 +476,108 @@ class Manager:
             )
         async with node.busy:
             return await self._destroy(node)
+
+    # -- suspend / restore / relaunch ------------------------------------------------------------
+    async def suspend(self, hostname: str) -> None:
+        node = self.get(hostname)
+        async with node.busy:
+            await self._save(node, "api")
+
+    async def _save(self, node: Node, why: str) -> None:
+        """Save the VM's memory and device state to its state file and end its process."""
+        vm = node.vm
+        if node.record.suspended:
+            raise Conflict(f"{node.hostname} is already suspended", "suspended")
+        if vm is None or vm.state == VMState.STOPPED:
+            raise Conflict(f"{node.hostname} is not running", "not_running")
+        path = self.state_file(node.hostname)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        node.stopping = True
+        t0 = asyncio.get_running_loop().time()
+        try:
+            await vm.save(path)
+        except VMMError as e:
+            node.stopping = False
+            if isinstance(e, VMStateError):
+                raise Conflict(f"{node.hostname}: {e}", "invalid_state") from e
+            raise SlicerError(f"{node.hostname}: suspend failed: {e}", "suspend_failed") from e
+        node.record.suspended = why
+        self.store.put(node.record)
+        if node.agent is not None:
+            await node.agent.aclose()
+        node.vm = node.agent = None
+        log.info("%s: suspended in %.2fs (%d MiB of state)", node.hostname,
+                 asyncio.get_running_loop().time() - t0, allocated_bytes(path) >> 20)
+
+    async def _suspend_or_stop(self, node: Node) -> None:
+        try:
+            await self._save(node, "shutdown")
+        except SlicerError as e:
+            log.error("%s: not suspended (%s); shutting it down", node.hostname, e.message)
+            await self._stop_vm(node, graceful=self.config.graceful_shutdown)
+
+    async def restore(self, hostname: str, wait: str | None, timeout: float) -> Node:
+        node = self.get(hostname)
+        group = self.group(node.record.hostgroup)
+        async with node.busy:
+            if not node.record.suspended:
+                raise Conflict(f"{hostname} is not suspended", "not_suspended")
+            await self._restore(node, group)
+        if wait:
+            await self._wait_setup(node, wait, timeout)
+        return node
+
+    async def _restore(self, node: Node, group: HostGroup) -> None:
+        path = self.state_file(node.hostname)
+        if not path.exists():
+            raise SlicerError(f"{node.hostname}: its saved state {path} is missing", "state_missing")
+        t0 = asyncio.get_running_loop().time()
+        await self._launch(node, group, restore_from=path)
+        node.record.suspended = ""
+        self.store.put(node.record)
+        path.unlink(missing_ok=True)
+        log.info("%s: restored in %.2fs", node.hostname, asyncio.get_running_loop().time() - t0)
+
+    async def relaunch(self, hostname: str, wait: str | None, timeout: float) -> Node:
+        """Boot a VM that is not running (shut down, crashed or suspended) again from its disk."""
+        node = self.get(hostname)
+        group = self.group(node.record.hostgroup)
+        async with node.busy:
+            if node.vm is not None and node.vm.state != VMState.STOPPED:
+                raise Conflict(f"{hostname} is already running", "running")
+            if node.record.suspended:
+                log.warning("%s: relaunched while suspended: its saved memory is discarded", hostname)
+                self.state_file(hostname).unlink(missing_ok=True)
+                node.record.suspended = ""
+                self.store.put(node.record)
+            await self._launch(node, group)
+        if wait:
+            await self._wait_setup(node, wait, timeout)
+        return node
+
+    def storage(self) -> dict:
+        """What templates, disks and saved states take on the host's disk."""
+        in_use = Counter(n.record.template for n in self.nodes.values() if n.record.template)
+        templates = self.templates.usage(in_use)
+        nodes = [
+            {"hostname": n.hostname, "hostgroup": n.record.hostgroup, "status": n.status,
+             "template": n.record.template or None, "disk": n.record.disk,
+             "disk_bytes": allocated_bytes(Path(n.record.disk)),
+             "state_bytes": allocated_bytes(self.state_file(n.hostname))}
+            for n in self.list()
+        ]
+        total = sum(t["state_bytes"] + t["disk_bytes"] for t in templates)
+        total += sum(n["disk_bytes"] + n["state_bytes"] for n in nodes)
+        return {"templates": templates, "nodes": nodes, "total_bytes": total}
+
+    async def build_template(self, group_name: str) -> dict:
+        """Build the group's template now if it has none that is current."""
+        group = self.group(group_name)
+        tpl = await self.templates.ensure(group, retry=True)
+        if tpl is None:
+            raise SlicerError(f"the template of {group_name} could not be built; see the daemon log",
+                              "template_failed")
+        return next(t for t in self.templates.usage({}) if t["name"] == tpl.name)
 
     # -- actions on a running VM ------------------------------------------------------------------
     async def pause(self, hostname: str) -> None:

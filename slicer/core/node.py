@@ -26,6 +26,12 @@ class Node:
         self.provisioned = asyncio.Event()  # set once this boot's secrets/keys/userdata are handed over
         self.rebooted = asyncio.Event()
         self.warnings: list[str] = []  # e.g. SSH keys that could not be fetched
+        # How the running VM came to be: "boot", "template" (restored from the group's
+        # template) or "suspend" (restored from its own saved state); the last two need the
+        # guest's identity reset before anything else.
+        self.boot = "boot"
+        self.identity_pending = False
+        self.setup_error: str | None = None  # set when this boot's setup failed
 
     @property
     def hostname(self) -> str:
@@ -35,9 +41,12 @@ class Node:
     def is_service(self) -> bool:
         return self.record.kind == "service"
 
-    def attach(self, vm: VM) -> None:
+    def attach(self, vm: VM, boot: str = "boot") -> None:
         self.vm = vm
         self.agent = AgentClient(Channel(str(vm.spec.channel_socket)))
+        self.boot = boot
+        self.identity_pending = boot != "boot"
+        self.setup_error = None
         self.provisioned.clear()
         vm.on_reset = self._on_reset
 
@@ -51,6 +60,8 @@ class Node:
 
     @property
     def status(self) -> str:
+        if self.record.suspended:
+            return "Suspended"
         if self.vm is None:
             return "Stopped"
         state = self.vm.state
@@ -60,6 +71,8 @@ class Node:
 
     def running_agent(self) -> AgentClient:
         """The agent of a VM that can answer now, or a clear error why not."""
+        if self.record.suspended:
+            raise Conflict(f"{self.hostname} is suspended; restore it first", "suspended")
         if self.vm is None or self.agent is None or self.vm.state == VMState.STOPPED:
             raise Conflict(f"{self.hostname} is not running", "not_running")
         if self.vm.state == VMState.PAUSED:
@@ -101,5 +114,6 @@ class Node:
             "status": self.status,
             "persistent": r.persistent,
             "kind": r.kind,
+            **({"boot": self.boot} if self.vm is not None else {}),
             **({"warnings": self.warnings} if self.warnings else {}),
         }

@@ -6,6 +6,7 @@ import json
 import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 SCHEMA = """
@@ -19,9 +20,17 @@ CREATE TABLE IF NOT EXISTS nodes (
     persistent INTEGER NOT NULL,
     created_at TEXT NOT NULL,
     disk       TEXT NOT NULL,
-    spec       TEXT NOT NULL DEFAULT '{}'
+    spec       TEXT NOT NULL DEFAULT '{}',
+    template   TEXT NOT NULL DEFAULT '',
+    suspended  TEXT NOT NULL DEFAULT ''
 );
 """
+# Columns added after the first release: (name, definition), added to older databases at open.
+ADDED_COLUMNS = [("template", "TEXT NOT NULL DEFAULT ''"), ("suspended", "TEXT NOT NULL DEFAULT ''")]
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 @dataclass
@@ -37,6 +46,9 @@ class NodeRecord:
     disk: str
     # What the create request asked for that later stages act on (userdata, keys, tags, …).
     spec: dict = field(default_factory=dict)
+    template: str = ""  # the template whose disk backs this node's disk, if any
+    # "" running or stopped; "api" suspended on request; "shutdown" suspended with the daemon
+    suspended: str = ""
 
     @property
     def tags(self) -> list[str]:
@@ -50,6 +62,10 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(nodes)")}
+        for name, definition in ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE nodes ADD COLUMN {name} {definition}")
         self._lock = threading.Lock()
 
     def put(self, rec: NodeRecord) -> None:
@@ -68,13 +84,13 @@ class StateStore:
     def all(self) -> list[NodeRecord]:
         with self._lock:
             cur = self._db.execute(
-                "SELECT hostname, hostgroup, kind, ip, cpus, ram_bytes, persistent, created_at, disk, spec "
-                "FROM nodes ORDER BY hostgroup, created_at"
+                "SELECT hostname, hostgroup, kind, ip, cpus, ram_bytes, persistent, created_at, disk, spec, "
+                "template, suspended FROM nodes ORDER BY hostgroup, created_at"
             )
             rows = cur.fetchall()
         return [
-            NodeRecord(h, g, k, ip, c, r, bool(p), ca, d, json.loads(s))
-            for h, g, k, ip, c, r, p, ca, d, s in rows
+            NodeRecord(h, g, k, ip, c, r, bool(p), ca, d, json.loads(s), t, su)
+            for h, g, k, ip, c, r, p, ca, d, s, t, su in rows
         ]
 
     def close(self) -> None:

@@ -15,7 +15,13 @@ action         allowed in                   effect
 ``powerdown``  running, paused              asks the guest to power off (ACPI button)
 ``reset``      running, paused              hard reset of the machine
 ``kill``       any but ``stopped``          ends the process at once
+``save``       running, paused              writes memory and device state to a file,
+                                            then ends the process (state ``stopped``)
 =============  ===========================  ==========================================
+
+``Driver.start(spec, restore_from=state)`` starts a VM from a state file written by ``save``
+(same devices and sizes, any overlay whose backing chain holds the saved disk); it returns
+with the VM ``paused`` where it was saved, to be resumed by the caller.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class VMSpec:
     ram_bytes: int
     kernel: Path
     initrd: Path
-    base_disk: Path  # read-only base image
+    base_disk: Path  # read-only base image (or a frozen template disk)
     disk: Path  # this VM's copy-on-write overlay (created by the driver if missing)
     disk_size: int  # bytes, virtual size of the overlay
     run_dir: Path  # sockets, pid file, serial log
@@ -60,6 +66,12 @@ class VMSpec:
     dns: list[str] = field(default_factory=list)
     isolated: bool = False  # no egress from the guest
     kernel_args: list[str] = field(default_factory=list)
+    base_format: str = "raw"  # of base_disk: "raw" for the image, "qcow2" for a template disk
+    # Guest RAM in a file rather than anonymous memory. ``memory_shared``: writes go to the file
+    # (a template's RAM, left out of its saved state); otherwise the file is mapped
+    # copy-on-write (a clone restored from that template shares its pages until it writes).
+    memory_file: Path | None = None
+    memory_shared: bool = False
 
     @property
     def channel_socket(self) -> Path:
@@ -105,6 +117,11 @@ class VM(abc.ABC):
     async def kill(self) -> None: ...
 
     @abc.abstractmethod
+    async def save(self, path: Path) -> None:
+        """Stop the vCPUs, write the VM's memory and device state to ``path`` and end the
+        process. The disk is left as it was at that instant, to be used with the state."""
+
+    @abc.abstractmethod
     async def wait(self) -> int:
         """Wait for the process to end; returns its exit code."""
 
@@ -116,8 +133,14 @@ class Driver(abc.ABC):
     accelerator: str
 
     @abc.abstractmethod
-    async def start(self, spec: VMSpec) -> VM:
-        """Boot a VM; returns once the hypervisor runs it (not when the guest is ready)."""
+    async def start(self, spec: VMSpec, restore_from: Path | None = None) -> VM:
+        """Boot a VM, or restore it from a state file written by :meth:`VM.save`; returns once
+        the hypervisor runs it (booted: not when the guest is ready; restored: paused)."""
+
+    @abc.abstractmethod
+    def fingerprint(self, spec: VMSpec) -> str:
+        """A digest of everything a saved state depends on besides the disk: hypervisor
+        version, accelerator, machine and device configuration, kernel and initrd."""
 
     @abc.abstractmethod
     def kill_stale(self, run_dir: Path) -> bool:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 from pathlib import Path
@@ -18,7 +21,7 @@ from pathlib import Path
 from qemu.qmp import ConnectError, QMPClient
 
 from slicer.channel.yamux import PORT_NAME
-from slicer.vmm.accel import tsc_khz
+from slicer.vmm.accel import qemu_version, tsc_khz
 from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState, VMStateError
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 QEMU_BINARY = "qemu-system-x86_64"
 SERIAL_LOG_MAX = 1024 * 1024  # per file; one rotated file is kept beside it
 SOCKET_WAIT = 15.0
+MIGRATE_TIMEOUT = 120.0
+# QEMU rate-limits migration to 128 MiB/s by default; a state file on local disk needs no limit.
+MIGRATE_BANDWIDTH = 64 << 30
 
 
 class SerialLog:
@@ -75,6 +81,9 @@ def _qemu_failure(run_dir: Path) -> str:
     except OSError:
         text = ""
     return text.splitlines()[-1] if text else "no output"
+
+
+_cached_version = functools.cache(qemu_version)
 
 
 class QemuVM(VM):
@@ -168,6 +177,68 @@ class QemuVM(VM):
     async def reset(self) -> None:
         await self._execute("system_reset", (VMState.RUNNING, VMState.PAUSED))
 
+    async def _ignore_shared_memory(self) -> None:
+        # RAM in a shared file (a template's) is left out of a saved state; a clone maps that
+        # file instead, so its state file holds device state only.
+        if self.spec.memory_file is not None:
+            await self._qmp.execute("migrate-set-capabilities", {
+                "capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+
+    async def load(self, path: Path) -> None:
+        """Restore the state saved in ``path`` (QEMU started with ``-incoming defer``) and wait
+        until it has loaded; the VM is then paused."""
+        try:
+            await self._ignore_shared_memory()
+            await self._qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
+        except Exception as e:
+            raise VMMError(f"restore failed: {e}") from e
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MIGRATE_TIMEOUT
+        while True:
+            if self._proc.returncode is not None:
+                raise VMMError(f"restore failed (QEMU exited {self._proc.returncode})")
+            try:
+                status = await self._qmp.execute("query-status")
+            except Exception as e:
+                raise VMMError(f"restore failed: {e}") from e
+            if status["status"] != "inmigrate":
+                break
+            if loop.time() > deadline:
+                raise VMMError(f"restore did not finish within {MIGRATE_TIMEOUT:g}s")
+            await asyncio.sleep(0.01)
+        self._state = VMState.RUNNING if status.get("running") else VMState.PAUSED
+
+    async def save(self, path: Path) -> None:
+        if self._state not in (VMState.RUNNING, VMState.PAUSED):
+            raise VMStateError(f"cannot save a VM that is {self._state}")
+        was_running = self._state == VMState.RUNNING
+        if was_running:
+            await self.pause()
+        tmp = path.with_name(path.name + ".part")
+        try:
+            await self._qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
+            await self._ignore_shared_memory()
+            await self._qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(tmp))}"})
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + MIGRATE_TIMEOUT
+            while (info := await self._qmp.execute("query-migrate")).get("status") not in (
+                "completed", "failed", "cancelled",
+            ):
+                if loop.time() > deadline:
+                    await self._qmp.execute("migrate_cancel")
+                    raise VMMError(f"saving the state did not finish within {MIGRATE_TIMEOUT:g}s")
+                await asyncio.sleep(0.01)
+            if info["status"] != "completed":
+                raise VMMError(f"saving the state failed: {info.get('error-desc', info['status'])}")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            if was_running and self._proc.returncode is None:
+                with contextlib.suppress(Exception):
+                    await self.resume()
+            raise
+        os.replace(tmp, path)
+        await self.kill()
+
     async def kill(self) -> None:
         if self._proc.returncode is not None:
             return
@@ -198,7 +269,7 @@ class QemuDriver(Driver):
         self.binary = binary
         self.accelerator = accelerator
 
-    def command(self, spec: VMSpec) -> list[str]:
+    def command(self, spec: VMSpec, restore_from: Path | None = None) -> list[str]:
         """The full QEMU command line for ``spec`` (also used by bench/boot.py)."""
         run = spec.run_dir
         args = [
@@ -219,10 +290,20 @@ class QemuDriver(Driver):
         accel = ["-accel", "tcg,thread=multi,tb-size=64", "-cpu", "max"]
         if self.accelerator == "kvm":
             accel = ["-accel", "kvm", "-cpu", "host"]
+        machine = "microvm,acpi=on,pit=off,pic=off,rtc=on"
+        memory = []
+        if spec.memory_file is not None:
+            machine += ",memory-backend=mem"
+            share = "on" if spec.memory_shared else "off"
+            memory = [
+                "-object", f"memory-backend-file,id=mem,size={spec.ram_bytes // (1 << 20)}M,"
+                           f"mem-path={spec.memory_file},share={share}",
+            ]
         return [
             self.binary,
             "-name", spec.name,
-            "-M", "microvm,acpi=on,pit=off,pic=off,rtc=on",
+            "-M", machine,
+            *memory,
             *accel,
             "-smp", str(spec.cpus),
             "-m", f"{spec.ram_bytes // (1 << 20)}M",
@@ -239,12 +320,26 @@ class QemuDriver(Driver):
             "-device", f"virtserialport,chardev=channel0,name={PORT_NAME}",
             "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
             "-pidfile", str(run / "qemu.pid"),
+            *(["-incoming", "defer"] if restore_from else []),  # see QemuVM.load
         ]
+
+    def fingerprint(self, spec: VMSpec) -> str:
+        h = hashlib.sha256(_cached_version(self.binary).encode())
+        h.update(self.accelerator.encode())
+        placeholders = {str(spec.run_dir): "RUN", str(spec.disk): "DISK"}
+        for arg in self.command(spec):
+            for real, mark in placeholders.items():
+                arg = arg.replace(real, mark)
+            h.update(arg.encode() + b"\0")
+        for path in (spec.kernel, spec.initrd, spec.base_disk):
+            st = path.stat()
+            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
 
     async def create_disk(self, spec: VMSpec) -> None:
         spec.disk.parent.mkdir(parents=True, exist_ok=True)
         proc = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(spec.base_disk), "-F", "raw",
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(spec.base_disk), "-F", spec.base_format,
             str(spec.disk), str(spec.disk_size),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )
@@ -252,7 +347,7 @@ class QemuDriver(Driver):
         if proc.returncode:
             raise VMMError(f"qemu-img create failed: {err.decode().strip()}")
 
-    async def start(self, spec: VMSpec) -> QemuVM:
+    async def start(self, spec: VMSpec, restore_from: Path | None = None) -> QemuVM:
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         for name in ("serial.sock", "qmp.sock", "channel.sock"):
             (spec.run_dir / name).unlink(missing_ok=True)
@@ -260,12 +355,14 @@ class QemuDriver(Driver):
             await self.create_disk(spec)
         with open(spec.run_dir / "qemu.log", "wb") as qlog:
             proc = await asyncio.create_subprocess_exec(
-                *self.command(spec), stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
+                *self.command(spec, restore_from), stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
                 start_new_session=True,  # Ctrl-C on the daemon must not kill guests uncleanly
             )
         vm = QemuVM(spec, proc)
         try:
             await vm._attach()
+            if restore_from is not None:
+                await vm.load(restore_from)
         except BaseException as e:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

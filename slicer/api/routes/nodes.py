@@ -9,10 +9,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from slicer.api.deps import manager, require_auth
 from slicer.api.models import CreateNodeRequest, parse_body, parse_duration
 from slicer.core.manager import Manager
+from slicer.core.node import Node
 
 router = APIRouter(dependencies=[Depends(require_auth)])
 Mgr = Annotated[Manager, Depends(manager)]
 DEFAULT_WAIT_TIMEOUT = "5m"
+WaitFor = Annotated[Literal["agent", "userdata"] | None, Query()]
 
 
 @router.get("/hostgroup")
@@ -30,7 +32,7 @@ async def create_node(
     m: Mgr,
     name: str,
     request: Request,
-    wait: Annotated[Literal["agent", "userdata"] | None, Query()] = None,
+    wait: WaitFor = None,
     timeout: str | None = None,
 ) -> dict:
     body = await parse_body(request, CreateNodeRequest)
@@ -39,8 +41,19 @@ async def create_node(
         name, cpus=body.cpus, ram_bytes=body.ram_bytes, persistent=body.persistent,
         hostname=body.hostname, ip=body.ip, spec=body.spec(), wait=wait, timeout=seconds,
     )
+    return created(node)
+
+
+def created(node: Node) -> dict:
+    """Slicer's SlicerCreateNodeResponse."""
     r = node.record
     return {"hostname": r.hostname, "hostgroup": r.hostgroup, "ip": r.ip, "created_at": r.created_at, "arch": "x86_64"}
+
+
+@router.post("/vm/{hostname}/relaunch")
+async def relaunch(m: Mgr, hostname: str, wait: WaitFor = None, timeout: str | None = None) -> dict:
+    """Boot a shut-down (or crashed, or suspended: its memory is discarded) VM from its disk."""
+    return created(await m.relaunch(hostname, wait, parse_duration(timeout or DEFAULT_WAIT_TIMEOUT)))
 
 
 @router.delete("/hostgroup/{name}/nodes/{hostname}")

@@ -1,4 +1,4 @@
-"""Actions on one VM: console logs, agent health, power and pause."""
+"""Actions on one VM: console logs, agent health, power, pause, suspend and restore."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from slicer.api.deps import manager, require_auth
+from slicer.api.models import parse_duration
+from slicer.api.routes.nodes import DEFAULT_WAIT_TIMEOUT, WaitFor
 from slicer.core.errors import SlicerError
 from slicer.core.manager import Manager
 
@@ -48,3 +50,15 @@ async def pause(m: Mgr, hostname: str) -> str:
 async def resume(m: Mgr, hostname: str) -> str:
     await m.resume(hostname)
     return f"{hostname} resumed\n"
+
+
+@router.post("/suspend", response_class=PlainTextResponse)
+async def suspend(m: Mgr, hostname: str) -> str:
+    await m.suspend(hostname)
+    return f"{hostname} suspended\n"
+
+
+@router.post("/restore", response_class=PlainTextResponse)
+async def restore(m: Mgr, hostname: str, wait: WaitFor = None, timeout: str | None = None) -> str:
+    await m.restore(hostname, wait, parse_duration(timeout or DEFAULT_WAIT_TIMEOUT))
+    return f"{hostname} restored\n"

@@ -1,0 +1,217 @@
+"""Per-group templates: one VM booted to a ready agent, saved, and restored for every sandbox.
+
+A template is a directory under ``<data>/templates`` named ``<group>-<key>-<serial>``:
+``ram`` (the guest's memory: clones map it copy-on-write, so a restore reads only what the
+guest touches, and clean pages are shared), ``state`` (device state), ``disk.qcow2`` (the disk
+at that instant, frozen: every clone's overlay is backed by it) and ``meta.json`` (written
+last: a template without it is incomplete). The key digests everything the saved state depends on (hypervisor version,
+accelerator, devices, sizes, kernel, initrd, image), so a change to any of them makes a new
+template. A template whose restore failed is retired (marker file); templates neither current
+nor used by a node's disk are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from slicer.core.config import HostGroup
+from slicer.core.errors import SlicerError
+from slicer.core.node import Node
+from slicer.core.specs import vm_spec
+from slicer.core.state import NodeRecord, now_rfc3339
+from slicer.image.build import GuestImage
+from slicer.vmm.base import Driver, VMMError, VMSpec, VMState
+
+log = logging.getLogger(__name__)
+
+BUILD_TIMEOUT = 300.0
+RETRY_AFTER = 60.0  # after a failed build, creates boot cold for this long before trying again
+
+
+@dataclasses.dataclass
+class Template:
+    path: Path
+    group: str
+    key: str
+    cpus: int
+    ram_bytes: int
+    disk_size: int
+    created_at: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.qcow2"
+
+    @property
+    def ram(self) -> Path:
+        return self.path / "ram"
+
+    def start_console_log(self, path: Path, hostname: str) -> None:
+        """Begin a clone's console log with the template's boot messages and a marker."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as out:
+            with contextlib.suppress(OSError), open(self.path / "console.log", "rb") as boot:
+                shutil.copyfileobj(boot, out)
+            out.write(f"\r\n[slicer] restored from template {self.name} as {hostname}\r\n".encode())
+
+    @property
+    def retired(self) -> bool:
+        return (self.path / "retired").exists()
+
+    def fits(self, cpus: int, ram_bytes: int) -> bool:
+        return (cpus, ram_bytes) == (self.cpus, self.ram_bytes)
+
+    @classmethod
+    def load(cls, path: Path) -> Template | None:
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            return cls(path=path, **meta)
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes a file takes on disk (sparse files and qcow2 overlays are mostly holes)."""
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+class Templates:
+    def __init__(self, root: Path, run_root: Path, driver: Driver, image: GuestImage) -> None:
+        self.root = root
+        self.run_root = run_root
+        self.driver = driver
+        self.image = image
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._failed_at: dict[str, float] = {}
+
+    def spec(self, group: HostGroup) -> VMSpec:
+        """The template VM of ``group``: the group's size, a neutral name and address."""
+        name = f"tpl-{group.name}"
+        ip = str(group.network.interface.network.network_address + 2)
+        building = self.root / f".building-{group.name}"
+        spec = vm_spec(self.image, group, name=name, cpus=group.vcpu, ram_bytes=group.ram, ip=ip,
+                       disk=building / "disk.qcow2", run_dir=self.run_root / name)
+        spec.memory_file, spec.memory_shared = building / "ram", True
+        return spec
+
+    def key(self, group: HostGroup) -> str:
+        digest = hashlib.sha256(self.driver.fingerprint(self.spec(group)).encode())
+        digest.update(f"{group.disk_size}".encode())
+        return digest.hexdigest()[:16]
+
+    def _all(self) -> list[Template]:
+        if not self.root.is_dir():
+            return []
+        found = (Template.load(p) for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted((t for t in found if t is not None), key=lambda t: t.created_at)
+
+    def current(self, group: HostGroup) -> Template | None:
+        key = self.key(group)
+        usable = [t for t in self._all() if t.group == group.name and t.key == key and not t.retired]
+        return usable[-1] if usable else None
+
+    async def ensure(self, group: HostGroup, retry: bool = False) -> Template | None:
+        """The group's current template, built first if needed (one build at a time per
+        group: concurrent creates wait for it). None if it cannot be built right now (a
+        failed build is retried after RETRY_AFTER, or at once with ``retry``)."""
+        lock = self._locks.setdefault(group.name, asyncio.Lock())
+        async with lock:
+            if (tpl := self.current(group)) is not None:
+                return tpl
+            failed = self._failed_at.get(group.name)
+            if not retry and failed is not None and time.monotonic() - failed < RETRY_AFTER:
+                return None
+            try:
+                return await self._build(group)
+            except (SlicerError, VMMError, OSError, TimeoutError) as e:
+                self._failed_at[group.name] = time.monotonic()
+                log.error("template for host group %s could not be built: %s", group.name, e)
+                return None
+
+    async def _build(self, group: HostGroup) -> Template:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        spec = self.spec(group)
+        building = spec.disk.parent
+        shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(spec.run_dir, ignore_errors=True)
+        building.mkdir(parents=True)
+        log.info("host group %s: building its template (a cold boot, then a save)", group.name)
+        vm = await self.driver.start(spec)
+        node = Node(NodeRecord(spec.name, group.name, "sandbox", spec.ip_cidr.split("/")[0], spec.cpus,
+                               spec.ram_bytes, False, now_rfc3339(), str(spec.disk)), spec.run_dir)
+        node.attach(vm)
+        try:
+            await node.wait_ready(BUILD_TIMEOUT)
+            assert node.agent is not None
+            await node.agent.call("POST", "/settle", timeout=BUILD_TIMEOUT)
+            await node.agent.aclose()
+            t1 = loop.time()
+            await vm.save(building / "state")
+            # Its boot messages are every clone's too: they start their console logs with them.
+            shutil.copyfile(spec.serial_log, building / "console.log")
+        finally:
+            if vm.state != VMState.STOPPED:
+                await vm.kill()
+            if node.agent is not None:
+                with contextlib.suppress(Exception):
+                    await node.agent.aclose()
+            shutil.rmtree(spec.run_dir, ignore_errors=True)
+        key = self.key(group)
+        meta = {"group": group.name, "key": key, "cpus": spec.cpus, "ram_bytes": spec.ram_bytes,
+                "disk_size": spec.disk_size, "created_at": now_rfc3339()}
+        (building / "meta.json").write_text(json.dumps(meta))
+        final = self.root / f"{group.name}-{key}-{time.time_ns() // 1_000_000}"
+        building.rename(final)
+        tpl = Template(path=final, **meta)
+        log.info("host group %s: template %s built: boot %.1fs, save %.1fs, memory %d MiB",
+                 group.name, tpl.name, t1 - t0, loop.time() - t1, allocated_bytes(tpl.ram) >> 20)
+        return tpl
+
+    def retire(self, tpl: Template, why: str) -> None:
+        """Stop using ``tpl`` (its disk stays while clones use it); the next create rebuilds."""
+        log.warning("template %s retired: %s", tpl.name, why)
+        with contextlib.suppress(OSError):
+            (tpl.path / "retired").write_text(why + "\n")
+
+    def collect(self, groups: list[HostGroup], in_use: set[str]) -> list[str]:
+        """Remove templates that are retired, stale or superseded and back no node's disk."""
+        keep = {g.name: (self.current(g) or None) for g in groups}
+        removed = []
+        for tpl in self._all():
+            current = keep.get(tpl.group)
+            if tpl.name in in_use or (current is not None and current.path == tpl.path):
+                continue
+            shutil.rmtree(tpl.path, ignore_errors=True)
+            removed.append(tpl.name)
+        if removed:
+            log.info("removed unused templates: %s", ", ".join(removed))
+        return removed
+
+    def usage(self, in_use: dict[str, int]) -> list[dict]:
+        """Every template with the bytes its files take and how many nodes' disks use it."""
+        return [
+            {"name": t.name, "hostgroup": t.group, "cpus": t.cpus, "ram_bytes": t.ram_bytes,
+             "created_at": t.created_at, "retired": t.retired, "clones": in_use.get(t.name, 0),
+             "state_bytes": allocated_bytes(t.state) + allocated_bytes(t.ram), "disk_bytes": allocated_bytes(t.disk)}
+            for t in self._all()
+        ]
