@@ -51,6 +51,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_daemon(work: Path, config: str) -> tuple[subprocess.Popen, httpx.Client]:
+    """``slicer up`` on ``config`` (``PORT`` replaced) in ``work``; returns once it answers."""
+    port = free_port()
+    (work / "config.yaml").write_text(config.replace("PORT", str(port)))
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "slicer", "up", str(work / "config.yaml"), "--data-dir", str(work), "--no-build"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=900)
+    for _ in range(600):
+        try:
+            if client.get("/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return daemon, client
+
+
 def bare_boot(driver: QemuDriver, image, work: Path, n: int) -> float:
     """Seconds from exec of QEMU to the guest agent's first byte on the channel."""
     run = work / f"bare-{n}"
@@ -93,22 +111,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="slb-", dir="/tmp") as tmp:
         work = Path(tmp)
         (work / "images").symlink_to(IMAGES / "images")
-        port = free_port()
-        (work / "config.yaml").write_text(CONFIG.replace("PORT", str(port)))
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "slicer", "up", str(work / "config.yaml"), "--data-dir", str(work), "--no-build"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
         api_times: list[float] = []
         bare_times: list[float] = []
+        daemon, client = start_daemon(work, CONFIG)
         try:
-            client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
-            for _ in range(600):
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
             for n in range(args.runs):
                 bare_times.append(bare_boot(driver, image, work, n))
                 t = time.monotonic()

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from boot import start_daemon  # noqa: E402
 
 IMAGES = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer"))
 CONFIG = """
@@ -34,14 +35,8 @@ config:
     storage_size: 2G
   api:
     bind_address: 127.0.0.1
-    port: {port}
+    port: PORT
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def create(client: httpx.Client, cold: bool) -> tuple[str, float]:
@@ -76,21 +71,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="slb-", dir="/tmp") as tmp:
         work = Path(tmp)
         (work / "images").symlink_to(IMAGES / "images")
-        port = free_port()
-        (work / "config.yaml").write_text(CONFIG.format(cpus=args.cpus, ram_mb=args.ram_mb, port=port))
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "slicer", "up", str(work / "config.yaml"), "--data-dir", str(work), "--no-build"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
         results: dict = {"cpus": args.cpus, "ram_mb": args.ram_mb}
+        daemon, client = start_daemon(work, CONFIG.format(cpus=args.cpus, ram_mb=args.ram_mb))
         try:
-            client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=900)
-            for _ in range(600):
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
             t = time.monotonic()
             client.post("/hostgroup/bench/template").raise_for_status()
             results["template_build_s"] = round(time.monotonic() - t, 3)

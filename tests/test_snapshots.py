@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -174,9 +176,8 @@ def _templates(api: httpx.Client) -> list[dict]:
     return [t for t in api.get("/storage").json()["templates"] if t["hostgroup"] == "box"]
 
 
-def test_templates_follow_the_image_and_a_failed_restore_boots_cold(guest_image, tmp_path):
-    data = tmp_path / "d"
-    data.mkdir()
+def test_templates_follow_the_image_and_a_failed_restore_boots_cold(guest_image):
+    data = Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp"))  # short: socket paths have a limit
     _own_image(data, "image-a")
     d = Daemon(OWN_CONFIG, data_dir=data).start()
     try:
@@ -215,19 +216,17 @@ def test_templates_follow_the_image_and_a_failed_restore_boots_cold(guest_image,
         d.cleanup()
 
 
-def test_suspend_on_shutdown_brings_services_back_where_they_were(guest_image, tmp_path):
-    data = tmp_path / "d"
-    data.mkdir()
-    (data / "images").symlink_to(IMAGE_DATA_DIR / "images")
-    d = Daemon(OWN_CONFIG.replace("api:", "suspend_on_shutdown: true\n  api:"), data_dir=data).start()
+def test_suspend_on_shutdown_brings_services_back_where_they_were(guest_image):
+    d = Daemon(OWN_CONFIG.replace("api:", "suspend_on_shutdown: true\n  api:")).start()
+    data = d.data_dir
     try:
         api = d.client()
         wait_agent(api, "svc-1")
+        sandbox = create(api, "box")
+        api.post(f"/vm/{sandbox}/suspend").raise_for_status()
         api.post("/vm/svc-1/exec", params={"cmd": COUNTER, "background": "true"}).raise_for_status()
         time.sleep(1.5)
         before = int(run(api, "svc-1", "cat /tmp/counter"))
-        sandbox = create(api, "box")
-        api.post(f"/vm/{sandbox}/suspend").raise_for_status()
 
         assert d.stop(signal.SIGTERM) == 0
         assert (data / "snapshots" / "svc-1.state").exists(), "the service was suspended"

@@ -15,3 +15,7 @@ QEMU_EXITS = Counter(
     ["hostgroup", "kind"], registry=REGISTRY,
 )
 VM_STARTS = Counter("slicer_vm_starts_total", "VMs started", ["hostgroup", "kind"], registry=REGISTRY)
+RESTORES = Counter(
+    "slicer_vm_restores_total", "VMs restored from a saved state: a template (source=template) or their own",
+    ["hostgroup", "source", "result"], registry=REGISTRY,
+)

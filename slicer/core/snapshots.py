@@ -1,0 +1,143 @@
+"""Suspend, restore and relaunch of one VM, templates on demand, and disk accounting.
+
+A part of :class:`slicer.core.manager.Manager`, kept apart to keep each module small: it uses
+the manager's nodes, store, templates and launch/wait steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slicer.core.errors import Conflict, SlicerError
+from slicer.core.node import Node
+from slicer.core.templates import allocated_bytes
+from slicer.vmm.base import VMMError, VMState, VMStateError
+
+if TYPE_CHECKING:
+    from slicer.core.config import Config, HostGroup
+    from slicer.core.state import StateStore
+    from slicer.core.templates import Template, Templates
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotActions:
+    config: Config
+    nodes: dict[str, Node]
+    store: StateStore
+    templates: Templates
+
+    # provided by Manager
+    def get(self, hostname: str) -> Node: ...
+    def group(self, name: str) -> HostGroup: ...
+    def list(self) -> list[Node]: ...
+    def state_file(self, hostname: str) -> Path: ...
+    async def _launch(self, node: Node, group: HostGroup, template: Template | None = None,
+                      restore_from: Path | None = None) -> None: ...
+    async def _wait_setup(self, node: Node, wait: str, timeout: float) -> None: ...
+    async def _stop_vm(self, node: Node, graceful: bool) -> None: ...
+
+    async def suspend(self, hostname: str) -> None:
+        node = self.get(hostname)
+        async with node.busy:
+            await self._save(node, "api")
+
+    async def _save(self, node: Node, why: str) -> None:
+        """Save the VM's memory and device state to its state file and end its process."""
+        vm = node.vm
+        if node.record.suspended:
+            raise Conflict(f"{node.hostname} is already suspended", "suspended")
+        if vm is None or vm.state == VMState.STOPPED:
+            raise Conflict(f"{node.hostname} is not running", "not_running")
+        path = self.state_file(node.hostname)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        node.stopping = True
+        t0 = asyncio.get_running_loop().time()
+        try:
+            await vm.save(path)
+        except VMMError as e:
+            node.stopping = False
+            if isinstance(e, VMStateError):
+                raise Conflict(f"{node.hostname}: {e}", "invalid_state") from e
+            raise SlicerError(f"{node.hostname}: suspend failed: {e}", "suspend_failed") from e
+        node.record.suspended = why
+        self.store.put(node.record)
+        if node.agent is not None:
+            await node.agent.aclose()
+        node.vm = node.agent = None
+        log.info("%s: suspended in %.2fs (%d MiB of state)", node.hostname,
+                 asyncio.get_running_loop().time() - t0, allocated_bytes(path) >> 20)
+
+    async def _suspend_or_stop(self, node: Node) -> None:
+        try:
+            await self._save(node, "shutdown")
+        except SlicerError as e:
+            log.error("%s: not suspended (%s); shutting it down", node.hostname, e.message)
+            await self._stop_vm(node, graceful=self.config.graceful_shutdown)
+
+    async def restore(self, hostname: str, wait: str | None, timeout: float) -> Node:
+        node = self.get(hostname)
+        group = self.group(node.record.hostgroup)
+        async with node.busy:
+            if not node.record.suspended:
+                raise Conflict(f"{hostname} is not suspended", "not_suspended")
+            await self._restore(node, group)
+        if wait:
+            await self._wait_setup(node, wait, timeout)
+        return node
+
+    async def _restore(self, node: Node, group: HostGroup) -> None:
+        path = self.state_file(node.hostname)
+        if not path.exists():
+            raise SlicerError(f"{node.hostname}: its saved state {path} is missing", "state_missing")
+        t0 = asyncio.get_running_loop().time()
+        await self._launch(node, group, restore_from=path)
+        node.record.suspended = ""
+        self.store.put(node.record)
+        path.unlink(missing_ok=True)
+        log.info("%s: restored in %.2fs", node.hostname, asyncio.get_running_loop().time() - t0)
+
+    async def relaunch(self, hostname: str, wait: str | None, timeout: float) -> Node:
+        """Boot a VM that is not running (shut down, crashed or suspended) again from its disk."""
+        node = self.get(hostname)
+        group = self.group(node.record.hostgroup)
+        async with node.busy:
+            if node.vm is not None and node.vm.state != VMState.STOPPED:
+                raise Conflict(f"{hostname} is already running", "running")
+            if node.record.suspended:
+                log.warning("%s: relaunched while suspended: its saved memory is discarded", hostname)
+                self.state_file(hostname).unlink(missing_ok=True)
+                node.record.suspended = ""
+                self.store.put(node.record)
+            await self._launch(node, group)
+        if wait:
+            await self._wait_setup(node, wait, timeout)
+        return node
+
+    def storage(self) -> dict:
+        """What templates, disks and saved states take on the host's disk."""
+        in_use = Counter(n.record.template for n in self.nodes.values() if n.record.template)
+        templates = self.templates.usage(in_use)
+        nodes = [
+            {"hostname": n.hostname, "hostgroup": n.record.hostgroup, "status": n.status,
+             "template": n.record.template or None, "disk": n.record.disk,
+             "disk_bytes": allocated_bytes(Path(n.record.disk)),
+             "state_bytes": allocated_bytes(self.state_file(n.hostname))}
+            for n in self.list()
+        ]
+        total = sum(t["state_bytes"] + t["disk_bytes"] for t in templates)
+        total += sum(n["disk_bytes"] + n["state_bytes"] for n in nodes)
+        return {"templates": templates, "nodes": nodes, "total_bytes": total}
+
+    async def build_template(self, group_name: str) -> dict:
+        """Build the group's template now if it has none that is current."""
+        group = self.group(group_name)
+        tpl = await self.templates.ensure(group, retry=True)
+        if tpl is None:
+            raise SlicerError(f"the template of {group_name} could not be built; see the daemon log",
+                              "template_failed")
+        return next(t for t in self.templates.usage({}) if t["name"] == tpl.name)
