@@ -77,6 +77,7 @@ def test_cold_boot_on_request(api):
         api.delete(f"/hostgroup/sbx/nodes/{h}")
     r = api.post("/hostgroup/sbx/nodes", json={"boot": "warm"})
     assert r.status_code == 400 and r.json()["code"] == "invalid_request"
+    assert api.post("/hostgroup/ghost/template").status_code == 404
 
 
 COUNTER = "i=0; while true; do echo $i > /tmp/counter; i=$((i+1)); sleep 0.1; done"

@@ -136,6 +136,8 @@ class SnapshotActions:
     async def build_template(self, group_name: str) -> dict:
         """Build the group's template now if it has none that is current."""
         group = self.group(group_name)
+        if group.boot == "cold":
+            raise Conflict(f"host group {group_name} boots cold (boot: cold); it has no template", "boot_cold")
         tpl = await self.templates.ensure(group, retry=True)
         if tpl is None:
             raise SlicerError(f"the template of {group_name} could not be built; see the daemon log",
