@@ -381,7 +381,7 @@ class Manager(SnapshotActions):
             node.rebooted.clear()
 
     async def _configure_guest(self, node: Node) -> None:
-        agent = node.running_agent()
+        agent = node.running_agent(setup=True)
         if node.identity_pending:
             assert node.vm is not None
             t0 = asyncio.get_running_loop().time()

@@ -69,14 +69,17 @@ class Node:
             return "Stopped" if self.stopping or self.vm.exit_code == 0 else "Crashed"
         return {VMState.RUNNING: "Running", VMState.PAUSED: "Paused", VMState.STARTING: "Starting"}[state]
 
-    def running_agent(self) -> AgentClient:
-        """The agent of a VM that can answer now, or a clear error why not."""
+    def running_agent(self, setup: bool = False) -> AgentClient:
+        """The agent of a VM that can answer now, or a clear error why not. A restored VM is
+        not handed out before it has its own identity, except to the setup doing that."""
         if self.record.suspended:
             raise Conflict(f"{self.hostname} is suspended; restore it first", "suspended")
         if self.vm is None or self.agent is None or self.vm.state == VMState.STOPPED:
             raise Conflict(f"{self.hostname} is not running", "not_running")
         if self.vm.state == VMState.PAUSED:
             raise Conflict(f"{self.hostname} is paused; resume it first", "paused")
+        if self.identity_pending and not setup:
+            raise Conflict(f"{self.hostname} is being restored; it answers once its identity is reset", "starting")
         return self.agent
 
     async def wait_ready(self, timeout: float, userdata: bool = False) -> dict:
@@ -89,7 +92,7 @@ class Node:
                 code = self.vm.exit_code if self.vm else None
                 raise AgentUnreachable(f"{self.hostname} stopped while booting (QEMU exit {code})")
             try:
-                agent = self.running_agent()
+                agent = self.running_agent(setup=True)
                 await agent.channel.session(timeout=min(left, 5.0))
                 health = await agent.health(timeout=min(left, 5.0))
                 if not userdata or health.get("userdata_ran") or not self.record.spec.get("userdata"):
