@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 QEMU_BINARY = "qemu-system-x86_64"
 SERIAL_LOG_MAX = 1024 * 1024  # per file; one rotated file is kept beside it
 SOCKET_WAIT = 15.0
-MIGRATE_TIMEOUT = 120.0
+MIGRATE_SECONDS_PER_GIB = 60.0  # generous for a slow disk; at least a minute
 # QEMU rate-limits migration to 128 MiB/s by default; a state file on local disk needs no limit.
 MIGRATE_BANDWIDTH = 64 << 30
 
@@ -177,6 +177,9 @@ class QemuVM(VM):
     async def reset(self) -> None:
         await self._execute("system_reset", (VMState.RUNNING, VMState.PAUSED))
 
+    def _migrate_limit(self) -> float:
+        return MIGRATE_SECONDS_PER_GIB * max(1.0, self.spec.ram_bytes / (1 << 30))
+
     async def _ignore_shared_memory(self) -> None:
         # RAM in a shared file (a template's) is left out of a saved state; a clone maps that
         # file instead, so its state file holds device state only.
@@ -193,7 +196,8 @@ class QemuVM(VM):
         except Exception as e:
             raise VMMError(f"restore failed: {e}") from e
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + MIGRATE_TIMEOUT
+        limit = self._migrate_limit()
+        deadline = loop.time() + limit
         while True:
             if self._proc.returncode is not None:
                 raise VMMError(f"restore failed (QEMU exited {self._proc.returncode})")
@@ -204,7 +208,7 @@ class QemuVM(VM):
             if status["status"] != "inmigrate":
                 break
             if loop.time() > deadline:
-                raise VMMError(f"restore did not finish within {MIGRATE_TIMEOUT:g}s")
+                raise VMMError(f"restore did not finish within {limit:g}s")
             await asyncio.sleep(0.01)
         self._state = VMState.RUNNING if status.get("running") else VMState.PAUSED
 
@@ -220,13 +224,14 @@ class QemuVM(VM):
             await self._ignore_shared_memory()
             await self._qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(tmp))}"})
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + MIGRATE_TIMEOUT
+            limit = self._migrate_limit()
+            deadline = loop.time() + limit
             while (info := await self._qmp.execute("query-migrate")).get("status") not in (
                 "completed", "failed", "cancelled",
             ):
                 if loop.time() > deadline:
                     await self._qmp.execute("migrate_cancel")
-                    raise VMMError(f"saving the state did not finish within {MIGRATE_TIMEOUT:g}s")
+                    raise VMMError(f"saving the state did not finish within {limit:g}s")
                 await asyncio.sleep(0.01)
             if info["status"] != "completed":
                 raise VMMError(f"saving the state failed: {info.get('error-desc', info['status'])}")
@@ -327,7 +332,11 @@ class QemuDriver(Driver):
         h = hashlib.sha256(_cached_version(self.binary).encode())
         h.update(self.accelerator.encode())
         placeholders = {str(spec.run_dir): "RUN", str(spec.disk): "DISK"}
-        for arg in self.command(spec):
+        command = self.command(spec)
+        # The kernel command line only matters to the boot a state was saved after, and it holds
+        # values that may vary from call to call (the host's TSC frequency): left out.
+        del command[command.index("-append") + 1]
+        for arg in command:
             for real, mark in placeholders.items():
                 arg = arg.replace(real, mark)
             h.update(arg.encode() + b"\0")
