@@ -83,7 +83,7 @@ def test_cold_boot_on_request(api):
 COUNTER = "i=0; while true; do echo $i > /tmp/counter; i=$((i+1)); sleep 0.1; done"
 
 
-def test_suspend_and_restore_keep_a_running_process(api):
+def test_suspend_and_restore_keep_a_running_process(api, daemon):
     h = create(api)
     try:
         r = api.post(f"/vm/{h}/exec", params={"cmd": COUNTER, "background": "true"})
@@ -100,6 +100,8 @@ def test_suspend_and_restore_keep_a_running_process(api):
         assert api.post(f"/vm/{h}/suspend").status_code == 409
         state = [n for n in api.get("/storage").json()["nodes"] if n["hostname"] == h]
         assert state and state[0]["state_bytes"] > 0, "the saved state is accounted for"
+        for private in ("snapshots", "templates"):  # guest memory: root's eyes only
+            assert (daemon.data_dir / private).stat().st_mode & 0o077 == 0
         time.sleep(2)
         r = api.post(f"/vm/{h}/restore", params={"wait": "agent"})
         assert r.status_code == 200, r.text

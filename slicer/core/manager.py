@@ -67,6 +67,10 @@ class Manager(SnapshotActions):
         self.started_at = now_rfc3339()
         if len(str(self.run_dir("x" * 63) / "channel.sock")) > MAX_SOCKET_PATH:
             raise SlicerError(f"data directory path {data_dir} is too long for unix sockets")
+        # Guest memory (saved states, template RAM) and disks are for root's eyes only.
+        for private in ("run", "disks", "snapshots", "templates"):
+            (data_dir / private).mkdir(parents=True, exist_ok=True)
+            (data_dir / private).chmod(0o700)
 
     # -- paths ----------------------------------------------------------------------------------
     def run_dir(self, hostname: str) -> Path:
