@@ -250,7 +250,8 @@ class Manager(SnapshotActions):
         """Wait until the agent answers and this boot's setup is done (and userdata ran)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout, 0.1)
-        await node.wait_ready(max(0.1, deadline - loop.time()), userdata=False)
+        # The provisioner asks the agent itself; here only the handshake (and the VM's death) is watched.
+        await node.wait_ready(max(0.1, deadline - loop.time()), health=False)
         try:
             await asyncio.wait_for(node.provisioned.wait(), max(0.1, deadline - loop.time()))
         except TimeoutError:
@@ -366,7 +367,9 @@ class Manager(SnapshotActions):
         first = True
         while node.vm is vm and vm.state != VMState.STOPPED:
             try:
-                await node.wait_ready(timeout=600)
+                # A restored guest's agent was ready when it was saved: its handshake is enough,
+                # and the identity reset that follows is the first request it answers.
+                await node.wait_ready(timeout=600, health=not node.identity_pending)
             except SlicerError:
                 continue  # the loop ends when the VM stops
             log.debug("%s: agent answered %.2fs after launch", node.hostname, loop.time() - t0)

@@ -82,8 +82,9 @@ class Node:
             raise Conflict(f"{self.hostname} is being restored; it answers once its identity is reset", "starting")
         return self.agent
 
-    async def wait_ready(self, timeout: float, userdata: bool = False) -> dict:
-        """Wait until the agent answers health (and userdata has run, if asked)."""
+    async def wait_ready(self, timeout: float, userdata: bool = False, health: bool = True) -> dict:
+        """Wait until the agent answers health (and userdata has run, if asked); with
+        ``health=False``, until the channel handshake is done (the guest answered HELLO)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         last = "no answer yet"
@@ -94,9 +95,11 @@ class Node:
             try:
                 agent = self.running_agent(setup=True)
                 await agent.channel.session(timeout=min(left, 5.0))
-                health = await agent.health(timeout=min(left, 5.0))
-                if not userdata or health.get("userdata_ran") or not self.record.spec.get("userdata"):
-                    return health
+                if not health:
+                    return {}
+                answer = await agent.health(timeout=min(left, 5.0))
+                if not userdata or answer.get("userdata_ran") or not self.record.spec.get("userdata"):
+                    return answer
                 last = "userdata has not finished"
             except (AgentUnreachable, ChannelError, Conflict) as e:
                 last = str(e)
