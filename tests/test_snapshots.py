@@ -59,9 +59,27 @@ def test_clones_of_one_template_are_separate_machines(api):
         assert r["exit_code"] != 0, "a file written in one clone appeared in the other"
         assert "restored from template" in api.get(f"/vm/{a}/logs", params={"lines": 0}).json()["content"]
         storage = api.get("/storage").json()
-        (tpl,) = [t for t in storage["templates"] if t["hostgroup"] == "sbx" and not t["retired"]]
+        (tpl,) = [t for t in storage["templates"]
+                  if t["hostgroup"] == "sbx" and t["ram_bytes"] == 384 << 20 and not t["retired"]]
         assert tpl["clones"] >= 2 and tpl["state_bytes"] > 0 and tpl["disk_bytes"] > 0
         assert {n["hostname"]: n["template"] for n in storage["nodes"]}[a] == tpl["name"]
+    finally:
+        for h in (a, b):
+            api.delete(f"/hostgroup/sbx/nodes/{h}")
+
+
+def test_a_smaller_size_gets_a_template_of_its_own(api):
+    small = {"cpus": 1, "ram_bytes": 256 << 20}
+    a, b = create(api, **small), create(api, **small)
+    try:
+        for h in (a, b):
+            view = api.get(f"/vm/{h}").json()
+            assert view["boot"] == "template" and view["ram_bytes"] == 256 << 20
+            total_kib = int(run(api, h, "awk '/MemTotal/ {print $2}' /proc/meminfo"))
+            assert total_kib < 256 << 10, "the clone has the smaller memory"
+        sizes = {t["ram_bytes"] for t in api.get("/storage").json()["templates"]
+                 if t["hostgroup"] == "sbx" and not t["retired"]}
+        assert {256 << 20, 384 << 20} <= sizes
     finally:
         for h in (a, b):
             api.delete(f"/hostgroup/sbx/nodes/{h}")

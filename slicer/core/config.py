@@ -85,7 +85,7 @@ class HostGroup(_Strict):
     dns_servers: list[str] = ["8.8.8.8", "1.1.1.1"]
     gpu_count: int = 0
     network: NetworkConfig = NetworkConfig()
-    # "snapshot": sandboxes of the group's size restore from the group's template (a saved,
+    # "snapshot": sandboxes restore from a template of the group and their size (a saved,
     # booted VM) in about a second; "cold": every VM boots its kernel.
     boot: Literal["snapshot", "cold"] = "snapshot"
 

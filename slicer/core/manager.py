@@ -3,8 +3,8 @@
 Services are the VMs of a group's YAML ``count``: started with the daemon, shut down
 gracefully with it (or suspended, with ``suspend_on_shutdown``), never deleted through the
 API. Sandboxes are created through the API: deleted (process and disk) when asked, when their
-guest powers off, and when the daemon stops. A sandbox of its group's size restores from the
-group's template (see :mod:`slicer.core.templates`) unless it or its group asks to boot cold.
+guest powers off, and when the daemon stops. A sandbox restores from a template of its group
+and size (see :mod:`slicer.core.templates`) unless it or its group asks to boot cold.
 """
 
 from __future__ import annotations
@@ -96,9 +96,8 @@ class Manager(SnapshotActions):
                 self.store.delete(rec.hostname)
             elif rec.kind == "sandbox":
                 self.nodes[rec.hostname] = Node(rec, self.run_dir(rec.hostname))
-        for group in self.config.host_groups:
-            if self.driver.kill_stale(self.templates.spec(group).run_dir):
-                log.warning("%s: killed a template VM left building by an earlier daemon", group.name)
+        for name in self.templates.kill_stale_builds():
+            log.warning("%s: killed a template VM left building by an earlier daemon", name)
         self.templates.collect(self.config.host_groups, self._templates_in_use())
         for group in self.config.host_groups:
             for i in range(1, group.count + 1):
@@ -232,10 +231,10 @@ class Manager(SnapshotActions):
             self.store.put(rec)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        # Clones share their template's disk, so persistent VMs (and other sizes) boot cold.
-        cold = persistent or "cold" in (group.boot, spec.get("boot")) or (cpus, ram) != (group.vcpu, group.ram)
+        # Clones share their template's disk, so persistent VMs boot cold.
+        cold = persistent or "cold" in (group.boot, spec.get("boot"))
         try:
-            template = None if cold else await self.templates.ensure(group)
+            template = None if cold else await self.templates.ensure(group, (cpus, ram))
             await self._launch(node, group, template=template)
             log.info("%s: QEMU up in %.2fs (%s)", hostname, loop.time() - t0, node.boot)
             if wait:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 BUILD_TIMEOUT = 300.0
 RETRY_AFTER = 60.0  # after a failed build, creates boot cold for this long before trying again
+MAX_SIZES = 4  # per host group: templates of further sizes are not made (their VMs boot cold)
+Size = tuple[int, int]  # (vCPUs, RAM bytes)
 
 
 @dataclasses.dataclass
@@ -95,26 +97,30 @@ def allocated_bytes(path: Path) -> int:
 
 
 class Templates:
+    """The templates of every host group, one per VM size (cpus, RAM) asked for, at most
+    ``MAX_SIZES`` sizes per group (further sizes boot cold)."""
+
     def __init__(self, root: Path, run_root: Path, driver: Driver, image: GuestImage) -> None:
         self.root = root
         self.run_root = run_root
         self.driver = driver
         self.image = image
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._failed_at: dict[str, float] = {}
+        self._locks: dict[tuple[str, Size], asyncio.Lock] = {}
+        self._failed_at: dict[tuple[str, Size], float] = {}
 
-    def spec(self, group: HostGroup) -> VMSpec:
-        """The template VM of ``group``: the group's size, a neutral name and address."""
-        name = f"tpl-{group.name}"
+    def spec(self, group: HostGroup, size: Size | None = None) -> VMSpec:
+        """The template VM of ``group`` at ``size`` (default: the group's): a neutral name and address."""
+        cpus, ram = size or (group.vcpu, group.ram)
+        name = f"tpl-{group.name}-{cpus}c{ram >> 20}m"
         ip = str(group.network.interface.network.network_address + 2)
-        building = self.root / f".building-{group.name}"
-        spec = vm_spec(self.image, group, name=name, cpus=group.vcpu, ram_bytes=group.ram, ip=ip,
-                       disk=building / "disk.qcow2", run_dir=self.run_root / name)
+        building = self.root / f".building-{name}"
+        spec = vm_spec(self.image, group, name=name, cpus=cpus, ram_bytes=ram, ip=ip,
+                       disk=building / "disk.qcow2", run_dir=self.run_root / f".{name}")  # no VM's name
         spec.memory_file, spec.memory_shared = building / "ram", True
         return spec
 
-    def key(self, group: HostGroup) -> str:
-        digest = hashlib.sha256(self.driver.fingerprint(self.spec(group)).encode())
+    def key(self, group: HostGroup, size: Size | None = None) -> str:
+        digest = hashlib.sha256(self.driver.fingerprint(self.spec(group, size)).encode())
         digest.update(f"{group.disk_size}".encode())
         return digest.hexdigest()[:16]
 
@@ -124,38 +130,61 @@ class Templates:
         found = (Template.load(p) for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         return sorted((t for t in found if t is not None), key=lambda t: t.created_at)
 
-    def current(self, group: HostGroup) -> Template | None:
-        key = self.key(group)
-        usable = [t for t in self._all() if t.group == group.name and t.key == key and not t.retired]
+    def current(self, group: HostGroup, size: Size | None = None) -> Template | None:
+        size = size or (group.vcpu, group.ram)
+        key = self.key(group, size)
+        usable = [t for t in self._all()
+                  if t.group == group.name and t.key == key and t.fits(*size) and not t.retired]
         return usable[-1] if usable else None
 
-    async def ensure(self, group: HostGroup, retry: bool = False) -> Template | None:
-        """The group's current template, built first if needed (one build at a time per
-        group: concurrent creates wait for it). None if it cannot be built right now (a
-        failed build is retried after RETRY_AFTER, or at once with ``retry``)."""
-        lock = self._locks.setdefault(group.name, asyncio.Lock())
+    def _current_all(self, groups: list[HostGroup]) -> dict[str, Template]:
+        """The current template of every (group, size) that has one on disk, by name."""
+        by_name = {g.name: g for g in groups}
+        sizes = {(t.group, (t.cpus, t.ram_bytes)) for t in self._all() if t.group in by_name}
+        found = (self.current(by_name[g], size) for g, size in sizes)
+        return {t.name: t for t in found if t is not None}
+
+    async def ensure(self, group: HostGroup, size: Size | None = None, retry: bool = False) -> Template | None:
+        """The current template of ``group`` at ``size``, built first if needed (one build at a
+        time per group and size: concurrent creates wait for it). None if it cannot be had right
+        now: a failed build is retried after RETRY_AFTER (at once with ``retry``), and a group
+        has templates of at most MAX_SIZES sizes."""
+        size = size or (group.vcpu, group.ram)
+        lock = self._locks.setdefault((group.name, size), asyncio.Lock())
         async with lock:
-            if (tpl := self.current(group)) is not None:
+            if (tpl := self.current(group, size)) is not None:
                 return tpl
-            failed = self._failed_at.get(group.name)
+            failed = self._failed_at.get((group.name, size))
             if not retry and failed is not None and time.monotonic() - failed < RETRY_AFTER:
                 return None
+            sizes = {(t.cpus, t.ram_bytes) for t in self._current_all([group]).values()}
+            if len(sizes) >= MAX_SIZES:
+                log.info("host group %s has templates of %d sizes already; %s boots cold", group.name,
+                         len(sizes), f"{size[0]} vCPU / {size[1] >> 20} MiB")
+                return None
             try:
-                return await self._build(group)
+                return await self._build(group, size)
             except (SlicerError, VMMError, OSError, TimeoutError) as e:
-                self._failed_at[group.name] = time.monotonic()
+                self._failed_at[(group.name, size)] = time.monotonic()
                 log.error("template for host group %s could not be built: %s", group.name, e)
                 return None
 
-    async def _build(self, group: HostGroup) -> Template:
+    def kill_stale_builds(self) -> list[str]:
+        """End template VMs an earlier daemon left building."""
+        if not self.run_root.is_dir():
+            return []
+        return [d.name for d in self.run_root.glob(".tpl-*") if self.driver.kill_stale(d)]
+
+    async def _build(self, group: HostGroup, size: Size) -> Template:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        spec = self.spec(group)
+        spec = self.spec(group, size)
         building = spec.disk.parent
         shutil.rmtree(building, ignore_errors=True)
         shutil.rmtree(spec.run_dir, ignore_errors=True)
         building.mkdir(parents=True)
-        log.info("host group %s: building its template (a cold boot, then a save)", group.name)
+        log.info("host group %s: building its template for %d vCPU / %d MiB (a cold boot, then a save)",
+                 group.name, spec.cpus, spec.ram_bytes >> 20)
         vm = await self.driver.start(spec)
         node = Node(NodeRecord(spec.name, group.name, "sandbox", spec.ip_cidr.split("/")[0], spec.cpus,
                                spec.ram_bytes, False, now_rfc3339(), str(spec.disk)), spec.run_dir)
@@ -176,7 +205,7 @@ class Templates:
                 with contextlib.suppress(Exception):
                     await node.agent.aclose()
             shutil.rmtree(spec.run_dir, ignore_errors=True)
-        key = self.key(group)
+        key = self.key(group, size)
         meta = {"group": group.name, "key": key, "cpus": spec.cpus, "ram_bytes": spec.ram_bytes,
                 "disk_size": spec.disk_size, "created_at": now_rfc3339()}
         (building / "meta.json").write_text(json.dumps(meta))
@@ -195,11 +224,10 @@ class Templates:
 
     def collect(self, groups: list[HostGroup], in_use: set[str]) -> list[str]:
         """Remove templates that are retired, stale or superseded and back no node's disk."""
-        keep = {g.name: (self.current(g) or None) for g in groups}
+        keep = self._current_all(groups)
         removed = []
         for tpl in self._all():
-            current = keep.get(tpl.group)
-            if tpl.name in in_use or (current is not None and current.path == tpl.path):
+            if tpl.name in in_use or tpl.name in keep:
                 continue
             shutil.rmtree(tpl.path, ignore_errors=True)
             removed.append(tpl.name)
