@@ -55,6 +55,16 @@ class Pair:
         self._deliver(self.client, data)
 
 
+def holding_pair() -> tuple[Pair, dict[int, Stream]]:
+    """A Pair whose server side keeps every stream it accepts, by id, for the test to use."""
+    streams: dict[int, Stream] = {}
+
+    async def hold(stream: Stream) -> None:
+        streams[stream.id] = stream
+
+    return Pair(hold), streams
+
+
 async def read_all(stream: Stream) -> bytes:
     out = bytearray()
     while chunk := await stream.read():
@@ -90,12 +100,7 @@ def test_echo_and_half_close():
 
 def test_flow_control_blocks_writer_at_window_and_resumes():
     async def main():
-        received: dict[int, Stream] = {}
-
-        async def hold(stream: Stream) -> None:
-            received[stream.id] = stream
-
-        pair = Pair(hold)
+        pair, received = holding_pair()
         s = await pair.client.open_stream()
         writer = asyncio.ensure_future(s.write(b"x" * (STREAM_WINDOW * 3)))
         await asyncio.sleep(0.05)
@@ -113,12 +118,7 @@ def test_flow_control_blocks_writer_at_window_and_resumes():
 
 def test_stalled_stream_does_not_block_another():
     async def main():
-        streams: dict[int, Stream] = {}
-
-        async def hold(stream: Stream) -> None:
-            streams[stream.id] = stream
-
-        pair = Pair(hold)
+        pair, streams = holding_pair()
         stalled = await pair.client.open_stream()
         busy = await pair.client.open_stream()
         stall_task = asyncio.ensure_future(stalled.write(b"s" * (STREAM_WINDOW * 4)))
@@ -141,12 +141,7 @@ def test_stalled_stream_does_not_block_another():
 
 def test_reset_wakes_reader_and_refuses_writes():
     async def main():
-        streams: dict[int, Stream] = {}
-
-        async def hold(stream: Stream) -> None:
-            streams[stream.id] = stream
-
-        pair = Pair(hold)
+        pair, streams = holding_pair()
         s = await pair.client.open_stream()
         await asyncio.sleep(0)
         reader = asyncio.ensure_future(streams[s.id].read())
@@ -189,12 +184,7 @@ def test_stream_refused_without_handler_and_session_close_resets_streams():
 
 def test_window_overrun_is_a_protocol_error():
     async def main():
-        streams: dict[int, Stream] = {}
-
-        async def hold(stream: Stream) -> None:
-            streams[stream.id] = stream
-
-        pair = Pair(hold)
+        pair, streams = holding_pair()
         s = await pair.client.open_stream()
         await asyncio.sleep(0)
         frame = encode_header(TYPE_DATA, 0, s.id, STREAM_WINDOW) + bytes(STREAM_WINDOW)

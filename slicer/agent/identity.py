@@ -16,7 +16,8 @@ import struct
 import subprocess
 import time
 
-from slicer.agent.init import set_hostname
+from slicer.agent.init import set_hostname, write_resolv_conf
+from slicer.agent.provision import atomic_write
 
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
 RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
@@ -35,15 +36,6 @@ def reseed(seed: bytes) -> None:
         fcntl.ioctl(f, RNDRESEEDCRNG)
 
 
-def _write(path: str, data: bytes, mode: int) -> None:
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def install_host_keys(keys: dict[str, dict[str, str]]) -> None:
     """Replace the SSH host keys ({type: {private, public}}) and make sshd load them."""
     for old in os.listdir(SSH_DIR):
@@ -51,8 +43,8 @@ def install_host_keys(keys: dict[str, dict[str, str]]) -> None:
             os.unlink(os.path.join(SSH_DIR, old))
     for kind, pair in keys.items():
         base = os.path.join(SSH_DIR, f"ssh_host_{kind}_key")
-        _write(base, pair["private"].encode(), 0o600)
-        _write(base + ".pub", pair["public"].encode(), 0o644)
+        atomic_write(base, pair["private"].encode(), 0o600)
+        atomic_write(base + ".pub", pair["public"].encode(), 0o644)
     with contextlib.suppress(OSError, ValueError):
         with open(SSHD_PID) as f:
             os.kill(int(f.read().strip()), signal.SIGHUP)  # sshd re-executes itself and rereads its keys
@@ -83,14 +75,13 @@ def reset(body: dict) -> dict:
         set_hostname(hostname)
         done.append("hostname")
     if machine_id := body.get("machine_id"):
-        _write(MACHINE_ID, machine_id.encode() + b"\n", 0o444)
+        atomic_write(MACHINE_ID, machine_id.encode() + b"\n", 0o444)
         done.append("machine_id")
     if keys := body.get("ssh_host_keys"):
         install_host_keys(keys)
         done.append("ssh_host_keys")
     if dns := body.get("dns"):
-        with open("/etc/resolv.conf", "w") as f:
-            f.writelines(f"nameserver {d}\n" for d in dns)
+        write_resolv_conf(dns)
     if network is not None:
         assert network.stderr is not None
         err = network.stderr.read()

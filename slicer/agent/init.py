@@ -80,8 +80,12 @@ def setup_network(params: dict[str, str]) -> None:
     if gw := params.get("slicer.gw"):
         run("ip", "route", "add", "default", "via", gw)
     if dns := params.get("slicer.dns"):
-        with open("/etc/resolv.conf", "w") as f:
-            f.writelines(f"nameserver {d}\n" for d in dns.split(","))
+        write_resolv_conf(dns.split(","))
+
+
+def write_resolv_conf(servers: list[str]) -> None:
+    with open("/etc/resolv.conf", "w") as f:
+        f.writelines(f"nameserver {d}\n" for d in servers)
 
 
 def set_hostname(name: str) -> None:

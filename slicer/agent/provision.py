@@ -18,7 +18,7 @@ USERDATA_LOG = "/var/log/slicer-userdata.log"
 DEFAULT_USER = "ubuntu"
 
 
-def _atomic_write(path: str, data: bytes, mode: int, uid: int, gid: int) -> None:
+def atomic_write(path: str, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
         os.write(fd, data)
@@ -42,7 +42,7 @@ def sync_secrets(secrets: dict[str, dict]) -> dict:
     for name, s in secrets.items():
         if "/" in name or name in (".", ".."):
             raise ValueError(f"bad secret name {name!r}")
-        _atomic_write(os.path.join(SECRETS_DIR, name), base64.b64decode(s["data"]), int(s["permissions"], 8),
+        atomic_write(os.path.join(SECRETS_DIR, name), base64.b64decode(s["data"]), int(s["permissions"], 8),
                       int(s["uid"]), int(s["gid"]))
     removed = [n for n in os.listdir(SECRETS_DIR) if n not in secrets and not n.startswith(".tmp-")]
     for name in removed:
@@ -58,7 +58,7 @@ def install_keys(keys: list[str], user: str = DEFAULT_USER) -> dict:
     os.chown(ssh, pw.pw_uid, pw.pw_gid)
     os.chmod(ssh, 0o700)
     body = "".join(k.strip() + "\n" for k in keys if k.strip())
-    _atomic_write(os.path.join(ssh, "authorized_keys"), body.encode(), 0o600, pw.pw_uid, pw.pw_gid)
+    atomic_write(os.path.join(ssh, "authorized_keys"), body.encode(), 0o600, pw.pw_uid, pw.pw_gid)
     return {"user": user, "keys": len([k for k in keys if k.strip()])}
 
 
@@ -82,7 +82,7 @@ def start_userdata(script: str) -> str:
     if _running is not None and not _running.done():
         return "running"
     os.makedirs(os.path.dirname(USERDATA_SCRIPT), exist_ok=True)
-    _atomic_write(USERDATA_SCRIPT, script.encode(), 0o700, 0, 0)
+    atomic_write(USERDATA_SCRIPT, script.encode(), 0o700, 0, 0)
     _running = asyncio.ensure_future(_run_userdata())
     return "started"
 
@@ -102,4 +102,4 @@ async def _run_userdata() -> None:
             console.write(b"slicer-userdata: " + line)  # to the serial log on the host
         code = await proc.wait()
         console.write(f"slicer-userdata: exited with {code}\n".encode())
-    _atomic_write(USERDATA_SENTINEL, f"{code}\n".encode(), 0o644, 0, 0)
+    atomic_write(USERDATA_SENTINEL, f"{code}\n".encode(), 0o644, 0, 0)

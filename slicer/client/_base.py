@@ -80,6 +80,10 @@ def _one(model):
     return lambda r: model.model_validate(r.json())
 
 
+def _wait_params(wait: str | None, timeout: str | None) -> dict:
+    return {k: v for k, v in (("wait", wait), ("timeout", timeout)) if v}
+
+
 def _text(r: httpx.Response) -> str:
     return r.text
 
@@ -111,7 +115,7 @@ class Calls:
 
     @staticmethod
     def create_node(group: str, wait: str | None = None, timeout: str | None = None, **body: Any) -> Call:
-        params = {k: v for k, v in (("wait", wait), ("timeout", timeout)) if v}
+        params = _wait_params(wait, timeout)
         body = {k: v for k, v in body.items() if v is not None}
         # the server waits up to `timeout` (default 5m when waiting); give the HTTP call longer
         return Call("POST", f"/hostgroup/{quote(group, safe='')}/nodes", params=params, json=body,
@@ -141,12 +145,12 @@ class Calls:
 
     @staticmethod
     def restore(hostname: str, wait: str | None = None, timeout: str | None = None) -> Call:
-        params = {k: v for k, v in (("wait", wait), ("timeout", timeout)) if v}
+        params = _wait_params(wait, timeout)
         return Call("POST", f"{_vm(hostname)}/restore", params=params, parse=_text, timeout=None)
 
     @staticmethod
     def relaunch(hostname: str, wait: str | None = None, timeout: str | None = None) -> Call:
-        params = {k: v for k, v in (("wait", wait), ("timeout", timeout)) if v}
+        params = _wait_params(wait, timeout)
         return Call("POST", f"{_vm(hostname)}/relaunch", params=params, parse=_one(m.CreatedNode), timeout=None)
 
     @staticmethod

@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import re
 import shutil
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 import httpx
@@ -98,7 +98,7 @@ class Manager(SnapshotActions):
                 self.nodes[rec.hostname] = Node(rec, self.run_dir(rec.hostname))
         for name in self.templates.kill_stale_builds():
             log.warning("%s: killed a template VM left building by an earlier daemon", name)
-        self.templates.collect(self.config.host_groups, self._templates_in_use())
+        self._collect_templates()
         for group in self.config.host_groups:
             for i in range(1, group.count + 1):
                 hostname = f"{group.name}-{i}"
@@ -114,7 +114,6 @@ class Manager(SnapshotActions):
                 return  # suspended through the API: it stays so until restored
             try:
                 await self._restore(node, group)
-                log.info("%s: service restored from its saved state", hostname)
                 return
             except SlicerError as e:
                 log.error("%s: could not restore its saved state (%s); booting it", hostname, e.message)
@@ -305,15 +304,14 @@ class Manager(SnapshotActions):
         spec = vm_spec(self.image, group, name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
                        ip=rec.ip, disk=Path(rec.disk), run_dir=node.run_dir)
         boot = "suspend" if restore_from is not None else "boot"
-        if rec.template:  # a clone's memory is mapped from its template's: same machine, same layout
-            spec.memory_file = self.templates.root / rec.template / "ram"
         if template is not None:
-            spec.base_disk, spec.base_format = template.disk, "qcow2"
-            spec.memory_file = template.ram
-            template.start_console_log(spec.serial_log, rec.hostname)
-            restore_from, boot = template.state, "template"
             rec.template = template.name
             self.store.put(rec)
+            spec.base_disk, spec.base_format = template.disk, "qcow2"
+            template.start_console_log(spec.serial_log, rec.hostname)
+            restore_from, boot = template.state, "template"
+        if rec.template:  # a clone's memory is mapped from its template's: same machine, same layout
+            spec.memory_file = self.templates.memory_file(rec.template)
         node.stopping = False
         vm = None
         try:
@@ -333,7 +331,7 @@ class Manager(SnapshotActions):
             spec.serial_log.unlink(missing_ok=True)
             rec.template = ""
             self.store.put(rec)
-            self.templates.collect(self.config.host_groups, self._templates_in_use())
+            self._collect_templates()
             return await self._launch(node, group)
         node.attach(vm, boot)
         if restore_from is not None:
@@ -371,7 +369,6 @@ class Manager(SnapshotActions):
                 await node.wait_ready(timeout=600, health=not node.identity_pending)
             except SlicerError:
                 continue  # the loop ends when the VM stops
-            log.debug("%s: agent answered %.2fs after launch", node.hostname, loop.time() - t0)
             if first:
                 telemetry.BOOT_SECONDS.labels(group.name).observe(loop.time() - t0)
                 first = False
@@ -390,13 +387,8 @@ class Manager(SnapshotActions):
         agent = node.running_agent(setup=True)
         if node.identity_pending:
             assert node.vm is not None
-            t0 = asyncio.get_running_loop().time()
-            body = await identity_body(node, node.vm.spec)
-            t1 = asyncio.get_running_loop().time()
-            await agent.call("POST", "/identity", json=body, timeout=30)
+            await agent.call("POST", "/identity", json=await identity_body(node, node.vm.spec), timeout=30)
             node.identity_pending = False
-            log.debug("%s: identity reset (host %.3fs, guest %.3fs)", node.hostname, t1 - t0,
-                     asyncio.get_running_loop().time() - t1)
         spec = node.record.spec
         await self._push_secrets(node)
         keys = list(self.config.ssh_keys) + list(spec.get("ssh_keys") or [])
@@ -460,8 +452,8 @@ class Manager(SnapshotActions):
         self._remove_files(node.record, disk=remove_disk)
         self.store.delete(node.hostname)
         self.nodes.pop(node.hostname, None)
-        if node.record.template and remove_disk:
-            self.templates.collect(self.config.host_groups, self._templates_in_use())
+        if remove_disk and node.record.template and node.record.template not in self._templates_in_use():
+            self._collect_templates()  # its last clone is gone: a stale template may go too
         return remove_disk
 
     def _remove_files(self, rec: NodeRecord, disk: bool) -> None:
@@ -470,8 +462,12 @@ class Manager(SnapshotActions):
         self.state_file(rec.hostname).unlink(missing_ok=True)
         shutil.rmtree(self.run_dir(rec.hostname), ignore_errors=True)
 
-    def _templates_in_use(self) -> set[str]:
-        return {n.record.template for n in self.nodes.values() if n.record.template}
+    def _templates_in_use(self) -> Counter[str]:
+        """How many nodes' disks each template backs."""
+        return Counter(n.record.template for n in self.nodes.values() if n.record.template)
+
+    def _collect_templates(self) -> None:
+        self.templates.collect(self.config.host_groups, self._templates_in_use())
 
     async def delete(self, group_name: str, hostname: str) -> bool:
         self.group(group_name)

@@ -40,6 +40,7 @@ class SnapshotActions:
                       restore_from: Path | None = None) -> None: ...
     async def _wait_setup(self, node: Node, wait: str, timeout: float) -> None: ...
     async def _stop_vm(self, node: Node, graceful: bool) -> None: ...
+    def _templates_in_use(self) -> Counter[str]: ...
 
     async def suspend(self, hostname: str) -> None:
         node = self.get(hostname)
@@ -54,7 +55,6 @@ class SnapshotActions:
         if vm is None or vm.state == VMState.STOPPED:
             raise Conflict(f"{node.hostname} is not running", "not_running")
         path = self.state_file(node.hostname)
-        path.parent.mkdir(parents=True, exist_ok=True)
         node.stopping = True
         t0 = asyncio.get_running_loop().time()
         try:
@@ -120,8 +120,7 @@ class SnapshotActions:
 
     def storage(self) -> dict:
         """What templates, disks and saved states take on the host's disk."""
-        in_use = Counter(n.record.template for n in self.nodes.values() if n.record.template)
-        templates = self.templates.usage(in_use)
+        templates = self.templates.usage(self._templates_in_use())
         nodes = [
             {"hostname": n.hostname, "hostgroup": n.record.hostgroup, "status": n.status,
              "template": n.record.template or None, "disk": n.record.disk,
@@ -142,4 +141,4 @@ class SnapshotActions:
         if tpl is None:
             raise SlicerError(f"the template of {group_name} could not be built; see the daemon log",
                               "template_failed")
-        return next(t for t in self.templates.usage({}) if t["name"] == tpl.name)
+        return tpl.describe(self._templates_in_use()[tpl.name])

@@ -4,10 +4,10 @@ A template is a directory under ``<data>/templates`` named ``<group>-<key>-<seri
 ``ram`` (the guest's memory: clones map it copy-on-write, so a restore reads only what the
 guest touches, and clean pages are shared), ``state`` (device state), ``disk.qcow2`` (the disk
 at that instant, frozen: every clone's overlay is backed by it) and ``meta.json`` (written
-last: a template without it is incomplete). The key digests everything the saved state depends on (hypervisor version,
-accelerator, devices, sizes, kernel, initrd, image), so a change to any of them makes a new
-template. A template whose restore failed is retired (marker file); templates neither current
-nor used by a node's disk are removed.
+last: a template without it is incomplete). The key digests everything the saved state
+depends on (hypervisor version, accelerator, devices, sizes, kernel, initrd, image), so a
+change to any of them makes a new template. A template whose restore failed is retired
+(marker file); templates neither current nor used by a node's disk are removed.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from slicer.core.config import HostGroup
@@ -64,6 +65,13 @@ class Template:
     def ram(self) -> Path:
         return self.path / "ram"
 
+    def describe(self, clones: int = 0) -> dict:
+        """What a user sees: sizes, and the bytes its files take on the host."""
+        return {"name": self.name, "hostgroup": self.group, "cpus": self.cpus, "ram_bytes": self.ram_bytes,
+                "created_at": self.created_at, "retired": self.retired, "clones": clones,
+                "state_bytes": allocated_bytes(self.state) + allocated_bytes(self.ram),
+                "disk_bytes": allocated_bytes(self.disk)}
+
     def start_console_log(self, path: Path, hostname: str) -> None:
         """Begin a clone's console log with the template's boot messages and a marker."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +115,8 @@ class Templates:
         self.image = image
         self._locks: dict[tuple[str, Size], asyncio.Lock] = {}
         self._failed_at: dict[tuple[str, Size], float] = {}
+        # What a key digests is fixed for the daemon's life (the image is chosen at start).
+        self._keys: dict[tuple[str, Size], str] = {}
 
     def spec(self, group: HostGroup, size: Size | None = None) -> VMSpec:
         """The template VM of ``group`` at ``size`` (default: the group's): a neutral name and address."""
@@ -120,9 +130,16 @@ class Templates:
         return spec
 
     def key(self, group: HostGroup, size: Size | None = None) -> str:
-        digest = hashlib.sha256(self.driver.fingerprint(self.spec(group, size)).encode())
-        digest.update(f"{group.disk_size}".encode())
-        return digest.hexdigest()[:16]
+        size = size or (group.vcpu, group.ram)
+        if (group.name, size) not in self._keys:
+            digest = hashlib.sha256(self.driver.fingerprint(self.spec(group, size)).encode())
+            digest.update(f"{group.disk_size}".encode())
+            self._keys[(group.name, size)] = digest.hexdigest()[:16]
+        return self._keys[(group.name, size)]
+
+    def memory_file(self, name: str) -> Path:
+        """The RAM file of the template called ``name`` (what its clones map)."""
+        return self.root / name / "ram"
 
     def _all(self) -> list[Template]:
         if not self.root.is_dir():
@@ -222,7 +239,7 @@ class Templates:
         with contextlib.suppress(OSError):
             (tpl.path / "retired").write_text(why + "\n")
 
-    def collect(self, groups: list[HostGroup], in_use: set[str]) -> list[str]:
+    def collect(self, groups: list[HostGroup], in_use: Collection[str]) -> list[str]:
         """Remove templates that are retired, stale or superseded and back no node's disk."""
         keep = self._current_all(groups)
         removed = []
@@ -235,11 +252,6 @@ class Templates:
             log.info("removed unused templates: %s", ", ".join(removed))
         return removed
 
-    def usage(self, in_use: dict[str, int]) -> list[dict]:
+    def usage(self, in_use: Mapping[str, int]) -> list[dict]:
         """Every template with the bytes its files take and how many nodes' disks use it."""
-        return [
-            {"name": t.name, "hostgroup": t.group, "cpus": t.cpus, "ram_bytes": t.ram_bytes,
-             "created_at": t.created_at, "retired": t.retired, "clones": in_use.get(t.name, 0),
-             "state_bytes": allocated_bytes(t.state) + allocated_bytes(t.ram), "disk_bytes": allocated_bytes(t.disk)}
-            for t in self._all()
-        ]
+        return [t.describe(in_use.get(t.name, 0)) for t in self._all()]

@@ -32,6 +32,7 @@ SOCKET_WAIT = 15.0
 MIGRATE_SECONDS_PER_GIB = 60.0  # generous for a slow disk; at least a minute
 # QEMU rate-limits migration to 128 MiB/s by default; a state file on local disk needs no limit.
 MIGRATE_BANDWIDTH = 64 << 30
+FINAL_MIGRATION_STATES = ("completed", "failed", "cancelled")
 
 
 class SerialLog:
@@ -177,9 +178,6 @@ class QemuVM(VM):
     async def reset(self) -> None:
         await self._execute("system_reset", (VMState.RUNNING, VMState.PAUSED))
 
-    def _migrate_limit(self) -> float:
-        return MIGRATE_SECONDS_PER_GIB * max(1.0, self.spec.ram_bytes / (1 << 30))
-
     async def _ignore_shared_memory(self) -> None:
         # RAM in a shared file (a template's) is left out of a saved state; a clone maps that
         # file instead, so its state file holds device state only.
@@ -187,29 +185,28 @@ class QemuVM(VM):
             await self._qmp.execute("migrate-set-capabilities", {
                 "capabilities": [{"capability": "x-ignore-shared", "state": True}]})
 
+    async def _poll(self, command: str, done, what: str) -> dict:
+        """Ask ``command`` until ``done(answer)``; a migration may take a while, not forever."""
+        loop = asyncio.get_running_loop()
+        limit = MIGRATE_SECONDS_PER_GIB * max(1.0, self.spec.ram_bytes / (1 << 30))
+        deadline = loop.time() + limit
+        while not done(answer := await self._qmp.execute(command)):
+            if loop.time() > deadline:
+                raise VMMError(f"{what} did not finish within {limit:g}s")
+            await asyncio.sleep(0.01)
+        return answer
+
     async def load(self, path: Path) -> None:
         """Restore the state saved in ``path`` (QEMU started with ``-incoming defer``) and wait
         until it has loaded; the VM is then paused."""
         try:
             await self._ignore_shared_memory()
             await self._qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
-        except Exception as e:
+            status = await self._poll("query-status", lambda s: s["status"] != "inmigrate", "restore")
+        except VMMError:
+            raise
+        except Exception as e:  # QEMU exits when it cannot load the state; start() adds its last words
             raise VMMError(f"restore failed: {e}") from e
-        loop = asyncio.get_running_loop()
-        limit = self._migrate_limit()
-        deadline = loop.time() + limit
-        while True:
-            if self._proc.returncode is not None:
-                raise VMMError(f"restore failed (QEMU exited {self._proc.returncode})")
-            try:
-                status = await self._qmp.execute("query-status")
-            except Exception as e:
-                raise VMMError(f"restore failed: {e}") from e
-            if status["status"] != "inmigrate":
-                break
-            if loop.time() > deadline:
-                raise VMMError(f"restore did not finish within {limit:g}s")
-            await asyncio.sleep(0.01)
         self._state = VMState.RUNNING if status.get("running") else VMState.PAUSED
 
     async def save(self, path: Path) -> None:
@@ -223,16 +220,12 @@ class QemuVM(VM):
             await self._qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
             await self._ignore_shared_memory()
             await self._qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(tmp))}"})
-            loop = asyncio.get_running_loop()
-            limit = self._migrate_limit()
-            deadline = loop.time() + limit
-            while (info := await self._qmp.execute("query-migrate")).get("status") not in (
-                "completed", "failed", "cancelled",
-            ):
-                if loop.time() > deadline:
-                    await self._qmp.execute("migrate_cancel")
-                    raise VMMError(f"saving the state did not finish within {limit:g}s")
-                await asyncio.sleep(0.01)
+            try:
+                info = await self._poll("query-migrate", lambda i: i.get("status") in FINAL_MIGRATION_STATES,
+                                        "saving the state")
+            except VMMError:
+                await self._qmp.execute("migrate_cancel")
+                raise
             if info["status"] != "completed":
                 raise VMMError(f"saving the state failed: {info.get('error-desc', info['status'])}")
         except BaseException:
@@ -274,8 +267,9 @@ class QemuDriver(Driver):
         self.binary = binary
         self.accelerator = accelerator
 
-    def command(self, spec: VMSpec, restore_from: Path | None = None) -> list[str]:
-        """The full QEMU command line for ``spec`` (also used by bench/boot.py)."""
+    def command(self, spec: VMSpec, incoming: bool = False) -> list[str]:
+        """The full QEMU command line for ``spec`` (also used by bench/boot.py); ``incoming``:
+        to restore a saved state (see :meth:`QemuVM.load`)."""
         run = spec.run_dir
         args = [
             "console=ttyS0", "root=/dev/vda", "rw", "reboot=t", "panic=-1",
@@ -325,7 +319,7 @@ class QemuDriver(Driver):
             "-device", f"virtserialport,chardev=channel0,name={PORT_NAME}",
             "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
             "-pidfile", str(run / "qemu.pid"),
-            *(["-incoming", "defer"] if restore_from else []),  # see QemuVM.load
+            *(["-incoming", "defer"] if incoming else []),
         ]
 
     def fingerprint(self, spec: VMSpec) -> str:
@@ -364,7 +358,8 @@ class QemuDriver(Driver):
             await self.create_disk(spec)
         with open(spec.run_dir / "qemu.log", "wb") as qlog:
             proc = await asyncio.create_subprocess_exec(
-                *self.command(spec, restore_from), stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
+                *self.command(spec, incoming=restore_from is not None),
+                stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
                 start_new_session=True,  # Ctrl-C on the daemon must not kill guests uncleanly
             )
         vm = QemuVM(spec, proc)
