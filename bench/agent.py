@@ -36,7 +36,7 @@ from slicer.vmm.base import VMSpec  # noqa: E402
 from slicer.vmm.qemu import QEMU_BINARY, QemuDriver  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from boot import free_port  # noqa: E402
+from boot import free_port, private_network  # noqa: E402
 
 IMAGES = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer"))
 CPUS, RAM_MB = 2, 512
@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=64)
     ap.add_argument("--execs", type=int, default=50)
     args = ap.parse_args()
+    private_network()
     size = args.size_mb * 1024 * 1024
     with tempfile.TemporaryDirectory(prefix="slb-", dir="/tmp") as tmp:
         work = Path(tmp)

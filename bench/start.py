@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from boot import start_daemon  # noqa: E402
+from boot import private_network, start_daemon  # noqa: E402
 
 IMAGES = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer"))
 CONFIG = """
@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--ram-mb", type=int, default=512)
     args = ap.parse_args()
+    private_network()
     with tempfile.TemporaryDirectory(prefix="slb-", dir="/tmp") as tmp:
         work = Path(tmp)
         (work / "images").symlink_to(IMAGES / "images")

@@ -78,7 +78,12 @@ def run_daemon(config: Config, data_dir: Path) -> None:
             os.chmod(uds, 0o600)
             sock.listen(128)
             sockets = [sock]
-        await server.serve(sockets=sockets)
+        try:
+            await server.serve(sockets=sockets)
+        except SystemExit:  # uvicorn's way of saying the startup failed
+            if getattr(app.state, "startup_error", None) is not None:
+                raise app.state.startup_error from None
+            raise
 
     # uvicorn handles SIGTERM/SIGINT during serve() and re-raises them afterwards; with these
     # no-op handlers in place a graceful stop ends the process with status 0, not a signal.

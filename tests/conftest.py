@@ -6,6 +6,7 @@ where ``slicer image build`` puts it) and shared by every test daemon through a 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -23,6 +24,19 @@ from slicer.image.build import build_image
 
 IMAGE_DATA_DIR = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer"))
 BOOT_TIMEOUT = 240.0
+CLONE_NEWNET = 0x40000000
+
+
+def pytest_configure(config) -> None:
+    """Run the whole session in a network namespace of its own: the test daemons' bridges,
+    TAPs, namespaces and nftables tables live there and vanish with it, and no guest can reach
+    anything but loopback and the test's own hosts."""
+    if os.environ.get("SLICER_TEST_HOST_NETNS") == "1":
+        return  # debugging: stay in the host's namespace
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise pytest.UsageError(f"unshare(CLONE_NEWNET) failed ({os.strerror(ctypes.get_errno())}): run as root")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
 def free_port() -> int:
@@ -140,6 +154,8 @@ config:
     vcpu: 2
     ram_mb: 512
     storage_size: 2G
+    network:
+      gateway: 192.168.137.1/24
   - name: sbx
     count: 0
     vcpu: 1

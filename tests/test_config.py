@@ -53,6 +53,21 @@ config:
         ("host_groups: [{name: a, storage_size: lots}]", "not a size"),
         ("host_groups: [{name: a, colour: red}]", "colour"),
         ("host_groups: [{name: a, network: {gateway: 10.0.0.1/30}}]", "gateway"),
+        ("host_groups: [{name: a, network: {gateway: 10.0.0.0/24}}]", "network or broadcast"),
+        ("host_groups: [{name: a, network: {mode: user}}]", "loopback"),
+        ("host_groups: [{name: a, network: {gateway: 10.0.0.1/24, addresses: [10.0.1.5/24]}}]", "10.0.1.5"),
+        ("host_groups: [{name: a, network: {gateway: 10.0.0.1/24, range: 10.0.0.9-10.0.0.3}}]", "before"),
+        ("host_groups: [{name: a, network: {gateway: 10.0.0.1/24, range: 10.0.0.2-10.0.1.3}}]", "10.0.0.255"),
+        ("host_groups: [{name: a, count: 3, network: {gateway: 10.0.0.1/24, addresses: [10.0.0.5, 10.0.0.6]}}]",
+         "count 3"),
+        ("host_groups: [{name: a, network: {gateway: 10.0.0.1/24}}, {name: b, network: {gateway: 10.0.0.9/16}}]",
+         "overlap"),
+        ("host_groups: [{name: a, network: {bridge: a-very-long-bridge-name}}]", "bridge"),
+        ("host_groups: [{name: a, network: {mode: isolated, range: 169.254.0.0/31}}]", "/30"),
+        ("host_groups: [{name: a, network: {mode: isolated, gateway: 10.0.0.1/24}}]", "isolated"),
+        ("host_groups: [{name: a, network: {allow: [10.0.0.0/8]}}]", "isolated"),
+        ("host_groups: [{name: a, network: {mode: isolated, drop: [nonsense]}}]", "nonsense"),
+        ("host_groups: [{name: a, count: 2, network: {mode: isolated, range: 169.254.0.0/30}}]", "count 2"),
         ("hypervisor: firecracker", "KVM"),
     ],
 )
@@ -60,6 +75,22 @@ def test_bad_configs_name_the_field(snippet, words):
     with pytest.raises(BadRequest) as e:
         load_config("config:\n  " + snippet)
     assert words in e.value.message
+
+
+def test_network_pools():
+    cfg = load_config("""
+config:
+  host_groups:
+  - name: a
+    network: {gateway: 192.168.137.1/24, range: 192.168.137.20-192.168.137.22}
+  - name: b
+    network: {gateway: 192.168.140.1/24, addresses: [192.168.140.7/24, 192.168.140.9/24]}
+  - name: c
+    network: {mode: isolated, range: 169.254.100.0/22, allow: [198.51.100.0/24]}
+""")
+    assert [str(a) for a in cfg.group("a").network.pool()] == ["192.168.137.20", "192.168.137.21", "192.168.137.22"]
+    assert [str(a) for a in cfg.group("b").network.pool()] == ["192.168.140.7", "192.168.140.9"]
+    assert cfg.group("c").network.mode == "isolated"
 
 
 def test_config_must_be_yaml_mapping():

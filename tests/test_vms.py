@@ -257,7 +257,7 @@ def test_auth_matrix(daemon):
         ("post", "/hostgroup/sbx/nodes", {"json": {"hostname": "../etc"}}, 400),
         ("post", "/hostgroup/sbx/nodes", {"json": {"hostname": "vm-1"}}, 409),
         ("post", "/hostgroup/sbx/nodes", {"json": {"ip": "10.9.9.9"}}, 400),
-        ("post", "/hostgroup/sbx/nodes", {"json": {"ip": "192.168.137.2"}}, 409),
+        ("post", "/hostgroup/sbx/nodes", {"json": {"ip": "192.168.137.2"}}, 400),  # vm's subnet, not sbx's
         ("post", "/hostgroup/sbx/nodes", {"json": {"surprise": True}}, 400),
         ("post", "/hostgroup/sbx/nodes", {"json": {"tags": [""]}}, 400),
         ("post", "/hostgroup/sbx/nodes", {"json": {"userdata": "x" * (5 << 20)}}, 400),

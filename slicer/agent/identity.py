@@ -50,10 +50,13 @@ def install_host_keys(keys: dict[str, dict[str, str]]) -> None:
             os.kill(int(f.read().strip()), signal.SIGHUP)  # sshd re-executes itself and rereads its keys
 
 
-def readdress(ip_cidr: str, gateway: str | None) -> subprocess.Popen:
-    """Start moving eth0 to its new address: one ``ip`` process (each costs ~0.1 s under TCG),
-    left running while the rest of the reset goes on; the caller waits for it."""
-    commands = ["addr flush dev eth0", f"addr add {ip_cidr} dev eth0", "link set eth0 up"]
+def readdress(ip_cidr: str, gateway: str | None, mac: str | None = None) -> subprocess.Popen:
+    """Start moving eth0 to its new address (and MAC): one ``ip`` process (each costs ~0.1 s
+    under TCG), left running while the rest of the reset goes on; the caller waits for it."""
+    commands = ["addr flush dev eth0"]
+    if mac:
+        commands += ["link set eth0 down", f"link set eth0 address {mac}"]
+    commands += [f"addr add {ip_cidr} dev eth0", "link set eth0 up"]
     if gateway:
         commands.append(f"route replace default via {gateway}")
     proc = subprocess.Popen(["ip", "-batch", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -70,7 +73,7 @@ def reset(body: dict) -> dict:
     if "time_ns" in body:
         time.clock_settime_ns(time.CLOCK_REALTIME, int(body["time_ns"]))
     done = ["seed", "clock"] if "time_ns" in body else ["seed"]
-    network = readdress(body["ip"], body.get("gateway")) if body.get("ip") else None
+    network = readdress(body["ip"], body.get("gateway"), body.get("mac")) if body.get("ip") else None
     if hostname := body.get("hostname"):
         set_hostname(hostname)
         done.append("hostname")

@@ -2,7 +2,7 @@
 
 Mounts the pseudo filesystems, links ``/dev/virtio-ports`` (there is no udev), sets the
 hostname and the network from the kernel command line (``slicer.hostname``, ``slicer.ip``,
-``slicer.gw``, ``slicer.dns``), starts and supervises the agent, reaps orphans, and powers off
+``slicer.gw``, ``slicer.dns``, ``slicer.mac``), starts and supervises the agent, reaps orphans, and powers off
 or reboots cleanly on request: SIGUSR2 or the ACPI power button (QMP ``system_powerdown``)
 powers off, SIGTERM or SIGINT reboots.
 """
@@ -75,6 +75,8 @@ def setup_network(params: dict[str, str]) -> None:
     ip = params.get("slicer.ip")
     if not ip:
         return
+    if mac := params.get("slicer.mac"):  # the host's firewall passes only this MAC from this VM
+        run("ip", "link", "set", "eth0", "address", mac)
     run("ip", "addr", "add", ip, "dev", "eth0")
     run("ip", "link", "set", "eth0", "up")
     if gw := params.get("slicer.gw"):

@@ -11,13 +11,18 @@ from slicer import __version__
 from slicer.api import errors
 from slicer.api.routes import execute, files, nodes, secrets, stats, storage, system, tunnels, vm
 from slicer.api.telemetry import MetricsMiddleware
+from slicer.core.errors import SlicerError
 from slicer.core.manager import Manager
 
 
 def create_app(manager: Manager, token: str | None, git_commit: str = "unknown") -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await manager.start()
+        try:
+            await manager.start()
+        except SlicerError as e:
+            app.state.startup_error = e  # the daemon exits with this message, not a traceback
+            raise
         try:
             yield
         finally:

@@ -49,7 +49,7 @@ async def identity_body(node: Node, spec: VMSpec) -> dict:
     if node.boot == "template":
         body.update(
             hostname=node.hostname, machine_id=os.urandom(16).hex(), ip=spec.ip_cidr,
-            gateway=spec.gateway, dns=spec.dns, ssh_host_keys=await ssh_host_keys(node.hostname),
+            gateway=spec.gateway, mac=spec.mac, dns=spec.dns, ssh_host_keys=await ssh_host_keys(node.hostname),
         )
     body["time_ns"] = time.time_ns()  # last: the closer to sending, the truer
     return body

@@ -42,6 +42,7 @@ from slicer.core.specs import vm_spec
 from slicer.core.state import NodeRecord, StateStore, now_rfc3339
 from slicer.core.templates import Template, Templates
 from slicer.image.build import GuestImage
+from slicer.net import HostNetwork, NetworkError
 from slicer.vmm.base import Driver, VMMError, VMState, VMStateError
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,11 @@ class Manager(SnapshotActions):
         self.image = image
         self.store = StateStore(data_dir / "state.db")
         self.secrets = SecretStore(data_dir / "secrets")
-        self.templates = Templates(data_dir / "templates", data_dir / "run", driver, image)
+        try:
+            self.net = HostNetwork(config.host_groups, data_dir)
+        except NetworkError as e:
+            raise SlicerError(str(e), "network_unavailable") from e
+        self.templates = Templates(data_dir / "templates", data_dir / "run", driver, image, self.net)
         self.nodes: dict[str, Node] = {}
         self._alloc = asyncio.Lock()  # hostname and IP allocation
         self._tasks: set[asyncio.Task] = set()
@@ -98,6 +103,11 @@ class Manager(SnapshotActions):
                 self.nodes[rec.hostname] = Node(rec, self.run_dir(rec.hostname))
         for name in self.templates.kill_stale_builds():
             log.warning("%s: killed a template VM left building by an earlier daemon", name)
+        try:
+            await self.net.start()
+        except NetworkError as e:
+            await self.net.stop()  # what it made before failing
+            raise SlicerError(str(e), "network_unavailable") from e
         self._collect_templates()
         for group in self.config.host_groups:
             for i in range(1, group.count + 1):
@@ -123,7 +133,12 @@ class Manager(SnapshotActions):
         if not persistent:
             disk.unlink(missing_ok=True)
         used = self._used_ips()
-        ip = old.ip if old and old.ip not in used else self._free_ip(group, used)
+        addressing = self.net.group(group.name).addressing
+        ip = addressing.service_address(_index(hostname))
+        if old and old.ip not in used and old.ip in addressing:
+            ip = old.ip
+        elif ip is None or ip in used:
+            ip = self._free_ip(group, used)
         rec = NodeRecord(
             hostname=hostname, hostgroup=group.name, kind="service",
             ip=ip, cpus=group.vcpu, ram_bytes=group.ram,
@@ -156,6 +171,7 @@ class Manager(SnapshotActions):
         for r in results:
             if isinstance(r, BaseException):
                 log.error("stop: %r", r)
+        await self.net.stop()
         self.store.close()
 
     def _spawn(self, coro) -> None:
@@ -198,12 +214,6 @@ class Manager(SnapshotActions):
         return node
 
     # -- create / delete --------------------------------------------------------------------------
-    def _address(self, group: HostGroup, host: int) -> ipaddress.IPv4Address:
-        net = group.network.interface.network
-        if host >= net.num_addresses - 2:
-            raise Conflict(f"host group {group.name} has no free address in {net}", "no_free_address")
-        return net.network_address + host
-
     async def create(
         self, group_name: str, *, cpus: int | None, ram_bytes: int | None, persistent: bool,
         hostname: str | None, ip: str | None, spec: dict, wait: str | None, timeout: float,
@@ -264,10 +274,11 @@ class Manager(SnapshotActions):
         return {n.record.ip for n in self.nodes.values()}
 
     def _free_ip(self, group: HostGroup, used: set[str]) -> str:
-        host = 2
-        while str(self._address(group, host)) in used | {str(group.network.interface.ip)}:
-            host += 1
-        return str(self._address(group, host))
+        addressing = self.net.group(group.name).addressing
+        ip = addressing.free(used)
+        if ip is None:
+            raise Conflict(f"host group {group.name} has no free address in {addressing.network}", "no_free_address")
+        return ip
 
     def _allocate(self, group: HostGroup, hostname: str | None, ip: str | None) -> tuple[str, str]:
         used_ips = self._used_ips()
@@ -287,10 +298,10 @@ class Manager(SnapshotActions):
                 addr = ipaddress.IPv4Address(ip)
             except ValueError:
                 raise BadRequest(f"invalid ip {ip!r}", "invalid_ip") from None
-            net = group.network.interface.network
-            if addr not in net or addr in (net.network_address, net.broadcast_address,
-                                           group.network.interface.ip, net.broadcast_address - 1):
-                raise BadRequest(f"ip {ip} is not a usable address of {net}", "invalid_ip")
+            addressing = self.net.group(group.name).addressing
+            if str(addr) not in addressing:
+                raise BadRequest(f"ip {ip} is not one of host group {group.name}'s VM addresses "
+                                 f"({addressing.network})", "invalid_ip")
             if str(addr) in used_ips:
                 raise Conflict(f"ip {ip} is already in use", "ip_in_use")
             return hostname, str(addr)
@@ -301,7 +312,8 @@ class Manager(SnapshotActions):
         """Boot the node's VM; or restore it, from ``template`` (a new clone) or from its own
         saved state ``restore_from``. A clone whose restore fails boots cold instead."""
         rec = node.record
-        spec = vm_spec(self.image, group, name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
+        gnet = self.net.group(group.name)
+        spec = vm_spec(self.image, group, gnet, name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
                        ip=rec.ip, disk=Path(rec.disk), run_dir=node.run_dir)
         boot = "suspend" if restore_from is not None else "boot"
         if template is not None:
@@ -315,12 +327,20 @@ class Manager(SnapshotActions):
         node.stopping = False
         vm = None
         try:
+            spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir)
+        except NetworkError as e:
+            raise SlicerError(f"{rec.hostname}: network setup failed: {e}", "network_failed") from e
+        try:
             vm = await self.driver.start(spec, restore_from)
             if vm.state == VMState.PAUSED:
                 await vm.resume()
-        except VMMError as e:
+        except BaseException as e:
+            spec.net.close()
             if vm is not None:
                 await vm.kill()
+            await gnet.detach(rec.hostname, rec.ip, node.run_dir)
+            if not isinstance(e, VMMError):
+                raise
             if restore_from is not None:
                 telemetry.RESTORES.labels(rec.hostgroup, boot, "failed").inc()
             if template is None:
@@ -333,6 +353,7 @@ class Manager(SnapshotActions):
             self.store.put(rec)
             self._collect_templates()
             return await self._launch(node, group)
+        spec.net.close()  # QEMU holds the TAP now; it goes away with QEMU
         node.attach(vm, boot)
         if restore_from is not None:
             telemetry.RESTORES.labels(rec.hostgroup, boot, "ok").inc()
@@ -346,6 +367,8 @@ class Manager(SnapshotActions):
         assert vm is not None
         code = await vm.wait()
         node.rebooted.set()  # wakes the provisioner of this VM, which then sees it stopped and ends
+        if node.vm is vm:  # not yet relaunched: its link goes with it
+            await self._detach(node)
         if node.vm is not vm or node.stopping:
             return
         if code == 0:
@@ -446,6 +469,7 @@ class Manager(SnapshotActions):
         node.stopping = True
         if node.vm is not None:
             await node.vm.kill()
+        await self._detach(node)
         if node.agent is not None:
             await node.agent.aclose()
         remove_disk = not node.record.persistent
@@ -455,6 +479,12 @@ class Manager(SnapshotActions):
         if remove_disk and node.record.template and node.record.template not in self._templates_in_use():
             self._collect_templates()  # its last clone is gone: a stale template may go too
         return remove_disk
+
+    async def _detach(self, node: Node) -> None:
+        try:
+            await self.net.group(node.record.hostgroup).detach(node.hostname, node.record.ip, node.run_dir)
+        except (NetworkError, KeyError) as e:
+            log.warning("%s: network cleanup: %s", node.hostname, e)
 
     def _remove_files(self, rec: NodeRecord, disk: bool) -> None:
         if disk:

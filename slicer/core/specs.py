@@ -6,16 +6,19 @@ from pathlib import Path
 
 from slicer.core.config import HostGroup
 from slicer.image.build import GuestImage
+from slicer.net import GroupNetwork
 from slicer.vmm.base import VMSpec
 
 
-def vm_spec(image: GuestImage, group: HostGroup, *, name: str, cpus: int, ram_bytes: int, ip: str,
-            disk: Path, run_dir: Path) -> VMSpec:
-    net = group.network.interface
+def vm_spec(image: GuestImage, group: HostGroup, net: GroupNetwork, *, name: str, cpus: int, ram_bytes: int,
+            ip: str, disk: Path, run_dir: Path) -> VMSpec:
+    """The VM's spec with a placeholder NIC of the group's kind (``spec.net``); the caller
+    attaches the real one right before starting it."""
+    guest = net.addressing.guest(ip)
     return VMSpec(
         name=name, cpus=cpus, ram_bytes=ram_bytes,
         kernel=image.kernel, initrd=image.initrd, base_disk=image.rootfs,
         disk=disk, disk_size=group.disk_size, run_dir=run_dir,
-        ip_cidr=f"{ip}/{net.network.prefixlen}", gateway=str(net.ip),
-        dns=group.dns_servers, isolated=group.network.mode == "isolated",
+        ip_cidr=guest.ip_cidr, gateway=guest.gateway, mac=guest.mac,
+        dns=group.dns_servers, net=net.placeholder(run_dir),
     )

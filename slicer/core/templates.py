@@ -29,6 +29,7 @@ from slicer.core.node import Node
 from slicer.core.specs import vm_spec
 from slicer.core.state import NodeRecord, now_rfc3339
 from slicer.image.build import GuestImage
+from slicer.net import HostNetwork, NetworkError
 from slicer.vmm.base import Driver, VMMError, VMSpec, VMState
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,9 @@ class Templates:
     """The templates of every host group, one per VM size (cpus, RAM) asked for, at most
     ``MAX_SIZES`` sizes per group (further sizes boot cold)."""
 
-    def __init__(self, root: Path, run_root: Path, driver: Driver, image: GuestImage) -> None:
+    def __init__(self, root: Path, run_root: Path, driver: Driver, image: GuestImage, net: HostNetwork) -> None:
         self.root = root
+        self.net = net
         self.run_root = run_root
         self.driver = driver
         self.image = image
@@ -122,9 +124,10 @@ class Templates:
         """The template VM of ``group`` at ``size`` (default: the group's): a neutral name and address."""
         cpus, ram = size or (group.vcpu, group.ram)
         name = f"tpl-{group.name}-{cpus}c{ram >> 20}m"
-        ip = str(group.network.interface.network.network_address + 2)
+        gnet = self.net.group(group.name)
+        ip = str(gnet.addressing.pool[0])  # its NIC is connected to nothing: no clash with a VM's
         building = self.root / f".building-{name}"
-        spec = vm_spec(self.image, group, name=name, cpus=cpus, ram_bytes=ram, ip=ip,
+        spec = vm_spec(self.image, group, gnet, name=name, cpus=cpus, ram_bytes=ram, ip=ip,
                        disk=building / "disk.qcow2", run_dir=self.run_root / f".{name}")  # no VM's name
         spec.memory_file, spec.memory_shared = building / "ram", True
         return spec
@@ -181,7 +184,7 @@ class Templates:
                 return None
             try:
                 return await self._build(group, size)
-            except (SlicerError, VMMError, OSError, TimeoutError) as e:
+            except (SlicerError, VMMError, NetworkError, OSError, TimeoutError) as e:
                 self._failed_at[(group.name, size)] = time.monotonic()
                 log.error("template for host group %s could not be built: %s", group.name, e)
                 return None
@@ -202,7 +205,11 @@ class Templates:
         building.mkdir(parents=True)
         log.info("host group %s: building its template for %d vCPU / %d MiB (a cold boot, then a save)",
                  group.name, spec.cpus, spec.ram_bytes >> 20)
-        vm = await self.driver.start(spec)
+        spec.net = await self.net.group(group.name).template_device(spec.name, spec.run_dir)
+        try:
+            vm = await self.driver.start(spec)
+        finally:
+            spec.net.close()
         node = Node(NodeRecord(spec.name, group.name, "sandbox", spec.ip_cidr.split("/")[0], spec.cpus,
                                spec.ram_bytes, False, now_rfc3339(), str(spec.disk)), spec.run_dir)
         node.attach(vm)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,27 @@ class VMStateError(VMMError):
 
 
 @dataclass
+class NetDevice:
+    """What a VM's NIC is connected to on the host, as the network layer hands it over.
+
+    ``tap``: an open TAP descriptor (``fd``), passed to the VMM, which needs no privilege and no
+    path; ``stream``: a connected stream socket (``fd``) to a user-space network (passt);
+    ``user``: the VMM's own user-mode network (QEMU's slirp; only the benchmarks' baseline).
+    """
+
+    kind: str
+    fd: int | None = None
+    name: str = ""  # the host-side interface, for logs
+    pid: int | None = None  # the user-space network's process, if any
+
+    def close(self) -> None:
+        """Drop the daemon's descriptor once the VMM has its own."""
+        if self.fd is not None and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = None
+
+
+@dataclass
 class VMSpec:
     """Everything a driver needs to boot one VM. Paths are on the host."""
 
@@ -64,7 +86,8 @@ class VMSpec:
     ip_cidr: str  # e.g. 192.168.137.2/24
     gateway: str  # e.g. 192.168.137.1
     dns: list[str] = field(default_factory=list)
-    isolated: bool = False  # no egress from the guest
+    mac: str = ""  # the guest's, set by its init (a clone's by its identity reset)
+    net: NetDevice | None = None  # None: no NIC
     kernel_args: list[str] = field(default_factory=list)
     base_format: str = "raw"  # of base_disk: "raw" for the image, "qcow2" for a template disk
     # Guest RAM in a file rather than anonymous memory. ``memory_shared``: writes go to the file

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -258,6 +260,24 @@ class QemuVM(VM):
         return code
 
 
+def _nic(spec: VMSpec) -> list[str]:
+    """The NIC's arguments. Every clone of a template gets the template's NIC *kind*; the
+    descriptor or socket behind it is its own (left out of fingerprints)."""
+    dev = spec.net
+    if dev is None:
+        return []
+    if dev.kind == "tap":
+        netdev = f"tap,id=net0,fd={dev.fd}"
+    elif dev.kind == "stream":  # one end of a socket pair whose other end is passt's
+        netdev = f"stream,id=net0,server=off,addr.type=fd,addr.str={dev.fd}"
+    elif dev.kind == "user":  # slirp: guests reach the host's loopback through it; baseline only
+        net = ipaddress.IPv4Interface(spec.ip_cidr).network
+        netdev = f"user,id=net0,net={net},host={spec.gateway},ipv6=off"
+    else:
+        raise VMMError(f"unknown NIC kind {dev.kind!r}")
+    return ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
+
+
 class QemuDriver(Driver):
     name = "qemu"
 
@@ -277,15 +297,11 @@ class QemuDriver(Driver):
         ]
         if spec.dns:
             args.append("slicer.dns=" + ",".join(spec.dns))
+        if spec.mac:
+            args.append(f"slicer.mac={spec.mac}")
         if self.accelerator == "tcg" and (khz := tsc_khz()):
             args.append(f"tsc_early_khz={khz}")  # without it, 2 boots in 3 hang calibrating
         args += spec.kernel_args
-        net = spec.ip_cidr.split("/")
-        network = f"{spec.gateway}/{net[1]}" if len(net) == 2 else spec.gateway
-        prefix = spec.gateway.rsplit(".", 1)[0]
-        netdev = f"user,id=net0,net={network},host={spec.gateway},dns={prefix}.254,ipv6=off"
-        if spec.isolated:
-            netdev += ",restrict=on"
         accel = ["-accel", "tcg,thread=multi,tb-size=64", "-cpu", "max"]
         if self.accelerator == "kvm":
             accel = ["-accel", "kvm", "-cpu", "host"]
@@ -312,7 +328,7 @@ class QemuDriver(Driver):
             "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", " ".join(args),
             "-drive", f"id=root,file={spec.disk},format=qcow2,if=none,discard=unmap",
             "-device", "virtio-blk-device,drive=root",
-            "-netdev", netdev, "-device", "virtio-net-device,netdev=net0",
+            *_nic(spec),
             "-device", "virtio-rng-device",
             "-device", "virtio-serial-device",
             "-chardev", f"socket,id=channel0,path={spec.channel_socket},server=on,wait=off",
@@ -333,6 +349,7 @@ class QemuDriver(Driver):
         for arg in command:
             for real, mark in placeholders.items():
                 arg = arg.replace(real, mark)
+            arg = re.sub(r"\b(fd|addr\.str)=\d+", r"\1=FD", arg)
             h.update(arg.encode() + b"\0")
         for path in (spec.kernel, spec.initrd, spec.base_disk):
             st = path.stat()
@@ -356,10 +373,11 @@ class QemuDriver(Driver):
             (spec.run_dir / name).unlink(missing_ok=True)
         if not spec.disk.exists():
             await self.create_disk(spec)
+        fds = (spec.net.fd,) if spec.net is not None and spec.net.fd is not None else ()
         with open(spec.run_dir / "qemu.log", "wb") as qlog:
             proc = await asyncio.create_subprocess_exec(
                 *self.command(spec, incoming=restore_from is not None),
-                stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
+                stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog, pass_fds=fds,
                 start_new_session=True,  # Ctrl-C on the daemon must not kill guests uncleanly
             )
         vm = QemuVM(spec, proc)

@@ -29,4 +29,5 @@ async def info(request: Request) -> dict:
         "hypervisor": m.driver.name,
         "accelerator": m.driver.accelerator,
         "image": m.image.build_id,
+        "network": m.net.describe(),  # per host group: backend (bridge/isolated/passt) and addresses
     }

@@ -1,0 +1,242 @@
+"""One network backend per host group: what a VM's NIC is attached to on the host."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slicer.net.addressing import Addressing
+from slicer.net.firewall import IsolatedGroup, guard, isolated_elements, port_elements
+from slicer.net.system import NetworkError, ifname, ip_batch, link_exists, netns_sysctls, nft, run, sysctl
+from slicer.vmm.base import NetDevice
+
+if TYPE_CHECKING:
+    from slicer.core.config import HostGroup
+    from slicer.net.host import HostNetwork
+
+MAX_TAPS = 10000
+
+
+class GroupNetwork(abc.ABC):
+    mode: str
+    device_kind: str = "tap"
+
+    def __init__(self, group: HostGroup, host: HostNetwork) -> None:
+        self.group = group
+        self.host = host
+        self._addressing: Addressing | None = None
+
+    @property
+    def addressing(self) -> Addressing:
+        if self._addressing is None:
+            raise NetworkError(f"host group {self.group.name}: network not set up yet")
+        return self._addressing
+
+    @addressing.setter
+    def addressing(self, value: Addressing) -> None:
+        self._addressing = value
+
+    async def setup(self) -> None:
+        """Make what the group shares (a bridge); called once at daemon start."""
+        return None
+
+    async def teardown(self) -> None:
+        """Remove what :meth:`setup` made; idempotent."""
+        return None
+
+    @abc.abstractmethod
+    async def attach(self, name: str, ip: str, run_dir: Path) -> NetDevice:
+        """Make VM ``name``'s link to the network; the caller closes the device's descriptor once
+        the VMM holds it. Replaces whatever an earlier attach of the same VM left."""
+
+    @abc.abstractmethod
+    async def detach(self, name: str, ip: str, run_dir: Path) -> None:
+        """Remove what :meth:`attach` made; idempotent."""
+
+    def placeholder(self, run_dir: Path) -> NetDevice:
+        """A device of the kind this group hands out, for command lines that are only digested."""
+        return NetDevice(self.device_kind, fd=-1)
+
+    async def template_device(self, name: str, run_dir: Path) -> NetDevice:
+        """A NIC connected to nothing, for a template VM: its clones get their own links."""
+        return NetDevice("tap", fd=self.host.open_tap(ifname("x" + self.host.tag, name)))
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, **self.addressing.describe()}
+
+
+class BridgeNetwork(GroupNetwork):
+    """A Linux bridge with the gateway address; each VM's TAP is a port of it."""
+
+    mode = "bridge"
+
+    def __init__(self, group: HostGroup, host: HostNetwork) -> None:
+        super().__init__(group, host)
+        self.bridge = group.network.bridge or ifname("sb" + host.tag, group.name)
+        self.tap_prefix = group.network.tap_prefix or f"st{host.tag}"
+        self.taps: dict[str, str] = {}  # VM name → its TAP's name
+
+    async def setup(self) -> None:
+        if not await link_exists(self.bridge):
+            await run("ip", "link", "add", self.bridge, "type", "bridge")
+            self.host.created_bridge(self.bridge)
+        gw = self.addressing.gateway
+        await ip_batch([f"addr flush dev {self.bridge}", f"addr add {gw} dev {self.bridge}",
+                        f"link set {self.bridge} up"])
+        with contextlib.suppress(OSError):  # keep the host's IPv6 off the VMs' segment
+            sysctl(f"net.ipv6.conf.{self.bridge}.disable_ipv6", "1")
+
+    async def teardown(self) -> None:
+        if self.host.owns_bridge(self.bridge):
+            await run("ip", "link", "del", self.bridge, check=False)
+            self.host.forget_bridge(self.bridge)
+        else:
+            await run("ip", "addr", "del", str(self.addressing.gateway), "dev", self.bridge, check=False)
+
+    def _open(self, name: str) -> tuple[str, int]:
+        in_use = set(self.taps.values())
+        for i in range(MAX_TAPS):
+            tap = f"{self.tap_prefix}{i}"
+            if tap in in_use:
+                continue
+            try:
+                return tap, self.host.open_tap(tap)
+            except OSError as e:
+                if e.errno != errno.EBUSY:  # busy: still held by a VM on its way out
+                    raise NetworkError(f"cannot create TAP {tap}: {e}") from e
+        raise NetworkError(f"no free TAP name with prefix {self.tap_prefix}")
+
+    async def attach(self, name: str, ip: str, run_dir: Path) -> NetDevice:
+        await self.detach(name, ip, run_dir)
+        tap, fd = self._open(name)
+        self.taps[name] = tap
+        try:
+            mac = self.addressing.guest(ip).mac
+            await nft(port_elements(self.host.table, tap, mac, ip))
+            await ip_batch([f"link set {tap} master {self.bridge}", f"link set {tap} up"])
+        except BaseException:
+            os.close(fd)
+            self.taps.pop(name, None)
+            raise
+        return NetDevice("tap", fd=fd, name=tap)
+
+    async def detach(self, name: str, ip: str, run_dir: Path) -> None:
+        tap = self.taps.pop(name, None)
+        if tap is not None:  # the TAP itself goes with the last descriptor (QEMU's)
+            mac = self.addressing.guest(ip).mac
+            table = self.host.table
+            await nft(port_elements(table, tap, mac, ip) + port_elements(table, tap, mac, ip, "delete"))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "bridge": self.bridge, "tap_prefix": self.tap_prefix}
+
+
+class IsolatedNetwork(GroupNetwork):
+    """Each VM's TAP in a network namespace of its own, routed to the host over a veth pair;
+    the host's rules keep it from other VMs and from the host, and apply allow/drop."""
+
+    mode = "isolated"
+
+    @property
+    def firewall(self) -> IsolatedGroup:
+        net = self.group.network
+        return IsolatedGroup(self.group.name, str(self.addressing.range), list(net.allow), list(net.drop),
+                             list(self.group.dns_servers))
+
+    def netns(self, name: str) -> str:
+        return f"slicer-{self.host.tag}-{name}"
+
+    def veth(self, name: str) -> str:
+        return ifname(f"s{self.host.tag}-", name)
+
+    async def attach(self, name: str, ip: str, run_dir: Path) -> NetDevice:
+        await self.detach(name, ip, run_dir)
+        ns, veth, guest = self.netns(name), self.veth(name), self.addressing.guest(ip)
+        staging = ifname(f"t{self.host.tag}-", name)  # the TAP's name until it is in its namespace
+        await run("ip", "netns", "add", ns)
+        fd = -1
+        try:
+            fd = self.host.open_tap(staging)
+            await ip_batch([f"link add {veth} type veth peer name veth0 netns {ns}",
+                            f"link set {staging} netns {ns}", f"link set {veth} up",
+                            f"route replace {ip}/32 dev {veth}"])
+            sysctl(f"net.ipv4.conf.{veth}.proxy_arp", "1")  # answers the namespace for the world
+            sysctl(f"net.ipv6.conf.{veth}.disable_ipv6", "1")
+            await netns_sysctls(ns, {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv4.ip_forward": "1",
+                                     "net.ipv4.conf.veth0.proxy_arp": "1"})
+            await ip_batch(["link set lo up", f"link set {staging} name tap0", f"addr add {guest.gateway}/30 dev tap0",
+                            "link set tap0 up", "link set veth0 up", "route add default dev veth0"], netns=ns)
+            await nft(guard("tap0", guest.mac, ip), netns=ns)
+            await nft(isolated_elements(self.host.table, veth, self.firewall))
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            await self.detach(name, ip, run_dir)
+            raise
+        return NetDevice("tap", fd=fd, name=veth)
+
+    async def detach(self, name: str, ip: str, run_dir: Path) -> None:
+        veth, table, fw = self.veth(name), self.host.table, self.firewall
+        if os.path.exists(f"/run/netns/{self.netns(name)}"):
+            await run("ip", "netns", "del", self.netns(name), check=False)  # the veth pair goes with it
+            await nft(isolated_elements(table, veth, fw) + isolated_elements(table, veth, fw, "delete"),
+                      check=False)
+
+
+class PasstNetwork(GroupNetwork):
+    """A passt process per VM (no privileges needed): the guest's traffic leaves through the
+    host's sockets. ``--no-map-gw``: the gateway address does not lead to the host's loopback.
+    It talks to QEMU over a socket pair and ends when QEMU does."""
+
+    mode = "passt"
+    device_kind = "stream"
+
+    def __init__(self, group: HostGroup, host: HostNetwork) -> None:
+        super().__init__(group, host)
+        self._passt: dict[str, int | None] = {}  # VM name → its passt's PID
+
+    async def _start(self, ip: str, gateway: str, run_dir: Path) -> NetDevice:
+        """passt on one end of a socket pair, QEMU on the other: no path, and passt ends by
+        itself when QEMU's end closes (the VM's process is gone)."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        dns = [a for d in self.group.dns_servers for a in ("--dns", d)] or ["--dns", ""]
+        argv = ["passt", "--foreground", "--ipv4-only", "--quiet", "--no-map-gw",
+                "--tcp-ports", "none", "--udp-ports", "none", "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra",
+                "--fd", str(theirs.fileno()), "--address", ip,
+                "--netmask", str(self.addressing.network.prefixlen), "--gateway", gateway, *dns]
+        try:
+            with open(run_dir / "passt.log", "wb") as log:
+                proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                                                            stderr=log, start_new_session=True,
+                                                            pass_fds=(theirs.fileno(),))
+        except OSError as e:
+            ours.close()
+            raise NetworkError(f"passt did not start: {e}") from e
+        finally:
+            theirs.close()
+        self.host.track(proc)
+        return NetDevice("stream", fd=ours.detach(), pid=proc.pid)
+
+    async def attach(self, name: str, ip: str, run_dir: Path) -> NetDevice:
+        await self.detach(name, ip, run_dir)
+        dev = await self._start(ip, self.addressing.guest(ip).gateway, run_dir)
+        self._passt[name] = dev.pid
+        return dev
+
+    async def template_device(self, name: str, run_dir: Path) -> NetDevice:
+        first = str(self.addressing.pool[0])
+        return await self._start(first, self.addressing.guest(first).gateway, run_dir)
+
+    async def detach(self, name: str, ip: str, run_dir: Path) -> None:
+        pid = self._passt.pop(name, None)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)  # our child until reaped: the PID cannot be reused

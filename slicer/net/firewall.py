@@ -1,0 +1,133 @@
+"""The nftables rules of one daemon: two tables named ``slicer_<tag>`` (families ``bridge`` and
+``inet``), written whole and replaced in one transaction; VMs come and go as set elements.
+
+Why the ``nft`` command rather than libnftables' Python binding: a script is one atomic
+transaction, readable in logs and docs as it is, and the daemon does not depend on the system
+Python's ``python3-nftables`` matching the interpreter it runs on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class IsolatedGroup:
+    name: str
+    range: str
+    allow: list[str] = field(default_factory=list)
+    drop: list[str] = field(default_factory=list)
+    dns: list[str] = field(default_factory=list)
+
+    @property
+    def set_name(self) -> str:
+        return "iso_" + self.name.replace("-", "_")
+
+
+def _elements(values: list[str], quote: bool = False) -> str:
+    if not values:
+        return ""
+    items = ", ".join(f'"{v}"' if quote else v for v in values)
+    return f" elements = {{ {items} }};"
+
+
+def ruleset(table: str, bridges: list[str], bridge_nets: list[str], isolated: list[IsolatedGroup]) -> str:
+    """The daemon's whole ruleset, replacing any earlier one of the same name."""
+    iso_nets = [g.range for g in isolated]
+    group_sets = "".join(f"  set {g.set_name} {{ type ifname; }}\n" for g in isolated)
+    jumps = "".join(f"    iifname @{g.set_name} jump {g.set_name}\n" for g in isolated)
+    chains = "".join(_group_chain(g) for g in isolated)
+    return f"""\
+add table bridge {table}
+delete table bridge {table}
+add table inet {table}
+delete table inet {table}
+table bridge {table} {{
+  # Anti-spoofing: a frame from a VM's port must carry that VM's MAC, and its IPv4 or ARP
+  # sender address must be the VM's; nothing else (IPv6, VLANs, other protocols) gets in.
+  set ports {{ type ifname; }}
+  set macs {{ type ifname . ether_addr; }}
+  set ips {{ type ifname . ether_addr . ipv4_addr; }}
+  chain prerouting {{
+    type filter hook prerouting priority -200; policy accept;
+    iifname != @ports accept
+    iifname . ether saddr != @macs drop
+    ether type arp iifname . arp saddr ether . arp saddr ip != @ips drop
+    ether type ip iifname . ether saddr . ip saddr != @ips drop
+    ether type != {{ ip, arp }} drop
+  }}
+}}
+table inet {table} {{
+  set bridges {{ type ifname;{_elements(bridges, quote=True)} }}
+  set bridge_nets {{ type ipv4_addr; flags interval;{_elements(bridge_nets)} }}
+  set isolated {{ type ifname; }}
+  set isolated_nets {{ type ipv4_addr; flags interval;{_elements(iso_nets)} }}
+{group_sets}  chain input {{
+    type filter hook input priority -10; policy accept;
+    # An isolated VM reaches nothing on the host (replies to the host's own connections pass).
+    iifname @isolated ct state established,related accept
+    iifname @isolated drop
+    # Never the host's loopback, whatever route_localnet says.
+    iifname @bridges ip daddr 127.0.0.0/8 drop
+  }}
+  chain forward {{
+    type filter hook forward priority -10; policy accept;
+    ct state established,related accept
+    iifname @isolated oifname @isolated drop
+    iifname @isolated oifname @bridges drop
+    iifname @bridges oifname @isolated drop
+{jumps}  }}
+{chains}  chain postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    ip saddr @bridge_nets ip daddr != @bridge_nets oifname != @bridges masquerade
+    ip saddr @isolated_nets ip daddr != @isolated_nets oifname != @isolated masquerade
+  }}
+}}
+"""
+
+
+def _group_chain(g: IsolatedGroup) -> str:
+    """Slicer's egress rules for an isolated group: only ``drop`` → all else allowed; only
+    ``allow`` → all else blocked; neither → everything. DNS to the group's servers always passes."""
+    lines = []
+    if g.dns:
+        servers = ", ".join(g.dns)
+        lines += [f"ip daddr {{ {servers} }} udp dport 53 accept", f"ip daddr {{ {servers} }} tcp dport 53 accept"]
+    if g.drop:
+        lines.append(f"ip daddr {{ {', '.join(g.drop)} }} drop")
+    if g.allow:
+        lines.append(f"ip daddr != {{ {', '.join(g.allow)} }} drop")
+    body = "".join(f"    {line}\n" for line in lines)
+    return f"  chain {g.set_name} {{\n{body}  }}\n"
+
+
+def port_elements(table: str, tap: str, mac: str, ip: str, verb: str = "add") -> str:
+    return (f'{verb} element bridge {table} ports {{ "{tap}" }}\n'
+            f'{verb} element bridge {table} macs {{ "{tap}" . {mac} }}\n'
+            f'{verb} element bridge {table} ips {{ "{tap}" . {mac} . {ip} }}\n')
+
+
+def isolated_elements(table: str, veth: str, group: IsolatedGroup, verb: str = "add") -> str:
+    return (f'{verb} element inet {table} isolated {{ "{veth}" }}\n'
+            f'{verb} element inet {table} {group.set_name} {{ "{veth}" }}\n')
+
+
+def guard(tap: str, mac: str, ip: str) -> str:
+    """Anti-spoofing inside an isolated VM's namespace (its TAP is routed, not bridged)."""
+    return f"""\
+table inet guard {{
+  chain prerouting {{
+    type filter hook prerouting priority -300; policy accept;
+    iifname "{tap}" ether saddr != {mac} drop
+    iifname "{tap}" meta nfproto ipv4 ip saddr != {ip} drop
+    iifname "{tap}" meta nfproto ipv6 drop
+  }}
+}}
+table arp guard {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "{tap}" arp saddr ether != {mac} drop
+    iifname "{tap}" arp saddr ip != {ip} drop
+  }}
+}}
+"""

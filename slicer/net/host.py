@@ -1,0 +1,149 @@
+"""The daemon's side of guest networking: every group's backend, the firewall, and cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slicer.net.addressing import Addressing
+from slicer.net.backends import BridgeNetwork, GroupNetwork, IsolatedNetwork, PasstNetwork
+from slicer.net.firewall import ruleset
+from slicer.net.system import NetworkError, has_net_admin, host_networks, netns_names, nft, run, sysctl
+from slicer.net.tap import open_tap
+
+if TYPE_CHECKING:
+    from slicer.core.config import HostGroup
+
+log = logging.getLogger(__name__)
+BACKENDS: dict[str, type[GroupNetwork]] = {"bridge": BridgeNetwork, "isolated": IsolatedNetwork,
+                                           "passt": PasstNetwork}
+
+__all__ = ["HostNetwork", "NetworkError"]
+
+
+class HostNetwork:
+    """Owns every name it makes: bridges, namespaces and nftables tables carry a tag derived
+    from the data directory, so two daemons on one host never touch each other's."""
+
+    def __init__(self, groups: list[HostGroup], data_dir: Path) -> None:
+        self.tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:4]
+        self.table = f"slicer_{self.tag}"
+        self._record = data_dir / "run" / "network.json"
+        self._procs: set[asyncio.subprocess.Process] = set()
+        admin = has_net_admin()
+        self.groups: dict[str, GroupNetwork] = {}
+        for g in groups:
+            mode = g.network.mode or ("bridge" if admin else "passt")
+            if mode != "passt" and not admin:
+                raise NetworkError(f"host group {g.name}: network mode {mode} needs CAP_NET_ADMIN (run the "
+                                   "daemon as root), or set network.mode: passt")
+            tool = "passt" if mode == "passt" else "nft"
+            if shutil.which(tool) is None:
+                raise NetworkError(f"host group {g.name}: network mode {mode} needs `{tool}`: install Debian's "
+                                   f"{'passt' if mode == 'passt' else 'nftables'} package")
+            self.groups[g.name] = BACKENDS[mode](g, self)
+
+    def group(self, name: str) -> GroupNetwork:
+        return self.groups[name]
+
+    @property
+    def _kernel_groups(self) -> list[GroupNetwork]:
+        return [g for g in self.groups.values() if g.mode != "passt"]
+
+    # -- what this daemon made (kept across a crash) ------------------------------------------------
+    def _bridges_made(self) -> list[str]:
+        try:
+            return list(json.loads(self._record.read_text()).get("bridges", []))
+        except (OSError, ValueError):
+            return []
+
+    def _save(self, bridges: list[str]) -> None:
+        self._record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"bridges": sorted(set(bridges))}))
+        tmp.replace(self._record)
+
+    def created_bridge(self, name: str) -> None:
+        self._save([*self._bridges_made(), name])
+
+    def owns_bridge(self, name: str) -> bool:
+        return name in self._bridges_made()
+
+    def forget_bridge(self, name: str) -> None:
+        self._save([b for b in self._bridges_made() if b != name])
+
+    def open_tap(self, name: str) -> int:
+        return open_tap(name)
+
+    def track(self, proc: asyncio.subprocess.Process) -> None:
+        """Keep a helper process (passt) referenced until it ends."""
+        self._procs.add(proc)
+        asyncio.get_running_loop().create_task(proc.wait()).add_done_callback(lambda _: self._procs.discard(proc))
+
+    # -- daemon lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Remove what an earlier daemon of this data dir left, pick the groups' addresses, make
+        the bridges and load the firewall. Errors name the group and the key to change."""
+        await self._remove_namespaces()
+        bridges = {g.bridge for g in self.groups.values() if isinstance(g, BridgeNetwork)}
+        for stale in set(self._bridges_made()) - bridges:
+            await run("ip", "link", "del", stale, check=False)
+            self.forget_bridge(stale)
+        host = [(i, ipaddress.IPv4Network(c, strict=False)) for i, c in await host_networks() if i not in bridges]
+        taken = [n for _, n in host]
+        for g in self.groups.values():  # explicit subnets first: defaults must avoid them
+            net = g.group.network
+            explicit = net.gateway or (net.mode == "isolated" and net.range)
+            if explicit:
+                g.addressing = Addressing(g.group, self.tag + g.group.name, taken)
+                clash = next(((i, n) for i, n in host if n.overlaps(g.addressing.network)), None)
+                if clash and g.mode != "passt":
+                    raise NetworkError(f"host group {g.group.name}: network {g.addressing.network} overlaps "
+                                       f"{clash[1]} on host interface {clash[0]}; choose another network.gateway "
+                                       "or network.range")
+                taken.append(g.addressing.network)
+        for g in self.groups.values():
+            if g._addressing is None:
+                try:
+                    g.addressing = Addressing(g.group, self.tag + g.group.name, taken)
+                except ValueError as e:
+                    raise NetworkError(f"host group {g.group.name}: {e}; set network.gateway or range") from e
+                taken.append(g.addressing.network)
+            log.info("host group %s: network %s", g.group.name, g.describe())
+        if not self._kernel_groups:
+            return
+        sysctl("net.ipv4.ip_forward", "1")
+        for g in self._kernel_groups:
+            await g.setup()
+        iso = [g.firewall for g in self.groups.values() if isinstance(g, IsolatedNetwork)]
+        br = [g for g in self.groups.values() if isinstance(g, BridgeNetwork)]
+        await nft(ruleset(self.table, [g.bridge for g in br], [str(g.addressing.network) for g in br], iso))
+
+    async def stop(self) -> None:
+        """Remove everything :meth:`start` and the VMs' attaches made; idempotent."""
+        await self._remove_namespaces()
+        if self._kernel_groups or self._bridges_made():
+            t = self.table
+            await nft(f"add table bridge {t}\ndelete table bridge {t}\nadd table inet {t}\ndelete table inet {t}\n",
+                      check=False)
+        for g in self._kernel_groups:
+            with contextlib.suppress(NetworkError):
+                await g.teardown()
+        for proc in list(self._procs):
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+
+    async def _remove_namespaces(self) -> None:
+        for ns in netns_names():
+            if ns.startswith(f"slicer-{self.tag}-"):
+                await run("ip", "netns", "del", ns, check=False)
+
+    def describe(self) -> dict:
+        return {name: g.describe() for name, g in self.groups.items() if g._addressing is not None}

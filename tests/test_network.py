@@ -1,0 +1,266 @@
+"""Guest networking with real kernel networking: bridge, isolated and passt groups.
+
+The session runs in a network namespace of its own (conftest); the "outside world" is one more
+namespace made here, joined by a veth, serving HTTP on 198.51.100.10 and .11 and DNS on .10
+(documentation addresses). No traffic leaves these namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Daemon
+
+UP_A, UP_B, HOST_UP = "198.51.100.10", "198.51.100.11", "198.51.100.1"
+
+CONFIG = """
+config:
+  host_groups:
+  - name: br
+    count: 0
+    vcpu: 1
+    ram_mb: 384
+    storage_size: 2G
+    dns_servers: [198.51.100.10]
+  - name: iso
+    count: 0
+    vcpu: 1
+    ram_mb: 384
+    storage_size: 2G
+    dns_servers: [198.51.100.10]
+    network: {mode: isolated, drop: [198.51.100.11/32]}
+  - name: isoa
+    count: 0
+    vcpu: 1
+    ram_mb: 384
+    storage_size: 2G
+    boot: cold
+    dns_servers: [198.51.100.10]
+    network: {mode: isolated, allow: [198.51.100.11/32]}
+  - name: pst
+    count: 0
+    vcpu: 1
+    ram_mb: 384
+    storage_size: 2G
+    boot: cold
+    dns_servers: [198.51.100.10]
+    network: {mode: passt}
+  api:
+    bind_address: 127.0.0.1
+    port: PORT
+"""
+
+
+def sh(*cmd: str, check: bool = True) -> str:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True).stdout
+
+
+class Upstream:
+    """A namespace standing for the internet: HTTP on two addresses, DNS for upstream.test."""
+
+    def __init__(self) -> None:
+        self.ns = f"slt-up-{os.getpid()}"
+        self.dir = Path(tempfile.mkdtemp(prefix="slt-up-"))
+        (self.dir / "index.html").write_text("upstream-ok\n")
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "link", "add", "sltup0", "type", "veth", "peer", "name", "eth0", "netns", self.ns)
+        sh("ip", "addr", "add", f"{HOST_UP}/24", "dev", "sltup0")
+        sh("ip", "link", "set", "sltup0", "up")
+        for cmd in (f"addr add {UP_A}/24 dev eth0", f"addr add {UP_B}/24 dev eth0", "link set eth0 up",
+                    "link set lo up", f"route add default via {HOST_UP}"):
+            sh("ip", "-n", self.ns, *cmd.split())
+        sh("ip", "route", "replace", "default", "via", UP_A)  # passt needs a default route to pick its interface
+        ns_exec = ["ip", "netns", "exec", self.ns]
+        self.http_log = open(self.dir / "http.log", "wb")
+        self.procs = [
+            subprocess.Popen([*ns_exec, sys.executable, "-m", "http.server", "80", "--directory", str(self.dir)],
+                             stdout=self.http_log, stderr=self.http_log),
+            subprocess.Popen([*ns_exec, "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
+                              f"--listen-address={UP_A}", f"--address=/upstream.test/{UP_B}", "--user=root"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        ]
+        time.sleep(1)
+
+    def clients(self) -> str:
+        return (self.dir / "http.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        sh("ip", "route", "del", "default", check=False)
+        sh("ip", "netns", "del", self.ns, check=False)
+
+
+class HostService:
+    """A TCP service of the host's (on every address), answering 'host-ok'."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("0.0.0.0", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(100)  # the probe's request, then the answer
+                    conn.sendall(b"host-ok\n")
+                except OSError:
+                    pass
+
+
+@pytest.fixture(scope="module")
+def net(guest_image):
+    up = Upstream()
+    d = Daemon(CONFIG).start()
+    host = HostService()
+    yield d, up, host
+    d.cleanup()
+    host.sock.close()
+    up.close()
+
+
+@pytest.fixture(scope="module")
+def vms(net):
+    d, _, _ = net
+    made = {}
+    with d.client() as c:
+        for group, n in (("br", 2), ("iso", 2), ("isoa", 1), ("pst", 1)):
+            for _ in range(n):
+                r = c.post(f"/hostgroup/{group}/nodes?wait=agent&timeout=300s", json={})
+                assert r.status_code == 201, r.text
+                made.setdefault(group, []).append(r.json())
+    return made
+
+
+def guest(d: Daemon, vm: str, script: str) -> str:
+    with d.client() as c:
+        r = c.post(f"/vm/{vm}/exec", params={"cmd": "bash", "args": ["-c", script], "buffered": "true"})
+    assert r.status_code == 200, r.text
+    return r.json()["stdout"]
+
+
+PROBE = ("probe() { timeout 6 bash -c \"exec 3<>/dev/tcp/$1/$2 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 "
+         "&& head -c 400 <&3\" 2>/dev/null || echo closed; }; ")
+
+
+def probe(d: Daemon, vm: str, ip: str, port: int) -> str:
+    return guest(d, vm, PROBE + f"probe {ip} {port}").strip()
+
+
+def test_bridge_vms_reach_each_other_the_host_and_the_outside(net, vms):
+    d, up, host = net
+    (b1, b2) = vms["br"]
+    assert "SSH-2.0" in probe(d, b1["hostname"], b2["ip"], 22)  # VM to VM
+    assert "host-ok" in probe(d, b1["hostname"], HOST_UP, host.port)  # the host, on its own address
+    assert "upstream-ok" in probe(d, b1["hostname"], UP_A, 80)  # egress through NAT
+    assert f"{HOST_UP} " in up.clients() and b1["ip"] not in up.clients()  # masqueraded
+    with socket.create_connection((b2["ip"], 22), timeout=10) as s:  # host to VM, at the ip /nodes reports
+        assert s.recv(7) == b"SSH-2.0"
+    view = next(n for n in d.client().get("/nodes").json() if n["hostname"] == b1["hostname"])
+    assert view["ip"] == b1["ip"]
+    assert guest(d, b1["hostname"], "ip -4 -o addr show eth0").split()[3].split("/")[0] == b1["ip"]
+
+
+def test_no_guest_reaches_host_loopback_services(net, vms):
+    """The API listens on 127.0.0.1: reachable from no guest, whatever address it tries."""
+    d, _, _ = net
+    for group in ("br", "iso", "pst"):
+        vm = vms[group][0]["hostname"]
+        gw = guest(d, vm, "ip route show default").split()[2]
+        for target in (gw, "127.0.0.1", HOST_UP):
+            answer = probe(d, vm, target, d.port)
+            assert "closed" in answer and "status" not in answer, (group, target, answer)
+
+
+def test_isolated_vms_reach_only_what_they_may(net, vms):
+    d, _, host = net
+    (i1, i2), (a1,) = vms["iso"], vms["isoa"]
+    vm = i1["hostname"]
+    assert "upstream-ok" in probe(d, vm, UP_A, 80)  # neither rule: allowed
+    assert probe(d, vm, UP_B, 80) == "closed"  # drop
+    assert probe(d, vm, i2["ip"], 22) == "closed"  # no VM to VM
+    assert probe(d, vm, vms["br"][0]["ip"], 22) == "closed"  # not even a bridge group's VM
+    assert probe(d, vm, HOST_UP, host.port) == "closed"  # not the host
+    assert UP_B in guest(d, vm, "getent hosts upstream.test")  # DNS works
+    assert i1["ip"] != i2["ip"] and guest(d, vm, "ip -4 -o addr show eth0").split()[3].endswith("/30")
+    only = a1["hostname"]
+    assert "upstream-ok" in probe(d, only, UP_B, 80)  # allow
+    assert probe(d, only, UP_A, 80) == "closed"  # everything else blocked
+    assert UP_B in guest(d, only, "getent hosts upstream.test")  # but DNS still passes
+
+
+def test_passt_group_has_egress(net, vms):
+    d, _, _ = net
+    (p1,) = vms["pst"]
+    assert "upstream-ok" in probe(d, p1["hostname"], UP_A, 80)
+    assert json.loads(d.client().get("/info").text)["network"]["pst"]["mode"] == "passt"
+
+
+@pytest.mark.parametrize("group", ["br", "iso"])
+def test_spoofed_addresses_get_nothing_through(net, vms, group):
+    d, _, host = net
+    vm, other = vms[group][1], vms[group][0]
+    target = (other["ip"], 22) if group == "br" else (UP_A, 80)
+    answer = "SSH-2.0" if group == "br" else "upstream-ok"
+    prefix = guest(d, vm["hostname"], "ip -4 -o addr show eth0").split()[3].split("/")[1]
+    gw = guest(d, vm["hostname"], "ip route show default").split()[2]
+    # bridge: an address nobody has, talking to a neighbour; isolated: another VM's address
+    fake_ip = other["ip"].rsplit(".", 1)[0] + ".250" if group == "br" else vms["isoa"][0]["ip"]
+    restore = f"ip addr flush dev eth0; ip addr add {vm['ip']}/{prefix} dev eth0; ip route replace default via {gw}"
+    spoof_ip = (f"ip addr flush dev eth0; ip addr add {fake_ip}/{prefix} dev eth0; "
+                f"ip route replace default via {gw}; " + PROBE + f"probe {target[0]} {target[1]}; " + restore)
+    assert answer not in guest(d, vm["hostname"], spoof_ip)
+    other_mac = "02:5c:" + ":".join(f"{int(b):02x}" for b in other["ip"].split("."))
+    spoof_mac = (f"ip link set eth0 address {other_mac}; " + PROBE + f"probe {target[0]} {target[1]}; "
+                 f"ip link set eth0 address {guest(d, vm['hostname'], 'cat /sys/class/net/eth0/address').strip()}")
+    assert answer not in guest(d, vm["hostname"], spoof_mac)
+    assert answer in probe(d, vm["hostname"], *target)  # itself again, it gets through
+
+
+def _ours(tag: str) -> dict:
+    links = [line.split(":")[1].strip().split("@")[0] for line in sh("ip", "-o", "link").splitlines()]
+    links = [name for name in links if tag in name]
+    tables = [t for t in sh("nft", "list", "tables").splitlines() if f"slicer_{tag}" in t]
+    netns = [n for n in sh("ip", "netns", "list").split() if f"slicer-{tag}-" in n]
+    return {"links": links, "tables": tables, "netns": netns}
+
+
+def test_restart_after_sigkill_reconciles_and_stop_removes_everything(net, vms):
+    d, _, _ = net
+    tag = d.client().get("/info").json()["network"]["br"]["bridge"][2:6]
+    before = _ours(tag)
+    assert len(before["tables"]) == 2 and len(before["netns"]) == 3 and f"sb{tag}br" in before["links"]
+    d.stop(signal.SIGKILL)
+    d.start()  # a new daemon on the same data dir: leftovers reconciled, not duplicated
+    after = _ours(tag)
+    assert after["netns"] == [] and len(after["tables"]) == 2
+    assert sorted(n for n in after["links"] if n.startswith("sb")) == [f"sb{tag}br"]
+    with d.client() as c:
+        r = c.post("/hostgroup/iso/nodes?wait=agent&timeout=300s", json={})
+        assert r.status_code == 201, r.text
+        assert "upstream-ok" in probe(d, r.json()["hostname"], UP_A, 80)
+        assert len(_ours(tag)["netns"]) == 1
+        assert c.delete(f"/hostgroup/iso/nodes/{r.json()['hostname']}").status_code == 200
+        assert _ours(tag)["netns"] == []
+    assert d.stop() == 0
+    assert _ours(tag) == {"links": [], "tables": [], "netns": []}
