@@ -56,7 +56,11 @@ def iperf(target: str, reverse: bool) -> str:
 
 
 def mbits(report: str) -> float:
-    return round(json.loads(report)["end"]["sum_received"]["bits_per_second"] / 1e6, 1)
+    try:
+        data = json.loads(report)
+        return round(data["end"]["sum_received"]["bits_per_second"] / 1e6, 1)
+    except (ValueError, KeyError):
+        raise RuntimeError(f"iperf3 failed: {report[-500:]}") from None
 
 
 async def run_in(client: httpx.AsyncClient, path: str, script: str) -> str:
@@ -67,8 +71,9 @@ async def run_in(client: httpx.AsyncClient, path: str, script: str) -> str:
 
 async def main(rounds: int) -> dict:
     private_netns()
-    server = subprocess.Popen(["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL)
-    work = Path(tempfile.mkdtemp(prefix="slb-net-", dir="/tmp"))
+    server = subprocess.Popen(["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    work = Path(tempfile.mkdtemp(prefix="sbn", dir="/tmp"))  # short: unix socket paths live under it
     (work / "images").symlink_to(IMAGES / "images")
     port = free_port()
     groups = "".join(f"""
@@ -98,6 +103,8 @@ async def main(rounds: int) -> dict:
         vms = {"br-1": None, "br-2": None, "iso-1": None, "pst-1": None}
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and not all(vms.values()):
+            if daemon.poll() is not None:
+                sys.exit(f"daemon exited: {(work / 'daemon.log').read_text()[-2000:]}")
             for h in vms:
                 try:
                     vms[h] = vms[h] or (await api.get(f"/vm/{h}/health")).status_code == 200
@@ -105,24 +112,45 @@ async def main(rounds: int) -> dict:
                     pass
             await asyncio.sleep(1)
         ips = {n["hostname"]: n["ip"] for n in (await api.get("/nodes")).json()}
-        await run_in(api, "/vm/br-2/exec", f"iperf3 -s -D -p {IPERF_PORT}")
+        for h in ("br-1", "br-2", "iso-1"):  # the host can open connections to these (not to passt/slirp VMs)
+            await run_in(api, f"/vm/{h}/exec", f"iperf3 -s -D -p {IPERF_PORT}")
         await asyncio.sleep(2)
-        # mode → (exec path, client, host address as the guest sees it)
-        modes = {"user": ("/exec", raw, "10.0.2.2"), "bridge": ("/vm/br-1/exec", api, HOST),
-                 "isolated": ("/vm/iso-1/exec", api, HOST), "passt": ("/vm/pst-1/exec", api, HOST)}
+        # mode → (exec path, client, whom the guest's iperf3 client targets, or None: the host's client
+        # targets the guest; an isolated guest may not open connections to the host)
+        modes = {"user": ("/exec", raw, "10.0.2.2"), "bridge": ("/vm/br-1/exec", api, None),
+                 "isolated": ("/vm/iso-1/exec", api, None), "passt": ("/vm/pst-1/exec", api, HOST)}
+        vm_of = {"bridge": "br-1", "isolated": "iso-1"}
         results: dict[str, dict[str, list[float]]] = {m: {"vm_to_host": [], "host_to_vm": []} for m in modes}
         results["bridge"]["vm_to_vm"] = []
+        errors: list[str] = []
         for _ in range(rounds):
             for mode, (path, client, host) in modes.items():
                 for key, reverse in (("vm_to_host", False), ("host_to_vm", True)):
-                    results[mode][key].append(mbits(await run_in(client, path, iperf(host, reverse))))
-            results["bridge"]["vm_to_vm"].append(mbits(await run_in(api, "/vm/br-1/exec", iperf(ips["br-2"], False))))
-        medians = {m: {k: round(statistics.median(v), 1) for k, v in r.items()} for m, r in results.items()}
+                    for attempt in range(3):  # an iperf3 server refuses for a moment between tests
+                        if host is None:  # the host's client: -R makes the guest send
+                            cmd = iperf(ips[vm_of[mode]], not reverse).split()
+                            run = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True)
+                            report = run.stdout
+                        else:
+                            report = await run_in(client, path, iperf(host, reverse))
+                        try:
+                            results[mode][key].append(mbits(report))
+                            break
+                        except RuntimeError as e:
+                            if attempt == 2:
+                                errors.append(f"{mode} {key}: {e}")
+                            await asyncio.sleep(1)
+            try:
+                report = await run_in(api, "/vm/br-1/exec", iperf(ips["br-2"], False))
+                results["bridge"]["vm_to_vm"].append(mbits(report))
+            except RuntimeError as e:
+                errors.append(f"bridge vm_to_vm: {e}")
+        medians = {m: {k: round(statistics.median(v), 1) for k, v in r.items() if v} for m, r in results.items()}
         base = medians["user"]
-        ratios = {m: {k: round(v / base[k], 2) for k, v in r.items() if k in base}
+        ratios = {m: {k: round(v / base[k], 2) for k, v in r.items() if base.get(k)}
                   for m, r in medians.items() if m != "user"}
         return {"seconds_per_run": SECONDS, "rounds": rounds, "unit": "Mbit/s (iperf3)", "median": medians,
-                "ratio_to_user_mode": ratios, "accelerator": accel}
+                "ratio_to_user_mode": ratios, "accelerator": accel, "errors": errors}
     finally:
         await vm.kill()
         daemon.terminate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 from fastapi import Request
@@ -10,26 +11,37 @@ from fastapi import Request
 from slicer.channel.duplex import DuplexResponse
 
 
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def relay(resp: httpx.Response | DuplexResponse, request: Request | None = None):
     """The agent's streamed body, closed when done or when our client goes away.
 
-    A silent stream (``sleep 600``) never fails a write, so with ``request`` given we also
-    listen for the client's disconnect and close the agent's stream then: the agent kills
-    the process when its stream closes."""
-
-    async def watch() -> None:
-        assert request is not None
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        await resp.aclose()
-
-    watcher = asyncio.ensure_future(watch()) if request is not None else None
+    A silent stream (``sleep 600``) never fails a write, so with ``request`` given each read
+    races the client's disconnect: when the client goes, the pending read is cancelled and the
+    agent's stream closed, and the agent kills the process when its stream closes."""
+    chunks = resp.aiter_raw().__aiter__()
+    gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
     try:
-        async for chunk in resp.aiter_raw():
+        while True:
+            read = asyncio.ensure_future(chunks.__anext__())
+            if gone is not None:
+                await asyncio.wait({read, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not read.done():
+                    read.cancel()
+                    with contextlib.suppress(BaseException):
+                        await read
+                    return
+            try:
+                chunk = await read
+            except StopAsyncIteration:
+                return
             yield chunk
     except (httpx.HTTPError, ConnectionError):
-        pass  # closed by the watcher, or the agent went away: nobody left to tell
+        pass  # the agent went away: nobody left to tell
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        if gone is not None:
+            gone.cancel()
         await resp.aclose()

@@ -45,11 +45,11 @@ class AgentClient:
         return r.json()
 
     async def send(self, method: str, path: str, *, params=None, content=None, json=None,
-                   timeout: float | None = None) -> httpx.Response:
+                   timeout=httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
         """A streamed request to the agent; the caller reads and closes the response.
+        ``timeout=None``: none (a command may run silently for as long as it likes).
         A non-2xx answer becomes the agent's error (same status and code)."""
-        req = self.http.build_request(method, path, params=params, content=content, json=json,
-                                      timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        req = self.http.build_request(method, path, params=params, content=content, json=json, timeout=timeout)
         try:
             resp = await self.http.send(req, stream=True)
         except httpx.WriteError as e:

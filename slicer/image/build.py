@@ -38,6 +38,7 @@ GUEST_PACKAGES = [
     "sudo",
     "less",
     "inotify-tools",
+    "iperf3",  # bench/net.py
 ]
 # Loaded in this order by the initramfs; dependencies found in each module are loaded first.
 GUEST_MODULES = [
