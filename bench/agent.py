@@ -98,6 +98,7 @@ config:
   api:
     bind_address: 127.0.0.1
     port: {port}
+    auth: {{enabled: false}}  # loopback of the benchmark's own network namespace
 """)
     daemon = subprocess.Popen(
         [sys.executable, "-m", "slicer", "up", str(work / "config.yaml"), "--data-dir", str(work), "--no-build"],

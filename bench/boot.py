@@ -43,6 +43,7 @@ config:
   api:
     bind_address: 127.0.0.1
     port: PORT
+    auth: {{enabled: false}}  # loopback of the benchmark's own network namespace
 """
 
 

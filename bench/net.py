@@ -84,7 +84,8 @@ async def main(rounds: int) -> dict:
     storage_size: 2G
     network: {{{net}}}""" for name, count, net in (("br", 2, "mode: bridge"), ("iso", 1, "mode: isolated"),
                                                    ("pst", 1, "mode: passt")))
-    (work / "config.yaml").write_text(f"config:\n  host_groups:{groups}\n  api:\n    port: {port}\n")
+    (work / "config.yaml").write_text(f"config:\n  host_groups:{groups}\n  api:\n    port: {port}\n"
+                                      "    auth: {enabled: false}\n")  # loopback of our own namespace
     log = open(work / "daemon.log", "wb")
     daemon = subprocess.Popen([sys.executable, "-m", "slicer", "up", str(work / "config.yaml"), "--data-dir",
                                str(work), "--no-build"], stdout=log, stderr=subprocess.STDOUT)

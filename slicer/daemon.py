@@ -48,6 +48,7 @@ def git_commit() -> str:
 
 def run_daemon(config: Config, data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)  # guest disks, memory, secrets, the token and the record live below
     image = current_image(data_dir)
     accel = choose_accelerator(QEMU_BINARY, image.kernel, image.initrd, image.directory.parent / "accel.json")
     log.info("hypervisor qemu microvm, accelerator %s, image %s", accel, image.build_id)

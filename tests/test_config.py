@@ -14,7 +14,7 @@ def test_default_config_is_one_small_vm():
     cfg = load_config(DEFAULT_CONFIG)
     (g,) = cfg.host_groups
     assert (g.name, g.count, g.vcpu, g.ram, g.disk_size) == ("vm", 1, 2, 1 << 30, 4 << 30)
-    assert cfg.api.port == 8080 and not cfg.api.auth.enabled
+    assert cfg.api.port == 8080 and cfg.api.auth.enabled  # safe default
 
 
 def test_slicer_style_config_parses():
@@ -69,6 +69,7 @@ config:
         ("host_groups: [{name: a, network: {mode: isolated, drop: [nonsense]}}]", "nonsense"),
         ("host_groups: [{name: a, count: 2, network: {mode: isolated, range: 169.254.0.0/30}}]", "count 2"),
         ("hypervisor: firecracker", "KVM"),
+        ("api: {bind_address: 0.0.0.0, auth: {enabled: false}}", "enable auth"),
     ],
 )
 def test_bad_configs_name_the_field(snippet, words):
@@ -91,6 +92,11 @@ config:
     assert [str(a) for a in cfg.group("a").network.pool()] == ["192.168.137.20", "192.168.137.21", "192.168.137.22"]
     assert [str(a) for a in cfg.group("b").network.pool()] == ["192.168.140.7", "192.168.140.9"]
     assert cfg.group("c").network.mode == "isolated"
+
+
+def test_auth_may_be_off_only_where_nobody_else_reaches():
+    for bind in ("127.0.0.1", "localhost", "::1", "/run/slicer.sock"):
+        load_config(f"config:\n  api: {{bind_address: '{bind}', auth: {{enabled: false}}}}")
 
 
 def test_config_must_be_yaml_mapping():

@@ -218,3 +218,20 @@ def test_a_failed_key_fetch_is_visible_not_fatal(api):
         assert warnings and "nobody-here" in warnings[0]
     finally:
         api.delete(f"/hostgroup/sbx/nodes/{h}")
+
+
+def test_empty_secrets_list_means_none(api):
+    """Omitted: every secret (Slicer's default); []: none at all."""
+    assert api.post("/secrets", json={"name": "for-all", "data": b64(b"x")}).status_code == 201
+    made = []
+    try:
+        for body in ({"secrets": []}, {}):
+            r = api.post("/hostgroup/sbx/nodes", params={"wait": "agent"}, json=body)
+            assert r.status_code == 201, r.text
+            made.append(r.json()["hostname"])
+        none, every = (guest(api, h, "ls -A /run/slicer/secrets 2>/dev/null; true").split() for h in made)
+        assert none == [] and "for-all" in every
+    finally:
+        for h in made:
+            api.delete(f"/hostgroup/sbx/nodes/{h}")
+        api.delete("/secrets/for-all")

@@ -95,10 +95,13 @@ def test_create_response_keys_and_unique_addresses(api, daemon):
         assert api.delete(f"/hostgroup/sbx/nodes/{body['hostname']}").status_code == 200
 
 
-def test_create_accepts_json_whatever_the_content_type(api):
-    # curl -d sends application/x-www-form-urlencoded; Slicer's clients are not strict either
+def test_create_needs_a_json_content_type(api):
+    # a form or text/plain body is what a web page can send anywhere without asking: refused
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+        r = api.post("/hostgroup/sbx/nodes", content=b'{"tags": ["form"]}', headers={"content-type": ctype})
+        assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type", r.text
     r = api.post("/hostgroup/sbx/nodes", content=b'{"tags": ["form"]}',
-                 headers={"content-type": "application/x-www-form-urlencoded"})
+                 headers={"content-type": "application/json; charset=utf-8"})  # what the Go SDK sends
     assert r.status_code == 201, r.text
     assert api.get(f"/vm/{r.json()['hostname']}").json()["tags"] == ["form"]
     assert api.delete(f"/hostgroup/sbx/nodes/{r.json()['hostname']}").status_code == 200
@@ -243,6 +246,29 @@ def test_auth_matrix(daemon):
         assert right.get("/info").status_code == 200
     token_file = daemon.data_dir / "auth" / "token"
     assert token_file.stat().st_mode & 0o777 == 0o600
+    assert daemon.data_dir.stat().st_mode & 0o777 == 0o700  # guest disks, memory, secrets below
+    assert (daemon.data_dir / "state.db").stat().st_mode & 0o777 == 0o600  # userdata and keys
+
+
+def test_browsers_cannot_drive_the_api(daemon, api):
+    """A web page can POST text/plain or open a WebSocket anywhere without asking: both refused."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    evil = {"Origin": "http://evil.example"}
+    r = api.post("/hostgroup/sbx/nodes", json={}, headers=evil)
+    assert r.status_code == 403 and r.json()["code"] == "cross_origin"
+    assert api.delete("/secrets/anything", headers=evil).status_code == 403
+    assert api.get("/nodes", headers=evil).status_code == 200  # reading is not changing
+    own = {"Origin": daemon.url}
+    assert api.post("/secrets", json={"name": "x", "data": "!"}, headers=own).json()["code"] == "invalid_base64"
+    r = api.post("/secrets", content=b'{"name": "plain", "data": "eA=="}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
+    assert all(s["name"] != "plain" for s in api.get("/secrets").json())
+    ws = daemon.url.replace("http", "ws") + "/vm/vm-1/shell"
+    with pytest.raises(InvalidStatus) as e:
+        connect(ws, additional_headers={"Authorization": f"Bearer {daemon.token}"}, origin="http://evil.example")
+    assert e.value.response.status_code == 403
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from typing import Literal, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from slicer.core.errors import BadRequest
+from slicer.core.errors import BadRequest, UnsupportedMediaType
 
 MAX_USERDATA = 1 << 20
 _GITHUB_USER = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})$"
@@ -34,7 +34,8 @@ class CreateNodeRequest(BaseModel):
     ssh_keys: list[str] = Field(default_factory=list, max_length=100)
     userdata: str | None = Field(default=None, max_length=MAX_USERDATA)
     tags: list[str] = Field(default_factory=list, max_length=64)
-    secrets: list[str] = Field(default_factory=list, max_length=256)
+    # None (omitted): every secret, as in Slicer; []: none; a list: exactly those
+    secrets: list[str] | None = Field(default=None, max_length=256)
     pci_devices: list[str] = Field(default_factory=list)
     # "cold" boots the kernel even when the group restores sandboxes from its template.
     boot: Literal["snapshot", "cold"] | None = None
@@ -74,8 +75,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 async def parse_body(request: Request, model: type[M], limit: int = 4 * MAX_USERDATA) -> M:
-    """The JSON body as ``model``, whatever the Content-Type (``curl -d`` sends a form type,
-    and Slicer's clients are not strict about it); an empty body is ``{}``."""
+    """The JSON body as ``model``; an empty body is ``{}``."""
     data = await read_json_object(request, limit)
     try:
         return model.model_validate(data)
@@ -84,12 +84,18 @@ async def parse_body(request: Request, model: type[M], limit: int = 4 * MAX_USER
 
 
 async def read_json_object(request: Request, limit: int = 4 * MAX_USERDATA) -> dict:
-    """The body as a JSON object, read with a size limit; an empty body is ``{}``."""
+    """The body as a JSON object, read with a size limit; an empty body is ``{}``. A body needs
+    a JSON Content-Type: a web page can send ``text/plain`` or a form anywhere without asking."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    json_type = media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
     raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > limit:  # checked while reading: a huge body is never held whole
             raise BadRequest(f"request body over {limit} bytes", "too_large")
+    if raw.strip() and not json_type:
+        raise UnsupportedMediaType(f"the body must be JSON with Content-Type: application/json, not {media or 'none'!r}"
+                                   " (curl: --json '{...}')")
     try:
         data = json.loads(raw) if raw.strip() else {}
     except ValueError:

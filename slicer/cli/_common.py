@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from slicer.client import APIError, ConnectionFailed, SlicerClient
+from slicer.client import APIError, ConnectionFailed, SlicerClient, UnsafeArchive
 
 out = Console()
 err = Console(stderr=True)
@@ -42,7 +42,7 @@ def handle(fn):
         return fn()
     except APIError as e:
         fail(f"{e.error} ({e.code}, HTTP {e.status})")
-    except ConnectionFailed as e:
+    except (ConnectionFailed, UnsafeArchive) as e:
         fail(str(e))
 
 

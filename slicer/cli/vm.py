@@ -87,6 +87,8 @@ def vm_add(
     import_user: Annotated[str | None, typer.Option(help="GitHub user whose keys to install.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag (repeatable).")] = None,
     secrets: Annotated[list[str] | None, typer.Option("--secrets", help="Only these secrets (repeatable).")] = None,
+    no_secrets: Annotated[bool, typer.Option("--no-secrets", help="No secrets at all (default: every secret).")]
+    = False,
     persistent: bool = False,
     cold: Annotated[bool, typer.Option("--cold", help="Boot the kernel, not a restore from the group's template.")]
     = False,
@@ -97,8 +99,11 @@ def vm_add(
     """Create a sandbox VM. Example: [bold]slicer vm add vm --tag ci --userdata-file setup.sh[/bold]"""
     if userdata_file:
         userdata = userdata_file.read_text()
+    if no_secrets and secrets:
+        fail("give --secrets or --no-secrets, not both")
     fields = {"cpus": cpus, "ram_bytes": int(ram_gb * (1 << 30)) if ram_gb else None, "userdata": userdata,
-              "ssh_keys": ssh_key or None, "import_user": import_user, "tags": tag or None, "secrets": secrets or None,
+              "ssh_keys": ssh_key or None, "import_user": import_user, "tags": tag or None,
+              "secrets": [] if no_secrets else secrets or None,
               "persistent": persistent or None, "boot": "cold" if cold else None}
     with client(url, token, token_file) as c, err.status(f"creating a VM in {group}" + (f", waiting for {wait}"
                                                                                           if wait else "")):

@@ -17,6 +17,7 @@ from slicer.client._errors import (
     NotFoundError,
     ServerError,
     SlicerError,
+    UnsafeArchive,
     WaitTimeoutError,
 )
 from slicer.client._models import (
@@ -34,6 +35,7 @@ from slicer.client._models import (
 from slicer.client._sync import SlicerClient
 
 __all__ = [
+    "UnsafeArchive",
     "APIError", "AsyncSlicerClient", "AuthenticationError", "BackgroundExec", "BadRequestError", "ConflictError",
     "ConnectionFailed", "CreatedNode", "ExecFrame", "ExecResult", "ForbiddenError", "GoneError", "Health",
     "HostGroup", "Info", "Node", "NodeStats", "NotFoundError", "Secret", "ServerError", "SlicerClient",

@@ -28,14 +28,17 @@ class Settings:
     @classmethod
     def resolve(cls, url: str | None = None, token: str | None = None, token_file: str | None = None) -> Settings:
         """Arguments first, then ``SLICER_URL``, ``SLICER_TOKEN``, ``SLICER_TOKEN_FILE``, then the
-        default token file if it is readable. A URL that is a path is a unix socket."""
+        daemon's token file on this host if it is readable (``$SLICER_DATA_DIR/auth/token``, else
+        /var/lib/slicer/auth/token). A URL that is a path is a unix socket."""
         url = url or os.environ.get("SLICER_URL") or DEFAULT_URL
         uds = None
         if url.startswith("unix:") or url.startswith("/"):
             uds, url = url.removeprefix("unix:"), "http://slicer"
         token = token or os.environ.get("SLICER_TOKEN")
         if not token:
-            path = token_file or os.environ.get("SLICER_TOKEN_FILE") or DEFAULT_TOKEN_FILE
+            data_dir = os.environ.get("SLICER_DATA_DIR")
+            default = os.path.join(data_dir, "auth", "token") if data_dir else DEFAULT_TOKEN_FILE
+            path = token_file or os.environ.get("SLICER_TOKEN_FILE") or default
             try:
                 token = open(path).read().strip() or None
             except OSError:

@@ -49,6 +49,10 @@ class ServerError(APIError):
     """5xx: the daemon or the agent failed."""
 
 
+class UnsafeArchive(SlicerError, ValueError):
+    """A tar from a guest would write outside its destination, or holds a device or FIFO."""
+
+
 class ConnectionFailed(SlicerError):
     """The daemon could not be reached."""
 

@@ -335,12 +335,11 @@ class _ChunkReader:
 
 
 def extract_tar(chunks: Iterator[bytes], dest: Path) -> None:
-    """Extract a streamed tar into ``dest``; the ``data`` filter refuses paths and links out."""
-    import tarfile
+    """Extract a streamed tar made by a guest into ``dest``, member by member under our own
+    rules (see :mod:`slicer.client._tar`): nothing lands outside ``dest``."""
+    from slicer.client._tar import extract
 
-    dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=_ChunkReader(chunks), mode="r|") as tf:
-        tf.extractall(dest, filter="data")
+    extract(_ChunkReader(chunks), dest)
 
 
 def _frames(resp: httpx.Response) -> Iterator[m.ExecFrame]:

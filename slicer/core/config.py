@@ -221,13 +221,27 @@ class HostGroup(_Strict):
 
 
 class AuthConfig(_Strict):
-    enabled: bool = False
+    enabled: bool = True  # off only when the config says so (and then only on loopback or a unix socket)
 
 
 class ApiConfig(_Strict):
     bind_address: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     auth: AuthConfig = AuthConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> ApiConfig:
+        if self.auth.enabled or self.unix_socket:
+            return self
+        host = self.bind_address.strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(f"bind_address {self.bind_address} with auth.enabled: false would let anyone who "
+                             "reaches it run commands in every VM; enable auth or bind to 127.0.0.1")
+        return self
 
     @property
     def unix_socket(self) -> str | None:

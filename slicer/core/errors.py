@@ -38,6 +38,10 @@ class Conflict(SlicerError):
     status, code = 409, "conflict"
 
 
+class UnsupportedMediaType(SlicerError):
+    status, code = 415, "unsupported_media_type"
+
+
 class WaitTimeout(SlicerError):
     status, code = 408, "timeout"
 

@@ -435,7 +435,7 @@ class Manager(SnapshotActions):
         return [line for line in r.text.splitlines() if line.strip()]
 
     async def _push_secrets(self, node: Node) -> None:
-        allowed = node.record.spec.get("secrets") or None
+        allowed = node.record.spec.get("secrets")  # None: all; []: none
         await node.running_agent().call("PUT", "/secrets", json=self.secrets.for_guest(allowed))
 
     async def sync_secrets(self) -> None:
