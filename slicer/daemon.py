@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import secrets
@@ -15,6 +16,7 @@ import uvicorn
 
 from slicer.api.app import create_app
 from slicer.core.config import Config
+from slicer.core.errors import SlicerError
 from slicer.core.manager import Manager
 from slicer.image.build import current_image
 from slicer.vmm.accel import choose_accelerator
@@ -36,6 +38,29 @@ def ensure_token(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
+_held_locks: list[int] = []
+
+
+def lock_data_dir(data_dir: Path) -> None:
+    """Take the data directory for this process (an exclusive ``flock`` held until it exits,
+    not inherited by VMs); a second daemon stops here, before it touches anything."""
+    if _held_locks:
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "daemon.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SlicerError(f"another slicer daemon (pid {holder}) is using {data_dir}; stop it first or use "
+                          "another --data-dir", "data_dir_locked") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks.append(fd)
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(
@@ -47,7 +72,7 @@ def git_commit() -> str:
 
 
 def run_daemon(config: Config, data_dir: Path) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
+    lock_data_dir(data_dir)
     data_dir.chmod(0o700)  # guest disks, memory, secrets, the token and the record live below
     image = current_image(data_dir)
     accel = choose_accelerator(QEMU_BINARY, image.kernel, image.initrd, image.directory.parent / "accel.json")

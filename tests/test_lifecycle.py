@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 
@@ -103,3 +104,61 @@ config:
         assert d.stop() == 0
     finally:
         d.cleanup()
+
+
+SANDBOX_ONLY = """
+config:
+  host_groups:
+  - name: box
+    count: 0
+    vcpu: 1
+    ram_mb: 384
+    storage_size: 2G
+    boot: cold
+  api:
+    bind_address: 127.0.0.1
+    port: PORT
+"""
+
+
+def test_one_daemon_per_data_dir_and_long_data_dir_paths(guest_image, tmp_path):
+    """A data dir far longer than unix sockets allow works; a second daemon on it harms nothing."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    long_dir = Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp")) / ("a-rather-long-data-directory-" * 3)
+    long_dir.mkdir()
+    d = Daemon(SANDBOX_ONLY, data_dir=long_dir).start()
+    try:
+        api = d.client()
+        r = api.post("/hostgroup/box/nodes", params={"wait": "agent", "timeout": "4m"}, json={})
+        assert r.status_code == 201, r.text
+        h = r.json()["hostname"]
+        assert (long_dir / "run" / h / "console.log").exists()  # the files stay in the data dir
+        second = subprocess.run([sys.executable, "-m", "slicer", "up", str(d.config_path), "--data-dir", str(long_dir),
+                                 "--no-build"], capture_output=True, text=True, timeout=60)
+        assert second.returncode != 0 and f"pid {d.proc.pid}" in second.stderr, second.stderr
+        assert api.get(f"/vm/{h}/health").status_code == 200  # the first daemon and its VM go on
+        assert (long_dir / "daemon.lock").read_text().strip() == str(d.proc.pid)
+    finally:
+        d.cleanup()
+        shutil.rmtree(long_dir.parent, ignore_errors=True)
+
+
+def test_bad_input_is_a_clear_400_never_a_500(daemon, api):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    cases = [
+        api.post("/secrets", json={"name": "perm", "data": "eA==", "permissions": 600}),
+        api.post("/hostgroup/sbx/nodes", content=deep, headers={"Content-Type": "application/json"}),
+        api.post("/hostgroup/sbx/nodes", json={"hostname": "vm-9\n"}),
+        api.post("/secrets", json={"name": "name\n", "data": "eA=="}),
+        api.get("/vm/vm-1/cp", params={"path": "/etc/host\0name"}),
+        api.post("/vm/vm-1/exec", params={"cmd": "echo", "args": "a\0b"}),
+        api.get("/vm/vm-9%0a/health"),
+    ]
+    for r in cases:
+        assert r.status_code == 400 and r.json()["code"], (r.request.url, r.text)
+    assert all(s["name"] not in ("perm", "name\n") for s in api.get("/secrets").json())
+    assert "vm-9\n" not in {n["hostname"] for n in api.get("/nodes").json()}

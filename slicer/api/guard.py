@@ -1,6 +1,10 @@
-"""Browsers may not drive the API: a state-changing request or a WebSocket upgrade that
-carries an ``Origin`` other than the API's own is refused (a web page can send those without
-asking, and would otherwise reach the VMs through a daemon on the user's loopback)."""
+"""Checks every request passes before any route sees it.
+
+- Browsers may not drive the API: a state-changing request or a WebSocket upgrade that carries
+  an ``Origin`` other than the API's own is refused (a web page can send those without asking,
+  and would otherwise reach the VMs through a daemon on the user's loopback).
+- No NUL in the path or query: no path, argument or name in a VM can hold one, and C code in
+  the guest would cut the string short there."""
 
 from __future__ import annotations
 
@@ -19,12 +23,22 @@ def _same_origin(origin: str, host: str) -> bool:
     return parts.scheme in ("http", "https") and bool(host) and parts.netloc.lower() == host.lower()
 
 
-class BrowserGuard:
+def _has_nul(scope: Scope) -> bool:
+    raw = scope.get("raw_path") or scope.get("path", "").encode()
+    query = scope.get("query_string", b"")
+    return any(b"\0" in part or b"%00" in part.lower() for part in (raw, query))
+
+
+class RequestGuard:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if kind == "http" and _has_nul(scope):
+            await error_response(400, "NUL bytes are not allowed in the path or query", "invalid_request")(
+                scope, receive, send)
+            return
         if kind in ("http", "websocket"):
             headers = Headers(scope=scope)
             origin = headers.get("origin")

@@ -98,7 +98,7 @@ async def read_json_object(request: Request, limit: int = 4 * MAX_USERDATA) -> d
                                    " (curl: --json '{...}')")
     try:
         data = json.loads(raw) if raw.strip() else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         raise BadRequest("request body is not valid JSON", "invalid_request") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", "invalid_request")

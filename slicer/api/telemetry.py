@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -79,8 +80,10 @@ class NodeCollector:
             if not snap:
                 continue
             for key, family in families.items():
-                if key in snap:
-                    family.add_metric([node.hostname, node.record.hostgroup], float(snap[key]))
+                value = snap.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):  # the guest's word: numbers only
+                    with contextlib.suppress(OverflowError):
+                        family.add_metric([node.hostname, node.record.hostgroup], float(value))
         yield from families.values()
 
 

@@ -73,10 +73,11 @@ def up(
     except SlicerError as e:
         err.print(f"[red]{e.message}[/red]")
         raise typer.Exit(2) from e
-    from slicer.daemon import run_daemon
+    from slicer.daemon import lock_data_dir, run_daemon
     from slicer.image.build import ImageError, build_image, current_image
 
     try:
+        lock_data_dir(data_dir)  # before the image build too: a second daemon touches nothing
         try:
             current_image(data_dir)
         except ImageError:

@@ -36,6 +36,7 @@ from slicer.core.errors import (
 )
 from slicer.core.identity import identity_body
 from slicer.core.node import Node
+from slicer.core.rundir import RunDirError, run_root
 from slicer.core.secrets import SecretStore
 from slicer.core.snapshots import SnapshotActions
 from slicer.core.specs import vm_spec
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 FORWARD_TARGET = re.compile(r"^(unix:/\S{1,200}|([A-Za-z0-9.\-]{1,253}:|\[[0-9a-fA-F:]+\]:)?\d{1,5})$")
 HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 GRACEFUL_TIMEOUT = 30.0
-MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes
 
 
 class Manager(SnapshotActions):
@@ -65,21 +65,23 @@ class Manager(SnapshotActions):
             self.net = HostNetwork(config.host_groups, data_dir)
         except NetworkError as e:
             raise SlicerError(str(e), "network_unavailable") from e
-        self.templates = Templates(data_dir / "templates", data_dir / "run", driver, image, self.net)
-        self.nodes: dict[str, Node] = {}
-        self._alloc = asyncio.Lock()  # hostname and IP allocation
-        self._tasks: set[asyncio.Task] = set()
-        self.started_at = now_rfc3339()
-        if len(str(self.run_dir("x" * 63) / "channel.sock")) > MAX_SOCKET_PATH:
-            raise SlicerError(f"data directory path {data_dir} is too long for unix sockets")
         # Guest memory (saved states, template RAM) and disks are for root's eyes only.
         for private in ("run", "disks", "snapshots", "templates"):
             (data_dir / private).mkdir(parents=True, exist_ok=True)
             (data_dir / private).chmod(0o700)
+        try:
+            self.run_root = run_root(data_dir)
+        except (RunDirError, OSError) as e:
+            raise SlicerError(f"cannot make a short path for unix sockets: {e}", "data_dir") from e
+        self.templates = Templates(data_dir / "templates", self.run_root, driver, image, self.net)
+        self.nodes: dict[str, Node] = {}
+        self._alloc = asyncio.Lock()  # hostname and IP allocation
+        self._tasks: set[asyncio.Task] = set()
+        self.started_at = now_rfc3339()
 
     # -- paths ----------------------------------------------------------------------------------
     def run_dir(self, hostname: str) -> Path:
-        return self.data_dir / "run" / hostname
+        return self.run_root / hostname
 
     def persistent_disk(self, hostname: str) -> Path:
         return self.data_dir / "disks" / f"{hostname}.qcow2"
@@ -91,6 +93,9 @@ class Manager(SnapshotActions):
     # -- daemon lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         """Reconcile the record with what exists, then boot the services."""
+        for part in (self.data_dir / "snapshots").glob("*.part"):  # a suspend a crash cut short
+            log.warning("removing %s, left by a suspend that did not finish", part.name)
+            part.unlink(missing_ok=True)
         records = self.store.all()
         for rec in records:
             if self.driver.kill_stale(self.run_dir(rec.hostname)):
@@ -206,7 +211,7 @@ class Manager(SnapshotActions):
         return sorted(nodes, key=lambda n: (n.record.hostgroup, _index(n.hostname)))
 
     def get(self, hostname: str) -> Node:
-        if not HOSTNAME_RE.match(hostname):
+        if not HOSTNAME_RE.fullmatch(hostname):
             raise BadRequest(f"invalid hostname {hostname!r}", "invalid_hostname")
         node = self.nodes.get(hostname)
         if node is None:
@@ -283,7 +288,7 @@ class Manager(SnapshotActions):
     def _allocate(self, group: HostGroup, hostname: str | None, ip: str | None) -> tuple[str, str]:
         used_ips = self._used_ips()
         if hostname is not None:
-            if not HOSTNAME_RE.match(hostname):
+            if not HOSTNAME_RE.fullmatch(hostname):
                 raise BadRequest(f"invalid hostname {hostname!r}", "invalid_hostname")
             if hostname in self.nodes:
                 raise Conflict(f"VM {hostname!r} already exists", "exists")
@@ -588,7 +593,7 @@ class Manager(SnapshotActions):
 
     async def open_stream(self, hostname: str, target: str) -> Stream:
         """A byte stream to ``target`` inside the VM: ``port``, ``host:port`` or ``unix:/path``."""
-        if not FORWARD_TARGET.match(target):
+        if not FORWARD_TARGET.fullmatch(target):
             raise BadRequest(f"target {target!r} must be host:port, a port, or unix:/path", "invalid_target")
         agent = self.get(hostname).running_agent()
         try:
@@ -601,10 +606,13 @@ class Manager(SnapshotActions):
         view = node.view()
         try:
             agent = node.running_agent()
-            view["snapshot"] = await asyncio.wait_for(agent.call("GET", "/stats", timeout=timeout), timeout)
-            node.last_snapshot = view["snapshot"]
-        except (SlicerError, TimeoutError) as e:
-            view["error"] = e.message if isinstance(e, SlicerError) else f"agent did not answer in {timeout:g}s"
+            snapshot = await asyncio.wait_for(agent.call("GET", "/stats", timeout=timeout), timeout)
+            if not isinstance(snapshot, dict):  # the guest's word: a shape we do not expect is an error
+                raise ValueError("not a JSON object")
+            view["snapshot"] = node.last_snapshot = snapshot
+        except (SlicerError, TimeoutError, ValueError) as e:
+            view["error"] = (e.message if isinstance(e, SlicerError) else f"agent did not answer in {timeout:g}s"
+                             if isinstance(e, TimeoutError) else f"agent answered with unusable stats: {e}")
         return view
 
     async def all_stats(self, timeout: float = 5.0) -> list[dict]:

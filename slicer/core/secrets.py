@@ -17,8 +17,10 @@ NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 MAX_SIZE = 1 << 20
 
 
-def _permissions(value: str | None, default: str = "0600") -> str:
+def _permissions(value: object, default: str = "0600") -> str:
     value = value or default
+    if not isinstance(value, str):  # 600 as a number is ambiguous (decimal 600 is 0o1130): refuse it
+        raise BadRequest(f"permissions must be an octal string like \"0600\", not {value!r}", "invalid_permissions")
     if not re.fullmatch(r"0?[0-7]{3,4}", value) or int(value, 8) > 0o7777:
         raise BadRequest(f"permissions must be octal like 0600, not {value!r}", "invalid_permissions")
     return f"{int(value, 8):04o}"
@@ -47,7 +49,7 @@ def _decode(data) -> bytes:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
         raise BadRequest("secret names are 1-128 letters, digits, '.', '_' or '-' (no '/', no '..')",
                          "invalid_name")
     return name
