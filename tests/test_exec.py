@@ -249,3 +249,46 @@ def test_stdin_is_full_duplex(daemon, vm):
         last = next_frame()
     assert last["exit_code"] == 0
     sock.close()
+
+
+def test_64_streams_at_once_and_health_still_answers(daemon, vm):
+    """Sixty-four long execs on one VM: health and a fresh exec are still served meanwhile."""
+    import asyncio
+
+    import httpx
+
+    async def run() -> None:
+        headers = {"Authorization": f"Bearer {daemon.token}"}
+        async with httpx.AsyncClient(base_url=daemon.url, headers=headers, timeout=120) as c:
+            async def long(i: int) -> dict:
+                r = await c.post(f"/vm/{vm}/exec", params={"cmd": f"sleep 6; echo done-{i}", "buffered": "true"})
+                return r.json()
+
+            many = [asyncio.ensure_future(long(i)) for i in range(64)]
+            await asyncio.sleep(3)  # all 64 are running in the guest now
+            assert not any(t.done() for t in many)
+            health = await c.get(f"/vm/{vm}/health")
+            assert health.status_code == 200, health.text
+            fresh = await c.post(f"/vm/{vm}/exec", params={"cmd": "echo fresh", "buffered": "true"})
+            assert fresh.json()["stdout"] == "fresh\n"
+            results = await asyncio.gather(*many)
+            assert sorted(r["stdout"] for r in results) == sorted(f"done-{i}\n" for i in range(64))
+
+    asyncio.run(run())
+
+
+def test_buffered_output_is_capped_and_a_leaving_client_cancels_it(daemon, api, vm):
+    import httpx
+
+    r = api.post(f"/vm/{vm}/exec", params={"cmd": "yes | head -c 20000000", "buffered": "true"})
+    assert r.status_code == 413 and r.json()["code"] == "too_large" and "buffered=false" in r.json()["error"]
+    tag = f"buffered-leaves-{time.time_ns()}"
+    with daemon.client() as impatient, pytest.raises(httpx.TimeoutException):
+        impatient.post(f"/vm/{vm}/exec", params={"cmd": f"exec -a {tag} sleep 600", "buffered": "true"}, timeout=3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = api.post(f"/vm/{vm}/exec", params={"cmd": f"pgrep -f ^{tag} || true", "buffered": "true"})
+        if not left.json()["stdout"].strip():
+            break
+        time.sleep(0.5)
+    assert not left.json()["stdout"].strip(), "the buffered command outlived its client"

@@ -14,9 +14,14 @@ import time
 from aiohttp import web
 
 from slicer.agent import AGENT_SOCKET, AGENT_VERSION, background, files, identity, meter, provision, shell, watch
-from slicer.agent.execute import ExecError, ExecRequest, run_buffered, spawn, stream_frames
+from slicer.agent.execute import ExecError, ExecRequest, kill_group, run_buffered, spawn, stream_frames
 
 STREAM_CHUNK = 65536
+
+
+async def _once(coro):
+    """An async iterator of one item: ``coro``'s result (to pass a call through until_disconnect)."""
+    yield await coro
 
 
 async def until_disconnect(request: web.Request, items):
@@ -199,7 +204,12 @@ def make_app(started: float) -> web.Application:
                                       "ring_bytes": ring}, status=201)
         stdin = request.content.iter_chunked(STREAM_CHUNK) if req.stdin else None
         if req.buffered:
-            return web.json_response(await run_buffered(req, proc, stdin))
+            # Nothing is written until the end, so the client's leaving shows only on the transport.
+            async with contextlib.aclosing(until_disconnect(request, _once(run_buffered(req, proc, stdin)))) as done:
+                async for result in done:
+                    return web.json_response(result)
+            kill_group(proc)  # the client left first
+            return web.Response(status=499)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         # aclosing: if the client goes away the handler is cancelled and the process killed

@@ -16,6 +16,28 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+class ClientGone(Exception):
+    """The client left before the answer was there."""
+
+
+async def unless_client_leaves(request: Request, coro):
+    """``await coro``, cancelled if the client goes away first (raises :class:`ClientGone`):
+    a request waiting on a guest that answers only at the end (a buffered exec) must not
+    outlive its client. Only for requests whose body has been read (it listens on ``receive``)."""
+    work = asyncio.ensure_future(coro)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+            raise ClientGone()
+        return work.result()
+    finally:
+        gone.cancel()
+
+
 async def relay(resp: httpx.Response | DuplexResponse, request: Request | None = None):
     """The agent's streamed body, closed when done or when our client goes away.
 

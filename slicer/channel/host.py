@@ -202,12 +202,17 @@ class _ChannelBackend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
+MAX_STREAMS = 128
+
+
 class ChannelTransport(httpx.AsyncHTTPTransport):
     """An httpx transport whose connections are channel streams to one guest port."""
 
     def __init__(self, channel: Channel, port: int) -> None:
         super().__init__()
         # One stream per request: a pooled stream would not survive a guest restart.
+        # Up to MAX_STREAMS requests at once per VM (httpcore's default is 10: ten long execs
+        # would lock a VM's health checks out).
         self._pool = httpcore.AsyncConnectionPool(
-            max_keepalive_connections=0, network_backend=_ChannelBackend(channel, port)
+            max_connections=MAX_STREAMS, max_keepalive_connections=0, network_backend=_ChannelBackend(channel, port)
         )

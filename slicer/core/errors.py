@@ -38,6 +38,10 @@ class Conflict(SlicerError):
     status, code = 409, "conflict"
 
 
+class TooLarge(SlicerError):
+    status, code = 413, "too_large"
+
+
 class UnsupportedMediaType(SlicerError):
     status, code = 415, "unsupported_media_type"
 

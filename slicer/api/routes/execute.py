@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -10,9 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slicer.api.deps import manager, require_auth
 from slicer.api.models import parse_body
-from slicer.api.streaming import relay
+from slicer.api.streaming import ClientGone, relay, unless_client_leaves
+from slicer.core.errors import TooLarge
 from slicer.core.manager import Manager
 
+BUFFERED_MAX = 16 << 20  # a buffered answer is held whole: a guest may not make it unbounded
 router = APIRouter(dependencies=[Depends(require_auth)])
 Mgr = Annotated[Manager, Depends(manager)]
 TRUE = ("1", "true", "yes", "on")
@@ -25,11 +28,20 @@ async def execute(m: Mgr, hostname: str, request: Request) -> Response:
     params = list(request.query_params.multi_items())
     query = request.query_params
     stdin = request.stream() if query.get("stdin", "").lower() in TRUE else None
-    resp = await m.open_exec(hostname, params, stdin)
+    opening = m.open_exec(hostname, params, stdin)
+    try:  # a buffered answer's headers come only at the end: a client that leaves first cancels it
+        resp = await (opening if stdin else unless_client_leaves(request, opening))
+    except ClientGone:
+        return Response(status_code=499)
     if query.get("buffered", "").lower() in TRUE or query.get("background", "").lower() in TRUE:
-        body = await resp.aread()
-        await resp.aclose()
-        return Response(body, status_code=resp.status_code, media_type="application/json")
+        # Read through relay(): a client that leaves cancels the command like a streamed one.
+        body = bytearray()
+        async with contextlib.aclosing(relay(resp, None if stdin else request)) as chunks:
+            async for chunk in chunks:
+                body += chunk
+                if len(body) > BUFFERED_MAX:  # closing the agent's stream ends the process
+                    raise TooLarge(f"buffered output over {BUFFERED_MAX >> 20} MiB; stream it (buffered=false)")
+        return Response(bytes(body), status_code=resp.status_code, media_type="application/json")
     # Passed through as the agent writes it: one JSON object per line, flushed as it comes.
     # Closing the agent's response (also when our client goes away) kills the process.
     return StreamingResponse(relay(resp, None if stdin else request), media_type="application/x-ndjson")
