@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -157,6 +158,7 @@ async def main(rounds: int) -> dict:
         daemon.terminate()
         daemon.wait(120)
         server.kill()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,6 +102,8 @@ class Upstream:
             p.wait()
         sh("ip", "route", "del", "default", check=False)
         sh("ip", "netns", "del", self.ns, check=False)
+        self.http_log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class HostService:
