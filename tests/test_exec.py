@@ -192,6 +192,17 @@ def test_background_budget_and_bad_requests(api, vm):
     assert api.post(f"/vm/{vm}/exec/deadbeef/kill", json={"signal": "BOOM"}).status_code == 400
 
 
+def still_running(api, vm: str, tag: str, wait: float = 30) -> str:
+    """PIDs of processes named ``tag`` in the VM once they are gone or ``wait`` has passed."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = api.post(f"/vm/{vm}/exec", params={"cmd": f"pgrep -f ^{tag} || true", "buffered": "true"})
+        pids = left.json()["stdout"].strip()
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.5)
+
+
 def test_client_disconnect_kills_the_foreground_process(api, vm):
     tag = f"disconnect-{time.time_ns()}"
     with api.stream("POST", f"/vm/{vm}/exec", params={"cmd": f"echo started; exec -a {tag} sleep 600"}) as r:
@@ -199,13 +210,7 @@ def test_client_disconnect_kills_the_foreground_process(api, vm):
             if line and json.loads(line).get("stdout") == "started\n":
                 break
     # the client is gone: the agent must kill the process group
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        left = api.post(f"/vm/{vm}/exec", params={"cmd": f"pgrep -f ^{tag} || true", "buffered": "true"})
-        if not left.json()["stdout"].strip():
-            break
-        time.sleep(0.5)
-    assert not left.json()["stdout"].strip(), "the process outlived its client"
+    assert not still_running(api, vm, tag), "the process outlived its client"
 
 
 def test_stdin_is_full_duplex(daemon, vm):
@@ -285,10 +290,4 @@ def test_buffered_output_is_capped_and_a_leaving_client_cancels_it(daemon, api, 
     tag = f"buffered-leaves-{time.time_ns()}"
     with daemon.client() as impatient, pytest.raises(httpx.TimeoutException):
         impatient.post(f"/vm/{vm}/exec", params={"cmd": f"exec -a {tag} sleep 600", "buffered": "true"}, timeout=3)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        left = api.post(f"/vm/{vm}/exec", params={"cmd": f"pgrep -f ^{tag} || true", "buffered": "true"})
-        if not left.json()["stdout"].strip():
-            break
-        time.sleep(0.5)
-    assert not left.json()["stdout"].strip(), "the buffered command outlived its client"
+    assert not still_running(api, vm, tag), "the buffered command outlived its client"

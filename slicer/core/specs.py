@@ -20,5 +20,5 @@ def vm_spec(image: GuestImage, group: HostGroup, net: GroupNetwork, *, name: str
         kernel=image.kernel, initrd=image.initrd, base_disk=image.rootfs,
         disk=disk, disk_size=group.disk_size, run_dir=run_dir,
         ip_cidr=guest.ip_cidr, gateway=guest.gateway, mac=guest.mac,
-        dns=group.dns_servers, net=net.placeholder(run_dir),
+        dns=group.dns_servers, net=net.placeholder(),
     )

@@ -60,7 +60,7 @@ class GroupNetwork(abc.ABC):
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
         """Remove what :meth:`attach` made; idempotent."""
 
-    def placeholder(self, run_dir: Path) -> NetDevice:
+    def placeholder(self) -> NetDevice:
         """A device of the kind this group hands out, for command lines that are only digested."""
         return NetDevice(self.device_kind, fd=-1)
 
@@ -125,7 +125,7 @@ class BridgeNetwork(GroupNetwork):
             os.close(fd)
             self.taps.pop(name, None)
             raise
-        return NetDevice("tap", fd=fd, name=tap)
+        return NetDevice("tap", fd=fd)
 
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
         tap = self.taps.pop(name, None)
@@ -180,7 +180,7 @@ class IsolatedNetwork(GroupNetwork):
                 os.close(fd)
             await self.detach(name, ip, run_dir)
             raise
-        return NetDevice("tap", fd=fd, name=veth)
+        return NetDevice("tap", fd=fd)
 
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
         veth, table, fw = self.veth(name), self.host.table, self.firewall

@@ -60,7 +60,6 @@ class NetDevice:
 
     kind: str
     fd: int | None = None
-    name: str = ""  # the host-side interface, for logs
     pid: int | None = None  # the user-space network's process, if any
 
     def close(self) -> None:
