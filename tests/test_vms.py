@@ -309,3 +309,21 @@ def test_bad_input_gets_json_error_and_creates_nothing(api, daemon, method, path
     body = r.json()
     assert set(body) == {"error", "code"} and body["error"] and body["code"]
     assert footprint(daemon) == before
+
+
+def test_delete_during_create_leaves_nothing_running(daemon, api):
+    """A DELETE that lands while the VM is still being created removes what the create started."""
+    import concurrent.futures
+
+    before = footprint(daemon)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, daemon.client() as creator:
+        creating = pool.submit(creator.post, "/hostgroup/sbx/nodes", params={"wait": "agent", "timeout": "4m"},
+                               json={"hostname": "race-1"})
+        deadline = time.monotonic() + 60
+        while "race-1" not in {n["hostname"] for n in api.get("/nodes").json()} and time.monotonic() < deadline:
+            time.sleep(0.02)
+        deleted = api.delete("/hostgroup/sbx/nodes/race-1")
+        created = creating.result(timeout=300)
+    assert deleted.status_code == 200, deleted.text
+    assert created.status_code in (201, 409, 503, 500) and created.json().get("code") != "internal_error", created.text
+    assert footprint(daemon) == before

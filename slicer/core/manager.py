@@ -249,7 +249,11 @@ class Manager(SnapshotActions):
         cold = persistent or "cold" in (group.boot, spec.get("boot"))
         try:
             template = None if cold else await self.templates.ensure(group, (cpus, ram))
-            await self._launch(node, group, template=template)
+            # Held while QEMU starts: a DELETE that comes meanwhile waits, then removes what started.
+            async with node.busy:
+                if self.nodes.get(hostname) is not node:
+                    raise Conflict(f"{hostname} was deleted while it was being created", "deleted")
+                await self._launch(node, group, template=template)
             log.info("%s: QEMU up in %.2fs (%s)", hostname, loop.time() - t0, node.boot)
             if wait:
                 await self._wait_setup(node, wait, timeout - (loop.time() - t0))
