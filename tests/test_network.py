@@ -25,42 +25,16 @@ from tests.conftest import Daemon
 
 UP_A, UP_B, HOST_UP = "198.51.100.10", "198.51.100.11", "198.51.100.1"
 
-CONFIG = """
-config:
-  host_groups:
-  - name: br
-    count: 0
-    vcpu: 1
-    ram_mb: 384
-    storage_size: 2G
-    dns_servers: [198.51.100.10]
-  - name: iso
-    count: 0
-    vcpu: 1
-    ram_mb: 384
-    storage_size: 2G
-    dns_servers: [198.51.100.10]
-    network: {mode: isolated, drop: [198.51.100.11/32]}
-  - name: isoa
-    count: 0
-    vcpu: 1
-    ram_mb: 384
-    storage_size: 2G
-    boot: cold
-    dns_servers: [198.51.100.10]
-    network: {mode: isolated, allow: [198.51.100.11/32]}
-  - name: pst
-    count: 0
-    vcpu: 1
-    ram_mb: 384
-    storage_size: 2G
-    boot: cold
-    dns_servers: [198.51.100.10]
-    network: {mode: passt}
-  api:
-    bind_address: 127.0.0.1
-    port: PORT
-"""
+GROUPS = [  # (name, boot, network): every group small, DNS at the test's upstream
+    ("br", "snapshot", "{}"),
+    ("iso", "snapshot", "{mode: isolated, drop: [198.51.100.11/32]}"),
+    ("isoa", "cold", "{mode: isolated, allow: [198.51.100.11/32]}"),
+    ("pst", "cold", "{mode: passt}"),
+]
+CONFIG = "config:\n  host_groups:\n" + "".join(
+    f"  - {{name: {name}, count: 0, vcpu: 1, ram_mb: 384, storage_size: 2G, boot: {boot}, "
+    f"dns_servers: [198.51.100.10], network: {net}}}\n" for name, boot, net in GROUPS
+) + "  api:\n    bind_address: 127.0.0.1\n    port: PORT\n"
 
 
 def sh(*cmd: str, check: bool = True) -> str:

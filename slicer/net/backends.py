@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from slicer.net.addressing import Addressing
 from slicer.net.firewall import IsolatedGroup, guard, isolated_elements, port_elements
 from slicer.net.system import NetworkError, ifname, ip_batch, link_exists, netns_sysctls, nft, run, sysctl
+from slicer.net.tap import open_tap
 from slicer.vmm.base import NetDevice
 
 if TYPE_CHECKING:
@@ -43,6 +44,11 @@ class GroupNetwork(abc.ABC):
     def addressing(self, value: Addressing) -> None:
         self._addressing = value
 
+    @property
+    def planned(self) -> bool:
+        """Whether its addresses have been chosen (at daemon start)."""
+        return self._addressing is not None
+
     async def setup(self) -> None:
         """Make what the group shares (a bridge); called once at daemon start."""
         return None
@@ -66,7 +72,7 @@ class GroupNetwork(abc.ABC):
 
     async def template_device(self, name: str, run_dir: Path) -> NetDevice:
         """A NIC connected to nothing, for a template VM: its clones get their own links."""
-        return NetDevice("tap", fd=self.host.open_tap(ifname("x" + self.host.tag, name)))
+        return NetDevice("tap", fd=open_tap(ifname("x" + self.host.tag, name)))
 
     def describe(self) -> dict:
         return {"mode": self.mode, **self.addressing.describe()}
@@ -107,7 +113,7 @@ class BridgeNetwork(GroupNetwork):
             if tap in in_use:
                 continue
             try:
-                return tap, self.host.open_tap(tap)
+                return tap, open_tap(tap)
             except OSError as e:
                 if e.errno != errno.EBUSY:  # busy: still held by a VM on its way out
                     raise NetworkError(f"cannot create TAP {tap}: {e}") from e
@@ -163,7 +169,7 @@ class IsolatedNetwork(GroupNetwork):
         await run("ip", "netns", "add", ns)
         fd = -1
         try:
-            fd = self.host.open_tap(staging)
+            fd = open_tap(staging)
             await ip_batch([f"link add {veth} type veth peer name veth0 netns {ns}",
                             f"link set {staging} netns {ns}", f"link set {veth} up",
                             f"route replace {ip}/32 dev {veth}"])

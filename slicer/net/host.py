@@ -16,7 +16,6 @@ from slicer.net.addressing import Addressing
 from slicer.net.backends import BridgeNetwork, GroupNetwork, IsolatedNetwork, PasstNetwork
 from slicer.net.firewall import ruleset
 from slicer.net.system import NetworkError, has_net_admin, host_networks, netns_names, nft, run, sysctl
-from slicer.net.tap import open_tap
 
 if TYPE_CHECKING:
     from slicer.core.config import HostGroup
@@ -79,9 +78,6 @@ class HostNetwork:
     def forget_bridge(self, name: str) -> None:
         self._save([b for b in self._bridges_made() if b != name])
 
-    def open_tap(self, name: str) -> int:
-        return open_tap(name)
-
     def track(self, proc: asyncio.subprocess.Process) -> None:
         """Keep a helper process (passt) referenced until it ends."""
         self._procs.add(proc)
@@ -110,7 +106,7 @@ class HostNetwork:
                                        "or network.range")
                 taken.append(g.addressing.network)
         for g in self.groups.values():
-            if g._addressing is None:
+            if not g.planned:
                 try:
                     g.addressing = Addressing(g.group, self.tag + g.group.name, taken)
                 except ValueError as e:
@@ -146,4 +142,4 @@ class HostNetwork:
                 await run("ip", "netns", "del", ns, check=False)
 
     def describe(self) -> dict:
-        return {name: g.describe() for name, g in self.groups.items() if g._addressing is not None}
+        return {name: g.describe() for name, g in self.groups.items() if g.planned}
