@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from slicer.image.build import current_image  # noqa: E402
 from slicer.vmm.accel import choose_accelerator  # noqa: E402
 from slicer.vmm.base import VMSpec  # noqa: E402
+from slicer.vmm.handoff import Layer, open_handoff  # noqa: E402
+from slicer.vmm.jail import SealedFiles  # noqa: E402
 from slicer.vmm.qemu import QEMU_BINARY, QemuDriver  # noqa: E402
 
 IMAGES = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer"))
@@ -89,18 +91,17 @@ def bare_boot(driver: QemuDriver, image, work: Path, n: int) -> float:
     spec = VMSpec(name=f"bare-{n}", cpus=CPUS, ram_bytes=RAM_MB << 20, kernel=image.kernel, initrd=image.initrd,
                   base_disk=image.rootfs, disk=disk, disk_size=2 << 30, run_dir=run,
                   ip_cidr="192.168.137.2/24", gateway="192.168.137.1")
-    cmd = driver.command(spec)
+    handoff = open_handoff(spec, [Layer(disk, "qcow2"), Layer(image.rootfs, "raw")], None, SealedFiles())
+    cmd = driver.command(spec, handoff=handoff)
     # Same machine, but the console goes to a file: nothing waits for a serial client.
     i = cmd.index("-serial")
     cmd[i - 1] = f"file,id=serial0,path={run / 'console.log'}"
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=handoff.fds())
+    handoff.close()
     try:
-        sock_path = spec.channel_socket
-        while not sock_path.exists():
-            time.sleep(0.002)
         s = socket.socket(socket.AF_UNIX)
-        s.connect(str(sock_path))
+        s.connect(str(spec.channel_socket))  # bound by the handoff: QEMU accepts it once up
         s.sendall(b"SLICER-HELLO bench\n")
         s.recv(1)  # the first byte the agent writes
         elapsed = time.monotonic() - start

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import getpass
+import hashlib
 import logging
 import os
 import secrets
@@ -20,6 +22,7 @@ from slicer.core.errors import SlicerError
 from slicer.core.manager import Manager
 from slicer.image.build import current_image
 from slicer.vmm.accel import choose_accelerator
+from slicer.vmm.jail import Jailer, JailError
 from slicer.vmm.qemu import QEMU_BINARY, QemuDriver
 
 log = logging.getLogger("slicer")
@@ -71,13 +74,31 @@ def git_commit() -> str:
         return "unknown"
 
 
+def make_jailer(config: Config, data_dir: Path) -> Jailer | None:
+    """The VMMs' confinement, as the config asks (unset: when running as root)."""
+    if config.confine is False:
+        log.warning("confine: false: every QEMU runs as %s without a seccomp filter or cgroup", getpass.getuser())
+        return None
+    if config.confine is None and os.geteuid() != 0:
+        log.warning("not root: QEMUs run unconfined as %s (their own user is all that separates them)",
+                    getpass.getuser())
+        return None
+    try:
+        jailer = Jailer(hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:4])
+    except JailError as e:
+        raise SlicerError(f"cannot confine VMMs: {e}", "confinement_unavailable") from e
+    log.info("VMMs confined: own uid (%s), seccomp, %s", jailer.describe()["uids"], jailer.cgroups.describe())
+    return jailer
+
+
 def run_daemon(config: Config, data_dir: Path) -> None:
     lock_data_dir(data_dir)
     data_dir.chmod(0o700)  # guest disks, memory, secrets, the token and the record live below
     image = current_image(data_dir)
     accel = choose_accelerator(QEMU_BINARY, image.kernel, image.initrd, image.directory.parent / "accel.json")
     log.info("hypervisor qemu microvm, accelerator %s, image %s", accel, image.build_id)
-    manager = Manager(config, data_dir, QemuDriver(accel), image)
+    jailer = make_jailer(config, data_dir)
+    manager = Manager(config, data_dir, QemuDriver(accel, jailer=jailer), image)
     api = config.api
     uds = api.unix_socket
     token = ensure_token(data_dir) if api.auth.enabled and not uds else None
@@ -116,4 +137,6 @@ def run_daemon(config: Config, data_dir: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     asyncio.run(serve())
+    if jailer is not None:
+        jailer.close()
     log.info("daemon stopped")

@@ -46,9 +46,21 @@ def free_port() -> int:
 
 
 def qemu_pids(marker: str) -> list[int]:
-    """PIDs of QEMU processes whose command line mentions ``marker`` (a data dir)."""
-    out = subprocess.run(["pgrep", "-f", f"qemu-system.*{marker}"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    """PIDs of QEMU processes whose run directory (in their environment) is below ``marker``
+    (a data dir): QEMU gets descriptors, not paths, so its command line names none."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if not (proc / "comm").read_text().startswith("qemu-system"):
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(e.startswith(b"SLICER_RUN_DIR=" + marker.encode()) for e in environ):
+            pids.append(int(proc.name))
+    return pids
 
 
 class Daemon:

@@ -264,6 +264,9 @@ class Config(_Strict):
     # On stop, save services' memory to disk instead of shutting them down; restore them at start.
     suspend_on_shutdown: bool = False
     warm: bool = False  # build the templates of snapshot groups at start, not at the first create
+    # Each VM's QEMU under a uid of its own, QEMU's seccomp filter and a cgroup (slicer.vmm.jail).
+    # Unset: when the daemon runs as root; true: required (the daemon refuses to start without).
+    confine: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -106,8 +106,12 @@ class Node:
             await asyncio.sleep(min(0.2, max(deadline - loop.time(), 0)))
         raise WaitTimeout(f"{self.hostname} was not ready within {timeout:g}s ({last})")
 
-    def view(self) -> dict:
+    def view(self, vmm: bool = False) -> dict:
+        """What the API shows; ``vmm``: also the VMM process, its confinement and cgroup usage."""
         r = self.record
+        process = None
+        if vmm and self.vm is not None and self.vm.state != VMState.STOPPED:
+            process = {"pid": self.vm.pid, **self.vm.confinement()}
         return {
             "hostname": r.hostname,
             "hostgroup": r.hostgroup,
@@ -122,4 +126,5 @@ class Node:
             "kind": r.kind,
             **({"boot": self.boot} if self.vm is not None else {}),
             **({"warnings": self.warnings} if self.warnings else {}),
+            **({"vmm": process} if process is not None else {}),
         }

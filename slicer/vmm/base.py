@@ -123,6 +123,10 @@ class VM(abc.ABC):
     def exit_code(self) -> int | None:
         """The process exit code once ``stopped``; 0 when the guest powered itself off."""
 
+    def confinement(self) -> dict:
+        """How the VMM process is confined: uid, cgroup limits and usage (``confined``: false if not)."""
+        return {"confined": False}
+
     @abc.abstractmethod
     async def pause(self) -> None: ...
 
@@ -158,6 +162,10 @@ class Driver(abc.ABC):
     async def start(self, spec: VMSpec, restore_from: Path | None = None) -> VM:
         """Boot a VM, or restore it from a state file written by :meth:`VM.save`; returns once
         the hypervisor runs it (booted: not when the guest is ready; restored: paused)."""
+
+    def confinement(self) -> dict:
+        """How this driver confines its VMM processes (``confined``: false if it does not)."""
+        return {"confined": False}
 
     @abc.abstractmethod
     def fingerprint(self, spec: VMSpec) -> str:

@@ -3,6 +3,10 @@
 Per VM, in its run directory: ``serial.sock`` (the console; QEMU waits for us to connect so
 no boot line is lost), ``qmp.sock``, ``channel.sock`` (the virtio-serial port of the agent),
 ``qemu.pid``, ``qemu.log`` (QEMU's own stderr) and ``console.log`` (bounded, rotated once).
+The daemon binds the sockets and opens every file; QEMU gets descriptors (see
+:mod:`slicer.vmm.handoff`), and with a :class:`~slicer.vmm.jail.Jailer` it runs confined.
+Saved states go through descriptors too (``getfd`` + ``fd:`` migrations): a confined QEMU
+may not spawn the ``exec:`` helpers.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ import ipaddress
 import logging
 import os
 import re
-import shlex
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from qemu.qmp import ConnectError, QMPClient
@@ -25,10 +29,13 @@ from qemu.qmp import ConnectError, QMPClient
 from slicer.channel.yamux import PORT_NAME
 from slicer.vmm.accel import qemu_version, tsc_khz
 from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState, VMStateError
+from slicer.vmm.handoff import Handoff, Layer, backing_chain, open_handoff, placeholder
+from slicer.vmm.jail import SANDBOX, Jail, Jailer, SealedFiles, release
 
 log = logging.getLogger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
+RUN_DIR_ENV = "SLICER_RUN_DIR"  # in each QEMU's environment: which VM of which daemon it is
 SERIAL_LOG_MAX = 1024 * 1024  # per file; one rotated file is kept beside it
 SOCKET_WAIT = 15.0
 MIGRATE_SECONDS_PER_GIB = 60.0  # generous for a slow disk; at least a minute
@@ -60,21 +67,22 @@ class SerialLog:
         self._f.close()
 
 
-async def _connect_when_listening(path: Path, proc: asyncio.subprocess.Process, what: str, connect):
-    """Call ``connect()`` once QEMU listens on ``path``: the file appears (bind) a moment
-    before QEMU listens, so a refused connection is retried until the deadline."""
+async def _connect(proc: asyncio.subprocess.Process, what: str, connect):
+    """Call ``connect()`` until QEMU answers on its socket (bound by us, accepted by QEMU once
+    it is up), it exits, or SOCKET_WAIT passes."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SOCKET_WAIT
     while True:
         if proc.returncode is not None:
             raise VMMError(f"QEMU exited (status {proc.returncode}) before its {what} socket was ready")
-        if path.exists():
-            try:
-                return await connect()
-            except (ConnectionRefusedError, FileNotFoundError, ConnectError):
-                pass
+        try:
+            return await asyncio.wait_for(connect(), max(0.01, deadline - loop.time()))
+        except (ConnectionError, FileNotFoundError, ConnectError, EOFError):
+            pass
+        except TimeoutError:
+            raise VMMError(f"QEMU did not answer on its {what} socket within {SOCKET_WAIT:g}s") from None
         if loop.time() > deadline:
-            raise VMMError(f"QEMU did not open its {what} socket within {SOCKET_WAIT:g}s")
+            raise VMMError(f"QEMU did not answer on its {what} socket within {SOCKET_WAIT:g}s")
         await asyncio.sleep(0.01)
 
 
@@ -90,9 +98,12 @@ _cached_version = functools.cache(qemu_version)
 
 
 class QemuVM(VM):
-    def __init__(self, spec: VMSpec, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, spec: VMSpec, proc: asyncio.subprocess.Process, on_exit: Callable[[], None],
+                 jail: Jail | None = None) -> None:
         self.spec = spec
+        self.jail = jail
         self._proc = proc
+        self._on_exit: Callable[[], None] | None = on_exit  # releases the jail; runs once
         self._state = VMState.STARTING
         self._qmp = QMPClient(spec.name)
         self._tasks: list[asyncio.Task] = []
@@ -110,16 +121,19 @@ class QemuVM(VM):
     def exit_code(self) -> int | None:
         return self._proc.returncode
 
+    def confinement(self) -> dict:
+        if self.jail is None:
+            return {"confined": False}
+        return {"confined": True, "uid": self.jail.uid, **self.jail.cgroup.read()}
+
     async def _attach(self) -> None:
         run = self.spec.run_dir
         serial = run / "serial.sock"
-        reader, writer = await _connect_when_listening(
-            serial, self._proc, "serial", lambda: asyncio.open_unix_connection(str(serial))
-        )
+        reader, writer = await _connect(self._proc, "serial", lambda: asyncio.open_unix_connection(str(serial)))
         self._serial = SerialLog(self.spec.serial_log)
         self._tasks.append(asyncio.create_task(self._pump_serial(reader, writer)))
         qmp = run / "qmp.sock"
-        await _connect_when_listening(qmp, self._proc, "QMP", lambda: self._qmp.connect(str(qmp)))
+        await _connect(self._proc, "QMP", lambda: self._qmp.connect(str(qmp)))
         self._tasks.append(asyncio.create_task(self._watch_events()))
         self._tasks.append(asyncio.create_task(self._watch_process()))
         status = await self._qmp.execute("query-status")
@@ -144,9 +158,15 @@ class QemuVM(VM):
             elif name == "RESET" and self.on_reset is not None:
                 self.on_reset()
 
+    def _exited(self) -> None:
+        if self._on_exit is not None:
+            on_exit, self._on_exit = self._on_exit, None
+            on_exit()
+
     async def _watch_process(self) -> None:
         code = await self._proc.wait()
         self._state = VMState.STOPPED
+        self._exited()
         log.info("%s: QEMU exited with %s", self.spec.name, code)
         for task in self._tasks:
             if task is not asyncio.current_task():
@@ -198,12 +218,22 @@ class QemuVM(VM):
             await asyncio.sleep(0.01)
         return answer
 
+    async def _give_fd(self, path: Path, flags: int, name: str) -> None:
+        """Open ``path`` and hand the descriptor to QEMU as ``name`` (for an ``fd:`` migration)."""
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        try:
+            self._qmp.send_fd_scm(fd)
+            await self._qmp.execute("getfd", {"fdname": name})
+        finally:
+            os.close(fd)
+
     async def load(self, path: Path) -> None:
         """Restore the state saved in ``path`` (QEMU started with ``-incoming defer``) and wait
         until it has loaded; the VM is then paused."""
         try:
             await self._ignore_shared_memory()
-            await self._qmp.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
+            await self._give_fd(path, os.O_RDONLY, "slicer-load")
+            await self._qmp.execute("migrate-incoming", {"uri": "fd:slicer-load"})
             status = await self._poll("query-status", lambda s: s["status"] != "inmigrate", "restore")
         except VMMError:
             raise
@@ -221,7 +251,8 @@ class QemuVM(VM):
         try:
             await self._qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
             await self._ignore_shared_memory()
-            await self._qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(tmp))}"})
+            await self._give_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "slicer-save")
+            await self._qmp.execute("migrate", {"uri": "fd:slicer-save"})
             try:
                 info = await self._poll("query-migrate", lambda i: i.get("status") in FINAL_MIGRATION_STATES,
                                         "saving the state")
@@ -250,6 +281,7 @@ class QemuVM(VM):
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
             await self._proc.wait()
+        self._exited()  # at once: a relaunch right after may need the same jail's cgroup name
         await asyncio.sleep(0)  # let _watch_process record the end
 
     async def wait(self) -> int:
@@ -278,19 +310,43 @@ def _nic(spec: VMSpec) -> list[str]:
     return ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
 
 
+def _disks(layers: list[Layer]) -> list[str]:
+    """``-blockdev`` nodes for a disk and its backing chain, bottom first (``disk0`` is the VM's)."""
+    args: list[str] = []
+    for i in reversed(range(len(layers))):
+        layer = layers[i]
+        ro = "off" if i == 0 else "on"
+        args += ["-blockdev", f"driver=file,node-name=disk{i}-file,filename=/proc/self/fd/{layer.fd},"
+                              f"read-only={ro},discard=unmap"]
+        backing = f",backing=disk{i + 1}" if i + 1 < len(layers) else ""
+        args += ["-blockdev", f"driver={layer.format},node-name=disk{i},file=disk{i}-file,read-only={ro},"
+                              f"discard=unmap{backing}"]
+    return args
+
+
+def _chardev(name: str, fd: int, wait: bool = False) -> str:
+    return f"socket,id={name},fd={fd},server=on,wait={'on' if wait else 'off'}"
+
+
 class QemuDriver(Driver):
     name = "qemu"
 
-    def __init__(self, accelerator: str, binary: str = QEMU_BINARY) -> None:
+    def __init__(self, accelerator: str, binary: str = QEMU_BINARY, jailer: Jailer | None = None) -> None:
         if shutil.which(binary) is None:
             raise VMMError(f"{binary} not found: install Debian's qemu-system-x86")
         self.binary = binary
         self.accelerator = accelerator
+        self.jailer = jailer
+        self.sealed = SealedFiles()
+        self._chains: dict[tuple[Path, int], list[tuple[Path, str]]] = {}
 
-    def command(self, spec: VMSpec, incoming: bool = False) -> list[str]:
-        """The full QEMU command line for ``spec`` (also used by bench/boot.py); ``incoming``:
-        to restore a saved state (see :meth:`QemuVM.load`)."""
-        run = spec.run_dir
+    def confinement(self) -> dict:
+        return {"confined": True, **self.jailer.describe()} if self.jailer is not None else {"confined": False}
+
+    def command(self, spec: VMSpec, incoming: bool = False, handoff: Handoff | None = None) -> list[str]:
+        """The full QEMU command line for ``spec`` with the descriptors of ``handoff`` (none:
+        for comparing command lines); ``incoming``: to restore a saved state (see :meth:`QemuVM.load`)."""
+        h = handoff or placeholder(spec)
         args = [
             "console=ttyS0", "root=/dev/vda", "rw", "reboot=t", "panic=-1",
             f"slicer.hostname={spec.name}", f"slicer.ip={spec.ip_cidr}", f"slicer.gw={spec.gateway}",
@@ -312,7 +368,7 @@ class QemuDriver(Driver):
             share = "on" if spec.memory_shared else "off"
             memory = [
                 "-object", f"memory-backend-file,id=mem,size={spec.ram_bytes // (1 << 20)}M,"
-                           f"mem-path={spec.memory_file},share={share}",
+                           f"mem-path=/proc/self/fd/{h.memory},share={share}",
             ]
         return [
             self.binary,
@@ -323,34 +379,33 @@ class QemuDriver(Driver):
             "-smp", str(spec.cpus),
             "-m", f"{spec.ram_bytes // (1 << 20)}M",
             "-nodefaults", "-no-user-config", "-display", "none",
-            "-chardev", f"socket,id=serial0,path={run / 'serial.sock'},server=on,wait=on",
+            *(["-sandbox", SANDBOX] if self.jailer is not None else []),
+            "-chardev", _chardev("serial0", h.socket_fd("serial"), wait=True),
             "-serial", "chardev:serial0",
-            "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", " ".join(args),
-            "-drive", f"id=root,file={spec.disk},format=qcow2,if=none,discard=unmap",
-            "-device", "virtio-blk-device,drive=root",
+            "-kernel", f"/proc/self/fd/{h.kernel}", "-initrd", f"/proc/self/fd/{h.initrd}",
+            "-append", " ".join(args),
+            *_disks(h.layers),
+            "-device", "virtio-blk-device,drive=disk0",
             *_nic(spec),
             "-device", "virtio-rng-device",
             "-device", "virtio-serial-device",
-            "-chardev", f"socket,id=channel0,path={spec.channel_socket},server=on,wait=off",
+            "-chardev", _chardev("channel0", h.socket_fd("channel")),
             "-device", f"virtserialport,chardev=channel0,name={PORT_NAME}",
-            "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
-            "-pidfile", str(run / "qemu.pid"),
+            "-chardev", _chardev("qmp", h.socket_fd("qmp")),
+            "-mon", "chardev=qmp,mode=control",
             *(["-incoming", "defer"] if incoming else []),
         ]
 
     def fingerprint(self, spec: VMSpec) -> str:
         h = hashlib.sha256(_cached_version(self.binary).encode())
         h.update(self.accelerator.encode())
-        placeholders = {str(spec.run_dir): "RUN", str(spec.disk): "DISK"}
         command = self.command(spec)
         # The kernel command line only matters to the boot a state was saved after, and it holds
         # values that may vary from call to call (the host's TSC frequency): left out.
         del command[command.index("-append") + 1]
         for arg in command:
-            for real, mark in placeholders.items():
-                arg = arg.replace(real, mark)
-            arg = re.sub(r"\b(fd|addr\.str)=\d+", r"\1=FD", arg)
-            h.update(arg.encode() + b"\0")
+            arg = re.sub(r"\b(fd|addr\.str)=-?\d+", r"\1=FD", arg)
+            h.update(re.sub(r"/proc/self/fd/-?\d+", "FD", arg).encode() + b"\0")
         for path in (spec.kernel, spec.initrd, spec.base_disk):
             st = path.stat()
             h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -367,20 +422,49 @@ class QemuDriver(Driver):
         if proc.returncode:
             raise VMMError(f"qemu-img create failed: {err.decode().strip()}")
 
-    async def start(self, spec: VMSpec, restore_from: Path | None = None) -> QemuVM:
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("serial.sock", "qmp.sock", "channel.sock"):
-            (spec.run_dir / name).unlink(missing_ok=True)
+    async def _lower(self, path: Path, fmt: str) -> list[Layer]:
+        """The chain below a new overlay: a base image or a frozen template disk (immutable,
+        so read once per file)."""
+        if fmt == "raw":
+            return [Layer(path, fmt)]
+        key = (path, path.stat().st_mtime_ns)
+        if key not in self._chains:
+            self._chains[key] = [(layer.path, layer.format) for layer in await backing_chain(path)]
+        return [Layer(p, f) for p, f in self._chains[key]]
+
+    async def _chain(self, spec: VMSpec) -> list[Layer]:
         if not spec.disk.exists():
             await self.create_disk(spec)
-        fds = (spec.net.fd,) if spec.net is not None and spec.net.fd is not None else ()
-        with open(spec.run_dir / "qemu.log", "wb") as qlog:
-            proc = await asyncio.create_subprocess_exec(
-                *self.command(spec, incoming=restore_from is not None),
-                stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog, pass_fds=fds,
-                start_new_session=True,  # Ctrl-C on the daemon must not kill guests uncleanly
-            )
-        vm = QemuVM(spec, proc)
+            return [Layer(spec.disk, "qcow2"), *await self._lower(spec.base_disk, spec.base_format)]
+        return await backing_chain(spec.disk)  # an existing disk: its own chain, whatever made it
+
+    async def start(self, spec: VMSpec, restore_from: Path | None = None) -> QemuVM:
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        chain = await self._chain(spec)
+        jail = self.jailer.enter(spec.name, spec.cpus, spec.ram_bytes) if self.jailer is not None else None
+        try:
+            handoff = open_handoff(spec, chain, jail, self.sealed)
+        except BaseException:
+            self._release(spec, chain, jail)
+            raise
+        net_fds = (spec.net.fd,) if spec.net is not None and spec.net.fd is not None else ()
+        try:
+            with open(spec.run_dir / "qemu.log", "wb") as qlog:
+                proc = await asyncio.create_subprocess_exec(
+                    *self.command(spec, incoming=restore_from is not None, handoff=handoff),
+                    stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
+                    pass_fds=handoff.fds() + net_fds,
+                    env={"PATH": os.defpath, RUN_DIR_ENV: str(spec.run_dir)},  # none of the daemon's
+                    preexec_fn=jail.preexec() if jail is not None else None,
+                    start_new_session=True,  # Ctrl-C on the daemon must not kill guests uncleanly
+                )
+        except BaseException:
+            self._release(spec, chain, jail)
+            raise
+        finally:
+            handoff.close()
+        (spec.run_dir / "qemu.pid").write_text(f"{proc.pid}\n")
+        vm = QemuVM(spec, proc, functools.partial(self._release, spec, chain, jail), jail)
         try:
             await vm._attach()
             if restore_from is not None:
@@ -389,21 +473,31 @@ class QemuDriver(Driver):
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+            vm._exited()
             if isinstance(e, VMMError):
                 raise VMMError(f"{e}: {_qemu_failure(spec.run_dir)}") from e
             raise
         return vm
 
+    def _release(self, spec: VMSpec, chain: list[Layer], jail: Jail | None) -> None:
+        """After the VMM: files it wrote go back to root, its uid and cgroup are freed."""
+        if jail is None or self.jailer is None:
+            return
+        release(chain[0].path)
+        if spec.memory_file is not None and spec.memory_shared:
+            release(spec.memory_file)
+        self.jailer.leave(jail)
+
     def kill_stale(self, run_dir: Path) -> bool:
         pidfile = run_dir / "qemu.pid"
         try:
             pid = int(pidfile.read_text().strip())
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
         except (OSError, ValueError):
             return False
-        if b"qemu-system" not in cmdline or str(run_dir).encode() not in cmdline:
-            return False
+        if f"{RUN_DIR_ENV}={run_dir}".encode() not in environ:
+            return False  # the pid is some other process's now
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         pidfile.unlink(missing_ok=True)

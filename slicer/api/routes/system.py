@@ -30,4 +30,5 @@ async def info(request: Request) -> dict:
         "accelerator": m.driver.accelerator,
         "image": m.image.build_id,
         "network": m.net.describe(),  # per host group: backend (bridge/isolated/passt) and addresses
+        "confinement": m.driver.confinement(),  # VMMs' uids, seccomp filter, cgroups
     }

@@ -1,0 +1,105 @@
+"""Confinement benchmark: what running each QEMU confined (own uid, seccomp, cgroup) costs.
+
+Two daemons in one run, one with ``confine: true`` and one with ``confine: false``, same group
+and image; creates alternate between them (confined, unconfined, confined, …) so both see the
+same machine noise. Prints JSON: the median seconds of ``POST /hostgroup/NAME/nodes?wait=agent``
+restored from the group's template and booted cold, for each daemon, and the ratios
+confined/unconfined (goal: at most 1.05). For confined VMs it also reports the VMM cgroup's
+memory peak against guest RAM, after the guest has touched most of its memory.
+Usage: ``python3 bench/confine.py [--runs 5]`` (as root, image built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from boot import IMAGES, private_network, start_daemon  # noqa: E402
+
+RAM_MB = 512
+CONFIG = """
+config:
+  confine: {confine}
+  host_groups:
+  - name: bench
+    count: 0
+    vcpu: 1
+    ram_mb: {ram_mb}
+    storage_size: 2G
+  api:
+    bind_address: 127.0.0.1
+    port: PORT
+    auth: {{enabled: false}}  # loopback of the benchmark's own network namespace
+"""
+
+
+def create(client: httpx.Client, cold: bool) -> tuple[str, float]:
+    t = time.monotonic()
+    r = client.post("/hostgroup/bench/nodes", params={"wait": "agent", "timeout": "10m"},
+                    json={"boot": "cold"} if cold else {})
+    elapsed = time.monotonic() - t
+    r.raise_for_status()
+    return r.json()["hostname"], elapsed
+
+
+def memory_of(client: httpx.Client, hostname: str) -> dict:
+    """Make the guest touch ~3/4 of its RAM, then read its VMM's cgroup."""
+    mb = RAM_MB * 3 // 4
+    client.post(f"/vm/{hostname}/exec", params={"cmd": "python3", "args": ["-c", f"b = bytearray({mb} << 20)"],
+                                                "buffered": "true"}).raise_for_status()
+    vmm = client.get(f"/vm/{hostname}").json()["vmm"]
+    return {"guest_ram_mb": RAM_MB, "touched_mb": mb, "cgroup_limit_mb": vmm["memory_limit"] >> 20,
+            "cgroup_peak_mb": vmm["memory_peak"] >> 20,
+            "peak_over_guest_ram": round(vmm["memory_peak"] / (RAM_MB << 20), 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5, help="creates per daemon and boot mode")
+    args = ap.parse_args()
+    private_network()
+    results: dict = {"ram_mb": RAM_MB, "runs": args.runs}
+    with tempfile.TemporaryDirectory(prefix="slb-", dir="/tmp") as tmp:
+        daemons = {}
+        try:
+            for mode in ("confined", "unconfined"):
+                work = Path(tmp) / mode
+                work.mkdir()
+                (work / "images").symlink_to(IMAGES / "images")
+                config = CONFIG.format(confine="true" if mode == "confined" else "false", ram_mb=RAM_MB)
+                daemons[mode] = start_daemon(work, config)
+                daemons[mode][1].post("/hostgroup/bench/template").raise_for_status()
+            for boot in ("restore", "cold"):
+                times: dict[str, list[float]] = {"confined": [], "unconfined": []}
+                for _ in range(args.runs):
+                    for mode, (_, client) in daemons.items():
+                        hostname, elapsed = create(client, cold=boot == "cold")
+                        times[mode].append(elapsed)
+                        if mode == "confined" and boot == "cold" and "memory" not in results:
+                            results["memory"] = memory_of(client, hostname)
+                        client.delete(f"/hostgroup/bench/nodes/{hostname}").raise_for_status()
+                med = {mode: statistics.median(t) for mode, t in times.items()}
+                results[boot] = {
+                    **{f"{mode}_s": {"median": round(m, 3), "all": [round(x, 3) for x in times[mode]]}
+                       for mode, m in med.items()},
+                    "ratio_confined_over_unconfined": round(med["confined"] / med["unconfined"], 3),
+                }
+        finally:
+            for daemon, client in daemons.values():
+                client.close()
+                daemon.terminate()
+                daemon.wait(120)
+    results["goal"] = {"ratio_at_most": 1.05}
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

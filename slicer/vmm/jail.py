@@ -1,0 +1,211 @@
+"""Confinement of VMM processes, after Firecracker's jailer.
+
+Under TCG, QEMU is not a security boundary by QEMU's own policy; what surrounds it is. Each
+VMM process:
+
+- runs as a **uid of its own** (no name in ``/etc/passwd``; a block of uids per data
+  directory, skipping any uid a process already runs as) with one group, ``VMM_GID``, that
+  lets it read the shared read-only layers (template disks);
+- joins a **cgroup of its own** before it executes (memory: guest RAM plus overhead; pids; a
+  CPU quota of its vCPUs), see :mod:`slicer.vmm.cgroup`;
+- runs QEMU's **seccomp filter** (``-sandbox``): no new privileges, no ``fork``/``exec``, no
+  scheduler or resource changes;
+- reaches **nothing by path** in the data directory (it stays 0700 root): the daemon opens
+  every file and socket and passes the descriptors; QEMU names them ``/proc/self/fd/N``, which
+  works with the descriptor only. Its own disk overlay is chowned to its uid while it runs.
+
+Files many VMs map privately (a template's RAM) are handed over as write-sealed in-memory
+copies (:class:`SealedFiles`): QEMU 7.2 opens a RAM file read-write even to map it
+copy-on-write, and a seal is what stops one VM from changing what the others map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import grp
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from slicer.vmm.cgroup import Cgroup, CgroupError, CgroupManager, Limits
+
+UID_BASE = 1_900_000_000  # above systemd's container range (524288-1879048191)
+UID_BLOCKS = 1024  # a data directory's block is chosen by its digest
+UID_BLOCK_SIZE = 4096
+VMM_GID = UID_BASE  # every confined VMM's group: read-only layers shared by VMs
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# Besides guest RAM: TCG's translation cache (tb-size=64), the kernel and initrd QEMU keeps,
+# QEMU itself and the page cache of disk reads (reclaimed first when the limit is near).
+MEMORY_OVERHEAD = 320 << 20
+PIDS_MAX = 256  # vCPU threads, the block layer's worker pool (up to 64), RCU, main loop
+
+
+class JailError(Exception):
+    pass
+
+
+@dataclass
+class Jail:
+    """One VMM's confinement: its uid, groups and cgroup."""
+
+    uid: int
+    gid: int
+    groups: list[int]
+    cgroup: Cgroup
+
+    def preexec(self) -> Callable[[], None]:
+        """What the child runs between fork and exec, as root: join the cgroup, then drop to
+        the jail's uid for good (setresuid from root clears every capability)."""
+        procs, groups, uid, gid = self.cgroup.procs_files, self.groups, self.uid, self.gid
+
+        def enter() -> None:
+            for path in procs:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+            os.setgroups(groups)
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+
+        return enter
+
+    def own(self, path: Path) -> None:
+        """Make ``path`` the jail's while its VMM runs (a disk it writes)."""
+        os.chown(path, self.uid, self.gid)
+        os.chmod(path, 0o600)
+
+
+def release(path: Path) -> None:
+    """Give a file a VMM wrote back to root; VMMs may still read it (a template's disk)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.chown(path, 0, VMM_GID)
+        os.chmod(path, 0o640)
+
+
+def readable(path: Path) -> None:
+    """Let VMMs read ``path`` by their group if they cannot by its mode."""
+    st = path.stat()
+    if st.st_mode & 0o004 or (st.st_gid == VMM_GID and st.st_mode & 0o040):
+        return
+    os.chown(path, st.st_uid, VMM_GID)
+    os.chmod(path, (st.st_mode & 0o7777) | 0o040)
+
+
+def _uids_in_use() -> set[int]:
+    used = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                used.add(entry.stat().st_uid)
+    return used
+
+
+class Jailer:
+    """Hands out jails: uids from the data directory's block, cgroups under ``slicer-<tag>``."""
+
+    def __init__(self, tag: str) -> None:
+        if os.geteuid() != 0:
+            raise JailError("confining VMMs needs root (setuid, cgroups); set confine: false to run them "
+                            "as the daemon's user")
+        try:
+            self.cgroups = CgroupManager(tag)
+        except CgroupError as e:
+            raise JailError(str(e)) from e
+        self.first_uid = UID_BASE + 1 + (int(tag, 16) % UID_BLOCKS) * UID_BLOCK_SIZE
+        self._uids: set[int] = set()
+        self.groups = [VMM_GID]
+        with contextlib.suppress(KeyError):
+            self.groups.append(grp.getgrnam("kvm").gr_gid)  # /dev/kvm is root:kvm 0660
+
+    def enter(self, name: str, cpus: int, ram_bytes: int) -> Jail:
+        """A jail for the VMM of VM ``name`` (released with :meth:`leave`)."""
+        taken = self._uids | _uids_in_use()
+        uid = next((u for u in range(self.first_uid, self.first_uid + UID_BLOCK_SIZE - 1) if u not in taken), None)
+        if uid is None:
+            raise JailError(f"all {UID_BLOCK_SIZE} VMM uids of this data directory are in use")
+        try:
+            # Named by uid too: the cgroup of a VM's previous VMM may not be gone yet.
+            cgroup = self.cgroups.create(f"{name}.{uid}", Limits(ram_bytes + MEMORY_OVERHEAD, PIDS_MAX, cpus))
+        except CgroupError as e:
+            raise JailError(str(e)) from e
+        self._uids.add(uid)
+        return Jail(uid, VMM_GID, self.groups, cgroup)
+
+    def leave(self, jail: Jail) -> None:
+        jail.cgroup.remove()
+        self._uids.discard(jail.uid)
+
+    def describe(self) -> dict:
+        return {"uids": f"{self.first_uid}-{self.first_uid + UID_BLOCK_SIZE - 2}", "gid": VMM_GID,
+                "cgroup": self.cgroups.describe(), "seccomp": SANDBOX}
+
+    def close(self) -> None:
+        self.cgroups.cleanup()
+
+
+class SealedFiles:
+    """Write-sealed in-memory copies of files many VMMs map copy-on-write (a template's RAM).
+
+    A copy is made once per file (only its data extents: RAM files are sparse) and kept while
+    the file exists unchanged; every VMM gets the same descriptor, so unchanged pages stay
+    shared between them, and no VMM can write to it (``F_SEAL_WRITE``) or resize it.
+    """
+
+    SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+    def __init__(self) -> None:
+        self._copies: dict[Path, tuple[int, int]] = {}  # path -> (mtime_ns, fd)
+
+    def get(self, path: Path) -> int:
+        """The sealed copy's descriptor (the caller must not close it)."""
+        self.prune()
+        st = path.stat()
+        cached = self._copies.get(path)
+        if cached is not None and cached[0] == st.st_mtime_ns:
+            return cached[1]
+        fd = os.memfd_create(f"slicer:{path.parent.name}/{path.name}", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, st.st_size)
+            src = os.open(path, os.O_RDONLY)
+            try:
+                _copy_extents(src, fd, st.st_size)
+            finally:
+                os.close(src)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, self.SEALS)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._copies[path] = (st.st_mtime_ns, fd)
+        return fd
+
+    def prune(self) -> None:
+        """Drop copies of files that are gone or changed (a removed template)."""
+        for path, (mtime, fd) in list(self._copies.items()):
+            try:
+                gone = path.stat().st_mtime_ns != mtime
+            except FileNotFoundError:
+                gone = True
+            if gone:
+                os.close(fd)
+                del self._copies[path]
+
+
+def _copy_extents(src: int, dst: int, size: int) -> None:
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            return
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        os.lseek(dst, start, os.SEEK_SET)
+        while start < end:
+            sent = os.sendfile(dst, src, start, end - start)
+            if sent == 0:
+                return
+            start += sent
+        offset = end
