@@ -58,7 +58,7 @@ class Cgroup:
 
     @property
     def procs_files(self) -> list[str]:
-        """Where a process writes ``0`` to join (see :func:`slicer.vmm.jail.Jail.preexec`)."""
+        """Where a process writes ``0`` to join (see :meth:`slicer.vmm.jail.Jail.wrap`)."""
         return [str(d / "cgroup.procs") for d in self.dirs]
 
     def _file(self, v1_controller: str, v1_name: str, v2_name: str) -> Path:

@@ -30,7 +30,7 @@ from slicer.channel.yamux import PORT_NAME
 from slicer.vmm.accel import qemu_version, tsc_khz
 from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState, VMStateError
 from slicer.vmm.handoff import Handoff, Layer, backing_chain, open_handoff, placeholder
-from slicer.vmm.jail import SANDBOX, Jail, Jailer, SealedFiles, release
+from slicer.vmm.jail import SANDBOX, Jail, Jailer, SealedFiles, guest_memory_charge, release
 
 log = logging.getLogger(__name__)
 
@@ -441,7 +441,10 @@ class QemuDriver(Driver):
     async def start(self, spec: VMSpec, restore_from: Path | None = None) -> QemuVM:
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         chain = await self._chain(spec)
-        jail = self.jailer.enter(spec.name, spec.cpus, spec.ram_bytes) if self.jailer is not None else None
+        jail = None
+        if self.jailer is not None:
+            private = spec.memory_file is not None and not spec.memory_shared
+            jail = self.jailer.enter(spec.name, spec.cpus, guest_memory_charge(spec.ram_bytes, private))
         try:
             handoff = open_handoff(spec, chain, jail, self.sealed)
         except BaseException:
@@ -450,12 +453,12 @@ class QemuDriver(Driver):
         net_fds = (spec.net.fd,) if spec.net is not None and spec.net.fd is not None else ()
         try:
             with open(spec.run_dir / "qemu.log", "wb") as qlog:
+                argv = self.command(spec, incoming=restore_from is not None, handoff=handoff)
                 proc = await asyncio.create_subprocess_exec(
-                    *self.command(spec, incoming=restore_from is not None, handoff=handoff),
+                    *(jail.wrap(argv) if jail is not None else argv),
                     stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
                     pass_fds=handoff.fds() + net_fds,
                     env={"PATH": os.defpath, RUN_DIR_ENV: str(spec.run_dir)},  # none of the daemon's
-                    preexec_fn=jail.preexec() if jail is not None else None,
                     start_new_session=True,  # Ctrl-C on the daemon must not kill guests uncleanly
                 )
         except BaseException:
