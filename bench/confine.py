@@ -5,7 +5,8 @@ and image; creates alternate between them (confined, unconfined, confined, …) 
 same machine noise. Prints JSON: the median seconds of ``POST /hostgroup/NAME/nodes?wait=agent``
 restored from the group's template and booted cold, for each daemon, and the ratios
 confined/unconfined (goal: at most 1.05). For confined VMs it also reports the VMM cgroup's
-memory peak against guest RAM, after the guest has touched most of its memory.
+memory peak against guest RAM after the guest has touched most of its memory, for a restored
+clone and a cold boot (a clone's limit is twice its RAM plus overhead: see slicer.vmm.jail).
 Usage: ``python3 bench/confine.py [--runs 5]`` (as root, image built).
 """
 
