@@ -13,15 +13,23 @@ other: ``httpx.AsyncClient(transport=ChannelTransport(ch), base_url="http://agen
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import typing
 
 import httpcore
 import httpx
 
-from slicer.channel.yamux import READY, Session, Stream, StreamClosed, connect_port
+from slicer.channel.yamux import READY, Session, Stream, StreamClosed, TokenBucket, connect_port
 
-HANDSHAKE_LIMIT = 8 * 1024 * 1024  # stale guest bytes tolerated before the READY line
+log = logging.getLogger(__name__)
+
+HANDSHAKE_LIMIT = 8 * 1024 * 1024  # stale guest bytes kept while looking for the READY line
+# Bounds on what one guest can make the daemon do or hold (its guest root is untrusted):
+# frames parsed per second (reading pauses beyond it, so a flood of tiny frames cannot take the
+# event loop from the other VMs) and bytes queued towards a guest that does not read them.
+FRAME_RATE = 20_000
+MAX_OUTBOUND = 32 * 1024 * 1024
 
 
 class ChannelError(ConnectionError):
@@ -63,7 +71,11 @@ class Channel:
         self._pending = bytearray()
         self._ready: asyncio.Event = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._frames = TokenBucket(FRAME_RATE)
         self.first_byte_at: float | None = None  # loop time of the first guest byte (for bench)
+        # Why the guest's side was last cut off (a flood, a protocol error); cleared by the
+        # next good handshake.
+        self.fault: str | None = None
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -79,32 +91,64 @@ class Channel:
         assert proto.transport is not None
         proto.transport.write(b"SLICER-HELLO " + self._nonce + b"\n")
 
+    def _send(self, proto: _Protocol, data: bytes) -> None:
+        transport = proto.transport
+        if proto is not self._proto or transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > MAX_OUTBOUND:
+            # Only answers the guest never reads pile up like this (streams wait for drain).
+            asyncio.get_running_loop().call_soon(self.cut_off, f"the guest left {MAX_OUTBOUND >> 20} MiB unread")
+            transport.abort()
+
     def _on_data(self, proto: _Protocol, data: bytes) -> None:
         if proto is not self._proto:
             return
         if self.first_byte_at is None:
             self.first_byte_at = asyncio.get_running_loop().time()
         if self._session is not None:
+            session = self._session
+            before = session.frames
             try:
-                self._session.feed(data)
-            except Exception:
-                self.disconnect()
+                session.feed(data)
+            except Exception as e:
+                self.cut_off(f"the guest broke the channel protocol: {e}")
+                return
+            self._throttle(proto, session.frames - before)
             return
-        self._pending += data
         marker = READY + self._nonce + b"\n"
-        i = self._pending.find(marker)
+        start = max(0, len(self._pending) - len(marker) + 1)  # only where the marker can newly be
+        self._pending += data
+        i = self._pending.find(marker, start)
         if i < 0:
             if len(self._pending) > HANDSHAKE_LIMIT:
                 del self._pending[: -len(marker)]
             return
         rest = bytes(self._pending[i + len(marker) :])
         self._pending.clear()
-        transport = proto.transport
-        assert transport is not None
-        self._session = Session(transport.write, proto.can_write.wait, client=True)
+        self._session = Session(lambda b: self._send(proto, b), proto.can_write.wait, client=True)
+        self.fault = None
         self._ready.set()
         if rest:
             self._on_data(proto, rest)
+
+    def _throttle(self, proto: _Protocol, frames: int) -> None:
+        """Pause reading while the guest is over its frame budget."""
+        debt = self._frames.spend(frames)
+        if debt > 0 and proto.transport is not None and not proto.transport.is_closing():
+            proto.transport.pause_reading()
+            asyncio.get_running_loop().call_later(debt, self._resume, proto)
+
+    def _resume(self, proto: _Protocol) -> None:
+        if proto is self._proto and proto.transport is not None and not proto.transport.is_closing():
+            proto.transport.resume_reading()
+
+    def cut_off(self, reason: str) -> None:
+        """Drop a guest that misbehaves; the next :meth:`open` starts over with a fresh handshake."""
+        if self.fault != reason:
+            log.warning("%s: channel cut off: %s", self.socket_path, reason)
+        self.fault = reason
+        self.disconnect()
 
     def _on_lost(self, proto: _Protocol) -> None:
         if proto is self._proto:
@@ -134,6 +178,11 @@ class Channel:
         try:
             await asyncio.wait_for(ready.wait(), timeout)
         except TimeoutError:
+            # Whoever held the guest's end when we said hello may be gone (an agent that was
+            # restarted never saw it): the next call connects and says hello again.
+            async with self._lock:
+                if self._ready is ready and not ready.is_set():
+                    self.disconnect()
             raise ChannelError(f"guest agent did not answer the channel within {timeout:.1f}s") from None
         if self._session is None:
             raise ChannelError("channel closed during handshake")

@@ -17,6 +17,15 @@ from wsproto.events import (
 
 from slicer.channel.yamux import Stream
 
+# The guest is untrusted: a message (shell output comes in chunks of a few KiB) or a refusal's
+# body past these sizes ends the WebSocket.
+MAX_MESSAGE = 1024 * 1024
+MAX_REJECT_BODY = 64 * 1024
+
+
+class MessageTooBig(ConnectionError):
+    pass
+
 
 class WebSocketRejected(Exception):
     """The server answered the upgrade with an HTTP error."""
@@ -33,6 +42,7 @@ class StreamWebSocket:
         self._ws = WSConnection(ConnectionType.CLIENT)
         self._events: list = []
         self._parts: list[bytes] = []
+        self._size = 0  # of the message in _parts
         self.closed = False
 
     async def _fill(self) -> bool:
@@ -55,7 +65,7 @@ class StreamWebSocket:
                         raise WebSocketRejected(status, b"")
                 elif isinstance(event, RejectData):
                     body += event.data
-                    if event.body_finished:
+                    if event.body_finished or len(body) > MAX_REJECT_BODY:
                         raise WebSocketRejected(status, body)
             if not await self._fill():
                 raise WebSocketRejected(status or 502, body or b"connection closed during the upgrade")
@@ -68,7 +78,13 @@ class StreamWebSocket:
                 if isinstance(event, Message):
                     data = event.data if isinstance(event, BytesMessage) else event.data.encode()
                     self._parts.append(bytes(data))
+                    self._size += len(data)
+                    if self._size > MAX_MESSAGE:
+                        self.stream.reset()
+                        self.closed = True
+                        raise MessageTooBig(f"the guest sent a WebSocket message over {MAX_MESSAGE} bytes")
                     if event.message_finished:
+                        self._size = 0
                         msg, self._parts = b"".join(self._parts), []
                         return msg
                 elif isinstance(event, Ping):

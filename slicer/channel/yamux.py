@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -41,6 +42,9 @@ HELLO = b"SLICER-HELLO "
 READY = b"SLICER-READY "
 PORT_NAME = "slicer.0"  # the virtserialport name; the guest sees /dev/virtio-ports/slicer.0
 AGENT_PORT = 0  # CONNECT 0 reaches the agent itself; no TCP service can listen on port 0.
+# Frames a peer may send per second that make us answer (a ping, or a SYN we refuse); more is
+# a flood (a peer that never reads our answers would have them pile up), and ends the session.
+ANSWER_RATE = 1000
 
 
 class ProtocolError(Exception):
@@ -171,6 +175,22 @@ class Stream:
         self._session._forget(self)
 
 
+class TokenBucket:
+    """``rate`` events a second, up to ``rate`` at once; ``spend`` says how long the caller is
+    in debt (0: within budget)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.at = time.monotonic()
+
+    def spend(self, n: float) -> float:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate) - n
+        self.at = now
+        return max(0.0, -self.tokens / self.rate)
+
+
 class Session:
     """A yamux session over one byte pipe.
 
@@ -196,6 +216,9 @@ class Session:
         self._pings: dict[int, asyncio.Future[None]] = {}
         self._ping_id = 0
         self._tasks: set[asyncio.Task] = set()
+        self._peer_max_id = 0  # highest stream id the peer opened
+        self._answers = TokenBucket(ANSWER_RATE)
+        self.frames = 0  # frames received (the owner rate-limits its reads on it)
         self.closed = False
         self.close_reason = ""
         self.done = asyncio.Event()
@@ -215,6 +238,7 @@ class Session:
     def _parse(self) -> None:
         buf = self._buf
         pos = 0
+        answers = 0
         while len(buf) - pos >= HEADER_SIZE:
             version, ftype, flags, sid, length = HEADER.unpack_from(buf, pos)
             if version != VERSION:
@@ -226,15 +250,16 @@ class Session:
                     break
                 payload = bytes(buf[pos + HEADER_SIZE : pos + HEADER_SIZE + length])
                 pos += HEADER_SIZE + length
-                self._on_stream_frame(ftype, flags, sid, length, payload)
+                answers += self._on_stream_frame(ftype, flags, sid, length, payload)
             elif ftype == TYPE_WINDOW_UPDATE:
                 pos += HEADER_SIZE
-                self._on_stream_frame(ftype, flags, sid, length, b"")
+                answers += self._on_stream_frame(ftype, flags, sid, length, b"")
             elif ftype == TYPE_PING:
                 pos += HEADER_SIZE
                 if sid != 0:
                     raise ProtocolError("ping on a stream")
                 if flags & FLAG_SYN:
+                    answers += 1
                     self._send_frame(TYPE_PING, FLAG_ACK, 0, length)
                 elif flags & FLAG_ACK and (fut := self._pings.pop(length, None)) and not fut.done():
                     fut.set_result(None)
@@ -244,30 +269,37 @@ class Session:
                 break
             else:
                 raise ProtocolError(f"unknown frame type {ftype}")
+            self.frames += 1
         del buf[:pos]
+        if answers and self._answers.spend(answers) > 0:
+            raise ProtocolError(f"more than {ANSWER_RATE} pings or refused streams a second")
 
-    def _on_stream_frame(self, ftype: int, flags: int, sid: int, length: int, payload: bytes) -> None:
+    def _on_stream_frame(self, ftype: int, flags: int, sid: int, length: int, payload: bytes) -> int:
+        """Handle one frame of a stream; returns how many frames it made us answer."""
         if sid == 0:
             raise ProtocolError("stream frame on stream 0")
         stream = self._streams.get(sid)
+        ours = (sid % 2 == 1) == (self._next_id % 2 == 1)
         if flags & FLAG_SYN:
-            if stream is not None:
+            if stream is not None or (not ours and sid <= self._peer_max_id):
                 raise ProtocolError(f"duplicate SYN for stream {sid}")
-            if (sid % 2 == 1) == (self._next_id % 2 == 1):
+            if ours:
                 raise ProtocolError(f"peer opened stream {sid} with our parity")
+            self._peer_max_id = sid
             if self._on_stream is None:
                 self._send_frame(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0)
-                return
+                return 1
             stream = Stream(self, sid)
             stream._established.set()
             self._streams[sid] = stream
             self._send_frame(TYPE_WINDOW_UPDATE, FLAG_ACK, sid, STREAM_WINDOW - INITIAL_WINDOW)
             self._spawn(self._on_stream(stream))
         if stream is None:
-            # A frame for a stream we already forgot (e.g. after RST): tell the peer, drop it.
-            if not flags & FLAG_RST:
-                self._send_frame(TYPE_WINDOW_UPDATE, FLAG_RST, sid, 0)
-            return
+            # A stream that was never opened is an error; frames still in flight for one we
+            # closed or reset (the peer has our FIN or RST by now) are dropped unanswered.
+            if sid >= self._next_id if ours else sid > self._peer_max_id:
+                raise ProtocolError(f"frame for stream {sid}, which was never opened")
+            return 0
         if flags & FLAG_ACK:
             stream._established.set()
         if ftype == TYPE_DATA:
@@ -279,6 +311,7 @@ class Session:
             self._maybe_forget(stream)
         if flags & FLAG_RST:
             stream._on_reset("peer")
+        return 0
 
     def _send_frame(self, ftype: int, flags: int, sid: int, length: int, payload: bytes = b"") -> None:
         if self.closed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as jsonlib
 from urllib.parse import urlencode
 
 import httpx
@@ -25,6 +26,35 @@ def agent_error(resp: httpx.Response) -> SlicerError:
     return err
 
 
+# The most of an agent's answer the host reads whole (health, identity, secrets, fs listings);
+# the guest is untrusted, and anything bigger is streamed by its route.
+MAX_ANSWER = 16 * 1024 * 1024
+MAX_SMALL_ANSWER = 64 * 1024  # health and power
+
+
+async def read_capped(resp: httpx.Response | DuplexResponse, limit: int) -> bytes:
+    """The body of ``resp``, or an error once it passes ``limit`` bytes (the stream is closed)."""
+    body = bytearray()
+    try:
+        async for chunk in resp.aiter_raw():
+            body += chunk
+            if len(body) > limit:
+                raise AgentUnreachable(f"the agent's answer passed {limit} bytes; it was cut off")
+    finally:
+        await resp.aclose()
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> dict | list:
+    try:
+        value = jsonlib.loads(body)
+    except ValueError as e:
+        raise AgentUnreachable(f"the agent answered with something that is not JSON: {e}") from None
+    if not isinstance(value, dict | list):
+        raise AgentUnreachable("the agent answered with JSON that is not an object or a list")
+    return value
+
+
 class AgentClient:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -32,17 +62,23 @@ class AgentClient:
             transport=ChannelTransport(channel, AGENT_PORT), base_url="http://agent", timeout=30.0
         )
 
-    async def _request(self, method: str, path: str, timeout: float, **kw) -> httpx.Response:
+    async def _request(self, method: str, path: str, timeout: float, **kw) -> tuple[int, bytes]:
+        """A small request: its status and (capped) body."""
+        req = self.http.build_request(method, path, timeout=timeout, **kw)
         try:
-            return await self.http.request(method, path, timeout=timeout, **kw)
+            resp = await self.http.send(req, stream=True)
+            return resp.status_code, await read_capped(resp, MAX_SMALL_ANSWER)
         except httpx.HTTPError as e:
             raise AgentUnreachable(f"agent did not answer: {e}") from e
 
     async def health(self, timeout: float = 10.0) -> dict:
-        r = await self._request("GET", "/health", timeout)
-        if r.status_code != 200:
-            raise AgentUnreachable(f"agent health answered {r.status_code}")
-        return r.json()
+        status, body = await self._request("GET", "/health", timeout)
+        if status != 200:
+            raise AgentUnreachable(f"agent health answered {status}")
+        answer = parse_json(body)
+        if not isinstance(answer, dict):
+            raise AgentUnreachable("agent health answered with JSON that is not an object")
+        return answer
 
     async def send(self, method: str, path: str, *, params=None, content=None, json=None,
                    timeout=httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
@@ -59,19 +95,17 @@ class AgentClient:
         except httpx.HTTPError as e:
             raise AgentUnreachable(f"agent did not answer: {e}") from e
         if resp.status_code >= 300:
-            await resp.aread()
-            await resp.aclose()
-            raise agent_error(resp)
+            body = await read_capped(resp, MAX_SMALL_ANSWER)
+            raise agent_error(httpx.Response(resp.status_code, content=body))
         return resp
 
     async def call(self, method: str, path: str, **kw) -> dict | list:
-        """A request whose (small) JSON answer is read whole."""
+        """A request whose JSON answer is read whole (up to MAX_ANSWER bytes)."""
         resp = await self.send(method, path, **kw)
         try:
-            await resp.aread()
-        finally:
-            await resp.aclose()
-        return resp.json()
+            return parse_json(await read_capped(resp, MAX_ANSWER))
+        except httpx.HTTPError as e:
+            raise AgentUnreachable(f"agent did not answer: {e}") from e
 
     async def open_exec(self, params: list[tuple[str, str]], stdin=None) -> httpx.Response | DuplexResponse:
         """Start a command; the caller reads (and must close) the streamed response.
@@ -84,8 +118,7 @@ class AgentClient:
         except ConnectionError as e:
             raise AgentUnreachable(f"agent did not answer: {e}") from e
         if resp.status_code >= 300:
-            body = await resp.aread()
-            await resp.aclose()
+            body = await read_capped(resp, MAX_SMALL_ANSWER)
             raise agent_error(httpx.Response(resp.status_code, content=body))
         return resp
 
@@ -107,9 +140,9 @@ class AgentClient:
         return ws
 
     async def power(self, action: str, timeout: float = 5.0) -> None:
-        r = await self._request("POST", "/power", timeout, params={"action": action})
-        if r.status_code != 200:
-            raise AgentUnreachable(f"agent refused {action}: {r.text}")
+        status, body = await self._request("POST", "/power", timeout, params={"action": action})
+        if status != 200:
+            raise AgentUnreachable(f"agent refused {action}: {body[:200].decode(errors='replace')}")
 
     async def aclose(self) -> None:
         await self.http.aclose()

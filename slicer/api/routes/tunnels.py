@@ -11,6 +11,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from slicer.api.deps import manager, require_auth
 from slicer.api.errors import error_response
+from slicer.channel.websocket import MessageTooBig
 from slicer.channel.yamux import Stream
 from slicer.core.errors import BadRequest, SlicerError
 
@@ -102,8 +103,12 @@ async def shell(ws: WebSocket, hostname: str) -> None:
             await session.send(data)
 
     async def vm_to_client() -> None:
-        while (msg := await session.recv()) is not None:
-            await ws.send_bytes(msg)
+        try:
+            while (msg := await session.recv()) is not None:
+                await ws.send_bytes(msg)
+        except MessageTooBig as e:
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await ws.close(1009, str(e)[:120])  # 1009: message too big
 
     try:
         await until_either(client_to_vm(), vm_to_client())
