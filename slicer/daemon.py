@@ -132,11 +132,22 @@ def run_daemon(config: Config, data_dir: Path) -> None:
                 raise app.state.startup_error from None
             raise
 
+    def leave_running(*_: object) -> None:
+        manager.leave_running = True
+        server.should_exit = True
+
     # uvicorn handles SIGTERM/SIGINT during serve() and re-raises them afterwards; with these
     # no-op handlers in place a graceful stop ends the process with status 0, not a signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    signal.signal(signal.SIGQUIT, leave_running)  # an upgrade: exit, and let the next daemon adopt every VM
     asyncio.run(serve())
+    if manager.leave_running:
+        # Now, before the interpreter's exit: asyncio kills the child processes whose
+        # transports it closes, and QEMUs are children of this process.
+        log.info("daemon stopped; its VMs run on")
+        logging.shutdown()
+        os._exit(0)
     if jailer is not None:
         jailer.close()
     log.info("daemon stopped")

@@ -41,7 +41,8 @@ def test_frames_carry_typed_and_legacy_fields_in_order(api, vm):
     assert kinds.index("stderr") < len(kinds) - 1, "stderr 'two' came before stdout 'three'"
 
 
-@pytest.mark.parametrize("cmd, code, signal", [("true", 0, ""), ("false", 1, ""), ("kill -9 $$", 137, "SIGKILL")])
+@pytest.mark.parametrize("cmd, code, signal", [("true", 0, ""), ("false", 1, ""), ("kill -9 $$", 137, "SIGKILL"),
+                                               ("kill -35 $$", 163, "SIGRTMIN+1")])
 def test_exit_codes(api, vm, cmd, code, signal):
     last = run(api, vm, cmd=cmd)[-1]
     assert (last["exit_code"], last["signal"]) == (code, signal)

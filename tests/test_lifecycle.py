@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import stat
+import time
 
+import httpx
 import pytest
 
 from tests.conftest import Daemon, qemu_pids, wait_agent
@@ -62,22 +65,83 @@ def test_stop_removes_sandboxes_and_restart_brings_the_service_back(guest_image)
         d.cleanup()
 
 
-def test_sigint_stops_too_and_a_crash_leftover_is_reconciled(guest_image):
-    d = Daemon(PERSISTENT_CONFIG.replace("count: 1", "count: 0")).start()
+def sh(api, vm: str, command: str) -> str:
+    r = api.post(f"/vm/{vm}/exec", params={"cmd": command, "buffered": "true"})
+    assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
+    return r.json()["stdout"]
+
+
+def wait_http(url: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=3).text
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_a_crashed_daemon_leaves_guests_running_and_the_next_one_adopts_them(guest_image):
+    d = Daemon(PERSISTENT_CONFIG).start()
     try:
         api = d.client()
-        r = api.post("/hostgroup/svc/nodes", json={})
-        assert r.status_code == 201
-        sandbox = r.json()["hostname"]
-        # A daemon killed outright leaves its QEMU behind; the next start must clean it up.
-        d.proc.kill()
+        wait_agent(api, "svc-1")
+        made = [api.post("/hostgroup/svc/nodes", params={"wait": "agent", "timeout": "4m"}, json={})
+                for _ in range(3)]
+        assert all(r.status_code == 201 for r in made), [r.text for r in made]
+        sandbox, dies, orphan = (r.json()["hostname"] for r in made)
+        marker = os.urandom(8).hex()
+        sh(api, sandbox, f"echo {marker} > /dev/shm/marker")  # memory only: survives only in the same guest
+        bg = api.post(f"/vm/{sandbox}/exec", params={
+            "cmd": "while true; do date +%s%N >> /dev/shm/ticks; sleep 0.2; done", "background": "true"})
+        assert bg.status_code == 201, bg.text
+        exec_id = bg.json()["exec_id"]
+        web = api.post(f"/vm/{sandbox}/exec", params={
+            "cmd": "cd /dev/shm && exec python3 -m http.server 8000", "background": "true"})
+        assert web.status_code == 201, web.text
+        guest_url = f"http://{api.get(f'/vm/{sandbox}').json()['ip']}:8000/marker"
+        assert wait_http(guest_url).strip() == marker, "the host reaches the guest over its network"
+        pids = {h: api.get(f"/vm/{h}").json()["vmm"]["pid"] for h in ("svc-1", sandbox, dies, orphan)}
+
+        d.proc.kill()  # a crash: no graceful stop
         d.proc.wait()
-        assert len(qemu_pids(str(d.data_dir))) == 1
+        os.kill(pids[dies], signal.SIGKILL)  # a QEMU that ends while no daemon watches
+        with sqlite3.connect(d.data_dir / "state.db") as db:  # a QEMU no record names
+            db.execute("DELETE FROM nodes WHERE hostname = ?", (orphan,))
+        assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox], pids[orphan]}
+
         d.start()
+        api = d.client()
+        nodes = {n["hostname"]: n for n in api.get("/nodes").json()}
+        assert set(nodes) == {"svc-1", sandbox}, "the sandbox whose QEMU died is removed, the orphan not adopted"
+        assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox]}, "the orphan QEMU is stopped"
+        for hostname in ("svc-1", sandbox):
+            view = api.get(f"/vm/{hostname}").json()
+            assert view["status"] == "Running" and view["boot"] == "adopted", view
+            assert view["vmm"]["pid"] == pids[hostname], "the same QEMU goes on"
+            wait_agent(api, hostname)
+        assert sh(api, sandbox, "cat /dev/shm/marker").strip() == marker, "the same guest goes on"
+        assert wait_http(guest_url).strip() == marker, "its network link (and its firewall entries) came back"
+        info = api.get(f"/vm/{sandbox}/exec/{exec_id}").json()
+        assert info["running"] is True, info
+        ticks = int(sh(api, sandbox, "wc -l < /dev/shm/ticks"))
+        time.sleep(1)
+        assert int(sh(api, sandbox, "wc -l < /dev/shm/ticks")) > ticks, "its background command still runs"
+        assert not (d.data_dir / "run" / dies).exists() and not (d.data_dir / "run" / orphan).exists()
+
+        # An upgrade: SIGQUIT ends the daemon and nothing else; the next one adopts every VM again.
+        assert d.stop(signal.SIGQUIT) == 0
+        assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox]}
+        d.start()
+        api = d.client()
+        assert {n["hostname"]: n["boot"] for n in api.get("/nodes").json()} == {"svc-1": "adopted", sandbox: "adopted"}
+        assert sh(api, sandbox, "cat /dev/shm/marker").strip() == marker
+
+        assert d.stop(signal.SIGINT) == 0  # a graceful stop: the adopted sandbox goes, the service stops
         assert qemu_pids(str(d.data_dir)) == []
-        assert d.client().get("/nodes").json() == []
-        assert not (d.data_dir / "run" / sandbox).exists()
-        assert d.stop(signal.SIGINT) == 0
+        d.start()
+        assert [n["hostname"] for n in d.client().get("/nodes").json()] == ["svc-1"]
     finally:
         d.cleanup()
 

@@ -222,22 +222,36 @@ def _ours(tag: str) -> dict:
     return {"links": links, "tables": tables, "netns": netns}
 
 
-def test_restart_after_sigkill_reconciles_and_stop_removes_everything(net, vms):
-    d, _, _ = net
+def test_restart_after_sigkill_adopts_every_vm_and_stop_removes_everything(net, vms):
+    d, _, host = net
     tag = d.client().get("/info").json()["network"]["br"]["bridge"][2:6]
     before = _ours(tag)
     assert len(before["tables"]) == 2 and len(before["netns"]) == 3 and f"sb{tag}br" in before["links"]
+    every = [vm["hostname"] for group in vms.values() for vm in group]
+    pids = {h: d.client().get(f"/vm/{h}").json()["vmm"]["pid"] for h in every}
     d.stop(signal.SIGKILL)
-    d.start()  # a new daemon on the same data dir: leftovers reconciled, not duplicated
+    d.start()  # a new daemon on the same data dir: the VMs are adopted, nothing is duplicated
     after = _ours(tag)
-    assert after["netns"] == [] and len(after["tables"]) == 2
-    assert sorted(n for n in after["links"] if n.startswith("sb")) == [f"sb{tag}br"]
+    assert sorted(after["netns"]) == sorted(before["netns"]) and len(after["tables"]) == 2
+    assert sorted(after["links"]) == sorted(before["links"])
+    with d.client() as c:
+        for h in every:
+            view = c.get(f"/vm/{h}").json()
+            assert view["boot"] == "adopted" and view["vmm"]["pid"] == pids[h], view
+    # Every mode's link works as before, its rules included.
+    (b1, b2), (i1, _), (a1,), (p1,) = vms["br"], vms["iso"], vms["isoa"], vms["pst"]
+    assert "SSH-2.0" in probe(d, b1["hostname"], b2["ip"], 22)
+    assert "host-ok" in probe(d, b1["hostname"], HOST_UP, host.port)
+    assert "upstream-ok" in probe(d, i1["hostname"], UP_A, 80)
+    assert probe(d, i1["hostname"], UP_B, 80) == "closed"
+    assert probe(d, a1["hostname"], UP_A, 80) == "closed" and "upstream-ok" in probe(d, a1["hostname"], UP_B, 80)
+    assert "upstream-ok" in probe(d, p1["hostname"], UP_A, 80)
     with d.client() as c:
         r = c.post("/hostgroup/iso/nodes?wait=agent&timeout=300s", json={})
         assert r.status_code == 201, r.text
         assert "upstream-ok" in probe(d, r.json()["hostname"], UP_A, 80)
-        assert len(_ours(tag)["netns"]) == 1
+        assert len(_ours(tag)["netns"]) == 4
         assert c.delete(f"/hostgroup/iso/nodes/{r.json()['hostname']}").status_code == 200
-        assert _ours(tag)["netns"] == []
+        assert len(_ours(tag)["netns"]) == 3
     assert d.stop() == 0
     assert _ours(tag) == {"links": [], "tables": [], "netns": []}

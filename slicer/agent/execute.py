@@ -175,10 +175,19 @@ class _Encoder:
         return self.decoder.decode(data, final)
 
 
+def signal_name(number: int) -> str:
+    """``SIGKILL``; realtime signals as the kernel's tools name them (``SIGRTMIN+3``)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+            return f"SIGRTMIN+{number - signal.SIGRTMIN}"
+        return f"SIG{number}"
+
+
 def exit_fields(returncode: int) -> dict:
     if returncode < 0:
-        sig = signal.Signals(-returncode)
-        return {"exit_code": 128 - returncode, "signal": sig.name}
+        return {"exit_code": 128 - returncode, "signal": signal_name(-returncode)}
     return {"exit_code": returncode, "signal": ""}
 
 

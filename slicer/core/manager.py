@@ -78,6 +78,7 @@ class Manager(SnapshotActions):
         self._alloc = asyncio.Lock()  # hostname and IP allocation
         self._tasks: set[asyncio.Task] = set()
         self.started_at = now_rfc3339()
+        self.leave_running = False  # set by SIGQUIT: stop without touching a VM (see stop)
 
     # -- paths ----------------------------------------------------------------------------------
     def run_dir(self, hostname: str) -> Path:
@@ -92,35 +93,90 @@ class Manager(SnapshotActions):
 
     # -- daemon lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Reconcile the record with what exists, then boot the services."""
+        """Reconcile the record with what exists: QEMUs an earlier daemon left running are
+        adopted (their guests go on), records whose QEMU is gone are relaunched (services),
+        kept (persistent VMs) or removed; then the services that are missing are booted."""
         for part in (self.data_dir / "snapshots").glob("*.part"):  # a suspend a crash cut short
             log.warning("removing %s, left by a suspend that did not finish", part.name)
             part.unlink(missing_ok=True)
-        records = self.store.all()
-        for rec in records:
-            if self.driver.kill_stale(self.run_dir(rec.hostname)):
-                log.warning("%s: killed a QEMU left running by an earlier daemon", rec.hostname)
-            if rec.kind == "sandbox" and not rec.persistent:
-                log.info("%s: removing sandbox left by an earlier daemon", rec.hostname)
-                self._remove_files(rec, disk=True)
-                self.store.delete(rec.hostname)
-            elif rec.kind == "sandbox":
-                self.nodes[rec.hostname] = Node(rec, self.run_dir(rec.hostname))
+        records = {rec.hostname: rec for rec in self.store.all()}
+        running = {h: pid for h in records if (pid := self.driver.running(self.run_dir(h))) is not None}
+        for rundir in self.run_root.iterdir() if self.run_root.is_dir() else ():
+            if rundir.is_dir() and rundir.name not in records and not rundir.name.startswith("."):
+                if self.driver.kill_stale(rundir):
+                    log.warning("%s: stopped a QEMU that no record names", rundir.name)
+                shutil.rmtree(rundir, ignore_errors=True)
         for name in self.templates.kill_stale_builds():
             log.warning("%s: killed a template VM left building by an earlier daemon", name)
         try:
-            await self.net.start()
+            await self.net.start(keep=running)
         except NetworkError as e:
             await self.net.stop()  # what it made before failing
             raise SlicerError(str(e), "network_unavailable") from e
+        adopted = set()
+        for hostname, pid in running.items():
+            if await self._adopt(records[hostname], pid):
+                adopted.add(hostname)
+        for rec in records.values():
+            if rec.hostname in adopted or rec.kind == "service":
+                continue
+            if not rec.persistent:
+                log.info("%s: removing sandbox whose QEMU is gone", rec.hostname)
+                self._remove_files(rec, disk=True)
+                self.store.delete(rec.hostname)
+            else:
+                self.nodes[rec.hostname] = Node(rec, self.run_dir(rec.hostname))
         self._collect_templates()
         for group in self.config.host_groups:
             for i in range(1, group.count + 1):
                 hostname = f"{group.name}-{i}"
-                old = next((r for r in records if r.hostname == hostname and r.kind == "service"), None)
+                if hostname in adopted:
+                    continue
+                old = rec if (rec := records.get(hostname)) is not None and rec.kind == "service" else None
                 self._spawn(self._boot_service(group, hostname, old))
             if self.config.warm and group.boot == "snapshot":
                 self._spawn(self.templates.ensure(group))
+
+    async def _adopt(self, rec: NodeRecord, pid: int) -> bool:
+        """Take over the VM whose QEMU ``pid`` an earlier daemon left running; False (and the
+        QEMU stopped) if it cannot be: its group or address no longer exists, or it fails."""
+        group = self.config.group(rec.hostgroup)
+        run_dir = self.run_dir(rec.hostname)
+        why = None
+        if group is None:
+            why = f"its host group {rec.hostgroup} is no longer in the config"
+        elif rec.ip not in self.net.group(group.name).addressing:
+            why = f"its address {rec.ip} is no longer in host group {group.name}'s network"
+        elif rec.suspended:
+            why = "its record says it is suspended"
+        if why is None:
+            assert group is not None
+            gnet = self.net.group(group.name)
+            spec = vm_spec(self.image, group, gnet, name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
+                           ip=rec.ip, disk=Path(rec.disk), run_dir=run_dir)
+            if rec.template:
+                spec.memory_file = self.templates.memory_file(rec.template)
+            try:
+                vm = await self.driver.adopt(spec, pid)
+            except (VMMError, OSError) as e:
+                why = f"taking over its QEMU failed: {e}"
+            else:
+                try:
+                    await gnet.adopt(rec.hostname, rec.ip, pid)
+                except (NetworkError, OSError) as e:
+                    await vm.kill()
+                    why = f"taking back its network link failed: {e}"
+        if why is not None:
+            log.warning("%s: stopping the QEMU an earlier daemon left running: %s", rec.hostname, why)
+            self.driver.kill_stale(run_dir)
+            return False
+        self.state_file(rec.hostname).unlink(missing_ok=True)  # a suspend it outlived: not its state
+        node = self.nodes[rec.hostname] = Node(rec, run_dir)
+        node.attach(vm, "adopted")
+        log.info("%s: adopted its running QEMU (pid %d)", rec.hostname, pid)
+        self._spawn(self._watch(node))
+        self._spawn(self._provision(node, vm, group))
+        return True
 
     async def _boot_service(self, group: HostGroup, hostname: str, old: NodeRecord | None) -> None:
         if old is not None and old.suspended:
@@ -160,9 +216,15 @@ class Manager(SnapshotActions):
             log.error("%s: service failed to boot: %s", hostname, e.message)
 
     async def stop(self) -> None:
-        """Delete sandboxes, shut services down gracefully (killed after a timeout)."""
+        """Delete sandboxes, shut services down gracefully (killed after a timeout); with
+        ``leave_running`` (an upgrade), touch no VM: the next daemon adopts them."""
         for task in list(self._tasks):
             task.cancel()
+        if self.leave_running:
+            running = [n.hostname for n in self.nodes.values() if n.vm is not None and n.vm.state != VMState.STOPPED]
+            log.info("leaving %d VMs running for the next daemon: %s", len(running), ", ".join(running) or "none")
+            self.store.close()
+            return
         jobs = []
         for node in list(self.nodes.values()):
             keep = node.is_service or node.record.persistent

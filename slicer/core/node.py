@@ -27,8 +27,8 @@ class Node:
         self.rebooted = asyncio.Event()
         self.warnings: list[str] = []  # e.g. SSH keys that could not be fetched
         # How the running VM came to be: "boot", "template" (restored from the group's
-        # template) or "suspend" (restored from its own saved state); the last two need the
-        # guest's identity reset before anything else.
+        # template), "suspend" (restored from its own saved state) or "adopted" (left running
+        # by an earlier daemon); "template" and "suspend" need the guest's identity reset first.
         self.boot = "boot"
         self.identity_pending = False
         self.setup_error: str | None = None  # set when this boot's setup failed
@@ -45,7 +45,7 @@ class Node:
         self.vm = vm
         self.agent = AgentClient(Channel(str(vm.spec.channel_socket)))
         self.boot = boot
-        self.identity_pending = boot != "boot"
+        self.identity_pending = boot in ("template", "suspend")  # not "boot", nor "adopted" (running on)
         self.setup_error = None
         self.provisioned.clear()
         vm.on_reset = self._on_reset

@@ -25,6 +25,18 @@ if TYPE_CHECKING:
 MAX_TAPS = 10000
 
 
+def held_tap(pid: int) -> str | None:
+    """The name of the TAP whose descriptor process ``pid`` holds (``iff:`` in its fdinfo)."""
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == "/dev/net/tun":
+                for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines():
+                    if line.startswith("iff:"):
+                        return line.split(":", 1)[1].strip()
+    return None
+
+
 class GroupNetwork(abc.ABC):
     mode: str
     device_kind: str = "tap"
@@ -65,6 +77,11 @@ class GroupNetwork(abc.ABC):
     @abc.abstractmethod
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
         """Remove what :meth:`attach` made; idempotent."""
+
+    async def adopt(self, name: str, ip: str, vmm_pid: int) -> None:
+        """Take back the link of a VM an earlier daemon attached and left running (its VMM
+        ``vmm_pid`` still holds it): what lives in the host's firewall tables is added again."""
+        return None
 
     def placeholder(self) -> NetDevice:
         """A device of the kind this group hands out, for command lines that are only digested."""
@@ -133,6 +150,13 @@ class BridgeNetwork(GroupNetwork):
             raise
         return NetDevice("tap", fd=fd)
 
+    async def adopt(self, name: str, ip: str, vmm_pid: int) -> None:
+        tap = held_tap(vmm_pid)
+        if tap is None:
+            raise NetworkError(f"{name}: its QEMU holds no TAP")
+        self.taps[name] = tap
+        await nft(port_elements(self.host.table, tap, self.addressing.guest(ip).mac, ip))
+
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
         tap = self.taps.pop(name, None)
         if tap is not None:  # the TAP itself goes with the last descriptor (QEMU's)
@@ -187,6 +211,11 @@ class IsolatedNetwork(GroupNetwork):
             await self.detach(name, ip, run_dir)
             raise
         return NetDevice("tap", fd=fd)
+
+    async def adopt(self, name: str, ip: str, vmm_pid: int) -> None:
+        if not os.path.exists(f"/run/netns/{self.netns(name)}"):
+            raise NetworkError(f"{name}: its network namespace is gone")
+        await nft(isolated_elements(self.host.table, self.veth(name), self.firewall))
 
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
         veth, table, fw = self.veth(name), self.host.table, self.firewall

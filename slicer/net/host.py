@@ -9,6 +9,7 @@ import ipaddress
 import json
 import logging
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,10 +85,11 @@ class HostNetwork:
         asyncio.get_running_loop().create_task(proc.wait()).add_done_callback(lambda _: self._procs.discard(proc))
 
     # -- daemon lifecycle ---------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Remove what an earlier daemon of this data dir left, pick the groups' addresses, make
-        the bridges and load the firewall. Errors name the group and the key to change."""
-        await self._remove_namespaces()
+    async def start(self, keep: Collection[str] = ()) -> None:
+        """Remove what an earlier daemon of this data dir left (but the namespaces of the VMs
+        named in ``keep``, which are adopted), pick the groups' addresses, make the bridges and
+        load the firewall. Errors name the group and the key to change."""
+        await self._remove_namespaces(keep)
         bridges = {g.bridge for g in self.groups.values() if isinstance(g, BridgeNetwork)}
         for stale in set(self._bridges_made()) - bridges:
             await run("ip", "link", "del", stale, check=False)
@@ -136,9 +138,10 @@ class HostNetwork:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
 
-    async def _remove_namespaces(self) -> None:
+    async def _remove_namespaces(self, keep: Collection[str] = ()) -> None:
+        prefix = f"slicer-{self.tag}-"
         for ns in netns_names():
-            if ns.startswith(f"slicer-{self.tag}-"):
+            if ns.startswith(prefix) and ns[len(prefix):] not in keep:
                 await run("ip", "netns", "del", ns, check=False)
 
     def describe(self) -> dict:

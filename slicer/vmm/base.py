@@ -173,5 +173,14 @@ class Driver(abc.ABC):
         version, accelerator, machine and device configuration, kernel and initrd."""
 
     @abc.abstractmethod
+    def running(self, run_dir: Path) -> int | None:
+        """The PID of a VMM an earlier daemon left running for ``run_dir``, verified to be the
+        one it started there (not just a PID in a pidfile)."""
+
+    @abc.abstractmethod
+    async def adopt(self, spec: VMSpec, pid: int) -> VM:
+        """Take over that VMM: the VM is returned as if :meth:`start` had booted it."""
+
+    @abc.abstractmethod
     def kill_stale(self, run_dir: Path) -> bool:
         """End a process left behind in ``run_dir`` by an earlier daemon; True if one was."""

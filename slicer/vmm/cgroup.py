@@ -157,6 +157,18 @@ class CgroupManager:
             raise
         return cg
 
+    def of_process(self, pid: int) -> Cgroup:
+        """The cgroup a running process is in (a VMM an earlier daemon started)."""
+        paths: dict[str, str] = {}
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                _, names, path = line.rstrip("\n").split(":", 2)
+                for name in names.split(",") if names else [""]:
+                    paths[name] = path.lstrip("/")
+        if self.version == 2:
+            return Cgroup([ROOT / paths[""]], 2)
+        return Cgroup([ROOT / c / paths[c] for c in V1_CONTROLLERS], 1)
+
     def describe(self) -> str:
         return f"cgroup v{self.version} at {self.parents[0]}"
 

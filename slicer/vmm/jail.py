@@ -139,6 +139,16 @@ class Jailer:
         self._uids.add(uid)
         return Jail(uid, VMM_GID, self.groups, cgroup)
 
+    def adopt(self, pid: int) -> Jail | None:
+        """The jail an earlier daemon put the running VMM ``pid`` in (None: it runs as root)."""
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":" in line)
+        uid, gid = int(status["Uid"].split()[0]), int(status["Gid"].split()[0])
+        if uid == 0:
+            return None
+        self._uids.add(uid)
+        return Jail(uid, gid, self.groups, self.cgroups.of_process(pid))
+
     def leave(self, jail: Jail) -> None:
         jail.cgroup.remove()
         self._uids.discard(jail.uid)

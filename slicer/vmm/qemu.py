@@ -28,6 +28,7 @@ from qemu.qmp import ConnectError, QMPClient
 
 from slicer.channel.yamux import PORT_NAME
 from slicer.vmm.accel import qemu_version, tsc_khz
+from slicer.vmm.adopted import RUN_DIR_ENV, AdoptedProcess, running_vmm
 from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState, VMStateError
 from slicer.vmm.handoff import Handoff, Layer, backing_chain, open_handoff, placeholder
 from slicer.vmm.jail import SANDBOX, Jail, Jailer, SealedFiles, guest_memory_charge, release
@@ -35,7 +36,6 @@ from slicer.vmm.jail import SANDBOX, Jail, Jailer, SealedFiles, guest_memory_cha
 log = logging.getLogger(__name__)
 
 QEMU_BINARY = "qemu-system-x86_64"
-RUN_DIR_ENV = "SLICER_RUN_DIR"  # in each QEMU's environment: which VM of which daemon it is
 SERIAL_LOG_MAX = 1024 * 1024  # per file; one rotated file is kept beside it
 SOCKET_WAIT = 15.0
 MIGRATE_SECONDS_PER_GIB = 60.0  # generous for a slow disk; at least a minute
@@ -98,8 +98,8 @@ _cached_version = functools.cache(qemu_version)
 
 
 class QemuVM(VM):
-    def __init__(self, spec: VMSpec, proc: asyncio.subprocess.Process, on_exit: Callable[[], None],
-                 jail: Jail | None = None) -> None:
+    def __init__(self, spec: VMSpec, proc: asyncio.subprocess.Process | AdoptedProcess,
+                 on_exit: Callable[[], None], jail: Jail | None = None) -> None:
         self.spec = spec
         self.jail = jail
         self._proc = proc
@@ -157,6 +157,10 @@ class QemuVM(VM):
                 self._state = VMState.RUNNING
             elif name == "RESET" and self.on_reset is not None:
                 self.on_reset()
+            elif name == "SHUTDOWN" and isinstance(self._proc, AdoptedProcess):
+                # Not our child: its exit status is not ours to read, so the reason is kept.
+                reason = event.get("data", {}).get("reason", "")
+                self._proc.clean_exit = reason in ("guest-shutdown", "host-qmp-quit")
 
     def _exited(self) -> None:
         if self._on_exit is not None:
@@ -240,6 +244,17 @@ class QemuVM(VM):
         except Exception as e:  # QEMU exits when it cannot load the state; start() adds its last words
             raise VMMError(f"restore failed: {e}") from e
         self._state = VMState.RUNNING if status.get("running") else VMState.PAUSED
+
+    async def _roll_back_save(self) -> None:
+        """A save its daemon did not see through (it died) left the vCPUs stopped after the
+        migration: run them again (the state file was removed as unfinished)."""
+        status = (await self._qmp.execute("query-status"))["status"]
+        if status in ("finish-migrate", "postmigrate"):
+            with contextlib.suppress(Exception):
+                await self._qmp.execute("migrate_cancel")
+            await self._qmp.execute("cont")
+            self._state = VMState.RUNNING
+            log.warning("%s: resumed: its daemon died while saving it", self.spec.name)
 
     async def save(self, path: Path) -> None:
         if self._state not in (VMState.RUNNING, VMState.PAUSED):
@@ -491,17 +506,29 @@ class QemuDriver(Driver):
             release(spec.memory_file)
         self.jailer.leave(jail)
 
-    def kill_stale(self, run_dir: Path) -> bool:
-        pidfile = run_dir / "qemu.pid"
+    def running(self, run_dir: Path) -> int | None:
+        return running_vmm(run_dir)
+
+    async def adopt(self, spec: VMSpec, pid: int) -> QemuVM:
+        """Take over the QEMU an earlier daemon started for ``spec`` (see :meth:`running`):
+        its console, QMP and confinement; its guest goes on as it was."""
+        proc = AdoptedProcess(pid)
+        jail = self.jailer.adopt(pid) if self.jailer is not None else None
+        chain = [Layer(spec.disk, "qcow2")]  # what _release gives back when it ends
+        vm = QemuVM(spec, proc, functools.partial(self._release, spec, chain, jail), jail)
         try:
-            pid = int(pidfile.read_text().strip())
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-        except (OSError, ValueError):
+            await vm._attach()
+            await vm._roll_back_save()
+        except BaseException:
+            vm._exited()
+            raise
+        return vm
+
+    def kill_stale(self, run_dir: Path) -> bool:
+        pid = running_vmm(run_dir)
+        if pid is None:
             return False
-        if f"{RUN_DIR_ENV}={run_dir}".encode() not in environ:
-            return False  # the pid is some other process's now
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        pidfile.unlink(missing_ok=True)
+        (run_dir / "qemu.pid").unlink(missing_ok=True)
         return True

@@ -1,0 +1,67 @@
+"""A VMM process an earlier daemon started and left running (a crash, an upgrade).
+
+It is not our child, so it is watched through a pidfd: readable once the process has ended,
+and a signal sent through it cannot reach a process that reused the PID. Its exit status is
+not ours to collect; the QMP ``SHUTDOWN`` event tells a guest power-off from a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from slicer.vmm.base import VMMError
+
+RUN_DIR_ENV = "SLICER_RUN_DIR"  # in each QEMU's environment: which VM of which daemon it is
+
+
+def running_vmm(run_dir: Path) -> int | None:
+    """The PID of the QEMU that ``run_dir``'s pidfile names, if that process is still the QEMU
+    started for this run directory (its environment says so: the PID may have been reused)."""
+    try:
+        pid = int((run_dir / "qemu.pid").read_text().strip())
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+        comm = Path(f"/proc/{pid}/comm").read_text()
+    except (OSError, ValueError):
+        return None
+    if not comm.startswith("qemu-system") or f"{RUN_DIR_ENV}={run_dir}".encode() not in environ:
+        return None
+    return pid
+
+
+class AdoptedProcess:
+    """The part of ``asyncio.subprocess.Process`` a VM uses: ``pid``, ``returncode``,
+    ``wait()`` and ``kill()``. ``clean_exit`` is set by whoever saw the guest power off."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            raise VMMError(f"cannot watch process {pid}: {e.strerror}") from e
+        self.returncode: int | None = None
+        self.clean_exit = False
+        self._ended = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_end)
+
+    def _on_end(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        self.returncode = 0 if self.clean_exit else -signal.SIGKILL
+        self._ended.set()
+
+    async def wait(self) -> int:
+        await self._ended.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self._pidfd < 0:
+            raise ProcessLookupError(self.pid)
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
