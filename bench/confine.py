@@ -17,13 +17,13 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from boot import IMAGES, private_network, start_daemon  # noqa: E402
+from start import create  # noqa: E402
 
 RAM_MB = 512
 CONFIG = """
@@ -40,15 +40,6 @@ config:
     port: PORT
     auth: {{enabled: false}}  # loopback of the benchmark's own network namespace
 """
-
-
-def create(client: httpx.Client, cold: bool) -> tuple[str, float]:
-    t = time.monotonic()
-    r = client.post("/hostgroup/bench/nodes", params={"wait": "agent", "timeout": "10m"},
-                    json={"boot": "cold"} if cold else {})
-    elapsed = time.monotonic() - t
-    r.raise_for_status()
-    return r.json()["hostname"], elapsed
 
 
 def memory_of(client: httpx.Client, hostname: str) -> dict:

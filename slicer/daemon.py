@@ -97,6 +97,9 @@ def run_daemon(config: Config, data_dir: Path) -> None:
     image = current_image(data_dir)
     accel = choose_accelerator(QEMU_BINARY, image.kernel, image.initrd, image.directory.parent / "accel.json")
     log.info("hypervisor qemu microvm, accelerator %s, image %s", accel, image.build_id)
+    if config.hypervisor != "qemu":
+        log.warning("hypervisor: %s asks for a KVM-only VMM, which this daemon does not drive; every host group "
+                    "runs on QEMU microvm (/info shows both)", config.hypervisor)
     jailer = make_jailer(config, data_dir)
     manager = Manager(config, data_dir, QemuDriver(accel, jailer=jailer), image)
     api = config.api

@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 
+from slicer.core.config import load_config
 from tests.conftest import free_port, wait_agent
 
 pytestmark = pytest.mark.vm
@@ -99,7 +100,9 @@ def test_add_delete_and_secrets(cli):
         assert cli("vm", "ready", h, "--timeout", "240").returncode == 0
     finally:
         cli("vm", "delete", h)
-    other = json.loads(cli("vm", "add", "sbx", "--json").stdout)["hostname"]
+    # Slicer's own forms: --wait is a flag, --timeout a Go duration, launch the same as add.
+    other = json.loads(cli("vm", "launch", "sbx", "--wait", "--timeout", "120s", "--json").stdout)["hostname"]
+    assert json.loads(cli("vm", "health", other, "--json").stdout)["hostname"] == other
     cli("vm", "shutdown", other)  # a sandbox that powers off is removed
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and cli("vm", "get", other, check=False).returncode == 0:
@@ -108,9 +111,48 @@ def test_add_delete_and_secrets(cli):
     cli("secret", "create", "cli-secret", input=b"from-stdin")
     rows = json.loads(cli("secret", "list", "--json").stdout)
     assert any(r["name"] == "cli-secret" and r["size"] == 10 for r in rows)
+    cli("secret", "create", "cli-literal", "--from-literal=v4lue")
+    rows = json.loads(cli("secret", "list", "--json").stdout)
+    assert any(r["name"] == "cli-literal" and r["size"] == 5 for r in rows)
+    assert "PERMISSIONS" in cli("secret", "list", "-v").stdout.decode()
+    cli("secret", "remove", "cli-literal")
     cli("secret", "update", "cli-secret", "--value", "changed!")
     cli("secret", "remove", "cli-secret")
     assert cli("secret", "remove", "cli-secret", check=False).returncode == 1
+
+
+def test_background_commands_and_slicer_forms(cli, tmp_path):
+    exec_id = cli("bg", "exec", "vm-1", "--", "sh", "-c", "echo bg-out; exit 3").stdout.decode().strip()
+    assert exec_id.startswith("ex_")
+    assert cli("bg", "wait", "vm-1", exec_id, "--timeout", "60s", check=False).returncode == 3
+    assert cli("vm", "bg", "logs", "vm-1", exec_id).stdout.decode() == "bg-out\n"
+    assert exec_id in cli("bg", "list", "vm-1").stdout.decode()
+    cli("bg", "remove", "vm-1", exec_id)
+    assert cli("bg", "info", "vm-1", exec_id, check=False).returncode == 1
+    other = cli("bg", "exec", "vm-1", "-c", "sleep", "-a", "300").stdout.decode().strip()
+    cli("bg", "kill", "vm-1", other, "--signal", "TERM", "--grace", "2s")
+    cli("bg", "remove", "vm-1", other)
+    (tmp_path / "home.txt").write_text("tilde")
+    cli("cp", str(tmp_path / "home.txt"), "vm-1:~/")  # the top-level shortcut, ~ is the user's home
+    assert cli("exec", "vm-1", "--", "cat", "/root/home.txt").stdout == b"tilde"
+    assert "vm-1" in cli("ls", "--api", cli.env["SLICER_URL"]).stdout.decode()  # --api: Slicer's --url
+    config = cli("new", "sandbox", "--count=0", "--graceful-shutdown=false", "--hypervisor", "firecracker").stdout
+    assert b"count: 0" in config and b"graceful_shutdown: false" in config and b"hypervisor: firecracker" in config
+    for flags in (["--net", "isolated", "--cidr", "169.254.100.0/22", "--drop", "10.0.0.0/8", "--socket",
+                   "/run/s.sock", "--github", "alice", "--ssh-key", "ssh-ed25519 AAAA x", "--ram", "1.5", "--cpu", "1",
+                   "--persistent=true", "--userdata-file", "/etc/hostname"],
+                  ["--cidr", "10.77.0.0/24", "--range", "10.77.0.10-10.77.0.20", "--tap-prefix", "webtap",
+                   "--api-bind", "127.0.0.1", "--api-port", "9090", "--api-auth=false", "--storage-size", "20G"]):
+        cfg = load_config(cli("new", "g", *flags).stdout.decode())  # what `slicer new` prints, `slicer up` takes
+        assert cfg.host_groups[0].name == "g"
+    assert cfg.host_groups[0].network.range == "10.77.0.10-10.77.0.20" and cfg.api.port == 9090
+    narrow = subprocess.run([sys.executable, "-m", "slicer", "vm", "list"], env={**cli.env, "COLUMNS": "80"},
+                            capture_output=True, timeout=60).stdout.decode()
+    assert "vm-1" in narrow and "512 MiB" in narrow and max(len(line) for line in narrow.splitlines()) <= 80
+    cli("cp", "--mode=tar", "vm-1:~/home.txt", str(tmp_path / "tarred"))
+    assert (tmp_path / "tarred" / "home.txt").read_text() == "tilde"
+    unit = cli("service", "generate", "--name", "slicer-test").stdout.decode()
+    assert "ExecStart=" in unit and " up " in unit and "KillMode=process" in unit
 
 
 def test_shell_in_a_pseudo_terminal(cli):
@@ -142,7 +184,7 @@ def test_forward_serves_http_from_the_guest(cli):
     cli("vm", "exec", "vm-1", "--", "sh", "-c", "mkdir -p /tmp/fw && echo fw-ok > /tmp/fw/index.html && cd /tmp/fw "
         "&& (nohup python3 -m http.server 8766 --bind 127.0.0.1 >/dev/null 2>&1 &)")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "slicer", "vm", "forward", "vm-1", "-L", f"{port}:127.0.0.1:8766"],
+    proc = subprocess.Popen([sys.executable, "-m", "slicer", "vm", "forward", "vm-1", f"{port}:127.0.0.1:8766"],
                             env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -158,6 +200,24 @@ def test_forward_serves_http_from_the_guest(cli):
     finally:
         proc.send_signal(2)
         proc.wait(10)
+    # A local unix socket to the same server (Slicer's -L ./docker.sock:/var/run/docker.sock form)
+    sock = f"/tmp/slt-fw-{os.getpid()}.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "slicer", "vm", "forward", "vm-1", "-L", f"{sock}:127.0.0.1:8766"],
+                            env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        body = ""
+        while time.monotonic() < deadline and "fw-ok" not in body:
+            try:
+                with httpx.Client(transport=httpx.HTTPTransport(uds=sock)) as c:
+                    body = c.get("http://vm/index.html", timeout=30).text
+            except (OSError, httpx.HTTPError):
+                time.sleep(0.5)
+        assert body == "fw-ok\n"
+    finally:
+        proc.send_signal(2)
+        proc.wait(10)
+    assert not os.path.exists(sock), "the forward removes its socket"
 
 
 def test_suspend_restore_and_storage(cli, api):

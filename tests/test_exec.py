@@ -74,9 +74,18 @@ def test_base64_round_trips_every_byte(api, vm):
     r = api.post(f"/vm/{vm}/exec", params={"cmd": "cat", "stdin": "true", "stdio": "base64", "buffered": "true"},
                  content=every)
     assert base64.b64decode(r.json()["stdout"]) == every
+    assert r.json()["encoding"] == "base64"  # the official SDKs decode only when told
     frames = run(api, vm, cmd="printf '\\x00\\xff\\x80'", stdio="base64")
     data = b"".join(base64.b64decode(f["data"]) for f in frames if f["type"] == "stdout")
     assert data == b"\x00\xff\x80"
+    assert all(f["encoding"] == "base64" for f in frames if f["type"] in ("stdout", "stderr"))
+    assert "encoding" not in run(api, vm, cmd="echo text")[1], "text frames carry no encoding"
+    bg = api.post(f"/vm/{vm}/exec", params={"cmd": "printf '\\xff'", "stdio": "base64", "background": "true"}).json()
+    assert bg["exec_id"].startswith("ex_")
+    api.get(f"/vm/{vm}/exec/{bg['exec_id']}/wait-exit", params={"timeout": 30})
+    logs = [json.loads(x) for x in api.get(f"/vm/{vm}/exec/{bg['exec_id']}/logs").text.splitlines()]
+    (out,) = [f for f in logs if f["type"] == "stdout"]
+    assert out["encoding"] == "base64" and base64.b64decode(out["data"]) == b"\xff"
 
 
 def test_big_output_streams_completely(api, vm):

@@ -137,11 +137,28 @@ def test_a_crashed_daemon_leaves_guests_running_and_the_next_one_adopts_them(gue
         api = d.client()
         assert {n["hostname"]: n["boot"] for n in api.get("/nodes").json()} == {"svc-1": "adopted", sandbox: "adopted"}
         assert sh(api, sandbox, "cat /dev/shm/marker").strip() == marker
+        sh(api, "svc-1", "echo kept > /root/kept && sync")
 
-        assert d.stop(signal.SIGINT) == 0  # a graceful stop: the adopted sandbox goes, the service stops
-        assert qemu_pids(str(d.data_dir)) == []
+        # The config's count goes down across an upgrade: the service retires, the sandbox runs on.
+        assert d.stop(signal.SIGQUIT) == 0
+        d.config_path.write_text(d.config_text.replace("count: 1", "count: 0"))
         d.start()
-        assert [n["hostname"] for n in d.client().get("/nodes").json()] == ["svc-1"]
+        api = d.client()
+        assert [n["hostname"] for n in api.get("/nodes").json()] == [sandbox]
+        deadline = time.monotonic() + 90
+        while pids["svc-1"] in qemu_pids(str(d.data_dir)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert qemu_pids(str(d.data_dir)) == [pids[sandbox]], "the retired service was shut down"
+        assert (d.data_dir / "disks" / "svc-1.qcow2").exists(), "its disk is kept"
+
+        assert d.stop(signal.SIGINT) == 0  # a graceful stop: the adopted sandbox goes
+        assert qemu_pids(str(d.data_dir)) == []
+        d.config_path.write_text(d.config_text)  # the count comes back: the service boots on its disk
+        d.start()
+        api = d.client()
+        assert [n["hostname"] for n in api.get("/nodes").json()] == ["svc-1"]
+        wait_agent(api, "svc-1")
+        assert sh(api, "svc-1", "cat /root/kept").strip() == "kept"
     finally:
         d.cleanup()
 

@@ -65,6 +65,8 @@ def test_service_from_yaml_boots_with_its_address(api):
 def test_info_and_host_groups(api):
     info = api.get("/info").json()
     assert info["version"] and info["git_commit"] and info["accelerator"] in ("tcg", "kvm")
+    assert info["arch"] == "amd64" and info["platform"] == "linux"  # Go's names, as the official SDKs expect
+    assert info["hypervisor"] == "qemu" and info["hypervisor_requested"] == "qemu"
     groups = {g["name"]: g for g in api.get("/hostgroup").json()}
     assert groups["vm"] == {"name": "vm", "count": 1, "ram_bytes": 512 << 20, "cpus": 2, "gpu_count": 0,
                             "arch": "x86_64"}
@@ -78,6 +80,10 @@ def test_create_waits_for_agent_and_returns_the_documented_shape(api, sandbox):
     node = api.get(f"/vm/{sandbox}").json()
     assert sandbox.startswith("sbx-") and node["status"] == "Running"
     assert node["hostgroup"] == "sbx" and node["cpus"] == 1 and node["ram_bytes"] == 384 << 20
+    # what the Go SDK's DescribeVM reads
+    assert node["storage"] == "image" and node["image"] == api.get("/info").json()["image"]
+    assert node["network"]["mode"] in ("bridge", "isolated", "passt") and node["network"]["effective"] == {
+        "allow": [], "drop": []}
     # health answers at once: wait=agent returned only when the agent was up
     assert api.get(f"/vm/{sandbox}/health").status_code == 200
 

@@ -97,17 +97,18 @@ class Registry:
         return ring_bytes
 
     def start(self, req: ExecRequest, proc: asyncio.subprocess.Process, ring_bytes: int) -> Entry:
-        entry = Entry(secrets.token_hex(8), req, proc, ring_bytes)
+        entry = Entry("ex_" + secrets.token_hex(8), req, proc, ring_bytes)  # Slicer's ids look like ex_…
         self.entries[entry.exec_id] = entry
         asyncio.ensure_future(self._collect(entry))
         return entry
 
     async def _collect(self, entry: Entry) -> None:
         encoders = {"stdout": _Encoder(entry.req.base64), "stderr": _Encoder(entry.req.base64)}
+        encoding = {"encoding": "base64"} if entry.req.base64 else {}
         await entry.append("started", pid=entry.proc.pid, started_at=entry.started_at)
         async for name, chunk in output_events(entry.proc):
             if text := encoders[name](chunk):
-                await entry.append(name, data=text)
+                await entry.append(name, data=text, **encoding)
         code = await entry.proc.wait()
         entry.ended_at = now()
         entry.exit = exit_fields(code)

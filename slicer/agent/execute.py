@@ -160,7 +160,7 @@ def kill_group(proc: asyncio.subprocess.Process) -> None:
 
 
 def frame(ftype: str, **fields) -> bytes:
-    out = {"type": ftype, "stdout": "", "stderr": "", "exit_code": 0, **fields}
+    out = {"type": ftype, "timestamp": now(), "stdout": "", "stderr": "", "exit_code": 0, **fields}
     return json.dumps(out, separators=(",", ":")).encode() + b"\n"
 
 
@@ -226,9 +226,10 @@ async def stream_frames(req: ExecRequest, proc: asyncio.subprocess.Process, stdi
     started = now()
     yield frame("started", pid=proc.pid, started_at=started)
     encoders = {"stdout": _Encoder(req.base64), "stderr": _Encoder(req.base64)}
+    encoding = {"encoding": "base64"} if req.base64 else {}  # the SDKs decode only when told
     async for name, chunk in output_events(proc, stdin_source):
         if text := encoders[name](chunk):
-            yield frame(name, data=text, **{name: text})
+            yield frame(name, data=text, **{name: text}, **encoding)
     for name, enc in encoders.items():
         if not req.base64 and (rest := enc(b"", final=True)):
             yield frame(name, data=rest, **{name: rest})
@@ -251,12 +252,15 @@ async def _feed_stdin(proc: asyncio.subprocess.Process, source) -> None:
 
 async def run_buffered(req: ExecRequest, proc: asyncio.subprocess.Process, stdin_source=None) -> dict:
     """One ``{stdout, stderr, exit_code}`` (the caller asked for the whole output at once)."""
+    started = now()
     out = {"stdout": bytearray(), "stderr": bytearray()}
     async for name, chunk in output_events(proc, stdin_source):
         out[name] += chunk
     code = await proc.wait()
+    times = {"pid": proc.pid, "started_at": started, "ended_at": now()}
 
     def enc(b: bytearray) -> str:
         return base64.b64encode(bytes(b)).decode() if req.base64 else b.decode(errors="replace")
 
-    return {"stdout": enc(out["stdout"]), "stderr": enc(out["stderr"]), **exit_fields(code)}
+    encoding = {"encoding": "base64"} if req.base64 else {}
+    return {"stdout": enc(out["stdout"]), "stderr": enc(out["stderr"]), **exit_fields(code), **times, **encoding}

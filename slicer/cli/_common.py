@@ -15,7 +15,7 @@ from slicer.client import APIError, ConnectionFailed, SlicerClient, UnsafeArchiv
 out = Console()
 err = Console(stderr=True)
 
-Url = Annotated[str | None, typer.Option("--url", envvar="SLICER_URL",
+Url = Annotated[str | None, typer.Option("--url", "--api", envvar="SLICER_URL",
                                          help="Daemon URL or unix socket path [default: http://127.0.0.1:8080]")]
 Token = Annotated[str | None, typer.Option("--token", envvar="SLICER_TOKEN", help="API token.")]
 TokenFile = Annotated[str | None, typer.Option("--token-file", envvar="SLICER_TOKEN_FILE",

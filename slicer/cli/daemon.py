@@ -110,6 +110,63 @@ def image_build(
     typer.echo(str(image.directory))
 
 
+service_app = typer.Typer(help="Run the daemon as a systemd service.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+
+UNIT = """[Unit]
+Description=Slicer: micro-VMs behind an HTTP API ({name})
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+User={user}
+ExecStart={exec_start}
+# SIGTERM: sandboxes deleted, services shut down gracefully. Only the daemon is signalled: its
+# QEMUs are its to stop, and after a crash (or `kill -QUIT`, to upgrade) the next start adopts them.
+KillMode=process
+TimeoutStopSec={timeout}
+Restart=on-failure
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@service_app.command("generate")
+def service_generate(
+    config: Annotated[Path | None, typer.Argument(help="YAML config (default: the embedded one).")] = None,
+    name: str = "slicer", user: str = "root", data_dir: DataDir = DEFAULT_DATA_DIR,
+    suspend_on_shutdown: Annotated[bool, typer.Option("--suspend-on-shutdown")] = False,
+    timeout_stop_sec: Annotated[int, typer.Option(help="How long a stop may take (guests power off).")] = 120,
+    install: Annotated[bool, typer.Option("--install", help="Write it to /etc/systemd/system and reload.")] = False,
+) -> None:
+    """Print (or install) a systemd unit that runs [bold]slicer up[/bold].
+    Example: [bold]slicer service generate ./vm.yaml --install && systemctl enable --now slicer[/bold]"""
+    import shlex
+    import shutil
+    import subprocess
+
+    argv = [shutil.which("slicer") or f"{sys.executable} -m slicer", "up"]
+    argv += [str(config.resolve())] if config else []
+    argv += ["--data-dir", str(data_dir)] + (["--suspend-on-shutdown"] if suspend_on_shutdown else [])
+    unit = UNIT.format(name=name, user=user, timeout=timeout_stop_sec,
+                       exec_start=" ".join(a if " " in a and a.startswith(sys.executable) else shlex.quote(a)
+                                           for a in argv))
+    if not install:
+        typer.echo(unit, nl=False)
+        return
+    path = Path("/etc/systemd/system") / f"{name}.service"
+    try:
+        path.write_text(unit)
+    except OSError as e:
+        err.print(f"[red]cannot write {path}: {e.strerror} (run as root)[/red]")
+        raise typer.Exit(1) from e
+    if shutil.which("systemctl"):
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+    typer.echo(f"wrote {path}; start it with: systemctl enable --now {name}")
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

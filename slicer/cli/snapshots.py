@@ -56,6 +56,9 @@ def vm_relaunch(hostname: str, wait: Wait = "agent", timeout: str = "5m",
     dump(node) if json else out.print(f"[green]relaunched[/green] {node.hostname} ({node.ip})")
 
 
+app.command("relaunch", help="Same as [bold]slicer vm relaunch[/bold].")(vm_relaunch)
+
+
 @template_app.command("build")
 def template_build(group: str, url: Url = None, token: Token = None, token_file: TokenFile = None,
                    json: Json = False) -> None:

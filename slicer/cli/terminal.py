@@ -74,8 +74,9 @@ def run_shell(ws) -> int:
     return code
 
 
-def forward_ports(client, hostname: str, specs: list[tuple[str, int, str]]) -> None:
-    """Listen on each (addr, port) and carry every connection to its target in the VM."""
+def forward_ports(client, hostname: str, specs: list[tuple[str, int | None, str]]) -> None:
+    """Listen on each (addr, port), or on a local unix socket (path, None), and carry every
+    connection to its target in the VM (``host:port`` or ``unix:/path``)."""
     from rich.console import Console
 
     from slicer.client import AsyncSlicerClient
@@ -114,10 +115,25 @@ def forward_ports(client, hostname: str, specs: list[tuple[str, int, str]]) -> N
 
             servers = []
             for addr, port, target in specs:
-                server = await asyncio.start_server(lambda r, w, t=target: handle(r, w, t), addr, port)
+                if port is None:  # a local unix socket
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(addr)
+                    server = await asyncio.start_unix_server(lambda r, w, t=target: handle(r, w, t), addr)
+                    unix_paths.append(addr)
+                    where = addr
+                else:
+                    server = await asyncio.start_server(lambda r, w, t=target: handle(r, w, t), addr, port)
+                    where = f"{addr}:{port}"
                 servers.append(server)
-                err.print(f"forwarding {addr}:{port} → {hostname} {target} (Ctrl-C to stop)")
+                err.print(f"forwarding {where} → {hostname} {target} (Ctrl-C to stop)")
             await asyncio.gather(*(s.serve_forever() for s in servers))
 
-    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
-        asyncio.run(serve())
+    unix_paths: list[str] = []
+
+    try:
+        with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+            asyncio.run(serve())
+    finally:
+        for path in unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)

@@ -17,7 +17,20 @@ secret_app = typer.Typer(help="Secrets pushed to /run/slicer/secrets in every VM
 app.add_typer(vm_app, name="vm")
 app.add_typer(secret_app, name="secret")
 
-NODE_COLUMNS = ["hostname", "hostgroup", "ip", "status", "cpus", "ram_bytes", "tags", "created_at"]
+NODE_COLUMNS = ["hostname", "hostgroup", "ip", "status", "cpus", "ram", "tags"]  # fits 80 columns; --json: all
+
+
+def human(n: int) -> str:
+    """``1 GiB``, ``384 MiB``: sizes as people read them."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _node_rows(nodes) -> list[dict]:
+    return [{**n.model_dump(), "ram": human(n.ram_bytes)} for n in nodes]
 
 
 @app.command()
@@ -31,26 +44,87 @@ def info(url: Url = None, token: Token = None, token_file: TokenFile = None, jso
         table([i.model_dump()], ["version", "git_commit", "platform", "arch", "accelerator"])
 
 
+def _bool_text(flag: str, value: str) -> bool:
+    """Slicer's CLI takes ``--flag=false``: a boolean written as text."""
+    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        fail(f"{flag} takes true or false")
+    return value.lower() in ("true", "1", "yes")
+
+
 @app.command()
 def new(name: Annotated[str, typer.Argument(help="Host group name (VMs are NAME-1, NAME-2, …).")],
-        count: int = 1, vcpu: int = 2, ram_gb: int = 2, storage_size: str = "10G") -> None:
-    """Print a config for [bold]slicer up[/bold]. Example: [bold]slicer new api --count 3 > api.yaml[/bold]"""
-    typer.echo(f"""config:
-  host_groups:
-  - name: {name}
-    count: {count}
-    vcpu: {vcpu}
-    ram_gb: {ram_gb}
-    storage: image
-    storage_size: {storage_size}
-    network:
-      gateway: 192.168.137.1/24
-  api:
-    bind_address: 127.0.0.1
-    port: 8080
-    auth:
-      enabled: true
-""")
+        count: Annotated[int, typer.Option(help="VMs started with the daemon; 0: only API-created ones.")] = 1,
+        vcpu: Annotated[int, typer.Option("--vcpu", "--cpu", "--cpus")] = 2,
+        ram: Annotated[float, typer.Option("--ram", "--ram-gb", help="GiB of RAM per VM.")] = 2,
+        storage: Annotated[str, typer.Option(help="image (devmapper and zfs are not supported yet).")] = "image",
+        storage_size: str = "10G",
+        persistent: Annotated[str | None, typer.Option(help="true or false: keep disks across restarts.")] = None,
+        net: Annotated[str | None, typer.Option(help="Network mode: bridge, isolated or passt.")] = None,
+        cidr: Annotated[str | None, typer.Option(help="The group's subnet (bridge: gateway .1).")] = None,
+        range_: Annotated[str | None, typer.Option("--range", help="bridge: A-B; isolated: a CIDR of /30s.")] = None,
+        allow: Annotated[list[str] | None, typer.Option(help="isolated: CIDRs VMs may reach (repeatable).")] = None,
+        drop: Annotated[list[str] | None, typer.Option(help="isolated: CIDRs VMs may not reach (repeatable).")]
+        = None,
+        tap_prefix: str | None = None,
+        userdata_file: Annotated[str | None, typer.Option(help="Script run once on each VM's first boot.")] = None,
+        github: Annotated[str | None, typer.Option(help="GitHub user whose keys every VM gets.")] = None,
+        ssh_key: Annotated[list[str] | None, typer.Option(help="Public key for every VM (repeatable).")] = None,
+        graceful_shutdown: Annotated[str, typer.Option(help="true or false: ask guests to power off on stop.")]
+        = "true",
+        hypervisor: Annotated[str | None, typer.Option(help="firecracker, cloud-hypervisor or qemu.")] = None,
+        api_bind: str = "127.0.0.1", api_port: int = 8080,
+        api_auth: Annotated[str, typer.Option(help="true or false (false only on loopback).")] = "true",
+        socket: Annotated[str | None, typer.Option(help="Serve the API on this unix socket instead.")] = None,
+        ) -> None:
+    """Print a config for [bold]slicer up[/bold] (Slicer's flags).
+    Examples: [bold]slicer new api --count 3 > api.yaml[/bold],
+    [bold]slicer new sandbox --count=0 --graceful-shutdown=false > sandbox.yaml[/bold],
+    [bold]slicer new jobs --net isolated --drop 10.0.0.0/8 > jobs.yaml[/bold]"""
+    import ipaddress
+
+    import yaml
+
+    group: dict = {"name": name, "count": count, "vcpu": vcpu,
+                   "ram_gb": int(ram) if float(ram).is_integer() else ram,
+                   "storage": storage, "storage_size": storage_size}
+    if persistent is not None:
+        group["persistent"] = _bool_text("--persistent", persistent)
+    if userdata_file:
+        group["userdata_file"] = userdata_file
+    network: dict = {"mode": net} if net else {}
+    if cidr:
+        try:
+            subnet = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            fail(f"--cidr {cidr}: not a CIDR")
+            raise
+        if net == "isolated":
+            network["range"] = str(subnet)
+        else:
+            network["gateway"] = f"{next(subnet.hosts())}/{subnet.prefixlen}"
+    elif net in (None, "bridge"):
+        network["gateway"] = "192.168.137.1/24"
+    if range_:
+        network["range"] = range_
+    for key, value in (("allow", allow), ("drop", drop)):
+        if value:
+            network[key] = list(value)
+    if tap_prefix:
+        network["tap_prefix"] = tap_prefix
+    if network:
+        group["network"] = network
+    config: dict = {"host_groups": [group]}
+    if github:
+        config["github_user"] = github
+    if ssh_key:
+        config["ssh_keys"] = list(ssh_key)
+    if hypervisor:
+        config["hypervisor"] = hypervisor
+    if not _bool_text("--graceful-shutdown", graceful_shutdown):
+        config["graceful_shutdown"] = False
+    config["api"] = {"bind_address": socket or api_bind, **({} if socket else {"port": api_port}),
+                     "auth": {"enabled": _bool_text("--api-auth", api_auth)}}
+    typer.echo(yaml.safe_dump({"config": config}, sort_keys=False), nl=False)
 
 
 # -- vm ------------------------------------------------------------------------------------------
@@ -64,7 +138,7 @@ def vm_list(group: Annotated[str | None, typer.Option("--group", "-g", help="Onl
     if json:
         dump(nodes)
     else:
-        table([n.model_dump() for n in nodes], NODE_COLUMNS)
+        table(_node_rows(nodes), NODE_COLUMNS)
 
 
 @vm_app.command("get")
@@ -73,12 +147,12 @@ def vm_get(hostname: str, url: Url = None, token: Token = None, token_file: Toke
     """Show one VM. Example: [bold]slicer vm get vm-1 --json[/bold]"""
     with client(url, token, token_file) as c:
         node = handle(lambda: c.get_node(hostname))
-    dump(node) if json else table([node.model_dump()], NODE_COLUMNS)
+    dump(node) if json else table(_node_rows([node]), [*NODE_COLUMNS, "created_at"])
 
 
 @vm_app.command("add")
 def vm_add(
-    group: Annotated[str, typer.Argument(help="Host group to add the VM to.")],
+    group: Annotated[str | None, typer.Argument(help="Host group to add the VM to (default: the only one).")] = None,
     cpus: int | None = None,
     ram_gb: float | None = typer.Option(None, "--ram-gb"),
     userdata: str | None = None,
@@ -86,17 +160,21 @@ def vm_add(
     ssh_key: Annotated[list[str] | None, typer.Option("--ssh-key", help="Public key (repeatable).")] = None,
     import_user: Annotated[str | None, typer.Option(help="GitHub user whose keys to install.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag (repeatable).")] = None,
-    secrets: Annotated[list[str] | None, typer.Option("--secrets", help="Only these secrets (repeatable).")] = None,
+    secrets: Annotated[list[str] | None, typer.Option("--secrets", "--secret",
+                                                      help="Only these secrets (repeatable).")] = None,
     no_secrets: Annotated[bool, typer.Option("--no-secrets", help="No secrets at all (default: every secret).")]
     = False,
     persistent: bool = False,
     cold: Annotated[bool, typer.Option("--cold", help="Boot the kernel, not a restore from the group's template.")]
     = False,
-    wait: Annotated[str | None, typer.Option(help="agent or userdata: return once ready.")] = "agent",
-    timeout: str = "5m",
+    wait: Annotated[bool, typer.Option("--wait", help="Return once its agent answers.")] = False,
+    wait_userdata: Annotated[bool, typer.Option("--wait-userdata", help="Return once its userdata ran.")] = False,
+    timeout: Annotated[str, typer.Option(help="How long --wait may take (e.g. 60s, 5m).")] = "5m",
     url: Url = None, token: Token = None, token_file: TokenFile = None, json: Json = False,
 ) -> None:
-    """Create a sandbox VM. Example: [bold]slicer vm add vm --tag ci --userdata-file setup.sh[/bold]"""
+    """Create a VM (also [bold]slicer vm launch[/bold]; the group may be left out when the daemon has one).
+    Example: [bold]slicer vm add vm --wait --tag ci --userdata-file setup.sh[/bold]"""
+    wait_for = "userdata" if wait_userdata else "agent" if wait else None
     if userdata_file:
         userdata = userdata_file.read_text()
     if no_secrets and secrets:
@@ -105,10 +183,18 @@ def vm_add(
               "ssh_keys": ssh_key or None, "import_user": import_user, "tags": tag or None,
               "secrets": [] if no_secrets else secrets or None,
               "persistent": persistent or None, "boot": "cold" if cold else None}
-    with client(url, token, token_file) as c, err.status(f"creating a VM in {group}" + (f", waiting for {wait}"
-                                                                                          if wait else "")):
-        node = handle(lambda: c.create_node(group, wait=wait or None, timeout=timeout, **fields))
+    with client(url, token, token_file) as c:
+        if group is None:
+            groups = [g.name for g in handle(c.host_groups)]
+            if len(groups) != 1:
+                fail(f"give the host group: the daemon has {', '.join(groups) or 'none'}")
+            group = groups[0]
+        with err.status(f"creating a VM in {group}" + (f", waiting for its {wait_for}" if wait_for else "")):
+            node = handle(lambda: c.create_node(group, wait=wait_for, timeout=timeout, **fields))
     dump(node) if json else out.print(f"[green]created[/green] {node.hostname} ({node.ip})")
+
+
+vm_app.command("launch", help="Same as [bold]vm add[/bold].")(vm_add)
 
 
 @vm_app.command("delete")
@@ -222,9 +308,22 @@ def vm_exec(
 
 def _split_remote(spec: str) -> tuple[str | None, str]:
     host, sep, path = spec.partition(":")
-    if sep and path.startswith("/") and "/" not in host:
-        return host, path
+    if sep and (path.startswith(("/", "~")) or path == "") and host and "/" not in host:
+        return host, path or "~"
     return None, spec
+
+
+def _remote_home(c, hostname: str, path: str, uid: int | None) -> str:
+    """``~`` and ``~/x`` in the VM: the home directory of ``uid`` (root's by default)."""
+    if not path.startswith("~"):
+        return path
+    rest = path[1:].lstrip("/")
+    home = "/root"
+    if uid:
+        result = handle(lambda: c.exec(hostname, "getent", args=["passwd", str(uid)], shell=""))
+        fields = result.stdout.strip().split(":")
+        home = fields[5] if len(fields) > 5 and fields[5] else "/"
+    return home.rstrip("/") + "/" + rest if rest else home + "/"
 
 
 @vm_app.command("cp")
@@ -232,19 +331,30 @@ def vm_cp(
     source: Annotated[str, typer.Argument(help="Local path or VM:/path.")],
     dest: Annotated[str, typer.Argument(help="Local path or VM:/path.")],
     recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Copy a directory (tar mode).")] = False,
+    mode: Annotated[str | None, typer.Option(help="binary (one file) or tar (a directory, same as -r).")] = None,
     uid: int | None = None, gid: int | None = None, permissions: str | None = None,
     url: Url = None, token: Token = None, token_file: TokenFile = None,
 ) -> None:
     """Copy files in or out, streamed, with a progress bar.
-    Examples: [bold]slicer vm cp ./app vm-1:/usr/local/bin/app[/bold], [bold]slicer vm cp -r vm-1:/etc ./etc[/bold]"""
+    Examples: [bold]slicer vm cp ./app vm-1:/usr/local/bin/app[/bold], [bold]slicer vm cp -r vm-1:/etc ./etc[/bold],
+    [bold]slicer vm cp --mode=tar vm-1:~/dir ./dir[/bold]"""
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    if mode not in (None, "binary", "tar"):
+        fail(f"--mode {mode}: binary or tar")
+    recursive = recursive or mode == "tar"
 
     src_vm, src_path = _split_remote(source)
     dst_vm, dst_path = _split_remote(dest)
     if bool(src_vm) == bool(dst_vm):
-        fail("exactly one side must be VM:/path")
+        fail("exactly one side must be VM:/path (or VM:~/path)")
     with client(url, token, token_file) as c, Progress(*Progress.get_default_columns(), DownloadColumn(),
                                                        TransferSpeedColumn(), console=err, transient=True) as bar:
+        if src_vm:
+            src_path = _remote_home(c, src_vm, src_path, uid)
+        else:
+            assert dst_vm is not None
+            dst_path = _remote_home(c, dst_vm, dst_path, uid)
         if dst_vm:
             local = Path(src_path)
             if local.is_dir() and not recursive:
@@ -299,27 +409,62 @@ def _open_shell(c, hostname: str, query: dict):
         raise error_for(e.response.status_code, e.response.body or b"") from None
 
 
+def _forward_spec(spec: str) -> tuple[str, int | None, str]:
+    """``[bind:]port[:host:port]``, ``host:port``, with a unix socket path on either side
+    (``./docker.sock:/var/run/docker.sock``, ``8080:/run/app.sock``) → (local, port, target)."""
+    local, _, rest = spec.partition(":") if "/" in spec.split(":")[0] else ("", "", spec)
+    if local:  # a local unix socket; the rest is the VM's side
+        return local, None, _target(rest, spec)
+    parts = rest.split(":")
+    if parts[-1].startswith("/"):  # the VM's side is a unix socket
+        bind = parts[:-1]
+        if len(bind) == 1 and bind[0].isdigit():
+            return "127.0.0.1", int(bind[0]), "unix:" + parts[-1]
+        if len(bind) == 2 and bind[1].isdigit():
+            return bind[0], int(bind[1]), "unix:" + parts[-1]
+    elif len(parts) == 1 and parts[0].isdigit():
+        return "127.0.0.1", int(parts[0]), f"127.0.0.1:{parts[0]}"
+    elif len(parts) == 2 and parts[1].isdigit():
+        if parts[0].isdigit():
+            return "127.0.0.1", int(parts[0]), f"127.0.0.1:{parts[1]}"
+        return parts[0], int(parts[1]), f"127.0.0.1:{parts[1]}"  # addr:port, the same port in the VM
+    elif len(parts) == 3 and parts[0].isdigit() and parts[2].isdigit():
+        return "127.0.0.1", int(parts[0]), f"{parts[1]}:{parts[2]}"
+    elif len(parts) == 4 and parts[1].isdigit() and parts[3].isdigit():
+        return parts[0], int(parts[1]), f"{parts[2]}:{parts[3]}"
+    fail(f"{spec}: expected [addr:]port[:host:port], or a unix socket path on either side")
+    raise AssertionError
+
+
+def _target(rest: str, spec: str) -> str:
+    if rest.startswith("/"):
+        return "unix:" + rest
+    parts = rest.split(":")
+    if len(parts) == 1 and parts[0].isdigit():
+        return f"127.0.0.1:{parts[0]}"
+    if len(parts) == 2 and parts[1].isdigit():
+        return rest
+    fail(f"{spec}: the VM's side must be port, host:port or /path")
+    raise AssertionError
+
+
 @vm_app.command("forward")
 def vm_forward(
     hostname: str,
-    local: Annotated[list[str], typer.Option("-L", help="[addr:]port:[host:]port — local to VM (repeatable).")],
+    ports: Annotated[list[str] | None, typer.Argument(help="[addr:]port[:host:port] (repeatable).")] = None,
+    local: Annotated[list[str] | None, typer.Option("-L", help="[addr:]port:[host:]port — local to VM "
+                                                               "(repeatable).")] = None,
     url: Url = None, token: Token = None, token_file: TokenFile = None,
 ) -> None:
-    """Forward local TCP ports to ports in the VM until Ctrl-C.
-    Example: [bold]slicer vm forward vm-1 -L 8080:127.0.0.1:80[/bold]"""
+    """Forward local TCP ports or unix sockets to the VM until Ctrl-C. A single port (or addr:port)
+    is the same port on both sides. Examples: [bold]slicer vm forward vm-1 8080:127.0.0.1:80[/bold],
+    [bold]slicer vm forward vm-1 127.0.0.1:3000[/bold],
+    [bold]slicer vm forward vm-1 -L ./docker.sock:/var/run/docker.sock[/bold]"""
     from slicer.cli.terminal import forward_ports
 
-    specs = []
-    for spec in local:
-        parts = spec.split(":")
-        if len(parts) == 2:
-            specs.append(("127.0.0.1", int(parts[0]), f"127.0.0.1:{parts[1]}"))
-        elif len(parts) == 3:
-            specs.append(("127.0.0.1", int(parts[0]), f"{parts[1]}:{parts[2]}"))
-        elif len(parts) == 4:
-            specs.append((parts[0], int(parts[1]), f"{parts[2]}:{parts[3]}"))
-        else:
-            fail(f"-L {spec}: expected [addr:]port:[host:]port")
+    specs = [_forward_spec(spec) for spec in [*(ports or []), *(local or [])]]
+    if not specs:
+        fail("give a port to forward, e.g. 8080:127.0.0.1:80")
     with client(url, token, token_file) as c:
         forward_ports(c, hostname, specs)
 
@@ -336,8 +481,12 @@ def _secret_data(value: str | None, file: Path | None) -> bytes:
     return b""
 
 
+Value = Annotated[str | None, typer.Option("--value", "--from-literal", help="The secret's value.")]
+File = Annotated[Path | None, typer.Option("--file", "--from-file", help="Read the value from this file.")]
+
+
 @secret_app.command("create")
-def secret_create(name: str, value: str | None = None, file: Path | None = None, permissions: str = "0600",
+def secret_create(name: str, value: Value = None, file: File = None, permissions: str = "0600",
                   uid: int = 0, gid: int = 0, url: Url = None, token: Token = None, token_file: TokenFile = None,
                   json: Json = False) -> None:
     """Create a secret. Example: [bold]echo -n hunter2 | slicer secret create db-pass --uid 1000[/bold]"""
@@ -348,7 +497,7 @@ def secret_create(name: str, value: str | None = None, file: Path | None = None,
 
 
 @secret_app.command("update")
-def secret_update(name: str, value: str | None = None, file: Path | None = None, permissions: str | None = None,
+def secret_update(name: str, value: Value = None, file: File = None, permissions: str | None = None,
                   uid: int | None = None, gid: int | None = None, url: Url = None, token: Token = None,
                   token_file: TokenFile = None, json: Json = False) -> None:
     """Change a secret's data or owner. Example: [bold]slicer secret update db-pass --file new.txt[/bold]"""
@@ -359,12 +508,14 @@ def secret_update(name: str, value: str | None = None, file: Path | None = None,
 
 
 @secret_app.command("list")
-def secret_list(url: Url = None, token: Token = None, token_file: TokenFile = None, json: Json = False) -> None:
-    """List secrets (never their data). Example: [bold]slicer secret list[/bold]"""
+def secret_list(verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Also owner and permissions.")]
+                = False, url: Url = None, token: Token = None, token_file: TokenFile = None,
+                json: Json = False) -> None:
+    """List secrets (never their data). Example: [bold]slicer secret list -v[/bold]"""
     with client(url, token, token_file) as c:
         rows = handle(c.secrets)
-    dump(rows) if json else table([r.model_dump() for r in rows], ["name", "size", "permissions", "uid", "gid",
-                                                                     "mod_time"])
+    columns = ["name", "size", "permissions", "uid", "gid", "mod_time"] if verbose else ["name", "size", "mod_time"]
+    dump(rows) if json else table([r.model_dump() for r in rows], columns)
 
 
 @secret_app.command("remove")
@@ -374,3 +525,11 @@ def secret_remove(name: str, url: Url = None, token: Token = None, token_file: T
         handle(lambda: c.delete_secret(name))
     out.print(f"[green]removed[/green] {name}")
 
+
+
+# Top-level shortcuts Slicer's docs use.
+for _name, _command in (("ls", vm_list), ("shell", vm_shell), ("cp", vm_cp), ("logs", vm_logs),
+                        ("exec", vm_exec)):
+    app.command(_name, help=f"Same as [bold]slicer vm {_command.__name__.removeprefix('vm_')}[/bold].",
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True} if _name == "exec"
+                else None)(_command)

@@ -226,11 +226,12 @@ class Calls:
 
 def exec_params(cmd: str, args: list[str] | None = None, env: dict[str, str] | None = None, uid: int | None = None,
                 gid: int | None = None, cwd: str | None = None, shell: str | None = None,
-                stdio: str | None = None) -> list[tuple[str, str]]:
+                stdio: str | None = None, ring_bytes: int | None = None) -> list[tuple[str, str]]:
     params: list[tuple[str, str]] = [("cmd", cmd)]
     params += [("args", a) for a in args or []]
     params += [("env", f"{k}={v}") for k, v in (env or {}).items()]
-    for key, value in (("uid", uid), ("gid", gid), ("cwd", cwd), ("shell", shell), ("stdio", stdio)):
+    for key, value in (("uid", uid), ("gid", gid), ("cwd", cwd), ("shell", shell), ("stdio", stdio),
+                       ("ring_bytes", ring_bytes)):
         if value is not None:
             params.append((key, str(value)))
     return params

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import itertools
 import re
@@ -85,6 +86,9 @@ class NetworkConfig(_Strict):
         if v == "user":
             raise ValueError("mode user (QEMU's slirp) lets guests reach the host's loopback services; "
                              "use bridge, isolated or passt")
+        if v == "macvtap":
+            raise ValueError("mode macvtap is not supported yet; use bridge (VMs on a bridge of the host, "
+                             "NAT out) or isolated")
         return v
 
     @field_validator("gateway")
@@ -189,6 +193,9 @@ class HostGroup(_Strict):
             raise ValueError("give only one of ram_gb, ram_mb, ram_bytes")
         if self.storage != "image":
             raise ValueError(f"storage {self.storage!r} is not supported yet; use storage: image")
+        if self.gpu_count:
+            raise ValueError("gpu_count: GPUs need PCI passthrough under KVM, which this daemon does not do; "
+                             "remove gpu_count")
         if self.userdata and self.userdata_file:
             raise ValueError("give only one of userdata, userdata_file")
         parse_size(self.storage_size)
@@ -259,6 +266,8 @@ class Config(_Strict):
     image: str | None = None
     kernel_image: str | None = None
     kernel_file: str | None = None
+    # Firecracker and Cloud Hypervisor need KVM; their groups run on QEMU microvm (logged, and
+    # shown in /info) so that Slicer's configs load unchanged.
     hypervisor: Literal["qemu", "firecracker", "cloud-hypervisor"] = "qemu"
     graceful_shutdown: bool = True
     # On stop, save services' memory to disk instead of shutting them down; restore them at start.
@@ -273,8 +282,10 @@ class Config(_Strict):
         names = [g.name for g in self.host_groups]
         if len(names) != len(set(names)):
             raise ValueError("host group names must be unique")
-        if self.hypervisor != "qemu":
-            raise ValueError(f"hypervisor {self.hypervisor!r} needs KVM; this build drives qemu")
+        for key in ("image", "kernel_image", "kernel_file"):
+            if getattr(self, key):
+                raise ValueError(f"{key}: custom images and kernels are not supported yet; remove it to use the "
+                                 "project's Debian image (slicer image build)")
         bridges = [g.network.bridge for g in self.host_groups if g.network.bridge]
         if len(bridges) != len(set(bridges)):
             raise ValueError("two host groups name the same network.bridge")
@@ -291,6 +302,25 @@ class Config(_Strict):
         return next((g for g in self.host_groups if g.name == name), None)
 
 
+# Keys of Slicer's config (or its docs' examples) this daemon does not have, and what to do instead.
+UNSUPPORTED_KEYS = {
+    "insecure_registry": "pulling images from registries is not supported yet; remove it",
+    "pci": "PCI passthrough needs KVM, which this daemon does not do; remove it",
+    "ca": "a custom CA for the guests is not supported yet; remove it, or add the CA with userdata",
+    "parent": "macvtap mode is not supported yet; use network.mode bridge or isolated",
+}
+
+
+def unknown_key(key: str) -> str:
+    """Why ``key`` is refused, and what to use instead (never ignored silently)."""
+    if key in UNSUPPORTED_KEYS:
+        return f"not supported: {UNSUPPORTED_KEYS[key]}"
+    known = set(Config.model_fields) | set(HostGroup.model_fields) | set(NetworkConfig.model_fields)
+    known |= set(ApiConfig.model_fields)
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f"unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else " (see docs/config.md)")
+
+
 def load_config(text: str, base_dir: Path | None = None) -> Config:
     """Parse the YAML text of a config; errors name the offending field."""
     try:
@@ -304,7 +334,10 @@ def load_config(text: str, base_dir: Path | None = None) -> Config:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise BadRequest(f"config: {where}: {first['msg']}") from e
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = unknown_key(str(first["loc"][-1]))
+        raise BadRequest(f"config: {where}: {message}") from e
     for g in cfg.host_groups:
         if g.userdata_file:
             path = Path(g.userdata_file)

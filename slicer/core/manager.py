@@ -118,6 +118,18 @@ class Manager(SnapshotActions):
             if await self._adopt(records[hostname], pid):
                 adopted.add(hostname)
         for rec in records.values():
+            group = self.config.group(rec.hostgroup)
+            if rec.kind == "service" and (group is None or _index(rec.hostname) > group.count):
+                # The config's count went down (or the group went away): the service retires;
+                # its disk stays, and serves it again if the count comes back up.
+                log.info("%s: retired: no longer one of its host group's %s services", rec.hostname,
+                         group.count if group else "(removed)")
+                if rec.hostname in adopted:
+                    self._spawn(self._retire(self.nodes.pop(rec.hostname)))
+                else:
+                    self._remove_files(rec, disk=False)
+                self.store.delete(rec.hostname)
+                continue
             if rec.hostname in adopted or rec.kind == "service":
                 continue
             if not rec.persistent:
@@ -136,6 +148,12 @@ class Manager(SnapshotActions):
                 self._spawn(self._boot_service(group, hostname, old))
             if self.config.warm and group.boot == "snapshot":
                 self._spawn(self.templates.ensure(group))
+
+    async def _retire(self, node: Node) -> None:
+        await self._stop_vm(node, graceful=self.config.graceful_shutdown)
+        if node.agent is not None:
+            await node.agent.aclose()
+        self._remove_files(node.record, disk=False)
 
     async def _adopt(self, rec: NodeRecord, pid: int) -> bool:
         """Take over the VM whose QEMU ``pid`` an earlier daemon left running; False (and the
@@ -279,6 +297,19 @@ class Manager(SnapshotActions):
         if node is None:
             raise NotFound(f"VM {hostname!r} not found", "vm_not_found")
         return node
+
+    def describe(self, hostname: str) -> dict:
+        """One VM as the Go SDK's ``DescribeVM`` reads it: the node, its storage, image and
+        network policy (the group's; per-VM overrides do not exist here), and its VMM."""
+        node = self.get(hostname)
+        group = self.config.group(node.record.hostgroup)
+        view = node.view(vmm=True)
+        if group is None:
+            return view
+        policy = {"allow": list(group.network.allow), "drop": list(group.network.drop)}
+        mode = self.net.group(group.name).mode if group.name in self.net.groups else group.network.mode
+        return {**view, "storage": group.storage, "image": self.image.build_id,
+                "network": {"mode": mode, "policy_source": "host_group", "host_group": policy, "effective": policy}}
 
     # -- create / delete --------------------------------------------------------------------------
     async def create(
@@ -440,6 +471,7 @@ class Manager(SnapshotActions):
         node.rebooted.set()  # wakes the provisioner of this VM, which then sees it stopped and ends
         if node.vm is vm:  # not yet relaunched: its link goes with it
             await self._detach(node)
+            node.exited.set()
         if node.vm is not vm or node.stopping:
             return
         if code == 0:

@@ -25,6 +25,7 @@ class Node:
         self.last_snapshot: dict | None = None  # the meter's latest, for /metrics
         self.provisioned = asyncio.Event()  # set once this boot's secrets/keys/userdata are handed over
         self.rebooted = asyncio.Event()
+        self.exited = asyncio.Event()  # the VM's process ended and what it held on the host is released
         self.warnings: list[str] = []  # e.g. SSH keys that could not be fetched
         # How the running VM came to be: "boot", "template" (restored from the group's
         # template), "suspend" (restored from its own saved state) or "adopted" (left running
@@ -48,6 +49,7 @@ class Node:
         self.identity_pending = boot in ("template", "suspend")  # not "boot", nor "adopted" (running on)
         self.setup_error = None
         self.provisioned.clear()
+        self.exited.clear()
         vm.on_reset = self._on_reset
 
     def _on_reset(self) -> None:

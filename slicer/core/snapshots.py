@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from slicer.core.templates import Template, Templates
 
 log = logging.getLogger(__name__)
+SHUTDOWN_WAIT = 45.0  # a graceful shutdown's timeout (GRACEFUL_TIMEOUT) and its kill, with room
 
 
 class SnapshotActions:
@@ -107,7 +108,17 @@ class SnapshotActions:
         group = self.group(node.record.hostgroup)
         async with node.busy:
             if node.vm is not None and node.vm.state != VMState.STOPPED:
-                raise Conflict(f"{hostname} is already running", "running")
+                if not node.stopping:
+                    raise Conflict(f"{hostname} is already running", "running")
+                if not node.is_service and not node.record.persistent:
+                    raise Conflict(f"{hostname} is a sandbox being shut down, which deletes it", "deleted")
+                # A shutdown is under way (clients relaunch a moment after asking for one): it
+                # ends within the graceful timeout (the VM is killed at its end); then its
+                # network link is gone and the VM can start again.
+                try:
+                    await asyncio.wait_for(node.exited.wait(), SHUTDOWN_WAIT)
+                except TimeoutError:
+                    raise Conflict(f"{hostname} is still shutting down", "running") from None
             if node.record.suspended:
                 log.warning("%s: relaunched while suspended: its saved memory is discarded", hostname)
                 self.state_file(hostname).unlink(missing_ok=True)

@@ -18,6 +18,9 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
+GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
 @router.get("/info")
 async def info(request: Request) -> dict:
     m = request.app.state.manager
@@ -25,8 +28,9 @@ async def info(request: Request) -> dict:
         "version": request.app.version,
         "git_commit": request.app.state.git_commit,
         "platform": platform.system().lower(),
-        "arch": platform.machine(),
-        "hypervisor": m.driver.name,
+        "arch": GO_ARCH.get(platform.machine(), platform.machine()),  # Go's names, as Slicer's daemon says
+        "hypervisor": m.driver.name,  # what runs the VMs
+        "hypervisor_requested": m.config.hypervisor,  # what the config asked for
         "accelerator": m.driver.accelerator,
         "image": m.image.build_id,
         "network": m.net.describe(),  # per host group: backend (bridge/isolated/passt) and addresses
