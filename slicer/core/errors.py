@@ -46,6 +46,10 @@ class UnsupportedMediaType(SlicerError):
     status, code = 415, "unsupported_media_type"
 
 
+class InsufficientStorage(SlicerError):
+    status, code = 507, "insufficient_storage"
+
+
 class WaitTimeout(SlicerError):
     status, code = 408, "timeout"
 

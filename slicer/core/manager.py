@@ -334,8 +334,8 @@ class Manager(SnapshotActions):
             )
             disk.unlink(missing_ok=True)  # a leftover with no record is not anyone's disk
             node = Node(rec, self.run_dir(hostname))
+            self.store.put(rec)  # first: a record that cannot be written (a full disk) leaves no node
             self.nodes[hostname] = node
-            self.store.put(rec)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         # Clones share their template's disk, so persistent VMs boot cold.
