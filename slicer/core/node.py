@@ -14,6 +14,12 @@ from slicer.vmm.base import VM, VMState
 ARCH = "x86_64"
 
 
+def host_index(hostname: str) -> int:
+    """N of ``<group>-<N>`` (0 when the name has no number)."""
+    tail = hostname.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
 class Node:
     def __init__(self, record: NodeRecord, run_dir: Path) -> None:
         self.record = record
