@@ -7,7 +7,6 @@ import json
 import os
 import pty
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -180,43 +179,40 @@ def test_shell_in_a_pseudo_terminal(cli):
     assert os.waitstatus_to_exitcode(status) == 5
 
 
+def forwarded(cli, spec: list[str], get) -> str:
+    """Run ``slicer vm forward vm-1 SPEC`` and ``get()`` through it until it answers; its body."""
+    proc = subprocess.Popen([sys.executable, "-m", "slicer", "vm", "forward", "vm-1", *spec],
+                            env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                body = get().text
+                if "fw-ok" in body or time.monotonic() > deadline:
+                    return body
+            except (OSError, httpx.HTTPError):
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(2)
+        proc.wait(10)
+
+
 def test_forward_serves_http_from_the_guest(cli):
     cli("vm", "exec", "vm-1", "--", "sh", "-c", "mkdir -p /tmp/fw && echo fw-ok > /tmp/fw/index.html && cd /tmp/fw "
         "&& (nohup python3 -m http.server 8766 --bind 127.0.0.1 >/dev/null 2>&1 &)")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "slicer", "vm", "forward", "vm-1", f"{port}:127.0.0.1:8766"],
-                            env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        body = ""
-        while time.monotonic() < deadline and "fw-ok" not in body:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    pass
-                body = httpx.get(f"http://127.0.0.1:{port}/index.html", timeout=30).text
-            except (OSError, httpx.HTTPError):
-                time.sleep(0.5)
-        assert body == "fw-ok\n"
-    finally:
-        proc.send_signal(2)
-        proc.wait(10)
+    assert forwarded(cli, [f"{port}:127.0.0.1:8766"], lambda: httpx.get(f"http://127.0.0.1:{port}/index.html",
+                                                                         timeout=30)) == "fw-ok\n"
     # A local unix socket to the same server (Slicer's -L ./docker.sock:/var/run/docker.sock form)
     sock = f"/tmp/slt-fw-{os.getpid()}.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "slicer", "vm", "forward", "vm-1", "-L", f"{sock}:127.0.0.1:8766"],
-                            env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        body = ""
-        while time.monotonic() < deadline and "fw-ok" not in body:
-            try:
-                with httpx.Client(transport=httpx.HTTPTransport(uds=sock)) as c:
-                    body = c.get("http://vm/index.html", timeout=30).text
-            except (OSError, httpx.HTTPError):
-                time.sleep(0.5)
-        assert body == "fw-ok\n"
-    finally:
-        proc.send_signal(2)
-        proc.wait(10)
+
+    def through_socket() -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=sock)) as c:
+            return c.get("http://vm/index.html", timeout=30)
+
+    assert forwarded(cli, ["-L", f"{sock}:127.0.0.1:8766"], through_socket) == "fw-ok\n"
     assert not os.path.exists(sock), "the forward removes its socket"
 
 

@@ -64,3 +64,12 @@ def table(rows: list[dict], columns: list[str], title: str | None = None) -> Non
     for row in rows:
         t.add_row(*(str(row.get(c, "")) if not isinstance(row.get(c), list) else ",".join(row[c]) for c in columns))
     out.print(t)
+
+
+def human(n: float) -> str:
+    """``1 GiB``, ``384 MiB``: sizes as people read them."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return str(n)

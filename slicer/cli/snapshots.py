@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from slicer.cli._common import Json, Token, TokenFile, Url, client, dump, err, handle, out, table
+from slicer.cli._common import Json, Token, TokenFile, Url, client, dump, err, handle, human, out, table
 from slicer.cli.daemon import app
 from slicer.cli.vm import vm_app
 
@@ -16,14 +16,6 @@ template_app = typer.Typer(
 )
 app.add_typer(template_app, name="template")
 Wait = Annotated[str | None, typer.Option(help="agent or userdata: return once ready; '' to return at once.")]
-
-
-def size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @vm_app.command("suspend")
@@ -68,11 +60,11 @@ def template_build(group: str, url: Url = None, token: Token = None, token_file:
     """
     with client(url, token, token_file) as c, err.status(f"building the template of {group} (a cold boot)"):
         tpl = handle(lambda: c.build_template(group))
-    dump(tpl) if json else out.print(f"[green]template[/green] {tpl.name} ({size(tpl.state_bytes + tpl.disk_bytes)})")
+    dump(tpl) if json else out.print(f"[green]template[/green] {tpl.name} ({human(tpl.state_bytes + tpl.disk_bytes)})")
 
 
 def _template_rows(storage) -> list[dict]:
-    return [{**t.model_dump(), "memory+state": size(t.state_bytes), "disk": size(t.disk_bytes)}
+    return [{**t.model_dump(), "memory+state": human(t.state_bytes), "disk": human(t.disk_bytes)}
             for t in storage.templates]
 
 
@@ -99,6 +91,6 @@ def storage(url: Url = None, token: Token = None, token_file: TokenFile = None, 
         dump(s)
         return
     table(_template_rows(s), ["name", "hostgroup", "clones", "retired", "memory+state", "disk"], title="Templates")
-    rows = [{**n.model_dump(), "disk_used": size(n.disk_bytes), "saved_state": size(n.state_bytes)} for n in s.nodes]
+    rows = [{**n.model_dump(), "disk_used": human(n.disk_bytes), "saved_state": human(n.state_bytes)} for n in s.nodes]
     table(rows, ["hostname", "hostgroup", "status", "template", "disk_used", "saved_state"], title="VMs")
-    out.print(f"total: {size(s.total_bytes)}")
+    out.print(f"total: {human(s.total_bytes)}")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from slicer.cli._common import Json, Token, TokenFile, Url, client, dump, err, fail, handle, out, table
+from slicer.cli._common import Json, Token, TokenFile, Url, client, dump, err, fail, handle, human, out, table
 from slicer.cli.daemon import app
 
 vm_app = typer.Typer(help="Create, inspect and use VMs.", no_args_is_help=True)
@@ -18,15 +18,6 @@ app.add_typer(vm_app, name="vm")
 app.add_typer(secret_app, name="secret")
 
 NODE_COLUMNS = ["hostname", "hostgroup", "ip", "status", "cpus", "ram", "tags"]  # fits 80 columns; --json: all
-
-
-def human(n: int) -> str:
-    """``1 GiB``, ``384 MiB``: sizes as people read them."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _node_rows(nodes) -> list[dict]:
