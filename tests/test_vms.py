@@ -80,6 +80,7 @@ def test_create_waits_for_agent_and_returns_the_documented_shape(api, sandbox):
     node = api.get(f"/vm/{sandbox}").json()
     assert sandbox.startswith("sbx-") and node["status"] == "Running"
     assert node["hostgroup"] == "sbx" and node["cpus"] == 1 and node["ram_bytes"] == 384 << 20
+    assert node["last_agent_call"].startswith("20"), "the Go SDK's ListVMs reads when the agent last answered"
     # what the Go SDK's DescribeVM reads
     assert node["storage"] == "image" and node["image"] == api.get("/info").json()["image"]
     assert node["network"]["mode"] in ("bridge", "isolated", "passt") and node["network"]["effective"] == {

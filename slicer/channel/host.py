@@ -16,6 +16,7 @@ import asyncio
 import logging
 import secrets
 import typing
+from datetime import UTC, datetime
 
 import httpcore
 import httpx
@@ -76,6 +77,7 @@ class Channel:
         # Why the guest's side was last cut off (a flood, a protocol error); cleared by the
         # next good handshake.
         self.fault: str | None = None
+        self.last_stream_at: datetime | None = None  # a stream last opened: the API's last_agent_call
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -203,6 +205,7 @@ class Channel:
         except (StreamClosed, TimeoutError) as e:
             stream.reset()
             raise ChannelError(str(e) or f"CONNECT {port} timed out") from e
+        self.last_stream_at = datetime.now(UTC)
         return stream
 
     @property

@@ -135,6 +135,8 @@ class Node:
             **({"boot": self.boot} if self.vm is not None else {}),
             **({"warnings": self.warnings} if self.warnings else {}),
             **({"vmm": process} if process is not None else {}),
+            **({"last_agent_call": last.isoformat()} if self.agent and (last := self.agent.channel.last_stream_at)
+               else {}),
             # The guest broke or flooded its channel and was cut off (until its next good handshake).
             **({"channel_fault": self.agent.channel.fault} if self.agent and self.agent.channel.fault else {}),
         }
