@@ -23,6 +23,7 @@ import httpx
 from slicer.channel.host import ChannelError
 from slicer.channel.yamux import Stream
 from slicer.core import telemetry
+from slicer.core.actions import NodeAction
 from slicer.core.agent import AgentClient
 from slicer.core.config import Config, HostGroup
 from slicer.core.errors import (
@@ -240,9 +241,7 @@ class Manager(Reconciler, SnapshotActions):
         try:
             template = None if cold else await self.templates.ensure(group, (cpus, ram))
             # Held while QEMU starts: a DELETE that comes meanwhile waits, then removes what started.
-            async with node.busy:
-                if self.nodes.get(hostname) is not node:
-                    raise Conflict(f"{hostname} was deleted while it was being created", "deleted")
+            async with node.act(NodeAction.LAUNCH):
                 await self._launch(node, group, template=template)
             log.info("%s: QEMU up in %.2fs (%s)", hostname, loop.time() - t0, node.boot)
             if wait:
@@ -465,7 +464,10 @@ class Manager(Reconciler, SnapshotActions):
         await vm.kill()
 
     async def _destroy(self, node: Node) -> bool:
-        """Stop the VM and forget a sandbox; returns whether its disk was removed."""
+        """Stop the VM and forget a sandbox; returns whether its disk was removed. Once only:
+        a node destroyed twice (a failed create after a delete) has nothing left to remove."""
+        if node.deleted:
+            return False
         node.stopping = True
         if node.vm is not None:
             await node.vm.kill()
@@ -475,7 +477,9 @@ class Manager(Reconciler, SnapshotActions):
         remove_disk = not node.record.persistent
         self._remove_files(node.record, disk=remove_disk)
         self.store.delete(node.hostname)
-        self.nodes.pop(node.hostname, None)
+        if self.nodes.get(node.hostname) is node:
+            del self.nodes[node.hostname]
+        node.deleted = True
         if remove_disk and node.record.template and node.record.template not in self._templates_in_use():
             self._collect_templates()  # its last clone is gone: a stale template may go too
         return remove_disk
@@ -511,23 +515,22 @@ class Manager(Reconciler, SnapshotActions):
                 f"{hostname} is a service from the config file; change its count there instead",
                 "protected",
             )
-        async with node.busy:
+        async with node.act(NodeAction.DELETE):
             return await self._destroy(node)
 
     # -- actions on a running VM ------------------------------------------------------------------
     async def pause(self, hostname: str) -> None:
-        await self._vm_action(hostname, "pause")
+        await self._vm_action(hostname, NodeAction.PAUSE)
 
     async def resume(self, hostname: str) -> None:
-        await self._vm_action(hostname, "resume")
+        await self._vm_action(hostname, NodeAction.RESUME)
 
-    async def _vm_action(self, hostname: str, action: str) -> None:
+    async def _vm_action(self, hostname: str, action: NodeAction) -> None:
         node = self.get(hostname)
-        async with node.busy:
-            if node.vm is None:
-                raise Conflict(f"{hostname} is not running", "not_running")
+        async with node.act(action):
+            assert node.vm is not None
             try:
-                await getattr(node.vm, action)()
+                await getattr(node.vm, action.value)()
             except VMStateError as e:
                 raise Conflict(f"{hostname}: {e}", "invalid_state") from e
             except VMMError as e:
@@ -538,17 +541,19 @@ class Manager(Reconciler, SnapshotActions):
         if action not in ("shutdown", "reboot"):
             raise BadRequest(f"action must be shutdown or reboot, not {action!r}", "invalid_action")
         node = self.get(hostname)
-        if node.vm is None or node.vm.state == VMState.STOPPED:
-            raise Conflict(f"{hostname} is not running", "not_running")
-        if action == "reboot":
-            await self._reboot(node)
-            return
+        async with node.act(NodeAction(action)):
+            if action == "reboot":
+                await self._reboot(node)
+                return
+            node.stopping = True  # from here on the node is Stopping; a relaunch waits for its end
         self._spawn(self._power_off(node))
 
     async def _power_off(self, node: Node) -> None:
         await self._stop_vm(node, graceful=True)
         if not node.is_service and not node.record.persistent:
-            await self._destroy(node)  # a sandbox's disk goes with its shutdown
+            with contextlib.suppress(SlicerError):  # deleted meanwhile
+                async with node.act(NodeAction.DELETE):
+                    await self._destroy(node)  # a sandbox's disk goes with its shutdown
 
     async def _reboot(self, node: Node) -> None:
         vm = node.vm

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from slicer.channel.host import Channel, ChannelError
+from slicer.core.actions import NodeAction, NodeState, check
 from slicer.core.agent import AgentClient
 from slicer.core.errors import AgentUnreachable, Conflict, WaitTimeout
 from slicer.core.state import NodeRecord
@@ -27,7 +30,9 @@ class Node:
         self.vm: VM | None = None
         self.agent: AgentClient | None = None
         self.stopping = False  # a stop we asked for: its exit is not a crash
-        self.busy = asyncio.Lock()  # serialises lifecycle actions on this node
+        self.busy = asyncio.Lock()  # serialises lifecycle actions on this node (see act)
+        self.operation: NodeAction | None = None  # the action holding ``busy``
+        self.deleted = False
         self.last_snapshot: dict | None = None  # the meter's latest, for /metrics
         self.provisioned = asyncio.Event()  # set once this boot's secrets/keys/userdata are handed over
         self.rebooted = asyncio.Event()
@@ -67,27 +72,55 @@ class Node:
         self.rebooted.set()
 
     @property
-    def status(self) -> str:
+    def state(self) -> NodeState:
+        """Derived from what is true now (the record, the VMM process, the action under way),
+        so it cannot drift from it."""
+        if self.deleted:
+            return NodeState.DELETED
+        if self.operation == NodeAction.DELETE:
+            return NodeState.DELETING
+        if self.operation == NodeAction.SUSPEND:
+            return NodeState.SUSPENDING
         if self.record.suspended:
-            return "Suspended"
-        if self.vm is None:
-            return "Stopped"
-        state = self.vm.state
-        if state == VMState.STOPPED:
-            return "Stopped" if self.stopping or self.vm.exit_code == 0 else "Crashed"
-        return {VMState.RUNNING: "Running", VMState.PAUSED: "Paused", VMState.STARTING: "Starting"}[state]
+            return NodeState.SUSPENDED
+        vm = self.vm
+        if vm is None or vm.state == VMState.STOPPED:
+            if self.operation in (NodeAction.LAUNCH, NodeAction.RESTORE, NodeAction.RELAUNCH):
+                return NodeState.STARTING
+            if vm is None or self.stopping or vm.exit_code == 0:
+                return NodeState.STOPPED
+            return NodeState.CRASHED
+        if self.stopping:
+            return NodeState.STOPPING
+        return {VMState.RUNNING: NodeState.RUNNING, VMState.PAUSED: NodeState.PAUSED,
+                VMState.STARTING: NodeState.STARTING}[vm.state]
+
+    @property
+    def status(self) -> str:
+        return self.state.value
+
+    def check(self, action: NodeAction) -> None:
+        check(action, self.state, self.hostname)
+
+    @contextlib.asynccontextmanager
+    async def act(self, action: NodeAction) -> AsyncIterator[None]:
+        """Run ``action`` alone on this node: wait for the one under way, then check that the
+        node's state (as that action left it) allows this one."""
+        async with self.busy:
+            self.check(action)
+            self.operation = action
+            try:
+                yield
+            finally:
+                self.operation = None
 
     def running_agent(self, setup: bool = False) -> AgentClient:
         """The agent of a VM that can answer now, or a clear error why not. A restored VM is
         not handed out before it has its own identity, except to the setup doing that."""
-        if self.record.suspended:
-            raise Conflict(f"{self.hostname} is suspended; restore it first", "suspended")
-        if self.vm is None or self.agent is None or self.vm.state == VMState.STOPPED:
-            raise Conflict(f"{self.hostname} is not running", "not_running")
-        if self.vm.state == VMState.PAUSED:
-            raise Conflict(f"{self.hostname} is paused; resume it first", "paused")
+        self.check(NodeAction.AGENT)
         if self.identity_pending and not setup:
             raise Conflict(f"{self.hostname} is being restored; it answers once its identity is reset", "starting")
+        assert self.agent is not None
         return self.agent
 
     async def wait_ready(self, timeout: float, userdata: bool = False, health: bool = True) -> dict:

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slicer.core.actions import NodeAction
 from slicer.core.errors import Conflict, SlicerError
 from slicer.core.node import Node
 from slicer.core.templates import allocated_bytes
@@ -45,16 +46,14 @@ class SnapshotActions:
 
     async def suspend(self, hostname: str) -> None:
         node = self.get(hostname)
-        async with node.busy:
+        async with node.act(NodeAction.SUSPEND):
             await self._save(node, "api")
 
     async def _save(self, node: Node, why: str) -> None:
-        """Save the VM's memory and device state to its state file and end its process."""
+        """Save the VM's memory and device state to its state file and end its process
+        (the caller checked that the node may be suspended)."""
         vm = node.vm
-        if node.record.suspended:
-            raise Conflict(f"{node.hostname} is already suspended", "suspended")
-        if vm is None or vm.state == VMState.STOPPED:
-            raise Conflict(f"{node.hostname} is not running", "not_running")
+        assert vm is not None
         path = self.state_file(node.hostname)
         node.stopping = True
         t0 = asyncio.get_running_loop().time()
@@ -75,6 +74,7 @@ class SnapshotActions:
 
     async def _suspend_or_stop(self, node: Node) -> None:
         try:
+            node.check(NodeAction.SUSPEND)
             await self._save(node, "shutdown")
         except SlicerError as e:
             log.error("%s: not suspended (%s); shutting it down", node.hostname, e.message)
@@ -83,9 +83,7 @@ class SnapshotActions:
     async def restore(self, hostname: str, wait: str | None, timeout: float) -> Node:
         node = self.get(hostname)
         group = self.group(node.record.hostgroup)
-        async with node.busy:
-            if not node.record.suspended:
-                raise Conflict(f"{hostname} is not suspended", "not_suspended")
+        async with node.act(NodeAction.RESTORE):
             await self._restore(node, group)
         if wait:
             await self._wait_setup(node, wait, timeout)
@@ -106,10 +104,8 @@ class SnapshotActions:
         """Boot a VM that is not running (shut down, crashed or suspended) again from its disk."""
         node = self.get(hostname)
         group = self.group(node.record.hostgroup)
-        async with node.busy:
-            if node.vm is not None and node.vm.state != VMState.STOPPED:
-                if not node.stopping:
-                    raise Conflict(f"{hostname} is already running", "running")
+        async with node.act(NodeAction.RELAUNCH):
+            if node.vm is not None and node.vm.state != VMState.STOPPED:  # Stopping (the table allows no other)
                 if not node.is_service and not node.record.persistent:
                     raise Conflict(f"{hostname} is a sandbox being shut down, which deletes it", "deleted")
                 # A shutdown is under way (clients relaunch a moment after asking for one): it
