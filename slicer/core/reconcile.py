@@ -92,9 +92,16 @@ class Reconciler:
                 continue
             if rec.hostname in adopted or rec.kind == "service":
                 continue
-            if not rec.persistent:
+            if not rec.persistent and not rec.suspended:  # a suspended one is kept: only a graceful stop deletes it
                 log.info("%s: removing sandbox whose QEMU is gone", rec.hostname)
                 self._remove_files(rec, disk=True)
+                self.store.delete(rec.hostname)
+            elif not Path(rec.disk).exists() and not rec.suspended:
+                # Its disk is made at its first launch and removed first by a delete: a crash
+                # came between its record and its first boot, or in the middle of its delete.
+                log.info("%s: removing the record of a persistent VM that has no disk (a create or "
+                         "delete cut short)", rec.hostname)
+                self._remove_files(rec, disk=False)
                 self.store.delete(rec.hostname)
             else:
                 self.nodes[rec.hostname] = Node(rec, self.run_dir(rec.hostname))

@@ -29,6 +29,7 @@ SHUTDOWN_WAIT = 45.0  # a graceful shutdown's timeout (GRACEFUL_TIMEOUT) and its
 
 class SnapshotActions:
     config: Config
+    data_dir: Path
     nodes: dict[str, Node]
     store: StateStore
     templates: Templates
@@ -135,9 +136,14 @@ class SnapshotActions:
              "state_bytes": allocated_bytes(self.state_file(n.hostname))}
             for n in self.list()
         ]
+        # Disks of deleted persistent VMs are kept (as Slicer does); a create of the same
+        # hostname replaces one, or remove the file.
+        used = {Path(n.record.disk) for n in self.nodes.values()}
+        kept = [{"disk": str(p), "disk_bytes": allocated_bytes(p)}
+                for p in sorted((self.data_dir / "disks").glob("*.qcow2")) if p not in used]
         total = sum(t["state_bytes"] + t["disk_bytes"] for t in templates)
-        total += sum(n["disk_bytes"] + n["state_bytes"] for n in nodes)
-        return {"templates": templates, "nodes": nodes, "total_bytes": total}
+        total += sum(n["disk_bytes"] + n["state_bytes"] for n in nodes) + sum(k["disk_bytes"] for k in kept)
+        return {"templates": templates, "nodes": nodes, "kept_disks": kept, "total_bytes": total}
 
     async def build_template(self, group_name: str) -> dict:
         """Build the group's template now if it has none that is current."""

@@ -190,10 +190,21 @@ class Templates:
                 return None
 
     def kill_stale_builds(self) -> list[str]:
-        """End template VMs an earlier daemon left building."""
-        if not self.run_root.is_dir():
-            return []
-        return [d.name for d in self.run_root.glob(".tpl-*") if self.driver.kill_stale(d)]
+        """End template VMs an earlier daemon left building, and remove what those builds
+        left: their run dirs, ``.building-*`` dirs and template dirs without ``meta.json``
+        (written last, so a template without it never finished). Returns the VMs ended."""
+        killed = []
+        if self.run_root.is_dir():
+            for run_dir in self.run_root.glob(".tpl-*"):
+                if self.driver.kill_stale(run_dir):
+                    killed.append(run_dir.name)
+                shutil.rmtree(run_dir, ignore_errors=True)
+        if self.root.is_dir():
+            for path in self.root.iterdir():
+                if path.name.startswith(".building-") or (path.is_dir() and Template.load(path) is None):
+                    log.warning("removing %s, left by a template build that did not finish", path.name)
+                    shutil.rmtree(path, ignore_errors=True)
+        return killed
 
     async def _build(self, group: HostGroup, size: Size) -> Template:
         loop = asyncio.get_running_loop()
