@@ -244,8 +244,8 @@ def fs_mkdir(path: str, recursive: bool, mode: int | None) -> None:
 
 
 def fs_remove(path: str, recursive: bool) -> None:
-    if path == "/":
-        raise FileError("refusing to remove /", "invalid_request")
+    if os.path.realpath(path) == "/":  # "//", "/.", "/tmp/.." and links to / too
+        raise FileError(f"refusing to remove / ({path!r})", "invalid_request")
     try:
         if os.path.isdir(path) and not os.path.islink(path):
             if recursive:

@@ -134,3 +134,26 @@ def parse_duration(value: str) -> float:
     if not 0 < seconds <= 3600:
         raise BadRequest("timeout must be between 0 and 1h", "invalid_timeout")
     return seconds
+
+
+def json_body(schema: type[BaseModel] | dict, required: bool = False) -> dict:
+    """``openapi_extra`` for a route that reads its JSON body itself (bounded in size, typed
+    strictly, see :func:`parse_body`): the served schema still shows clients and fuzzers its shape."""
+    if isinstance(schema, type):
+        schema = schema.model_json_schema()
+        assert "$defs" not in schema, "nested models need components in the served schema"
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
+
+
+def query_doc(required: tuple[str, ...] = (), **params: dict) -> dict:
+    """``openapi_extra`` documenting query parameters a route reads from the raw query (to
+    pass them on as they are, repeated ones included); each value is a JSON schema."""
+    return {"parameters": [{"name": name, "in": "query", "required": name in required, "schema": schema}
+                           for name, schema in params.items()]}
+
+
+STRING, INTEGER, BOOLEAN = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
+NONEMPTY = {"type": "string", "minLength": 1}
+ABSOLUTE = {"type": "string", "pattern": "^/"}
+ENV = {"type": "array", "items": {"type": "string", "pattern": "^[^=]+="}}
+STRINGS = {"type": "array", "items": STRING}

@@ -10,7 +10,18 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from slicer.api.deps import manager, require_auth
-from slicer.api.models import parse_body
+from slicer.api.models import (
+    ABSOLUTE,
+    BOOLEAN,
+    ENV,
+    INTEGER,
+    NONEMPTY,
+    STRING,
+    STRINGS,
+    json_body,
+    parse_body,
+    query_doc,
+)
 from slicer.api.streaming import ClientGone, relay, unless_client_leaves
 from slicer.core.errors import TooLarge
 from slicer.core.manager import Manager
@@ -21,7 +32,17 @@ Mgr = Annotated[Manager, Depends(manager)]
 TRUE = ("1", "true", "yes", "on")
 
 
-@router.post("/vm/{hostname}/exec")
+class KillRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    signal: str = Field(default="TERM", pattern=r"^(SIG)?(TERM|KILL|INT|HUP|QUIT|USR1|USR2)$")
+    grace_ms: int = Field(default=5000, ge=0, le=600_000)
+
+
+@router.post("/vm/{hostname}/exec", openapi_extra={
+    **query_doc(required=("cmd",), cmd=NONEMPTY, args=STRINGS, env=ENV, uid=INTEGER, gid=INTEGER, cwd=ABSOLUTE,
+                shell=STRING, stdin=BOOLEAN, stdout=BOOLEAN, stderr=BOOLEAN, stdio={"enum": ["text", "base64"]},
+                buffered=BOOLEAN, background=BOOLEAN, ring_bytes=INTEGER),
+    "requestBody": {"required": False, "content": {"application/octet-stream": {"schema": {}}}}})
 async def execute(m: Mgr, hostname: str, request: Request) -> Response:
     """Query: cmd, args (repeated), env (repeated KEY=VALUE), uid, gid, cwd, shell, stdin,
     stdout, stderr, stdio=text|base64, buffered. With stdin=true the body is the process's stdin."""
@@ -67,7 +88,7 @@ async def background_reap(m: Mgr, hostname: str, exec_id: ExecId) -> dict:
     return await m.agent(hostname).call("DELETE", f"/exec/{exec_id}")
 
 
-@router.get("/vm/{hostname}/exec/{exec_id}/logs")
+@router.get("/vm/{hostname}/exec/{exec_id}/logs", openapi_extra=query_doc(follow=BOOLEAN, from_id=INTEGER))
 async def background_logs(m: Mgr, hostname: str, exec_id: ExecId, request: Request) -> StreamingResponse:
     """Replay the ring (``from_id``), and with ``follow=true`` stream until the process exits."""
     params = [(k, v) for k, v in request.query_params.multi_items() if k in ("follow", "from_id")]
@@ -75,7 +96,7 @@ async def background_logs(m: Mgr, hostname: str, exec_id: ExecId, request: Reque
     return StreamingResponse(relay(resp, request), media_type="application/x-ndjson")
 
 
-@router.post("/vm/{hostname}/exec/{exec_id}/kill")
+@router.post("/vm/{hostname}/exec/{exec_id}/kill", openapi_extra=json_body(KillRequest))
 async def background_kill(m: Mgr, hostname: str, exec_id: ExecId, request: Request) -> dict:
     """Body (optional): ``{"signal": "TERM", "grace_ms": 5000}``; TERM escalates to KILL."""
     body = await parse_body(request, KillRequest)
@@ -87,9 +108,3 @@ async def background_wait(m: Mgr, hostname: str, exec_id: ExecId,
                           timeout: Annotated[int, Query(ge=0, le=600)] = 30) -> dict:
     return await m.agent(hostname).call("GET", f"/exec/{exec_id}/wait-exit", params={"timeout": timeout},
                                         timeout=timeout + 30)
-
-
-class KillRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    signal: str = Field(default="TERM", pattern=r"^(SIG)?(TERM|KILL|INT|HUP|QUIT|USR1|USR2)$")
-    grace_ms: int = Field(default=5000, ge=0, le=600_000)

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from slicer.api.deps import manager, require_auth
-from slicer.api.models import parse_body
+from slicer.api.models import ABSOLUTE, BOOLEAN, INTEGER, STRING, STRINGS, json_body, parse_body, query_doc
 from slicer.api.streaming import relay
 from slicer.core.errors import BadRequest
 from slicer.core.manager import Manager
@@ -31,7 +31,12 @@ def _params(request: Request, mode: str) -> list[tuple[str, str]]:
     return [(k, v) for k, v in request.query_params.multi_items() if k != "mode"] + [("mode", mode)]
 
 
-@router.post("/cp")
+CP_QUERY = query_doc(required=("path",), path=ABSOLUTE, mode={"enum": ["binary", "tar"]}, uid=INTEGER,
+                     gid=INTEGER, permissions=STRING)
+
+
+@router.post("/cp", openapi_extra={**CP_QUERY, "requestBody": {"required": False, "content": {
+    "application/octet-stream": {"schema": {}}, TAR: {"schema": {}}}}})
 async def copy_to_vm(m: Mgr, hostname: str, request: Request) -> dict:
     """Body: the file (``application/octet-stream``) or a tar (``application/x-tar``).
     Query: path (required), mode=binary|tar, uid, gid, permissions (octal)."""
@@ -40,7 +45,7 @@ async def copy_to_vm(m: Mgr, hostname: str, request: Request) -> dict:
     return await agent.call("POST", "/cp", params=params, content=request.stream(), timeout=None)
 
 
-@router.get("/cp")
+@router.get("/cp", openapi_extra=CP_QUERY)
 async def copy_from_vm(m: Mgr, hostname: str, request: Request) -> StreamingResponse:
     """Query: path (required), mode=binary|tar (or ``Accept: application/x-tar``)."""
     agent = m.agent(hostname)
@@ -66,7 +71,7 @@ async def stat(m: Mgr, hostname: str, path: str) -> dict:
     return await m.agent(hostname).call("GET", "/fs/stat", params={"path": path})
 
 
-@router.post("/fs/mkdir")
+@router.post("/fs/mkdir", openapi_extra=json_body(MkdirRequest, required=True))
 async def mkdir(m: Mgr, hostname: str, request: Request) -> dict:
     body = await parse_body(request, MkdirRequest)
     return await m.agent(hostname).call("POST", "/fs/mkdir", json=body.model_dump(exclude_none=True))
@@ -78,7 +83,9 @@ async def remove(m: Mgr, hostname: str, path: str, recursive: bool = False) -> d
     return await m.agent(hostname).call("DELETE", "/fs/remove", params=params)
 
 
-@router.get("/fs/watch")
+@router.get("/fs/watch", openapi_extra=query_doc(
+    paths=STRINGS, patterns=STRINGS, events=STRINGS, recursive=BOOLEAN, one_shot=BOOLEAN, debounce=STRING,
+    timeout=STRING, max_events=INTEGER))
 async def watch(m: Mgr, hostname: str, request: Request) -> StreamingResponse:
     """Server-Sent Events of filesystem changes. Query: paths (repeat), patterns, events
     (create, write, remove, rename, chmod, all), recursive, one_shot, debounce, timeout, max_events."""

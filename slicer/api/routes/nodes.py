@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request
 
 from slicer.api.deps import manager, require_auth
-from slicer.api.models import CreateNodeRequest, parse_body, parse_duration
+from slicer.api.models import CreateNodeRequest, json_body, parse_body, parse_duration
 from slicer.core.manager import Manager
 from slicer.core.node import Node
 
@@ -27,7 +27,7 @@ async def list_group_nodes(m: Mgr, name: str, tag: str | None = None, tag_prefix
     return [n.view() for n in m.list(group=name, tag=tag, tag_prefix=tag_prefix)]
 
 
-@router.post("/hostgroup/{name}/nodes", status_code=201)
+@router.post("/hostgroup/{name}/nodes", status_code=201, openapi_extra=json_body(CreateNodeRequest))
 async def create_node(
     m: Mgr,
     name: str,

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from slicer.api.deps import manager, require_auth
-from slicer.api.models import read_json_object
+from slicer.api.models import INTEGER, STRING, json_body, read_json_object
 from slicer.core.manager import Manager
 from slicer.core.secrets import check_name
 
@@ -22,7 +22,12 @@ async def list_secrets(m: Mgr) -> list[dict]:
     return m.secrets.list()
 
 
-@router.post("", status_code=201)
+SECRET = {"type": "object", "additionalProperties": False, "properties": {
+    "name": STRING, "data": {"type": "string", "format": "byte"}, "permissions": STRING, "uid": INTEGER,
+    "gid": INTEGER}}
+
+
+@router.post("", status_code=201, openapi_extra=json_body({**SECRET, "required": ["name", "data"]}, required=True))
 async def create_secret(m: Mgr, request: Request) -> dict:
     """Body: ``{"name", "data" (base64), "permissions" ("0600"), "uid", "gid"}``."""
     meta = m.secrets.create(await read_json_object(request))
@@ -30,7 +35,7 @@ async def create_secret(m: Mgr, request: Request) -> dict:
     return meta
 
 
-@router.patch("/{name}")
+@router.patch("/{name}", openapi_extra=json_body(SECRET, required=True))
 async def update_secret(m: Mgr, name: str, request: Request) -> dict:
     meta = m.secrets.update(check_name(name), await read_json_object(request))
     m.secrets_changed()

@@ -1,0 +1,85 @@
+"""Property-based requests over the served OpenAPI schema (schemathesis) against a real daemon
+with a real VM: no input may get a 5xx.
+
+Four passes: (1) every operation with generated names, creates excluded; (2) every operation
+on the real VM (``vm-1`` of group ``vm``) but those changing its state, so generated queries
+and bodies reach its agent; (3) those (pause, suspend, shutdown, ...); (4) creates with invalid
+input. Excluded, because each would boot a VM per example and make the run unbounded: *valid*
+creates (``tests/test_vms.py`` covers them) and template builds of real groups.
+``SLICER_FUZZ_EXAMPLES`` sets examples per operation (default 12).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import Daemon, wait_agent
+
+pytestmark = pytest.mark.vm
+
+CONFIG = """
+config:
+  host_groups:
+  - name: vm
+    count: 1
+    vcpu: 1
+    ram_mb: 256
+    storage_size: 1G
+    boot: cold
+  api:
+    bind_address: 127.0.0.1
+    port: PORT
+"""
+CREATE = "create_node_.*"
+TEMPLATE = "build_template_.*"
+LIFECYCLE = "(shutdown|pause|resume|suspend|restore|relaunch)_.*"
+ON_VM = {"hostname": "vm-1", "name": "vm"}
+
+
+def schemathesis(d: Daemon, *args: str, parameters: dict | None = None) -> tuple[int, str]:
+    """Run schemathesis against ``d``; returns (test cases run, output). Fails on any 5xx."""
+    config = d.data_dir / "schemathesis.toml"
+    lines = [f'headers = {{ Authorization = "Bearer {d.token}" }}', "request-timeout = 60.0"]
+    if parameters:
+        lines.append("[parameters]")
+        lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in parameters.items()]
+    config.write_text("\n".join(lines) + "\n")
+    examples = os.environ.get("SLICER_FUZZ_EXAMPLES", "12")
+    cmd = [shutil.which("schemathesis") or sys.executable + " -m schemathesis", "--config-file", str(config),
+           "run", f"{d.url}/openapi.json", "--checks", "not_a_server_error", "--max-examples", examples,
+           "--workers", "1", "--seed", "1", "--generation-database", "none", "--no-color", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=d.data_dir)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-8000:]
+    cases = sum(int(n) for n in re.findall(r"(\d+) generated", text))
+    assert cases > 0, text[-3000:]
+    return cases, text
+
+
+def test_no_input_gets_a_server_error(guest_image):
+    d = Daemon(CONFIG).start()
+    try:
+        api = d.client()
+        wait_agent(api, "vm-1")
+        api.post("/vm/vm-1/exec", params={"cmd": "mkdir -p /tmp/fuzz", "buffered": "true"})
+        generated, _ = schemathesis(d, "--exclude-operation-id-regex", f"{CREATE}|{TEMPLATE}")
+        # The VM's own operations first, while it runs; then those that pause, suspend or stop it.
+        on_vm, _ = schemathesis(d, "--exclude-operation-id-regex", f"{CREATE}|{TEMPLATE}|{LIFECYCLE}",
+                                parameters=ON_VM)
+        states = api.get("/vm/vm-1").json()["status"]
+        lifecycle, _ = schemathesis(d, "--include-operation-id-regex", LIFECYCLE, parameters=ON_VM)
+        invalid, _ = schemathesis(d, "--include-operation-id-regex", CREATE, "--mode", "negative")
+        print(f"schemathesis: {generated} cases with generated names, {on_vm} on running vm-1, "
+              f"{lifecycle} of its lifecycle, {invalid} invalid creates; no 5xx")
+        assert states == "Running", "the VM's own operations ran against a running VM"
+        assert d.proc is not None and d.proc.poll() is None, "the daemon kept running"
+        assert api.get("/healthz").status_code == 200
+    finally:
+        d.cleanup()
