@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from slicer import __version__
 from slicer.api import errors
 from slicer.api.guard import RequestGuard
-from slicer.api.routes import execute, files, nodes, secrets, stats, storage, system, tunnels, vm
+from slicer.api.routes import commits, execute, files, nodes, secrets, stats, storage, system, tunnels, vm
 from slicer.api.telemetry import MetricsMiddleware
 from slicer.core.errors import SlicerError
 from slicer.core.manager import Manager
@@ -36,6 +36,7 @@ def create_app(manager: Manager, token: str | None, git_commit: str = "unknown")
     errors.install(app)
     app.include_router(system.public)
     app.include_router(system.router)
+    app.include_router(commits.router)  # before nodes: /vm/commits is no VM's name
     app.include_router(nodes.router)
     app.include_router(vm.router)
     app.include_router(execute.router)

@@ -141,8 +141,21 @@ def json_body(schema: type[BaseModel] | dict, required: bool = False) -> dict:
     strictly, see :func:`parse_body`): the served schema still shows clients and fuzzers its shape."""
     if isinstance(schema, type):
         schema = schema.model_json_schema()
-        assert "$defs" not in schema, "nested models need components in the served schema"
+        defs = schema.pop("$defs", {})
+        schema = _inline(schema, defs)
     return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
+
+
+def _inline(node, defs: dict):
+    """``node`` with each ``#/$defs/X`` reference replaced by X (our bodies nest, never recurse)."""
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
 
 
 def query_doc(required: tuple[str, ...] = (), **params: dict) -> dict:

@@ -22,15 +22,18 @@ from slicer.client._errors import (
 )
 from slicer.client._models import (
     BackgroundExec,
+    Commit,
     CreatedNode,
     ExecFrame,
     ExecResult,
+    Fork,
     Health,
     HostGroup,
     Info,
     Node,
     NodeStats,
     Secret,
+    Tags,
 )
 from slicer.client._sync import SlicerClient
 
@@ -39,5 +42,5 @@ __all__ = [
     "APIError", "AsyncSlicerClient", "AuthenticationError", "BackgroundExec", "BadRequestError", "ConflictError",
     "ConnectionFailed", "CreatedNode", "ExecFrame", "ExecResult", "ForbiddenError", "GoneError", "Health",
     "HostGroup", "Info", "Node", "NodeStats", "NotFoundError", "Secret", "ServerError", "SlicerClient",
-    "SlicerError", "WaitTimeoutError",
+    "SlicerError", "WaitTimeoutError", "Commit", "Fork", "Tags",
 ]

@@ -114,6 +114,34 @@ class AsyncSlicerClient:
         """Boot a shut-down (or crashed) VM again from its disk."""
         return await self._call(Calls.relaunch(hostname, wait, timeout))
 
+    async def tags(self, hostname: str, add: list[str] | None = None, remove: list[str] | None = None,
+             replace: list[str] | None = None) -> m.Tags:
+        """The VM's tags; with ``add``/``remove`` or ``replace``, changed first (at once)."""
+        return await self._call(Calls.tags(hostname, add, remove, replace))
+
+    async def commit(self, hostname: str, tags: list[str] | None = None, labels: dict[str, str] | None = None,
+               cache_key: str | None = None) -> m.Commit:
+        """Freeze a stopped persistent VM's disk into an immutable commit (the VM goes on on top)."""
+        return await self._call(Calls.commit(hostname, tags, labels, cache_key))
+
+    async def commits(self, tags: list[str] | None = None, cache_key: str | None = None,
+                source: str | None = None) -> list[m.Commit]:
+        return await self._call(Calls.commits(tags, cache_key, source))
+
+    async def delete_commit(self, commit_id: str) -> None:
+        """Refused (409) while a VM or a later commit reads through it."""
+        await self._call(Calls.delete_commit(commit_id))
+
+    async def fork_commit(self, commit_id: str, wait: str = "agent", timeout: str | None = None,
+                    **body) -> m.Fork:
+        """Boot a new VM from a commit (body: tags, tag_mode, secrets, persistent, vcpu, ram_bytes, fixups)."""
+        return await self._call(Calls.fork_commit(commit_id, wait, timeout, **body))
+
+    async def fork(self, hostname: str, count: int = 1, wait: str | None = "agent", timeout: str | None = None,
+             **body) -> list[m.Fork]:
+        """``count`` live copies of a running VM: its memory, processes and files (body: tags)."""
+        return await self._call(Calls.fork(hostname, count, wait, timeout, **body))
+
     async def storage(self) -> m.Storage:
         """Templates, disks and saved states, with the bytes each takes on the host."""
         return await self._call(Calls.storage())

@@ -157,6 +157,44 @@ class Calls:
         return Call("POST", f"{_vm(hostname)}/relaunch", params=params, parse=_one(m.CreatedNode), timeout=None)
 
     @staticmethod
+    def tags(hostname: str, add: list[str] | None = None, remove: list[str] | None = None,
+             replace: list[str] | None = None) -> Call:
+        if add is None and remove is None and replace is None:
+            return Call("GET", f"{_vm(hostname)}/tags", parse=_one(m.Tags))
+        body = {k: v for k, v in (("add", add), ("remove", remove), ("replace", replace)) if v is not None}
+        return Call("PATCH", f"{_vm(hostname)}/tags", json=body, parse=_one(m.Tags))
+
+    @staticmethod
+    def commit(hostname: str, tags: list[str] | None = None, labels: dict[str, str] | None = None,
+               cache_key: str | None = None) -> Call:
+        body = {k: v for k, v in (("tags", tags), ("labels", labels), ("cache_key", cache_key)) if v}
+        return Call("POST", f"{_vm(hostname)}/commit", json=body, parse=_one(m.Commit), timeout=None)
+
+    @staticmethod
+    def commits(tags: list[str] | None = None, cache_key: str | None = None, source: str | None = None) -> Call:
+        params = [("tag", t) for t in tags or []]
+        params += [(k, v) for k, v in (("cache_key", cache_key), ("source", source)) if v]
+        return Call("GET", "/vm/commits", params=params, parse=_list(m.Commit))
+
+    @staticmethod
+    def delete_commit(commit_id: str) -> Call:
+        return Call("DELETE", f"/vm/commits/{quote(commit_id, safe='')}")
+
+    @staticmethod
+    def fork_commit(commit_id: str, wait: str = "agent", timeout: str | None = None, **body: Any) -> Call:
+        params = {"wait": wait, **({"timeout": timeout} if timeout else {})}
+        body = {k: v for k, v in body.items() if v is not None}
+        return Call("POST", f"/vm/commits/{quote(commit_id, safe='')}/fork", params=params, json=body,
+                    parse=_one(m.Fork), timeout=None)
+
+    @staticmethod
+    def fork(hostname: str, count: int = 1, wait: str | None = "agent", timeout: str | None = None,
+             **body: Any) -> Call:
+        params = _wait_params(wait, timeout)
+        body = {"count": count, **{k: v for k, v in body.items() if v is not None}}
+        return Call("POST", f"{_vm(hostname)}/fork", params=params, json=body, parse=_list(m.Fork), timeout=None)
+
+    @staticmethod
     def storage() -> Call:
         return Call("GET", "/storage", parse=_one(m.Storage))
 

@@ -122,7 +122,49 @@ class NodeUsage(_Model):
     state_bytes: int = 0
 
 
+class KeptDisk(_Model):
+    disk: str
+    disk_bytes: int = 0
+
+
 class Storage(_Model):
     templates: list[TemplateUsage] = []
     nodes: list[NodeUsage] = []
+    kept_disks: list[KeptDisk] = []
     total_bytes: int = 0
+
+
+class Tags(_Model):
+    hostname: str
+    tags: list[str] = []
+
+
+class Commit(_Model):
+    """A VM's disk frozen as an immutable parent that VMs fork from."""
+
+    commit_id: str
+    source_hostname: str = ""
+    source_host_group: str = ""
+    created_at: str = ""
+    mode: str = "disk"
+    tags: list[str] = []
+    labels: dict[str, str] = {}
+    cache_key: str = ""
+    # in the answer to a commit
+    hostname: str = ""
+    status: str = ""
+    parent_status: str = ""
+
+
+class Fork(_Model):
+    """A VM made from a commit (cold fork) or from a running VM (live fork)."""
+
+    hostname: str
+    source_hostname: str = ""
+    commit_id: str = ""
+    status: str = ""
+    parent_status: str = ""
+    child_status: str = ""
+    mode: str = ""
+    persistent: bool = False
+    ip: str = ""

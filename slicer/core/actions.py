@@ -21,6 +21,8 @@ action        allowed in                                      what it does
 ``restore``   suspended                                       QEMU started from the saved state
 ``relaunch``  stopped, crashed, suspended, stopping (waits)   boots again from its disk
 ``agent``     running                                         exec, files, shell, forwards, health
+``commit``    stopped, crashed (persistent VMs)               its disk frozen into a commit
+``fork``      running, paused                                 live copies (paused a moment)
 ============  ==============================================  =====================================
 """
 
@@ -57,6 +59,8 @@ class NodeAction(enum.StrEnum):
     RESTORE = "restore"
     RELAUNCH = "relaunch"
     AGENT = "agent"
+    COMMIT = "commit"
+    FORK = "fork"
 
 
 S = NodeState
@@ -71,6 +75,8 @@ ALLOWED: dict[NodeAction, frozenset[NodeState]] = {
     NodeAction.RESTORE: frozenset({S.SUSPENDED}),
     NodeAction.RELAUNCH: frozenset({S.STOPPED, S.CRASHED, S.SUSPENDED, S.STOPPING}),
     NodeAction.AGENT: frozenset({S.RUNNING}),
+    NodeAction.COMMIT: frozenset({S.STOPPED, S.CRASHED}),
+    NodeAction.FORK: frozenset({S.RUNNING, S.PAUSED}),
 }
 
 # Why an action is refused: by the node's state (the text follows the hostname), with the
@@ -98,6 +104,8 @@ _REFUSED: dict[tuple[NodeAction, NodeState], tuple[str, str]] = {
 for _state in set(S) - {S.SUSPENDED, S.DELETING, S.DELETED}:
     _REFUSED.setdefault((NodeAction.RESTORE, _state), ("is not suspended", "not_suspended"))
 _REFUSED[(NodeAction.LAUNCH, S.DELETED)] = ("was deleted while it was being created", "deleted")
+for _state in (S.RUNNING, S.PAUSED, S.STARTING):
+    _REFUSED[(NodeAction.COMMIT, _state)] = ("is running: shut it down first, then commit its disk", "running")
 
 
 def check(action: NodeAction, state: NodeState, hostname: str) -> None:

@@ -51,5 +51,13 @@ async def identity_body(node: Node, spec: VMSpec) -> dict:
             hostname=node.hostname, machine_id=os.urandom(16).hex(), ip=spec.ip_cidr,
             gateway=spec.gateway, mac=spec.mac, dns=spec.dns, ssh_host_keys=await ssh_host_keys(node.hostname),
         )
+    elif node.boot == "fork":  # booted from its own address; what its disk holds of the source is renewed
+        fixups = node.record.spec.get("fixups") or []
+        if "hostname" in fixups:
+            body["hostname"] = node.hostname
+        if "machine-id" in fixups:
+            body["machine_id"] = os.urandom(16).hex()
+        if "ssh-host-keys" in fixups:
+            body["ssh_host_keys"] = await ssh_host_keys(node.hostname)
     body["time_ns"] = time.time_ns()  # last: the closer to sending, the truer
     return body

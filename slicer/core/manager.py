@@ -25,6 +25,7 @@ from slicer.channel.yamux import Stream
 from slicer.core import telemetry
 from slicer.core.actions import NodeAction
 from slicer.core.agent import AgentClient
+from slicer.core.commits import CommitActions
 from slicer.core.config import Config, HostGroup
 from slicer.core.errors import (
     BadRequest,
@@ -35,6 +36,7 @@ from slicer.core.errors import (
     UpstreamUnreachable,
     WaitTimeout,
 )
+from slicer.core.forks import ForkActions
 from slicer.core.identity import identity_body
 from slicer.core.node import Node, host_index
 from slicer.core.reconcile import Reconciler
@@ -53,9 +55,11 @@ log = logging.getLogger(__name__)
 FORWARD_TARGET = re.compile(r"^(unix:/\S{1,200}|([A-Za-z0-9.\-]{1,253}:|\[[0-9a-fA-F:]+\]:)?\d{1,5})$")
 HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 GRACEFUL_TIMEOUT = 30.0
+MAX_TAGS = 64
+RESERVED_NAMES = {"commits"}  # /vm/commits is the commits' collection
 
 
-class Manager(Reconciler, SnapshotActions):
+class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
     def __init__(self, config: Config, data_dir: Path, driver: Driver, image: GuestImage) -> None:
         self.config = config
         self.data_dir = data_dir
@@ -68,7 +72,7 @@ class Manager(Reconciler, SnapshotActions):
         except NetworkError as e:
             raise SlicerError(str(e), "network_unavailable") from e
         # Guest memory (saved states, template RAM) and disks are for root's eyes only.
-        for private in ("run", "disks", "snapshots", "templates"):
+        for private in ("run", "disks", "snapshots", "templates", "commits"):
             (data_dir / private).mkdir(parents=True, exist_ok=True)
             (data_dir / private).chmod(0o700)
         try:
@@ -206,14 +210,39 @@ class Manager(Reconciler, SnapshotActions):
             return view
         policy = {"allow": list(group.network.allow), "drop": list(group.network.drop)}
         mode = self.net.group(group.name).mode if group.name in self.net.groups else group.network.mode
+        lineage = {k: v for k in ("commit_id", "parent_commit") if (v := node.record.spec.get(k))}
         return {**view, "storage": group.storage, "image": self.image.build_id,
+                **({"commit_id": lineage["commit_id"]} if "commit_id" in lineage else {}),
+                **({"parent_commit_id": lineage["parent_commit"]} if "parent_commit" in lineage else {}),
                 "network": {"mode": mode, "policy_source": "host_group", "host_group": policy, "effective": policy}}
+
+    # -- tags -------------------------------------------------------------------------------------
+    def tags(self, hostname: str) -> dict:
+        node = self.get(hostname)
+        return {"hostname": hostname, "tags": node.record.tags}
+
+    def update_tags(self, hostname: str, add: list[str], remove: list[str], replace: list[str] | None) -> dict:
+        """One atomic change of a VM's tags: ``replace`` them all, or ``add`` and ``remove``."""
+        node = self.get(hostname)
+        if replace is not None and (add or remove):
+            raise BadRequest("replace cannot be combined with add or remove", "invalid_request")
+        tags = list(replace) if replace is not None else node.record.tags
+        tags = [t for t in tags if t not in remove] + [t for t in add if t not in tags]
+        tags = list(dict.fromkeys(tags))
+        if len(tags) > MAX_TAGS:
+            raise BadRequest(f"a VM has at most {MAX_TAGS} tags", "invalid_request")
+        node.record.spec["tags"] = tags
+        self.store.put(node.record)
+        return {"hostname": hostname, "tags": tags}
 
     # -- create / delete --------------------------------------------------------------------------
     async def create(
         self, group_name: str, *, cpus: int | None, ram_bytes: int | None, persistent: bool,
         hostname: str | None, ip: str | None, spec: dict, wait: str | None, timeout: float,
+        template: Template | None = None,
     ) -> Node:
+        """A new sandbox (or persistent VM); ``template``: restore it from that one (a live
+        fork's snapshot) rather than the group's."""
         group = self.group(group_name)
         cpus = cpus or group.vcpu
         ram = ram_bytes or group.ram
@@ -236,10 +265,11 @@ class Manager(Reconciler, SnapshotActions):
             self.nodes[hostname] = node
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        # Clones share their template's disk, so persistent VMs boot cold.
-        cold = persistent or "cold" in (group.boot, spec.get("boot"))
+        # Clones share their template's disk, so persistent VMs boot cold; so do forks of a commit.
+        cold = persistent or "cold" in (group.boot, spec.get("boot")) or bool(spec.get("parent_commit"))
         try:
-            template = None if cold else await self.templates.ensure(group, (cpus, ram))
+            if template is None and not cold:
+                template = await self.templates.ensure(group, (cpus, ram))
             # Held while QEMU starts: a DELETE that comes meanwhile waits, then removes what started.
             async with node.act(NodeAction.LAUNCH):
                 await self._launch(node, group, template=template)
@@ -285,6 +315,8 @@ class Manager(Reconciler, SnapshotActions):
                 raise BadRequest(f"invalid hostname {hostname!r}", "invalid_hostname")
             if hostname in self.nodes:
                 raise Conflict(f"VM {hostname!r} already exists", "exists")
+            if hostname in RESERVED_NAMES:
+                raise BadRequest(f"{hostname!r} is a reserved name", "invalid_hostname")
         else:
             used = {host_index(h) for h in self.nodes if h.startswith(group.name + "-")}
             n = group.count + 1  # services own 1..count
@@ -314,6 +346,11 @@ class Manager(Reconciler, SnapshotActions):
         spec = vm_spec(self.image, group, gnet, name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
                        ip=rec.ip, disk=Path(rec.disk), run_dir=node.run_dir)
         boot = "suspend" if restore_from is not None else "boot"
+        if (parent := rec.spec.get("parent_commit")) and not Path(rec.disk).exists():
+            # The first boot of a commit's child: its disk starts as an overlay on the commit,
+            # and it gets its own identity (the commit holds its source's).
+            spec.base_disk, spec.base_format = self.commit_disk(parent), "qcow2"
+            boot = "fork"
         if template is not None:
             rec.template = template.name
             self.store.put(rec)
@@ -497,8 +534,14 @@ class Manager(Reconciler, SnapshotActions):
         shutil.rmtree(self.run_dir(rec.hostname), ignore_errors=True)
 
     def _templates_in_use(self) -> Counter[str]:
-        """How many nodes' disks each template backs."""
-        return Counter(n.record.template for n in self.nodes.values() if n.record.template)
+        """How many nodes' disks each template backs (a fork's snapshot keeps its base in use)."""
+        used = Counter(n.record.template for n in self.nodes.values() if n.record.template)
+        todo = list(used)
+        while todo:  # a fork of a fork: every snapshot down the chain
+            if base := self.templates.base_of(todo.pop()):
+                todo += [base] if base not in used else []
+                used[base] += 1
+        return used
 
     def _collect_templates(self) -> None:
         self.templates.collect(self.config.host_groups, self._templates_in_use())

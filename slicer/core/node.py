@@ -39,8 +39,9 @@ class Node:
         self.exited = asyncio.Event()  # the VM's process ended and what it held on the host is released
         self.warnings: list[str] = []  # e.g. SSH keys that could not be fetched
         # How the running VM came to be: "boot", "template" (restored from the group's
-        # template), "suspend" (restored from its own saved state) or "adopted" (left running
-        # by an earlier daemon); "template" and "suspend" need the guest's identity reset first.
+        # template), "suspend" (restored from its own saved state), "fork" (first boot of a
+        # commit's child) or "adopted" (left running by an earlier daemon); all but "boot" and
+        # "adopted" need the guest's identity reset first.
         self.boot = "boot"
         self.identity_pending = False
         self.setup_error: str | None = None  # set when this boot's setup failed
@@ -57,7 +58,7 @@ class Node:
         self.vm = vm
         self.agent = AgentClient(Channel(str(vm.spec.channel_socket)))
         self.boot = boot
-        self.identity_pending = boot in ("template", "suspend")  # not "boot", nor "adopted" (running on)
+        self.identity_pending = boot in ("template", "suspend", "fork")  # not "boot", nor "adopted" (running on)
         self.setup_error = None
         self.provisioned.clear()
         self.exited.clear()

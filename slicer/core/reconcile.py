@@ -51,11 +51,13 @@ class Reconciler:
     async def _stop_vm(self, node: Node, graceful: bool) -> None: ...
     async def _watch(self, node: Node) -> None: ...
     async def _provision(self, node: Node, vm, group: HostGroup) -> None: ...
+    async def _finish_commits(self) -> None: ...
 
     async def start(self) -> None:
         """Reconcile the record with what exists: QEMUs an earlier daemon left running are
         adopted (their guests go on), records whose QEMU is gone are relaunched (services),
         kept (persistent VMs) or removed; then the services that are missing are booted."""
+        await self._finish_commits()
         for part in (self.data_dir / "snapshots").glob("*.part"):  # a suspend a crash cut short
             log.warning("removing %s, left by a suspend that did not finish", part.name)
             part.unlink(missing_ok=True)

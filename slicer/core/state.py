@@ -26,6 +26,19 @@ CREATE TABLE IF NOT EXISTS nodes (
     template   TEXT NOT NULL DEFAULT '',
     suspended  TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS commits (
+    commit_id         TEXT PRIMARY KEY,
+    source_hostname   TEXT NOT NULL,
+    source_host_group TEXT NOT NULL,
+    created_at        TEXT NOT NULL,
+    mode              TEXT NOT NULL,
+    tags              TEXT NOT NULL DEFAULT '[]',
+    labels            TEXT NOT NULL DEFAULT '{}',
+    cache_key         TEXT NOT NULL DEFAULT '',
+    cpus              INTEGER NOT NULL,
+    ram_bytes         INTEGER NOT NULL,
+    spec              TEXT NOT NULL DEFAULT '{}'
+);
 """
 # Columns added after the first release: (name, definition), added to older databases at open.
 ADDED_COLUMNS = [("template", "TEXT NOT NULL DEFAULT ''"), ("suspended", "TEXT NOT NULL DEFAULT ''")]
@@ -55,6 +68,28 @@ class NodeRecord:
     @property
     def tags(self) -> list[str]:
         return list(self.spec.get("tags") or [])
+
+
+@dataclass
+class CommitRecord:
+    """A VM's disk frozen as an immutable parent (see :mod:`slicer.core.commits`)."""
+
+    commit_id: str
+    source_hostname: str
+    source_host_group: str
+    created_at: str
+    tags: list[str]
+    labels: dict[str, str]
+    cache_key: str
+    cpus: int
+    ram_bytes: int
+    spec: dict = field(default_factory=dict)  # the source's, for its children (keys, secrets, ...)
+    mode: str = "disk"
+
+    def view(self) -> dict:
+        return {"commit_id": self.commit_id, "source_hostname": self.source_hostname,
+                "source_host_group": self.source_host_group, "created_at": self.created_at, "mode": self.mode,
+                "tags": self.tags, "labels": self.labels, "cache_key": self.cache_key}
 
 
 class StateStore:
@@ -99,6 +134,37 @@ class StateStore:
             NodeRecord(h, g, k, ip, c, r, bool(p), ca, d, json.loads(s), t, su)
             for h, g, k, ip, c, r, p, ca, d, s, t, su in rows
         ]
+
+    def put_commit(self, rec: CommitRecord) -> None:
+        row = asdict(rec)
+        for key in ("tags", "labels", "spec"):
+            row[key] = json.dumps(row[key])
+        cols = ", ".join(row)
+        marks = ", ".join(f":{c}" for c in row)
+        with self._lock, self._db:
+            self._db.execute(f"INSERT OR REPLACE INTO commits ({cols}) VALUES ({marks})", row)
+
+    def delete_commit(self, commit_id: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM commits WHERE commit_id = ?", (commit_id,))
+
+    def commits(self) -> list[CommitRecord]:
+        with self._lock:
+            self._db.row_factory = sqlite3.Row
+            try:
+                rows = self._db.execute("SELECT * FROM commits ORDER BY created_at").fetchall()
+            finally:
+                self._db.row_factory = None
+        found = []
+        for row in rows:
+            values = dict(row)
+            for key in ("tags", "labels", "spec"):
+                values[key] = json.loads(values[key])
+            found.append(CommitRecord(**values))
+        return found
+
+    def commit(self, commit_id: str) -> CommitRecord | None:
+        return next((c for c in self.commits() if c.commit_id == commit_id), None)
 
     def close(self) -> None:
         self._db.close()

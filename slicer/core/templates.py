@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 
 from slicer.core.config import HostGroup
@@ -49,6 +49,7 @@ class Template:
     ram_bytes: int
     disk_size: int
     created_at: str
+    base: str = ""  # a live fork's snapshot: the template its disk sits on, if any (kept while it is)
 
     @property
     def name(self) -> str:
@@ -119,6 +120,7 @@ class Templates:
         self._failed_at: dict[tuple[str, Size], float] = {}
         # What a key digests is fixed for the daemon's life (the image is chosen at start).
         self._keys: dict[tuple[str, Size], str] = {}
+        self.pinned: set[str] = set()  # kept though no node uses them yet (a fork making its copies)
 
     def spec(self, group: HostGroup, size: Size | None = None) -> VMSpec:
         """The template VM of ``group`` at ``size`` (default: the group's): a neutral name and address."""
@@ -139,6 +141,13 @@ class Templates:
             digest.update(f"{group.disk_size}".encode())
             self._keys[(group.name, size)] = digest.hexdigest()[:16]
         return self._keys[(group.name, size)]
+
+    def base_of(self, name: str) -> str:
+        """The template a fork's snapshot called ``name`` sits on ("" for none)."""
+        if "-fork-" not in name:
+            return ""
+        tpl = Template.load(self.root / name)
+        return tpl.base if tpl is not None else ""
 
     def memory_file(self, name: str) -> Path:
         """The RAM file of the template called ``name`` (what its clones map)."""
@@ -251,6 +260,54 @@ class Templates:
                  group.name, tpl.name, t1 - t0, loop.time() - t1, allocated_bytes(tpl.ram) >> 20)
         return tpl
 
+    async def from_capture(self, group: HostGroup, name: str, cpus: int, ram_bytes: int, base: str,
+                           capture: Callable[[Path, Path], Awaitable[None]]) -> Template:
+        """A template called ``name`` from a running VM (a live fork): ``capture(state, disk)``
+        writes the VM's whole state and a copy of its disk. One VM restores that state with its
+        RAM in a shared file and saves it again without the RAM, so the copies map the file
+        copy-on-write like any template's clones."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        building = self.root / f".building-{name}"
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(parents=True)
+        self.pinned.add(name)
+        try:
+            full = building / "full.state"
+            await capture(full, building / "disk.qcow2")
+            t1 = loop.time()
+            gnet = self.net.group(group.name)
+            spec = vm_spec(self.image, group, gnet, name=name, cpus=cpus, ram_bytes=ram_bytes,
+                           ip=str(gnet.addressing.pool[0]), disk=building / "scratch.qcow2",
+                           run_dir=self.run_root / f".tpl-{name}")
+            spec.base_disk, spec.base_format = building / "disk.qcow2", "qcow2"
+            spec.memory_file, spec.memory_shared, spec.memory_in_state = building / "ram", True, True
+            spec.net = await gnet.template_device(spec.name, spec.run_dir)
+            try:
+                vm = await self.driver.start(spec, restore_from=full)
+            finally:
+                spec.net.close()
+            try:
+                await vm.save(building / "state")  # device state only: the RAM stays in the file
+            finally:
+                if vm.state != VMState.STOPPED:
+                    await vm.kill()
+                shutil.rmtree(spec.run_dir, ignore_errors=True)
+            full.unlink()
+            spec.disk.unlink(missing_ok=True)
+            meta = {"group": group.name, "key": f"fork-{name}", "cpus": cpus, "ram_bytes": ram_bytes,
+                    "disk_size": spec.disk_size, "created_at": now_rfc3339(), "base": base}
+            (building / "meta.json").write_text(json.dumps(meta))
+            final = self.root / name
+            building.rename(final)
+        except BaseException:
+            self.pinned.discard(name)
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        log.info("fork snapshot %s: captured in %.2fs, made shareable in %.2fs (%d MiB of RAM)",
+                 name, t1 - t0, loop.time() - t1, allocated_bytes(final / "ram") >> 20)
+        return Template(path=final, **meta)
+
     def retire(self, tpl: Template, why: str) -> None:
         """Stop using ``tpl`` (its disk stays while clones use it); the next create rebuilds."""
         log.warning("template %s retired: %s", tpl.name, why)
@@ -262,7 +319,7 @@ class Templates:
         keep = self._current_all(groups)
         removed = []
         for tpl in self._all():
-            if tpl.name in in_use or tpl.name in keep:
+            if tpl.name in in_use or tpl.name in keep or tpl.name in self.pinned:
                 continue
             shutil.rmtree(tpl.path, ignore_errors=True)
             removed.append(tpl.name)

@@ -17,6 +17,8 @@ action         allowed in                   effect
 ``kill``       any but ``stopped``          ends the process at once
 ``save``       running, paused              writes memory and device state to a file,
                                             then ends the process (state ``stopped``)
+``capture``    running, paused              writes memory and device state to a file and
+                                            goes on as it was (a live fork's source)
 =============  ===========================  ==========================================
 
 ``Driver.start(spec, restore_from=state)`` starts a VM from a state file written by ``save``
@@ -29,7 +31,7 @@ from __future__ import annotations
 import abc
 import enum
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +96,9 @@ class VMSpec:
     # copy-on-write (a clone restored from that template shares its pages until it writes).
     memory_file: Path | None = None
     memory_shared: bool = False
+    # The state to restore holds the RAM (a live capture) though the spec has a RAM file: it is
+    # loaded into the file; the next save leaves the RAM out as usual.
+    memory_in_state: bool = False
 
     @property
     def channel_socket(self) -> Path:
@@ -146,6 +151,12 @@ class VM(abc.ABC):
     async def save(self, path: Path) -> None:
         """Stop the vCPUs, write the VM's memory and device state to ``path`` and end the
         process. The disk is left as it was at that instant, to be used with the state."""
+
+    @abc.abstractmethod
+    async def capture(self, path: Path, while_stopped: Callable[[], Awaitable[None]]) -> None:
+        """Stop the vCPUs, write memory and device state to ``path`` (RAM included, wherever
+        it lives), await ``while_stopped()`` while the disk is flushed and quiet (to copy it),
+        then go on in the state the VM was in."""
 
     @abc.abstractmethod
     async def wait(self) -> int:

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from qemu.qmp import ConnectError, QMPClient
@@ -204,12 +204,14 @@ class QemuVM(VM):
     async def reset(self) -> None:
         await self._execute("system_reset", (VMState.RUNNING, VMState.PAUSED))
 
-    async def _ignore_shared_memory(self) -> None:
+    async def _ignore_shared_memory(self, loading: bool = False) -> None:
         # RAM in a shared file (a template's) is left out of a saved state; a clone maps that
-        # file instead, so its state file holds device state only.
+        # file instead, so its state file holds device state only. Both ends must agree: a
+        # captured state (RAM included) loads with the capability off.
         if self.spec.memory_file is not None:
+            on = not (loading and self.spec.memory_in_state)
             await self._qmp.execute("migrate-set-capabilities", {
-                "capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+                "capabilities": [{"capability": "x-ignore-shared", "state": on}]})
 
     async def _poll(self, command: str, done, what: str) -> dict:
         """Ask ``command`` until ``done(answer)``; a migration may take a while, not forever."""
@@ -235,7 +237,7 @@ class QemuVM(VM):
         """Restore the state saved in ``path`` (QEMU started with ``-incoming defer``) and wait
         until it has loaded; the VM is then paused."""
         try:
-            await self._ignore_shared_memory()
+            await self._ignore_shared_memory(loading=True)
             await self._give_fd(path, os.O_RDONLY, "slicer-load")
             await self._qmp.execute("migrate-incoming", {"uri": "fd:slicer-load"})
             status = await self._poll("query-status", lambda s: s["status"] != "inmigrate", "restore")
@@ -284,6 +286,36 @@ class QemuVM(VM):
             raise
         os.replace(tmp, path)
         await self.kill()
+
+    async def capture(self, path: Path, while_stopped: Callable[[], Awaitable[None]]) -> None:
+        if self._state not in (VMState.RUNNING, VMState.PAUSED):
+            raise VMStateError(f"cannot capture a VM that is {self._state}")
+        was_running = self._state == VMState.RUNNING
+        if was_running:
+            await self.pause()
+        try:
+            await self._qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
+            # Every page goes into the file, also those of a template's file this VM maps.
+            await self._qmp.execute("migrate-set-capabilities", {
+                "capabilities": [{"capability": "x-ignore-shared", "state": False}]})
+            await self._give_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "slicer-capture")
+            await self._qmp.execute("migrate", {"uri": "fd:slicer-capture"})
+            try:
+                info = await self._poll("query-migrate", lambda i: i.get("status") in FINAL_MIGRATION_STATES,
+                                        "capturing the state")
+            except VMMError:
+                await self._qmp.execute("migrate_cancel")
+                raise
+            if info["status"] != "completed":
+                raise VMMError(f"capturing the state failed: {info.get('error-desc', info['status'])}")
+            await while_stopped()  # the migration's end flushed the disk and set it inactive
+        finally:
+            if self._proc.returncode is None:
+                # "cont" takes the disk back (and runs the vCPUs); a paused VM is paused again.
+                await self._qmp.execute("cont")
+                self._state = VMState.RUNNING
+                if not was_running:
+                    await self.pause()
 
     async def kill(self) -> None:
         if self._proc.returncode is not None:
@@ -379,10 +411,12 @@ class QemuDriver(Driver):
         machine = "microvm,acpi=on,pit=off,pic=off,rtc=on"
         memory = []
         if spec.memory_file is not None:
-            machine += ",memory-backend=mem"
+            # The id "-m" gives the RAM of a VM without a file: a state saved from either kind
+            # loads into the other (a live fork's source may have booted cold).
+            machine += ",memory-backend=microvm.ram"
             share = "on" if spec.memory_shared else "off"
             memory = [
-                "-object", f"memory-backend-file,id=mem,size={spec.ram_bytes // (1 << 20)}M,"
+                "-object", f"memory-backend-file,id=microvm.ram,size={spec.ram_bytes // (1 << 20)}M,"
                            f"mem-path=/proc/self/fd/{h.memory},share={share}",
             ]
         return [

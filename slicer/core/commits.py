@@ -1,0 +1,220 @@
+"""Commits: a stopped persistent VM's disk frozen into an immutable parent, and cold forks of it.
+
+A commit is ``<data>/commits/<id>/disk.qcow2`` (read-only) plus a row in the state database.
+Committing *moves* the VM's disk there (a hard link, then the VM's path gets a new empty overlay
+on top): no block is copied, and the VM and every child forked from the commit read through the
+same file. A commit is deleted only when nothing reads through it: no VM (its source included)
+and no later commit; disks kept from deleted persistent VMs are rebased first (the blocks they
+need are copied into them), so nothing is lost.
+
+Every step leaves something :meth:`CommitActions._finish_commits` can finish or undo at the
+next start: a commit directory is complete before its row is written, and the source gets its
+overlay after.
+
+A part of :class:`slicer.core.manager.Manager`, kept apart to keep each module small.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slicer.core.actions import NodeAction
+from slicer.core.errors import BadRequest, Conflict, NotFound, SlicerError
+from slicer.core.state import CommitRecord, now_rfc3339
+from slicer.vmm.base import VMMError
+from slicer.vmm.disks import chain_paths, create_overlay, rebase
+
+if TYPE_CHECKING:
+    from slicer.core.config import Config, HostGroup
+    from slicer.core.node import Node
+    from slicer.core.state import StateStore
+
+log = logging.getLogger(__name__)
+COMMIT_ID = re.compile(r"cmt-[0-9a-f]{16}")
+# What clients may send as an id: anything else is refused before a path is built from it.
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+FIXUPS = ("hostname", "machine-id", "ssh-host-keys")
+
+
+def check_commit_id(commit_id: str) -> str:
+    if not SAFE_ID.fullmatch(commit_id) or ".." in commit_id:
+        raise BadRequest(f"invalid commit id {commit_id!r}", "invalid_commit_id")
+    return commit_id
+
+
+class CommitActions:
+    config: Config
+    data_dir: Path
+    nodes: dict[str, Node]
+    store: StateStore
+
+    # provided by Manager
+    def get(self, hostname: str) -> Node: ...
+    def group(self, name: str) -> HostGroup: ...
+    async def create(self, group_name: str, *, cpus: int | None, ram_bytes: int | None, persistent: bool,
+                     hostname: str | None, ip: str | None, spec: dict, wait: str | None, timeout: float) -> Node: ...
+
+    @property
+    def commits_dir(self) -> Path:
+        return self.data_dir / "commits"
+
+    def commit_disk(self, commit_id: str) -> Path:
+        return self.commits_dir / commit_id / "disk.qcow2"
+
+    def _commit(self, commit_id: str) -> CommitRecord:
+        check_commit_id(commit_id)
+        rec = self.store.commit(commit_id)
+        if rec is None:
+            raise NotFound(f"commit {commit_id!r} not found", "commit_not_found")
+        return rec
+
+    # -- commit ------------------------------------------------------------------------------------
+    async def commit(self, hostname: str, tags: list[str], labels: dict[str, str], cache_key: str) -> dict:
+        node = self.get(hostname)
+        async with node.act(NodeAction.COMMIT):
+            rec = node.record
+            if not rec.persistent:
+                raise Conflict(f"{hostname} is not persistent: only a persistent VM's disk can be committed",
+                               "not_persistent")
+            disk = Path(rec.disk)
+            if not disk.exists():
+                raise Conflict(f"{hostname} has no disk yet (it never booted)", "no_disk")
+            commit = CommitRecord(
+                commit_id=f"cmt-{secrets.token_hex(8)}", source_hostname=hostname, source_host_group=rec.hostgroup,
+                created_at=now_rfc3339(), tags=list(tags), labels=dict(labels), cache_key=cache_key,
+                cpus=rec.cpus, ram_bytes=rec.ram_bytes, spec={k: v for k, v in rec.spec.items() if k != "tags"},
+            )
+            final = self.commits_dir / commit.commit_id
+            part = self.commits_dir / f".{commit.commit_id}.part"
+            part.mkdir(parents=True)
+            try:
+                os.link(disk, part / "disk.qcow2")  # the same blocks under a second name: no copy
+                part.rename(final)
+                self.store.put_commit(commit)
+            except BaseException:
+                shutil.rmtree(part, ignore_errors=True)
+                shutil.rmtree(final, ignore_errors=True)
+                raise
+            await self._give_overlay(disk, commit.commit_id)
+            rec.spec["parent_commit"] = rec.spec["commit_id"] = commit.commit_id
+            self.store.put(rec)
+        log.info("%s: committed as %s", hostname, commit.commit_id)
+        return {"hostname": hostname, "commit_id": commit.commit_id, "status": "committed",
+                "parent_status": node.status.lower(), "mode": commit.mode, "tags": commit.tags,
+                "labels": commit.labels, "cache_key": commit.cache_key}
+
+    async def _give_overlay(self, disk: Path, commit_id: str) -> None:
+        """Put an empty overlay on the commit at the source's disk path, then freeze the commit."""
+        new = disk.with_name(disk.name + ".new")
+        try:
+            await create_overlay(new, self.commit_disk(commit_id))
+        except VMMError as e:
+            new.unlink(missing_ok=True)
+            raise SlicerError(f"commit {commit_id}: {e}", "commit_failed") from e
+        os.replace(new, disk)
+        frozen = self.commit_disk(commit_id)
+        if os.geteuid() == 0:
+            os.chown(frozen, 0, 0)  # it belonged to the VMM that wrote it; now nobody may write it
+        frozen.chmod(0o400)
+
+    # -- list and delete ---------------------------------------------------------------------------
+    def commits(self, tags: list[str] | None = None, cache_key: str | None = None, source: str | None = None,
+                mode: str | None = None) -> list[dict]:
+        found = []
+        for c in self.store.commits():
+            if tags and not set(tags) <= set(c.tags):
+                continue
+            if (cache_key and c.cache_key != cache_key) or (source and c.source_hostname != source) \
+                    or (mode and c.mode != mode):
+                continue
+            found.append(c.view())
+        return found
+
+    async def delete_commit(self, commit_id: str) -> dict:
+        commit = self._commit(commit_id)
+        disk = self.commit_disk(commit_id).resolve()
+        users, kept = [], []
+        for node in self.nodes.values():
+            if Path(node.record.disk).exists() and disk in await chain_paths(Path(node.record.disk)):
+                users.append(node.hostname)
+        for other in self.store.commits():
+            if other.commit_id != commit_id and disk in await chain_paths(self.commit_disk(other.commit_id)):
+                users.append(f"commit {other.commit_id}")
+        if users:
+            raise Conflict(f"commit {commit_id} is the parent of {', '.join(users)}: delete those first",
+                           "commit_in_use")
+        used = {Path(n.record.disk) for n in self.nodes.values()}
+        for kept_disk in sorted((self.data_dir / "disks").glob("*.qcow2")):
+            if kept_disk not in used and disk in await chain_paths(kept_disk):
+                kept.append(kept_disk)
+        below = (await chain_paths(disk))[1:]
+        for kept_disk in kept:  # a deleted VM's disk we keep: its blocks from the commit are copied in
+            log.info("commit %s: rebasing the kept disk %s before removing it", commit_id, kept_disk.name)
+            fmt = "qcow2" if below and below[0].suffix == ".qcow2" else "raw"
+            try:
+                await rebase(kept_disk, below[0], fmt)
+            except VMMError as e:
+                raise SlicerError(f"commit {commit_id}: rebasing {kept_disk} failed: {e}", "commit_failed") from e
+        self.store.delete_commit(commit.commit_id)
+        shutil.rmtree(self.commits_dir / commit_id, ignore_errors=True)
+        log.info("commit %s deleted", commit_id)
+        return {"commit_id": commit_id, "status": "deleted"}
+
+    # -- cold fork ---------------------------------------------------------------------------------
+    async def fork_commit(self, commit_id: str, *, tags: list[str] | None, tag_mode: str,
+                          secrets_: list[str] | None, persistent: bool, cpus: int | None, ram_bytes: int | None,
+                          fixups: list[str] | None, wait: str | None, timeout: float) -> dict:
+        commit = self._commit(commit_id)
+        if not self.commit_disk(commit_id).exists():
+            raise SlicerError(f"commit {commit_id}: its disk is missing", "commit_missing")
+        spec = dict(commit.spec)
+        spec["tags"] = list(tags or []) if tag_mode == "replace" else commit.tags + list(tags or [])
+        if secrets_ is not None:
+            spec["secrets"] = list(secrets_)
+        spec["parent_commit"] = commit_id
+        spec.pop("commit_id", None)
+        spec["fixups"] = list(FIXUPS if fixups is None else fixups)
+        spec.pop("protected", None)
+        node = await self.create(
+            commit.source_host_group, cpus=cpus or commit.cpus, ram_bytes=ram_bytes or commit.ram_bytes,
+            persistent=persistent, hostname=None, ip=None, spec=spec, wait=wait, timeout=timeout,
+        )
+        parent = self.nodes.get(commit.source_hostname)
+        return {"hostname": node.hostname, "source_hostname": commit.source_hostname, "commit_id": commit_id,
+                "status": "forked", "parent_status": parent.status.lower() if parent else "deleted",
+                "child_status": node.status.lower(), "mode": commit.mode, "persistent": node.record.persistent}
+
+    # -- start ---------------------------------------------------------------------------------------
+    async def _finish_commits(self) -> None:
+        """Finish or undo what a crash cut short: half-made commit directories go, a commit
+        whose source still writes to its disk gets the source its overlay."""
+        if not self.commits_dir.is_dir():
+            self.commits_dir.mkdir(mode=0o700, parents=True)
+            return
+        records = {c.commit_id: c for c in self.store.commits()}
+        for path in self.commits_dir.iterdir():
+            if path.name.startswith(".") or path.name not in records:
+                # Written before its row: nothing reads through a commit without a row.
+                log.warning("removing %s, left by a commit that did not finish", path.name)
+                shutil.rmtree(path, ignore_errors=True)
+        for commit in records.values():
+            source = self.store_node(commit.source_hostname)
+            if source is None:
+                continue
+            disk = Path(source.disk)
+            new = disk.with_name(disk.name + ".new")
+            new.unlink(missing_ok=True)
+            if disk.exists() and os.path.samefile(disk, self.commit_disk(commit.commit_id)):
+                log.warning("%s: finishing its commit %s", source.hostname, commit.commit_id)
+                await self._give_overlay(disk, commit.commit_id)
+                source.spec["parent_commit"] = source.spec["commit_id"] = commit.commit_id
+                self.store.put(source)
+
+    def store_node(self, hostname: str):
+        return next((r for r in self.store.all() if r.hostname == hostname), None)

@@ -1,0 +1,118 @@
+"""Live fork: N copies of a running VM, each with its memory, processes and files.
+
+The source is paused only while its state is written and its disk overlay copied (the end of a
+migration flushes the disk and leaves it quiet), then goes on. What was captured becomes a
+template of its own (:meth:`slicer.core.templates.Templates.from_capture`): its RAM in a file
+that every copy maps copy-on-write, its disk the frozen base of every copy's overlay. The copies
+restore from it as any template's clones do, and get their own identity (hostname, address,
+machine-id, SSH host keys, entropy, clock). The snapshot is removed with its last copy.
+
+A part of :class:`slicer.core.manager.Manager`, kept apart to keep each module small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slicer.core.actions import NodeAction
+from slicer.core.errors import BadRequest, Conflict, SlicerError
+from slicer.vmm.base import VMMError
+
+if TYPE_CHECKING:
+    from slicer.core.config import HostGroup
+    from slicer.core.node import Node
+    from slicer.core.templates import Template, Templates
+
+log = logging.getLogger(__name__)
+MAX_COPIES = 32
+COPY_OVERHEAD = 160 << 20  # a restored copy's QEMU, TCG cache and first dirty pages (measured ~120 MiB)
+
+
+def available_memory() -> int:
+    """MemAvailable of the host, in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def copy_disk(src: Path, dst: Path) -> None:
+    """A copy of a qcow2 overlay (sparse; shared extents where the filesystem can)."""
+    proc = await asyncio.create_subprocess_exec(
+        "cp", "--reflink=auto", "--sparse=always", str(src), str(dst),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode:
+        raise SlicerError(f"copying the disk of the fork's source failed: {err.decode().strip()}", "fork_failed")
+
+
+class ForkActions:
+    nodes: dict[str, Node]
+    templates: Templates
+
+    # provided by Manager
+    def get(self, hostname: str) -> Node: ...
+    def group(self, name: str) -> HostGroup: ...
+    def _collect_templates(self) -> None: ...
+    async def _destroy(self, node: Node) -> bool: ...
+    async def create(self, group_name: str, *, cpus: int | None, ram_bytes: int | None, persistent: bool,
+                     hostname: str | None, ip: str | None, spec: dict, wait: str | None, timeout: float,
+                     template: Template | None = None) -> Node: ...
+
+    async def fork(self, hostname: str, count: int, tags: list[str], wait: str | None, timeout: float) -> list[Node]:
+        """``count`` live copies of the running VM ``hostname``; all made, or none."""
+        if not 1 <= count <= MAX_COPIES:
+            raise BadRequest(f"count must be 1 to {MAX_COPIES}, not {count}", "invalid_count")
+        source = self.get(hostname)
+        group = self.group(source.record.hostgroup)
+        rec = source.record
+        need = count * COPY_OVERHEAD + rec.ram_bytes
+        if (free := available_memory()) < need:
+            raise Conflict(f"{count} copies of {hostname} need about {need >> 20} MiB; the host has "
+                           f"{free >> 20} MiB available", "insufficient_memory")
+        name = f"{group.name}-fork-{secrets.token_hex(4)}"
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        # The lock keeps other actions off the source until the snapshot is made (~1 s); its
+        # vCPUs stop only inside capture(), and its agent answers throughout.
+        async with source.act(NodeAction.FORK):
+            vm = source.vm
+            assert vm is not None
+
+            async def capture(state: Path, disk: Path) -> None:
+                paused_at = loop.time()
+                await vm.capture(state, lambda: copy_disk(Path(rec.disk), disk))
+                log.info("%s: paused %.2fs to be forked", hostname, loop.time() - paused_at)
+
+            try:
+                snapshot = await self.templates.from_capture(group, name, rec.cpus, rec.ram_bytes, rec.template,
+                                                             capture)
+            except VMMError as e:
+                raise SlicerError(f"{hostname}: fork failed: {e}", "fork_failed") from e
+        spec = {k: v for k, v in rec.spec.items() if k not in ("protected", "commit_id", "parent_commit")}
+        spec["tags"] = list(dict.fromkeys(rec.tags + list(tags)))
+        spec["forked_from"] = hostname
+        try:
+            results = await asyncio.gather(*(
+                self.create(group.name, cpus=rec.cpus, ram_bytes=rec.ram_bytes, persistent=False, hostname=None,
+                            ip=None, spec=dict(spec), wait=wait, timeout=timeout, template=snapshot)
+                for _ in range(count)), return_exceptions=True)
+        finally:
+            self.templates.pinned.discard(snapshot.name)
+        copies = [r for r in results if not isinstance(r, BaseException)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            for node in copies:  # all or none: the copies made go again
+                await self._destroy(node)
+            self._collect_templates()
+            raise failed[0]
+        log.info("%s: forked into %s in %.2fs", hostname, ", ".join(n.hostname for n in copies), loop.time() - t0)
+        return copies
+
