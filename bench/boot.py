@@ -63,13 +63,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(work: Path, config: str) -> tuple[subprocess.Popen, httpx.Client]:
-    """``slicer up`` on ``config`` (``PORT`` replaced) in ``work``; returns once it answers."""
+def start_daemon(work: Path, config: str, log: Path | None = None) -> tuple[subprocess.Popen, httpx.Client]:
+    """``slicer up`` on ``config`` (``PORT`` replaced) in ``work``, its output to ``log`` if
+    given; returns once it answers."""
     port = free_port()
     (work / "config.yaml").write_text(config.replace("PORT", str(port)))
     daemon = subprocess.Popen(
         [sys.executable, "-m", "slicer", "up", str(work / "config.yaml"), "--data-dir", str(work), "--no-build"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=open(log, "ab") if log else subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=900)
     for _ in range(600):

@@ -3,9 +3,9 @@ and N cold boots, in one run.
 
 For N = 1, 3, 10 (``--sizes``): time from the request to every VM answering (``wait=agent``)
 for (a) ``POST /vm/{src}/fork`` with ``count=N``, (b) N concurrent creates restored from the
-template, (c) N concurrent cold boots. The source holds 64 MiB of data in ``/dev/shm`` and a
-process writing a timestamp every 10 ms, whose largest gap during the fork is the source's
-pause. Host memory: the copies' QEMUs' summed PSS (shared pages counted once) against N times
+template, (c) N concurrent cold boots. The source holds 64 MiB of data in ``/dev/shm``; its
+pause (vCPUs stopped while its state is written and its disk copied) and the fork's phases
+come from the daemon's log. Host memory: the copies' QEMUs' summed PSS (shared pages counted once) against N times
 one cold-booted VM's RSS. Prints JSON with the ratios. Goals: fork of 10 no slower than 10
 template restores; memory of 10 copies well under 10 x one VM's.
 Usage: ``python3 bench/fork.py [--sizes 1,3,10]`` (as root, image built).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,11 @@ config:
     port: PORT
     auth: {enabled: false}  # loopback of the benchmark's own network namespace
 """
-TICKS = "while :; do date +%s%N >> /tmp/ticks; sleep 0.01; done"
+PHASES = {
+    "source_paused_s": re.compile(r"paused ([\d.]+)s to be forked"),
+    "capture_s": re.compile(r"captured in ([\d.]+)s"),
+    "made_shareable_s": re.compile(r"made shareable in ([\d.]+)s"),
+}
 
 
 def exec_(client: httpx.Client, h: str, cmd: str, background: bool = False) -> str:
@@ -71,17 +76,16 @@ def delete(client: httpx.Client, hostnames: list[str]) -> None:
         client.delete(f"/hostgroup/bench/nodes/{h}")
 
 
-def one_size(client: httpx.Client, src: str, n: int) -> dict:
-    exec_(client, src, "rm -f /tmp/ticks")
-    exec_(client, src, TICKS, background=True)
-    time.sleep(1)
+def one_size(client: httpx.Client, src: str, n: int, log: Path) -> dict:
+    start = log.stat().st_size
     t = time.monotonic()
     r = client.post(f"/vm/{src}/fork", params={"wait": "agent"}, json={"count": n})
     fork_s = time.monotonic() - t
     copies = [c["hostname"] for c in r.raise_for_status().json()]
-    ticks = [int(x) for x in exec_(client, src, "cat /tmp/ticks").split()]
-    pause = max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) / 1e9
-    exec_(client, src, "pkill -f 'date +%s%N' ; pkill -f ticks; true")
+    with open(log, errors="replace") as f:
+        f.seek(start)
+        text = f.read()
+    phases = {k: float(m.group(1)) if (m := rx.search(text)) else None for k, rx in PHASES.items()}
     pss = sum(memory_kib(client.get(f"/vm/{h}").json()["vmm"]["pid"], "Pss") for h in copies)
     for h in copies:  # every copy really is the source, memory included
         assert exec_(client, h, "cat /dev/shm/blob | md5sum") == exec_(client, src, "cat /dev/shm/blob | md5sum")
@@ -92,7 +96,7 @@ def one_size(client: httpx.Client, src: str, n: int) -> dict:
     one_rss = memory_kib(client.get(f"/vm/{cold[0]}").json()["vmm"]["pid"], "Rss")
     delete(client, cold)
     return {
-        "copies": n, "fork_to_all_ready_s": round(fork_s, 3), "source_paused_s": round(pause, 3),
+        "copies": n, "fork_to_all_ready_s": round(fork_s, 3), **phases,
         "template_restores_s": round(restore_s, 3), "cold_boots_s": round(cold_s, 3),
         "ratio_restores_over_fork": round(restore_s / fork_s, 2), "ratio_cold_over_fork": round(cold_s / fork_s, 2),
         "copies_pss_mib": pss >> 10, "one_vm_rss_mib": one_rss >> 10,
@@ -109,13 +113,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="slb-", dir="/tmp") as tmp:
         work = Path(tmp)
         (work / "images").symlink_to(IMAGES / "images")
-        daemon, client = start_daemon(work, CONFIG)
+        log = work / "daemon.log"
+        daemon, client = start_daemon(work, CONFIG, log)
         try:
             client.post("/hostgroup/bench/template").raise_for_status()
             _, (src,) = create_many(client, 1)
             exec_(client, src, "head -c 64M /dev/urandom > /dev/shm/blob")
             for n in (int(x) for x in args.sizes.split(",")):
-                results.append(one_size(client, src, n))
+                results.append(one_size(client, src, n, log))
         finally:
             daemon.terminate()
             try:
