@@ -95,6 +95,8 @@ def test_commit_then_cold_fork_and_the_delete_rules(fork_daemon):
         cid = commit["commit_id"]
         assert commit == {"hostname": src, "commit_id": cid, "status": "committed", "parent_status": "stopped",
                           "mode": "disk", "tags": ["base"], "labels": {"k": "v"}, "cache_key": "deps-1"}
+        accounted = api.get("/storage").json()["commits"]
+        assert [c["commit_id"] for c in accounted] == [cid] and accounted[0]["disk_bytes"] > 0
         listed = api.get("/vm/commits", params={"cache_key": "deps-1"}).json()
         assert [c["commit_id"] for c in listed] == [cid] and listed[0]["source_hostname"] == src
         assert api.get("/vm/commits", params={"tag": "nope"}).json() == []

@@ -85,6 +85,12 @@ def test_create_waits_for_agent_and_returns_the_documented_shape(api, sandbox):
     assert node["storage"] == "image" and node["image"] == api.get("/info").json()["image"]
     assert node["network"]["mode"] in ("bridge", "isolated", "passt") and node["network"]["effective"] == {
         "allow": [], "drop": []}
+    assert isinstance(node["open_agent_connections"], int) and node["open_agent_connections"] >= 0
+    r = api.post(f"/vm/{sandbox}/exec", params={"cmd": "sleep 30", "background": "true"})
+    assert r.status_code == 201, r.text
+    execs = {e["exec_id"]: e for e in api.get(f"/vm/{sandbox}").json()["bg_execs"]}
+    assert execs[r.json()["exec_id"]]["state"] == "running" and execs[r.json()["exec_id"]]["command"] == "sleep 30"
+    api.post(f"/vm/{sandbox}/exec/{r.json()['exec_id']}/kill", json={"signal": "KILL"})
     # health answers at once: wait=agent returned only when the agent was up
     assert api.get(f"/vm/{sandbox}/health").status_code == 200
 

@@ -209,6 +209,11 @@ class Channel:
         return stream
 
     @property
+    def open_streams(self) -> int:
+        """Streams open to the guest now (exec, cp, shell, forwards, agent calls)."""
+        return self._session.stream_count if self._session is not None and not self._session.closed else 0
+
+    @property
     def connected(self) -> bool:
         return self._session is not None and not self._session.closed
 

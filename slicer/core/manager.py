@@ -200,12 +200,16 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
             raise NotFound(f"VM {hostname!r} not found", "vm_not_found")
         return node
 
-    def describe(self, hostname: str) -> dict:
+    async def describe(self, hostname: str) -> dict:
         """One VM as the Go SDK's ``DescribeVM`` reads it: the node, its storage, image and
-        network policy (the group's; per-VM overrides do not exist here), and its VMM."""
+        network policy (the group's; per-VM overrides do not exist here), its VMM, its open
+        agent connections and its background execs (left out when the agent does not answer)."""
         node = self.get(hostname)
         group = self.config.group(node.record.hostgroup)
         view = node.view(vmm=True)
+        view["open_agent_connections"] = node.agent.channel.open_streams if node.agent else 0
+        if (execs := await self._bg_execs(node)) is not None:
+            view["bg_execs"] = execs
         if group is None:
             return view
         policy = {"allow": list(group.network.allow), "drop": list(group.network.drop)}
@@ -215,6 +219,22 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
                 **({"commit_id": lineage["commit_id"]} if "commit_id" in lineage else {}),
                 **({"parent_commit_id": lineage["parent_commit"]} if "parent_commit" in lineage else {}),
                 "network": {"mode": mode, "policy_source": "host_group", "host_group": policy, "effective": policy}}
+
+    @staticmethod
+    async def _bg_execs(node: Node) -> list[dict] | None:
+        """The agent's background execs in the SDK's summary shape; None if it cannot say."""
+        try:
+            found = await asyncio.wait_for(node.running_agent().call("GET", "/exec", timeout=2), 3)
+        except (SlicerError, TimeoutError):
+            return None
+        if not isinstance(found, list):  # the guest's word: checked like input
+            return None
+        return [{"exec_id": str(e.get("exec_id", "")), "command": str(e.get("command", "")),
+                 "pid": e["pid"] if isinstance(e.get("pid"), int) else 0,
+                 "state": "running" if e.get("running") else "exited",
+                 **({"started_at": e["started_at"]} if isinstance(e.get("started_at"), str) else {}),
+                 **({"exit_code": e["exit_code"]} if isinstance(e.get("exit_code"), int) else {})}
+                for e in found[:1000] if isinstance(e, dict)]
 
     # -- tags -------------------------------------------------------------------------------------
     def tags(self, hostname: str) -> dict:

@@ -141,9 +141,14 @@ class SnapshotActions:
         used = {Path(n.record.disk) for n in self.nodes.values()}
         kept = [{"disk": str(p), "disk_bytes": allocated_bytes(p)}
                 for p in sorted((self.data_dir / "disks").glob("*.qcow2")) if p not in used]
+        commits = [{"commit_id": c.commit_id, "source_hostname": c.source_hostname,
+                    "disk_bytes": allocated_bytes(self.data_dir / "commits" / c.commit_id / "disk.qcow2")}
+                   for c in self.store.commits()]
         total = sum(t["state_bytes"] + t["disk_bytes"] for t in templates)
         total += sum(n["disk_bytes"] + n["state_bytes"] for n in nodes) + sum(k["disk_bytes"] for k in kept)
-        return {"templates": templates, "nodes": nodes, "kept_disks": kept, "total_bytes": total}
+        total += sum(c["disk_bytes"] for c in commits)
+        return {"templates": templates, "nodes": nodes, "commits": commits, "kept_disks": kept,
+                "total_bytes": total}
 
     async def build_template(self, group_name: str) -> dict:
         """Build the group's template now if it has none that is current."""

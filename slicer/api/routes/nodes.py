@@ -69,4 +69,4 @@ async def list_nodes(m: Mgr, tag: str | None = None, tag_prefix: str | None = No
 
 @router.get("/vm/{hostname}")
 async def get_node(m: Mgr, hostname: str) -> dict:
-    return m.describe(hostname)
+    return await m.describe(hostname)
