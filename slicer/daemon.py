@@ -135,6 +135,9 @@ def run_daemon(config: Config, data_dir: Path) -> None:
                 raise app.state.startup_error from None
             raise
 
+    # POST /daemon/shutdown: the graceful stop SIGTERM gives (sandboxes deleted, services shut down).
+    app.state.shutdown = lambda: setattr(server, "should_exit", True)
+
     def leave_running(*_: object) -> None:
         manager.leave_running = True
         server.should_exit = True

@@ -163,3 +163,59 @@ def test_fs_watch_streams_events_as_sse(api, vm):
     assert bad.status_code == 404 and bad.json()["code"] == "not_found"
     assert api.get(f"/vm/{vm}/fs/watch", params={"paths": base, "events": "explode"}).status_code == 400
     assert api.get(f"/vm/{vm}/fs/watch", params={"paths": base}, headers={"Last-Event-ID": "x"}).status_code == 400
+
+
+def v1(api, vm, method: str, mode: str, path: str, body: bytes | None = None, **params):
+    query = {"path": path, "mode": mode, "copy_semantics": "cp-v1", **params}
+    if method == "POST":
+        kind = "application/x-tar" if mode == "cp-v1-tar" else "application/octet-stream"
+        return api.post(f"/vm/{vm}/cp", params=query, content=body, headers={"Content-Type": kind})
+    return api.get(f"/vm/{vm}/cp", params=query)
+
+
+def test_cp_v1_uploads_land_where_cp_would_put_them(api, vm):
+    """The newest Go SDK's copy semantics: the destination is resolved as ``cp`` does."""
+    sh(api, vm, "rm -rf /tmp/v1 && mkdir -p /tmp/v1/into")
+    r = v1(api, vm, "POST", "cp-v1-binary", "/tmp/v1/into", b"one", source_name="a.txt", source_type="file")
+    assert r.status_code == 200, r.text
+    r = v1(api, vm, "POST", "cp-v1-binary", "/tmp/v1/renamed.txt", b"two", source_name="a.txt", source_type="file")
+    assert r.status_code == 200, r.text
+    r = v1(api, vm, "POST", "cp-v1-binary", "/tmp/v1/missing/", b"x", source_name="a.txt", source_type="file")
+    assert r.status_code == 404 and r.json()["code"] == "not_found", r.text
+    contents = make_tar([file_member("f.txt", b"F"), file_member("sub/g.txt", b"G"), file_member("x.log", b"L")])
+    r = v1(api, vm, "POST", "cp-v1-tar", "/tmp/v1/into", contents, source_name="proj", source_type="directory",
+           exclude="*.log")
+    assert r.status_code == 200, r.text
+    r = v1(api, vm, "POST", "cp-v1-tar", "/tmp/v1/into", contents, source_name="proj", source_type="directory",
+           copy_contents="true")
+    assert r.status_code == 200, r.text
+    r = v1(api, vm, "POST", "cp-v1-tar", "/tmp/v1/newdir", contents, source_name="proj", source_type="directory")
+    assert r.status_code == 200, r.text
+    listing = sh(api, vm, "cd /tmp/v1 && find . -type f | sort && cat into/a.txt renamed.txt")
+    assert listing.split() == [
+        "./into/a.txt", "./into/f.txt", "./into/proj/f.txt", "./into/proj/sub/g.txt", "./into/sub/g.txt",
+        "./into/x.log", "./newdir/f.txt", "./newdir/sub/g.txt", "./newdir/x.log", "./renamed.txt", "onetwo"]
+    r = v1(api, vm, "POST", "cp-v1-tar", "/tmp/v1/renamed.txt", contents, source_name="proj", source_type="directory")
+    assert r.status_code == 409 and r.json()["code"] == "not_a_directory"
+    r = v1(api, vm, "POST", "cp-v1-bogus", "/tmp/v1/x", b"x")
+    assert r.status_code == 400 and "invalid mode: cp-v1-bogus" in r.json()["error"], "the SDK's fallback cue"
+
+
+def test_cp_v1_downloads_describe_their_source(api, vm):
+    sh(api, vm, "rm -rf /tmp/v1d && mkdir -p '/tmp/v1d/my dir/sub' && echo hi > '/tmp/v1d/my dir/a.txt' && "
+                "echo deep > '/tmp/v1d/my dir/sub/b.txt' && echo skip > '/tmp/v1d/my dir/c.log'")
+    r = v1(api, vm, "GET", "cp-v1-binary", "/tmp/v1d/my dir/a.txt")
+    assert r.status_code == 200 and r.content == b"hi\n"
+    assert r.headers["x-slicer-source-type"] == "file" and r.headers["x-slicer-source-name"] == "a.txt"
+    assert r.headers["x-slicer-source-name-base64"] == "YS50eHQ" and r.headers["x-slicer-file-mode"] == "0644"
+    r = v1(api, vm, "GET", "cp-v1-tar", "/tmp/v1d/my dir", exclude="*.log")
+    assert r.status_code == 200 and r.headers["x-slicer-source-type"] == "directory"
+    assert r.headers["x-slicer-source-name-base64"] == "bXkgZGly"  # "my dir", URL-safe, unpadded
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tf:
+        assert sorted(tf.getnames()) == ["a.txt", "sub", "sub/b.txt"], "the contents, no top-level folder"
+    for path, kind in (("/tmp/v1d/my dir/a.txt", "file"), ("/tmp/v1d/my dir", "directory")):
+        r = v1(api, vm, "GET", "cp-v1-recursive", path)
+        assert r.status_code == 200 and r.headers["x-slicer-source-type"] == kind
+    r = v1(api, vm, "GET", "cp-v1-binary", "/tmp/v1d/my dir")
+    assert r.status_code == 400 and "must specify a file not a directory" in r.json()["error"]
+    assert v1(api, vm, "GET", "cp-v1-tar", "/tmp/v1d/nothing").status_code == 404

@@ -144,8 +144,11 @@ def test_commit_then_cold_fork_and_the_delete_rules(fork_daemon):
         r = api.delete(f"/vm/commits/{cid}")
         assert r.status_code == 200 and r.json() == {"commit_id": cid, "status": "deleted"}, r.text
         assert not (fork_daemon.data_dir / "commits" / cid).exists()
-        kept = api.get("/storage").json()["kept_disks"]
-        assert any(k["disk"].endswith(f"{src}.qcow2") for k in kept), "the kept disk was rebased, not lost"
+        kept = [k["disk"] for k in api.get("/storage").json()["kept_disks"] if k["disk"].endswith(f"{src}.qcow2")]
+        assert kept, "the source's disk is kept"
+        chain = subprocess.run(["qemu-img", "info", "--backing-chain", "-U", kept[0]], capture_output=True,
+                               text=True, check=True).stdout
+        assert cid not in chain, "rebased off the deleted commit: it reads through what is left"
     finally:
         for h in (child, src):
             if h:

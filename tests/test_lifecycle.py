@@ -243,3 +243,27 @@ def test_bad_input_is_a_clear_400_never_a_500(daemon, api):
         assert r.status_code == 400 and r.json()["code"], (r.request.url, r.text)
     assert all(s["name"] not in ("perm", "name\n") for s in api.get("/secrets").json())
     assert "vm-9\n" not in {n["hostname"] for n in api.get("/nodes").json()}
+
+
+def test_shutdown_through_the_api_stops_the_daemon_gracefully(guest_image):
+    """The Go SDK's ShutdownDaemon: 202 at once, then the stop SIGTERM gives."""
+    d = Daemon("""
+config:
+  host_groups:
+  - name: sbx
+    count: 0
+    vcpu: 1
+    ram_mb: 256
+  api:
+    bind_address: 127.0.0.1
+    port: PORT
+""").start()
+    try:
+        with d.client(token="wrong") as bad:
+            assert bad.post("/daemon/shutdown").status_code == 401
+        r = d.client().post("/daemon/shutdown")
+        assert r.status_code == 202 and r.json() == {"status": "shutting down"}
+        assert d.proc is not None and d.proc.wait(60) == 0
+        assert "daemon stopped" in d.log()
+    finally:
+        d.cleanup()

@@ -5,7 +5,8 @@ Four passes: (1) every operation with generated names, creates excluded; (2) eve
 on the real VM (``vm-1`` of group ``vm``) but those changing its state, so generated queries
 and bodies reach its agent; (3) those (pause, suspend, shutdown, ...); (4) creates with invalid
 input. Excluded, because each would boot a VM per example and make the run unbounded: *valid*
-creates (``tests/test_vms.py`` covers them) and template builds of real groups.
+creates (``tests/test_vms.py`` covers them), template builds of real groups and
+``POST /daemon/shutdown`` (it ends the daemon; ``tests/test_lifecycle.py`` covers it).
 ``SLICER_FUZZ_EXAMPLES`` sets examples per operation (default 12).
 """
 
@@ -39,7 +40,9 @@ config:
 """
 CREATE = "create_node_.*"
 TEMPLATE = "build_template_.*"
-LIFECYCLE = "(shutdown|pause|resume|suspend|restore|relaunch)_.*"
+LIFECYCLE = "(shutdown|pause|resume|suspend|restore|relaunch)_vm_.*"
+COPY = "copy_(to|from)_vm_.*"  # run with a small directory as their path: "/" would tar the whole disk
+DAEMON = "shutdown_daemon_.*"  # it would end the run (tests/test_lifecycle.py covers it)
 ON_VM = {"hostname": "vm-1", "name": "vm"}
 
 
@@ -68,11 +71,15 @@ def test_no_input_gets_a_server_error(guest_image):
     try:
         api = d.client()
         wait_agent(api, "vm-1")
-        api.post("/vm/vm-1/exec", params={"cmd": "mkdir -p /tmp/fuzz", "buffered": "true"})
-        generated, _ = schemathesis(d, "--exclude-operation-id-regex", f"{CREATE}|{TEMPLATE}")
+        api.post("/vm/vm-1/exec", params={"cmd": "mkdir -p /tmp/fuzz/sub && echo x > /tmp/fuzz/sub/f",
+                                          "buffered": "true"})
+        generated, _ = schemathesis(d, "--exclude-operation-id-regex", f"{CREATE}|{TEMPLATE}|{DAEMON}")
         # The VM's own operations first, while it runs; then those that pause, suspend or stop it.
-        on_vm, _ = schemathesis(d, "--exclude-operation-id-regex", f"{CREATE}|{TEMPLATE}|{LIFECYCLE}",
-                                parameters=ON_VM)
+        on_vm, _ = schemathesis(d, "--exclude-operation-id-regex",
+                                f"{CREATE}|{TEMPLATE}|{LIFECYCLE}|{DAEMON}|{COPY}", parameters=ON_VM)
+        copies, _ = schemathesis(d, "--include-operation-id-regex", COPY,
+                                 parameters={**ON_VM, "path": "/tmp/fuzz"})
+        on_vm += copies
         states = api.get("/vm/vm-1").json()["status"]
         lifecycle, _ = schemathesis(d, "--include-operation-id-regex", LIFECYCLE, parameters=ON_VM)
         invalid, _ = schemathesis(d, "--include-operation-id-regex", CREATE, "--mode", "negative")

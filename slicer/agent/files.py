@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import io
 import os
 import posixpath
@@ -130,6 +131,17 @@ class ResponseWriter(io.RawIOBase):
         return len(data)
 
 
+def excluded(rel: str, patterns: list[str]) -> bool:
+    """Whether the entry at ``rel`` (relative, ``/``-separated) matches an ``exclude`` pattern
+    (globs; ``**`` spans directories; a pattern without ``/`` also matches any base name)."""
+    base = rel.rsplit("/", 1)[-1]
+    for pattern in patterns:
+        flat = pattern.replace("**/", "*").replace("/**", "*").replace("**", "*")
+        if fnmatch.fnmatchcase(rel, flat) or ("/" not in pattern and fnmatch.fnmatchcase(base, flat)):
+            return True
+    return False
+
+
 def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
@@ -159,13 +171,17 @@ def check_member(root: str, member: tarfile.TarInfo) -> str:
     return target
 
 
-def extract_tar(fileobj, root: str, permissions: int | None, uid: int | None, gid: int | None) -> int:
-    """Extract a tar stream into ``root`` (created if missing); returns the member count."""
+def extract_tar(fileobj, root: str, permissions: int | None, uid: int | None, gid: int | None,
+                exclude: list[str] | None = None) -> int:
+    """Extract a tar stream into ``root`` (created if missing); returns the member count.
+    Members matching an ``exclude`` pattern (see :func:`excluded`) are skipped."""
     os.makedirs(root, exist_ok=True)
     root = os.path.realpath(root)
     count = 0
     with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
         for member in tf:
+            if exclude and excluded(member.name.removeprefix("./").rstrip("/"), exclude):
+                continue
             target = check_member(root, member)
             if os.path.islink(target) or (os.path.exists(target) and not member.isdir()
                                           and not os.path.isdir(target)):
@@ -180,9 +196,27 @@ def extract_tar(fileobj, root: str, permissions: int | None, uid: int | None, gi
 
 
 def write_tar(fileobj, path: str) -> None:
-    """Stream ``path`` (file or directory) as an uncompressed tar, named by its basename."""
+    """Stream ``path`` (file or directory) as an uncompressed tar, named by its basename; like
+    ``tar --one-file-system``, other mounts below it (``/proc`` and its endless ``kcore``,
+    ``/sys``) are left out."""
+    device = os.stat(path).st_dev
+    base = os.path.basename(path.rstrip("/")) or "."
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-        tf.add(path, arcname=os.path.basename(path.rstrip("/")) or ".", recursive=True)
+        tf.add(path, arcname=base, recursive=False)
+        if not os.path.isdir(path) or os.path.islink(path):
+            return
+        for dirpath, dirnames, filenames in os.walk(path):
+            rel_dir = os.path.relpath(dirpath, path)
+            keep = []
+            for name in sorted(dirnames):
+                full = os.path.join(dirpath, name)
+                tf.add(full, arcname=posixpath.normpath(f"{base}/{rel_dir}/{name}"), recursive=False)
+                if not os.path.islink(full) and os.lstat(full).st_dev == device:
+                    keep.append(name)
+            dirnames[:] = keep
+            for name in sorted(filenames):
+                tf.add(os.path.join(dirpath, name), arcname=posixpath.normpath(f"{base}/{rel_dir}/{name}"),
+                       recursive=False)
 
 
 # -- fs -----------------------------------------------------------------------------------------

@@ -13,7 +13,18 @@ import time
 
 from aiohttp import web
 
-from slicer.agent import AGENT_SOCKET, AGENT_VERSION, background, files, identity, meter, provision, shell, watch
+from slicer.agent import (
+    AGENT_SOCKET,
+    AGENT_VERSION,
+    background,
+    copyv1,
+    files,
+    identity,
+    meter,
+    provision,
+    shell,
+    watch,
+)
 from slicer.agent.execute import ExecError, ExecRequest, kill_group, run_buffered, spawn, stream_frames
 
 STREAM_CHUNK = 65536
@@ -227,12 +238,23 @@ def make_app(started: float) -> web.Application:
             path = files.require_path(q.get("path"))
             perms = files.parse_permissions(q.get("permissions"))
             uid, gid = files.parse_id(q.get("uid"), "uid"), files.parse_id(q.get("gid"), "gid")
-            if q.get("mode", "binary") == "tar":
+            mode = q.get("mode") or "binary"
+            if mode in ("cp-v1-binary", "cp-v1-tar"):  # cp-like destinations (slicer.agent.copyv1)
+                kind = "file" if mode == "cp-v1-binary" else "directory"
+                if q.get("source_type", kind) != kind:
+                    raise files.FileError(f"{mode} copies a {kind}, not a {q.get('source_type')}", "invalid_request")
+                dir_only = str(q.get("path", "")).endswith("/")  # "dir/": a directory that must exist
+                kind, path = copyv1.upload_target(path + ("/" if dir_only else ""), kind, q.get("source_name", ""),
+                                                  q.get("copy_contents", "").lower() in ("1", "true", "yes"))
+                mode = "binary" if kind == "file" else "tar"
+            elif mode not in ("binary", "tar"):
+                raise files.FileError(f"invalid mode: {mode} (binary, tar, cp-v1-binary or cp-v1-tar)",
+                                      "invalid_request")
+            if mode == "tar":
                 reader = files.BodyReader(asyncio.get_running_loop(), request.content)
-                count = await asyncio.to_thread(files.extract_tar, reader, path, perms, uid, gid)
+                count = await asyncio.to_thread(files.extract_tar, reader, path, perms, uid, gid,
+                                                q.getall("exclude", []))
                 return web.json_response({"path": path, "mode": "tar", "entries": count})
-            if q.get("mode", "binary") != "binary":
-                raise files.FileError("mode must be binary or tar", "invalid_request")
             size = await files.receive_file(path, request.content.iter_chunked(files.CHUNK), perms, uid, gid)
             return web.json_response({"path": path, "mode": "binary", "size": size})
         except files.FileError as e:
@@ -246,7 +268,18 @@ def make_app(started: float) -> web.Application:
         try:
             path = files.require_path(q.get("path"))
             mode = q.get("mode") or "binary"
-            if mode == "tar":
+            meta: dict[str, str] = {}
+            if mode in copyv1.MODES:
+                kind = copyv1.download_kind(path, mode)
+                meta = copyv1.source_headers(path, kind)
+                if kind == "directory":
+                    resp = web.StreamResponse(headers={"Content-Type": "application/x-tar", **meta})
+                    await resp.prepare(request)
+                    writer = files.ResponseWriter(asyncio.get_running_loop(), resp)
+                    await asyncio.to_thread(copyv1.write_contents_tar, writer, path, q.getall("exclude", []))
+                    await resp.write_eof()
+                    return resp
+            elif mode == "tar":
                 if not os.path.exists(path):
                     raise files.not_found(path)
                 resp = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
@@ -255,12 +288,15 @@ def make_app(started: float) -> web.Application:
                 await asyncio.to_thread(files.write_tar, writer, path)
                 await resp.write_eof()
                 return resp
+            elif mode != "binary":
+                raise files.FileError(f"invalid mode: {mode} (binary, tar or cp-v1-binary|tar|recursive)",
+                                      "invalid_request")
             f, size, fmode = files.open_for_sending(path)
         except files.FileError as e:
             return error(str(e), e.code, e.status)
         with f:
             resp = web.StreamResponse(headers={
-                "Content-Type": "application/octet-stream", "X-Slicer-File-Mode": f"{fmode:04o}",
+                "Content-Type": "application/octet-stream", "X-Slicer-File-Mode": f"{fmode:04o}", **meta,
             })
             resp.content_length = size
             await resp.prepare(request)

@@ -17,6 +17,10 @@ from slicer.core.manager import Manager
 router = APIRouter(prefix="/vm/{hostname}", dependencies=[Depends(require_auth)])
 Mgr = Annotated[Manager, Depends(manager)]
 TAR = "application/x-tar"
+# What a download says about itself (cp-v1: the source's type and name), passed on from the agent.
+PASSED_HEADERS = ("content-length", "x-slicer-file-mode", "x-slicer-source-type", "x-slicer-source-name",
+                  "x-slicer-source-name-base64")
+CP_MODES = ["binary", "tar", "cp-v1-binary", "cp-v1-tar", "cp-v1-recursive"]
 
 
 def _mode(request: Request, header: str) -> str:
@@ -31,8 +35,9 @@ def _params(request: Request, mode: str) -> list[tuple[str, str]]:
     return [(k, v) for k, v in request.query_params.multi_items() if k != "mode"] + [("mode", mode)]
 
 
-CP_QUERY = query_doc(required=("path",), path=ABSOLUTE, mode={"enum": ["binary", "tar"]}, uid=INTEGER,
-                     gid=INTEGER, permissions=STRING)
+CP_QUERY = query_doc(required=("path",), path=ABSOLUTE, mode={"enum": CP_MODES}, uid=INTEGER,
+                     gid=INTEGER, permissions=STRING, copy_semantics={"enum": ["cp-v1"]}, source_name=STRING,
+                     source_type={"enum": ["file", "directory"]}, copy_contents=BOOLEAN, exclude=STRINGS)
 
 
 @router.post("/cp", openapi_extra={**CP_QUERY, "requestBody": {"required": False, "content": {
@@ -50,7 +55,7 @@ async def copy_from_vm(m: Mgr, hostname: str, request: Request) -> StreamingResp
     """Query: path (required), mode=binary|tar (or ``Accept: application/x-tar``)."""
     agent = m.agent(hostname)
     resp = await agent.send("GET", "/cp", params=_params(request, _mode(request, "accept")), timeout=None)
-    headers = {k: v for k, v in resp.headers.items() if k.lower() in ("content-length", "x-slicer-file-mode")}
+    headers = {k: v for k, v in resp.headers.items() if k.lower() in PASSED_HEADERS}
     return StreamingResponse(relay(resp, request), media_type=resp.headers.get("content-type"), headers=headers)
 
 

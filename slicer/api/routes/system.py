@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import platform
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from slicer.api.deps import require_auth
 
@@ -19,6 +21,17 @@ async def healthz() -> dict:
 
 
 GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+@router.post("/daemon/shutdown", status_code=202)
+async def shutdown_daemon(request: Request) -> JSONResponse:
+    """Stop the daemon as SIGTERM does (sandboxes deleted, services shut down gracefully);
+    answers 202 at once, before the VMs are stopped (the Go SDK's ``ShutdownDaemon``)."""
+    stop = getattr(request.app.state, "shutdown", None)
+    if stop is None:
+        return JSONResponse({"error": "this server cannot be stopped through the API", "code": "unsupported"}, 409)
+    asyncio.get_running_loop().call_later(0.2, stop)  # after this answer is on its way
+    return JSONResponse({"status": "shutting down"}, 202)
 
 
 @router.get("/info")
