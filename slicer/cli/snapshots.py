@@ -81,7 +81,7 @@ def template_list(url: Url = None, token: Token = None, token_file: TokenFile = 
 
 @app.command()
 def storage(url: Url = None, token: Token = None, token_file: TokenFile = None, json: Json = False) -> None:
-    """Show what templates, VM disks and suspended VMs' saved states take on the host's disk.
+    """Show what templates, VM disks, saved states, commits and kept disks take on the host's disk.
 
     Example: [bold]slicer storage[/bold]
     """
@@ -93,4 +93,10 @@ def storage(url: Url = None, token: Token = None, token_file: TokenFile = None, 
     table(_template_rows(s), ["name", "hostgroup", "clones", "retired", "memory+state", "disk"], title="Templates")
     rows = [{**n.model_dump(), "disk_used": human(n.disk_bytes), "saved_state": human(n.state_bytes)} for n in s.nodes]
     table(rows, ["hostname", "hostgroup", "status", "template", "disk_used", "saved_state"], title="VMs")
+    if s.commits:
+        table([{**c, "disk_used": human(c.get("disk_bytes", 0))} for c in s.commits],
+              ["commit_id", "source_hostname", "disk_used"], title="Commits")
+    if s.kept_disks:
+        table([{"disk": k.disk, "disk_used": human(k.disk_bytes)} for k in s.kept_disks], ["disk", "disk_used"],
+              title="Disks kept from deleted persistent VMs")
     out.print(f"total: {human(s.total_bytes)}")

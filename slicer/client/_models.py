@@ -131,6 +131,7 @@ class Storage(_Model):
     templates: list[TemplateUsage] = []
     nodes: list[NodeUsage] = []
     kept_disks: list[KeptDisk] = []
+    commits: list[dict] = []  # commit_id, source_hostname, disk_bytes
     total_bytes: int = 0
 
 
