@@ -1,6 +1,6 @@
-"""The daemon killed (SIGKILL) at random points of create, delete, suspend, restore and
-template build, over and over: after each restart no QEMU runs without a record, no record
-lacks what it needs, and nothing half-written is left in the data dir.
+"""The daemon killed (SIGKILL) at random points of create, delete, suspend, restore, template
+build, live fork, shutdown, commit and relaunch, over and over: after each restart no QEMU runs
+without a record, no record lacks what it needs, and nothing half-written is left in the data dir.
 
 The seed is printed; ``SLICER_CRASH_SEED=N`` replays a run, ``SLICER_CRASH_ROUNDS`` sets its length.
 """
@@ -82,6 +82,13 @@ def check_consistent(d: Daemon, api: httpx.Client) -> list[dict]:
     assert run_dirs <= set(by_name), f"run dirs without a record: {run_dirs - set(by_name)}"
     for tpl in (data / "templates").iterdir():
         assert not tpl.name.startswith(".") and (tpl / "meta.json").exists(), f"unfinished template {tpl.name}"
+    commits = {c["commit_id"] for c in api.get("/vm/commits").json()}
+    dirs = {p.name for p in (data / "commits").iterdir()}
+    assert dirs == commits, f"commit dirs {dirs} for commits {commits}"
+    for c in commits:  # each is frozen: no VM writes to it any more
+        frozen = data / "commits" / c / "disk.qcow2"
+        assert not any((data / "disks" / f"{h}.qcow2").exists()
+                       and (data / "disks" / f"{h}.qcow2").samefile(frozen) for h in by_name), c
     return nodes
 
 
@@ -98,6 +105,7 @@ def test_killed_at_random_points_leaves_nothing_inconsistent(guest_image):
             nodes = {n["hostname"]: n for n in api.get("/nodes").json()}
             running = [h for h, n in nodes.items() if n["status"] == "Running"]
             suspended = [h for h, n in nodes.items() if n["status"] == "Suspended"]
+            stopped = [h for h, n in nodes.items() if n["status"] == "Stopped" and n["persistent"]]
             templates = api.get("/storage").json()["templates"]
             choices: list[tuple[str, str, str, dict, float]] = [
                 ("create", "POST", "/hostgroup/sbx/nodes", {"json": {}}, 3.0),
@@ -110,10 +118,16 @@ def test_killed_at_random_points_leaves_nothing_inconsistent(guest_image):
             for h in running:
                 choices.append(("delete", "DELETE", f"/hostgroup/sbx/nodes/{h}", {}, 1.5))
                 choices.append(("suspend", "POST", f"/vm/{h}/suspend", {}, 2.5))
+                choices.append(("fork", "POST", f"/vm/{h}/fork", {"json": {"count": 2}}, 5.0))
+                if nodes[h]["persistent"]:
+                    choices.append(("shutdown", "POST", f"/vm/{h}/shutdown", {"params": {"action": "shutdown"}}, 3.0))
+            for h in stopped:
+                choices.append(("commit", "POST", f"/vm/{h}/commit", {"json": {}}, 0.5))
+                choices.append(("relaunch", "POST", f"/vm/{h}/relaunch", {}, 6.0))
             for h in suspended:
                 choices.append(("restore", "POST", f"/vm/{h}/restore", {}, 2.0))
             if len(running) + len(suspended) >= 4:  # keep the machine's load bounded
-                choices = [c for c in choices if not c[0].startswith("create")]
+                choices = [c for c in choices if not c[0].startswith(("create", "fork"))]
             what, method, path, kwargs, span = rng.choice(choices)
             delay = rng.uniform(0, span)
             done.append(f"{what} {path} killed after {delay:.2f}s")
@@ -143,7 +157,12 @@ def test_killed_at_random_points_leaves_nothing_inconsistent(guest_image):
             r = api.post(f"/vm/{h}/exec", params={"cmd": "echo ok", "buffered": "true"})
             assert r.status_code == 200 and r.json()["stdout"] == "ok\n", r.text
             assert api.delete(f"/hostgroup/sbx/nodes/{h}").status_code == 200
+        for c in reversed(api.get("/vm/commits").json()):  # a later commit sits on an earlier one
+            r = api.delete(f"/vm/commits/{c['commit_id']}")
+            assert r.status_code == 200, r.text
         assert qemu_hosts(d.data_dir) == {}
+        assert not any((d.data_dir / "commits").iterdir())
+        assert not any("-fork-" in t["name"] for t in api.get("/storage").json()["templates"])
         assert not any((d.data_dir / "snapshots").iterdir())
         assert not any(p.is_dir() for p in (d.data_dir / "run").resolve().iterdir())
     except BaseException:

@@ -1,12 +1,13 @@
 """Property-based requests over the served OpenAPI schema (schemathesis) against a real daemon
 with a real VM: no input may get a 5xx.
 
-Four passes: (1) every operation with generated names, creates excluded; (2) every operation
-on the real VM (``vm-1`` of group ``vm``) but those changing its state, so generated queries
-and bodies reach its agent; (3) those (pause, suspend, shutdown, ...); (4) creates with invalid
-input. Excluded, because each would boot a VM per example and make the run unbounded: *valid*
-creates (``tests/test_vms.py`` covers them), template builds of real groups and
-``POST /daemon/shutdown`` (it ends the daemon; ``tests/test_lifecycle.py`` covers it).
+Passes: (1) every operation with generated names, creates excluded; (2) every operation on the
+real VM (``vm-1`` of group ``vm``) but those changing its state, so generated queries and bodies
+reach its agent (``cp`` with a small directory as its path: a tar of ``/`` is the whole disk);
+(3) those (pause, suspend, shutdown, ...); (4) creates and live forks with invalid input.
+Excluded, because each would boot VMs per example and make the run unbounded: *valid* creates
+and forks (``tests/test_vms.py``, ``tests/test_forks.py`` cover them), template builds of real
+groups, and ``POST /daemon/shutdown`` (it ends the daemon; ``tests/test_lifecycle.py`` covers it).
 ``SLICER_FUZZ_EXAMPLES`` sets examples per operation (default 12).
 """
 
@@ -38,7 +39,7 @@ config:
     bind_address: 127.0.0.1
     port: PORT
 """
-CREATE = "create_node_.*"
+CREATE = "(create_node|fork_vm)_.*"  # each valid example would boot VMs (up to 32 for a fork)
 TEMPLATE = "build_template_.*"
 LIFECYCLE = "(shutdown|pause|resume|suspend|restore|relaunch)_vm_.*"
 COPY = "copy_(to|from)_vm_.*"  # run with a small directory as their path: "/" would tar the whole disk
@@ -84,7 +85,7 @@ def test_no_input_gets_a_server_error(guest_image):
         lifecycle, _ = schemathesis(d, "--include-operation-id-regex", LIFECYCLE, parameters=ON_VM)
         invalid, _ = schemathesis(d, "--include-operation-id-regex", CREATE, "--mode", "negative")
         print(f"schemathesis: {generated} cases with generated names, {on_vm} on running vm-1, "
-              f"{lifecycle} of its lifecycle, {invalid} invalid creates; no 5xx")
+              f"{lifecycle} of its lifecycle, {invalid} invalid creates and forks; no 5xx")
         assert states == "Running", "the VM's own operations ran against a running VM"
         assert d.proc is not None and d.proc.poll() is None, "the daemon kept running"
         assert api.get("/healthz").status_code == 200
