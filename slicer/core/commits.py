@@ -28,7 +28,7 @@ from slicer.core.actions import NodeAction
 from slicer.core.errors import BadRequest, Conflict, NotFound, SlicerError
 from slicer.core.state import CommitRecord, now_rfc3339
 from slicer.vmm.base import VMMError
-from slicer.vmm.disks import chain_paths, create_overlay, rebase
+from slicer.vmm.disks import backing_chain, chain_paths, create_overlay, rebase
 
 if TYPE_CHECKING:
     from slicer.core.config import Config, HostGroup
@@ -101,7 +101,12 @@ class CommitActions:
                 shutil.rmtree(part, ignore_errors=True)
                 shutil.rmtree(final, ignore_errors=True)
                 raise
-            await self._give_overlay(disk, commit.commit_id)
+            try:
+                await self._give_overlay(disk, commit.commit_id)
+            except BaseException:  # the VM keeps its disk as it was; the commit never was
+                self.store.delete_commit(commit.commit_id)
+                shutil.rmtree(final, ignore_errors=True)
+                raise
             rec.spec["parent_commit"] = rec.spec["commit_id"] = commit.commit_id
             self.store.put(rec)
         log.info("%s: committed as %s", hostname, commit.commit_id)
@@ -153,12 +158,11 @@ class CommitActions:
         for kept_disk in sorted((self.data_dir / "disks").glob("*.qcow2")):
             if kept_disk not in used and disk in await chain_paths(kept_disk):
                 kept.append(kept_disk)
-        below = (await chain_paths(disk))[1:]
+        below = (await backing_chain(disk))[1]  # what the commit itself sits on
         for kept_disk in kept:  # a deleted VM's disk we keep: its blocks from the commit are copied in
             log.info("commit %s: rebasing the kept disk %s before removing it", commit_id, kept_disk.name)
-            fmt = "qcow2" if below and below[0].suffix == ".qcow2" else "raw"
             try:
-                await rebase(kept_disk, below[0], fmt)
+                await rebase(kept_disk, below.path, below.format)
             except VMMError as e:
                 raise SlicerError(f"commit {commit_id}: rebasing {kept_disk} failed: {e}", "commit_failed") from e
         self.store.delete_commit(commit.commit_id)
@@ -198,13 +202,14 @@ class CommitActions:
             self.commits_dir.mkdir(mode=0o700, parents=True)
             return
         records = {c.commit_id: c for c in self.store.commits()}
+        nodes = {r.hostname: r for r in self.store.all()}
         for path in self.commits_dir.iterdir():
             if path.name.startswith(".") or path.name not in records:
                 # Written before its row: nothing reads through a commit without a row.
                 log.warning("removing %s, left by a commit that did not finish", path.name)
                 shutil.rmtree(path, ignore_errors=True)
         for commit in records.values():
-            source = self.store_node(commit.source_hostname)
+            source = nodes.get(commit.source_hostname)
             if source is None:
                 continue
             disk = Path(source.disk)
@@ -215,6 +220,3 @@ class CommitActions:
                 await self._give_overlay(disk, commit.commit_id)
                 source.spec["parent_commit"] = source.spec["commit_id"] = commit.commit_id
                 self.store.put(source)
-
-    def store_node(self, hostname: str):
-        return next((r for r in self.store.all() if r.hostname == hostname), None)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from slicer.core.actions import NodeAction
 from slicer.core.errors import BadRequest, Conflict, SlicerError
 from slicer.vmm.base import VMMError
+from slicer.vmm.disks import copy_disk
 
 if TYPE_CHECKING:
     from slicer.core.config import HostGroup
@@ -39,17 +40,6 @@ def available_memory() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-async def copy_disk(src: Path, dst: Path) -> None:
-    """A copy of a qcow2 overlay (sparse; shared extents where the filesystem can)."""
-    proc = await asyncio.create_subprocess_exec(
-        "cp", "--reflink=auto", "--sparse=always", str(src), str(dst),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await proc.communicate()
-    if proc.returncode:
-        raise SlicerError(f"copying the disk of the fork's source failed: {err.decode().strip()}", "fork_failed")
 
 
 class ForkActions:

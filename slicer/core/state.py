@@ -148,11 +148,13 @@ class StateStore:
         with self._lock, self._db:
             self._db.execute("DELETE FROM commits WHERE commit_id = ?", (commit_id,))
 
-    def commits(self) -> list[CommitRecord]:
+    def commits(self, commit_id: str | None = None) -> list[CommitRecord]:
+        """Every commit, oldest first; or the one called ``commit_id`` (if it exists)."""
+        where, args = ("WHERE commit_id = ?", (commit_id,)) if commit_id is not None else ("", ())
         with self._lock:
             self._db.row_factory = sqlite3.Row
             try:
-                rows = self._db.execute("SELECT * FROM commits ORDER BY created_at").fetchall()
+                rows = self._db.execute(f"SELECT * FROM commits {where} ORDER BY created_at", args).fetchall()
             finally:
                 self._db.row_factory = None
         found = []
@@ -164,7 +166,8 @@ class StateStore:
         return found
 
     def commit(self, commit_id: str) -> CommitRecord | None:
-        return next((c for c in self.commits() if c.commit_id == commit_id), None)
+        found = self.commits(commit_id)
+        return found[0] if found else None
 
     def close(self) -> None:
         self._db.close()

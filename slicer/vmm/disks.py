@@ -8,21 +8,31 @@ from pathlib import Path
 from slicer.vmm.base import VMMError
 from slicer.vmm.handoff import Layer, backing_chain
 
-__all__ = ["Layer", "backing_chain", "chain_paths", "create_overlay", "rebase"]
+__all__ = ["Layer", "backing_chain", "chain_paths", "copy_disk", "create_overlay", "rebase"]
 
 
-async def _qemu_img(*args: str) -> None:
+async def _run(*argv: str) -> None:
     proc = await asyncio.create_subprocess_exec(
-        "qemu-img", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     _, err = await proc.communicate()
     if proc.returncode:
-        raise VMMError(f"qemu-img {args[0]} failed: {err.decode(errors='replace').strip()}")
+        raise VMMError(f"{argv[0]} {argv[1]} failed: {err.decode(errors='replace').strip()}")
 
 
-async def create_overlay(path: Path, backing: Path, backing_format: str = "qcow2") -> None:
-    """An empty qcow2 at ``path`` whose reads fall through to ``backing`` (same size)."""
-    await _qemu_img("create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_format, str(path))
+async def _qemu_img(*args: str) -> None:
+    await _run("qemu-img", *args)
+
+
+async def create_overlay(path: Path, backing: Path, backing_format: str = "qcow2", size: int | None = None) -> None:
+    """An empty qcow2 at ``path`` whose reads fall through to ``backing`` (its size, or ``size``)."""
+    await _qemu_img("create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_format, str(path),
+                    *([str(size)] if size is not None else []))
+
+
+async def copy_disk(src: Path, dst: Path) -> None:
+    """A copy of a qcow2 overlay (sparse; shared extents where the filesystem can)."""
+    await _run("cp", "--reflink=auto", "--sparse=always", str(src), str(dst))
 
 
 async def rebase(path: Path, backing: Path, backing_format: str) -> None:

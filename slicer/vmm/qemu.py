@@ -30,6 +30,7 @@ from slicer.channel.yamux import PORT_NAME
 from slicer.vmm.accel import qemu_version, tsc_khz
 from slicer.vmm.adopted import RUN_DIR_ENV, AdoptedProcess, running_vmm
 from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState, VMStateError
+from slicer.vmm.disks import create_overlay
 from slicer.vmm.handoff import Handoff, Layer, backing_chain, open_handoff, placeholder
 from slicer.vmm.jail import SANDBOX, Jail, Jailer, SealedFiles, guest_memory_charge, release
 
@@ -462,14 +463,7 @@ class QemuDriver(Driver):
 
     async def create_disk(self, spec: VMSpec) -> None:
         spec.disk.parent.mkdir(parents=True, exist_ok=True)
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(spec.base_disk), "-F", spec.base_format,
-            str(spec.disk), str(spec.disk_size),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await proc.communicate()
-        if proc.returncode:
-            raise VMMError(f"qemu-img create failed: {err.decode().strip()}")
+        await create_overlay(spec.disk, spec.base_disk, spec.base_format, spec.disk_size)
 
     async def _lower(self, path: Path, fmt: str) -> list[Layer]:
         """The chain below a new overlay: a base image or a frozen template disk (immutable,
