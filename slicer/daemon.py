@@ -19,8 +19,10 @@ import uvicorn
 from slicer.api.app import create_app
 from slicer.core.config import Config
 from slicer.core.errors import SlicerError
+from slicer.core.images import BootImages
 from slicer.core.manager import Manager
-from slicer.image.build import current_image
+from slicer.image.build import current_image, images_dir
+from slicer.image.oci import ImageStore
 from slicer.vmm.accel import choose_accelerator
 from slicer.vmm.jail import Jailer, JailError
 from slicer.vmm.qemu import QEMU_BINARY, QemuDriver
@@ -101,7 +103,9 @@ def run_daemon(config: Config, data_dir: Path) -> None:
         log.warning("hypervisor: %s asks for a KVM-only VMM, which this daemon does not drive; every host group "
                     "runs on QEMU microvm (/info shows both)", config.hypervisor)
     jailer = make_jailer(config, data_dir)
-    manager = Manager(config, data_dir, QemuDriver(accel, jailer=jailer), image)
+    images = BootImages(image, ImageStore(images_dir(data_dir) / "oci"), config)
+    images.resolve_groups()  # pulls what is not cached yet; a group whose image fails is marked so
+    manager = Manager(config, data_dir, QemuDriver(accel, jailer=jailer), images)
     api = config.api
     uds = api.unix_socket
     token = ensure_token(data_dir) if api.auth.enabled and not uds else None

@@ -19,6 +19,8 @@ import signal
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from slicer.agent import runtime
+
 READ_CHUNK = 65536
 BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
@@ -116,7 +118,7 @@ class ExecRequest:
     def argv(self) -> list[str]:
         if self.shell:
             line = " ".join([self.cmd, *(shlex.quote(a) for a in self.args)])
-            return [self.shell, "-c", line]
+            return [runtime.shell(self.shell), "-c", line]
         return [self.cmd, *self.args]
 
 

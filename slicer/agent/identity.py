@@ -80,7 +80,7 @@ def reset(body: dict) -> dict:
     if machine_id := body.get("machine_id"):
         atomic_write(MACHINE_ID, machine_id.encode() + b"\n", 0o444)
         done.append("machine_id")
-    if keys := body.get("ssh_host_keys"):
+    if (keys := body.get("ssh_host_keys")) and os.path.isdir(SSH_DIR):  # an image without SSH has none
         install_host_keys(keys)
         done.append("ssh_host_keys")
     if dns := body.get("dns"):

@@ -20,6 +20,9 @@ import subprocess
 import sys
 import time
 
+from slicer.agent import runtime
+
+AGENT_HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RB_POWER_OFF = 0x4321FEDC
 RB_AUTOBOOT = 0x01234567
 KEY_POWER = 116
@@ -42,15 +45,35 @@ def log(msg: str) -> None:
 
 
 def run(*cmd: str) -> None:
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        log(f"{cmd[0]}: {e.strerror}")
+        return
     if r.returncode:
         log(f"{' '.join(cmd)}: {r.stderr.strip()}")
 
 
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT = 1, 2, 4, 32
+_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV}
+
+
+def _libc_mount(source: str, target: str, fstype: str | None, flags: int, data: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                  data.encode()) != 0:
+        log(f"mount {target}: {os.strerror(ctypes.get_errno())}")
+
+
 def mount(fstype: str, target: str, options: str = "") -> None:
+    """Mount a pseudo filesystem by system call: a user's image may have no ``mount``. A mount
+    the initramfs already made (``/run``, holding the runtime) is kept."""
     os.makedirs(target, exist_ok=True)
-    args = ["mount", "-t", fstype, fstype, target] + (["-o", options] if options else [])
-    run(*args)
+    if os.path.ismount(target):
+        return
+    words = [w for w in options.split(",") if w]
+    flags = sum(_FLAGS.get(w, 0) for w in words)
+    _libc_mount(fstype, target, fstype, flags, ",".join(w for w in words if w not in _FLAGS))
 
 
 def kernel_params() -> dict[str, str]:
@@ -86,12 +109,15 @@ def setup_network(params: dict[str, str]) -> None:
 
 
 def write_resolv_conf(servers: list[str]) -> None:
+    if os.path.islink("/etc/resolv.conf"):  # e.g. to systemd-resolved's stub, not running here
+        os.unlink("/etc/resolv.conf")
     with open("/etc/resolv.conf", "w") as f:
         f.writelines(f"nameserver {d}\n" for d in servers)
 
 
 def set_hostname(name: str) -> None:
     socket.sethostname(name)
+    os.makedirs("/etc", exist_ok=True)
     with open("/etc/hostname", "w") as f:
         f.write(name + "\n")
     with open("/etc/hosts", "w") as f:
@@ -127,9 +153,18 @@ AGENT_PROCESSES = ("slicer.agent", "slicer.agent.server")  # channel demux, HTTP
 
 
 def start_agent(module: str) -> subprocess.Popen:
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": "/opt/slicer", "HOME": "/root",
+    # PYTHONPATH: where this package is (the image's /opt/slicer, or the runtime disk's).
+    env = {"PATH": runtime.agent_path(), "PYTHONPATH": AGENT_HOME, "HOME": "/root",
            "SLICER_AGENT_STARTED": str(time.monotonic())}
     return subprocess.Popen([sys.executable, "-m", module], env=env, start_new_session=True)
+
+
+def chore(argv: list[str]) -> None:
+    """Run ``argv`` niced, in the background; a tool the image lacks is skipped."""
+    try:
+        subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.nice(10))
+    except OSError as e:
+        log(f"{argv[0]}: {e.strerror}")
 
 
 def on_signal(signum: int, _frame: object) -> None:
@@ -168,14 +203,14 @@ def finish(action: str) -> None:
                 break
             time.sleep(0.05)
     os.sync()
-    run("mount", "-o", "remount,ro", "/")
+    _libc_mount("", "/", None, MS_REMOUNT | MS_RDONLY, "")
     os.sync()
     log(f"{action} now")
     ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF if action == "poweroff" else RB_AUTOBOOT)
 
 
 def main() -> None:
-    os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+    os.environ["PATH"] = runtime.agent_path()
     mount("proc", "/proc")
     mount("sysfs", "/sys")
     mount("tmpfs", "/run", "mode=0755,nosuid,nodev")
@@ -198,10 +233,9 @@ def main() -> None:
     # Background chores, niced so the agent comes up first: grow the root filesystem to the
     # disk's size (storage_size), and start sshd with host keys of this VM's own, made at its
     # first boot and kept on its disk (ed25519 and ecdsa: RSA keygen costs seconds under TCG).
-    subprocess.Popen(["nice", "-n", "10", "resize2fs", "/dev/vda"], stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL)
-    subprocess.Popen(["nice", "-n", "10", "/bin/sh", "-c", SSHD], stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL)
+    chore(["resize2fs", "/dev/vda"])
+    if os.access("/usr/sbin/sshd", os.X_OK) and os.access("/bin/sh", os.X_OK):  # the image's sshd
+        chore(["/bin/sh", "-c", SSHD])
     log(f"agent started (pids {', '.join(map(str, agents))})")
     while _request is None:
         try:
@@ -226,9 +260,13 @@ def main() -> None:
     finish(_request)
 
 
-if __name__ == "__main__":
+def entry() -> None:
     try:
         main()
     except Exception as e:  # PID 1 must never exit: that panics the kernel
         log(f"fatal: {e!r}")
         finish("poweroff")
+
+
+if __name__ == "__main__":
+    entry()

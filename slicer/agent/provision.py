@@ -7,10 +7,10 @@ import base64
 import contextlib
 import os
 import pwd
-import shutil
+import sys
 import tempfile
 
-from slicer.agent import USERDATA_SENTINEL
+from slicer.agent import USERDATA_SENTINEL, runtime
 
 SECRETS_DIR = "/run/slicer/secrets"  # on /run: tmpfs, never on the VM's disk
 USERDATA_SCRIPT = "/etc/slicer/userdata"
@@ -51,15 +51,21 @@ def sync_secrets(secrets: dict[str, dict]) -> dict:
 
 
 def install_keys(keys: list[str], user: str = DEFAULT_USER) -> dict:
-    """Write ``authorized_keys`` of ``user`` (the keys the host gathered: config, body, GitHub)."""
-    pw = pwd.getpwnam(user)
+    """Write ``authorized_keys`` of ``user`` (the keys the host gathered: config, body, GitHub);
+    in an image without that user, root's (if there are keys to write)."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        if not [k for k in keys if k.strip()]:
+            return {"user": user, "keys": 0}
+        pw = pwd.getpwuid(0)
     ssh = os.path.join(pw.pw_dir, ".ssh")
     os.makedirs(ssh, exist_ok=True)
     os.chown(ssh, pw.pw_uid, pw.pw_gid)
     os.chmod(ssh, 0o700)
     body = "".join(k.strip() + "\n" for k in keys if k.strip())
     atomic_write(os.path.join(ssh, "authorized_keys"), body.encode(), 0o600, pw.pw_uid, pw.pw_gid)
-    return {"user": user, "keys": len([k for k in keys if k.strip()])}
+    return {"user": pw.pw_name, "keys": len([k for k in keys if k.strip()])}
 
 
 def userdata_status() -> tuple[bool, int | None]:
@@ -88,7 +94,18 @@ def start_userdata(script: str) -> str:
 
 
 async def _run_userdata() -> None:
-    shell = "/bin/bash" if shutil.which("bash") else "/bin/sh"
+    try:
+        code = await _userdata_process()
+    except OSError as e:  # it could not even start: say so, and count it as run (it would fail again)
+        print(f"slicer-userdata: cannot run: {e}", file=sys.stderr, flush=True)
+        code = 127
+    atomic_write(USERDATA_SENTINEL, f"{code}\n".encode(), 0o644, 0, 0)
+
+
+async def _userdata_process() -> int:
+    shell = runtime.shell("/bin/bash")
+    os.makedirs("/root", mode=0o700, exist_ok=True)  # the script's cwd; a bare image may lack it
+    os.makedirs(os.path.dirname(USERDATA_LOG), exist_ok=True)
     with open(USERDATA_LOG, "ab") as log, open("/dev/console", "wb", buffering=0) as console:
         console.write(b"slicer-userdata: running\n")
         proc = await asyncio.create_subprocess_exec(
@@ -102,4 +119,4 @@ async def _run_userdata() -> None:
             console.write(b"slicer-userdata: " + line)  # to the serial log on the host
         code = await proc.wait()
         console.write(f"slicer-userdata: exited with {code}\n".encode())
-    atomic_write(USERDATA_SENTINEL, f"{code}\n".encode(), 0o644, 0, 0)
+    return code

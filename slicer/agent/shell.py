@@ -16,6 +16,8 @@ import signal
 import struct
 import termios
 
+from slicer.agent import runtime
+
 FRAME = struct.Struct(">BI")
 DATA, WINDOW_SIZE, SHUTDOWN, HEARTBEAT, SESSION_CLOSE = 1, 2, 3, 4, 5
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -53,7 +55,7 @@ class ShellSession:
             home, user, login_shell = pw.pw_dir, pw.pw_name, pw.pw_shell
         except KeyError:
             home, user, login_shell = "/", str(uid), ""
-        shell = shell or login_shell or "/bin/bash"
+        shell = runtime.shell(shell or login_shell or "/bin/bash")
         if cwd and not os.path.isdir(cwd):
             raise FileNotFoundError(f"cwd {cwd!r} is not a directory")
         if not os.access(shell, os.X_OK):

@@ -28,7 +28,7 @@ class CreateNodeRequest(BaseModel):
     gpu_count: int = Field(default=0, ge=0)
     persistent: bool = False
     protected: bool = False
-    disk_image: str | None = None
+    disk_image: str | None = Field(default=None, min_length=1, max_length=512)  # an OCI reference
     import_user: str | None = Field(default=None, pattern=_GITHUB_USER)
     github_user: str | None = Field(default=None, pattern=_GITHUB_USER)
     ssh_keys: list[str] = Field(default_factory=list, max_length=100)
@@ -46,8 +46,6 @@ class CreateNodeRequest(BaseModel):
             raise ValueError("gpu_count: GPUs are not supported by the qemu driver")
         if self.pci_devices:
             raise ValueError("pci_devices: PCI passthrough is not supported by the qemu driver")
-        if self.disk_image:
-            raise ValueError("disk_image: custom disk images are not supported yet")
         if self.import_user and self.github_user and self.import_user != self.github_user:
             raise ValueError("github_user and import_user name the same thing; give one")
         for tag in self.tags:
@@ -68,6 +66,7 @@ class CreateNodeRequest(BaseModel):
             "secrets": self.secrets,
             "protected": self.protected,
             **({"boot": self.boot} if self.boot else {}),
+            **({"disk_image": self.disk_image} if self.disk_image else {}),  # resolved by the manager
         }
 
 

@@ -18,7 +18,7 @@ app = typer.Typer(
     help="Slicer: micro-VMs on your own Linux host, behind an HTTP API.",
     no_args_is_help=True, rich_markup_mode="rich",
 )
-image_app = typer.Typer(help="Build and inspect the guest image.", no_args_is_help=True)
+image_app = typer.Typer(help="Build the guest image; pull and manage users' OCI images.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 err = Console(stderr=True)
 

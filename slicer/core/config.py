@@ -181,6 +181,8 @@ class HostGroup(_Strict):
     userdata_file: str | None = None
     dns_servers: list[str] = ["8.8.8.8", "1.1.1.1"]
     gpu_count: int = 0
+    # This group's OCI image (default: the top-level image, else the project's).
+    image: str | None = Field(default=None, min_length=1, max_length=512)
     network: NetworkConfig = NetworkConfig()
     # "snapshot": sandboxes restore from a template of the group and their size (a saved,
     # booted VM) in about a second; "cold": every VM boots its kernel.
@@ -263,7 +265,8 @@ class Config(_Strict):
     ssh_keys: list[str] = []
     # Where GitHub users' public keys are fetched from (<url>/<user>.keys); tests use loopback.
     github_keys_url: str = "https://github.com"
-    image: str | None = None
+    image: str | None = Field(default=None, min_length=1, max_length=512)  # OCI reference (slicer.image.oci)
+    insecure_registry: bool = False  # pull images over plain HTTP (and unverified TLS)
     kernel_image: str | None = None
     kernel_file: str | None = None
     # Firecracker and Cloud Hypervisor need KVM; their groups run on QEMU microvm (logged, and
@@ -282,10 +285,10 @@ class Config(_Strict):
         names = [g.name for g in self.host_groups]
         if len(names) != len(set(names)):
             raise ValueError("host group names must be unique")
-        for key in ("image", "kernel_image", "kernel_file"):
+        for key in ("kernel_image", "kernel_file"):
             if getattr(self, key):
-                raise ValueError(f"{key}: custom images and kernels are not supported yet; remove it to use the "
-                                 "project's Debian image (slicer image build)")
+                raise ValueError(f"{key}: custom kernels are not supported yet; remove it to boot the project's "
+                                 "kernel (slicer image build)")
         bridges = [g.network.bridge for g in self.host_groups if g.network.bridge]
         if len(bridges) != len(set(bridges)):
             raise ValueError("two host groups name the same network.bridge")
@@ -304,7 +307,6 @@ class Config(_Strict):
 
 # Keys of Slicer's config (or its docs' examples) this daemon does not have, and what to do instead.
 UNSUPPORTED_KEYS = {
-    "insecure_registry": "pulling images from registries is not supported yet; remove it",
     "pci": "PCI passthrough needs KVM, which this daemon does not do; remove it",
     "ca": "a custom CA for the guests is not supported yet; remove it, or add the CA with userdata",
     "parent": "macvtap mode is not supported yet; use network.mode bridge or isolated",

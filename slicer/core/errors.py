@@ -54,13 +54,19 @@ class WaitTimeout(SlicerError):
     status, code = 408, "timeout"
 
 
-class Unavailable(SlicerError):
-    status, code = 503, "unavailable"
-
-
 class AgentUnreachable(SlicerError):
     status, code = 503, "agent_unavailable"
 
 
 class UpstreamUnreachable(SlicerError):
     status, code = 502, "upstream_unreachable"
+
+
+class BadGateway(SlicerError):
+    """Something the daemon depends on outside it failed (a registry, for instance)."""
+
+    status, code = 502, "bad_gateway"
+
+
+class Unavailable(SlicerError):
+    status, code = 503, "unavailable"

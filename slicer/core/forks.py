@@ -83,7 +83,7 @@ class ForkActions:
 
             try:
                 snapshot = await self.templates.from_capture(group, name, rec.cpus, rec.ram_bytes, rec.template,
-                                                             capture)
+                                                             rec.spec.get("image"), capture)
             except VMMError as e:
                 raise SlicerError(f"{hostname}: fork failed: {e}", "fork_failed") from e
         spec = {k: v for k, v in rec.spec.items() if k not in ("protected", "commit_id", "parent_commit")}

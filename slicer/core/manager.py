@@ -38,6 +38,7 @@ from slicer.core.errors import (
 )
 from slicer.core.forks import ForkActions
 from slicer.core.identity import identity_body
+from slicer.core.images import BootImages
 from slicer.core.node import Node, host_index
 from slicer.core.reconcile import Reconciler
 from slicer.core.rundir import RunDirError, run_root
@@ -46,7 +47,6 @@ from slicer.core.snapshots import SnapshotActions
 from slicer.core.specs import vm_spec
 from slicer.core.state import NodeRecord, StateStore, now_rfc3339
 from slicer.core.templates import Template, Templates
-from slicer.image.build import GuestImage
 from slicer.net import HostNetwork, NetworkError
 from slicer.vmm.base import Driver, VMMError, VMState, VMStateError
 
@@ -60,11 +60,11 @@ RESERVED_NAMES = {"commits"}  # /vm/commits is the commits' collection
 
 
 class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
-    def __init__(self, config: Config, data_dir: Path, driver: Driver, image: GuestImage) -> None:
+    def __init__(self, config: Config, data_dir: Path, driver: Driver, images: BootImages) -> None:
         self.config = config
         self.data_dir = data_dir
         self.driver = driver
-        self.image = image
+        self.images = images
         self.store = StateStore(data_dir / "state.db")
         self.secrets = SecretStore(data_dir / "secrets")
         try:
@@ -79,7 +79,7 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
             self.run_root = run_root(data_dir)
         except (RunDirError, OSError) as e:
             raise SlicerError(f"cannot make a short path for unix sockets: {e}", "data_dir") from e
-        self.templates = Templates(data_dir / "templates", self.run_root, driver, image, self.net)
+        self.templates = Templates(data_dir / "templates", self.run_root, driver, images, self.net)
         self.nodes: dict[str, Node] = {}
         self._alloc = asyncio.Lock()  # hostname and IP allocation
         self._tasks: set[asyncio.Task] = set()
@@ -120,11 +120,16 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
             ip = old.ip
         elif ip is None or ip in used:
             ip = self._free_ip(group, used)
+        spec: dict = {"userdata": group.userdata} if group.userdata else {}
+        # A kept disk goes on booting the image it was made from; a new one, the group's.
+        kept = old is not None and persistent and disk.exists() and old.spec.get("image")
+        if image := (old.spec["image"] if kept and old else self.images.group_choice(group.name)):
+            spec["image"] = image
         rec = NodeRecord(
             hostname=hostname, hostgroup=group.name, kind="service",
             ip=ip, cpus=group.vcpu, ram_bytes=group.ram,
             persistent=persistent, created_at=old.created_at if old else now_rfc3339(),
-            disk=str(disk), spec={"userdata": group.userdata} if group.userdata else {},
+            disk=str(disk), spec=spec,
         )
         self.store.put(rec)
         node = Node(rec, self.run_dir(hostname))
@@ -215,7 +220,7 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
         policy = {"allow": list(group.network.allow), "drop": list(group.network.drop)}
         mode = self.net.group(group.name).mode if group.name in self.net.groups else group.network.mode
         lineage = {k: v for k in ("commit_id", "parent_commit") if (v := node.record.spec.get(k))}
-        return {**view, "storage": group.storage, "image": self.image.build_id,
+        return {**view, "storage": group.storage, "image": self.images.label(node.record.spec.get("image")),
                 **({"commit_id": lineage["commit_id"]} if "commit_id" in lineage else {}),
                 **({"parent_commit_id": lineage["parent_commit"]} if "parent_commit" in lineage else {}),
                 "network": {"mode": mode, "policy_source": "host_group", "host_group": policy, "effective": policy}}
@@ -272,6 +277,11 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
             raise BadRequest(f"ram_bytes {ram} exceeds the host group's limit of {group.ram}", "limit_exceeded")
         if ram < 64 << 20:
             raise BadRequest("ram_bytes must be at least 64 MiB", "invalid_size")
+        group_image = self.images.group_choice(group.name)
+        if "image" not in spec:  # forks and commits' children carry their source's
+            ref = spec.pop("disk_image", None)
+            if image := await self.images.request_choice(ref) if ref else group_image:
+                spec["image"] = image
         async with self._alloc:
             hostname, addr = self._allocate(group, hostname, ip)
             disk = self.persistent_disk(hostname) if persistent else self.run_dir(hostname) / "disk.qcow2"
@@ -286,7 +296,9 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         # Clones share their template's disk, so persistent VMs boot cold; so do forks of a commit.
+        # So does a VM of another image than its group's (templates are the group's image).
         cold = persistent or "cold" in (group.boot, spec.get("boot")) or bool(spec.get("parent_commit"))
+        cold = cold or spec.get("image") != group_image
         try:
             if template is None and not cold:
                 template = await self.templates.ensure(group, (cpus, ram))
@@ -363,7 +375,8 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
         saved state ``restore_from``. A clone whose restore fails boots cold instead."""
         rec = node.record
         gnet = self.net.group(group.name)
-        spec = vm_spec(self.image, group, gnet, name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
+        spec = vm_spec(self.images.boot(rec.spec.get("image")), group, gnet,
+                       name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
                        ip=rec.ip, disk=Path(rec.disk), run_dir=node.run_dir)
         boot = "suspend" if restore_from is not None else "boot"
         if (parent := rec.spec.get("parent_commit")) and not Path(rec.disk).exists():

@@ -21,9 +21,9 @@ from slicer.vmm.base import VMMError
 
 if TYPE_CHECKING:
     from slicer.core.config import Config, HostGroup
+    from slicer.core.images import BootImages
     from slicer.core.state import NodeRecord, StateStore
     from slicer.core.templates import Templates
-    from slicer.image.build import GuestImage
     from slicer.net import HostNetwork
     from slicer.vmm.base import Driver
 
@@ -34,7 +34,7 @@ class Reconciler:
     config: Config
     data_dir: Path
     driver: Driver
-    image: GuestImage
+    images: BootImages
     net: HostNetwork
     nodes: dict[str, Node]
     run_root: Path
@@ -139,7 +139,8 @@ class Reconciler:
         if why is None:
             assert group is not None
             gnet = self.net.group(group.name)
-            spec = vm_spec(self.image, group, gnet, name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
+            spec = vm_spec(self.images.boot(rec.spec.get("image")), group, gnet,
+                           name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
                            ip=rec.ip, disk=Path(rec.disk), run_dir=run_dir)
             if rec.template:
                 spec.memory_file = self.templates.memory_file(rec.template)

@@ -17,7 +17,7 @@ def vm_spec(image: GuestImage, group: HostGroup, net: GroupNetwork, *, name: str
     guest = net.addressing.guest(ip)
     return VMSpec(
         name=name, cpus=cpus, ram_bytes=ram_bytes,
-        kernel=image.kernel, initrd=image.initrd, base_disk=image.rootfs,
+        kernel=image.kernel, initrd=image.initrd, base_disk=image.rootfs, runtime_disk=image.runtime,
         disk=disk, disk_size=group.disk_size, run_dir=run_dir,
         ip_cidr=guest.ip_cidr, gateway=guest.gateway, mac=guest.mac,
         dns=group.dns_servers, net=net.placeholder(),

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from slicer.core.config import HostGroup
 from slicer.core.errors import SlicerError
+from slicer.core.images import BootImages
 from slicer.core.node import Node
 from slicer.core.specs import vm_spec
 from slicer.core.state import NodeRecord, now_rfc3339
-from slicer.image.build import GuestImage
 from slicer.net import HostNetwork, NetworkError
 from slicer.vmm.base import Driver, VMMError, VMSpec, VMState
 
@@ -110,12 +110,12 @@ class Templates:
     """The templates of every host group, one per VM size (cpus, RAM) asked for, at most
     ``MAX_SIZES`` sizes per group (further sizes boot cold)."""
 
-    def __init__(self, root: Path, run_root: Path, driver: Driver, image: GuestImage, net: HostNetwork) -> None:
+    def __init__(self, root: Path, run_root: Path, driver: Driver, images: BootImages, net: HostNetwork) -> None:
         self.root = root
         self.net = net
         self.run_root = run_root
         self.driver = driver
-        self.image = image
+        self.images = images
         self._locks: dict[tuple[str, Size], asyncio.Lock] = {}
         self._failed_at: dict[tuple[str, Size], float] = {}
         # What a key digests is fixed for the daemon's life (the image is chosen at start).
@@ -129,7 +129,8 @@ class Templates:
         gnet = self.net.group(group.name)
         ip = str(gnet.addressing.pool[0])  # its NIC is connected to nothing: no clash with a VM's
         building = self.root / f".building-{name}"
-        spec = vm_spec(self.image, group, gnet, name=name, cpus=cpus, ram_bytes=ram, ip=ip,
+        boot = self.images.boot(self.images.group_choice(group.name))
+        spec = vm_spec(boot, group, gnet, name=name, cpus=cpus, ram_bytes=ram, ip=ip,
                        disk=building / "disk.qcow2", run_dir=self.run_root / f".{name}")  # no VM's name
         spec.memory_file, spec.memory_shared = building / "ram", True
         return spec
@@ -261,11 +262,11 @@ class Templates:
         return tpl
 
     async def from_capture(self, group: HostGroup, name: str, cpus: int, ram_bytes: int, base: str,
-                           capture: Callable[[Path, Path], Awaitable[None]]) -> Template:
+                           image: dict | None, capture: Callable[[Path, Path], Awaitable[None]]) -> Template:
         """A template called ``name`` from a running VM (a live fork): ``capture(state, disk)``
         writes the VM's whole state and a copy of its disk. One VM restores that state with its
         RAM in a shared file and saves it again without the RAM, so the copies map the file
-        copy-on-write like any template's clones."""
+        copy-on-write like any template's clones. ``image``: the source's (its record's choice)."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         building = self.root / f".building-{name}"
@@ -277,7 +278,7 @@ class Templates:
             await capture(full, building / "disk.qcow2")
             t1 = loop.time()
             gnet = self.net.group(group.name)
-            spec = vm_spec(self.image, group, gnet, name=name, cpus=cpus, ram_bytes=ram_bytes,
+            spec = vm_spec(self.images.boot(image), group, gnet, name=name, cpus=cpus, ram_bytes=ram_bytes,
                            ip=str(gnet.addressing.pool[0]), disk=building / "scratch.qcow2",
                            run_dir=self.run_root / f".tpl-{name}")
             spec.base_disk, spec.base_format = building / "disk.qcow2", "qcow2"

@@ -21,8 +21,10 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from slicer.image import runtime
 
 SUITE = "bookworm"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
@@ -75,6 +77,9 @@ class GuestImage:
     initrd: Path
     rootfs: Path
     build_id: str
+    # The agent's own runtime, a second read-only disk for VMs of users' images
+    # (:mod:`slicer.image.runtime`); None: the agent runs on the root filesystem's Python.
+    runtime: Path | None = None
 
     @classmethod
     def at(cls, directory: Path) -> GuestImage:
@@ -85,6 +90,12 @@ class GuestImage:
             rootfs=directory / "rootfs.ext4",
             build_id=directory.name,
         )
+
+    def with_root(self, rootfs: Path, build_id: str) -> GuestImage:
+        """The same kernel and initramfs booting a user's root filesystem, with our runtime."""
+        if not (self.directory / "runtime.ext4").exists():
+            raise ImageError(f"image {self.build_id} has no runtime.ext4: run `slicer image build`")
+        return replace(self, rootfs=rootfs, build_id=build_id, runtime=self.directory / "runtime.ext4")
 
 
 class ImageError(Exception):
@@ -119,9 +130,10 @@ def _kernel_package() -> str:
 
 
 def _guest_sources() -> bytes:
-    return b"".join((_PKG_DIR.parent / f).read_bytes() for f in GUEST_FILES) + (
-        Path(__file__).parent / "initramfs-init.sh"
-    ).read_bytes()
+    here = Path(__file__).parent
+    return b"".join((_PKG_DIR.parent / f).read_bytes() for f in GUEST_FILES) + b"".join(
+        (here / f).read_bytes() for f in ("initramfs-init.sh", "runtime.py")
+    )
 
 
 def base_key(kernel_pkg: str) -> str:
@@ -223,12 +235,17 @@ def _build_initramfs(kernel_tree: Path, out: Path, work: Path) -> None:
         f.write(gzip.compress(cpio.stdout, compresslevel=6))
 
 
-def _install_guest_files(dest: Path) -> None:
-    """This repository's guest code under ``dest/opt/slicer`` and the init at ``dest/slicer-init``."""
+def _copy_guest_files(dest: Path) -> None:
+    """This repository's guest code (the ``slicer`` package's guest part) under ``dest``."""
     for rel in GUEST_FILES:
-        dst = dest / "opt/slicer" / rel
+        dst = dest / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(_PKG_DIR.parent / rel, dst)
+
+
+def _install_guest_files(dest: Path) -> None:
+    """This repository's guest code under ``dest/opt/slicer`` and the init at ``dest/slicer-init``."""
+    _copy_guest_files(dest / "opt/slicer")
     init = dest / "slicer-init"
     init.write_text("#!/bin/sh\nexport PYTHONPATH=/opt/slicer\nexec /usr/bin/python3 -m slicer.agent.init\n")
     init.chmod(0o755)
@@ -249,6 +266,18 @@ def _build_rootfs(base_tar: Path, out: Path, work: Path) -> None:
     used = int(_run(["du", "-sb", str(root)]).stdout.split()[0])
     size_mb = used * 3 // 2 // (1 << 20) + 256
     _run(["mkfs.ext4", "-q", "-F", "-L", "slicer-root", "-d", str(root), str(out), f"{size_mb}M"])
+
+
+def _build_runtime(base_tar: Path, out: Path, work: Path, progress: Progress) -> None:
+    root = work / "runtime"
+    root.mkdir()
+    with tarfile.open(base_tar) as tf:
+        tf.extractall(root, filter="fully_trusted")  # our own mmdebstrap output
+    runtime.populate(root, _copy_guest_files, progress)
+    used = int(_run(["du", "-sb", str(root)]).stdout.split()[0])
+    size_mb = used * 6 // 5 // (1 << 20) + 32  # read-only in the guest: little room needed
+    _run(["mkfs.ext4", "-q", "-F", "-L", "slicer-runtime", "-d", str(root), str(out), f"{size_mb}M"])
+    shutil.rmtree(root)
 
 
 def build_image(data_dir: Path, progress: Progress = print, force: bool = False) -> GuestImage:
@@ -279,6 +308,9 @@ def build_image(data_dir: Path, progress: Progress = print, force: bool = False)
         progress("building rootfs.ext4")
         _build_rootfs(base_tar, staging / "rootfs.ext4", work)
         (staging / "rootfs.ext4").chmod(0o444)
+        progress("building runtime.ext4 (the agent for users' images)")
+        _build_runtime(base_tar, staging / "runtime.ext4", work, progress)
+        (staging / "runtime.ext4").chmod(0o444)
         manifest = {"build_id": key, "base": bkey, "kernel_package": kernel_pkg, "suite": SUITE}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if final.exists():

@@ -18,6 +18,21 @@ mkdir -p /newroot
 if ! mount -t ext4 -o rw /dev/vda /newroot; then
     echo "slicer-initramfs: cannot mount /dev/vda"; sleep 2; poweroff -f
 fi
+if grep -q 'slicer.runtime' /proc/cmdline; then
+    # A user's image: our runtime (Python, aiohttp, the agent) on the second disk, mounted
+    # read-only under /run; the image's root stays untouched but for the mount points.
+    i=0
+    while [ ! -b /dev/vdb ] && [ $i -lt 500 ]; do usleep 10000; i=$((i + 1)); done
+    mkdir -p /newroot/run /newroot/dev /newroot/proc /newroot/sys /newroot/tmp /newroot/etc
+    mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run
+    mkdir -p /newroot/run/slicer/rt
+    if ! mount -t ext4 -o ro /dev/vdb /newroot/run/slicer/rt; then
+        echo "slicer-initramfs: cannot mount the runtime disk /dev/vdb"; sleep 2; poweroff -f
+    fi
+    mount --move /dev /newroot/dev
+    umount /proc /sys
+    exec switch_root /newroot /run/slicer/rt/opt/slicer/init
+fi
 # The agent and init come with the initramfs, so every boot (persistent disks included) runs
 # the agent of the image the host booted it with: guest and host never drift.
 rm -rf /newroot/opt/slicer

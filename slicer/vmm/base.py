@@ -91,6 +91,9 @@ class VMSpec:
     net: NetDevice | None = None  # None: no NIC
     kernel_args: list[str] = field(default_factory=list)
     base_format: str = "raw"  # of base_disk: "raw" for the image, "qcow2" for a template disk
+    # Read-only second disk with the agent's own runtime (VMs of users' images); the kernel
+    # command line tells the initramfs to mount it (``slicer.runtime``).
+    runtime_disk: Path | None = None
     # Guest RAM in a file rather than anonymous memory. ``memory_shared``: writes go to the file
     # (a template's RAM, left out of its saved state); otherwise the file is mapped
     # copy-on-write (a clone restored from that template shares its pages until it writes).

@@ -36,6 +36,7 @@ class Handoff:
     initrd: int = -1
     layers: list[Layer] = field(default_factory=list)  # the VM's disk first, then its backing chain
     memory: int = -1  # guest RAM file, if the spec asks for one
+    runtime: int = -1  # the runtime disk, if the spec has one
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     _owned: list[int] = field(default_factory=list)  # descriptors to close (not shared ones)
 
@@ -44,7 +45,7 @@ class Handoff:
         return sock.fileno() if sock is not None else -1
 
     def fds(self) -> tuple[int, ...]:
-        found = [self.kernel, self.initrd, self.memory, *(layer.fd for layer in self.layers)]
+        found = [self.kernel, self.initrd, self.memory, self.runtime, *(layer.fd for layer in self.layers)]
         found += [s.fileno() for s in self.sockets.values()]
         return tuple(fd for fd in found if fd >= 0)
 
@@ -80,7 +81,8 @@ class Handoff:
 
 def placeholder(spec: VMSpec) -> Handoff:
     """A handoff with no descriptors: for command lines that are only compared (fingerprints)."""
-    return Handoff(layers=[Layer(spec.disk, "qcow2"), Layer(spec.base_disk, spec.base_format)])
+    return Handoff(layers=[Layer(spec.disk, "qcow2"), Layer(spec.base_disk, spec.base_format)],
+                   runtime=-1 if spec.runtime_disk is None else 0)  # 0: "has one", never opened
 
 
 def open_handoff(spec: VMSpec, chain: list[Layer], jail: Jail | None, sealed: SealedFiles) -> Handoff:
@@ -94,6 +96,10 @@ def open_handoff(spec: VMSpec, chain: list[Layer], jail: Jail | None, sealed: Se
             if jail is not None:
                 jail.own(layer.path) if i == 0 else readable(layer.path)
             layer.fd = h._open(layer.path, os.O_RDWR if i == 0 else os.O_RDONLY)
+        if spec.runtime_disk is not None:
+            if jail is not None:
+                readable(spec.runtime_disk)
+            h.runtime = h._open(spec.runtime_disk, os.O_RDONLY)
         if spec.memory_file is not None and spec.memory_shared:
             h.memory = h._open(spec.memory_file, os.O_RDWR | os.O_CREAT)
             if jail is not None:

@@ -372,6 +372,15 @@ def _disks(layers: list[Layer]) -> list[str]:
     return args
 
 
+def _runtime_disk(h: Handoff) -> list[str]:
+    """The agent's runtime, read-only, after the root disk (so the guest names it vdb)."""
+    if h.runtime < 0:
+        return []
+    return ["-blockdev", f"driver=file,node-name=rt-file,filename=/proc/self/fd/{h.runtime},read-only=on",
+            "-blockdev", "driver=raw,node-name=rt,file=rt-file,read-only=on",
+            "-device", "virtio-blk-device,drive=rt"]
+
+
 def _chardev(name: str, fd: int, wait: bool = False) -> str:
     return f"socket,id={name},fd={fd},server=on,wait={'on' if wait else 'off'}"
 
@@ -405,6 +414,8 @@ class QemuDriver(Driver):
             args.append(f"slicer.mac={spec.mac}")
         if self.accelerator == "tcg" and (khz := tsc_khz()):
             args.append(f"tsc_early_khz={khz}")  # without it, 2 boots in 3 hang calibrating
+        if spec.runtime_disk is not None:
+            args.append("slicer.runtime=vdb")
         args += spec.kernel_args
         accel = ["-accel", "tcg,thread=multi,tb-size=64", "-cpu", "max"]
         if self.accelerator == "kvm":
@@ -436,6 +447,7 @@ class QemuDriver(Driver):
             "-append", " ".join(args),
             *_disks(h.layers),
             "-device", "virtio-blk-device,drive=disk0",
+            *_runtime_disk(h),
             *_nic(spec),
             "-device", "virtio-rng-device",
             "-device", "virtio-serial-device",
@@ -456,7 +468,7 @@ class QemuDriver(Driver):
         for arg in command:
             arg = re.sub(r"\b(fd|addr\.str)=-?\d+", r"\1=FD", arg)
             h.update(re.sub(r"/proc/self/fd/-?\d+", "FD", arg).encode() + b"\0")
-        for path in (spec.kernel, spec.initrd, spec.base_disk):
+        for path in (spec.kernel, spec.initrd, spec.base_disk, *filter(None, [spec.runtime_disk])):
             st = path.stat()
             h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]

@@ -45,7 +45,10 @@ async def info(request: Request) -> dict:
         "hypervisor": m.driver.name,  # what runs the VMs
         "hypervisor_requested": m.config.hypervisor,  # what the config asked for
         "accelerator": m.driver.accelerator,
-        "image": m.image.build_id,
+        "image": m.images.base.build_id,
+        # per host group, the OCI image its VMs boot (absent: the project's), or why it cannot
+        "group_images": {**{g: c["ref"] for g, c in m.images.groups.items()},
+                         **{g: {"error": e} for g, e in m.images.errors.items()}},
         "network": m.net.describe(),  # per host group: backend (bridge/isolated/passt) and addresses
         "confinement": m.driver.confinement(),  # VMMs' uids, seccomp filter, cgroups
     }

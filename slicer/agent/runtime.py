@@ -1,0 +1,38 @@
+"""Where the agent's own runtime lives in a guest, and the shells it falls back to.
+
+A VM of the project's image runs the agent on the image's Python (``/opt/slicer``). A VM of a
+user's image (any OCI image: busybox only, musl, no Python) gets a second, read-only disk of
+ours that the initramfs mounts at :data:`ROOT`: Python, aiohttp and a few tools patched to load
+their libraries from there only. The agent runs from it while ``/`` stays the image's root, so
+commands, files and users are the image's own.
+"""
+
+from __future__ import annotations
+
+import os
+
+ROOT = "/run/slicer/rt"  # mount point of the runtime disk (read-only)
+TOOLS = ROOT + "/opt/slicer/bin"  # ip, resize2fs, inotifywait, busybox (sh) from the runtime
+STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SHELLS = ("/bin/bash", "/bin/sh", "bash", "sh")
+
+
+def active() -> bool:
+    """Whether this guest boots from a user's image with our runtime mounted."""
+    return os.path.isdir(TOOLS)
+
+
+def agent_path() -> str:
+    """PATH for the agent's own helpers: the runtime's tools first, when there is one."""
+    return f"{TOOLS}:{STANDARD_PATH}" if active() else STANDARD_PATH
+
+
+def shell(requested: str | None = None) -> str:
+    """``requested`` if it can run; for a stock shell name the image lacks, the nearest one the
+    image has, then the runtime's busybox ``sh`` (an image may have no shell at all)."""
+    if requested and (os.access(requested, os.X_OK) or requested not in SHELLS):
+        return requested
+    for candidate in ("/bin/bash", "/bin/sh", TOOLS + "/sh"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return requested or "/bin/sh"

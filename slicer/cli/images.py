@@ -1,0 +1,87 @@
+"""``slicer image pull|list|rm``: the cache of users' OCI images in the data directory."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from slicer.cli.daemon import DEFAULT_DATA_DIR, DataDir, err, image_app
+
+
+def _store(data_dir):
+    from slicer.image.build import images_dir
+    from slicer.image.oci import ImageStore
+
+    return ImageStore(images_dir(data_dir) / "oci")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@image_app.command("pull")
+def image_pull(
+    ref: Annotated[str, typer.Argument(help="OCI reference: registry/name:tag, docker://…, oci:DIR:tag, "
+                                            "oci-archive:FILE, docker-archive:FILE.")],
+    insecure: Annotated[bool, typer.Option("--insecure", help="Plain HTTP / unverified TLS registry.")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Pull an image (again, if cached) and make its disk, for [bold]image:[/bold] or [bold]disk_image[/bold].
+
+    Example: [bold]slicer image pull --insecure 127.0.0.1:5000/app:1[/bold]
+    """
+    from slicer.image.oci import OCIError
+
+    try:
+        image = _store(data_dir).pull(ref, insecure, progress=lambda m: err.print(f"[cyan]pull:[/cyan] {m}"))
+    except OCIError as e:
+        err.print(f"[red]{e.message}[/red]")
+        raise typer.Exit(1) from e
+    typer.echo(image.digest)
+
+
+@image_app.command("list")
+def image_list(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The images in the cache, with their disk sizes. Example: [bold]slicer image list[/bold]"""
+    images = [i.view() for i in _store(data_dir).list()]
+    if as_json:
+        typer.echo(json.dumps(images, indent=2))
+        return
+    table = Table("REFERENCE", "DIGEST", "DISK", "FILES", "PULLED")
+    for i in images:
+        table.add_row(", ".join(i["refs"]) or "-", i["digest"].removeprefix("sha256:")[:12],
+                      _size(i["size_bytes"]), _size(i["content_bytes"]), i["pulled_at"] or "-")
+    from rich.console import Console
+
+    Console().print(table)
+
+
+@image_app.command("rm")
+def image_rm(
+    ref: Annotated[str, typer.Argument(help="A reference as pulled, or a digest (sha256:…).")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Remove an image from the cache; refused while a VM or commit boots from it.
+
+    Example: [bold]slicer image rm 127.0.0.1:5000/app:1[/bold]
+    """
+    from slicer.core.images import users_of_images
+    from slicer.image.oci import OCIError
+
+    store = _store(data_dir)
+    try:
+        image = store.remove(ref, lambda digest: users_of_images(data_dir, store).get(digest))
+    except OCIError as e:
+        err.print(f"[red]{e.message}[/red]")
+        raise typer.Exit(1) from e
+    typer.echo(f"removed {image.digest}")

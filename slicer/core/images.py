@@ -1,0 +1,118 @@
+"""Which image each VM boots: the project's, or a user's OCI image with the agent's runtime.
+
+A node's choice is made when its record is written (its group's ``image``, or the create
+request's ``disk_image``) and kept in the record (``spec["image"]``: reference and digest), so
+a VM keeps booting the image it was made from whatever the config says later, and a commit's
+or fork's children inherit it with the rest of the spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+from slicer.core.config import Config
+from slicer.core.errors import BadGateway, BadRequest, NotFound, SlicerError, Unavailable
+from slicer.core.state import StateStore
+from slicer.image.build import GuestImage, ImageError
+from slicer.image.oci import ImageStore, OCIError
+
+log = logging.getLogger("slicer.images")
+KINDS: dict[str, type[SlicerError]] = {"invalid_image": BadRequest, "wrong_architecture": BadRequest,
+                                      "image_not_found": NotFound, "tool_missing": SlicerError}
+
+
+def image_error(e: OCIError) -> SlicerError:
+    """An image failure as the API reports it: bad references 400, registries' failures 502."""
+    return KINDS.get(e.code, BadGateway)(e.message, e.code)
+
+
+class BootImages:
+    def __init__(self, base: GuestImage, store: ImageStore, config: Config) -> None:
+        self.base = base
+        self.store = store
+        self.config = config
+        self.groups: dict[str, dict] = {}  # group -> {"ref", "digest"} of its image
+        self.errors: dict[str, str] = {}  # group -> why its image is unavailable
+        self._pulls: dict[str, asyncio.Lock] = {}
+
+    def resolve_groups(self) -> None:
+        """Find (pulling if needed) every group's image; a group whose image fails is marked
+        unavailable, the others go on."""
+        self.store.clean()
+        for group in self.config.host_groups:
+            ref = group.image or self.config.image
+            if not ref:
+                continue
+            try:
+                image = self.store.ensure(ref, self.config.insecure_registry,
+                                          lambda m, g=group.name: log.info("%s: %s", g, m))
+            except OCIError as e:
+                self.errors[group.name] = e.message
+                log.error("host group %s: image %s unavailable: %s", group.name, ref, e.message)
+                continue
+            self.groups[group.name] = {"ref": ref, "digest": image.digest}
+            log.info("host group %s boots image %s (%s)", group.name, ref, image.digest)
+
+    def group_choice(self, group: str) -> dict | None:
+        """The image record of ``group``'s VMs (None: the project's image)."""
+        if group in self.errors:
+            raise Unavailable(f"host group {group}'s image is unavailable: {self.errors[group]}", "image_unavailable")
+        return self.groups.get(group)
+
+    async def request_choice(self, ref: str) -> dict:
+        """The image record for a create request's ``disk_image`` (pulled in a thread if new)."""
+        lock = self._pulls.setdefault(ref, asyncio.Lock())
+        async with lock:
+            try:
+                image = await asyncio.to_thread(
+                    self.store.ensure, ref, self.config.insecure_registry, lambda m: log.info("%s", m))
+            except OCIError as e:
+                raise image_error(e) from None
+        return {"ref": ref, "digest": image.digest}
+
+    def boot(self, choice: dict | None) -> GuestImage:
+        """What QEMU boots for a node whose record holds ``choice``."""
+        if not choice:
+            return self.base
+        try:
+            image = self.store.get(str(choice.get("digest", "")))
+            return self.base.with_root(image.rootfs, image.short)
+        except OCIError as e:
+            raise image_error(e) from None
+        except ImageError as e:
+            raise SlicerError(str(e), "image_error") from None
+
+    def label(self, choice: dict | None) -> str:
+        return str(choice["ref"]) if choice else self.base.build_id
+
+
+def users_of_images(data_dir: Path, store: ImageStore) -> dict[str, str]:
+    """Digest → what boots from it (a VM, a commit, a template), read from the data directory:
+    what ``slicer image rm`` must not remove."""
+    users: dict[str, str] = {}
+    db = data_dir / "state.db"
+    if db.exists():
+        state = StateStore(db)
+        try:
+            for rec in state.all():
+                if isinstance(image := rec.spec.get("image"), dict):
+                    users.setdefault(str(image.get("digest")), f"VM {rec.hostname}")
+            for commit in state.commits():
+                if isinstance(image := commit.spec.get("image"), dict):
+                    users.setdefault(str(image.get("digest")), f"commit {commit.commit_id}")
+        finally:
+            state.close()
+    by_root = {str(i.rootfs): i.digest for i in store.list()}
+    for disk in sorted((data_dir / "templates").glob("*/disk.qcow2")):
+        out = subprocess.run(["qemu-img", "info", "--backing-chain", "-U", "--output=json", str(disk)],
+                             capture_output=True, text=True)
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            for layer in json.loads(out.stdout) if out.returncode == 0 else []:
+                if (digest := by_root.get(layer["filename"])) is not None:
+                    users.setdefault(digest, f"template {disk.parent.name}")
+    return users

@@ -1,0 +1,229 @@
+"""Users' images: OCI references pulled with skopeo, unpacked with umoci, made into ext4 disks.
+
+The cache lives in ``images/oci``: one directory per manifest digest holding ``rootfs.ext4``
+(read-only, the base of every VM of that image) and ``meta.json``; ``refs.json`` maps the
+references users wrote to digests, so a reference pulled once is not pulled again (``slicer
+image pull`` refreshes it). Work happens in ``.pull-*`` directories renamed into place when
+complete, so an interrupted pull leaves nothing that looks like an image (start-up removes
+the leftovers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+Progress = Callable[[str], None]
+ARCH = "amd64"
+TRANSPORTS = ("docker://", "oci:", "oci-archive:", "docker-archive:")
+REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,511}$")
+ROOT_DIRS = ("dev", "proc", "sys", "run", "tmp", "etc", "root")  # mount points and what init writes
+
+
+class OCIError(Exception):
+    """An image could not be pulled, converted or found; the message names it and the cause."""
+
+    def __init__(self, message: str, code: str = "image_error") -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+@dataclass(frozen=True)
+class UserImage:
+    digest: str  # the manifest's, "sha256:…"
+    directory: Path
+    meta: dict
+
+    @property
+    def rootfs(self) -> Path:
+        return self.directory / "rootfs.ext4"
+
+    @property
+    def short(self) -> str:
+        return self.digest.removeprefix("sha256:")[:12]
+
+    def view(self) -> dict:
+        return {"digest": self.digest, "refs": self.meta.get("refs", []),
+                "size_bytes": self.rootfs.stat().st_blocks * 512,  # allocated: the disk is sparse
+                "content_bytes": self.meta.get("content_bytes", 0), "architecture": self.meta.get("architecture"),
+                "pulled_at": self.meta.get("pulled_at"), "source": self.meta.get("source")}
+
+
+def source_of(ref: str) -> str:
+    """The skopeo source for ``ref``: given transports as they are, anything else a registry's."""
+    if not REF_RE.fullmatch(ref) or ".." in ref.split("/"):
+        raise OCIError(f"invalid image reference {ref!r}", "invalid_image")
+    return ref if ref.startswith(TRANSPORTS) else "docker://" + ref
+
+
+def _run(cmd: list[str], what: str, progress: Progress | None = None) -> str:
+    """Run a tool; its output lines go to ``progress`` as they come; errors name ``what``."""
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except FileNotFoundError:
+        raise OCIError(f"{cmd[0]} is not installed (scripts/install.sh installs it)", "tool_missing") from None
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        del lines[:-40]
+        if progress is not None and line.strip():
+            progress(line.rstrip())
+    if proc.wait():
+        detail = "; ".join(x for x in lines[-4:] if x) or f"exit status {proc.returncode}"
+        raise OCIError(f"{what}: {detail}", "image_pull_failed")
+    return "\n".join(lines)
+
+
+class ImageStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # -- the cache --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _refs(self) -> dict[str, str]:
+        try:
+            refs = json.loads((self.root / "refs.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return refs if isinstance(refs, dict) else {}
+
+    def _write_refs(self, refs: dict[str, str]) -> None:
+        tmp = self.root / ".refs.json.tmp"
+        tmp.write_text(json.dumps(refs, indent=2, sort_keys=True))
+        os.replace(tmp, self.root / "refs.json")
+
+    def _dir(self, digest: str) -> Path:
+        return self.root / digest.replace(":", "-")
+
+    def get(self, digest: str) -> UserImage:
+        directory = self._dir(digest)
+        try:
+            meta = json.loads((directory / "meta.json").read_text())
+        except (FileNotFoundError, ValueError):
+            raise OCIError(f"image {digest} is not in the cache (pull it again)", "image_not_found") from None
+        return UserImage(digest, directory, meta)
+
+    def lookup(self, ref: str) -> UserImage | None:
+        """``ref`` from the cache (by the reference pulled, or by digest), None if not there."""
+        digest = self._refs().get(ref) or (ref if ref.startswith("sha256:") else None)
+        if digest is None:
+            return None
+        with contextlib.suppress(OCIError):
+            return self.get(digest)
+        return None
+
+    def list(self) -> list[UserImage]:
+        found = []
+        for d in sorted(self.root.glob("sha256-*")):
+            with contextlib.suppress(OCIError):
+                found.append(self.get(d.name.replace("-", ":", 1)))
+        return found
+
+    def clean(self) -> None:
+        """Remove what interrupted pulls left."""
+        for d in self.root.glob(".pull-*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+    def remove(self, ref: str, user: Callable[[str], str | None]) -> UserImage:
+        """Remove ``ref`` (a reference or a digest) from the cache, unless ``user(digest)``
+        names something that still boots from it."""
+        with self._locked():
+            image = self.lookup(ref)
+            if image is None:
+                raise OCIError(f"image {ref!r} is not in the cache", "image_not_found")
+            if who := user(image.digest):
+                raise OCIError(f"image {ref} ({image.short}) is in use by {who}", "image_in_use")
+            refs = {r: d for r, d in self._refs().items() if d != image.digest}
+            self._write_refs(refs)
+            trash = self.root / f".pull-rm-{image.short}"
+            os.replace(image.directory, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        return image
+
+    # -- pulling ----------------------------------------------------------------------------------
+    def ensure(self, ref: str, insecure: bool = False, progress: Progress = print) -> UserImage:
+        """``ref`` from the cache, pulled first if it is not there."""
+        return self.lookup(ref) or self.pull(ref, insecure, progress)
+
+    def pull(self, ref: str, insecure: bool = False, progress: Progress = print) -> UserImage:
+        """Pull ``ref`` and make its disk (unless its digest is cached already); record the reference."""
+        source = source_of(ref)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".pull-") as tmp:
+            work = Path(tmp)
+            layout = f"{work / 'layout'}:image"  # umoci's form; skopeo's is "oci:" + it
+            tls = ["--src-tls-verify=false"] if insecure else []
+            progress(f"pulling {ref}")
+            _run(["skopeo", "--override-os", "linux", "--override-arch", ARCH, "copy", *tls, source, "oci:" + layout],
+                 f"cannot pull {ref}", progress)
+            digest, config = self._read_layout(work / "layout", ref)
+            if self.lookup(digest) is None:
+                self._convert(ref, work, layout, digest, config, progress)
+            with self._locked():
+                refs = self._refs()
+                refs[ref] = digest
+                self._write_refs(refs)
+                image = self.get(digest)
+                if ref not in image.meta.get("refs", []):
+                    image.meta.setdefault("refs", []).append(ref)
+                    (image.directory / "meta.json").write_text(json.dumps(image.meta, indent=2))
+        progress(f"{ref}: {digest} ready")
+        return image
+
+    @staticmethod
+    def _read_layout(layout: Path, ref: str) -> tuple[str, dict]:
+        """The manifest digest and image config skopeo wrote; refuses another architecture."""
+        try:
+            index = json.loads((layout / "index.json").read_text())
+            digest = index["manifests"][0]["digest"]
+            manifest = json.loads((layout / "blobs" / digest.replace(":", "/")).read_text())
+            config = json.loads((layout / "blobs" / manifest["config"]["digest"].replace(":", "/")).read_text())
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise OCIError(f"image {ref}: unreadable manifest or config ({e})", "invalid_image") from None
+        arch, os_ = config.get("architecture"), config.get("os")
+        if arch != ARCH or os_ not in (None, "linux"):
+            raise OCIError(f"image {ref} is for {os_}/{arch}; this host runs linux/{ARCH} VMs", "wrong_architecture")
+        return digest, config
+
+    def _convert(self, ref: str, work: Path, layout: str, digest: str, config: dict, progress: Progress) -> None:
+        bundle = work / "bundle"
+        progress(f"unpacking {ref}")
+        _run(["umoci", "unpack", "--image", layout, str(bundle)], f"cannot unpack {ref}")
+        root = bundle / "rootfs"
+        for d in ROOT_DIRS:
+            path = root / d
+            if not path.is_symlink() and not path.exists():
+                path.mkdir(mode=0o700 if d == "root" else 0o755)
+        used = int(_run(["du", "-sb", str(root)], f"cannot size {ref}").split()[0])
+        size_mb = used * 5 // 4 // (1 << 20) + 64  # grown to the VM's storage_size at its boot
+        out = work / "disk"
+        out.mkdir()
+        progress(f"making a {size_mb} MiB ext4 disk of {ref} ({used >> 20} MiB of files)")
+        _run(["mkfs.ext4", "-q", "-F", "-L", "slicer-root", "-d", str(root), str(out / "rootfs.ext4"), f"{size_mb}M"],
+             f"cannot make a disk of {ref}")
+        (out / "rootfs.ext4").chmod(0o444)
+        cfg = config.get("config") or {}
+        meta = {"digest": digest, "refs": [ref], "source": source_of(ref), "architecture": config.get("architecture"),
+                "content_bytes": used, "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "config": {k: cfg.get(k) for k in ("Env", "Entrypoint", "Cmd", "WorkingDir", "User") if cfg.get(k)}}
+        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+        with self._locked():
+            if not self._dir(digest).exists():
+                os.replace(out, self._dir(digest))

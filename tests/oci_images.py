@@ -1,0 +1,106 @@
+"""Test images and a real registry for them: Debian's ``docker-registry`` on loopback, and
+images the tests make themselves (umoci), pushed with skopeo. Shared by tests and benchmarks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Registry:
+    """``docker-registry serve`` on 127.0.0.1 with a temporary storage directory."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="slt-registry-"))
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        config = self.dir / "config.yml"
+        config.write_text(
+            "version: 0.1\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.dir / 'storage'}\n"
+            f"http:\n  addr: {self.address}\n"
+        )
+        self.log = open(self.dir / "registry.log", "ab")
+        self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://{self.address}/v2/", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.close()
+        raise RuntimeError("docker-registry did not come up")
+
+    def push(self, layout: str, name: str) -> str:
+        """Push the OCI layout image ``layout`` (``dir:tag``) as ``name``; returns its reference."""
+        ref = f"{self.address}/{name}"
+        subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}", f"docker://{ref}"],
+                       check=True, capture_output=True)
+        return ref
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def pack(rootfs: Path, work: Path, tag: str, arch: str = "amd64", cmd: str = "/bin/sh") -> str:
+    """An OCI layout image (``dir:tag``) whose one layer is the tree at ``rootfs``."""
+    layout = work / "layout"
+    if not layout.exists():
+        subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
+    image = f"{layout}:{tag}"
+    bundle = work / f"bundle-{tag}"
+    subprocess.run(["umoci", "new", "--image", image], check=True)
+    subprocess.run(["umoci", "unpack", "--image", image, str(bundle)], check=True, capture_output=True)
+    subprocess.run(["cp", "-a", f"{rootfs}/.", str(bundle / "rootfs")], check=True)
+    subprocess.run(["umoci", "repack", "--image", image, str(bundle)], check=True)
+    subprocess.run(["umoci", "config", "--image", image, "--architecture", arch, "--config.cmd", cmd], check=True)
+    shutil.rmtree(bundle)
+    return image
+
+
+def busybox_root(root: Path) -> Path:
+    """A root filesystem of busybox only: no libc, no Python, no bash."""
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2("/bin/busybox", root / "bin/busybox")
+    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc").mkdir()
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n")
+    (root / "etc/group").write_text("root:x:0:\napp:x:1000:\n")
+    (root / "home/app").mkdir(parents=True)
+    (root / "etc/motd").write_text("busybox test image\n")
+    return root
+
+
+def debian_root(root: Path, image_dir: Path) -> Path:
+    """Debian (bash, coreutils, apt) with Python removed: what a distribution image holds. Made
+    offline from the project image's cached mmdebstrap output (tests run without a network)."""
+    import json
+
+    base = json.loads((image_dir / "manifest.json").read_text())["base"]
+    root.mkdir()
+    subprocess.run(["tar", "-xf", str(image_dir.parent / f"base-{base}.tar"), "-C", str(root)], check=True)
+    for pattern in ("usr/bin/python3*", "usr/lib/python3*", "usr/lib/python3.*", "usr/local/lib/python3*"):
+        for path in root.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return root

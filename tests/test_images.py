@@ -1,0 +1,266 @@
+"""Users' OCI images end to end: a real registry on loopback, images made here (busybox only;
+Debian minbase without Python), real VMs booting them with the agent from our runtime disk."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from slicer.client import SlicerClient
+from tests.conftest import IMAGE_DATA_DIR, Daemon, wait_agent
+from tests.oci_images import Registry, busybox_root, debian_root, pack
+
+pytestmark = pytest.mark.vm
+
+CONFIG = """
+config:
+  insecure_registry: true
+  host_groups:
+  - name: bb
+    count: 1
+    vcpu: 1
+    ram_mb: 256
+    storage_size: 1G
+    image: BB_REF
+  - name: deb
+    count: 0
+    vcpu: 1
+    ram_mb: 384
+    storage_size: 2G
+    image: DEB_REF
+  - name: broken
+    count: 1
+    vcpu: 1
+    ram_mb: 256
+    image: MISSING_REF
+  - name: vm
+    count: 0
+    vcpu: 1
+    ram_mb: 384
+    storage_size: 2G
+  api:
+    bind_address: 127.0.0.1
+    port: PORT
+    auth:
+      enabled: true
+"""
+
+
+@pytest.fixture(scope="module")
+def refs(guest_image):
+    """The registry with the test images: busybox, Debian minbase, and one for arm64."""
+    registry = Registry()
+    work = Path(tempfile.mkdtemp(prefix="slt-oci-"))
+    try:
+        bb = pack(busybox_root(work / "bb-root"), work, "bb")
+        deb = pack(debian_root(work / "deb-root", guest_image), work, "deb", cmd="/bin/bash")
+        arm = pack(work / "bb-root", work, "arm", arch="arm64")
+        (work / "bb-root/etc/motd").write_text("extra\n")
+        pack(work / "bb-root", work, "extra")  # pulled from the layout by the CLI test only
+        yield {"bb": registry.push(bb, "test/busybox:1"), "deb": registry.push(deb, "test/debian:minbase"),
+               "arm": registry.push(arm, "test/busybox-arm:1"), "registry": registry.address,
+               "layout": str(work / "layout")}
+    finally:
+        registry.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def image_daemon(refs: dict, data_dir: Path | None = None) -> Daemon:
+    """A daemon with an image cache of its own (the project's image shared as usual)."""
+    if data_dir is None:
+        data_dir = Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp"))
+        (data_dir / "images").mkdir()
+        (data_dir / "images/current").symlink_to((IMAGE_DATA_DIR / "images/current").resolve())
+    config = CONFIG.replace("BB_REF", refs["bb"]).replace("DEB_REF", refs["deb"])
+    config = config.replace("MISSING_REF", f"{refs['registry']}/test/missing:1")
+    return Daemon(config, data_dir)
+
+
+@pytest.fixture(scope="module")
+def daemon_(refs):
+    d = image_daemon(refs).start()
+    yield d
+    d.cleanup()
+
+
+@pytest.fixture(scope="module")
+def client(daemon_):
+    with SlicerClient(daemon_.url, token=daemon_.token) as c:
+        yield c
+
+
+def run(client: SlicerClient, host: str, cmd: str, **kw) -> str:
+    result = client.exec(host, cmd, **kw)
+    assert result.exit_code == 0, (cmd, result)
+    return result.stdout
+
+
+def shell_echo(client: SlicerClient, host: str) -> str:
+    """Run ``echo`` in an interactive shell on a PTY; returns what came back."""
+    with client.shell(host) as ws:
+        ws.send(struct.pack(">BI", 1, 20) + b"echo SHELL-$((6*7))\n")
+        out = b""
+        while b"SHELL-42" not in out:
+            msg = ws.recv(timeout=60)
+            if msg[0] == 1:
+                out += msg[5:]
+        ws.send(struct.pack(">BI", 1, 5) + b"exit\n")
+    return out.decode(errors="replace")
+
+
+def check_managed(client: SlicerClient, host: str, tmp_path: Path) -> None:
+    """Everything the agent does, in an image that brings none of what it needs."""
+    assert run(client, host, "cat /etc/motd 2>/dev/null || echo none") in ("busybox test image\n", "none\n")
+    assert client.exec(host, "test -e /usr/bin/python3").exit_code == 1  # no Python in the image
+    assert run(client, host, "id -u", uid=1000) == "1000\n"
+    # files: one file in and out, a tree in and out, fs operations
+    payload = os.urandom(300_000)
+    client.upload(host, payload, "/tmp/blob")
+    assert client.download(host, "/tmp/blob") == payload
+    assert run(client, host, "wc -c < /tmp/blob").strip() == "300000"
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub/a.txt").write_text("alpha\n")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(tree, arcname=".")
+    client.upload(host, buf.getvalue(), "/srv/tree", tar=True)
+    assert run(client, host, "cat /srv/tree/sub/a.txt") == "alpha\n"
+    out = tmp_path / "out"
+    out.mkdir()
+    client.download(host, "/srv/tree", out, tar=True)
+    assert (out / "tree/sub/a.txt").read_text() == "alpha\n"
+    client.mkdir(host, "/srv/made/deep", recursive=True)
+    assert "deep" in [e["name"] for e in client.readdir(host, "/srv/made")]
+    assert client.stat(host, "/tmp/blob")["size"] == 300_000
+    # an interactive shell on a PTY, the image's own shell (or ours if it has none)
+    assert "SHELL-42" in shell_echo(client, host)
+    # stats and health come from the agent
+    stats = client.stats(host)
+    assert stats.error is None and stats.snapshot and stats.snapshot["totalMemory"] > 0, stats
+    assert client.health(host).hostname == host
+
+
+def test_busybox_image_boots_and_is_managed(client, daemon_, refs, tmp_path):
+    with daemon_.client() as api:
+        wait_agent(api, "bb-1")
+    check_managed(client, "bb-1", tmp_path)
+    assert run(client, "bb-1", "readlink /bin/sh") == "busybox\n"
+    # secrets reach it like any VM
+    client.create_secret("img-secret", b"s3cret")
+    try:
+        assert run(client, "bb-1", "for i in $(seq 1 100); do [ -s /run/slicer/secrets/img-secret ] && break; "
+                                   "sleep 0.2; done; cat /run/slicer/secrets/img-secret") == "s3cret"
+    finally:
+        client.delete_secret("img-secret")
+    with daemon_.client() as api:
+        vm = api.get("/vm/bb-1").json()
+        assert vm["image"] == refs["bb"]
+        info = api.get("/info").json()
+        assert info["group_images"]["bb"] == refs["bb"]
+
+
+def test_sandbox_of_an_image_with_userdata(client):
+    """A sandbox of the busybox group: restored from that image's own template, userdata run
+    by the image's sh."""
+    node = client.create_node("bb", wait="userdata", timeout="5m", userdata="echo ran-$((1+1)) > /root/ud\n")
+    try:
+        assert run(client, node.hostname, "cat /root/ud") == "ran-2\n"
+        assert run(client, node.hostname, "hostname") == f"{node.hostname}\n"
+    finally:
+        client.delete_node("bb", node.hostname)
+
+
+def test_debian_image_without_python(client, tmp_path):
+    node = client.create_node("deb", wait="agent", timeout="5m")
+    try:
+        check_managed(client, node.hostname, tmp_path)
+        assert run(client, node.hostname, "echo $BASH_VERSION").startswith("5.")  # the image's bash
+        assert "Debian" in run(client, node.hostname, "cat /etc/os-release")
+    finally:
+        client.delete_node("deb", node.hostname)
+
+
+def test_disk_image_per_create(client, refs):
+    node = client.create_node("vm", wait="agent", timeout="5m", disk_image=refs["bb"])
+    try:
+        assert run(client, node.hostname, "cat /etc/motd") == "busybox test image\n"
+    finally:
+        client.delete_node("vm", node.hostname)
+    node = client.create_node("vm", wait="agent", timeout="5m")  # the group's own: the project's image
+    try:
+        assert run(client, node.hostname, "test -x /usr/bin/python3 && echo project") == "project\n"
+    finally:
+        client.delete_node("vm", node.hostname)
+
+
+def test_bad_images_are_clear_errors_and_other_groups_go_on(daemon_, refs):
+    with daemon_.client() as api:
+        info = api.get("/info").json()
+        assert "test/missing:1" in info["group_images"]["broken"]["error"]
+        r = api.post("/hostgroup/broken/nodes", json={})
+        assert r.status_code == 503 and r.json()["code"] == "image_unavailable", r.text
+        assert "broken" in r.json()["error"] and "missing" in r.json()["error"]
+        assert not [n for n in api.get("/nodes").json() if n["hostgroup"] == "broken"]
+        r = api.post("/hostgroup/vm/nodes", json={"disk_image": f"{refs['registry']}/test/nope:2"})
+        assert r.status_code == 502 and "test/nope:2" in r.json()["error"], r.text
+        r = api.post("/hostgroup/vm/nodes", json={"disk_image": refs["arm"]})
+        assert r.status_code == 400 and r.json()["code"] == "wrong_architecture", r.text
+        assert "arm64" in r.json()["error"]
+        r = api.post("/hostgroup/vm/nodes", json={"disk_image": "../../etc/passwd"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_image", r.text
+        r = api.post("/hostgroup/vm/nodes", json={"disk_image": "127.0.0.1:1/refused:1"})  # nothing listens
+        assert r.status_code == 502, r.text
+        assert api.get("/healthz").status_code == 200
+    # nothing half-written in the cache
+    oci = daemon_.data_dir / "images/oci"
+    assert not list(oci.glob(".pull-*"))
+    assert all((d / "meta.json").exists() and (d / "rootfs.ext4").exists() for d in oci.glob("sha256-*"))
+
+
+def test_cache_is_reused_and_managed_from_the_cli(daemon_, refs):
+    """A restart does not pull again; ``slicer image list|pull|rm`` show and manage the cache."""
+    daemon_.stop()
+    log_before = daemon_.log_path.read_text()
+    daemon_.start()
+    with daemon_.client() as api:
+        wait_agent(api, "bb-1")
+    new = daemon_.log_path.read_text()[len(log_before):]
+    assert f"pulling {refs['bb']}" not in new and "boots image" in new
+    assert f"pulling {refs['bb']}" in log_before
+    cli = [sys.executable, "-m", "slicer", "image"]
+    env = {**os.environ, "SLICER_DATA_DIR": str(daemon_.data_dir)}
+    listed = image_list(cli, env)
+    assert {refs["bb"], refs["deb"]} <= {r for i in listed for r in i["refs"]}
+    assert all(i["size_bytes"] > 0 for i in listed)
+    busy = subprocess.run([*cli, "rm", refs["bb"]], env=env, capture_output=True, text=True)
+    assert busy.returncode == 1 and "in use" in busy.stderr  # bb-1 boots it
+    busy = subprocess.run([*cli, "rm", refs["deb"]], env=env, capture_output=True, text=True)
+    assert busy.returncode == 1 and "in use" in busy.stderr  # the deb group's template is made of it
+    refused = subprocess.run([*cli, "pull", f"oci:{refs['layout']}:arm"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 1 and "arm64" in refused.stderr
+    again = subprocess.run([*cli, "pull", "--insecure", refs["bb"]], env=env, capture_output=True, text=True,
+                           check=True)
+    assert again.stdout.strip() == next(i["digest"] for i in listed if refs["bb"] in i["refs"])
+    extra = f"oci:{refs['layout']}:extra"  # from a local OCI layout: no registry
+    subprocess.run([*cli, "pull", extra], env=env, capture_output=True, text=True, check=True)
+    assert extra in {r for i in image_list(cli, env) for r in i["refs"]}
+    gone = subprocess.run([*cli, "rm", extra], env=env, capture_output=True, text=True)
+    assert gone.returncode == 0, gone.stderr
+    assert extra not in {r for i in image_list(cli, env) for r in i["refs"]}
+    assert not list((daemon_.data_dir / "images/oci").glob(".pull-*"))
+
+
+def image_list(cli: list[str], env: dict) -> list[dict]:
+    return json.loads(subprocess.run([*cli, "list", "--json"], env=env, capture_output=True, text=True,
+                                     check=True).stdout)
