@@ -13,6 +13,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slicer.core.errors import BadRequest
+from slicer.image.oci import OCIError, source_of
+
+
+def _image_ref(value: str | None) -> str | None:
+    """An OCI reference (``registry/name:tag``, ``docker://…``, ``oci:DIR:tag``, …), checked at load."""
+    if value is not None:
+        try:
+            source_of(value)
+        except OCIError as e:
+            raise ValueError(e.message) from None
+    return value
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -184,6 +195,8 @@ class HostGroup(_Strict):
     # This group's OCI image (default: the top-level image, else the project's).
     image: str | None = Field(default=None, min_length=1, max_length=512)
     network: NetworkConfig = NetworkConfig()
+
+    _image = field_validator("image")(_image_ref)
     # "snapshot": sandboxes restore from a template of the group and their size (a saved,
     # booted VM) in about a second; "cold": every VM boots its kernel.
     boot: Literal["snapshot", "cold"] = "snapshot"
@@ -267,6 +280,7 @@ class Config(_Strict):
     github_keys_url: str = "https://github.com"
     image: str | None = Field(default=None, min_length=1, max_length=512)  # OCI reference (slicer.image.oci)
     insecure_registry: bool = False  # pull images over plain HTTP (and unverified TLS)
+    _image = field_validator("image")(_image_ref)
     kernel_image: str | None = None
     kernel_file: str | None = None
     # Firecracker and Cloud Hypervisor need KVM; their groups run on QEMU microvm (logged, and
