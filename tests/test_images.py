@@ -265,3 +265,38 @@ def test_cache_is_reused_and_managed_from_the_cli(daemon_, refs):
 def image_list(cli: list[str], env: dict) -> list[dict]:
     return json.loads(subprocess.run([*cli, "list", "--json"], env=env, capture_output=True, text=True,
                                      check=True).stdout)
+
+
+def test_dockerfile_build_then_a_vm_of_it(daemon_, client, refs, tmp_path):
+    """``slicer image build -f Dockerfile -t NAME``: buildah, FROM the project's base and FROM a
+    registry's image; the result boots as ``disk_image: NAME`` with no registry involved."""
+    env = {**os.environ, "SLICER_DATA_DIR": str(daemon_.data_dir)}
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "hello.txt").write_text("hello from the context\n")
+    (ctx / "Dockerfile").write_text("FROM slicer/base\nRUN echo built-by-buildah > /etc/built\n"
+                                    "COPY hello.txt /opt/app/hello.txt\n")
+    build = subprocess.run([sys.executable, "-m", "slicer", "image", "build", "-f", str(ctx / "Dockerfile"),
+                            "-t", "app:1", str(ctx)], env=env, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert "STEP" in build.stderr and build.stdout.startswith("sha256:")  # buildah's output streamed
+    (ctx / "Dockerfile.bb").write_text(f"FROM {refs['bb']}\nRUN echo on-busybox > /etc/built\n")
+    build = subprocess.run([sys.executable, "-m", "slicer", "image", "build", "--insecure", "-f",
+                            str(ctx / "Dockerfile.bb"), "-t", "bb-app:1", str(ctx)], env=env, capture_output=True,
+                           text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    for name, built, has_python in (("app:1", "built-by-buildah", True), ("bb-app:1", "on-busybox", False)):
+        node = client.create_node("vm", wait="agent", timeout="5m", disk_image=name)
+        try:
+            assert run(client, node.hostname, "cat /etc/built") == built + "\n"
+            assert client.exec(node.hostname, "test -x /usr/bin/python3").exit_code == (0 if has_python else 1)
+        finally:
+            client.delete_node("vm", node.hostname)
+    bad = subprocess.run([sys.executable, "-m", "slicer", "image", "build", "-f", str(ctx / "Dockerfile.bad"),
+                          "-t", "bad:1", str(ctx)], env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and "Dockerfile.bad" in bad.stderr
+    (ctx / "Dockerfile.fail").write_text("FROM slicer/base\nRUN exit 3\n")
+    bad = subprocess.run([sys.executable, "-m", "slicer", "image", "build", "-f", str(ctx / "Dockerfile.fail"),
+                          "-t", "fail:1", str(ctx)], env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and "cannot build fail:1" in bad.stderr
+    assert "fail:1" not in {r for i in image_list([sys.executable, "-m", "slicer", "image"], env) for r in i["refs"]}

@@ -90,24 +90,57 @@ def up(
         raise typer.Exit(1) from e
 
 
+def tool_output(line: str) -> None:
+    """A line of skopeo's, umoci's or buildah's output, as it is (no markup, no wrapping)."""
+    err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 @image_app.command("build")
 def image_build(
+    context: Annotated[Path | None, typer.Argument(help="Build context of a Dockerfile build (default: .).")] = None,
+    file: Annotated[Path | None, typer.Option("-f", "--file", help="Build this Dockerfile with buildah.")] = None,
+    tag: Annotated[str | None, typer.Option("-t", "--tag", help="Name of the built image (for image:).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="FROM a plain-HTTP registry.")] = False,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     force: Annotated[bool, typer.Option(help="Rebuild even if a cached image matches.")] = False,
 ) -> None:
-    """Build the guest image (Debian cloud kernel, initramfs, ext4 root with the agent).
+    """Build the guest image, or (with -f) a user's image from a Dockerfile.
 
-    Cached by content: a second run returns at once. Needs root, mmdebstrap, apt and
-    busybox-static. Example: [bold]slicer image build --data-dir /var/lib/slicer[/bold]
+    Without -f: the project's image (Debian cloud kernel, initramfs, ext4 root with the agent,
+    the agent's runtime disk), cached by content: a second run returns at once. Needs root,
+    mmdebstrap, apt and busybox-static. Example: [bold]slicer image build --data-dir /var/lib/slicer[/bold]
+
+    With -f: buildah builds the Dockerfile (FROM a registry's image, one built before, or
+    [bold]slicer/base[/bold], the project's Debian tree) and the result is cached as the -t name.
+    Example: [bold]slicer image build -f Dockerfile -t myapp:1 .[/bold] then [bold]image: myapp:1[/bold]
     """
-    from slicer.image.build import ImageError, build_image
+    from slicer.image.build import ImageError, build_image, current_image
+
+    if file is None:
+        if tag or context:
+            err.print("[red]-t and a context go with -f (a Dockerfile build)[/red]")
+            raise typer.Exit(2)
+        try:
+            image = build_image(data_dir, progress=lambda m: err.print(f"[cyan]image:[/cyan] {m}"), force=force)
+        except ImageError as e:
+            err.print(f"[red]{e}[/red]")
+            raise typer.Exit(1) from e
+        typer.echo(str(image.directory))
+        return
+    if not tag:
+        err.print("[red]-t NAME is required with -f: the name VMs boot it by (image: NAME)[/red]")
+        raise typer.Exit(2)
+    from slicer.image.build import images_dir
+    from slicer.image.dockerfile import Builder
+    from slicer.image.oci import ImageStore, OCIError
 
     try:
-        image = build_image(data_dir, progress=lambda m: err.print(f"[cyan]image:[/cyan] {m}"), force=force)
-    except ImageError as e:
-        err.print(f"[red]{e}[/red]")
+        builder = Builder(images_dir(data_dir), ImageStore(images_dir(data_dir) / "oci"), current_image(data_dir))
+        image = builder.build(file, tag, context or Path("."), insecure, progress=tool_output)
+    except (OCIError, ImageError) as e:
+        err.print(f"[red]{getattr(e, 'message', e)}[/red]")
         raise typer.Exit(1) from e
-    typer.echo(str(image.directory))
+    typer.echo(image.digest)
 
 
 service_app = typer.Typer(help="Run the daemon as a systemd service.", no_args_is_help=True)

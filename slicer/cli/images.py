@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from slicer.cli.daemon import DEFAULT_DATA_DIR, DataDir, err, image_app
+from slicer.cli.daemon import DEFAULT_DATA_DIR, DataDir, err, image_app, tool_output
 
 
 def _store(data_dir):
@@ -40,7 +40,7 @@ def image_pull(
     from slicer.image.oci import OCIError
 
     try:
-        image = _store(data_dir).pull(ref, insecure, progress=lambda m: err.print(f"[cyan]pull:[/cyan] {m}"))
+        image = _store(data_dir).pull(ref, insecure, progress=tool_output)
     except OCIError as e:
         err.print(f"[red]{e.message}[/red]")
         raise typer.Exit(1) from e

@@ -66,7 +66,7 @@ def source_of(ref: str) -> str:
     return ref if ref.startswith(TRANSPORTS) else "docker://" + ref
 
 
-def _run(cmd: list[str], what: str, progress: Progress | None = None) -> str:
+def run_tool(cmd: list[str], what: str, progress: Progress | None = None) -> str:
     """Run a tool; its output lines go to ``progress`` as they come; errors name ``what``."""
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -162,29 +162,31 @@ class ImageStore:
         """``ref`` from the cache, pulled first if it is not there."""
         return self.lookup(ref) or self.pull(ref, insecure, progress)
 
-    def pull(self, ref: str, insecure: bool = False, progress: Progress = print) -> UserImage:
-        """Pull ``ref`` and make its disk (unless its digest is cached already); record the reference."""
+    def pull(self, ref: str, insecure: bool = False, progress: Progress = print, name: str | None = None) -> UserImage:
+        """Pull ``ref`` and make its disk (unless its digest is cached already); record it under
+        ``name`` (default: the reference itself)."""
         source = source_of(ref)
+        name = name or ref
         self.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".pull-") as tmp:
             work = Path(tmp)
             layout = f"{work / 'layout'}:image"  # umoci's form; skopeo's is "oci:" + it
             tls = ["--src-tls-verify=false"] if insecure else []
             progress(f"pulling {ref}")
-            _run(["skopeo", "--override-os", "linux", "--override-arch", ARCH, "copy", *tls, source, "oci:" + layout],
-                 f"cannot pull {ref}", progress)
+            run_tool(["skopeo", "--override-os", "linux", "--override-arch", ARCH, "copy", *tls, source,
+                      "oci:" + layout], f"cannot pull {ref}", progress)
             digest, config = self._read_layout(work / "layout", ref)
             if self.lookup(digest) is None:
-                self._convert(ref, work, layout, digest, config, progress)
+                self._convert(name, work, layout, digest, config, progress)
             with self._locked():
                 refs = self._refs()
-                refs[ref] = digest
+                refs[name] = digest
                 self._write_refs(refs)
                 image = self.get(digest)
-                if ref not in image.meta.get("refs", []):
-                    image.meta.setdefault("refs", []).append(ref)
+                if name not in image.meta.get("refs", []):
+                    image.meta.setdefault("refs", []).append(name)
                     (image.directory / "meta.json").write_text(json.dumps(image.meta, indent=2))
-        progress(f"{ref}: {digest} ready")
+        progress(f"{name}: {digest} ready")
         return image
 
     @staticmethod
@@ -205,22 +207,22 @@ class ImageStore:
     def _convert(self, ref: str, work: Path, layout: str, digest: str, config: dict, progress: Progress) -> None:
         bundle = work / "bundle"
         progress(f"unpacking {ref}")
-        _run(["umoci", "unpack", "--image", layout, str(bundle)], f"cannot unpack {ref}")
+        run_tool(["umoci", "unpack", "--image", layout, str(bundle)], f"cannot unpack {ref}")
         root = bundle / "rootfs"
         for d in ROOT_DIRS:
             path = root / d
             if not path.is_symlink() and not path.exists():
                 path.mkdir(mode=0o700 if d == "root" else 0o755)
-        used = int(_run(["du", "-sb", str(root)], f"cannot size {ref}").split()[0])
+        used = int(run_tool(["du", "-sb", str(root)], f"cannot size {ref}").split()[0])
         size_mb = used * 5 // 4 // (1 << 20) + 64  # grown to the VM's storage_size at its boot
         out = work / "disk"
         out.mkdir()
         progress(f"making a {size_mb} MiB ext4 disk of {ref} ({used >> 20} MiB of files)")
-        _run(["mkfs.ext4", "-q", "-F", "-L", "slicer-root", "-d", str(root), str(out / "rootfs.ext4"), f"{size_mb}M"],
-             f"cannot make a disk of {ref}")
+        run_tool(["mkfs.ext4", "-q", "-F", "-L", "slicer-root", "-d", str(root), str(out / "rootfs.ext4"),
+                  f"{size_mb}M"], f"cannot make a disk of {ref}")
         (out / "rootfs.ext4").chmod(0o444)
         cfg = config.get("config") or {}
-        meta = {"digest": digest, "refs": [ref], "source": source_of(ref), "architecture": config.get("architecture"),
+        meta = {"digest": digest, "refs": [], "source": source_of(ref), "architecture": config.get("architecture"),
                 "content_bytes": used, "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "config": {k: cfg.get(k) for k in ("Env", "Entrypoint", "Cmd", "WorkingDir", "User") if cfg.get(k)}}
         (out / "meta.json").write_text(json.dumps(meta, indent=2))
