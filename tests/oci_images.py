@@ -104,3 +104,25 @@ def debian_root(root: Path, image_dir: Path) -> Path:
         for path in root.glob(pattern):
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     return root
+
+
+def kernel_root(root: Path, image_dir: Path, leave_out: str = "") -> Path:
+    """A kernel image's tree (``/boot/vmlinuz-V``, ``/lib/modules/V/kernel/…``) made from the
+    project's kernel and the modules its initramfs carries; ``leave_out`` drops one module."""
+    import gzip
+    import json
+
+    version = json.loads((image_dir / "manifest.json").read_text())["kernel_package"].removeprefix("linux-image-")
+    (root / "boot").mkdir(parents=True)
+    shutil.copy2(image_dir / "vmlinuz", root / "boot" / f"vmlinuz-{version}")
+    unpacked = root.parent / f"{root.name}-initrd"
+    unpacked.mkdir()
+    initrd = gzip.decompress((image_dir / "initrd.img").read_bytes())
+    subprocess.run(["cpio", "-id", "--quiet"], cwd=unpacked, input=initrd, check=True)
+    drivers = root / "lib/modules" / version / "kernel/drivers"
+    drivers.mkdir(parents=True)
+    for ko in (unpacked / "lib/modules").glob("*.ko"):
+        if ko.stem != leave_out:
+            shutil.copy2(ko, drivers / ko.name)
+    shutil.rmtree(unpacked)
+    return root

@@ -18,7 +18,7 @@ import pytest
 
 from slicer.client import SlicerClient
 from tests.conftest import IMAGE_DATA_DIR, Daemon, wait_agent
-from tests.oci_images import Registry, busybox_root, debian_root, pack
+from tests.oci_images import Registry, busybox_root, debian_root, kernel_root, pack
 
 pytestmark = pytest.mark.vm
 
@@ -67,8 +67,11 @@ def refs(guest_image):
         arm = pack(work / "bb-root", work, "arm", arch="arm64")
         (work / "bb-root/etc/motd").write_text("extra\n")
         pack(work / "bb-root", work, "extra")  # pulled from the layout by the CLI test only
+        kernel = pack(kernel_root(work / "kernel-root", guest_image), work, "kernel")
+        no_blk = pack(kernel_root(work / "kernel-noblk", guest_image, leave_out="virtio_blk"), work, "noblk")
         yield {"bb": registry.push(bb, "test/busybox:1"), "deb": registry.push(deb, "test/debian:minbase"),
                "arm": registry.push(arm, "test/busybox-arm:1"), "registry": registry.address,
+               "kernel": registry.push(kernel, "test/kernel:1"), "kernel_noblk": registry.push(no_blk, "test/kernel:2"),
                "layout": str(work / "layout")}
     finally:
         registry.close()
@@ -300,3 +303,67 @@ def test_dockerfile_build_then_a_vm_of_it(daemon_, client, refs, tmp_path):
                           "-t", "fail:1", str(ctx)], env=env, capture_output=True, text=True)
     assert bad.returncode == 1 and "cannot build fail:1" in bad.stderr
     assert "fail:1" not in {r for i in image_list([sys.executable, "-m", "slicer", "image"], env) for r in i["refs"]}
+
+
+KERNEL_CONFIG = """
+config:
+  insecure_registry: true
+  KERNEL
+  host_groups:
+  - name: bb
+    count: 1
+    vcpu: 1
+    ram_mb: 256
+    storage_size: 1G
+    image: BB_REF
+  api:
+    bind_address: 127.0.0.1
+    port: PORT
+    auth:
+      enabled: true
+"""
+
+
+def kernel_daemon(refs: dict, kernel_line: str) -> Daemon:
+    data_dir = Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp"))
+    (data_dir / "images").mkdir()
+    (data_dir / "images/current").symlink_to((IMAGE_DATA_DIR / "images/current").resolve())
+    return Daemon(KERNEL_CONFIG.replace("KERNEL", kernel_line).replace("BB_REF", refs["bb"]), data_dir)
+
+
+def test_kernel_from_an_image_and_from_a_file(refs, guest_image):
+    """``kernel_image``: the kernel and its modules from an OCI image (an initramfs is built from
+    them); without a module the guest needs, a clear error and no VM; ``kernel_file``: a path."""
+    d = kernel_daemon(refs, f"kernel_image: {refs['kernel']}").start()
+    try:
+        with d.client() as api:
+            wait_agent(api, "bb-1")
+            info = api.get("/info").json()
+            assert refs["kernel"] in info["kernel"]
+            r = api.post("/vm/bb-1/exec", params={"cmd": "uname -r", "buffered": "true"})
+            version = json.loads((guest_image / "manifest.json").read_text())["kernel_package"]
+            assert r.json()["stdout"].strip() == version.removeprefix("linux-image-")  # the image's kernel
+        kernels = list((d.data_dir / "images/oci").glob("kernel-*/initrd.img"))
+        assert len(kernels) == 1  # built from the image's modules, cached
+    finally:
+        d.cleanup()
+    d = kernel_daemon(refs, f"kernel_image: {refs['kernel_noblk']}").start()
+    try:
+        with d.client() as api:
+            info = api.get("/info").json()
+            assert "virtio_blk" in info["group_images"]["bb"]["error"]
+            r = api.post("/hostgroup/bb/nodes", json={})
+            assert r.status_code == 503 and "virtio_blk" in r.json()["error"], r.text
+            assert api.get("/nodes").json() == []
+    finally:
+        d.cleanup()
+    copy = Path(tempfile.mkdtemp(prefix="slt-kernel-")) / "vmlinuz"
+    shutil.copy2(guest_image / "vmlinuz", copy)
+    d = kernel_daemon(refs, f"kernel_file: {copy}").start()
+    try:
+        with d.client() as api:
+            wait_agent(api, "bb-1")
+            assert api.get("/info").json()["kernel"] == str(copy)
+    finally:
+        d.cleanup()
+        shutil.rmtree(copy.parent)

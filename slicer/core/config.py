@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slicer.core.errors import BadRequest
+from slicer.image.kernels import check_kernel_file
 from slicer.image.oci import OCIError, source_of
 
 
@@ -280,9 +281,9 @@ class Config(_Strict):
     github_keys_url: str = "https://github.com"
     image: str | None = Field(default=None, min_length=1, max_length=512)  # OCI reference (slicer.image.oci)
     insecure_registry: bool = False  # pull images over plain HTTP (and unverified TLS)
-    _image = field_validator("image")(_image_ref)
-    kernel_image: str | None = None
-    kernel_file: str | None = None
+    _image = field_validator("image", "kernel_image")(_image_ref)
+    kernel_image: str | None = Field(default=None, min_length=1, max_length=512)  # OCI image with /boot/vmlinuz*
+    kernel_file: str | None = Field(default=None, min_length=1, max_length=4096)  # a bzImage on this host
     # Firecracker and Cloud Hypervisor need KVM; their groups run on QEMU microvm (logged, and
     # shown in /info) so that Slicer's configs load unchanged.
     hypervisor: Literal["qemu", "firecracker", "cloud-hypervisor"] = "qemu"
@@ -299,10 +300,10 @@ class Config(_Strict):
         names = [g.name for g in self.host_groups]
         if len(names) != len(set(names)):
             raise ValueError("host group names must be unique")
-        for key in ("kernel_image", "kernel_file"):
-            if getattr(self, key):
-                raise ValueError(f"{key}: custom kernels are not supported yet; remove it to boot the project's "
-                                 "kernel (slicer image build)")
+        if self.kernel_image and self.kernel_file:
+            raise ValueError("give only one of kernel_image, kernel_file")
+        if self.kernel_file:
+            check_kernel_file(Path(self.kernel_file))
         bridges = [g.network.bridge for g in self.host_groups if g.network.bridge]
         if len(bridges) != len(set(bridges)):
             raise ValueError("two host groups name the same network.bridge")

@@ -13,12 +13,14 @@ import contextlib
 import json
 import logging
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 from slicer.core.config import Config
 from slicer.core.errors import BadGateway, BadRequest, NotFound, SlicerError, Unavailable
 from slicer.core.state import StateStore
 from slicer.image.build import GuestImage, ImageError
+from slicer.image.kernels import Kernel, kernel_file, kernel_image
 from slicer.image.oci import ImageStore, OCIError
 
 log = logging.getLogger("slicer.images")
@@ -39,11 +41,19 @@ class BootImages:
         self.groups: dict[str, dict] = {}  # group -> {"ref", "digest"} of its image
         self.errors: dict[str, str] = {}  # group -> why its image is unavailable
         self._pulls: dict[str, asyncio.Lock] = {}
+        self.kernel: Kernel | None = None  # kernel_file / kernel_image (None: the project's)
 
     def resolve_groups(self) -> None:
-        """Find (pulling if needed) every group's image; a group whose image fails is marked
-        unavailable, the others go on."""
+        """Find (pulling if needed) the kernel and every group's image; a group whose image
+        fails is marked unavailable, the others go on (a kernel that fails: every group)."""
         self.store.clean()
+        try:
+            self.kernel = self._kernel()
+        except (OCIError, ValueError) as e:
+            why = f"kernel: {getattr(e, 'message', e)}"
+            log.error("%s; no VM can boot", why)
+            self.errors.update({g.name: why for g in self.config.host_groups})
+            return
         for group in self.config.host_groups:
             ref = group.image or self.config.image
             if not ref:
@@ -57,6 +67,16 @@ class BootImages:
                 continue
             self.groups[group.name] = {"ref": ref, "digest": image.digest}
             log.info("host group %s boots image %s (%s)", group.name, ref, image.digest)
+
+    def _kernel(self) -> Kernel | None:
+        if self.config.kernel_file:
+            return kernel_file(Path(self.config.kernel_file), self.base)
+        if self.config.kernel_image:
+            found = kernel_image(self.store, self.config.kernel_image, self.base, self.config.insecure_registry,
+                                 lambda m: log.info("kernel: %s", m))
+            log.info("VMs boot the kernel of %s", found.label)
+            return found
+        return None
 
     def group_choice(self, group: str) -> dict | None:
         """The image record of ``group``'s VMs (None: the project's image)."""
@@ -77,11 +97,13 @@ class BootImages:
 
     def boot(self, choice: dict | None) -> GuestImage:
         """What QEMU boots for a node whose record holds ``choice``."""
+        base = self.base if self.kernel is None else replace(self.base, kernel=self.kernel.kernel,
+                                                               initrd=self.kernel.initrd)
         if not choice:
-            return self.base
+            return base
         try:
             image = self.store.get(str(choice.get("digest", "")))
-            return self.base.with_root(image.rootfs, image.short)
+            return base.with_root(image.rootfs, image.short)
         except OCIError as e:
             raise image_error(e) from None
         except ImageError as e:

@@ -197,14 +197,28 @@ def _module_depends(ko: Path) -> list[str]:
     return [d for d in value.split(",") if d]
 
 
-def _build_initramfs(kernel_tree: Path, out: Path, work: Path) -> None:
+def _builtin_modules(kernel_tree: Path) -> set[str]:
+    """Modules compiled into the kernel (``modules.builtin``), with ``-`` as ``_``."""
+    names: set[str] = set()
+    for listing in kernel_tree.glob("lib/modules/*/modules.builtin"):
+        names |= {Path(line.strip()).stem.replace("-", "_") for line in listing.read_text().splitlines()}
+    return names
+
+
+def build_initramfs(kernel_tree: Path, out: Path, work: Path) -> None:
+    """The initramfs for the kernel whose ``lib/modules`` is in ``kernel_tree``: busybox, the
+    modules of :data:`GUEST_MODULES` it does not have built in, our init and the agent."""
     mods = {p.stem: p for p in kernel_tree.glob("lib/modules/*/kernel/**/*.ko")}
+    builtin = _builtin_modules(kernel_tree)
     order: list[str] = []
 
     def add(name: str) -> None:
         key = name if name in mods else name.replace("_", "-")
         if key not in mods:
-            raise ImageError(f"kernel module {name} not found")
+            if name.replace("-", "_") in builtin:
+                return
+            raise ImageError(f"kernel module {name} is neither built into the kernel nor in its lib/modules "
+                             "(the guest needs it to reach its disks and the host)")
         for dep in _module_depends(mods[key]):
             add(dep)
         if key not in order:
@@ -304,7 +318,7 @@ def build_image(data_dir: Path, progress: Progress = print, force: bool = False)
         staging.mkdir()
         shutil.copy2(next(kernel_tree.glob("boot/vmlinuz-*")), staging / "vmlinuz")
         progress("building initramfs")
-        _build_initramfs(kernel_tree, staging / "initrd.img", work)
+        build_initramfs(kernel_tree, staging / "initrd.img", work)
         progress("building rootfs.ext4")
         _build_rootfs(base_tar, staging / "rootfs.ext4", work)
         (staging / "rootfs.ext4").chmod(0o444)

@@ -15,6 +15,10 @@ fi
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do usleep 10000; i=$((i + 1)); done
 mkdir -p /newroot
+if [ ! -b /dev/vda ]; then
+    echo "slicer-initramfs: no /dev/vda: this kernel lacks virtio_mmio/virtio_blk (built in, or modules matching it)"
+    sleep 2; poweroff -f
+fi
 if ! mount -t ext4 -o rw /dev/vda /newroot; then
     echo "slicer-initramfs: cannot mount /dev/vda"; sleep 2; poweroff -f
 fi

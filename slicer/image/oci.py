@@ -104,6 +104,16 @@ class ImageStore:
             return {}
         return refs if isinstance(refs, dict) else {}
 
+    def refs(self) -> dict[str, str]:
+        """Names (references pulled, images built, ``kernel:`` references) → digests."""
+        return self._refs()
+
+    def set_ref(self, name: str, digest: str) -> None:
+        with self._locked():
+            refs = self._refs()
+            refs[name] = digest
+            self._write_refs(refs)
+
     def _write_refs(self, refs: dict[str, str]) -> None:
         tmp = self.root / ".refs.json.tmp"
         tmp.write_text(json.dumps(refs, indent=2, sort_keys=True))
@@ -165,17 +175,9 @@ class ImageStore:
     def pull(self, ref: str, insecure: bool = False, progress: Progress = print, name: str | None = None) -> UserImage:
         """Pull ``ref`` and make its disk (unless its digest is cached already); record it under
         ``name`` (default: the reference itself)."""
-        source = source_of(ref)
         name = name or ref
-        self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=".pull-") as tmp:
-            work = Path(tmp)
-            layout = f"{work / 'layout'}:image"  # umoci's form; skopeo's is "oci:" + it
-            tls = ["--src-tls-verify=false"] if insecure else []
-            progress(f"pulling {ref}")
-            run_tool(["skopeo", "--override-os", "linux", "--override-arch", ARCH, "copy", *tls, source,
-                      "oci:" + layout], f"cannot pull {ref}", progress)
-            digest, config = self._read_layout(work / "layout", ref)
+        with self.workdir() as work:
+            layout, digest, config = self.fetch(ref, insecure, progress, work)
             if self.lookup(digest) is None:
                 self._convert(name, work, layout, digest, config, progress)
             with self._locked():
@@ -188,6 +190,32 @@ class ImageStore:
                     (image.directory / "meta.json").write_text(json.dumps(image.meta, indent=2))
         progress(f"{name}: {digest} ready")
         return image
+
+    @contextlib.contextmanager
+    def workdir(self) -> Iterator[Path]:
+        """A scratch directory in the cache (same filesystem: results are renamed into place)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".pull-") as tmp:
+            yield Path(tmp)
+
+    def fetch(self, ref: str, insecure: bool, progress: Progress, work: Path) -> tuple[str, str, dict]:
+        """Copy ``ref`` into an OCI layout in ``work``: its umoci name, manifest digest and config."""
+        source = source_of(ref)
+        layout = f"{work / 'layout'}:image"  # umoci's form; skopeo's is "oci:" + it
+        tls = ["--src-tls-verify=false"] if insecure else []
+        progress(f"pulling {ref}")
+        run_tool(["skopeo", "--override-os", "linux", "--override-arch", ARCH, "copy", *tls, source,
+                  "oci:" + layout], f"cannot pull {ref}", progress)
+        digest, config = self._read_layout(work / "layout", ref)
+        return layout, digest, config
+
+    @staticmethod
+    def unpack(ref: str, layout: str, bundle: Path, progress: Progress) -> Path:
+        """The image's root filesystem, unpacked by umoci (whiteouts, links, ownership, xattrs;
+        no path leaves the root); returns its directory."""
+        progress(f"unpacking {ref}")
+        run_tool(["umoci", "unpack", "--image", layout, str(bundle)], f"cannot unpack {ref}")
+        return bundle / "rootfs"
 
     @staticmethod
     def _read_layout(layout: Path, ref: str) -> tuple[str, dict]:
@@ -205,10 +233,7 @@ class ImageStore:
         return digest, config
 
     def _convert(self, ref: str, work: Path, layout: str, digest: str, config: dict, progress: Progress) -> None:
-        bundle = work / "bundle"
-        progress(f"unpacking {ref}")
-        run_tool(["umoci", "unpack", "--image", layout, str(bundle)], f"cannot unpack {ref}")
-        root = bundle / "rootfs"
+        root = self.unpack(ref, layout, work / "bundle", progress)
         for d in ROOT_DIRS:
             path = root / d
             if not path.is_symlink() and not path.exists():

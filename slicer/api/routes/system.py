@@ -46,6 +46,7 @@ async def info(request: Request) -> dict:
         "hypervisor_requested": m.config.hypervisor,  # what the config asked for
         "accelerator": m.driver.accelerator,
         "image": m.images.base.build_id,
+        "kernel": m.images.kernel.label if m.images.kernel else "project",  # kernel_file / kernel_image
         # per host group, the OCI image its VMs boot (absent: the project's), or why it cannot
         "group_images": {**{g: c["ref"] for g, c in m.images.groups.items()},
                          **{g: {"error": e} for g, e in m.images.errors.items()}},
