@@ -1,10 +1,16 @@
 """Test images and a real registry for them: Debian's ``docker-registry`` on loopback, and
-images the tests make themselves (umoci), pushed with skopeo. Shared by tests and benchmarks."""
+images the tests make themselves (umoci), pushed with skopeo. Shared by tests and benchmarks.
+
+``python3 -m tests.oci_images prepare`` (run by ``.ci/run`` before the tests, which have no
+network) makes the one tree that needs Debian's mirrors: a minbase with systemd.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -126,3 +132,30 @@ def kernel_root(root: Path, image_dir: Path, leave_out: str = "") -> Path:
             shutil.copy2(ko, drivers / ko.name)
     shutil.rmtree(unpacked)
     return root
+
+
+SYSTEMD_TAR = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer")) / "test-cache/systemd-bookworm.tar"
+
+
+def systemd_root(root: Path) -> Path:
+    """Debian minbase with systemd as /sbin/init (from ``prepare``)."""
+    if not SYSTEMD_TAR.exists():
+        raise RuntimeError(f"{SYSTEMD_TAR} is missing: run `python3 -m tests.oci_images prepare` (needs the network)")
+    root.mkdir()
+    subprocess.run(["tar", "-xf", str(SYSTEMD_TAR), "-C", str(root)], check=True)
+    return root
+
+
+def prepare() -> None:
+    if SYSTEMD_TAR.exists():
+        return
+    SYSTEMD_TAR.parent.mkdir(parents=True, exist_ok=True)
+    tmp = SYSTEMD_TAR.with_suffix(".tmp.tar")
+    subprocess.run(["mmdebstrap", "--variant=minbase", "--include=systemd,systemd-sysv", "--quiet",
+                    "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
+                    "--dpkgopt=path-exclude=/usr/share/locale/*", "bookworm", str(tmp)], check=True)
+    tmp.rename(SYSTEMD_TAR)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["prepare"]:
+    prepare()

@@ -12,13 +12,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from slicer.client import SlicerClient
 from tests.conftest import IMAGE_DATA_DIR, Daemon, wait_agent
-from tests.oci_images import Registry, busybox_root, debian_root, kernel_root, pack
+from tests.oci_images import Registry, busybox_root, debian_root, kernel_root, pack, systemd_root
 
 pytestmark = pytest.mark.vm
 
@@ -38,6 +39,14 @@ config:
     ram_mb: 384
     storage_size: 2G
     image: DEB_REF
+  - name: sysd
+    count: 0
+    vcpu: 1
+    ram_mb: 512
+    storage_size: 2G
+    image: SYSTEMD_REF
+    init: image
+    boot: cold
   - name: broken
     count: 1
     vcpu: 1
@@ -67,10 +76,13 @@ def refs(guest_image):
         arm = pack(work / "bb-root", work, "arm", arch="arm64")
         (work / "bb-root/etc/motd").write_text("extra\n")
         pack(work / "bb-root", work, "extra")  # pulled from the layout by the CLI test only
+        systemd = pack(systemd_root(work / "systemd-root"), work, "systemd", cmd="/sbin/init")
+        shutil.rmtree(work / "systemd-root")
         kernel = pack(kernel_root(work / "kernel-root", guest_image), work, "kernel")
         no_blk = pack(kernel_root(work / "kernel-noblk", guest_image, leave_out="virtio_blk"), work, "noblk")
         yield {"bb": registry.push(bb, "test/busybox:1"), "deb": registry.push(deb, "test/debian:minbase"),
                "arm": registry.push(arm, "test/busybox-arm:1"), "registry": registry.address,
+               "systemd": registry.push(systemd, "test/systemd:1"),
                "kernel": registry.push(kernel, "test/kernel:1"), "kernel_noblk": registry.push(no_blk, "test/kernel:2"),
                "layout": str(work / "layout")}
     finally:
@@ -85,6 +97,7 @@ def image_daemon(refs: dict, data_dir: Path | None = None) -> Daemon:
         (data_dir / "images").mkdir()
         (data_dir / "images/current").symlink_to((IMAGE_DATA_DIR / "images/current").resolve())
     config = CONFIG.replace("BB_REF", refs["bb"]).replace("DEB_REF", refs["deb"])
+    config = config.replace("SYSTEMD_REF", refs["systemd"])
     config = config.replace("MISSING_REF", f"{refs['registry']}/test/missing:1")
     return Daemon(config, data_dir)
 
@@ -367,3 +380,24 @@ def test_kernel_from_an_image_and_from_a_file(refs, guest_image):
     finally:
         d.cleanup()
         shutil.rmtree(copy.parent)
+
+
+def test_image_with_its_own_init(daemon_, client, tmp_path):
+    """``init: image``: systemd is PID 1, our agent one of its services; the API's shutdown is
+    systemd's orderly power-off."""
+    node = client.create_node("sysd", wait="agent", timeout="6m")
+    h = node.hostname
+    assert run(client, h, "cat /proc/1/comm") == "systemd\n"
+    assert run(client, h, "systemctl show -p ActiveState --value slicer-agent.service") == "active\n"
+    assert run(client, h, "hostname") == f"{h}\n"
+    client.upload(h, b"under systemd\n", "/root/f")
+    assert client.download(h, "/root/f") == b"under systemd\n"
+    assert "SHELL-42" in shell_echo(client, h)
+    with daemon_.client() as api:
+        r = api.post(f"/vm/{h}/shutdown", params={"action": "shutdown"})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 120
+        while api.get(f"/vm/{h}").status_code != 404 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert api.get(f"/vm/{h}").status_code == 404  # a sandbox goes with its shutdown
+    assert f"{h}: guest did not power off" not in daemon_.log_path.read_text()  # systemd powered it off

@@ -9,6 +9,7 @@ powers off, SIGTERM or SIGINT reboots.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -209,14 +210,17 @@ def finish(action: str) -> None:
     ctypes.CDLL(None, use_errno=True).reboot(RB_POWER_OFF if action == "poweroff" else RB_AUTOBOOT)
 
 
-def main() -> None:
+def main(agent_only: bool = False) -> None:
+    """PID 1; or, with ``agent_only``, a service of the image's own init (systemd) that sets
+    the guest up and runs the agent beside it."""
     os.environ["PATH"] = runtime.agent_path()
-    mount("proc", "/proc")
-    mount("sysfs", "/sys")
-    mount("tmpfs", "/run", "mode=0755,nosuid,nodev")
-    mount("tmpfs", "/tmp", "mode=1777,nosuid,nodev")
-    mount("devpts", "/dev/pts", "mode=0620,ptmxmode=0666,gid=5")
-    mount("tmpfs", "/dev/shm", "mode=1777,nosuid,nodev")
+    if not agent_only:
+        mount("proc", "/proc")
+        mount("sysfs", "/sys")
+        mount("tmpfs", "/run", "mode=0755,nosuid,nodev")
+        mount("tmpfs", "/tmp", "mode=1777,nosuid,nodev")
+        mount("devpts", "/dev/pts", "mode=0620,ptmxmode=0666,gid=5")
+        mount("tmpfs", "/dev/shm", "mode=1777,nosuid,nodev")
     os.makedirs("/run/slicer", mode=0o700, exist_ok=True)
     params = kernel_params()
     set_hostname(params.get("slicer.hostname", "slicer"))
@@ -234,8 +238,8 @@ def main() -> None:
     # disk's size (storage_size), and start sshd with host keys of this VM's own, made at its
     # first boot and kept on its disk (ed25519 and ecdsa: RSA keygen costs seconds under TCG).
     chore(["resize2fs", "/dev/vda"])
-    if os.access("/usr/sbin/sshd", os.X_OK) and os.access("/bin/sh", os.X_OK):  # the image's sshd
-        chore(["/bin/sh", "-c", SSHD])
+    if not agent_only and os.access("/usr/sbin/sshd", os.X_OK) and os.access("/bin/sh", os.X_OK):
+        chore(["/bin/sh", "-c", SSHD])  # the image's sshd (under its own init, its init starts it)
     log(f"agent started (pids {', '.join(map(str, agents))})")
     while _request is None:
         try:
@@ -250,17 +254,27 @@ def main() -> None:
             for i in range(0, len(data) - INPUT_EVENT.size + 1, INPUT_EVENT.size):
                 _, _, etype, code, value = INPUT_EVENT.unpack_from(data, i)
                 if etype == EV_KEY and code == KEY_POWER and value == 1:
-                    on_signal(signal.SIGUSR2, None)
+                    if agent_only:  # the image's init powers off (systemd: SIGRTMIN+4)
+                        os.kill(1, runtime.pid1_signal("shutdown"))
+                    else:
+                        on_signal(signal.SIGUSR2, None)
         for pid in reap():
             module = agents.pop(pid, None)
             if module and _request is None:
                 log(f"{module} exited; restarting it")
                 time.sleep(0.5)
                 agents[start_agent(module).pid] = module
-    finish(_request)
+    if not agent_only:
+        finish(_request)
+    for pid in agents:  # stopped by the image's init: the agent goes with us
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
 
 
 def entry() -> None:
+    if "--agent" in sys.argv:  # a service of the image's init; on failure, it restarts us
+        main(agent_only=True)
+        return
     try:
         main()
     except Exception as e:  # PID 1 must never exit: that panics the kernel

@@ -10,6 +10,7 @@ commands, files and users are the image's own.
 from __future__ import annotations
 
 import os
+import signal
 
 ROOT = "/run/slicer/rt"  # mount point of the runtime disk (read-only)
 TOOLS = ROOT + "/opt/slicer/bin"  # ip, resize2fs, inotifywait, busybox (sh) from the runtime
@@ -36,3 +37,16 @@ def shell(requested: str | None = None) -> str:
         if os.access(candidate, os.X_OK):
             return candidate
     return requested or "/bin/sh"
+
+
+def pid1_signal(action: str) -> int:
+    """The signal that asks PID 1 to power off ("shutdown") or reboot: slicer-init's own
+    (SIGUSR2, SIGTERM), or systemd's (SIGRTMIN+4, SIGRTMIN+5) when the image's init runs."""
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            ours = b"slicer" in f.read()
+    except OSError:
+        ours = True
+    if ours:
+        return signal.SIGUSR2 if action == "shutdown" else signal.SIGTERM
+    return signal.SIGRTMIN + (4 if action == "shutdown" else 5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import tarfile
@@ -22,6 +21,7 @@ from slicer.agent import (
     identity,
     meter,
     provision,
+    runtime,
     shell,
     watch,
 )
@@ -195,10 +195,9 @@ def make_app(started: float) -> web.Application:
         action = request.query.get("action", "shutdown")
         if action not in ("shutdown", "reboot"):
             return error(f"unknown action {action!r}", "bad_request", 400)
-        # PID 1 (slicer-init) does the orderly part: SIGUSR2 powers off, SIGTERM reboots. It
-        # stops every process, this one too: signal it only once the answer is on its way.
-        sig = signal.SIGUSR2 if action == "shutdown" else signal.SIGTERM
-        asyncio.get_running_loop().call_later(0.3, os.kill, 1, sig)
+        # PID 1 (slicer-init, or the image's init) does the orderly part. It stops every
+        # process, this one too: signal it only once the answer is on its way.
+        asyncio.get_running_loop().call_later(0.3, os.kill, 1, runtime.pid1_signal(action))
         return web.json_response({"message": f"{action} started"})
 
     @routes.post("/exec")

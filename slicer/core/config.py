@@ -195,6 +195,9 @@ class HostGroup(_Strict):
     gpu_count: int = 0
     # This group's OCI image (default: the top-level image, else the project's).
     image: str | None = Field(default=None, min_length=1, max_length=512)
+    # "slicer": our init is PID 1 (fast); "image": the image's own /sbin/init (systemd), with
+    # our agent as one of its services. Only for a group with an image.
+    init: Literal["slicer", "image"] = "slicer"
     network: NetworkConfig = NetworkConfig()
 
     _image = field_validator("image")(_image_ref)
@@ -300,6 +303,10 @@ class Config(_Strict):
         names = [g.name for g in self.host_groups]
         if len(names) != len(set(names)):
             raise ValueError("host group names must be unique")
+        for g in self.host_groups:
+            if g.init == "image" and not (g.image or self.image):
+                raise ValueError(f"host group {g.name}: init: image boots the image's own init, so it needs an "
+                                 "image (the project's has none); set image, or remove init")
         if self.kernel_image and self.kernel_file:
             raise ValueError("give only one of kernel_image, kernel_file")
         if self.kernel_file:

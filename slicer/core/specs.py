@@ -21,4 +21,6 @@ def vm_spec(image: GuestImage, group: HostGroup, net: GroupNetwork, *, name: str
         disk=disk, disk_size=group.disk_size, run_dir=run_dir,
         ip_cidr=guest.ip_cidr, gateway=guest.gateway, mac=guest.mac,
         dns=group.dns_servers, net=net.placeholder(),
+        # the image's own init (systemd), our agent beside it: only with a user's image
+        kernel_args=["slicer.init=image"] if group.init == "image" and image.runtime is not None else [],
     )

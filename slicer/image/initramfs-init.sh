@@ -33,8 +33,30 @@ if grep -q 'slicer.runtime' /proc/cmdline; then
     if ! mount -t ext4 -o ro /dev/vdb /newroot/run/slicer/rt; then
         echo "slicer-initramfs: cannot mount the runtime disk /dev/vdb"; sleep 2; poweroff -f
     fi
+    own_init=$(grep -c 'slicer.init=image' /proc/cmdline)
     mount --move /dev /newroot/dev
     umount /proc /sys
+    if [ "$own_init" = 1 ]; then
+        # The image's own init (systemd) as PID 1; our init runs beside it as a service that
+        # starts early (sets the guest up, runs the agent), declared in /run like any runtime unit.
+        units=/newroot/run/systemd/system
+        mkdir -p $units/sysinit.target.wants
+        cat > $units/slicer-agent.service <<'UNIT'
+[Unit]
+Description=Slicer guest agent
+DefaultDependencies=no
+Before=sysinit.target shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+ExecStart=/run/slicer/rt/opt/slicer/init --agent
+Restart=always
+RestartSec=1
+UNIT
+        ln -s ../slicer-agent.service $units/sysinit.target.wants/slicer-agent.service
+        echo "slicer-initramfs: starting the image's /sbin/init"
+        exec switch_root /newroot /sbin/init
+    fi
     exec switch_root /newroot /run/slicer/rt/opt/slicer/init
 fi
 # The agent and init come with the initramfs, so every boot (persistent disks included) runs
