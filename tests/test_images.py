@@ -47,6 +47,12 @@ config:
     image: SYSTEMD_REF
     init: image
     boot: cold
+  - name: tiny
+    count: 0
+    vcpu: 1
+    ram_mb: 256
+    storage_size: 40M
+    image: BB_REF
   - name: broken
     count: 1
     vcpu: 1
@@ -80,7 +86,10 @@ def refs(guest_image):
         shutil.rmtree(work / "systemd-root")
         kernel = pack(kernel_root(work / "kernel-root", guest_image), work, "kernel")
         no_blk = pack(kernel_root(work / "kernel-noblk", guest_image, leave_out="virtio_blk"), work, "noblk")
-        yield {"bb": registry.push(bb, "test/busybox:1"), "deb": registry.push(deb, "test/debian:minbase"),
+        hostile = pack(work / "bb-root", work, "hostile")
+        subprocess.run(["umoci", "raw", "add-layer", "--image", hostile, str(hostile_layer(work))], check=True)
+        yield {"bb": registry.push(bb, "test/busybox:1"),
+               "hostile": registry.push(hostile, "test/hostile:1"), "deb": registry.push(deb, "test/debian:minbase"),
                "arm": registry.push(arm, "test/busybox-arm:1"), "registry": registry.address,
                "systemd": registry.push(systemd, "test/systemd:1"),
                "kernel": registry.push(kernel, "test/kernel:1"), "kernel_noblk": registry.push(no_blk, "test/kernel:2"),
@@ -88,6 +97,29 @@ def refs(guest_image):
     finally:
         registry.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+ESCAPES = ("/var/tmp/slicer-escape-dotdot", "/var/tmp/slicer-escape-link/through")
+
+
+def hostile_layer(work: Path) -> Path:
+    """A layer that tries to write outside the root: a ``..`` path, and a file through an
+    absolute symlink to the host's /var/tmp (not /tmp: a guest's /tmp is a tmpfs)."""
+    path = work / "hostile.tar"
+    with tarfile.open(path, "w") as tf:
+        data = b"escaped\n"
+        for name in ("../../../.." + ESCAPES[0], "var/tmp/slicer-escape-link"):
+            info = tarfile.TarInfo(name)
+            if name.endswith("link"):
+                info.type, info.linkname = tarfile.SYMTYPE, "/var/tmp"
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("var/tmp/slicer-escape-link/through")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    return path
 
 
 def image_daemon(refs: dict, data_dir: Path | None = None) -> Daemon:
@@ -239,6 +271,39 @@ def test_bad_images_are_clear_errors_and_other_groups_go_on(daemon_, refs):
         r = api.post("/hostgroup/vm/nodes", json={"disk_image": "127.0.0.1:1/refused:1"})  # nothing listens
         assert r.status_code == 502, r.text
         assert api.get("/healthz").status_code == 200
+        r = api.post("/hostgroup/tiny/nodes", json={})
+        assert r.status_code == 503 and "storage_size 40M" in r.json()["error"], r.text
+        r = api.post("/hostgroup/tiny/nodes", json={"disk_image": refs["deb"]})
+        assert r.status_code == 400 and r.json()["code"] == "image_too_large", r.text
+        # a layer writing outside the root: kept inside it (umoci), nothing on the host
+        r = api.post("/hostgroup/vm/nodes", params={"wait": "agent", "timeout": "4m"},
+                     json={"disk_image": refs["hostile"]})
+        assert r.status_code == 201, r.text
+        h = r.json()["hostname"]
+        try:
+            for escape in ESCAPES:
+                assert not os.path.lexists(escape)
+            out = api.post(f"/vm/{h}/exec", params={"cmd": "cat /var/tmp/slicer-escape-dotdot /var/tmp/through && "
+                                                           "readlink /var/tmp/slicer-escape-link",
+                                                    "buffered": "true"}).json()
+            assert out["stdout"] == "escaped\nescaped\n/var/tmp\n", out  # all of it inside the image
+        finally:
+            api.delete(f"/hostgroup/vm/nodes/{h}")
+    # a corrupt layer: refused with the cause, nothing cached
+    corrupt = Path(refs["layout"]).parent / "corrupt"
+    shutil.copytree(refs["layout"], corrupt)
+    index = json.loads((corrupt / "index.json").read_text())
+    manifest = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == "extra")
+    layers = json.loads((corrupt / "blobs" / manifest["digest"].replace(":", "/")).read_text())["layers"]
+    blob = corrupt / "blobs" / layers[0]["digest"].replace(":", "/")
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    env = {**os.environ, "SLICER_DATA_DIR": str(daemon_.data_dir)}
+    bad = subprocess.run([sys.executable, "-m", "slicer", "image", "pull", f"oci:{corrupt}:extra"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "Digest did not match" in bad.stderr and f"oci:{corrupt}:extra" in bad.stderr
+    shutil.rmtree(corrupt)
     # nothing half-written in the cache
     oci = daemon_.data_dir / "images/oci"
     assert not list(oci.glob(".pull-*"))
@@ -275,6 +340,10 @@ def test_cache_is_reused_and_managed_from_the_cli(daemon_, refs):
     gone = subprocess.run([*cli, "rm", extra], env=env, capture_output=True, text=True)
     assert gone.returncode == 0, gone.stderr
     assert extra not in {r for i in image_list(cli, env) for r in i["refs"]}
+    pruned = subprocess.run([*cli, "prune"], env=env, capture_output=True, text=True, check=True).stdout
+    left = {r for i in image_list(cli, env) for r in i["refs"]}
+    assert refs["bb"] in left and refs["deb"] in left  # bb-1 and the deb template use them
+    assert refs["hostile"] not in left and refs["hostile"] in pruned  # its VM was deleted
     assert not list((daemon_.data_dir / "images/oci").glob(".pull-*"))
 
 

@@ -85,3 +85,26 @@ def image_rm(
         err.print(f"[red]{e.message}[/red]")
         raise typer.Exit(1) from e
     typer.echo(f"removed {image.digest}")
+
+
+@image_app.command("prune")
+def image_prune(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Remove every cached image no VM, commit or template boots from.
+
+    A host group's image that no VM uses yet goes too: the daemon pulls it again at its next
+    start. Example: [bold]slicer image prune[/bold]
+    """
+    from slicer.core.images import users_of_images
+    from slicer.image.oci import OCIError
+
+    store = _store(data_dir)
+    users = users_of_images(data_dir, store)
+    for image in store.list():
+        if image.digest in users:
+            continue
+        try:
+            store.remove(image.digest, lambda d: users_of_images(data_dir, store).get(d))
+        except OCIError as e:  # taken into use meanwhile
+            err.print(f"[yellow]{e.message}[/yellow]")
+            continue
+        typer.echo(f"removed {image.digest} ({', '.join(image.meta.get('refs', [])) or 'no name'})")

@@ -16,12 +16,12 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
-from slicer.core.config import Config
+from slicer.core.config import Config, HostGroup
 from slicer.core.errors import BadGateway, BadRequest, NotFound, SlicerError, Unavailable
 from slicer.core.state import StateStore
 from slicer.image.build import GuestImage, ImageError
 from slicer.image.kernels import Kernel, kernel_file, kernel_image
-from slicer.image.oci import ImageStore, OCIError
+from slicer.image.oci import ImageStore, OCIError, UserImage
 
 log = logging.getLogger("slicer.images")
 KINDS: dict[str, type[SlicerError]] = {"invalid_image": BadRequest, "wrong_architecture": BadRequest,
@@ -65,6 +65,10 @@ class BootImages:
                 self.errors[group.name] = e.message
                 log.error("host group %s: image %s unavailable: %s", group.name, ref, e.message)
                 continue
+            if too_big := self._too_big(image, group):
+                self.errors[group.name] = too_big
+                log.error("host group %s: %s", group.name, too_big)
+                continue
             self.groups[group.name] = {"ref": ref, "digest": image.digest}
             log.info("host group %s boots image %s (%s)", group.name, ref, image.digest)
 
@@ -84,16 +88,45 @@ class BootImages:
             raise Unavailable(f"host group {group}'s image is unavailable: {self.errors[group]}", "image_unavailable")
         return self.groups.get(group)
 
-    async def request_choice(self, ref: str) -> dict:
+    @staticmethod
+    def _too_big(image: UserImage, group: HostGroup) -> str | None:
+        """Why ``image`` cannot be the root of ``group``'s VMs (a VM's disk is never smaller
+        than the image's), or None."""
+        need = image.rootfs.stat().st_size
+        if need <= group.disk_size:
+            return None
+        return (f"image {image.meta.get('refs', [image.digest])[0]} needs a {need >> 20} MiB disk, more than host "
+                f"group {group.name}'s storage_size {group.storage_size}")
+
+    async def request_choice(self, ref: str, group: HostGroup) -> dict:
         """The image record for a create request's ``disk_image`` (pulled in a thread if new)."""
+        choice = await self.request_image(ref)
+        if too_big := self._too_big(self.store.get(choice["digest"]), group):
+            raise BadRequest(too_big, "image_too_large")
+        return choice
+
+    async def request_image(self, ref: str, refresh: bool = False) -> dict:
         lock = self._pulls.setdefault(ref, asyncio.Lock())
         async with lock:
+            pull = self.store.pull if refresh else self.store.ensure
             try:
-                image = await asyncio.to_thread(
-                    self.store.ensure, ref, self.config.insecure_registry, lambda m: log.info("%s", m))
+                image = await asyncio.to_thread(pull, ref, self.config.insecure_registry, lambda m: log.info("%s", m))
             except OCIError as e:
                 raise image_error(e) from None
         return {"ref": ref, "digest": image.digest}
+
+    async def present(self, choice: dict) -> dict:
+        """``choice`` with its image in the cache: pulled again if it was removed (``slicer
+        image prune``) since; the digest is the reference's current one."""
+        digest = str(choice.get("digest", ""))
+        if self.store.lookup(digest) is not None:
+            return choice
+        log.info("image %s (%s) is no longer cached: pulling it again", choice.get("ref"), digest)
+        fresh = await self.request_image(str(choice.get("ref", "")), refresh=True)
+        for group, c in list(self.groups.items()):
+            if c["ref"] == fresh["ref"]:
+                self.groups[group] = dict(fresh)
+        return fresh
 
     def boot(self, choice: dict | None) -> GuestImage:
         """What QEMU boots for a node whose record holds ``choice``."""

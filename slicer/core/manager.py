@@ -277,11 +277,15 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
             raise BadRequest(f"ram_bytes {ram} exceeds the host group's limit of {group.ram}", "limit_exceeded")
         if ram < 64 << 20:
             raise BadRequest("ram_bytes must be at least 64 MiB", "invalid_size")
-        group_image = self.images.group_choice(group.name)
-        if "image" not in spec:  # forks and commits' children carry their source's
-            ref = spec.pop("disk_image", None)
-            if image := await self.images.request_choice(ref) if ref else group_image:
-                spec["image"] = image
+        requested = spec.pop("disk_image", None)
+        if "image" in spec or requested:  # forks and commits' children carry their source's
+            group_image = self.images.groups.get(group.name)  # the group's may be unavailable
+            if "image" not in spec:
+                spec["image"] = await self.images.request_choice(requested, group)
+        elif group_image := self.images.group_choice(group.name):
+            spec["image"] = dict(group_image)
+        if spec.get("image"):
+            spec["image"] = await self.images.present(spec["image"])
         async with self._alloc:
             hostname, addr = self._allocate(group, hostname, ip)
             disk = self.persistent_disk(hostname) if persistent else self.run_dir(hostname) / "disk.qcow2"

@@ -206,7 +206,8 @@ class ImageStore:
         progress(f"pulling {ref}")
         run_tool(["skopeo", "--override-os", "linux", "--override-arch", ARCH, "copy", *tls, source,
                   "oci:" + layout], f"cannot pull {ref}", progress)
-        digest, config = self._read_layout(work / "layout", ref)
+        digest, config, layers = self._read_layout(work / "layout", ref)
+        progress(f"{ref}: {len(layers)} layer(s), {sum(layers) / 1e6:.1f} MB")
         return layout, digest, config
 
     @staticmethod
@@ -218,19 +219,21 @@ class ImageStore:
         return bundle / "rootfs"
 
     @staticmethod
-    def _read_layout(layout: Path, ref: str) -> tuple[str, dict]:
-        """The manifest digest and image config skopeo wrote; refuses another architecture."""
+    def _read_layout(layout: Path, ref: str) -> tuple[str, dict, list[int]]:
+        """The manifest digest, image config and layer sizes skopeo wrote; refuses another
+        architecture."""
         try:
             index = json.loads((layout / "index.json").read_text())
             digest = index["manifests"][0]["digest"]
             manifest = json.loads((layout / "blobs" / digest.replace(":", "/")).read_text())
             config = json.loads((layout / "blobs" / manifest["config"]["digest"].replace(":", "/")).read_text())
+            layers = [int(layer["size"]) for layer in manifest["layers"]]
         except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise OCIError(f"image {ref}: unreadable manifest or config ({e})", "invalid_image") from None
         arch, os_ = config.get("architecture"), config.get("os")
         if arch != ARCH or os_ not in (None, "linux"):
             raise OCIError(f"image {ref} is for {os_}/{arch}; this host runs linux/{ARCH} VMs", "wrong_architecture")
-        return digest, config
+        return digest, config, layers
 
     def _convert(self, ref: str, work: Path, layout: str, digest: str, config: dict, progress: Progress) -> None:
         root = self.unpack(ref, layout, work / "bundle", progress)
