@@ -122,12 +122,16 @@ def hostile_layer(work: Path) -> Path:
     return path
 
 
-def image_daemon(refs: dict, data_dir: Path | None = None) -> Daemon:
-    """A daemon with an image cache of its own (the project's image shared as usual)."""
-    if data_dir is None:
-        data_dir = Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp"))
-        (data_dir / "images").mkdir()
-        (data_dir / "images/current").symlink_to((IMAGE_DATA_DIR / "images/current").resolve())
+def own_cache_dir() -> Path:
+    """A data directory with an image cache of its own (the project's image shared as usual)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp"))
+    (data_dir / "images").mkdir()
+    (data_dir / "images/current").symlink_to((IMAGE_DATA_DIR / "images/current").resolve())
+    return data_dir
+
+
+def image_daemon(refs: dict) -> Daemon:
+    data_dir = own_cache_dir()
     config = CONFIG.replace("BB_REF", refs["bb"]).replace("DEB_REF", refs["deb"])
     config = config.replace("SYSTEMD_REF", refs["systemd"])
     config = config.replace("MISSING_REF", f"{refs['registry']}/test/missing:1")
@@ -268,6 +272,11 @@ def test_bad_images_are_clear_errors_and_other_groups_go_on(daemon_, refs):
         assert "arm64" in r.json()["error"]
         r = api.post("/hostgroup/vm/nodes", json={"disk_image": "../../etc/passwd"})
         assert r.status_code == 400 and r.json()["code"] == "invalid_image", r.text
+        for bad, code in ((f"sha256:{'a' * 64}/../../../tmp/x", "invalid_image"),  # a digest is a digest
+                          ("oci:/etc:x", "invalid_image"),  # no host files from the API
+                          ("nosuchname:1", "image_not_found")):  # a short name is never Docker Hub's
+            r = api.post("/hostgroup/vm/nodes", json={"disk_image": bad})
+            assert r.status_code in (400, 404) and r.json()["code"] == code, (bad, r.text)
         r = api.post("/hostgroup/vm/nodes", json={"disk_image": "127.0.0.1:1/refused:1"})  # nothing listens
         assert r.status_code == 502, r.text
         assert api.get("/healthz").status_code == 200
@@ -407,10 +416,7 @@ config:
 
 
 def kernel_daemon(refs: dict, kernel_line: str) -> Daemon:
-    data_dir = Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp"))
-    (data_dir / "images").mkdir()
-    (data_dir / "images/current").symlink_to((IMAGE_DATA_DIR / "images/current").resolve())
-    return Daemon(KERNEL_CONFIG.replace("KERNEL", kernel_line).replace("BB_REF", refs["bb"]), data_dir)
+    return Daemon(KERNEL_CONFIG.replace("KERNEL", kernel_line).replace("BB_REF", refs["bb"]), own_cache_dir())
 
 
 def test_kernel_from_an_image_and_from_a_file(refs, guest_image):

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from slicer.cli._common import human
 from slicer.cli.daemon import DEFAULT_DATA_DIR, DataDir, err, image_app, tool_output
 
 
@@ -16,14 +17,6 @@ def _store(data_dir):
     from slicer.image.oci import ImageStore
 
     return ImageStore(images_dir(data_dir) / "oci")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @image_app.command("pull")
@@ -60,7 +53,7 @@ def image_list(
     table = Table("REFERENCE", "DIGEST", "DISK", "FILES", "PULLED")
     for i in images:
         table.add_row(", ".join(i["refs"]) or "-", i["digest"].removeprefix("sha256:")[:12],
-                      _size(i["size_bytes"]), _size(i["content_bytes"]), i["pulled_at"] or "-")
+                      human(i["size_bytes"]), human(i["content_bytes"]), i["pulled_at"] or "-")
     from rich.console import Console
 
     Console().print(table)

@@ -21,7 +21,7 @@ from slicer.core.errors import BadGateway, BadRequest, NotFound, SlicerError, Un
 from slicer.core.state import StateStore
 from slicer.image.build import GuestImage, ImageError
 from slicer.image.kernels import Kernel, kernel_file, kernel_image
-from slicer.image.oci import ImageStore, OCIError, UserImage
+from slicer.image.oci import LOCAL_TRANSPORTS, ImageStore, OCIError, UserImage
 
 log = logging.getLogger("slicer.images")
 KINDS: dict[str, type[SlicerError]] = {"invalid_image": BadRequest, "wrong_architecture": BadRequest,
@@ -42,6 +42,7 @@ class BootImages:
         self.errors: dict[str, str] = {}  # group -> why its image is unavailable
         self._pulls: dict[str, asyncio.Lock] = {}
         self.kernel: Kernel | None = None  # kernel_file / kernel_image (None: the project's)
+        self.kernel_error: str | None = None  # why the configured kernel cannot be used
 
     def resolve_groups(self) -> None:
         """Find (pulling if needed) the kernel and every group's image; a group whose image
@@ -49,10 +50,10 @@ class BootImages:
         self.store.clean()
         try:
             self.kernel = self._kernel()
-        except (OCIError, ValueError) as e:
-            why = f"kernel: {getattr(e, 'message', e)}"
-            log.error("%s; no VM can boot", why)
-            self.errors.update({g.name: why for g in self.config.host_groups})
+        except Exception as e:  # whatever it is, the daemon runs on and says why (/info, 503s)
+            self.kernel_error = f"kernel: {getattr(e, 'message', e)}"
+            log.error("%s; no VM can boot", self.kernel_error)
+            self.errors.update({g.name: self.kernel_error for g in self.config.host_groups})
             return
         for group in self.config.host_groups:
             ref = group.image or self.config.image
@@ -61,9 +62,9 @@ class BootImages:
             try:
                 image = self.store.ensure(ref, self.config.insecure_registry,
                                           lambda m, g=group.name: log.info("%s: %s", g, m))
-            except OCIError as e:
-                self.errors[group.name] = e.message
-                log.error("host group %s: image %s unavailable: %s", group.name, ref, e.message)
+            except Exception as e:  # one group's image never stops the others (nor the daemon)
+                self.errors[group.name] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                log.error("host group %s: image %s unavailable: %s", group.name, ref, self.errors[group.name])
                 continue
             if too_big := self._too_big(image, group):
                 self.errors[group.name] = too_big
@@ -95,13 +96,22 @@ class BootImages:
         need = image.rootfs.stat().st_size
         if need <= group.disk_size:
             return None
-        return (f"image {image.meta.get('refs', [image.digest])[0]} needs a {need >> 20} MiB disk, more than host "
+        return (f"image {(image.meta.get('refs') or [image.digest])[0]} needs a {need >> 20} MiB disk, more than host "
                 f"group {group.name}'s storage_size {group.storage_size}")
 
     async def request_choice(self, ref: str, group: HostGroup) -> dict:
-        """The image record for a create request's ``disk_image`` (pulled in a thread if new)."""
+        """The image record for a create request's ``disk_image`` (pulled in a thread if new):
+        a registry's reference or a name in the cache, never a file on the host (the config
+        and the CLI may name those; an API client may not)."""
+        if ref.startswith(LOCAL_TRANSPORTS):
+            raise BadRequest(f"disk_image {ref}: files on the host are not taken from the API; pull it with "
+                             "`slicer image pull` and name it by its reference or digest", "invalid_image")
         choice = await self.request_image(ref)
-        if too_big := self._too_big(self.store.get(choice["digest"]), group):
+        try:
+            too_big = self._too_big(self.store.get(choice["digest"]), group)
+        except OCIError as e:  # removed meanwhile
+            raise image_error(e) from None
+        if too_big:
             raise BadRequest(too_big, "image_too_large")
         return choice
 
@@ -130,6 +140,8 @@ class BootImages:
 
     def boot(self, choice: dict | None) -> GuestImage:
         """What QEMU boots for a node whose record holds ``choice``."""
+        if self.kernel_error:  # never the project's kernel in its place, silently
+            raise Unavailable(self.kernel_error, "kernel_unavailable")
         base = self.base if self.kernel is None else replace(self.base, kernel=self.kernel.kernel,
                                                                initrd=self.kernel.initrd)
         if not choice:
@@ -162,12 +174,12 @@ def users_of_images(data_dir: Path, store: ImageStore) -> dict[str, str]:
                     users.setdefault(str(image.get("digest")), f"commit {commit.commit_id}")
         finally:
             state.close()
-    by_root = {str(i.rootfs): i.digest for i in store.list()}
+    by_root = {str(i.rootfs.resolve()): i.digest for i in store.list()}
     for disk in sorted((data_dir / "templates").glob("*/disk.qcow2")):
         out = subprocess.run(["qemu-img", "info", "--backing-chain", "-U", "--output=json", str(disk)],
                              capture_output=True, text=True)
         with contextlib.suppress(ValueError, TypeError, KeyError):
             for layer in json.loads(out.stdout) if out.returncode == 0 else []:
-                if (digest := by_root.get(layer["filename"])) is not None:
+                if (digest := by_root.get(str(Path(layer["filename"]).resolve()))) is not None:
                     users.setdefault(digest, f"template {disk.parent.name}")
     return users

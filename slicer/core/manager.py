@@ -121,10 +121,18 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
         elif ip is None or ip in used:
             ip = self._free_ip(group, used)
         spec: dict = {"userdata": group.userdata} if group.userdata else {}
-        # A kept disk goes on booting the image it was made from; a new one, the group's.
-        kept = old is not None and persistent and disk.exists() and old.spec.get("image")
-        if image := (old.spec["image"] if kept and old else self.images.group_choice(group.name)):
-            spec["image"] = image
+        # A kept disk goes on booting the image it was made from (None: the project's); a new
+        # one, the group's.
+        if old is not None and persistent and disk.exists():
+            image = old.spec.get("image")
+        else:
+            try:
+                image = self.images.group_choice(group.name)
+            except SlicerError as e:
+                log.error("%s: not started: %s", hostname, e.message)
+                return
+        if image:
+            spec["image"] = dict(image)
         rec = NodeRecord(
             hostname=hostname, hostgroup=group.name, kind="service",
             ip=ip, cpus=group.vcpu, ram_bytes=group.ram,
@@ -278,9 +286,11 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
         if ram < 64 << 20:
             raise BadRequest("ram_bytes must be at least 64 MiB", "invalid_size")
         requested = spec.pop("disk_image", None)
-        if "image" in spec or requested:  # forks and commits' children carry their source's
+        # Forks and commits' children boot their source's image (no "image": the project's).
+        inherited = "image" in spec or bool(spec.get("parent_commit")) or template is not None
+        if inherited or requested:
             group_image = self.images.groups.get(group.name)  # the group's may be unavailable
-            if "image" not in spec:
+            if requested and not inherited:
                 spec["image"] = await self.images.request_choice(requested, group)
         elif group_image := self.images.group_choice(group.name):
             spec["image"] = dict(group_image)

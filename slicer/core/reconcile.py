@@ -139,13 +139,15 @@ class Reconciler:
         if why is None:
             assert group is not None
             gnet = self.net.group(group.name)
-            spec = vm_spec(self.images.boot(rec.spec.get("image")), group, gnet,
-                           name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
-                           ip=rec.ip, disk=Path(rec.disk), run_dir=run_dir)
-            if rec.template:
-                spec.memory_file = self.templates.memory_file(rec.template)
             try:
+                spec = vm_spec(self.images.boot(rec.spec.get("image")), group, gnet,
+                               name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
+                               ip=rec.ip, disk=Path(rec.disk), run_dir=run_dir)
+                if rec.template:
+                    spec.memory_file = self.templates.memory_file(rec.template)
                 vm = await self.driver.adopt(spec, pid)
+            except SlicerError as e:
+                why = f"its image cannot be used: {e.message}"
             except (VMMError, OSError) as e:
                 why = f"taking over its QEMU failed: {e}"
             else:

@@ -197,19 +197,24 @@ def _module_depends(ko: Path) -> list[str]:
     return [d for d in value.split(",") if d]
 
 
-def _builtin_modules(kernel_tree: Path) -> set[str]:
+def _builtin_modules(kernel_tree: Path, version: str = "*") -> set[str]:
     """Modules compiled into the kernel (``modules.builtin``), with ``-`` as ``_``."""
     names: set[str] = set()
-    for listing in kernel_tree.glob("lib/modules/*/modules.builtin"):
+    for listing in kernel_tree.glob(f"lib/modules/{version}/modules.builtin"):
+        if not listing.is_file() or not listing.resolve().is_relative_to(kernel_tree.resolve()):
+            continue
         names |= {Path(line.strip()).stem.replace("-", "_") for line in listing.read_text().splitlines()}
     return names
 
 
-def build_initramfs(kernel_tree: Path, out: Path, work: Path) -> None:
-    """The initramfs for the kernel whose ``lib/modules`` is in ``kernel_tree``: busybox, the
-    modules of :data:`GUEST_MODULES` it does not have built in, our init and the agent."""
-    mods = {p.stem: p for p in kernel_tree.glob("lib/modules/*/kernel/**/*.ko")}
-    builtin = _builtin_modules(kernel_tree)
+def build_initramfs(kernel_tree: Path, out: Path, work: Path, version: str = "*") -> None:
+    """The initramfs for the kernel whose ``lib/modules/<version>`` is in ``kernel_tree``:
+    busybox, the modules of :data:`GUEST_MODULES` it does not have built in, our init and the
+    agent. Only regular files inside the tree are read (it may come from a user's image)."""
+    top = kernel_tree.resolve()
+    mods = {p.stem: p for p in kernel_tree.glob(f"lib/modules/{version}/kernel/**/*.ko")
+            if p.is_file() and p.resolve().is_relative_to(top)}
+    builtin = _builtin_modules(kernel_tree, version)
     order: list[str] = []
 
     def add(name: str) -> None:

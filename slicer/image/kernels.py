@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,14 +62,18 @@ def kernel_image(store: ImageStore, ref: str, base: GuestImage, insecure: bool, 
             out = work / "kernel"
             out.mkdir()
             relativize_links(root)  # an absolute link (lib -> /usr/lib) must not reach the host's files
-            found = [p for p in sorted(root.glob("boot/vmlinuz*")) if p.is_file() and not p.is_symlink()]
-            if not found:
-                raise OCIError(f"kernel_image {ref} holds no /boot/vmlinuz* file", "invalid_image")
-            shutil.copyfile(found[-1], out / "vmlinuz")
+            # /boot/vmlinuz-V with lib/modules/V: the newest version that has both
+            kernels = {p.name.removeprefix("vmlinuz-"): p for p in root.glob("boot/vmlinuz-*")
+                       if p.is_file() and not p.is_symlink()}
+            versions = sorted((v for v in kernels if (root / "lib/modules" / v).is_dir()), key=_version_key)
+            if not versions:
+                raise OCIError(f"kernel_image {ref} holds no /boot/vmlinuz-VERSION with /lib/modules/VERSION",
+                               "invalid_image")
+            shutil.copyfile(kernels[versions[-1]], out / "vmlinuz")
             try:
                 check_kernel_file(out / "vmlinuz")
-                progress(f"building an initramfs with the modules of {ref}")
-                build_initramfs(root, out / "initrd.img", work)
+                progress(f"building an initramfs with the modules of {ref} ({versions[-1]})")
+                build_initramfs(root, out / "initrd.img", work, version=versions[-1])
             except (ValueError, ImageError) as e:
                 raise OCIError(f"kernel_image {ref}: {e}", "invalid_image") from None
             (out / "meta.json").write_text(json.dumps({"ref": ref, "digest": digest, "build": base.build_id}))
@@ -77,6 +82,11 @@ def kernel_image(store: ImageStore, ref: str, base: GuestImage, insecure: bool, 
             assert cached is not None
     store.set_ref(refs_key, digest)
     return cached
+
+
+def _version_key(version: str) -> list:
+    """``6.1.0-10`` after ``6.1.0-9``: numbers compared as numbers."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"[.\-+~]", version)]
 
 
 def _dir(store: ImageStore, digest: str, base: GuestImage) -> Path:

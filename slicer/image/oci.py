@@ -27,6 +27,8 @@ Progress = Callable[[str], None]
 ARCH = "amd64"
 TRANSPORTS = ("docker://", "oci:", "oci-archive:", "docker-archive:")
 REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,511}$")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")  # the only form that names a cache directory
+LOCAL_TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:")  # files on this host
 ROOT_DIRS = ("dev", "proc", "sys", "run", "tmp", "etc", "root")  # mount points and what init writes
 
 
@@ -64,6 +66,23 @@ def source_of(ref: str) -> str:
     if not REF_RE.fullmatch(ref) or ".." in ref.split("/"):
         raise OCIError(f"invalid image reference {ref!r}", "invalid_image")
     return ref if ref.startswith(TRANSPORTS) else "docker://" + ref
+
+
+def names_registry(ref: str) -> bool:
+    """Whether ``ref``'s first component is a registry host (``ghcr.io/…``, ``127.0.0.1:5000/…``,
+    ``localhost/…``), as opposed to a short name."""
+    first, sep, _ = ref.partition("/")
+    return bool(sep) and ("." in first or ":" in first or first == "localhost")
+
+
+def write_json(path: Path, value: object) -> None:
+    """Replace ``path`` whole (a crash leaves the old file or the new one, never half)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def run_tool(cmd: list[str], what: str, progress: Progress | None = None) -> str:
@@ -115,11 +134,11 @@ class ImageStore:
             self._write_refs(refs)
 
     def _write_refs(self, refs: dict[str, str]) -> None:
-        tmp = self.root / ".refs.json.tmp"
-        tmp.write_text(json.dumps(refs, indent=2, sort_keys=True))
-        os.replace(tmp, self.root / "refs.json")
+        write_json(self.root / "refs.json", refs)
 
     def _dir(self, digest: str) -> Path:
+        if not DIGEST_RE.fullmatch(digest):
+            raise OCIError(f"{digest!r} is not an image digest (sha256:<64 hex>)", "invalid_image")
         return self.root / digest.replace(":", "-")
 
     def get(self, digest: str) -> UserImage:
@@ -132,7 +151,7 @@ class ImageStore:
 
     def lookup(self, ref: str) -> UserImage | None:
         """``ref`` from the cache (by the reference pulled, or by digest), None if not there."""
-        digest = self._refs().get(ref) or (ref if ref.startswith("sha256:") else None)
+        digest = self._refs().get(ref) or (ref if DIGEST_RE.fullmatch(ref) else None)
         if digest is None:
             return None
         with contextlib.suppress(OCIError):
@@ -147,9 +166,16 @@ class ImageStore:
         return found
 
     def clean(self) -> None:
-        """Remove what interrupted pulls left."""
+        """Remove what interrupted pulls left (not a pull still running: its lock is held)."""
         for d in self.root.glob(".pull-*"):
-            shutil.rmtree(d, ignore_errors=True)
+            try:
+                with open(d / ".lock", "a") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    shutil.rmtree(d, ignore_errors=True)
+            except BlockingIOError:
+                continue
+            except OSError:
+                shutil.rmtree(d, ignore_errors=True)
 
     def remove(self, ref: str, user: Callable[[str], str | None]) -> UserImage:
         """Remove ``ref`` (a reference or a digest) from the cache, unless ``user(digest)``
@@ -162,8 +188,8 @@ class ImageStore:
                 raise OCIError(f"image {ref} ({image.short}) is in use by {who}", "image_in_use")
             refs = {r: d for r, d in self._refs().items() if d != image.digest}
             self._write_refs(refs)
-            trash = self.root / f".pull-rm-{image.short}"
-            os.replace(image.directory, trash)
+            trash = Path(tempfile.mkdtemp(dir=self.root, prefix=".pull-rm-"))
+            os.replace(image.directory, trash / "image")
             shutil.rmtree(trash, ignore_errors=True)
         return image
 
@@ -187,7 +213,7 @@ class ImageStore:
                 image = self.get(digest)
                 if name not in image.meta.get("refs", []):
                     image.meta.setdefault("refs", []).append(name)
-                    (image.directory / "meta.json").write_text(json.dumps(image.meta, indent=2))
+                    write_json(image.directory / "meta.json", image.meta)
         progress(f"{name}: {digest} ready")
         return image
 
@@ -195,12 +221,18 @@ class ImageStore:
     def workdir(self) -> Iterator[Path]:
         """A scratch directory in the cache (same filesystem: results are renamed into place)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.root, prefix=".pull-") as tmp:
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".pull-") as tmp, open(Path(tmp) / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # held while in use: clean() leaves it alone
             yield Path(tmp)
 
     def fetch(self, ref: str, insecure: bool, progress: Progress, work: Path) -> tuple[str, str, dict]:
         """Copy ``ref`` into an OCI layout in ``work``: its umoci name, manifest digest and config."""
         source = source_of(ref)
+        if source == "docker://" + ref and not names_registry(ref):
+            # Like podman's enforcing short names: "app:1" (built here, maybe removed since) must
+            # never quietly become docker.io/library/app:1, which anyone can publish.
+            raise OCIError(f"image {ref} is not in the cache and names no registry; build it again, or write "
+                           f"docker.io/library/{ref} to pull it from Docker Hub", "image_not_found")
         layout = f"{work / 'layout'}:image"  # umoci's form; skopeo's is "oci:" + it
         tls = ["--src-tls-verify=false"] if insecure else []
         progress(f"pulling {ref}")
@@ -253,7 +285,7 @@ class ImageStore:
         meta = {"digest": digest, "refs": [], "source": source_of(ref), "architecture": config.get("architecture"),
                 "content_bytes": used, "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "config": {k: cfg.get(k) for k in ("Env", "Entrypoint", "Cmd", "WorkingDir", "User") if cfg.get(k)}}
-        (out / "meta.json").write_text(json.dumps(meta, indent=2))
+        write_json(out / "meta.json", meta)
         with self._locked():
             if not self._dir(digest).exists():
                 os.replace(out, self._dir(digest))

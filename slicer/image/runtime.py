@@ -10,6 +10,7 @@ user's image is needed: it may be busybox only, musl, or have no Python at all.
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -36,14 +37,22 @@ entry()
 
 
 def relativize_links(root: Path) -> int:
-    """Make every absolute symlink under ``root`` relative to ``root``; returns how many."""
+    """Rewrite every symlink under ``root`` as ``root`` being ``/``: absolute targets become
+    relative, and ``..`` cannot climb above ``root`` (as in a chroot), so following any link
+    on the host stays inside the tree. Returns how many links changed."""
     count = 0
     for dirpath, dirnames, filenames in os.walk(root):
+        here = "/" + os.path.relpath(dirpath, root).removeprefix(".")
         for name in dirnames + filenames:
             link = Path(dirpath) / name
-            if link.is_symlink() and (target := os.readlink(link)).startswith("/"):
+            if not link.is_symlink():
+                continue
+            target = os.readlink(link)
+            inside = posixpath.normpath(posixpath.join(here, target))  # "/../x" is "/x": clamped at the root
+            fixed = os.path.relpath(root / inside.lstrip("/"), dirpath)
+            if fixed != target:
                 link.unlink()
-                link.symlink_to(os.path.relpath(root / target.lstrip("/"), dirpath))
+                link.symlink_to(fixed)
                 count += 1
     return count
 
