@@ -111,20 +111,28 @@ def test_every_qemu_has_a_cgroup_with_limits(api, two_vms):
         assert pids == str(PIDS_MAX)
 
 
+def own_disk(pid: int, hostname: str) -> Path:
+    """The VM's own disk among its QEMU's descriptors: ``run/<host>/disk.qcow2`` or
+    ``disks/<host>.qcow2`` (not a template's, whose name may start with the same letters)."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        path = Path(os.readlink(fd))
+        if path.suffix == ".qcow2" and hostname in (path.parent.name, path.stem):
+            return path.resolve()
+    raise AssertionError(f"no disk of {hostname} open in QEMU {pid}")
+
+
 def test_a_qemu_user_cannot_reach_another_vms_disk(daemon, two_vms):
     (a, pid_a), (b, pid_b) = sorted(two_vms.items())
     uid_a = int(status(pid_a)["Uid"].split()[0])
     gid_a = int(status(pid_a)["Gid"].split()[0])
-    disk_b = Path(next(p for p in Path(f"/proc/{pid_b}/fd").iterdir()
-                       if os.readlink(p).endswith(".qcow2") and os.readlink(p).find(b) >= 0).resolve())
+    disk_b = own_disk(pid_b, b)
     # Not by path (the data directory is root's alone) ...
     assert as_uid(uid_a, gid_a, lambda: os.close(os.open(disk_b, os.O_RDONLY))) == errno.EACCES
     assert as_uid(uid_a, gid_a, lambda: os.listdir(daemon.data_dir)) == errno.EACCES
     # ... nor through the other QEMU's descriptors.
     assert as_uid(uid_a, gid_a, open_fd_of(pid_b, disk_b, os.O_RDONLY)) == errno.EACCES
     # Its own disk, through its own descriptor, it can open: the check above is not vacuous.
-    disk_a = Path(next(p for p in Path(f"/proc/{pid_a}/fd").iterdir()
-                       if os.readlink(p).endswith(".qcow2") and os.readlink(p).find(a) >= 0).resolve())
+    disk_a = own_disk(pid_a, a)
     assert as_uid(uid_a, gid_a, open_fd_of(pid_a, disk_a, os.O_RDWR)) == 0
 
 

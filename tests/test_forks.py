@@ -33,7 +33,8 @@ config:
     bind_address: 127.0.0.1
     port: PORT
 """
-COUNTER = "i=0; while true; do echo $i > /tmp/counter; i=$((i+1)); sleep 0.1; done"
+# Written whole (a rename): a reader never sees the file truncated between two counts.
+COUNTER = "i=0; while true; do echo $i > /tmp/c.new; mv /tmp/c.new /tmp/counter; i=$((i+1)); sleep 0.1; done"
 
 
 @pytest.fixture(scope="module")

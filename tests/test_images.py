@@ -170,6 +170,27 @@ def shell_echo(client: SlicerClient, host: str) -> str:
     return out.decode(errors="replace")
 
 
+def forward_echo(client: SlicerClient, host: str) -> str:
+    """One TCP connection through ``/vm/{h}/forward`` to a one-shot echo server in the guest
+    (busybox's nc: the image's, or for an image without it the runtime's)."""
+    has_busybox = client.exec(host, "test -x /bin/busybox").exit_code == 0
+    busybox = "/bin/busybox" if has_busybox else "/run/slicer/rt/opt/slicer/bin/busybox"
+    client.exec_background(host, f"{busybox} nc -l -p 18080 -e /bin/cat")
+    for _ in range(50):
+        try:
+            ws = client.forward(host, "127.0.0.1:18080")
+        except Exception:
+            time.sleep(0.2)  # the server is not listening yet
+            continue
+        with ws:
+            ws.send(b"forwarded\n")
+            got = b""
+            while b"\n" not in got:
+                got += ws.recv(timeout=30)
+            return got.decode()
+    raise AssertionError(f"no forward to {host}:18080")
+
+
 def check_managed(client: SlicerClient, host: str, tmp_path: Path) -> None:
     """Everything the agent does, in an image that brings none of what it needs."""
     assert run(client, host, "echo $((6*7))") == "42\n"
@@ -197,6 +218,8 @@ def check_managed(client: SlicerClient, host: str, tmp_path: Path) -> None:
     assert client.stat(host, "/tmp/blob")["size"] == 300_000
     # an interactive shell on a PTY, the image's own shell (or ours if it has none)
     assert "SHELL-42" in shell_echo(client, host)
+    # a port forward to a server of the image's (nc, from busybox or Debian's bash /dev/tcp echo)
+    assert "forwarded" in forward_echo(client, host)
     # stats and health come from the agent
     stats = client.stats(host)
     assert stats.error is None and stats.snapshot and stats.snapshot["totalMemory"] > 0, stats
