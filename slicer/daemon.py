@@ -21,7 +21,7 @@ from slicer.core.config import Config
 from slicer.core.errors import SlicerError
 from slicer.core.images import BootImages
 from slicer.core.manager import Manager
-from slicer.image.build import current_image, images_dir
+from slicer.image.build import current_image
 from slicer.image.oci import ImageStore
 from slicer.vmm.accel import choose_accelerator
 from slicer.vmm.jail import Jailer, JailError
@@ -103,7 +103,7 @@ def run_daemon(config: Config, data_dir: Path) -> None:
         log.warning("hypervisor: %s asks for a KVM-only VMM, which this daemon does not drive; every host group "
                     "runs on QEMU microvm (/info shows both)", config.hypervisor)
     jailer = make_jailer(config, data_dir)
-    images = BootImages(image, ImageStore(images_dir(data_dir) / "oci"), config)
+    images = BootImages(image, ImageStore.of(data_dir), config)
     images.resolve_groups()  # pulls what is not cached yet; a group whose image fails is marked so
     manager = Manager(config, data_dir, QemuDriver(accel, jailer=jailer), images)
     api = config.api

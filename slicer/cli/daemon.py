@@ -135,7 +135,7 @@ def image_build(
     from slicer.image.oci import ImageStore, OCIError
 
     try:
-        builder = Builder(images_dir(data_dir), ImageStore(images_dir(data_dir) / "oci"), current_image(data_dir))
+        builder = Builder(images_dir(data_dir), ImageStore.of(data_dir), current_image(data_dir))
         image = builder.build(file, tag, context or Path("."), insecure, progress=tool_output)
     except (OCIError, ImageError) as e:
         err.print(f"[red]{getattr(e, 'message', e)}[/red]")

@@ -10,13 +10,7 @@ from rich.table import Table
 
 from slicer.cli._common import human
 from slicer.cli.daemon import DEFAULT_DATA_DIR, DataDir, err, image_app, tool_output
-
-
-def _store(data_dir):
-    from slicer.image.build import images_dir
-    from slicer.image.oci import ImageStore
-
-    return ImageStore(images_dir(data_dir) / "oci")
+from slicer.image.oci import ImageStore, OCIError
 
 
 @image_app.command("pull")
@@ -30,10 +24,8 @@ def image_pull(
 
     Example: [bold]slicer image pull --insecure 127.0.0.1:5000/app:1[/bold]
     """
-    from slicer.image.oci import OCIError
-
     try:
-        image = _store(data_dir).pull(ref, insecure, progress=tool_output)
+        image = ImageStore.of(data_dir).pull(ref, insecure, progress=tool_output)
     except OCIError as e:
         err.print(f"[red]{e.message}[/red]")
         raise typer.Exit(1) from e
@@ -46,7 +38,7 @@ def image_list(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """The images in the cache, with their disk sizes. Example: [bold]slicer image list[/bold]"""
-    images = [i.view() for i in _store(data_dir).list()]
+    images = [i.view() for i in ImageStore.of(data_dir).list()]
     if as_json:
         typer.echo(json.dumps(images, indent=2))
         return
@@ -69,9 +61,7 @@ def image_rm(
     Example: [bold]slicer image rm 127.0.0.1:5000/app:1[/bold]
     """
     from slicer.core.images import users_of_images
-    from slicer.image.oci import OCIError
-
-    store = _store(data_dir)
+    store = ImageStore.of(data_dir)
     try:
         image = store.remove(ref, lambda digest: users_of_images(data_dir, store).get(digest))
     except OCIError as e:
@@ -88,9 +78,7 @@ def image_prune(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     start. Example: [bold]slicer image prune[/bold]
     """
     from slicer.core.images import users_of_images
-    from slicer.image.oci import OCIError
-
-    store = _store(data_dir)
+    store = ImageStore.of(data_dir)
     users = users_of_images(data_dir, store)
     for image in store.list():
         if image.digest in users:

@@ -108,6 +108,13 @@ class ImageStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    @classmethod
+    def of(cls, data_dir: Path) -> ImageStore:
+        """The cache of the daemon whose data directory is ``data_dir``."""
+        from slicer.image.build import images_dir
+
+        return cls(images_dir(data_dir) / "oci")
+
     # -- the cache --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -205,7 +212,7 @@ class ImageStore:
         with self.workdir() as work:
             layout, digest, config = self.fetch(ref, insecure, progress, work)
             if self.lookup(digest) is None:
-                self._convert(name, work, layout, digest, config, progress)
+                self._convert(name, ref, work, layout, digest, config, progress)
             with self._locked():
                 refs = self._refs()
                 refs[name] = digest
@@ -267,7 +274,10 @@ class ImageStore:
             raise OCIError(f"image {ref} is for {os_}/{arch}; this host runs linux/{ARCH} VMs", "wrong_architecture")
         return digest, config, layers
 
-    def _convert(self, ref: str, work: Path, layout: str, digest: str, config: dict, progress: Progress) -> None:
+    def _convert(self, ref: str, source: str, work: Path, layout: str, digest: str, config: dict,
+                 progress: Progress) -> None:
+        """Make the disk of the image pulled into ``layout``; ``ref``: its name here, ``source``:
+        where it came from (the same, but for a build's temporary layout)."""
         root = self.unpack(ref, layout, work / "bundle", progress)
         for d in ROOT_DIRS:
             path = root / d
@@ -282,7 +292,7 @@ class ImageStore:
                   f"{size_mb}M"], f"cannot make a disk of {ref}")
         (out / "rootfs.ext4").chmod(0o444)
         cfg = config.get("config") or {}
-        meta = {"digest": digest, "refs": [], "source": source_of(ref), "architecture": config.get("architecture"),
+        meta = {"digest": digest, "refs": [], "source": source_of(source), "architecture": config.get("architecture"),
                 "content_bytes": used, "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "config": {k: cfg.get(k) for k in ("Env", "Entrypoint", "Cmd", "WorkingDir", "User") if cfg.get(k)}}
         write_json(out / "meta.json", meta)
