@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 import time
 
 import pytest
 
+from tests import chunked_copy
 from tests.conftest import wait_agent
 
 pytestmark = pytest.mark.vm
@@ -219,3 +221,53 @@ def test_cp_v1_downloads_describe_their_source(api, vm):
     r = v1(api, vm, "GET", "cp-v1-binary", "/tmp/v1d/my dir")
     assert r.status_code == 400 and "must specify a file not a directory" in r.json()["error"]
     assert v1(api, vm, "GET", "cp-v1-tar", "/tmp/v1d/nothing").status_code == 404
+
+
+def test_chunked_copy_as_the_official_sdks_do_it(api, vm, tmp_path):
+    """``CpToVMChunked``: checksummed chunks, a manifest, then ``slicer-agent upload finalise``."""
+    check = chunked_copy.helper(api, vm, "upload", "check")
+    assert check["exit_code"] == 0 and "chunked-copy-v1" in check["stdout"].split(), check
+    # a file, to a home-relative path (the SDK's ~ forms), in uneven chunks, owned by a user
+    data = os.urandom(5 * 1024 * 1024 + 123)
+    result, session = chunked_copy.upload(api, vm, data, "~/chunked.bin", chunk_size=2 * 1024 * 1024,
+                                          uid=1000, permissions="0640")
+    assert result["exit_code"] == 0, result
+    home = sh(api, vm, "getent passwd 1000 | cut -d: -f6").strip()
+    assert sh(api, vm, f"sha256sum {home}/chunked.bin").split()[0] == hashlib.sha256(data).hexdigest()
+    assert sh(api, vm, f"stat -c '%a %u %g' {home}/chunked.bin").split() == ["640", "1000", "1000"]
+    assert sh(api, vm, f"ls -a {home} | grep -c slicer-upload || true").strip() == "0", "session left behind"
+    # a directory as a tar, extracted only after every chunk checked out
+    tree = make_tar([file_member("proj/a.txt", b"alpha"), file_member("proj/sub/b.txt", b"beta" * 50_000)])
+    result, _ = chunked_copy.upload(api, vm, tree, "/tmp/chunked-tree", mode="tar", chunk_size=64 * 1024)
+    assert result["exit_code"] == 0, result
+    assert sh(api, vm, "cat /tmp/chunked-tree/proj/a.txt") == "alpha"
+    assert sh(api, vm, "wc -c < /tmp/chunked-tree/proj/sub/b.txt").strip() == "200000"
+    # one damaged chunk: refused, nothing at the destination (binary or tar), the session kept for abort
+    for mode, payload, dest in (("binary", data, "/tmp/damaged.bin"), ("tar", tree, "/tmp/damaged-tree")):
+        result, session = chunked_copy.upload(api, vm, payload, dest, mode=mode, chunk_size=64 * 1024, corrupt=1)
+        assert result["exit_code"] == 1 and "chunk 1 does not match its SHA-256" in result["stderr"], result
+        assert sh(api, vm, f"ls -d {dest} 2>/dev/null || echo absent").strip() == "absent"
+        aborted = chunked_copy.helper(api, vm, "upload", "abort", "--manifest", f"{session}/manifest.json",
+                                      "--uid", "0", "--gid", "0")
+        assert aborted["exit_code"] == 0, aborted
+        assert sh(api, vm, f"ls -d {session} 2>/dev/null || echo gone").strip() == "gone"
+    # a manifest outside a session, or a hostile one, is refused with a reason
+    result = chunked_copy.helper(api, vm, "upload", "finalise", "--manifest", "/etc/passwd")
+    assert result["exit_code"] == 1 and "not a chunked-copy manifest" in result["stderr"], result
+    session = "/tmp/.slicer-upload-" + "0" * 32
+    for bad, words in (({"version": 9}, "unsupported copy manifest version"),
+                       ({"version": 1, "mode": "binary", "destination": "/tmp/x", "size": 5, "chunks": []},
+                        "chunk sizes total 0 bytes, expected 5")):
+        chunked_copy.post_chunk(api, vm, f"{session}/manifest.json", json.dumps(bad).encode())
+        result = chunked_copy.helper(api, vm, "upload", "finalise", "--manifest", f"{session}/manifest.json")
+        assert result["exit_code"] == 1 and words in result["stderr"], result
+
+
+def test_home_relative_paths(api, vm):
+    """``~`` in cp and fs paths is the home of the request's uid (root's without one)."""
+    r = api.post(f"/vm/{vm}/cp", params={"path": "~/tilde.txt"}, content=b"root-home")
+    assert r.status_code == 200 and r.json()["path"] == "/root/tilde.txt", r.text
+    assert api.get(f"/vm/{vm}/cp", params={"path": "~/tilde.txt"}).content == b"root-home"
+    assert api.get(f"/vm/{vm}/fs/stat", params={"path": "~/tilde.txt"}).json()["size"] == 9
+    r = api.post(f"/vm/{vm}/cp", params={"path": "relative.txt"}, content=b"x")
+    assert r.status_code == 400 and "absolute or start with ~/" in r.json()["error"]

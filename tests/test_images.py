@@ -3,6 +3,7 @@ Debian minbase without Python), real VMs booting them with the agent from our ru
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from slicer.client import SlicerClient
+from tests import chunked_copy
 from tests.conftest import IMAGE_DATA_DIR, Daemon, wait_agent
 from tests.oci_images import Registry, busybox_root, debian_root, kernel_root, pack, systemd_root
 
@@ -232,6 +234,13 @@ def test_busybox_image_boots_and_is_managed(client, daemon_, refs, tmp_path):
     check_managed(client, "bb-1", tmp_path)
     assert run(client, "bb-1", "cat /etc/motd") == "busybox test image\n"
     assert run(client, "bb-1", "readlink /bin/sh") == "busybox\n"
+    # the SDKs' chunked copy: the image has no /usr/local/bin/slicer-agent; the runtime's answers
+    payload = os.urandom(250_000)
+    with daemon_.client() as api:
+        result, _ = chunked_copy.upload(api, "bb-1", payload, "/srv/chunked.bin", chunk_size=100_000)
+    assert result["exit_code"] == 0, result
+    assert run(client, "bb-1", "sha256sum /srv/chunked.bin").split()[0] == hashlib.sha256(payload).hexdigest()
+    assert client.exec("bb-1", "test -e /usr/local/bin/slicer-agent").exit_code == 1  # nothing added to the image
     # secrets reach it like any VM
     client.create_secret("img-secret", b"s3cret")
     try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from slicer.agent import runtime
+from slicer.agent.files import home_of
 
 READ_CHUNK = 65536
 BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -116,33 +117,25 @@ class ExecRequest:
             raise ExecError("background execs take neither stdin nor buffered", "invalid_request")
 
     def argv(self) -> list[str]:
+        cmd = runtime.helper(self.cmd)
         if self.shell:
-            line = " ".join([self.cmd, *(shlex.quote(a) for a in self.args)])
+            line = " ".join([cmd, *(shlex.quote(a) for a in self.args)])
             return [runtime.shell(self.shell), "-c", line]
-        return [self.cmd, *self.args]
-
-
-def _home(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_dir
-    except KeyError:
-        return "/"
+        return [cmd, *self.args]
 
 
 async def spawn(req: ExecRequest) -> asyncio.subprocess.Process:
     req.validate()
     if req.cwd and not os.path.isdir(req.cwd):
         raise ExecError(f"cwd {req.cwd!r} is not a directory", "invalid_cwd")
-    env = {**BASE_ENV, "HOME": _home(req.uid), **req.env}
+    env = {**BASE_ENV, "HOME": home_of(req.uid), **req.env}
     try:
         return await asyncio.create_subprocess_exec(
             *req.argv(),
             stdin=asyncio.subprocess.PIPE if req.stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE if req.stdout else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE if req.stderr else asyncio.subprocess.DEVNULL,
-            cwd=req.cwd or _home(req.uid), env=env,
+            cwd=req.cwd or home_of(req.uid), env=env,
             user=req.uid if req.uid else None, group=req.gid if req.gid else None,
             extra_groups=[] if req.uid or req.gid else None,
             start_new_session=True,  # its own process group: killed as a whole

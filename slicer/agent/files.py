@@ -14,6 +14,7 @@ import fnmatch
 import io
 import os
 import posixpath
+import pwd
 import shutil
 import stat
 import tarfile
@@ -49,11 +50,23 @@ def parse_id(value: str | None, name: str) -> int | None:
     return int(value)
 
 
-def require_path(value: str | None) -> str:
+def home_of(uid: int) -> str:
+    """The home directory of ``uid`` in the guest's own user database (``/`` if it has none)."""
+    try:
+        return pwd.getpwuid(uid).pw_dir or "/"
+    except KeyError:
+        return "/"
+
+
+def require_path(value: str | None, uid: int | None = None) -> str:
+    """An absolute, normalised guest path; ``~`` and ``~/…`` are the home of ``uid`` (root's
+    when no uid is given), as the SDKs' ``vm:~/file`` forms expect."""
     if not value:
         raise FileError("path is required", "invalid_request")
+    if value == "~" or value.startswith("~/"):
+        value = home_of(uid or 0).rstrip("/") + "/" + value[2:]
     if not value.startswith("/"):
-        raise FileError(f"path must be absolute, not {value!r}", "invalid_request")
+        raise FileError(f"path must be absolute or start with ~/, not {value!r}", "invalid_request")
     return os.path.normpath(value)
 
 

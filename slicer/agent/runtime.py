@@ -16,6 +16,7 @@ ROOT = "/run/slicer/rt"  # mount point of the runtime disk (read-only)
 TOOLS = ROOT + "/opt/slicer/bin"  # ip, resize2fs, inotifywait, busybox (sh) from the runtime
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SHELLS = ("/bin/bash", "/bin/sh", "bash", "sh")
+HELPER = "/usr/local/bin/slicer-agent"  # the SDKs run it by this path (chunked copy: slicer.agent.upload)
 
 
 def active() -> bool:
@@ -26,6 +27,14 @@ def active() -> bool:
 def agent_path() -> str:
     """PATH for the agent's own helpers: the runtime's tools first, when there is one."""
     return f"{TOOLS}:{STANDARD_PATH}" if active() else STANDARD_PATH
+
+
+def helper(cmd: str) -> str:
+    """``cmd``, or our copy of the ``slicer-agent`` helper when ``cmd`` names it and the image
+    has none of its own (a user's image: the helper lives on the runtime disk)."""
+    if cmd == HELPER and active() and not os.path.lexists(HELPER):
+        return TOOLS + "/slicer-agent"
+    return cmd
 
 
 def shell(requested: str | None = None) -> str:

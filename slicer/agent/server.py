@@ -23,6 +23,7 @@ from slicer.agent import (
     provision,
     runtime,
     shell,
+    upload,
     watch,
 )
 from slicer.agent.execute import ExecError, ExecRequest, kill_group, run_buffered, spawn, stream_frames
@@ -234,9 +235,9 @@ def make_app(started: float) -> web.Application:
     async def copy_in(request: web.Request) -> web.Response:
         q = request.query
         try:
-            path = files.require_path(q.get("path"))
             perms = files.parse_permissions(q.get("permissions"))
             uid, gid = files.parse_id(q.get("uid"), "uid"), files.parse_id(q.get("gid"), "gid")
+            path = files.require_path(q.get("path"), uid)
             mode = q.get("mode") or "binary"
             if mode in ("cp-v1-binary", "cp-v1-tar"):  # cp-like destinations (slicer.agent.copyv1)
                 kind = "file" if mode == "cp-v1-binary" else "directory"
@@ -254,6 +255,7 @@ def make_app(started: float) -> web.Application:
                 count = await asyncio.to_thread(files.extract_tar, reader, path, perms, uid, gid,
                                                 q.getall("exclude", []))
                 return web.json_response({"path": path, "mode": "tar", "entries": count})
+            upload.make_session_dirs(path, uid, gid)  # a chunk of the SDKs' chunked copy (slicer.agent.upload)
             size = await files.receive_file(path, request.content.iter_chunked(files.CHUNK), perms, uid, gid)
             return web.json_response({"path": path, "mode": "binary", "size": size})
         except files.FileError as e:
@@ -265,7 +267,7 @@ def make_app(started: float) -> web.Application:
     async def copy_out(request: web.Request) -> web.StreamResponse:
         q = request.query
         try:
-            path = files.require_path(q.get("path"))
+            path = files.require_path(q.get("path"), files.parse_id(q.get("uid"), "uid"))
             mode = q.get("mode") or "binary"
             meta: dict[str, str] = {}
             if mode in copyv1.MODES:

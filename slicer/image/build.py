@@ -268,6 +268,9 @@ def _install_guest_files(dest: Path) -> None:
     init = dest / "slicer-init"
     init.write_text("#!/bin/sh\nexport PYTHONPATH=/opt/slicer\nexec /usr/bin/python3 -m slicer.agent.init\n")
     init.chmod(0o755)
+    helper = dest / "slicer-agent"
+    helper.write_text(runtime.helper_script("/usr/bin/python3", "/opt/slicer"))
+    helper.chmod(0o755)
 
 
 def _build_rootfs(base_tar: Path, out: Path, work: Path) -> None:
@@ -278,6 +281,8 @@ def _build_rootfs(base_tar: Path, out: Path, work: Path) -> None:
     _install_guest_files(root / "slicer")  # the initramfs installs them again at every boot
     shutil.copytree(root / "slicer/opt/slicer", root / "opt/slicer")
     shutil.copy2(root / "slicer/slicer-init", root / "sbin/slicer-init")
+    (root / "usr/local/bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(root / "slicer/slicer-agent", root / "usr/local/bin/slicer-agent")
     shutil.rmtree(root / "slicer")
     for d in ("run/slicer", "etc/slicer"):
         (root / d).mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,8 @@ rm -rf /newroot/opt/slicer
 mkdir -p /newroot/opt /newroot/sbin
 cp -a /slicer/opt/slicer /newroot/opt/slicer
 cp -a /slicer/slicer-init /newroot/sbin/slicer-init
+mkdir -p /newroot/usr/local/bin
+cp -a /slicer/slicer-agent /newroot/usr/local/bin/slicer-agent
 mount --move /dev /newroot/dev
 umount /proc /sys
 exec switch_root /newroot /sbin/slicer-init

@@ -36,6 +36,13 @@ entry()
 """
 
 
+
+def helper_script(python: str, agent_home: str) -> str:
+    """``slicer-agent``, the agent's command-line helpers (``upload``: the SDKs' chunked copy)."""
+    return (f"#!{python} -I\nimport sys\nsys.path.insert(0, {agent_home!r})\n"
+            "from slicer.agent.upload import main\nsys.exit(main(sys.argv[1:]))\n")
+
+
 def relativize_links(root: Path) -> int:
     """Rewrite every symlink under ``root`` as ``root`` being ``/``: absolute targets become
     relative, and ``..`` cannot climb above ``root`` (as in a chroot), so following any link
@@ -85,3 +92,6 @@ def populate(root: Path, install_agent: Callable[[Path], None], progress: Callab
     init = agent_home / "init"
     init.write_text(INIT)
     init.chmod(0o755)
+    helper = tools / "slicer-agent"  # the agent runs it for /usr/local/bin/slicer-agent when the image has none
+    helper.write_text(helper_script(f"{runtime.ROOT}/usr/bin/python3.11", f"{runtime.ROOT}/opt/slicer"))
+    helper.chmod(0o755)
