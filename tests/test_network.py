@@ -126,7 +126,14 @@ def vms(net):
                 r = c.post(f"/hostgroup/{group}/nodes?wait=agent&timeout=300s", json={})
                 assert r.status_code == 201, r.text
                 made.setdefault(group, []).append(r.json())
+        # a VM of "iso" with its own policy, the opposite of its group's: only UP_B (the group drops UP_B)
+        r = c.post("/hostgroup/iso/nodes?wait=agent&timeout=300s", json={"network": OWN_POLICY})
+        assert r.status_code == 201, r.text
+        made["iso-own"] = [r.json()]
     return made
+
+
+OWN_POLICY = {"allow": ["198.51.100.11/32"], "drop": []}
 
 
 def guest(d: Daemon, vm: str, script: str) -> str:
@@ -186,6 +193,54 @@ def test_isolated_vms_reach_only_what_they_may(net, vms):
     assert UP_B in guest(d, only, "getent hosts upstream.test")  # but DNS still passes
 
 
+def test_a_vm_with_a_policy_of_its_own(net, vms):
+    """create's ``network`` (the Go SDK's SlicerCreateNodeNetworkPolicy) replaces the group's lists
+    for that VM only; fork of a commit takes one too (the SDK's cold-fork example: ``allow: []``)."""
+    d, _, _ = net
+    own, sibling = vms["iso-own"][0]["hostname"], vms["iso"][0]["hostname"]
+    assert "upstream-ok" in probe(d, own, UP_B, 80)  # its own allow, though the group drops UP_B
+    assert probe(d, own, UP_A, 80) == "closed"  # its allow list blocks the rest
+    assert UP_B in guest(d, own, "getent hosts upstream.test")  # DNS still passes
+    assert probe(d, sibling, UP_B, 80) == "closed"  # the group's other VMs keep the group's rules
+    with d.client() as c:
+        network = c.get(f"/vm/{own}").json()["network"]
+        assert network == {"mode": "isolated", "policy_source": "override", "override": OWN_POLICY,
+                           "host_group": {"allow": [], "drop": ["198.51.100.11/32"]},
+                           "effective": {"allow": ["198.51.100.11/32"], "drop": []}}, network
+        assert c.get(f"/vm/{sibling}").json()["network"]["policy_source"] == "host_group"
+        for group, body, words in (("br", {"network": {"allow": []}}, "apply to isolated host groups"),
+                                   ("iso", {"network": {"allow": ["nope"]}}, "is not an IPv4 address"),
+                                   ("iso", {"network": {"allow": ["2001:db8::/32"]}}, "is not IPv4"),
+                                   ("iso", {"network": {"deny": []}}, "deny")):
+            r = c.post(f"/hostgroup/{group}/nodes", json=body)
+            assert r.status_code == 400 and words in r.json()["error"], (body, r.text)
+        # a commit of a stopped persistent VM of "isoa" (allow UP_B only), forked with allow: []
+        r = c.post("/hostgroup/isoa/nodes?wait=agent&timeout=300s", json={"persistent": True})
+        assert r.status_code == 201, r.text
+        src = r.json()["hostname"]
+        child = cid = None
+        try:
+            assert c.post(f"/vm/{src}/shutdown", params={"action": "shutdown"}).status_code == 200
+            deadline = time.monotonic() + 120
+            while c.get(f"/vm/{src}").json()["status"] != "Stopped" and time.monotonic() < deadline:
+                time.sleep(0.3)
+            r = c.post(f"/vm/{src}/commit")
+            assert r.status_code == 200, r.text
+            cid = r.json()["commit_id"]
+            r = c.post(f"/vm/commits/{cid}/fork", params={"wait": "agent", "timeout": "5m"},
+                       json={"network": {"allow": []}})
+            assert r.status_code == 200, r.text
+            child = r.json()["hostname"]
+            assert c.get(f"/vm/{child}").json()["network"]["effective"] == {"allow": [], "drop": []}
+            assert "upstream-ok" in probe(d, child, UP_A, 80)  # the group would block it
+        finally:
+            for h in (child, src):
+                if h:
+                    c.delete(f"/hostgroup/isoa/nodes/{h}")
+            if cid:
+                c.delete(f"/vm/commits/{cid}")
+
+
 def test_passt_group_has_egress(net, vms):
     d, _, _ = net
     (p1,) = vms["pst"]
@@ -226,7 +281,7 @@ def test_restart_after_sigkill_adopts_every_vm_and_stop_removes_everything(net, 
     d, _, host = net
     tag = d.client().get("/info").json()["network"]["br"]["bridge"][2:6]
     before = _ours(tag)
-    assert len(before["tables"]) == 2 and len(before["netns"]) == 3 and f"sb{tag}br" in before["links"]
+    assert len(before["tables"]) == 2 and len(before["netns"]) == 4 and f"sb{tag}br" in before["links"]
     every = [vm["hostname"] for group in vms.values() for vm in group]
     pids = {h: d.client().get(f"/vm/{h}").json()["vmm"]["pid"] for h in every}
     d.stop(signal.SIGKILL)
@@ -246,12 +301,14 @@ def test_restart_after_sigkill_adopts_every_vm_and_stop_removes_everything(net, 
     assert probe(d, i1["hostname"], UP_B, 80) == "closed"
     assert probe(d, a1["hostname"], UP_A, 80) == "closed" and "upstream-ok" in probe(d, a1["hostname"], UP_B, 80)
     assert "upstream-ok" in probe(d, p1["hostname"], UP_A, 80)
+    own = vms["iso-own"][0]["hostname"]  # its own policy too
+    assert "upstream-ok" in probe(d, own, UP_B, 80) and probe(d, own, UP_A, 80) == "closed"
     with d.client() as c:
         r = c.post("/hostgroup/iso/nodes?wait=agent&timeout=300s", json={})
         assert r.status_code == 201, r.text
         assert "upstream-ok" in probe(d, r.json()["hostname"], UP_A, 80)
-        assert len(_ours(tag)["netns"]) == 4
+        assert len(_ours(tag)["netns"]) == 5
         assert c.delete(f"/hostgroup/iso/nodes/{r.json()['hostname']}").status_code == 200
-        assert len(_ours(tag)["netns"]) == 3
+        assert len(_ours(tag)["netns"]) == 4
     assert d.stop() == 0
     assert _ours(tag) == {"links": [], "tables": [], "netns": []}

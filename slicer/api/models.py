@@ -9,11 +9,33 @@ from typing import Literal, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from slicer.core.config import cidr
 from slicer.core.errors import BadRequest, UnsupportedMediaType
 
 MAX_USERDATA = 1 << 20
 _GITHUB_USER = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})$"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+class NetworkPolicy(BaseModel):
+    """A VM's own ``allow``/``drop`` (isolated host groups): an omitted list is the group's, an
+    empty one clears it (the Go SDK's ``SlicerCreateNodeNetworkPolicy``/``SlicerForkVMNetworkPolicy``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    allow: list[str] | None = Field(default=None, max_length=256)
+    drop: list[str] | None = Field(default=None, max_length=256)
+
+    @model_validator(mode="after")
+    def _check(self) -> NetworkPolicy:
+        for what in ("allow", "drop"):
+            for value in getattr(self, what) or []:
+                cidr(value, what)
+        return self
+
+    def override(self) -> dict[str, list[str]]:
+        """The lists given (what the node record keeps)."""
+        return {k: list(v) for k, v in (("allow", self.allow), ("drop", self.drop)) if v is not None}
 
 
 class CreateNodeRequest(BaseModel):
@@ -39,6 +61,7 @@ class CreateNodeRequest(BaseModel):
     pci_devices: list[str] = Field(default_factory=list)
     # "cold" boots the kernel even when the group restores sandboxes from its template.
     boot: Literal["snapshot", "cold"] | None = None
+    network: NetworkPolicy | None = None
 
     @model_validator(mode="after")
     def _check(self) -> CreateNodeRequest:
@@ -67,6 +90,7 @@ class CreateNodeRequest(BaseModel):
             "protected": self.protected,
             **({"boot": self.boot} if self.boot else {}),
             **({"disk_image": self.disk_image} if self.disk_image else {}),  # resolved by the manager
+            **({"network": self.network.override()} if self.network and self.network.override() else {}),
         }
 
 

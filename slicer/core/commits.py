@@ -173,7 +173,8 @@ class CommitActions:
     # -- cold fork ---------------------------------------------------------------------------------
     async def fork_commit(self, commit_id: str, *, tags: list[str] | None, tag_mode: str,
                           secrets_: list[str] | None, persistent: bool, cpus: int | None, ram_bytes: int | None,
-                          fixups: list[str] | None, wait: str | None, timeout: float) -> dict:
+                          fixups: list[str] | None, wait: str | None, timeout: float,
+                          network: dict[str, list[str]] | None = None) -> dict:
         commit = self._commit(commit_id)
         if not self.commit_disk(commit_id).exists():
             raise SlicerError(f"commit {commit_id}: its disk is missing", "commit_missing")
@@ -185,6 +186,8 @@ class CommitActions:
         spec.pop("commit_id", None)
         spec["fixups"] = list(FIXUPS if fixups is None else fixups)
         spec.pop("protected", None)
+        if network:  # the lists given replace the source's own (or its group's); the others stay
+            spec["network"] = {**spec.get("network", {}), **network}
         node = await self.create(
             commit.source_host_group, cpus=cpus or commit.cpus, ram_bytes=ram_bytes or commit.ram_bytes,
             persistent=persistent, hostname=None, ip=None, spec=spec, wait=wait, timeout=timeout,

@@ -67,7 +67,7 @@ IFNAMSIZ = 15  # Linux interface names
 MAX_POOL = 4096  # addresses considered per group
 
 
-def _cidr(value: str, what: str) -> ipaddress.IPv4Network:
+def cidr(value: str, what: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.ip_network(value, strict=False)
     except ValueError:
@@ -122,13 +122,13 @@ class NetworkConfig(_Strict):
     def _check(self) -> NetworkConfig:
         for what in ("allow", "drop"):
             for c in getattr(self, what):
-                _cidr(c, what)
+                cidr(c, what)
         if self.mode == "isolated":
             if self.gateway or self.addresses or self.bridge or self.tap_prefix:
                 raise ValueError("isolated mode takes range, allow and drop; gateway, addresses, bridge and "
                                  "tap_prefix are for bridge mode")
             if self.range is not None:
-                net = _cidr(self.range, "range")
+                net = cidr(self.range, "range")
                 if "/" not in self.range or net.prefixlen > 30:
                     raise ValueError(f"range {self.range!r}: isolated mode needs a CIDR of /30 blocks, e.g. "
                                      "169.254.100.0/22")

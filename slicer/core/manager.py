@@ -215,7 +215,7 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
 
     async def describe(self, hostname: str) -> dict:
         """One VM as the Go SDK's ``DescribeVM`` reads it: the node, its storage, image and
-        network policy (the group's; per-VM overrides do not exist here), its VMM, its open
+        network policy (the group's, and the VM's own allow/drop if it has them), its VMM, its open
         agent connections and its background execs (left out when the agent does not answer)."""
         node = self.get(hostname)
         group = self.config.group(node.record.hostgroup)
@@ -226,12 +226,15 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
         if group is None:
             return view
         policy = {"allow": list(group.network.allow), "drop": list(group.network.drop)}
+        override = node.record.spec.get("network")
         mode = self.net.group(group.name).mode if group.name in self.net.groups else group.network.mode
         lineage = {k: v for k in ("commit_id", "parent_commit") if (v := node.record.spec.get(k))}
         return {**view, "storage": group.storage, "image": self.images.label(node.record.spec.get("image")),
                 **({"commit_id": lineage["commit_id"]} if "commit_id" in lineage else {}),
                 **({"parent_commit_id": lineage["parent_commit"]} if "parent_commit" in lineage else {}),
-                "network": {"mode": mode, "policy_source": "host_group", "host_group": policy, "effective": policy}}
+                "network": {"mode": mode, "policy_source": "override" if override else "host_group",
+                            "host_group": policy, **({"override": override} if override else {}),
+                            "effective": {**policy, **(override or {})}}}
 
     @staticmethod
     async def _bg_execs(node: Node) -> list[dict] | None:
@@ -285,6 +288,9 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
             raise BadRequest(f"ram_bytes {ram} exceeds the host group's limit of {group.ram}", "limit_exceeded")
         if ram < 64 << 20:
             raise BadRequest("ram_bytes must be at least 64 MiB", "invalid_size")
+        if spec.get("network") and (mode := self.net.group(group.name).mode) != "isolated":
+            raise BadRequest(f"network: a VM's own allow/drop apply to isolated host groups; {group.name} is "
+                             f"{mode} (its VMs share their subnet)", "invalid_network")
         requested = spec.pop("disk_image", None)
         # Forks and commits' children boot their source's image (no "image": the project's).
         inherited = "image" in spec or bool(spec.get("parent_commit")) or template is not None
@@ -409,7 +415,7 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
         node.stopping = False
         vm = None
         try:
-            spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir)
+            spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir, policy=rec.spec.get("network"))
         except NetworkError as e:
             raise SlicerError(f"{rec.hostname}: network setup failed: {e}", "network_failed") from e
         try:

@@ -152,7 +152,7 @@ class Reconciler:
                 why = f"taking over its QEMU failed: {e}"
             else:
                 try:
-                    await gnet.adopt(rec.hostname, rec.ip, pid)
+                    await gnet.adopt(rec.hostname, rec.ip, pid, policy=rec.spec.get("network"))
                 except (NetworkError, OSError) as e:
                     await vm.kill()
                     why = f"taking back its network link failed: {e}"

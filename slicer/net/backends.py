@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slicer.net.addressing import Addressing
-from slicer.net.firewall import IsolatedGroup, guard, isolated_elements, port_elements
+from slicer.net.firewall import IsolatedGroup, guard, isolated_elements, port_elements, vm_policy_elements
 from slicer.net.system import NetworkError, ifname, ip_batch, link_exists, netns_sysctls, nft, run, sysctl
 from slicer.net.tap import open_tap
 from slicer.vmm.base import NetDevice
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from slicer.net.host import HostNetwork
 
 MAX_TAPS = 10000
+Policy = dict[str, list[str]]  # a VM's own {"allow": [...], "drop": [...]}; an omitted key is its group's
 
 
 def held_tap(pid: int) -> str | None:
@@ -70,18 +71,25 @@ class GroupNetwork(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def attach(self, name: str, ip: str, run_dir: Path) -> NetDevice:
+    async def attach(self, name: str, ip: str, run_dir: Path, policy: Policy | None = None) -> NetDevice:
         """Make VM ``name``'s link to the network; the caller closes the device's descriptor once
-        the VMM holds it. Replaces whatever an earlier attach of the same VM left."""
+        the VMM holds it. Replaces whatever an earlier attach of the same VM left. ``policy``:
+        the VM's own ``allow``/``drop`` (each omitted one is its group's)."""
 
     @abc.abstractmethod
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
         """Remove what :meth:`attach` made; idempotent."""
 
-    async def adopt(self, name: str, ip: str, vmm_pid: int) -> None:
+    async def adopt(self, name: str, ip: str, vmm_pid: int, policy: Policy | None = None) -> None:
         """Take back the link of a VM an earlier daemon attached and left running (its VMM
         ``vmm_pid`` still holds it): what lives in the host's firewall tables is added again."""
-        return None
+        self.check_policy(policy)
+
+    def check_policy(self, policy: Policy | None) -> None:
+        """Refuse a per-VM policy where there is nothing to apply it to (never ignore it)."""
+        if policy:
+            raise NetworkError(f"host group {self.group.name} ({self.mode}): a VM's own allow/drop apply to "
+                               "isolated host groups only")
 
     def placeholder(self) -> NetDevice:
         """A device of the kind this group hands out, for command lines that are only digested."""
@@ -136,7 +144,8 @@ class BridgeNetwork(GroupNetwork):
                     raise NetworkError(f"cannot create TAP {tap}: {e}") from e
         raise NetworkError(f"no free TAP name with prefix {self.tap_prefix}")
 
-    async def attach(self, name: str, ip: str, run_dir: Path) -> NetDevice:
+    async def attach(self, name: str, ip: str, run_dir: Path, policy: Policy | None = None) -> NetDevice:
+        self.check_policy(policy)
         await self.detach(name, ip, run_dir)
         tap, fd = self._open(name)
         self.taps[name] = tap
@@ -150,7 +159,8 @@ class BridgeNetwork(GroupNetwork):
             raise
         return NetDevice("tap", fd=fd)
 
-    async def adopt(self, name: str, ip: str, vmm_pid: int) -> None:
+    async def adopt(self, name: str, ip: str, vmm_pid: int, policy: Policy | None = None) -> None:
+        self.check_policy(policy)
         tap = held_tap(vmm_pid)
         if tap is None:
             raise NetworkError(f"{name}: its QEMU holds no TAP")
@@ -180,13 +190,25 @@ class IsolatedNetwork(GroupNetwork):
         return IsolatedGroup(self.group.name, str(self.addressing.range), list(net.allow), list(net.drop),
                              list(self.group.dns_servers))
 
+    def policy_of(self, policy: Policy | None) -> IsolatedGroup | None:
+        """The group's firewall with a VM's own allow/drop in place of the group's, if it has any."""
+        if not policy:
+            return None
+        fw = self.firewall
+        fw.allow = list(policy.get("allow", fw.allow))
+        fw.drop = list(policy.get("drop", fw.drop))
+        return fw
+
+    def check_policy(self, policy: Policy | None) -> None:
+        return None
+
     def netns(self, name: str) -> str:
         return f"slicer-{self.host.tag}-{name}"
 
     def veth(self, name: str) -> str:
         return ifname(f"s{self.host.tag}-", name)
 
-    async def attach(self, name: str, ip: str, run_dir: Path) -> NetDevice:
+    async def attach(self, name: str, ip: str, run_dir: Path, policy: Policy | None = None) -> NetDevice:
         await self.detach(name, ip, run_dir)
         ns, veth, guest = self.netns(name), self.veth(name), self.addressing.guest(ip)
         staging = ifname(f"t{self.host.tag}-", name)  # the TAP's name until it is in its namespace
@@ -204,7 +226,9 @@ class IsolatedNetwork(GroupNetwork):
             await ip_batch(["link set lo up", f"link set {staging} name tap0", f"addr add {guest.gateway}/30 dev tap0",
                             "link set tap0 up", "link set veth0 up", "route add default dev veth0"], netns=ns)
             await nft(guard("tap0", guest.mac, ip), netns=ns)
-            await nft(isolated_elements(self.host.table, veth, self.firewall))
+            # its own chain before it joins the group's set: never a moment under the group's rules
+            await nft(vm_policy_elements(self.host.table, veth, self.policy_of(policy))
+                      + isolated_elements(self.host.table, veth, self.firewall))
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -212,17 +236,19 @@ class IsolatedNetwork(GroupNetwork):
             raise
         return NetDevice("tap", fd=fd)
 
-    async def adopt(self, name: str, ip: str, vmm_pid: int) -> None:
+    async def adopt(self, name: str, ip: str, vmm_pid: int, policy: Policy | None = None) -> None:
         if not os.path.exists(f"/run/netns/{self.netns(name)}"):
             raise NetworkError(f"{name}: its network namespace is gone")
-        await nft(isolated_elements(self.host.table, self.veth(name), self.firewall))
+        veth = self.veth(name)
+        await nft(vm_policy_elements(self.host.table, veth, self.policy_of(policy))
+                  + isolated_elements(self.host.table, veth, self.firewall))
 
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
         veth, table, fw = self.veth(name), self.host.table, self.firewall
         if os.path.exists(f"/run/netns/{self.netns(name)}"):
             await run("ip", "netns", "del", self.netns(name), check=False)  # the veth pair goes with it
-            await nft(isolated_elements(table, veth, fw) + isolated_elements(table, veth, fw, "delete"),
-                      check=False)
+            await nft(isolated_elements(table, veth, fw) + isolated_elements(table, veth, fw, "delete")
+                      + vm_policy_elements(table, veth, None), check=False)
 
 
 class PasstNetwork(GroupNetwork):
@@ -260,7 +286,8 @@ class PasstNetwork(GroupNetwork):
         self.host.track(proc)
         return NetDevice("stream", fd=ours.detach(), pid=proc.pid)
 
-    async def attach(self, name: str, ip: str, run_dir: Path) -> NetDevice:
+    async def attach(self, name: str, ip: str, run_dir: Path, policy: Policy | None = None) -> NetDevice:
+        self.check_policy(policy)
         await self.detach(name, ip, run_dir)
         dev = await self._start(ip, self.addressing.guest(ip).gateway, run_dir)
         self._passt[name] = dev.pid

@@ -62,7 +62,9 @@ table inet {table} {{
   set bridge_nets {{ type ipv4_addr; flags interval;{_elements(bridge_nets)} }}
   set isolated {{ type ifname; }}
   set isolated_nets {{ type ipv4_addr; flags interval;{_elements(iso_nets)} }}
-{group_sets}  chain input {{
+{group_sets}  # A VM with a policy of its own (create/fork ``network``) goes to its chain instead of its group's.
+  map vm_policy {{ type ifname : verdict; }}
+  chain input {{
     type filter hook input priority -10; policy accept;
     # An isolated VM reaches nothing on the host (replies to the host's own connections pass).
     iifname @isolated ct state established,related accept
@@ -76,6 +78,7 @@ table inet {table} {{
     iifname @isolated oifname @isolated drop
     iifname @isolated oifname @bridges drop
     iifname @bridges oifname @isolated drop
+    iifname vmap @vm_policy
 {jumps}  }}
 {chains}  chain postrouting {{
     type nat hook postrouting priority 100; policy accept;
@@ -87,6 +90,10 @@ table inet {table} {{
 
 
 def _group_chain(g: IsolatedGroup) -> str:
+    return f"  chain {g.set_name} {{\n{_policy_rules(g)}  }}\n"
+
+
+def _policy_rules(g: IsolatedGroup) -> str:
     """Slicer's egress rules for an isolated group: only ``drop`` → all else allowed; only
     ``allow`` → all else blocked; neither → everything. DNS to the group's servers always passes."""
     lines = []
@@ -97,8 +104,7 @@ def _group_chain(g: IsolatedGroup) -> str:
         lines.append(f"ip daddr {{ {', '.join(g.drop)} }} drop")
     if g.allow:
         lines.append(f"ip daddr != {{ {', '.join(g.allow)} }} drop")
-    body = "".join(f"    {line}\n" for line in lines)
-    return f"  chain {g.set_name} {{\n{body}  }}\n"
+    return "".join(f"    {line}\n" for line in lines)
 
 
 def port_elements(table: str, tap: str, mac: str, ip: str, verb: str = "add") -> str:
@@ -110,6 +116,21 @@ def port_elements(table: str, tap: str, mac: str, ip: str, verb: str = "add") ->
 def isolated_elements(table: str, veth: str, group: IsolatedGroup, verb: str = "add") -> str:
     return (f'{verb} element inet {table} isolated {{ "{veth}" }}\n'
             f'{verb} element inet {table} {group.set_name} {{ "{veth}" }}\n')
+
+
+def vm_policy_elements(table: str, veth: str, policy: IsolatedGroup | None) -> str:
+    """Give the VM behind ``veth`` a chain of its own with ``policy`` (its group's rules with the
+    VM's allow/drop), or with None remove it; either way whatever it had before goes first."""
+    chain = "vm_" + veth.replace("-", "_")
+    element = f'{{ "{veth}" : goto {chain} }}'
+    script = (f"add chain inet {table} {chain}\nadd element inet {table} vm_policy {element}\n"
+              f"delete element inet {table} vm_policy {element}\ndelete chain inet {table} {chain}\n")
+    if policy is not None:
+        rules = "".join(f"add rule inet {table} {chain} {line.strip()}\n"
+                        for line in _policy_rules(policy).splitlines())
+        script += (f"add chain inet {table} {chain}\n{rules}"
+                   f"add element inet {table} vm_policy {element}\n")
+    return script
 
 
 def guard(tap: str, mac: str, ip: str) -> str:

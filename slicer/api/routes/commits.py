@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from slicer.api.deps import manager, require_auth
-from slicer.api.models import json_body, parse_body, parse_duration
+from slicer.api.models import NetworkPolicy, json_body, parse_body, parse_duration
 from slicer.core.commits import FIXUPS, check_commit_id
 from slicer.core.errors import BadRequest
 from slicer.core.manager import Manager
@@ -36,12 +36,6 @@ class CommitRequest(BaseModel):
     cache_key: str = Field(default="", max_length=256, pattern=r"^[^\x00-\x1f]*$")
 
 
-class ForkNetwork(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    allow: list[str] | None = None
-    drop: list[str] | None = None
-
-
 class ForkCommitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     tags: Tags | None = None
@@ -50,15 +44,8 @@ class ForkCommitRequest(BaseModel):
     persistent: bool = False
     vcpu: int | None = Field(default=None, ge=1, le=1024)
     ram_bytes: int | None = Field(default=None, ge=0, le=1 << 50)
-    network: ForkNetwork | None = None
+    network: NetworkPolicy | None = None
     fixups: list[Literal["hostname", "machine-id", "ssh-host-keys"]] | None = None
-
-    @field_validator("network")
-    @classmethod
-    def _no_override(cls, network: ForkNetwork | None) -> ForkNetwork | None:
-        if network is not None and (network.allow is not None or network.drop is not None):
-            raise ValueError("a per-VM network policy is not supported yet: the host group's allow/drop apply")
-        return network
 
 
 class ForkRequest(BaseModel):
@@ -103,6 +90,7 @@ async def fork_commit(m: Mgr, commit_id: str, request: Request,
         check_commit_id(commit_id), tags=body.tags, tag_mode=body.tag_mode, secrets_=body.secrets,
         persistent=body.persistent, cpus=body.vcpu, ram_bytes=body.ram_bytes,
         fixups=list(FIXUPS) if body.fixups is None else body.fixups,
+        network=body.network.override() if body.network else None,
         wait=None if wait == "none" else "agent", timeout=parse_duration(timeout or "5m"),
     )
 
