@@ -214,6 +214,15 @@ def test_forward_serves_http_from_the_guest(cli):
 
     assert forwarded(cli, ["-L", f"{sock}:127.0.0.1:8766"], through_socket) == "fw-ok\n"
     assert not os.path.exists(sock), "the forward removes its socket"
+    # A unix socket on the VM's side (PORT:/path), served by a one-line HTTP answerer in the guest
+    server = ("import os, socket\ns = socket.socket(socket.AF_UNIX)\np = '/tmp/fw.sock'\n"
+              "os.path.exists(p) and os.unlink(p)\ns.bind(p)\ns.listen(8)\nwhile True:\n"
+              "    c, _ = s.accept(); c.recv(4096)\n"
+              "    c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 6\\r\\n\\r\\nfw-ok\\n'); c.close()\n")
+    cli("vm", "exec", "vm-1", "--", "sh", "-c", f"(nohup python3 -c \"{server}\" >/dev/null 2>&1 &)")
+    port = free_port()
+    assert forwarded(cli, [f"{port}:/tmp/fw.sock"], lambda: httpx.get(f"http://127.0.0.1:{port}/",
+                                                                       timeout=30)) == "fw-ok\n"
 
 
 def test_suspend_restore_and_storage(cli, api):
