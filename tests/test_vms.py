@@ -74,6 +74,11 @@ def test_info_and_host_groups(api):
     spec = api.get("/openapi.json").json()
     assert {"/vm/{hostname}/exec", "/hostgroup/{name}/nodes", "/secrets"} <= set(spec["paths"])
     assert "swagger" in api.get("/docs").text.lower()
+    # the Go SDK's proxy calls get a reason, not a bare 404
+    for method, path in (("POST", "/proxy/v1/clients"), ("GET", "/proxy/v1/secrets"),
+                         ("DELETE", "/proxy/v1/allows/c/example.com")):
+        r = api.request(method, path, json={"name": "c"} if method == "POST" else None)
+        assert r.status_code == 501 and r.json()["code"] == "not_implemented" and "slicer-proxy" in r.json()["error"]
 
 
 def test_create_waits_for_agent_and_returns_the_documented_shape(api, sandbox):
@@ -250,6 +255,7 @@ def test_auth_matrix(daemon):
         assert anon.head("/healthz").status_code == 200
         assert anon.post("/hostgroup/sbx/nodes", json={}).status_code == 401
         assert anon.get("/vm/vm-1/logs").status_code == 401
+        assert anon.get("/proxy/v1/clients").status_code == 401
     with daemon.client(token="wrong-token") as wrong:
         assert wrong.get("/info").status_code == 401
         assert wrong.delete("/hostgroup/sbx/nodes/sbx-1").status_code == 401

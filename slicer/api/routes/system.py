@@ -53,3 +53,13 @@ async def info(request: Request) -> dict:
         "network": m.net.describe(),  # per host group: backend (bridge/isolated/passt) and addresses
         "confinement": m.driver.confinement(),  # VMMs' uids, seccomp filter, cgroups
     }
+
+
+@router.api_route("/proxy/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                  include_in_schema=False)
+async def proxy_api(rest: str) -> JSONResponse:
+    """Slicer's egress proxy (the Go SDK's ``*Proxy*`` calls) is not part of this daemon: say so
+    plainly rather than 404, so a client knows the feature, not the name, is missing."""
+    return JSONResponse({"error": "the slicer-proxy API (/proxy/v1: clients, secrets, allow rules) is not "
+                                  "implemented by this daemon; restrict egress with an isolated host group's "
+                                  "allow/drop (or a VM's own network lists)", "code": "not_implemented"}, 501)
