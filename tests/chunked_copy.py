@@ -32,9 +32,11 @@ def post_chunk(api: httpx.Client, vm: str, path: str, data: bytes, uid: int = 0)
 
 
 def upload(api: httpx.Client, vm: str, data: bytes, dest: str, mode: str = "binary", chunk_size: int = 1 << 20,
-           uid: int = 0, permissions: str = "", corrupt: int | None = None) -> tuple[dict, str]:
+           uid: int = 0, permissions: str = "", corrupt: int | None = None,
+           manifest: dict | None = None) -> tuple[dict, str]:
     """Send ``data`` to ``dest`` in chunks; returns (finalise's exec result, the session dir).
-    ``corrupt``: the index of a chunk whose uploaded bytes differ from the manifest's hash."""
+    ``corrupt``: the index of a chunk whose uploaded bytes differ from the manifest's hash;
+    ``manifest``: fields that replace the manifest's own (a tampered one)."""
     session = posixpath.join(posixpath.dirname(posixpath.normpath(dest)), ".slicer-upload-" + secrets.token_hex(16))
     chunks = []
     for index, offset in enumerate(range(0, len(data), chunk_size)):
@@ -43,9 +45,9 @@ def upload(api: httpx.Client, vm: str, data: bytes, dest: str, mode: str = "bina
         sent = bytes([part[0] ^ 1]) + part[1:] if index == corrupt else part
         r = post_chunk(api, vm, f"{session}/chunks/{index:06d}.chunk", sent, uid)
         assert r.status_code == 200, r.text
-    manifest = {"version": 1, "mode": mode, "destination": dest, "uid": uid, "gid": uid, "size": len(data),
-                "chunks": chunks, **({"permissions": permissions} if permissions else {})}
-    r = post_chunk(api, vm, f"{session}/manifest.json", json.dumps(manifest).encode(), uid)
+    body = {"version": 1, "mode": mode, "destination": dest, "uid": uid, "gid": uid, "size": len(data),
+            "chunks": chunks, **({"permissions": permissions} if permissions else {}), **(manifest or {})}
+    r = post_chunk(api, vm, f"{session}/manifest.json", json.dumps(body).encode(), uid)
     assert r.status_code == 200, r.text
     return helper(api, vm, "upload", "finalise", "--manifest", f"{session}/manifest.json",
                   "--uid", str(uid), "--gid", str(uid)), session

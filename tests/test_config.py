@@ -136,13 +136,18 @@ def test_sizes(text, size):
 
 @pytest.mark.parametrize("text, seconds", [("30s", 30), ("2m", 120), ("1m30s", 90), ("500ms", 0.5), ("5", 5)])
 def test_durations(text, seconds):
-    assert parse_duration(text) == seconds
+    assert parse_duration(text, "5m") == seconds
 
 
-@pytest.mark.parametrize("text", ["", "soon", "5x", "-1s", "0s", "2h"])
+def test_missing_or_zero_durations_are_the_default():
+    for text in (None, "", "0s", "0"):  # the TypeScript SDK sends 0s when its caller set no timeout
+        assert parse_duration(text, "5m") == 300
+
+
+@pytest.mark.parametrize("text", ["soon", "5x", "-1s", "2h", " 1 s"])
 def test_bad_durations(text):
     with pytest.raises(BadRequest):
-        parse_duration(text)
+        parse_duration(text, "5m")
 
 
 @pytest.mark.parametrize(

@@ -263,6 +263,36 @@ def test_chunked_copy_as_the_official_sdks_do_it(api, vm, tmp_path):
         assert result["exit_code"] == 1 and words in result["stderr"], result
 
 
+def test_chunked_copy_cannot_be_turned_against_root(api, vm):
+    """A guest user who plants or rewrites a session cannot make the root-run helper write for it."""
+    # a session a non-root user made, with a manifest aiming at /etc as root: refused (not root's)
+    fake = "/tmp/.slicer-upload-" + "1" * 32
+    manifest = json.dumps({"version": 1, "mode": "binary", "destination": "/etc/evil", "uid": 0, "gid": 0,
+                           "size": 0, "chunks": []})
+    sh(api, vm, f"rm -rf {fake}; su -s /bin/sh -c 'mkdir -p {fake}/chunks && chmod 700 {fake} && "
+                f"cat > {fake}/manifest.json' ubuntu <<'EOF'\n{manifest}\nEOF")
+    result = chunked_copy.helper(api, vm, "upload", "finalise", "--manifest", f"{fake}/manifest.json")
+    assert result["exit_code"] == 1 and "not this upload's" in result["stderr"], result
+    assert sh(api, vm, "ls /etc/evil 2>/dev/null || echo absent").strip() == "absent"
+    # ... and a chunk upload into it as root is refused too (409), as into a symlink named like a session
+    r = chunked_copy.post_chunk(api, vm, f"{fake}/chunks/000000.chunk", b"x")
+    assert r.status_code == 409 and r.json()["code"] == "unsafe_session", r.text
+    link = "/tmp/.slicer-upload-" + "2" * 32
+    sh(api, vm, f"rm -rf {link}; ln -s /etc {link}")
+    r = chunked_copy.post_chunk(api, vm, f"{link}/chunks/000000.chunk", b"x")
+    assert r.status_code == 409 and r.json()["code"] == "unsafe_session", r.text
+    assert sh(api, vm, "ls /etc/chunks 2>/dev/null || echo absent").strip() == "absent"
+    # a user's own upload: the manifest's owner must be the one finalise runs as, the destination beside
+    data = b"mine"
+    result, session = chunked_copy.upload(api, vm, data, "/tmp/mine.bin", uid=1000)
+    assert result["exit_code"] == 0 and sh(api, vm, "stat -c %U /tmp/mine.bin").strip() == "ubuntu", result
+    for manifest, words in (({"uid": 0, "gid": 0}, "are not --uid/--gid"),
+                            ({"destination": "/root/elsewhere.bin"}, "is not beside its session")):
+        result, _ = chunked_copy.upload(api, vm, data, "/tmp/mine.bin", uid=1000, manifest=manifest)
+        assert result["exit_code"] == 1 and words in result["stderr"], result
+    sh(api, vm, "rm -rf /tmp/.slicer-upload-*")
+
+
 def test_home_relative_paths(api, vm):
     """``~`` in cp and fs paths is the home of the request's uid (root's without one)."""
     r = api.post(f"/vm/{vm}/cp", params={"path": "~/tilde.txt"}, content=b"root-home")
@@ -271,3 +301,5 @@ def test_home_relative_paths(api, vm):
     assert api.get(f"/vm/{vm}/fs/stat", params={"path": "~/tilde.txt"}).json()["size"] == 9
     r = api.post(f"/vm/{vm}/cp", params={"path": "relative.txt"}, content=b"x")
     assert r.status_code == 400 and "absolute or start with ~/" in r.json()["error"]
+    r = api.post(f"/vm/{vm}/cp", params={"path": "~/x", "uid": "4242"}, content=b"x")
+    assert r.status_code == 400 and "uid 4242 has no home directory" in r.json()["error"], r.text

@@ -103,7 +103,8 @@ def test_commit_then_cold_fork_and_the_delete_rules(fork_daemon):
         assert api.get("/vm/commits", params={"tag": "nope"}).json() == []
         assert api.get("/vm/commits", params={"source": src}).json()[0]["source_host_group"] == "sbx"
 
-        r = api.post(f"/vm/commits/{cid}/fork", params={"wait": "agent", "timeout": "4m"}, json={"tags": ["job=1"]})
+        r = api.post(f"/vm/commits/{cid}/fork", params={"wait": "agent", "timeout": "4m"},
+                     json={"tags": ["job=1"], "persistent": False})
         assert r.status_code == 200, r.text
         fork = r.json()
         child = fork["hostname"]

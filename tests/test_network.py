@@ -215,12 +215,13 @@ def test_a_vm_with_a_policy_of_its_own(net, vms):
             r = c.post(f"/hostgroup/{group}/nodes", json=body)
             assert r.status_code == 400 and words in r.json()["error"], (body, r.text)
         # a commit of a stopped persistent VM of "isoa" (allow UP_B only), forked with allow: []
-        r = c.post("/hostgroup/isoa/nodes?wait=agent&timeout=300s", json={"persistent": True})
+        # (timeout=0s and a JSON body's action, as the TypeScript SDK sends them)
+        r = c.post("/hostgroup/isoa/nodes?wait=agent&timeout=0s", json={"persistent": True})
         assert r.status_code == 201, r.text
         src = r.json()["hostname"]
         child = cid = None
         try:
-            assert c.post(f"/vm/{src}/shutdown", params={"action": "shutdown"}).status_code == 200
+            assert c.post(f"/vm/{src}/shutdown", json={"action": "shutdown"}).status_code == 200
             deadline = time.monotonic() + 120
             while c.get(f"/vm/{src}").json()["status"] != "Stopped" and time.monotonic() < deadline:
                 time.sleep(0.3)
@@ -228,9 +229,10 @@ def test_a_vm_with_a_policy_of_its_own(net, vms):
             assert r.status_code == 200, r.text
             cid = r.json()["commit_id"]
             r = c.post(f"/vm/commits/{cid}/fork", params={"wait": "agent", "timeout": "5m"},
-                       json={"network": {"allow": []}})
+                       json={"network": {"allow": []}, "hostname": "own-child"})
             assert r.status_code == 200, r.text
             child = r.json()["hostname"]
+            assert child == r.json()["child_hostname"] == "own-child" and r.json()["persistent"] is True
             assert c.get(f"/vm/{child}").json()["network"]["effective"] == {"allow": [], "drop": []}
             assert "upstream-ok" in probe(d, child, UP_A, 80)  # the group would block it
         finally:

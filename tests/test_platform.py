@@ -121,7 +121,7 @@ def test_secret_crud_and_propagation(api, vm):
     assert r.status_code == 201, r.text
     meta = r.json()
     assert meta["name"] == "db-pass" and meta["size"] == 7 and meta["permissions"] == "0640"
-    assert "data" not in meta and meta["mod_time"]
+    assert "data" not in meta and meta["mod_time"] and meta["modified_at"] == meta["mod_time"]
     listed = {s["name"]: s for s in api.get("/secrets").json()}
     assert "data" not in listed["db-pass"] and listed["db-pass"]["uid"] == 1000
     path = "/run/slicer/secrets/db-pass"

@@ -50,12 +50,12 @@ def parse_id(value: str | None, name: str) -> int | None:
     return int(value)
 
 
-def home_of(uid: int) -> str:
-    """The home directory of ``uid`` in the guest's own user database (``/`` if it has none)."""
+def home_of(uid: int) -> str | None:
+    """The home directory of ``uid`` in the guest's own user database (None if it has none)."""
     try:
-        return pwd.getpwuid(uid).pw_dir or "/"
+        return pwd.getpwuid(uid).pw_dir or None
     except KeyError:
-        return "/"
+        return None
 
 
 def require_path(value: str | None, uid: int | None = None) -> str:
@@ -64,7 +64,10 @@ def require_path(value: str | None, uid: int | None = None) -> str:
     if not value:
         raise FileError("path is required", "invalid_request")
     if value == "~" or value.startswith("~/"):
-        value = home_of(uid or 0).rstrip("/") + "/" + value[2:]
+        home = home_of(uid or 0)
+        if home is None:
+            raise FileError(f"{value}: uid {uid or 0} has no home directory in the guest", "invalid_request")
+        value = home.rstrip("/") + "/" + value[2:]
     if not value.startswith("/"):
         raise FileError(f"path must be absolute or start with ~/, not {value!r}", "invalid_request")
     return os.path.normpath(value)
@@ -90,9 +93,10 @@ async def receive_file(path: str, chunks, permissions: int | None, uid: int | No
             async for chunk in chunks:
                 f.write(chunk)
                 size += len(chunk)
-        os.chmod(tmp, permissions if permissions is not None else old_mode)
-        if uid is not None or gid is not None:
-            os.chown(tmp, uid if uid is not None else -1, gid if gid is not None else -1)
+            # by descriptor: in a directory a guest user can write, the temp name may be a symlink by now
+            os.fchmod(f.fileno(), permissions if permissions is not None else old_mode)
+            if uid is not None or gid is not None:
+                os.fchown(f.fileno(), uid if uid is not None else -1, gid if gid is not None else -1)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -255,8 +255,8 @@ def make_app(started: float) -> web.Application:
                 count = await asyncio.to_thread(files.extract_tar, reader, path, perms, uid, gid,
                                                 q.getall("exclude", []))
                 return web.json_response({"path": path, "mode": "tar", "entries": count})
-            upload.make_session_dirs(path, uid, gid)  # a chunk of the SDKs' chunked copy (slicer.agent.upload)
-            size = await files.receive_file(path, request.content.iter_chunked(files.CHUNK), perms, uid, gid)
+            with upload.upload_path(path, uid, gid) as target:  # a chunk of the SDKs' chunked copy goes via its session
+                size = await files.receive_file(target, request.content.iter_chunked(files.CHUNK), perms, uid, gid)
             return web.json_response({"path": path, "mode": "binary", "size": size})
         except files.FileError as e:
             return error(str(e), e.code, e.status)

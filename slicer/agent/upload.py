@@ -8,7 +8,13 @@ and assemble the result. Nothing reaches the destination unless every chunk's si
 SHA-256 match: a binary file is written to a temporary file and renamed into place; a tar is
 verified whole before it is extracted (with the same member checks as ``/cp?mode=tar``).
 
-Manifest version 1 is spoken (``check`` prints ``chunked-copy-v1``; the SDKs then send v1).
+Guest users are not trusted with each other's files: the helper works as ``--uid``/``--gid``
+(it drops root's privileges first), so a manifest rewritten by that user can only do what the
+user could. Session directories are made by the agent for that owner (root's are 0700 and
+cannot be entered by anyone else) and read through descriptors opened without following
+symlinks, so renaming or replacing them midway changes nothing. The destination must sit
+beside the session, where the SDKs put it. Manifest version 1 is spoken (``check`` prints
+``chunked-copy-v1``; the SDKs then send v1).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -31,119 +38,195 @@ SESSION_RE = re.compile(r"\.slicer-upload-[0-9a-f]{32}")
 MAX_MANIFEST = 16 << 20  # 64-byte chunks of a 1 GiB file would still fit; a hostile one is refused
 MAX_CHUNK = 64 << 20  # the SDKs' own limit
 READ = 1 << 20
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class UploadError(Exception):
     pass
 
 
+class SessionMissing(UploadError):
+    pass
+
+
+# -- the agent's side: chunk uploads into a session ---------------------------------------------
 def session_of(path: str) -> str | None:
-    """The chunked-copy session directory ``path`` lies in (at most two levels below), if any."""
+    """The chunked-copy session directory ``path``'s file lies in (``<session>/manifest.json``,
+    ``<session>/chunks/NNNNNN.chunk``), if any."""
     parts = path.split("/")
-    for i in range(len(parts) - 1, max(len(parts) - 4, 0), -1):
-        if SESSION_RE.fullmatch(parts[i]):
+    for i in (len(parts) - 2, len(parts) - 3):
+        if i > 0 and SESSION_RE.fullmatch(parts[i]):
             return "/".join(parts[: i + 1])
     return None
 
 
-def make_session_dirs(path: str, uid: int | None, gid: int | None) -> None:
-    """Create the session directory and ``chunks/`` a chunk upload names (the SDKs do not make
-    them); only inside a session, whose own parent must already exist."""
-    session = session_of(path)
-    if session is None or not os.path.isdir(os.path.dirname(session)):
-        return
-    parent = os.path.dirname(path)
-    for d in (session, parent):
-        if not os.path.isdir(d):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            if uid is not None or gid is not None:
-                os.chown(d, uid if uid is not None else -1, gid if gid is not None else -1)
-
-
-def _manifest_path(raw: str, uid: int) -> tuple[str, str]:
-    """(manifest path, session dir): the manifest must be ``<session>/manifest.json``."""
+def _owned_dir(name: str, dir_fd: int | None, uid: int, gid: int, make: bool) -> int:
+    """Open directory ``name`` (made for ``uid:gid`` with mode 0700 if missing and ``make``);
+    refused unless it is a real directory of that owner that nobody else may write."""
+    if make:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+            fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+            os.fchown(fd, uid, gid)
+            os.close(fd)
     try:
-        path = files.require_path(raw, uid)
-    except files.FileError as e:
-        raise UploadError(str(e)) from None
-    session = os.path.dirname(path)
-    if os.path.basename(path) != "manifest.json" or not SESSION_RE.fullmatch(os.path.basename(session)):
-        raise UploadError(f"{raw}: not a chunked-copy manifest (<dir>/.slicer-upload-<id>/manifest.json)")
-    return path, session
+        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise files.not_found(name) from None
+    except OSError as e:  # ELOOP: a symlink in its place
+        raise files.FileError(f"{name}: not a directory of this upload ({e.strerror})", "unsafe_session", 409) from None
+    st = os.fstat(fd)
+    if st.st_uid != uid or st.st_mode & 0o022:
+        os.close(fd)
+        raise files.FileError(f"{name}: owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}, not "
+                              f"this upload's (uid {uid}, 0700)", "unsafe_session", 409)
+    return fd
+
+
+@contextlib.contextmanager
+def upload_path(path: str, uid: int | None, gid: int | None) -> Iterator[str]:
+    """Where a ``POST /cp`` of ``path`` writes: ``path`` itself, or for a file of a chunked-copy
+    session (whose directories the SDKs do not make) a path through the descriptor of its verified
+    directory, made here on the way for the upload's owner."""
+    session = session_of(path)
+    if session is None:
+        yield path
+        return
+    owner, group = uid or 0, gid if gid is not None else (uid or 0)
+    fds = []
+    try:
+        fds.append(_owned_dir(session, None, owner, group, make=True))
+        for name in os.path.relpath(os.path.dirname(path), session).split("/"):
+            if name != ".":
+                fds.append(_owned_dir(name, fds[-1], owner, group, make=True))
+        yield f"/proc/self/fd/{fds[-1]}/{os.path.basename(path)}"
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# -- the helper's side: finalise and abort ------------------------------------------------------
+class Session:
+    """A session directory held by descriptor, checked to be the caller's own."""
+
+    def __init__(self, raw_manifest: str, uid: int) -> None:
+        try:
+            manifest = files.require_path(raw_manifest, uid)
+        except files.FileError as e:
+            raise UploadError(str(e)) from None
+        self.path = os.path.dirname(manifest)
+        if os.path.basename(manifest) != "manifest.json" or not SESSION_RE.fullmatch(os.path.basename(self.path)):
+            raise UploadError(f"{raw_manifest}: not a chunked-copy manifest (<dir>/.slicer-upload-<id>/manifest.json)")
+        try:
+            self.fd = _owned_dir(self.path, None, os.geteuid(), os.getegid(), make=False)
+        except files.FileError as e:
+            raise (SessionMissing if e.code == "not_found" else UploadError)(str(e)) from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def open(self, name: str, dir_fd: int | None = None) -> io.BufferedReader:
+        """A regular file of the session (no symlink, FIFO or device), for reading."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=self.fd if dir_fd is None else dir_fd)
+        except FileNotFoundError:
+            raise UploadError(f"{self.path}: {name} is missing") from None
+        except OSError as e:
+            raise UploadError(f"{self.path}: {name}: {e.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UploadError(f"{self.path}: {name} is not a regular file")
+        os.set_blocking(fd, True)
+        return open(fd, "rb")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)  # rmtree never follows a symlink
+
+
+def _is_int(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
 
 
 def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{64}", value) is not None
 
 
-def load_manifest(path: str) -> dict:
+def load_manifest(session: Session) -> dict:
     """Read and validate a manifest as the SDKs' ``CopyManifest.Validate`` does (version 1)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_MANIFEST + 1)
-    except FileNotFoundError:
-        raise UploadError(f"{path}: no such manifest") from None
+    with session.open("manifest.json") as f:
+        data = f.read(MAX_MANIFEST + 1)
     if len(data) > MAX_MANIFEST:
-        raise UploadError(f"{path}: manifest larger than {MAX_MANIFEST} bytes")
+        raise UploadError(f"manifest larger than {MAX_MANIFEST} bytes")
     try:
         m = json.loads(data)
     except ValueError as e:
-        raise UploadError(f"{path}: manifest is not JSON: {e}") from None
+        raise UploadError(f"manifest is not JSON: {e}") from None
     if not isinstance(m, dict):
         raise UploadError("manifest must be a JSON object")
-    if m.get("version") != 1:
+    if m.get("version") != 1 or isinstance(m.get("version"), bool):
         raise UploadError(f"unsupported copy manifest version: {m.get('version')!r} (this agent speaks 1)")
     if m.get("mode") not in ("binary", "tar"):
         raise UploadError(f"invalid copy mode: {m.get('mode')!r}")
     if not isinstance(m.get("destination"), str) or not m["destination"]:
         raise UploadError("copy destination is required")
-    size = m.get("size")
+    if not isinstance(m.get("permissions", ""), str):
+        raise UploadError("permissions must be an octal string like 0644")
     chunks = m.get("chunks")
-    if not isinstance(size, int) or size < 0 or not isinstance(chunks, list):
+    if not _is_int(m.get("size"), 0, 1 << 62) or not isinstance(chunks, list):
         raise UploadError("manifest needs a size (>= 0) and a list of chunks")
     total = 0
     for i, chunk in enumerate(chunks):
-        if not isinstance(chunk, dict) or chunk.get("index") != i:
+        if not isinstance(chunk, dict) or not _is_int(chunk.get("index"), i, i + 1):
             raise UploadError(f"chunk {i} is out of sequence")
-        csize = chunk.get("size")
-        if not isinstance(csize, int) or not 0 < csize <= MAX_CHUNK:
-            raise UploadError(f"chunk {i} has invalid size {csize!r}")
+        if not _is_int(chunk.get("size"), 1, MAX_CHUNK + 1):
+            raise UploadError(f"chunk {i} has invalid size {chunk.get('size')!r}")
         if not _is_sha256(chunk.get("sha256")):
             raise UploadError(f"chunk {i} has invalid SHA-256: {chunk.get('sha256')!r}")
-        total += csize
-    if total != size:
-        raise UploadError(f"chunk sizes total {total} bytes, expected {size}")
+        chunk["sha256"] = chunk["sha256"].lower()
+        total += chunk["size"]
+    if total != m["size"]:
+        raise UploadError(f"chunk sizes total {total} bytes, expected {m['size']}")
     for key in ("uid", "gid"):
-        if not isinstance(m.get(key, 0), int) or not 0 <= m.get(key, 0) < 2**32:
+        if not _is_int(m.get(key, 0), 0, 2**32):
             raise UploadError(f"invalid {key}: {m.get(key)!r}")
     return m
 
 
-def _chunk_file(session: str, chunk: dict) -> str:
+def _chunk_file(session: Session, chunks_fd: int, chunk: dict) -> io.BufferedReader:
     """The chunk's file: ``NNNNNN.chunk``, or the older SDKs' ``NNNNNN-<sha256>.chunk``."""
-    base = os.path.join(session, "chunks", f"{chunk['index']:06d}")
-    for candidate in (base + ".chunk", f"{base}-{chunk['sha256']}.chunk"):
-        if os.path.isfile(candidate) and not os.path.islink(candidate):
-            return candidate
-    raise UploadError(f"chunk {chunk['index']} is missing ({base}.chunk)")
+    name = f"{chunk['index']:06d}.chunk"
+    try:
+        return session.open(name, chunks_fd)
+    except UploadError:
+        return session.open(f"{chunk['index']:06d}-{chunk['sha256']}.chunk", chunks_fd)
 
 
-def stream(session: str, manifest: dict) -> Iterator[bytes]:
+def stream(session: Session, manifest: dict) -> Iterator[bytes]:
     """The chunks' bytes in order, each checked for size and SHA-256 as it is read; a chunk that
     does not match raises UploadError after its last byte (before the next is read)."""
-    for chunk in manifest["chunks"]:
-        digest, seen = hashlib.sha256(), 0
-        with open(_chunk_file(session, chunk), "rb") as f:
-            while block := f.read(min(READ, chunk["size"] + 1 - seen)):
-                seen += len(block)
-                if seen > chunk["size"]:
-                    raise UploadError(f"chunk {chunk['index']} is larger than {chunk['size']} bytes")
-                digest.update(block)
-                yield block
-        if seen != chunk["size"]:
-            raise UploadError(f"chunk {chunk['index']} has {seen} bytes, expected {chunk['size']}")
-        if digest.hexdigest() != chunk["sha256"]:
-            raise UploadError(f"chunk {chunk['index']} does not match its SHA-256")
+    try:
+        chunks_fd = os.open("chunks", DIR_FLAGS, dir_fd=session.fd)
+    except OSError as e:
+        if manifest["chunks"]:
+            raise UploadError(f"{session.path}: no chunks directory ({e.strerror})") from None
+        return
+    try:
+        for chunk in manifest["chunks"]:
+            digest, seen = hashlib.sha256(), 0
+            with _chunk_file(session, chunks_fd, chunk) as f:
+                while block := f.read(min(READ, chunk["size"] + 1 - seen)):
+                    seen += len(block)
+                    if seen > chunk["size"]:
+                        raise UploadError(f"chunk {chunk['index']} is larger than {chunk['size']} bytes")
+                    digest.update(block)
+                    yield block
+            if seen != chunk["size"]:
+                raise UploadError(f"chunk {chunk['index']} has {seen} bytes, expected {chunk['size']}")
+            if digest.hexdigest() != chunk["sha256"]:
+                raise UploadError(f"chunk {chunk['index']} does not match its SHA-256")
+    finally:
+        os.close(chunks_fd)
 
 
 class _StreamReader(io.RawIOBase):
@@ -156,7 +239,7 @@ class _StreamReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         while not self._rest:
             self._rest = next(self._blocks, b"")
             if not self._rest:
@@ -166,19 +249,23 @@ class _StreamReader(io.RawIOBase):
         return n
 
 
-def _write_binary(session: str, m: dict, dest: str, perms: int | None) -> dict:
+def _write_binary(session: Session, m: dict, dest: str, perms: int | None) -> dict:
     parent = os.path.dirname(dest)
     if os.path.isdir(dest):
         raise UploadError(f"{dest} is a directory; name the file")
     if not os.path.isdir(parent):
         raise UploadError(f"{parent}: no such directory")
+    if perms is None:
+        perms = stat.S_IMODE(os.stat(dest).st_mode) if os.path.exists(dest) else 0o644
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slicer-cp-")
     try:
         with os.fdopen(fd, "wb") as f:
             for block in stream(session, m):
                 f.write(block)
-        os.chmod(tmp, perms if perms is not None else 0o644)
-        os.chown(tmp, m.get("uid", 0), m.get("gid", 0))
+            f.flush()
+            os.fchmod(f.fileno(), perms)
+            os.fchown(f.fileno(), m.get("uid", 0), m.get("gid", 0))
+            os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -187,7 +274,7 @@ def _write_binary(session: str, m: dict, dest: str, perms: int | None) -> dict:
     return {"path": dest, "mode": "binary", "size": m["size"]}
 
 
-def _extract(session: str, m: dict, dest: str, perms: int | None) -> dict:
+def _extract(session: Session, m: dict, dest: str, perms: int | None) -> dict:
     for _ in stream(session, m):  # every chunk checked before anything is extracted
         pass
     count = files.extract_tar(io.BufferedReader(_StreamReader(stream(session, m)), READ), dest, perms,
@@ -195,29 +282,33 @@ def _extract(session: str, m: dict, dest: str, perms: int | None) -> dict:
     return {"path": dest, "mode": "tar", "entries": count}
 
 
-def finalise(raw_manifest: str, uid: int) -> dict:
-    path, session = _manifest_path(raw_manifest, uid)
-    m = load_manifest(path)
+def finalise(session: Session, uid: int, gid: int) -> dict:
+    m = load_manifest(session)
+    if (m.get("uid", 0), m.get("gid", 0)) != (uid, gid):
+        raise UploadError(f"the manifest's uid/gid ({m.get('uid', 0)}/{m.get('gid', 0)}) are not --uid/--gid "
+                          f"({uid}/{gid})")
     try:
-        dest = files.require_path(m["destination"], m.get("uid", uid))
+        dest = files.require_path(m["destination"], uid)
         perms = files.parse_permissions(m.get("permissions") or None)
     except files.FileError as e:
         raise UploadError(str(e)) from None
-    if dest == session or dest.startswith(session + "/"):
-        raise UploadError("the destination cannot be inside the upload session")
+    beside = os.path.dirname(session.path)
+    if dest != beside and os.path.dirname(dest) != beside:
+        raise UploadError(f"the destination {dest} is not beside its session {session.path}")
     try:
         result = (_write_binary if m["mode"] == "binary" else _extract)(session, m, dest, perms)
     except files.FileError as e:
         raise UploadError(str(e)) from None
-    shutil.rmtree(session, ignore_errors=True)
+    session.remove()
     return result
 
 
-def abort(raw_manifest: str, uid: int) -> dict:
-    _, session = _manifest_path(raw_manifest, uid)
-    existed = os.path.isdir(session)
-    shutil.rmtree(session, ignore_errors=True)
-    return {"session": session, "removed": existed}
+def _become(uid: int, gid: int) -> None:
+    """Work as the upload's owner: what it writes, that user could have written."""
+    if os.geteuid() == 0 and uid != 0:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
 
 
 def main(argv: list[str]) -> int:
@@ -236,7 +327,22 @@ def main(argv: list[str]) -> int:
         print("chunked-copy-v1")
         return 0
     try:
-        result = (finalise if args.step == "finalise" else abort)(args.manifest, args.uid)
+        _become(args.uid, args.gid)
+        try:
+            session = Session(args.manifest, args.uid)
+        except SessionMissing:
+            if args.step == "finalise":
+                raise
+            print(json.dumps({"removed": False}))  # nothing to abort: done
+            return 0
+        try:
+            if args.step == "finalise":
+                result = finalise(session, args.uid, args.gid)
+            else:
+                session.remove()
+                result = {"session": session.path, "removed": True}
+        finally:
+            session.close()
     except (UploadError, OSError, ValueError) as e:
         print(f"slicer-agent: {e}", file=sys.stderr)
         return 1

@@ -29,8 +29,8 @@ class NetworkPolicy(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> NetworkPolicy:
         for what in ("allow", "drop"):
-            for value in getattr(self, what) or []:
-                cidr(value, what)
+            if (values := getattr(self, what)) is not None:  # normalised: nft takes prefix lengths only
+                setattr(self, what, [str(cidr(value, what)) for value in values])
         return self
 
     def override(self) -> dict[str, list[str]]:
@@ -90,7 +90,7 @@ class CreateNodeRequest(BaseModel):
             "protected": self.protected,
             **({"boot": self.boot} if self.boot else {}),
             **({"disk_image": self.disk_image} if self.disk_image else {}),  # resolved by the manager
-            **({"network": self.network.override()} if self.network and self.network.override() else {}),
+            **({"network": override} if self.network and (override := self.network.override()) else {}),
         }
 
 
@@ -140,22 +140,31 @@ def describe_validation(errors: list) -> str:
     return f"{'.'.join(loc)}: {msg}" if loc else msg
 
 
-def parse_duration(value: str) -> float:
-    """Go duration (``30s``, ``2m``, ``1m30s``, ``500ms``) or plain seconds, in seconds."""
-    v = value.strip()
-    try:
-        seconds = float(v)
-    except ValueError:
-        pos, seconds = 0, 0.0
-        for m in _DURATION.finditer(v):
-            if m.start() != pos:
-                break
-            seconds += float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-            pos = m.end()
-        if pos != len(v) or not v:
-            raise BadRequest(f"timeout {value!r} is not a duration (try 30s or 2m)", "invalid_timeout") from None
+def parse_duration(value: str | None, default: str) -> float:
+    """Go duration (``30s``, ``2m``, ``1m30s``, ``500ms``) or plain seconds, in seconds; ``default``
+    when it is missing or zero (the TypeScript SDK sends ``0s`` for "no timeout of mine")."""
+    seconds = _seconds(value) if value and value.strip() else 0.0
+    if seconds == 0:
+        seconds = _seconds(default)
     if not 0 < seconds <= 3600:
         raise BadRequest("timeout must be between 0 and 1h", "invalid_timeout")
+    return seconds
+
+
+def _seconds(value: str) -> float:
+    v = value.strip()
+    try:
+        return float(v)
+    except ValueError:
+        pass
+    pos, seconds = 0, 0.0
+    for m in _DURATION.finditer(v):
+        if m.start() != pos:
+            break
+        seconds += float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+        pos = m.end()
+    if pos != len(v) or not v:
+        raise BadRequest(f"timeout {value!r} is not a duration (try 30s or 2m)", "invalid_timeout")
     return seconds
 
 

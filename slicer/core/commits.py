@@ -174,7 +174,7 @@ class CommitActions:
     async def fork_commit(self, commit_id: str, *, tags: list[str] | None, tag_mode: str,
                           secrets_: list[str] | None, persistent: bool, cpus: int | None, ram_bytes: int | None,
                           fixups: list[str] | None, wait: str | None, timeout: float,
-                          network: dict[str, list[str]] | None = None) -> dict:
+                          network: dict[str, list[str]] | None = None, hostname: str | None = None) -> dict:
         commit = self._commit(commit_id)
         if not self.commit_disk(commit_id).exists():
             raise SlicerError(f"commit {commit_id}: its disk is missing", "commit_missing")
@@ -190,10 +190,11 @@ class CommitActions:
             spec["network"] = {**spec.get("network", {}), **network}
         node = await self.create(
             commit.source_host_group, cpus=cpus or commit.cpus, ram_bytes=ram_bytes or commit.ram_bytes,
-            persistent=persistent, hostname=None, ip=None, spec=spec, wait=wait, timeout=timeout,
+            persistent=persistent, hostname=hostname, ip=None, spec=spec, wait=wait, timeout=timeout,
         )
         parent = self.nodes.get(commit.source_hostname)
-        return {"hostname": node.hostname, "source_hostname": commit.source_hostname, "commit_id": commit_id,
+        return {"hostname": node.hostname, "child_hostname": node.hostname,  # the TypeScript SDK's name for it
+                "source_hostname": commit.source_hostname, "commit_id": commit_id,
                 "status": "forked", "parent_status": parent.status.lower() if parent else "deleted",
                 "child_status": node.status.lower(), "mode": commit.mode, "persistent": node.record.persistent}
 

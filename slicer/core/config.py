@@ -120,9 +120,8 @@ class NetworkConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> NetworkConfig:
-        for what in ("allow", "drop"):
-            for c in getattr(self, what):
-                cidr(c, what)
+        for what in ("allow", "drop"):  # normalised: nft takes prefix lengths, not netmasks
+            setattr(self, what, [str(cidr(c, what)) for c in getattr(self, what)])
         if self.mode == "isolated":
             if self.gateway or self.addresses or self.bridge or self.tap_prefix:
                 raise ValueError("isolated mode takes range, allow and drop; gateway, addresses, bridge and "

@@ -223,8 +223,10 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
         view["open_agent_connections"] = node.agent.channel.open_streams if node.agent else 0
         if (execs := await self._bg_execs(node)) is not None:
             view["bg_execs"] = execs
-        if group is None:
-            return view
+        if group is None:  # its group left the config: nothing to say about a policy, but the field is there
+            empty: dict[str, list[str]] = {"allow": [], "drop": []}
+            return {**view, "network": {"mode": "", "policy_source": "host_group", "host_group": empty,
+                                        "effective": empty}}
         policy = {"allow": list(group.network.allow), "drop": list(group.network.drop)}
         override = node.record.spec.get("network")
         mode = self.net.group(group.name).mode if group.name in self.net.groups else group.network.mode

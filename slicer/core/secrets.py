@@ -86,7 +86,8 @@ class SecretStore:
 
     @staticmethod
     def metadata(record: dict) -> dict:
-        return {k: record[k] for k in ("name", "size", "permissions", "uid", "gid", "mod_time")}
+        meta = {k: record[k] for k in ("name", "size", "permissions", "uid", "gid", "mod_time")}
+        return {**meta, "modified_at": meta["mod_time"]}  # the TypeScript SDK's name for mod_time
 
     def list(self) -> list[dict]:
         names = sorted(p.stem for p in self.dir.glob("*.json"))

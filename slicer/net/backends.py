@@ -206,7 +206,7 @@ class IsolatedNetwork(GroupNetwork):
         return f"slicer-{self.host.tag}-{name}"
 
     def veth(self, name: str) -> str:
-        return ifname(f"s{self.host.tag}-", name)
+        return ifname(self.host.veth_prefix, name)
 
     async def attach(self, name: str, ip: str, run_dir: Path, policy: Policy | None = None) -> NetDevice:
         await self.detach(name, ip, run_dir)

@@ -31,8 +31,15 @@ def _elements(values: list[str], quote: bool = False) -> str:
     return f" elements = {{ {items} }};"
 
 
-def ruleset(table: str, bridges: list[str], bridge_nets: list[str], isolated: list[IsolatedGroup]) -> str:
-    """The daemon's whole ruleset, replacing any earlier one of the same name."""
+def ruleset(table: str, bridges: list[str], bridge_nets: list[str], isolated: list[IsolatedGroup],
+            veth_prefix: str = "") -> str:
+    """The daemon's whole ruleset, replacing any earlier one of the same name. ``veth_prefix``
+    names every isolated VM's veth: one not (yet) in the sets, such as a running VM's just after a
+    restart until it is adopted again, gets nothing through."""
+    unknown = f'"{veth_prefix}*"'
+    unknown_in = f"    iifname {unknown} drop\n" if veth_prefix else ""
+    unknown_fwd = (f"    iifname {unknown} iifname != @isolated drop\n"
+                   f"    oifname {unknown} oifname != @isolated drop\n") if veth_prefix else ""
     iso_nets = [g.range for g in isolated]
     group_sets = "".join(f"  set {g.set_name} {{ type ifname; }}\n" for g in isolated)
     jumps = "".join(f"    iifname @{g.set_name} jump {g.set_name}\n" for g in isolated)
@@ -69,13 +76,13 @@ table inet {table} {{
     # An isolated VM reaches nothing on the host (replies to the host's own connections pass).
     iifname @isolated ct state established,related accept
     iifname @isolated drop
-    # Never the host's loopback, whatever route_localnet says.
+{unknown_in}    # Never the host's loopback, whatever route_localnet says.
     iifname @bridges ip daddr 127.0.0.0/8 drop
   }}
   chain forward {{
     type filter hook forward priority -10; policy accept;
     ct state established,related accept
-    iifname @isolated oifname @isolated drop
+{unknown_fwd}    iifname @isolated oifname @isolated drop
     iifname @isolated oifname @bridges drop
     iifname @bridges oifname @isolated drop
     iifname vmap @vm_policy

@@ -35,6 +35,7 @@ class HostNetwork:
     def __init__(self, groups: list[HostGroup], data_dir: Path) -> None:
         self.tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:4]
         self.table = f"slicer_{self.tag}"
+        self.veth_prefix = f"s{self.tag}-"  # the host's end of every isolated VM's veth pair
         self._record = data_dir / "run" / "network.json"
         self._procs: set[asyncio.subprocess.Process] = set()
         admin = has_net_admin()
@@ -122,7 +123,8 @@ class HostNetwork:
             await g.setup()
         iso = [g.firewall for g in self.groups.values() if isinstance(g, IsolatedNetwork)]
         br = [g for g in self.groups.values() if isinstance(g, BridgeNetwork)]
-        await nft(ruleset(self.table, [g.bridge for g in br], [str(g.addressing.network) for g in br], iso))
+        await nft(ruleset(self.table, [g.bridge for g in br], [str(g.addressing.network) for g in br], iso,
+                          self.veth_prefix if iso else ""))
 
     async def stop(self) -> None:
         """Remove everything :meth:`start` and the VMs' attaches made; idempotent."""

@@ -41,7 +41,8 @@ class ForkCommitRequest(BaseModel):
     tags: Tags | None = None
     tag_mode: Literal["append", "replace"] = "append"
     secrets: list[Annotated[str, Field(max_length=253)]] | None = Field(default=None, max_length=256)
-    persistent: bool = False
+    persistent: bool = True  # the SDKs' default: a child survives shutdown (WithEphemeral says otherwise)
+    hostname: str | None = Field(default=None, max_length=63)  # the TypeScript SDK's child name
     vcpu: int | None = Field(default=None, ge=1, le=1024)
     ram_bytes: int | None = Field(default=None, ge=0, le=1 << 50)
     network: NetworkPolicy | None = None
@@ -61,7 +62,7 @@ async def fork(m: Mgr, hostname: str, request: Request,
     """``count`` live copies of a running VM: its memory, processes and files; each its own identity."""
     body = await parse_body(request, ForkRequest)
     copies = await m.fork(hostname, body.count, body.tags, None if wait == "none" else "agent",
-                          parse_duration(timeout or "5m"))
+                          parse_duration(timeout, "5m"))
     return [{"hostname": n.hostname, "hostgroup": n.record.hostgroup, "ip": n.record.ip,
              "source_hostname": hostname, "status": "forked", "child_status": n.status.lower(),
              "mode": "memory", "persistent": False, "created_at": n.record.created_at} for n in copies]
@@ -88,10 +89,10 @@ async def fork_commit(m: Mgr, commit_id: str, request: Request,
     body = await parse_body(request, ForkCommitRequest)
     return await m.fork_commit(
         check_commit_id(commit_id), tags=body.tags, tag_mode=body.tag_mode, secrets_=body.secrets,
-        persistent=body.persistent, cpus=body.vcpu, ram_bytes=body.ram_bytes,
+        persistent=body.persistent, cpus=body.vcpu, ram_bytes=body.ram_bytes, hostname=body.hostname,
         fixups=list(FIXUPS) if body.fixups is None else body.fixups,
         network=body.network.override() if body.network else None,
-        wait=None if wait == "none" else "agent", timeout=parse_duration(timeout or "5m"),
+        wait=None if wait == "none" else "agent", timeout=parse_duration(timeout, "5m"),
     )
 
 

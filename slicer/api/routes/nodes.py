@@ -36,7 +36,7 @@ async def create_node(
     timeout: str | None = None,
 ) -> dict:
     body = await parse_body(request, CreateNodeRequest)
-    seconds = parse_duration(timeout or DEFAULT_WAIT_TIMEOUT)
+    seconds = parse_duration(timeout, DEFAULT_WAIT_TIMEOUT)
     node = await m.create(
         name, cpus=body.cpus, ram_bytes=body.ram_bytes, persistent=body.persistent,
         hostname=body.hostname, ip=body.ip, spec=body.spec(), wait=wait, timeout=seconds,
@@ -53,7 +53,7 @@ def created(node: Node) -> dict:
 @router.post("/vm/{hostname}/relaunch")
 async def relaunch(m: Mgr, hostname: str, wait: WaitFor = None, timeout: str | None = None) -> dict:
     """Boot a shut-down (or crashed, or suspended: its memory is discarded) VM from its disk."""
-    return created(await m.relaunch(hostname, wait, parse_duration(timeout or DEFAULT_WAIT_TIMEOUT)))
+    return created(await m.relaunch(hostname, wait, parse_duration(timeout, DEFAULT_WAIT_TIMEOUT)))
 
 
 @router.delete("/hostgroup/{name}/nodes/{hostname}")

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from slicer.api.deps import manager, require_auth
-from slicer.api.models import parse_duration
+from slicer.api.models import parse_duration, read_json_object
 from slicer.api.routes.nodes import DEFAULT_WAIT_TIMEOUT, WaitFor
-from slicer.core.errors import SlicerError
+from slicer.core.errors import BadRequest, SlicerError
 from slicer.core.manager import Manager
 
 router = APIRouter(prefix="/vm/{hostname}", dependencies=[Depends(require_auth)])
@@ -35,7 +35,13 @@ async def health(m: Mgr, request: Request, hostname: str) -> Response | dict:
 
 
 @router.post("/shutdown", response_class=PlainTextResponse)
-async def shutdown(m: Mgr, hostname: str, action: str = "reboot") -> str:
+async def shutdown(m: Mgr, hostname: str, request: Request, action: str | None = None) -> str:
+    """``action`` from the query (the Go SDK, the OpenAPI file) or a JSON body ``{"action": ...}``
+    (the TypeScript SDK); reboot when neither says."""
+    if action is None:
+        action = (await read_json_object(request, 4096)).get("action") or "reboot"
+        if not isinstance(action, str):
+            raise BadRequest("action must be shutdown or reboot", "invalid_action")
     await m.shutdown(hostname, action)
     return f"{'Reboot' if action == 'reboot' else 'Shutdown'} of {hostname} started\n"
 
@@ -60,5 +66,5 @@ async def suspend(m: Mgr, hostname: str) -> str:
 
 @router.post("/restore", response_class=PlainTextResponse)
 async def restore(m: Mgr, hostname: str, wait: WaitFor = None, timeout: str | None = None) -> str:
-    await m.restore(hostname, wait, parse_duration(timeout or DEFAULT_WAIT_TIMEOUT))
+    await m.restore(hostname, wait, parse_duration(timeout, DEFAULT_WAIT_TIMEOUT))
     return f"{hostname} restored\n"
