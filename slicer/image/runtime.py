@@ -36,7 +36,6 @@ entry()
 """
 
 
-
 def helper_script(python: str, agent_home: str) -> str:
     """``slicer-agent``, the agent's command-line helpers (``upload``: the SDKs' chunked copy)."""
     return (f"#!{python} -I\nimport sys\nsys.path.insert(0, {agent_home!r})\n"

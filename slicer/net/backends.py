@@ -247,8 +247,9 @@ class IsolatedNetwork(GroupNetwork):
         veth, table, fw = self.veth(name), self.host.table, self.firewall
         if os.path.exists(f"/run/netns/{self.netns(name)}"):
             await run("ip", "netns", "del", self.netns(name), check=False)  # the veth pair goes with it
-            await nft(isolated_elements(table, veth, fw) + isolated_elements(table, veth, fw, "delete")
-                      + vm_policy_elements(table, veth, None), check=False)
+        # whether or not the namespace was there: a cleanup that failed once is done again here
+        await nft(isolated_elements(table, veth, fw) + isolated_elements(table, veth, fw, "delete")
+                  + vm_policy_elements(table, veth, None), check=False)
 
 
 class PasstNetwork(GroupNetwork):

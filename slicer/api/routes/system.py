@@ -55,9 +55,10 @@ async def info(request: Request) -> dict:
     }
 
 
+@router.api_route("/proxy/v1", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
 @router.api_route("/proxy/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                   include_in_schema=False)
-async def proxy_api(rest: str) -> JSONResponse:
+async def proxy_api() -> JSONResponse:
     """Slicer's egress proxy (the Go SDK's ``*Proxy*`` calls) is not part of this daemon: say so
     plainly rather than 404, so a client knows the feature, not the name, is missing."""
     return JSONResponse({"error": "the slicer-proxy API (/proxy/v1: clients, secrets, allow rules) is not "
