@@ -33,7 +33,7 @@ def post_chunk(api: httpx.Client, vm: str, path: str, data: bytes, uid: int = 0)
 
 def upload(api: httpx.Client, vm: str, data: bytes, dest: str, mode: str = "binary", chunk_size: int = 1 << 20,
            uid: int = 0, permissions: str = "", corrupt: int | None = None,
-           manifest: dict | None = None) -> tuple[dict, str]:
+           manifest: dict | None = None, finalise_gid: int | None = None) -> tuple[dict, str]:
     """Send ``data`` to ``dest`` in chunks; returns (finalise's exec result, the session dir).
     ``corrupt``: the index of a chunk whose uploaded bytes differ from the manifest's hash;
     ``manifest``: fields that replace the manifest's own (a tampered one)."""
@@ -49,5 +49,6 @@ def upload(api: httpx.Client, vm: str, data: bytes, dest: str, mode: str = "bina
             "chunks": chunks, **({"permissions": permissions} if permissions else {}), **(manifest or {})}
     r = post_chunk(api, vm, f"{session}/manifest.json", json.dumps(body).encode(), uid)
     assert r.status_code == 200, r.text
+    gid = uid if finalise_gid is None else finalise_gid
     return helper(api, vm, "upload", "finalise", "--manifest", f"{session}/manifest.json",
-                  "--uid", str(uid), "--gid", str(uid)), session
+                  "--uid", str(uid), "--gid", str(gid)), session

@@ -290,7 +290,31 @@ def test_chunked_copy_cannot_be_turned_against_root(api, vm):
                             ({"destination": "/root/elsewhere.bin"}, "is not beside its session")):
         result, _ = chunked_copy.upload(api, vm, data, "/tmp/mine.bin", uid=1000, manifest=manifest)
         assert result["exit_code"] == 1 and words in result["stderr"], result
+    # a gid the user does not have (the SDK's GID 0 next to UID 1000) is refused, not handed over
+    result, _ = chunked_copy.upload(api, vm, data, "/tmp/mine.bin", uid=1000, manifest={"gid": 0},
+                                    finalise_gid=0)
+    assert result["exit_code"] == 1 and "gid 0 is not a group of uid 1000" in result["stderr"], result
+    # a directory the user cannot write: refused at the first chunk, before anything is sent
+    r = chunked_copy.post_chunk(api, vm, "/opt/.slicer-upload-" + "3" * 32 + "/chunks/000000.chunk", b"x", uid=1000)
+    assert r.status_code == 403 and "not writable by uid 1000" in r.json()["error"], r.text
     sh(api, vm, "rm -rf /tmp/.slicer-upload-*")
+
+
+def test_root_does_not_follow_a_users_links(api, vm):
+    """Writes as root into a user's directory: no set-id bits inherited from a planted file, no
+    symlink of the user's followed (binary or tar)."""
+    sh(api, vm, "su -s /bin/sh -c 'rm -rf ~/tool ~/sub ~/proj; touch ~/tool && chmod 4755 ~/tool && "
+                "ln -s /etc ~/sub && ln -s /etc ~/proj' ubuntu")
+    r = api.post(f"/vm/{vm}/cp", params={"path": "/home/ubuntu/tool"}, content=b"#!/bin/sh\n")
+    assert r.status_code == 200, r.text
+    assert sh(api, vm, "stat -c '%a %U' /home/ubuntu/tool").split() == ["755", "root"]
+    r = api.post(f"/vm/{vm}/cp", params={"path": "/home/ubuntu/sub/planted"}, content=b"x")
+    assert r.status_code == 409 and r.json()["code"] == "unsafe_path", r.text
+    r = api.post(f"/vm/{vm}/cp", params={"path": "/home/ubuntu/proj", "mode": "tar"},
+                 content=make_tar([file_member("planted", b"x")]))
+    assert r.status_code == 409 and r.json()["code"] == "unsafe_path", r.text
+    assert sh(api, vm, "ls /etc/planted /etc/sub 2>/dev/null || echo absent").strip() == "absent"
+    sh(api, vm, "rm -rf /home/ubuntu/tool /home/ubuntu/sub /home/ubuntu/proj")
 
 
 def test_home_relative_paths(api, vm):

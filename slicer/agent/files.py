@@ -81,11 +81,12 @@ def not_found(path: str) -> FileError:
 async def receive_file(path: str, chunks, permissions: int | None, uid: int | None, gid: int | None) -> int:
     """Write the body to ``path`` (atomically: a temp file renamed into place)."""
     parent = os.path.dirname(path)
+    refuse_user_links(parent)
     if os.path.isdir(path):
         raise FileError(f"{path} is a directory; send a tar (mode=tar) or name the file", "is_directory")
     if not os.path.isdir(parent):
         raise not_found(parent)
-    old_mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
+    old_mode = kept_mode(path)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slicer-cp-")
     size = 0
     try:
@@ -103,6 +104,16 @@ async def receive_file(path: str, chunks, permissions: int | None, uid: int | No
             os.unlink(tmp)
         raise
     return size
+
+
+def kept_mode(path: str) -> int:
+    """The permission bits a file replacing ``path`` keeps: those of the regular file there (never
+    set-id bits, never through a symlink: a guest user may have planted either), else 0644."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0o644
+    return stat.S_IMODE(st.st_mode) & 0o777 if stat.S_ISREG(st.st_mode) else 0o644
 
 
 def open_for_sending(path: str) -> tuple[io.BufferedReader, int, int]:
@@ -188,27 +199,122 @@ def check_member(root: str, member: tarfile.TarInfo) -> str:
     return target
 
 
+def refuse_user_links(path: str) -> None:
+    """As root, refuse a path that passes through a symlink a guest user owns: that user could
+    point it anywhere (``ln -s /etc ~/dir``), and root would write there. Root's own links
+    (``/var/run``) are followed."""
+    if os.geteuid() != 0:
+        return
+    parts = os.path.normpath(path).split("/")
+    for i in range(2, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        try:
+            st = os.lstat(prefix)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode) and st.st_uid != 0:
+            raise FileError(f"{prefix} is a symlink of uid {st.st_uid}: not followed as root", "unsafe_path", 409)
+
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _walk(root_fd: int, rel: str, make: bool) -> int:
+    """A new descriptor of directory ``rel`` under ``root_fd``, one component at a time and
+    never through a symlink (made on the way when ``make``)."""
+    fd = os.dup(root_fd)
+    for name in [p for p in rel.split("/") if p not in ("", ".")]:
+        try:
+            if make:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=fd)
+            nxt = os.open(name, DIR_FLAGS, dir_fd=fd)
+        except OSError as e:
+            raise FileError(f"{rel}: {name} is not a directory of the tree ({e.strerror})", "unsafe_tar") from None
+        finally:
+            os.close(fd)
+        fd = nxt
+    return fd
+
+
+def _clear(name: str, dir_fd: int) -> None:
+    """Remove what is at ``name`` unless it is a directory: a member replaces it, never writes through it."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISDIR(os.lstat(name, dir_fd=dir_fd).st_mode):
+            os.unlink(name, dir_fd=dir_fd)
+
+
+def _extract_member(tf: tarfile.TarFile, member: tarfile.TarInfo, root_fd: int, mode: int | None,
+                    owner: tuple[int, int] | None) -> None:
+    """One member, written by descriptor: created with O_EXCL|O_NOFOLLOW, its mode and owner set
+    on that descriptor, so nothing a guest user swaps in meanwhile is written, chmod-ed or chown-ed."""
+    rel = os.path.normpath(member.name)
+    parent, name = os.path.split(rel)
+    pfd = _walk(root_fd, parent, make=True)
+    try:
+        if member.isdir():
+            _clear(name, pfd)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
+        elif member.isfile():
+            _clear(name, pfd)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+            src = tf.extractfile(member)
+            assert src is not None
+            with open(os.dup(fd), "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+        elif member.issym():
+            _clear(name, pfd)
+            os.symlink(member.linkname, name, dir_fd=pfd)
+            if owner is not None:
+                os.chown(name, *owner, dir_fd=pfd, follow_symlinks=False)
+            return
+        else:  # a hard link to a member already extracted (check_member kept it inside)
+            _clear(name, pfd)
+            src_parent, src_name = os.path.split(os.path.normpath(member.linkname))
+            sfd = _walk(root_fd, src_parent, make=False)
+            try:
+                os.link(src_name, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+            finally:
+                os.close(sfd)
+            return
+        try:
+            if owner is not None:
+                os.fchown(fd, *owner)  # before the mode: a chown clears set-id bits
+            os.fchmod(fd, mode if mode is not None and member.isfile() else member.mode & 0o7777)
+            os.utime(fd, (member.mtime, member.mtime))
+        finally:
+            os.close(fd)
+    finally:
+        os.close(pfd)
+
+
 def extract_tar(fileobj, root: str, permissions: int | None, uid: int | None, gid: int | None,
                 exclude: list[str] | None = None) -> int:
     """Extract a tar stream into ``root`` (created if missing); returns the member count.
-    Members matching an ``exclude`` pattern (see :func:`excluded`) are skipped."""
+    Members matching an ``exclude`` pattern (see :func:`excluded`) are skipped. Everything is
+    written through directory descriptors (see :func:`_extract_member`); as root, owners are the
+    archive's unless ``uid``/``gid`` say otherwise."""
+    refuse_user_links(root)
     os.makedirs(root, exist_ok=True)
     root = os.path.realpath(root)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     count = 0
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
-        for member in tf:
-            if exclude and excluded(member.name.removeprefix("./").rstrip("/"), exclude):
-                continue
-            target = check_member(root, member)
-            if os.path.islink(target) or (os.path.exists(target) and not member.isdir()
-                                          and not os.path.isdir(target)):
-                os.unlink(target)  # replace, never write through what is there
-            tf.extract(member, root, set_attrs=not member.issym(), numeric_owner=True)
-            if permissions is not None and member.isfile():
-                os.chmod(target, permissions)
-            if uid is not None or gid is not None:
-                os.lchown(target, uid if uid is not None else -1, gid if gid is not None else -1)
-            count += 1
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+            for member in tf:
+                if exclude and excluded(member.name.removeprefix("./").rstrip("/"), exclude):
+                    continue
+                check_member(root, member)
+                owner = None
+                if os.geteuid() == 0:
+                    owner = (uid if uid is not None else member.uid, gid if gid is not None else member.gid)
+                if os.path.normpath(member.name) != ".":
+                    _extract_member(tf, member, root_fd, permissions, owner)
+                count += 1
+    finally:
+        os.close(root_fd)
     return count
 
 

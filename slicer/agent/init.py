@@ -77,6 +77,21 @@ def mount(fstype: str, target: str, options: str = "") -> None:
     _libc_mount(fstype, target, fstype, flags, ",".join(w for w in words if w not in _FLAGS))
 
 
+# As systemd's sysctl.d sets them on a distribution (the kernel's defaults are 0): a symlink in a
+# sticky world-writable directory (/tmp) is not followed into another user's files, and nobody
+# hard-links a file they could not write.
+PROTECTED = {"protected_symlinks": "1", "protected_hardlinks": "1"}
+
+
+def harden_links() -> None:
+    for name, value in PROTECTED.items():
+        try:
+            with open(f"/proc/sys/fs/{name}", "w") as f:
+                f.write(value)
+        except OSError as e:
+            log(f"fs.{name}: {e}")
+
+
 def kernel_params() -> dict[str, str]:
     with open("/proc/cmdline") as f:
         words = f.read().split()
@@ -221,6 +236,7 @@ def main(agent_only: bool = False) -> None:
         mount("tmpfs", "/tmp", "mode=1777,nosuid,nodev")
         mount("devpts", "/dev/pts", "mode=0620,ptmxmode=0666,gid=5")
         mount("tmpfs", "/dev/shm", "mode=1777,nosuid,nodev")
+        harden_links()
     os.makedirs("/run/slicer", mode=0o700, exist_ok=True)
     params = kernel_params()
     set_hostname(params.get("slicer.hostname", "slicer"))

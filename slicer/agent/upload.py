@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import pwd
 import re
 import shutil
 import stat
@@ -35,9 +36,10 @@ from collections.abc import Iterator
 from slicer.agent import files
 
 SESSION_RE = re.compile(r"\.slicer-upload-[0-9a-f]{32}")
-MAX_MANIFEST = 16 << 20  # 64-byte chunks of a 1 GiB file would still fit; a hostile one is refused
+MAX_MANIFEST = 16 << 20  # ~170k chunk entries (11 TB in the SDKs' 64 MiB chunks); a hostile one is refused
 MAX_CHUNK = 64 << 20  # the SDKs' own limit
 READ = 1 << 20
+NON_ROOT_USER = 2**32 - 1  # the Go SDK's NonRootUser
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -67,8 +69,10 @@ def _owned_dir(name: str, dir_fd: int | None, uid: int, gid: int, make: bool) ->
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o700, dir_fd=dir_fd)
             fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
-            os.fchown(fd, uid, gid)
-            os.close(fd)
+            try:
+                os.fchown(fd, uid, gid)
+            finally:
+                os.close(fd)
     try:
         fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -93,6 +97,11 @@ def upload_path(path: str, uid: int | None, gid: int | None) -> Iterator[str]:
         yield path
         return
     owner, group = uid or 0, gid if gid is not None else (uid or 0)
+    beside = os.path.dirname(session)
+    files.refuse_user_links(beside)
+    if owner and not _writable_by(beside, owner, group):  # finalise will work as that user
+        raise files.FileError(f"{beside} is not writable by uid {owner}: the copy could not be finished there",
+                              "permission_denied", 403)
     fds = []
     try:
         fds.append(_owned_dir(session, None, owner, group, make=True))
@@ -103,6 +112,29 @@ def upload_path(path: str, uid: int | None, gid: int | None) -> Iterator[str]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _groups_of(uid: int, gid: int) -> set[int]:
+    """The groups ``uid`` has in the guest (only ``gid`` when it has no passwd entry)."""
+    try:
+        pw = pwd.getpwuid(uid)
+    except KeyError:
+        return {gid}
+    return set(os.getgrouplist(pw.pw_name, pw.pw_gid))
+
+
+def _writable_by(path: str, uid: int, gid: int) -> bool:
+    """Whether ``uid`` (in ``gid`` and its own groups) may create entries in directory ``path``
+    (mode bits; ACLs aside)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True  # the upload itself reports the missing directory
+    if st.st_uid == uid:
+        return bool(st.st_mode & 0o200)
+    if st.st_gid in _groups_of(uid, gid) | {gid}:
+        return bool(st.st_mode & 0o020)
+    return bool(st.st_mode & 0o002)
 
 
 # -- the helper's side: finalise and abort ------------------------------------------------------
@@ -140,8 +172,10 @@ class Session:
         os.set_blocking(fd, True)
         return open(fd, "rb")
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Remove the session; whether it is gone."""
         shutil.rmtree(self.path, ignore_errors=True)  # rmtree never follows a symlink
+        return not os.path.lexists(self.path)
 
 
 def _is_int(value: object, low: int, high: int) -> bool:
@@ -190,6 +224,10 @@ def load_manifest(session: Session) -> dict:
     for key in ("uid", "gid"):
         if not _is_int(m.get(key, 0), 0, 2**32):
             raise UploadError(f"invalid {key}: {m.get(key)!r}")
+    if m.get("uid") == NON_ROOT_USER:  # as main() reads --uid/--gid
+        m["uid"] = 0
+    if m.get("gid") == NON_ROOT_USER:
+        m["gid"] = m.get("uid", 0)
     return m
 
 
@@ -251,12 +289,13 @@ class _StreamReader(io.RawIOBase):
 
 def _write_binary(session: Session, m: dict, dest: str, perms: int | None) -> dict:
     parent = os.path.dirname(dest)
+    files.refuse_user_links(parent)
     if os.path.isdir(dest):
         raise UploadError(f"{dest} is a directory; name the file")
     if not os.path.isdir(parent):
         raise UploadError(f"{parent}: no such directory")
     if perms is None:
-        perms = stat.S_IMODE(os.stat(dest).st_mode) if os.path.exists(dest) else 0o644
+        perms = files.kept_mode(dest)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slicer-cp-")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -293,7 +332,7 @@ def finalise(session: Session, uid: int, gid: int) -> dict:
     except files.FileError as e:
         raise UploadError(str(e)) from None
     beside = os.path.dirname(session.path)
-    if dest != beside and os.path.dirname(dest) != beside:
+    if dest == session.path or (dest != beside and os.path.dirname(dest) != beside):
         raise UploadError(f"the destination {dest} is not beside its session {session.path}")
     try:
         result = (_write_binary if m["mode"] == "binary" else _extract)(session, m, dest, perms)
@@ -304,11 +343,15 @@ def finalise(session: Session, uid: int, gid: int) -> dict:
 
 
 def _become(uid: int, gid: int) -> None:
-    """Work as the upload's owner: what it writes, that user could have written."""
-    if os.geteuid() == 0 and uid != 0:
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
+    """Work as the upload's owner: what it writes, that user could have written. The group must
+    be one of the user's (``gid`` 0 for uid 1000 would hand it root's group)."""
+    if os.geteuid() != 0 or uid == 0:
+        return
+    if gid not in _groups_of(uid, uid):
+        raise UploadError(f"gid {gid} is not a group of uid {uid} in the guest: give the user's own gid")
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
 
 
 def main(argv: list[str]) -> int:
@@ -323,6 +366,10 @@ def main(argv: list[str]) -> int:
         step.add_argument("--uid", type=int, default=0)
         step.add_argument("--gid", type=int, default=0)
     args = parser.parse_args(argv)
+    if getattr(args, "uid", 0) == NON_ROOT_USER:  # the Go SDK's "not given": the chunks went as root
+        args.uid = 0
+    if getattr(args, "gid", 0) == NON_ROOT_USER:
+        args.gid = args.uid
     if args.step == "check":
         print("chunked-copy-v1")
         return 0
@@ -339,8 +386,7 @@ def main(argv: list[str]) -> int:
             if args.step == "finalise":
                 result = finalise(session, args.uid, args.gid)
             else:
-                session.remove()
-                result = {"session": session.path, "removed": True}
+                result = {"session": session.path, "removed": session.remove()}
         finally:
             session.close()
     except (UploadError, OSError, ValueError) as e:
