@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -82,6 +85,20 @@ def wait_http(url: str, timeout: float = 30) -> str:
             time.sleep(0.5)
 
 
+def qmp_stop(sock: Path) -> None:
+    """Stop a QEMU's vCPUs over its QMP socket (free while no daemon holds it), as a daemon that
+    died between restoring a VM and resuming it leaves them."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        f = s.makefile("rwb")
+        f.readline()  # greeting
+        for command in ("qmp_capabilities", "stop"):
+            f.write(json.dumps({"execute": command}).encode() + b"\n")
+            f.flush()
+            while b'"return"' not in (line := f.readline()):
+                assert line and b'"error"' not in line, line
+
+
 def test_a_crashed_daemon_leaves_guests_running_and_the_next_one_adopts_them(guest_image):
     d = Daemon(PERSISTENT_CONFIG).start()
     try:
@@ -103,9 +120,11 @@ def test_a_crashed_daemon_leaves_guests_running_and_the_next_one_adopts_them(gue
         guest_url = f"http://{api.get(f'/vm/{sandbox}').json()['ip']}:8000/marker"
         assert wait_http(guest_url).strip() == marker, "the host reaches the guest over its network"
         pids = {h: api.get(f"/vm/{h}").json()["vmm"]["pid"] for h in ("svc-1", sandbox, dies, orphan)}
+        assert api.post("/vm/svc-1/pause").status_code == 200  # a pause someone asked for survives
 
         d.proc.kill()  # a crash: no graceful stop
         d.proc.wait()
+        qmp_stop((d.data_dir / "run").resolve() / sandbox / "qmp.sock")  # a pause nobody asked for does not
         os.kill(pids[dies], signal.SIGKILL)  # a QEMU that ends while no daemon watches
         with sqlite3.connect(d.data_dir / "state.db") as db:  # a QEMU no record names
             db.execute("DELETE FROM nodes WHERE hostname = ?", (orphan,))
@@ -116,6 +135,8 @@ def test_a_crashed_daemon_leaves_guests_running_and_the_next_one_adopts_them(gue
         nodes = {n["hostname"]: n for n in api.get("/nodes").json()}
         assert set(nodes) == {"svc-1", sandbox}, "the sandbox whose QEMU died is removed, the orphan not adopted"
         assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox]}, "the orphan QEMU is stopped"
+        assert nodes["svc-1"]["status"] == "Paused" and nodes[sandbox]["status"] == "Running", nodes
+        assert api.post("/vm/svc-1/resume").status_code == 200
         for hostname in ("svc-1", sandbox):
             view = api.get(f"/vm/{hostname}").json()
             assert view["status"] == "Running" and view["boot"] == "adopted", view

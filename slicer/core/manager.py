@@ -415,6 +415,9 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
         if rec.template:  # a clone's memory is mapped from its template's: same machine, same layout
             spec.memory_file = self.templates.memory_file(rec.template)
         node.stopping = False
+        if rec.paused:  # a new QEMU runs
+            rec.paused = False
+            self.store.put(rec)
         vm = None
         try:
             spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir, policy=rec.spec.get("network"))
@@ -619,9 +622,17 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
     # -- actions on a running VM ------------------------------------------------------------------
     async def pause(self, hostname: str) -> None:
         await self._vm_action(hostname, NodeAction.PAUSE)
+        self._record_pause(hostname, True)
 
     async def resume(self, hostname: str) -> None:
         await self._vm_action(hostname, NodeAction.RESUME)
+        self._record_pause(hostname, False)
+
+    def _record_pause(self, hostname: str, paused: bool) -> None:
+        """Remembered so that a daemon adopting the VM keeps a pause someone asked for (and only then)."""
+        if (node := self.nodes.get(hostname)) is not None and node.record.paused != paused:
+            node.record.paused = paused
+            self.store.put(node.record)
 
     async def _vm_action(self, hostname: str, action: NodeAction) -> None:
         node = self.get(hostname)

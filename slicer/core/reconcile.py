@@ -17,7 +17,7 @@ from slicer.core.errors import SlicerError
 from slicer.core.node import Node, host_index
 from slicer.core.specs import vm_spec
 from slicer.net import NetworkError
-from slicer.vmm.base import VMMError
+from slicer.vmm.base import VMMError, VMState
 
 if TYPE_CHECKING:
     from slicer.core.config import Config, HostGroup
@@ -153,9 +153,13 @@ class Reconciler:
             else:
                 try:
                     await gnet.adopt(rec.hostname, rec.ip, pid, policy=rec.spec.get("network"))
-                except (NetworkError, OSError) as e:
+                    if vm.state == VMState.PAUSED and not rec.paused:
+                        # nobody asked for this pause: its daemon died between a restore and the resume
+                        await vm.resume()
+                        log.warning("%s: resumed: its daemon died before it ran again", rec.hostname)
+                except (NetworkError, OSError, VMMError) as e:
                     await vm.kill()
-                    why = f"taking back its network link failed: {e}"
+                    why = f"taking back its network link (or resuming it) failed: {e}"
         if why is not None:
             log.warning("%s: stopping the QEMU an earlier daemon left running: %s", rec.hostname, why)
             self.driver.kill_stale(run_dir)

@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     disk       TEXT NOT NULL,
     spec       TEXT NOT NULL DEFAULT '{}',
     template   TEXT NOT NULL DEFAULT '',
-    suspended  TEXT NOT NULL DEFAULT ''
+    suspended  TEXT NOT NULL DEFAULT '',
+    paused     INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS commits (
     commit_id         TEXT PRIMARY KEY,
@@ -41,7 +42,8 @@ CREATE TABLE IF NOT EXISTS commits (
 );
 """
 # Columns added after the first release: (name, definition), added to older databases at open.
-ADDED_COLUMNS = [("template", "TEXT NOT NULL DEFAULT ''"), ("suspended", "TEXT NOT NULL DEFAULT ''")]
+ADDED_COLUMNS = [("template", "TEXT NOT NULL DEFAULT ''"), ("suspended", "TEXT NOT NULL DEFAULT ''"),
+                 ("paused", "INTEGER NOT NULL DEFAULT 0")]
 
 
 def now_rfc3339() -> str:
@@ -64,6 +66,9 @@ class NodeRecord:
     template: str = ""  # the template whose disk backs this node's disk, if any
     # "" running or stopped; "api" suspended on request; "shutdown" suspended with the daemon
     suspended: str = ""
+    # paused on request (POST /pause): a paused QEMU a new daemon adopts stays paused only then;
+    # otherwise its vCPUs stopped because its daemon died between a restore and the resume
+    paused: bool = False
 
     @property
     def tags(self) -> list[str]:
@@ -113,6 +118,7 @@ class StateStore:
     def put(self, rec: NodeRecord) -> None:
         row = asdict(rec)
         row["persistent"] = int(rec.persistent)
+        row["paused"] = int(rec.paused)
         row["spec"] = json.dumps(rec.spec)
         cols = ", ".join(row)
         marks = ", ".join(f":{c}" for c in row)
@@ -127,12 +133,12 @@ class StateStore:
         with self._lock:
             cur = self._db.execute(
                 "SELECT hostname, hostgroup, kind, ip, cpus, ram_bytes, persistent, created_at, disk, spec, "
-                "template, suspended FROM nodes ORDER BY hostgroup, created_at"
+                "template, suspended, paused FROM nodes ORDER BY hostgroup, created_at"
             )
             rows = cur.fetchall()
         return [
-            NodeRecord(h, g, k, ip, c, r, bool(p), ca, d, json.loads(s), t, su)
-            for h, g, k, ip, c, r, p, ca, d, s, t, su in rows
+            NodeRecord(h, g, k, ip, c, r, bool(p), ca, d, json.loads(s), t, su, bool(pa))
+            for h, g, k, ip, c, r, p, ca, d, s, t, su, pa in rows
         ]
 
     def put_commit(self, rec: CommitRecord) -> None:
