@@ -128,14 +128,15 @@ async def spawn(req: ExecRequest) -> asyncio.subprocess.Process:
     req.validate()
     if req.cwd and not os.path.isdir(req.cwd):
         raise ExecError(f"cwd {req.cwd!r} is not a directory", "invalid_cwd")
-    env = {**BASE_ENV, "HOME": home_of(req.uid) or "/", **req.env}
+    home = home_of(req.uid) or "/"
+    env = {**BASE_ENV, "HOME": home, **req.env}
     try:
         return await asyncio.create_subprocess_exec(
             *req.argv(),
             stdin=asyncio.subprocess.PIPE if req.stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE if req.stdout else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE if req.stderr else asyncio.subprocess.DEVNULL,
-            cwd=req.cwd or home_of(req.uid) or "/", env=env,
+            cwd=req.cwd or home, env=env,
             user=req.uid if req.uid else None, group=req.gid if req.gid else None,
             extra_groups=[] if req.uid or req.gid else None,
             start_new_session=True,  # its own process group: killed as a whole

@@ -19,6 +19,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+from collections.abc import Iterator
 
 CHUNK = 65536
 
@@ -78,31 +79,44 @@ def not_found(path: str) -> FileError:
 
 
 # -- binary -------------------------------------------------------------------------------------
-async def receive_file(path: str, chunks, permissions: int | None, uid: int | None, gid: int | None) -> int:
-    """Write the body to ``path`` (atomically: a temp file renamed into place)."""
+@contextlib.contextmanager
+def atomic_file(path: str, permissions: int | None, uid: int | None, gid: int | None,
+                fsync: bool = False) -> Iterator[io.BufferedWriter]:
+    """A file to write ``path``'s new content into: a temp file beside it, renamed into place
+    when the block ends (removed if it fails). Mode and owner are set by descriptor (in a
+    directory a guest user can write, the temp name may be a symlink by now); without
+    ``permissions`` it keeps those of the file it replaces (:func:`kept_mode`)."""
     parent = os.path.dirname(path)
     refuse_user_links(parent)
     if os.path.isdir(path):
         raise FileError(f"{path} is a directory; send a tar (mode=tar) or name the file", "is_directory")
     if not os.path.isdir(parent):
         raise not_found(parent)
-    old_mode = kept_mode(path)
+    mode = permissions if permissions is not None else kept_mode(path)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slicer-cp-")
-    size = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            async for chunk in chunks:
-                f.write(chunk)
-                size += len(chunk)
-            # by descriptor: in a directory a guest user can write, the temp name may be a symlink by now
-            os.fchmod(f.fileno(), permissions if permissions is not None else old_mode)
+            yield f
+            f.flush()
+            os.fchmod(f.fileno(), mode)
             if uid is not None or gid is not None:
                 os.fchown(f.fileno(), uid if uid is not None else -1, gid if gid is not None else -1)
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+async def receive_file(path: str, chunks, permissions: int | None, uid: int | None, gid: int | None) -> int:
+    """Write the body to ``path`` (atomically: a temp file renamed into place)."""
+    size = 0
+    with atomic_file(path, permissions, uid, gid) as f:
+        async for chunk in chunks:
+            f.write(chunk)
+            size += len(chunk)
     return size
 
 

@@ -30,7 +30,6 @@ import re
 import shutil
 import stat
 import sys
-import tempfile
 from collections.abc import Iterator
 
 from slicer.agent import files
@@ -40,7 +39,13 @@ MAX_MANIFEST = 16 << 20  # ~170k chunk entries (11 TB in the SDKs' 64 MiB chunks
 MAX_CHUNK = 64 << 20  # the SDKs' own limit
 READ = 1 << 20
 NON_ROOT_USER = 2**32 - 1  # the Go SDK's NonRootUser
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def real_ids(uid: int, gid: int) -> tuple[int, int]:
+    """``uid``/``gid`` with the Go SDK's ``NonRootUser`` ("not given": its chunks went as root)
+    read as root, and a missing gid as the uid's."""
+    uid = 0 if uid == NON_ROOT_USER else uid
+    return uid, uid if gid == NON_ROOT_USER else gid
 
 
 class UploadError(Exception):
@@ -68,13 +73,13 @@ def _owned_dir(name: str, dir_fd: int | None, uid: int, gid: int, make: bool) ->
     if make:
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o700, dir_fd=dir_fd)
-            fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+            fd = os.open(name, files.DIR_FLAGS, dir_fd=dir_fd)
             try:
                 os.fchown(fd, uid, gid)
             finally:
                 os.close(fd)
     try:
-        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, files.DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         raise files.not_found(name) from None
     except OSError as e:  # ELOOP: a symlink in its place
@@ -224,10 +229,7 @@ def load_manifest(session: Session) -> dict:
     for key in ("uid", "gid"):
         if not _is_int(m.get(key, 0), 0, 2**32):
             raise UploadError(f"invalid {key}: {m.get(key)!r}")
-    if m.get("uid") == NON_ROOT_USER:  # as main() reads --uid/--gid
-        m["uid"] = 0
-    if m.get("gid") == NON_ROOT_USER:
-        m["gid"] = m.get("uid", 0)
+    m["uid"], m["gid"] = real_ids(m.get("uid", 0), m.get("gid", 0))
     return m
 
 
@@ -244,7 +246,7 @@ def stream(session: Session, manifest: dict) -> Iterator[bytes]:
     """The chunks' bytes in order, each checked for size and SHA-256 as it is read; a chunk that
     does not match raises UploadError after its last byte (before the next is read)."""
     try:
-        chunks_fd = os.open("chunks", DIR_FLAGS, dir_fd=session.fd)
+        chunks_fd = os.open("chunks", files.DIR_FLAGS, dir_fd=session.fd)
     except OSError as e:
         if manifest["chunks"]:
             raise UploadError(f"{session.path}: no chunks directory ({e.strerror})") from None
@@ -288,28 +290,9 @@ class _StreamReader(io.RawIOBase):
 
 
 def _write_binary(session: Session, m: dict, dest: str, perms: int | None) -> dict:
-    parent = os.path.dirname(dest)
-    files.refuse_user_links(parent)
-    if os.path.isdir(dest):
-        raise UploadError(f"{dest} is a directory; name the file")
-    if not os.path.isdir(parent):
-        raise UploadError(f"{parent}: no such directory")
-    if perms is None:
-        perms = files.kept_mode(dest)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slicer-cp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for block in stream(session, m):
-                f.write(block)
-            f.flush()
-            os.fchmod(f.fileno(), perms)
-            os.fchown(f.fileno(), m.get("uid", 0), m.get("gid", 0))
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with files.atomic_file(dest, perms, m["uid"], m["gid"], fsync=True) as f:
+        for block in stream(session, m):
+            f.write(block)
     return {"path": dest, "mode": "binary", "size": m["size"]}
 
 
@@ -317,14 +300,14 @@ def _extract(session: Session, m: dict, dest: str, perms: int | None) -> dict:
     for _ in stream(session, m):  # every chunk checked before anything is extracted
         pass
     count = files.extract_tar(io.BufferedReader(_StreamReader(stream(session, m)), READ), dest, perms,
-                              m.get("uid", 0), m.get("gid", 0))
+                              m["uid"], m["gid"])
     return {"path": dest, "mode": "tar", "entries": count}
 
 
 def finalise(session: Session, uid: int, gid: int) -> dict:
     m = load_manifest(session)
-    if (m.get("uid", 0), m.get("gid", 0)) != (uid, gid):
-        raise UploadError(f"the manifest's uid/gid ({m.get('uid', 0)}/{m.get('gid', 0)}) are not --uid/--gid "
+    if (m["uid"], m["gid"]) != (uid, gid):
+        raise UploadError(f"the manifest's uid/gid ({m['uid']}/{m['gid']}) are not --uid/--gid "
                           f"({uid}/{gid})")
     try:
         dest = files.require_path(m["destination"], uid)
@@ -366,10 +349,8 @@ def main(argv: list[str]) -> int:
         step.add_argument("--uid", type=int, default=0)
         step.add_argument("--gid", type=int, default=0)
     args = parser.parse_args(argv)
-    if getattr(args, "uid", 0) == NON_ROOT_USER:  # the Go SDK's "not given": the chunks went as root
-        args.uid = 0
-    if getattr(args, "gid", 0) == NON_ROOT_USER:
-        args.gid = args.uid
+    if args.step != "check":
+        args.uid, args.gid = real_ids(args.uid, args.gid)
     if args.step == "check":
         print("chunked-copy-v1")
         return 0
