@@ -30,17 +30,28 @@ from slicer.vmm.qemu import QEMU_BINARY, QemuDriver
 log = logging.getLogger("slicer")
 
 
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def ensure_token(data_dir: Path) -> str:
-    """The API token, created once (mode 0600) and reused after."""
+    """The API token, created once (mode 0600) and reused after; beside it ``curl-header``
+    (0600), for ``curl -H @<data-dir>/auth/curl-header``: a token written on a command line is
+    in ``/proc/<pid>/cmdline`` for every local user to read."""
     path = data_dir / "auth" / "token"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-        os.replace(tmp, path)
-    return path.read_text().strip()
+        _write_private(path, secrets.token_urlsafe(32) + "\n")
+    token = path.read_text().strip()
+    header = path.with_name("curl-header")
+    line = f"Authorization: Bearer {token}\n"
+    if not header.exists() or header.read_text() != line:
+        _write_private(header, line)
+    return token
 
 
 _held_locks: list[int] = []

@@ -296,7 +296,8 @@ def test_chunked_copy_cannot_be_turned_against_root(api, vm):
     assert result["exit_code"] == 1 and "gid 0 is not a group of uid 1000" in result["stderr"], result
     # a directory the user cannot write: refused at the first chunk, before anything is sent
     r = chunked_copy.post_chunk(api, vm, "/opt/.slicer-upload-" + "3" * 32 + "/chunks/000000.chunk", b"x", uid=1000)
-    assert r.status_code == 403 and "not writable by uid 1000" in r.json()["error"], r.text
+    assert r.status_code == 409 and r.json()["code"] == "permission_denied", r.text
+    assert "not writable by uid 1000" in r.json()["error"], r.text
     sh(api, vm, "rm -rf /tmp/.slicer-upload-*")
 
 

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from slicer import __version__
 from slicer.api import errors
-from slicer.api.guard import RequestGuard
+from slicer.api.guard import HostRule, RequestGuard
 from slicer.api.routes import commits, execute, files, nodes, secrets, stats, storage, system, tunnels, vm
 from slicer.api.telemetry import MetricsMiddleware
 from slicer.core.errors import SlicerError
@@ -46,5 +46,7 @@ def create_app(manager: Manager, token: str | None, git_commit: str = "unknown")
     app.include_router(secrets.router)
     app.include_router(storage.router)
     app.add_middleware(MetricsMiddleware)
-    app.add_middleware(RequestGuard)  # outermost: a refused request reaches nothing
+    api = manager.config.api
+    hosts = HostRule(api.bind_address, api.allowed_hosts, unix_socket=api.unix_socket is not None)
+    app.add_middleware(RequestGuard, hosts=hosts)  # outermost: a refused request reaches nothing
     return app

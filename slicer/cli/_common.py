@@ -17,7 +17,8 @@ err = Console(stderr=True)
 
 Url = Annotated[str | None, typer.Option("--url", "--api", envvar="SLICER_URL",
                                          help="Daemon URL or unix socket path [default: http://127.0.0.1:8080]")]
-Token = Annotated[str | None, typer.Option("--token", envvar="SLICER_TOKEN", help="API token.")]
+TOKEN_HELP = "API token (every local user sees it in the process list: prefer --token-file or SLICER_TOKEN)."
+Token = Annotated[str | None, typer.Option("--token", envvar="SLICER_TOKEN", help=TOKEN_HELP)]
 TokenFile = Annotated[str | None, typer.Option("--token-file", envvar="SLICER_TOKEN_FILE",
                                                help="File holding the API token [default: /var/lib/slicer/auth/token]")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]

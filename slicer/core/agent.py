@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json as jsonlib
+import re
 from urllib.parse import urlencode
 
 import httpx
@@ -13,16 +14,34 @@ from slicer.channel.websocket import StreamWebSocket, WebSocketRejected
 from slicer.channel.yamux import AGENT_PORT
 from slicer.core.errors import AgentUnreachable, SlicerError, UpstreamUnreachable
 
+# The guest is untrusted: it may not choose the daemon's status. Only request errors it reports
+# pass through (the request named something missing, conflicting or too large); 403 means the
+# guest user lacks a right (a state of the guest, not of the API client's token) and is 409;
+# the exec ring budget's 503 is the one documented retry-later. Anything else is 502.
+PASSED_STATUSES = {400, 404, 409, 410, 413}
+MAPPED = {(403, "permission_denied"): 409, (503, "budget_exhausted"): 503}
+MAX_MESSAGE = 1000
+_CODE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
 
 def agent_error(resp: httpx.Response) -> SlicerError:
-    """The agent's JSON error as a core error with the same status and code."""
+    """The agent's JSON error as a core error: its status if it is a request error (above),
+    otherwise 502 ``agent_error``; the message is bounded and the code must look like one."""
+    status = resp.status_code
     try:
         body = resp.json()
-        message, code = body["error"], body.get("code") or "agent_error"
-    except (ValueError, KeyError, TypeError):
-        message, code = f"agent answered {resp.status_code}: {resp.text[:200]}", "agent_error"
-    err = SlicerError(message, code)
-    err.status = resp.status_code
+        message, code = str(body["error"]), body.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, code = resp.text, None
+    message = "".join(c if c.isprintable() else " " for c in message[:MAX_MESSAGE]).strip()
+    if not isinstance(code, str) or not _CODE.fullmatch(code):
+        code = None
+    if code is not None and (status in PASSED_STATUSES or (status, code) in MAPPED):
+        err = SlicerError(message or f"the agent answered {status}", code)
+        err.status = MAPPED.get((status, code), status)
+        return err
+    err = SlicerError(f"the agent failed (it answered {status}): {message or 'no message'}", "agent_error")
+    err.status = 502
     return err
 
 

@@ -7,7 +7,7 @@ import ipaddress
 import itertools
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -253,6 +253,8 @@ class ApiConfig(_Strict):
     bind_address: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     auth: AuthConfig = AuthConfig()
+    # Host names the API answers to besides its address and localhost (DNS rebinding; "*": any).
+    allowed_hosts: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(default=[], max_length=64)
 
     @model_validator(mode="after")
     def _check(self) -> ApiConfig:

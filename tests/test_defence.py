@@ -1,0 +1,133 @@
+"""Defence in depth (issue 22): each test makes an attack as the attacker would, on real VMs,
+and checks it fails with nothing changed on the host."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Daemon
+
+pytestmark = pytest.mark.vm
+FAKE_SECONDS = 15
+
+NO_AUTH_CONFIG = """
+config:
+  host_groups:
+  - name: sbx
+    count: 0
+    vcpu: 1
+    ram_mb: 256
+    storage_size: 1G
+  api:
+    bind_address: 127.0.0.1
+    port: PORT
+    allowed_hosts: [slicer.test]
+    auth:
+      enabled: false
+"""
+
+
+@pytest.fixture(scope="module")
+def open_daemon(guest_image):
+    d = Daemon(NO_AUTH_CONFIG).start()
+    yield d
+    d.cleanup()
+
+
+def test_a_rebound_name_reaches_nothing(open_daemon):
+    """A page on rebind.example, its name rebound to 127.0.0.1, sends its own Host and Origin:
+    with auth off (allowed on loopback) it would drive the API. Refused, nothing made."""
+    rebound = {"Host": f"rebind.example:{open_daemon.port}", "Origin": f"http://rebind.example:{open_daemon.port}"}
+    with httpx.Client(base_url=open_daemon.url) as c:
+        r = c.post("/secrets", json={"name": "planted", "data": "eA=="}, headers=rebound)
+        assert r.status_code == 403 and r.json()["code"] == "host_not_allowed", r.text
+        assert "allowed_hosts" in r.json()["error"]
+        r = c.get("/nodes", headers={"Host": "rebind.example"})
+        assert r.status_code == 403 and r.json()["code"] == "host_not_allowed"
+        assert c.get("/hostgroup", headers={"Host": "localhost.rebind.example"}).status_code == 403
+        # what the API's own names look like still works
+        for host in (f"127.0.0.1:{open_daemon.port}", f"localhost:{open_daemon.port}", "slicer.test", "[::1]"):
+            assert c.get("/nodes", headers={"Host": host}).status_code == 200, host
+        assert all(s["name"] != "planted" for s in c.get("/secrets").json())
+    assert not (open_daemon.data_dir / "secrets" / "planted").exists()
+    upgrade = {"Host": "rebind.example", "Connection": "Upgrade", "Upgrade": "websocket",
+               "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    with httpx.Client(base_url=open_daemon.url) as c:
+        assert c.get("/vm/sbx-1/shell", headers=upgrade).status_code == 403
+        upgrade["Host"] = "localhost"
+        assert c.get("/vm/sbx-1/shell", headers=upgrade).status_code == 404  # it got through: no such VM
+
+
+def test_a_token_file_for_curl(daemon):
+    """The daemon writes the header curl reads with ``-H @file``: the token stays off argv."""
+    header = daemon.data_dir / "auth" / "curl-header"
+    assert header.stat().st_mode & 0o777 == 0o600
+    assert header.read_text() == f"Authorization: Bearer {daemon.token}\n"
+
+
+FAKE_AGENT = textwrap.dedent('''
+    import http.server, json, os, socketserver, sys, threading, time, urllib.parse
+    PATH = "/run/slicer/agent.sock"
+    os.rename(PATH, PATH + ".real")
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = urllib.parse.unquote(self.path)
+            status = int(path.rsplit("=", 1)[-1]) if "status=" in path else 200
+            code = {401: "unauthorized", 403: "forbidden", 404: "not_found"}.get(status, "internal")
+            body = json.dumps({"error": "pwned\\x1b[31m" + "A" * 5000, "code": code}).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    class S(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+    srv = S(PATH, H)
+    os.chmod(PATH, 0o600)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    print("ready", flush=True)
+    time.sleep(float(sys.argv[1]))
+    srv.shutdown()
+    os.unlink(PATH)
+    os.rename(PATH + ".real", PATH)
+''')
+
+
+def test_a_guest_cannot_choose_the_status(api):
+    """Guest root replaces its agent with one answering 401, 403 and 500: the API answers 502
+    ``agent_error`` with a bounded, printable message; a request error (404) passes through."""
+    r = api.post("/hostgroup/sbx/nodes", json={}, params={"wait": "agent", "timeout": "4m"})
+    assert r.status_code == 201, r.text
+    vm = r.json()["hostname"]
+    try:
+        statuses = [401, 403, 500, 418, 404]
+        up = api.post(f"/vm/{vm}/cp", params={"path": "/root/fake.py"}, content=FAKE_AGENT.encode(),
+                      headers={"content-type": "application/octet-stream"})
+        assert up.status_code == 200, up.text
+        r = api.post(f"/vm/{vm}/exec", params={
+            "cmd": "sh", "buffered": "true",
+            "args": ["-c", f"setsid -f python3 /root/fake.py {FAKE_SECONDS} >/root/fake.log 2>&1; "
+                           "for i in $(seq 100); do grep -q ready /root/fake.log && exit 0; sleep 0.1; done; exit 1"],
+        })
+        assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
+        for status in statuses:
+            r = api.get(f"/vm/{vm}/fs/stat", params={"path": f"/x?status={status}"})
+            body = r.json()
+            if status == 404:  # a request error the agent reports
+                assert r.status_code == 404 and body["code"] == "not_found", r.text
+            else:
+                assert r.status_code == 502 and body["code"] == "agent_error", (status, r.text)
+                assert f"answered {status}" in body["error"]
+            assert "pwned" in body["error"] and "\x1b" not in body["error"] and len(body["error"]) < 1100
+        # the real agent is back once the fake steps aside
+        deadline = time.monotonic() + FAKE_SECONDS + 60
+        while (health := api.get(f"/vm/{vm}/health")).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert health.status_code == 200, health.text
+    finally:
+        api.delete(f"/hostgroup/sbx/nodes/{vm}")
