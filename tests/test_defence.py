@@ -3,13 +3,19 @@ and checks it fails with nothing changed on the host."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Daemon
+from slicer.net.backends import held_tap
+from slicer.vmm.jail import VMM_GID
+from tests.conftest import Daemon, qemu_pids
 
 pytestmark = pytest.mark.vm
 FAKE_SECONDS = 15
@@ -131,3 +137,79 @@ def test_a_guest_cannot_choose_the_status(api):
         assert health.status_code == 200, health.text
     finally:
         api.delete(f"/hostgroup/sbx/nodes/{vm}")
+
+
+def _steal_fd(pid: int, target: str) -> int:
+    """A copy of the descriptor process ``pid`` holds on ``target`` (pidfd_getfd, as root)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        if os.readlink(entry) == target:
+            pidfd = os.pidfd_open(pid)
+            try:
+                fd = libc.syscall(438, pidfd, int(entry.name), 0)  # SYS_pidfd_getfd
+                if fd < 0:
+                    raise OSError(ctypes.get_errno(), "pidfd_getfd")
+                return fd
+            finally:
+                os.close(pidfd)
+    raise AssertionError(f"process {pid} holds no {target}")
+
+
+AS_VMM = textwrap.dedent('''
+    import fcntl, os, struct, sys
+    TUNSETIFF, TUNSETPERSIST, TUNSETOWNER = 0x400454CA, 0x400454CB, 0x400454CC
+    mode = sys.argv[1]
+    if mode == "persist":  # what an escaped QEMU can do with the TAP it holds
+        fd = int(sys.argv[2])
+        fcntl.ioctl(fd, TUNSETOWNER, os.getuid())
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+        print("persistent")
+    else:  # attach to the TAP by name later, as that uid
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR)  # 0666 on most hosts
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", sys.argv[2].encode(), 0x0002 | 0x1000))
+            print("attached")
+        except OSError as e:
+            print("refused", e.errno)
+''')
+
+
+def _as_uid(uid: int, gid: int, *args: str, pass_fds: tuple[int, ...] = ()) -> str:
+    argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--", sys.executable, "-c", AS_VMM, *args]
+    r = subprocess.run(argv, capture_output=True, text=True, pass_fds=pass_fds, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def _link_exists(name: str) -> bool:
+    return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
+
+
+def test_a_persistent_tap_does_not_outlive_its_vm(api, daemon):
+    """An escaped QEMU (its uid, its TAP descriptor) gives the TAP its own uid as owner and makes
+    it persistent: when the VM ends the daemon deletes it, and that uid cannot attach again."""
+    r = api.post("/hostgroup/sbx/nodes", json={}, params={"wait": "agent", "timeout": "4m"})
+    assert r.status_code == 201, r.text
+    vm = r.json()["hostname"]
+    try:
+        (pid,) = qemu_pids(str(daemon.data_dir / "run" / vm))
+        tap = held_tap(pid)
+        assert tap is not None
+        details = subprocess.run(["ip", "-d", "link", "show", "dev", tap], capture_output=True, text=True).stdout
+        assert f"user {os.getuid()}" in details or "user root" in details, details  # owned by the daemon's uid
+        uid = os.stat(f"/proc/{pid}").st_uid
+        assert uid != 0
+        fd = _steal_fd(pid, "/dev/net/tun")
+        try:
+            assert _as_uid(uid, VMM_GID, "persist", str(fd), pass_fds=(fd,)) == "persistent"
+        finally:
+            os.close(fd)
+    finally:
+        assert api.delete(f"/hostgroup/sbx/nodes/{vm}").status_code == 200
+    assert not _link_exists(tap), f"{tap} outlived its VM"
+    out = _as_uid(uid, VMM_GID, "attach", tap)
+    assert out.startswith("refused"), out
+    assert not _link_exists(tap)

@@ -79,6 +79,7 @@ class Reconciler:
         for hostname, pid in running.items():
             if await self._adopt(records[hostname], pid):
                 adopted.add(hostname)
+        await self.net.remove_stale_taps()
         for rec in records.values():
             group = self.config.group(rec.hostgroup)
             if rec.kind == "service" and (group is None or host_index(rec.hostname) > group.count):

@@ -226,11 +226,14 @@ class Templates:
         building.mkdir(parents=True)
         log.info("host group %s: building its template for %d vCPU / %d MiB (a cold boot, then a save)",
                  group.name, spec.cpus, spec.ram_bytes >> 20)
-        spec.net = await self.net.group(group.name).template_device(spec.name, spec.run_dir)
+        gnet = self.net.group(group.name)
+        spec.net = await gnet.template_device(spec.name, spec.run_dir)
         try:
             vm = await self.driver.start(spec)
-        finally:
-            spec.net.close()
+        except BaseException:
+            await gnet.release(spec.net)
+            raise
+        spec.net.close()
         node = Node(NodeRecord(spec.name, group.name, "sandbox", spec.ip_cidr.split("/")[0], spec.cpus,
                                spec.ram_bytes, False, now_rfc3339(), str(spec.disk)), spec.run_dir)
         node.attach(vm)
@@ -246,6 +249,7 @@ class Templates:
         finally:
             if vm.state != VMState.STOPPED:
                 await vm.kill()
+            await gnet.release(spec.net)
             if node.agent is not None:
                 with contextlib.suppress(Exception):
                     await node.agent.aclose()
@@ -286,13 +290,16 @@ class Templates:
             spec.net = await gnet.template_device(spec.name, spec.run_dir)
             try:
                 vm = await self.driver.start(spec, restore_from=full)
-            finally:
-                spec.net.close()
+            except BaseException:
+                await gnet.release(spec.net)
+                raise
+            spec.net.close()
             try:
                 await vm.save(building / "state")  # device state only: the RAM stays in the file
             finally:
                 if vm.state != VMState.STOPPED:
                     await vm.kill()
+                await gnet.release(spec.net)
                 shutil.rmtree(spec.run_dir, ignore_errors=True)
             full.unlink()
             spec.disk.unlink(missing_ok=True)

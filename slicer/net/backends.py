@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from slicer.net.addressing import Addressing
 from slicer.net.firewall import IsolatedGroup, guard, isolated_elements, port_elements, vm_policy_elements
 from slicer.net.system import NetworkError, ifname, ip_batch, link_exists, netns_sysctls, nft, run, sysctl
-from slicer.net.tap import open_tap
+from slicer.net.tap import delete_tap, open_tap
 from slicer.vmm.base import NetDevice
 
 if TYPE_CHECKING:
@@ -96,8 +96,20 @@ class GroupNetwork(abc.ABC):
         return NetDevice(self.device_kind, fd=-1)
 
     async def template_device(self, name: str, run_dir: Path) -> NetDevice:
-        """A NIC connected to nothing, for a template VM: its clones get their own links."""
-        return NetDevice("tap", fd=open_tap(ifname("x" + self.host.tag, name)))
+        """A NIC connected to nothing, for a template VM: its clones get their own links.
+        :meth:`release` it once that VM has ended."""
+        tap = ifname(self.host.template_tap_prefix, name)
+        try:
+            fd = open_tap(tap)
+        except OSError as e:
+            raise NetworkError(f"cannot create TAP {tap}: {e}") from e
+        return NetDevice("tap", fd=fd, name=tap)
+
+    async def release(self, dev: NetDevice) -> None:
+        """After the VM of a :meth:`template_device`: its TAP goes, whatever its VMM made of it."""
+        dev.close()
+        if dev.kind == "tap" and dev.name:
+            await delete_tap(dev.name)
 
     def describe(self) -> dict:
         return {"mode": self.mode, **self.addressing.describe()}
@@ -169,7 +181,9 @@ class BridgeNetwork(GroupNetwork):
 
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
         tap = self.taps.pop(name, None)
-        if tap is not None:  # the TAP itself goes with the last descriptor (QEMU's)
+        if tap is not None:
+            # Deleted, not left to go with QEMU's descriptor: QEMU may have made it persistent.
+            await delete_tap(tap)
             mac = self.addressing.guest(ip).mac
             table = self.host.table
             await nft(port_elements(table, tap, mac, ip) + port_elements(table, tap, mac, ip, "delete"))
@@ -211,7 +225,7 @@ class IsolatedNetwork(GroupNetwork):
     async def attach(self, name: str, ip: str, run_dir: Path, policy: Policy | None = None) -> NetDevice:
         await self.detach(name, ip, run_dir)
         ns, veth, guest = self.netns(name), self.veth(name), self.addressing.guest(ip)
-        staging = ifname(f"t{self.host.tag}-", name)  # the TAP's name until it is in its namespace
+        staging = ifname(self.host.staging_tap_prefix, name)  # the TAP's name until it is in its namespace
         await run("ip", "netns", "add", ns)
         fd = -1
         try:

@@ -17,6 +17,7 @@ from slicer.net.addressing import Addressing
 from slicer.net.backends import BridgeNetwork, GroupNetwork, IsolatedNetwork, PasstNetwork
 from slicer.net.firewall import ruleset
 from slicer.net.system import NetworkError, has_net_admin, host_networks, netns_names, nft, run, sysctl
+from slicer.net.tap import delete_tap, tap_names
 
 if TYPE_CHECKING:
     from slicer.core.config import HostGroup
@@ -36,6 +37,8 @@ class HostNetwork:
         self.tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:4]
         self.table = f"slicer_{self.tag}"
         self.veth_prefix = f"s{self.tag}-"  # the host's end of every isolated VM's veth pair
+        self.template_tap_prefix = f"x{self.tag}"  # template VMs' TAPs, connected to nothing
+        self.staging_tap_prefix = f"t{self.tag}-"  # an isolated VM's TAP before it is in its namespace
         self._record = data_dir / "run" / "network.json"
         self._procs: set[asyncio.subprocess.Process] = set()
         admin = has_net_admin()
@@ -139,6 +142,19 @@ class HostNetwork:
         for proc in list(self._procs):
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
+
+    async def remove_stale_taps(self) -> list[str]:
+        """Delete the TAPs of this data directory that no VM of ours holds (after adoption): a
+        VMM may have made its TAP persistent before it ended while no daemon ran."""
+        held = {tap for g in self.groups.values() if isinstance(g, BridgeNetwork) for tap in g.taps.values()}
+        prefixes = (self.template_tap_prefix, self.staging_tap_prefix,
+                    *(g.tap_prefix for g in self.groups.values() if isinstance(g, BridgeNetwork)
+                      and g.tap_prefix.startswith(f"st{self.tag}")))  # never another program's (a custom prefix)
+        stale = [t for t in await tap_names() if t.startswith(prefixes) and t not in held]
+        for tap in stale:
+            log.warning("removing TAP %s: left behind by a VM that ended while no daemon ran", tap)
+            await delete_tap(tap)
+        return stale
 
     async def _remove_namespaces(self, keep: Collection[str] = ()) -> None:
         prefix = f"slicer-{self.tag}-"

@@ -63,6 +63,7 @@ class NetDevice:
     kind: str
     fd: int | None = None
     pid: int | None = None  # the user-space network's process, if any
+    name: str | None = None  # the host's device (a TAP), if the network layer must remove it
 
     def close(self) -> None:
         """Drop the daemon's descriptor once the VMM has its own."""
