@@ -116,7 +116,8 @@ def run_daemon(config: Config, data_dir: Path) -> None:
     jailer = make_jailer(config, data_dir)
     images = BootImages(image, ImageStore.of(data_dir), config)
     images.resolve_groups()  # pulls what is not cached yet; a group whose image fails is marked so
-    manager = Manager(config, data_dir, QemuDriver(accel, jailer=jailer), images)
+    driver = QemuDriver(accel, jailer=jailer, legacy_roots=(data_dir, (data_dir / "images").resolve()))
+    manager = Manager(config, data_dir, driver, images)
     api = config.api
     uds = api.unix_socket
     token = ensure_token(data_dir) if api.auth.enabled and not uds else None

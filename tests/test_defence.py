@@ -3,6 +3,7 @@ and checks it fails with nothing changed on the host."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -213,3 +214,38 @@ def test_a_persistent_tap_does_not_outlive_its_vm(api, daemon):
     out = _as_uid(uid, VMM_GID, "attach", tap)
     assert out.startswith("refused"), out
     assert not _link_exists(tap)
+
+
+def test_a_disk_header_does_not_steer_the_daemon(api, daemon, tmp_path):
+    """With a persistent VM stopped, its overlay's header is rewritten to name a host file as its
+    backing (what an escaped QEMU can do to the disk it holds open): relaunch refuses with a
+    clear error, and the host file's owner and mode are untouched."""
+    victim = tmp_path / "host-secret"
+    victim.write_text("root only\n")
+    victim.chmod(0o600)
+    before = victim.stat()
+    r = api.post("/hostgroup/sbx/nodes", json={"persistent": True}, params={"wait": "agent", "timeout": "4m"})
+    assert r.status_code == 201, r.text
+    vm = r.json()["hostname"]
+    try:
+        disk = api.get(f"/vm/{vm}").json()
+        r = api.post(f"/vm/{vm}/shutdown", params={"action": "shutdown"})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 120
+        while api.get(f"/vm/{vm}").json()["status"] != "Stopped" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        disk = next((daemon.data_dir / "disks").glob(f"{vm}.qcow2"))
+        subprocess.run(["qemu-img", "rebase", "-u", "-b", str(victim), "-F", "raw", str(disk)], check=True)
+        r = api.post(f"/vm/{vm}/relaunch", params={"wait": "agent", "timeout": "2m"})
+        assert r.status_code == 409 and r.json()["code"] == "disk_tampered", r.text
+        assert str(victim) in r.json()["error"] and "changed outside the daemon" in r.json()["error"]
+        after = victim.stat()
+        assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+        assert api.get(f"/vm/{vm}").json()["status"] == "Stopped"
+        # put back as the daemon made it, it boots again
+        base = json.loads((disk.parent / (disk.name + ".backing")).read_text())
+        subprocess.run(["qemu-img", "rebase", "-u", "-b", base["path"], "-F", base["format"], str(disk)], check=True)
+        r = api.post(f"/vm/{vm}/relaunch", params={"wait": "agent", "timeout": "4m"})
+        assert r.status_code == 200, r.text
+    finally:
+        api.delete(f"/hostgroup/sbx/nodes/{vm}")

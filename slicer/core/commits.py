@@ -28,7 +28,7 @@ from slicer.core.actions import NodeAction
 from slicer.core.errors import BadRequest, Conflict, NotFound, SlicerError
 from slicer.core.state import CommitRecord, now_rfc3339
 from slicer.vmm.base import VMMError
-from slicer.vmm.disks import backing_chain, chain_paths, create_overlay, rebase
+from slicer.vmm.disks import chain_paths, copy_record, create_overlay, move_disk, rebase, recorded_chain
 
 if TYPE_CHECKING:
     from slicer.core.config import Config, HostGroup
@@ -59,6 +59,11 @@ class CommitActions:
     def group(self, name: str) -> HostGroup: ...
     async def create(self, group_name: str, *, cpus: int | None, ram_bytes: int | None, persistent: bool,
                      hostname: str | None, ip: str | None, spec: dict, wait: str | None, timeout: float) -> Node: ...
+
+    @property
+    def layer_roots(self) -> tuple[Path, ...]:
+        """Where disks made before backing records may have their backing files (the driver's)."""
+        return getattr(self.driver, "legacy_roots", ())
 
     @property
     def commits_dir(self) -> Path:
@@ -95,6 +100,7 @@ class CommitActions:
             part.mkdir(parents=True)
             try:
                 os.link(disk, part / "disk.qcow2")  # the same blocks under a second name: no copy
+                copy_record(disk, part / "disk.qcow2")
                 part.rename(final)
                 self.store.put_commit(commit)
             except BaseException:
@@ -122,7 +128,7 @@ class CommitActions:
         except VMMError as e:
             new.unlink(missing_ok=True)
             raise SlicerError(f"commit {commit_id}: {e}", "commit_failed") from e
-        os.replace(new, disk)
+        move_disk(new, disk)
         frozen = self.commit_disk(commit_id)
         if os.geteuid() == 0:
             os.chown(frozen, 0, 0)  # it belonged to the VMM that wrote it; now nobody may write it
@@ -146,23 +152,26 @@ class CommitActions:
         disk = self.commit_disk(commit_id).resolve()
         users, kept = [], []
         for node in self.nodes.values():
-            if Path(node.record.disk).exists() and disk in await chain_paths(Path(node.record.disk)):
+            node_disk = Path(node.record.disk)
+            if node_disk.exists() and disk in await chain_paths(node_disk, self.layer_roots):
                 users.append(node.hostname)
         for other in self.store.commits():
-            if other.commit_id != commit_id and disk in await chain_paths(self.commit_disk(other.commit_id)):
+            if other.commit_id != commit_id and disk in await chain_paths(
+                    self.commit_disk(other.commit_id), self.layer_roots):
                 users.append(f"commit {other.commit_id}")
         if users:
             raise Conflict(f"commit {commit_id} is the parent of {', '.join(users)}: delete those first",
                            "commit_in_use")
         used = {Path(n.record.disk) for n in self.nodes.values()}
         for kept_disk in sorted((self.data_dir / "disks").glob("*.qcow2")):
-            if kept_disk not in used and disk in await chain_paths(kept_disk):
+            if kept_disk not in used and disk in await chain_paths(kept_disk, self.layer_roots):
                 kept.append(kept_disk)
-        below = (await backing_chain(disk))[1]  # what the commit itself sits on
+        await chain_paths(disk, self.layer_roots)  # a commit made before records gets one
+        below = recorded_chain(disk)[1]  # what the commit itself sits on
         for kept_disk in kept:  # a deleted VM's disk we keep: its blocks from the commit are copied in
             log.info("commit %s: rebasing the kept disk %s before removing it", commit_id, kept_disk.name)
             try:
-                await rebase(kept_disk, below.path, below.format)
+                await rebase(kept_disk, below.path, below.format, self.layer_roots)
             except VMMError as e:
                 raise SlicerError(f"commit {commit_id}: rebasing {kept_disk} failed: {e}", "commit_failed") from e
         self.store.delete_commit(commit.commit_id)

@@ -49,6 +49,7 @@ from slicer.core.state import NodeRecord, StateStore, now_rfc3339
 from slicer.core.templates import Template, Templates
 from slicer.net import HostNetwork, NetworkError
 from slicer.vmm.base import Driver, VMMError, VMState, VMStateError
+from slicer.vmm.disks import TamperedDisk, remove_disk
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
         persistent = group.service_persistent
         disk = self.persistent_disk(hostname) if persistent else self.run_dir(hostname) / "disk.qcow2"
         if not persistent:
-            disk.unlink(missing_ok=True)
+            remove_disk(disk)
         used = self._used_ips()
         addressing = self.net.group(group.name).addressing
         ip = addressing.service_address(host_index(hostname))
@@ -311,7 +312,7 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
                 hostname=hostname, hostgroup=group.name, kind="sandbox", ip=addr, cpus=cpus,
                 ram_bytes=ram, persistent=persistent, created_at=now_rfc3339(), disk=str(disk), spec=spec,
             )
-            disk.unlink(missing_ok=True)  # a leftover with no record is not anyone's disk
+            remove_disk(disk)  # a leftover with no record is not anyone's disk
             node = Node(rec, self.run_dir(hostname))
             self.store.put(rec)  # first: a record that cannot be written (a full disk) leaves no node
             self.nodes[hostname] = node
@@ -434,13 +435,15 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
             await gnet.detach(rec.hostname, rec.ip, node.run_dir)
             if not isinstance(e, VMMError):
                 raise
+            if isinstance(e, TamperedDisk):
+                raise Conflict(f"{rec.hostname}: {e}", "disk_tampered") from e
             if restore_from is not None:
                 telemetry.RESTORES.labels(rec.hostgroup, boot, "failed").inc()
             if template is None:
                 raise SlicerError(f"{rec.hostname}: could not start the VM: {e}", "vm_start_failed") from e
             self.templates.retire(template, f"restoring {rec.hostname} failed: {e}")
             log.warning("%s: restore from template %s failed (%s); booting cold", rec.hostname, template.name, e)
-            Path(rec.disk).unlink(missing_ok=True)
+            remove_disk(Path(rec.disk))
             spec.serial_log.unlink(missing_ok=True)
             rec.template = ""
             self.store.put(rec)
@@ -587,7 +590,7 @@ class Manager(Reconciler, SnapshotActions, CommitActions, ForkActions):
 
     def _remove_files(self, rec: NodeRecord, disk: bool) -> None:
         if disk:
-            Path(rec.disk).unlink(missing_ok=True)
+            remove_disk(Path(rec.disk))
         self.state_file(rec.hostname).unlink(missing_ok=True)
         shutil.rmtree(self.run_dir(rec.hostname), ignore_errors=True)
 

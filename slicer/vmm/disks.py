@@ -1,46 +1,191 @@
-"""qcow2 layers on the host: overlays, rebases and backing chains (``qemu-img``)."""
+"""qcow2 layers on the host: overlays, rebases and backing chains (``qemu-img``).
+
+A qcow2 names its backing file in its own header, and the VMM writing the file can rewrite that
+header (an escaped QEMU holds its disk open read-write). So the daemon never takes a chain from
+the headers: beside every overlay it makes it writes a record of what it put below it
+(``<disk>.backing``, 0600, in directories no VMM can write), and :func:`verified_chain` walks
+those records, checking each header against them; a mismatch is refused before any privileged
+step (chown, chmod, qemu-img on the chain) touches a file the header names.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import os
 from pathlib import Path
 
 from slicer.vmm.base import VMMError
-from slicer.vmm.handoff import Layer, backing_chain
+from slicer.vmm.handoff import Layer
 
-__all__ = ["Layer", "backing_chain", "chain_paths", "copy_disk", "create_overlay", "rebase"]
+__all__ = ["Layer", "chain_paths", "copy_disk", "create_overlay", "move_disk", "rebase", "recorded_chain",
+           "remove_disk", "verified_chain"]
+
+log = logging.getLogger(__name__)
+MAX_DEPTH = 16  # image, template, commits of commits...
 
 
-async def _run(*argv: str) -> None:
+class TamperedDisk(VMMError):
+    """A disk's header does not name the backing file the daemon made it on."""
+
+
+async def _run(*argv: str) -> bytes:
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await proc.communicate()
+    out, err = await proc.communicate()
     if proc.returncode:
         raise VMMError(f"{argv[0]} {argv[1]} failed: {err.decode(errors='replace').strip()}")
+    return out
 
 
-async def _qemu_img(*args: str) -> None:
-    await _run("qemu-img", *args)
+async def _qemu_img(*args: str) -> bytes:
+    return await _run("qemu-img", *args)
 
 
+# -- the daemon's records ----------------------------------------------------------------------
+def _record_path(disk: Path) -> Path:
+    return disk.with_name(disk.name + ".backing")
+
+
+def record_backing(disk: Path, backing: Path | None, fmt: str = "qcow2") -> None:
+    """Write down (atomically, 0600) that ``disk`` was made on ``backing`` (None: on nothing)."""
+    data = json.dumps({"path": str(backing) if backing is not None else None, "format": fmt})
+    rec = _record_path(disk)
+    tmp = rec.with_name(rec.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+    os.replace(tmp, rec)
+
+
+def recorded_backing(disk: Path) -> tuple[Path | None, str] | None:
+    """What the daemon made ``disk`` on: (path or None, its format); None if it has no record."""
+    try:
+        data = json.loads(_record_path(disk).read_text())
+        return (Path(data["path"]) if data["path"] else None), str(data["format"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VMMError(f"{disk}: its backing record is unreadable ({e})") from e
+
+
+def recorded_chain(disk: Path) -> list[Layer]:
+    """``disk`` and what lies below it, from the daemon's records alone (no header is read)."""
+    chain = [Layer(disk, "qcow2")]
+    while len(chain) <= MAX_DEPTH:
+        below = recorded_backing(chain[-1].path)
+        if below is None or below[0] is None:
+            return chain
+        chain.append(Layer(below[0], below[1]))
+        if below[1] != "qcow2":
+            return chain
+    raise VMMError(f"{disk}: its backing chain is deeper than {MAX_DEPTH}")
+
+
+async def _header(path: Path) -> dict:
+    """One qcow2's own header (``qemu-img info`` without the chain opens no backing file)."""
+    try:
+        info = json.loads(await _qemu_img("info", "-U", "--output=json", str(path)))
+        return info if isinstance(info, dict) else {}
+    except ValueError as e:
+        raise VMMError(f"qemu-img info {path}: unexpected answer ({e})") from e
+
+
+async def _legacy_backing(path: Path, header: dict, roots: tuple[Path, ...]) -> tuple[Path | None, str]:
+    """A disk made before the daemon kept records: its header is believed once, only if it names
+    a file inside the daemon's own directories, and the record is written from then on."""
+    name = header.get("full-backing-filename") or header.get("backing-filename")
+    backing = Path(name).resolve() if name else None
+    if backing is not None and not any(backing.is_relative_to(r.resolve()) for r in roots):
+        raise TamperedDisk(f"{path} has no backing record and its header names {backing}, outside the daemon's "
+                           "directories: refusing it (restore the disk or remove it)")
+    fmt = header.get("backing-filename-format") or "qcow2"
+    log.warning("%s: no backing record (made by an older daemon); recording %s", path, backing)
+    record_backing(path, backing, fmt)
+    return backing, fmt
+
+
+async def verified_chain(disk: Path, legacy_roots: tuple[Path, ...] = ()) -> list[Layer]:
+    """``disk`` and its backing chain as the daemon's records say, each qcow2 header checked
+    against them (format and backing file): :class:`TamperedDisk` on any mismatch."""
+    chain = [Layer(disk, "qcow2")]
+    while True:
+        layer = chain[-1]
+        header = await _header(layer.path)
+        if header.get("format") != layer.format:
+            raise TamperedDisk(f"{layer.path} is not a {layer.format} image any more (its header says "
+                               f"{str(header.get('format'))[:40]!r}): refusing to use it")
+        if layer.format != "qcow2":
+            return chain
+        expected = recorded_backing(layer.path)
+        if expected is None:
+            expected = await _legacy_backing(layer.path, header, legacy_roots)
+        named = header.get("full-backing-filename") or header.get("backing-filename")
+        actual = Path(named).resolve() if named else None
+        if actual != (expected[0].resolve() if expected[0] is not None else None) or (
+                named and (header.get("backing-filename-format") or expected[1]) != expected[1]):
+            raise TamperedDisk(f"{layer.path}: its header names {str(actual)[:300]!r} as its backing file, but the "
+                               f"daemon made it on {expected[0]}: the file was changed outside the daemon; "
+                               "refusing to use it")
+        if expected[0] is None:
+            return chain
+        if len(chain) > MAX_DEPTH:
+            raise TamperedDisk(f"{disk}: its backing chain is deeper than {MAX_DEPTH}")
+        chain.append(Layer(expected[0], expected[1]))
+
+
+# -- making and changing layers ----------------------------------------------------------------
 async def create_overlay(path: Path, backing: Path, backing_format: str = "qcow2", size: int | None = None) -> None:
     """An empty qcow2 at ``path`` whose reads fall through to ``backing`` (its size, or ``size``)."""
+    record_backing(path, backing, backing_format)
     await _qemu_img("create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_format, str(path),
                     *([str(size)] if size is not None else []))
 
 
 async def copy_disk(src: Path, dst: Path) -> None:
-    """A copy of a qcow2 overlay (sparse; shared extents where the filesystem can)."""
+    """A copy of a qcow2 overlay (sparse; shared extents where the filesystem can), with its record."""
+    copy_record(src, dst)
     await _run("cp", "--reflink=auto", "--sparse=always", str(src), str(dst))
 
 
-async def rebase(path: Path, backing: Path, backing_format: str) -> None:
+def copy_record(src: Path, dst: Path) -> None:
+    """``dst`` is (or will be) the same layer as ``src`` (a copy or a hard link)."""
+    below = recorded_backing(src)
+    if below is not None:
+        record_backing(dst, below[0], below[1])
+
+
+def move_disk(src: Path, dst: Path) -> None:
+    """Rename a layer over another; the record first (a crash between leaves the old file under a
+    record for the new one, which a start that finishes the move expects)."""
+    below = recorded_backing(src)
+    if below is not None:
+        record_backing(dst, below[0], below[1])
+    os.replace(src, dst)
+    _record_path(src).unlink(missing_ok=True)
+
+
+def remove_disk(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _record_path(path).unlink(missing_ok=True)
+
+
+async def rebase(path: Path, backing: Path, backing_format: str, legacy_roots: tuple[Path, ...] = ()) -> None:
     """Make ``backing`` the backing file of ``path``, copying into it every cluster that reads
-    differently (safe mode): ``path`` reads the same afterwards."""
+    differently (safe mode): ``path`` reads the same afterwards. Its header is checked first:
+    qemu-img runs as root and reads the old chain the header names."""
+    await verified_chain(path, legacy_roots)
     await _qemu_img("rebase", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_format, str(path))
+    record_backing(path, backing, backing_format)
 
 
-async def chain_paths(path: Path) -> list[Path]:
-    """The files ``path`` reads through, itself first, resolved."""
-    return [layer.path.resolve() for layer in await backing_chain(path)]
+async def chain_paths(path: Path, legacy_roots: tuple[Path, ...] = ()) -> list[Path]:
+    """The files ``path`` reads through, itself first, resolved: its verified chain, or for a
+    disk whose header was changed, what the daemon's records say it was made on."""
+    try:
+        chain = await verified_chain(path, legacy_roots)
+    except TamperedDisk:
+        chain = recorded_chain(path)
+    return [layer.path.resolve() for layer in chain]

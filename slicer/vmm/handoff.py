@@ -7,9 +7,7 @@ because a qcow2 overlay names its backing file by path, which QEMU could not ope
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import os
 import socket
 from dataclasses import dataclass, field
@@ -112,18 +110,3 @@ def open_handoff(spec: VMSpec, chain: list[Layer], jail: Jail | None, sealed: Se
         h.close()
         raise
     return h
-
-
-async def backing_chain(path: Path) -> list[Layer]:
-    """``path`` and the files below it, as ``qemu-img`` reads them from the headers."""
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "info", "--backing-chain", "-U", "--output=json", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    if proc.returncode:
-        raise VMMError(f"qemu-img info {path} failed: {err.decode(errors='replace').strip()}")
-    try:
-        return [Layer(Path(image["filename"]), image["format"]) for image in json.loads(out)]
-    except (ValueError, KeyError, TypeError) as e:
-        raise VMMError(f"qemu-img info {path}: unexpected answer ({e})") from e

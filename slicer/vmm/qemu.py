@@ -30,8 +30,8 @@ from slicer.channel.yamux import PORT_NAME
 from slicer.vmm.accel import qemu_version, tsc_khz
 from slicer.vmm.adopted import RUN_DIR_ENV, AdoptedProcess, running_vmm
 from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState, VMStateError
-from slicer.vmm.disks import create_overlay
-from slicer.vmm.handoff import Handoff, Layer, backing_chain, open_handoff, placeholder
+from slicer.vmm.disks import create_overlay, verified_chain
+from slicer.vmm.handoff import Handoff, Layer, open_handoff, placeholder
 from slicer.vmm.jail import SANDBOX, Jail, Jailer, SealedFiles, guest_memory_charge, release
 
 log = logging.getLogger(__name__)
@@ -388,10 +388,13 @@ def _chardev(name: str, fd: int, wait: bool = False) -> str:
 class QemuDriver(Driver):
     name = "qemu"
 
-    def __init__(self, accelerator: str, binary: str = QEMU_BINARY, jailer: Jailer | None = None) -> None:
+    def __init__(self, accelerator: str, binary: str = QEMU_BINARY, jailer: Jailer | None = None,
+                 legacy_roots: tuple[Path, ...] = ()) -> None:
         if shutil.which(binary) is None:
             raise VMMError(f"{binary} not found: install Debian's qemu-system-x86")
         self.binary = binary
+        # Where a disk made before the daemon kept backing records may have its backing file.
+        self.legacy_roots = legacy_roots
         self.accelerator = accelerator
         self.jailer = jailer
         self.sealed = SealedFiles()
@@ -478,20 +481,23 @@ class QemuDriver(Driver):
         await create_overlay(spec.disk, spec.base_disk, spec.base_format, spec.disk_size)
 
     async def _lower(self, path: Path, fmt: str) -> list[Layer]:
-        """The chain below a new overlay: a base image or a frozen template disk (immutable,
-        so read once per file)."""
+        """The chain below a new overlay: a base image or a frozen template or commit disk
+        (immutable: verified once per file)."""
         if fmt == "raw":
             return [Layer(path, fmt)]
         key = (path, path.stat().st_mtime_ns)
         if key not in self._chains:
-            self._chains[key] = [(layer.path, layer.format) for layer in await backing_chain(path)]
+            chain = await verified_chain(path, self.legacy_roots)
+            self._chains[key] = [(layer.path, layer.format) for layer in chain]
         return [Layer(p, f) for p, f in self._chains[key]]
 
     async def _chain(self, spec: VMSpec) -> list[Layer]:
+        """The VM's disk and the layers below it, as the daemon made them: an existing disk's
+        header is checked against the daemon's record (its VMM could write it)."""
         if not spec.disk.exists():
             await self.create_disk(spec)
             return [Layer(spec.disk, "qcow2"), *await self._lower(spec.base_disk, spec.base_format)]
-        return await backing_chain(spec.disk)  # an existing disk: its own chain, whatever made it
+        return await verified_chain(spec.disk, self.legacy_roots)
 
     async def start(self, spec: VMSpec, restore_from: Path | None = None) -> QemuVM:
         spec.run_dir.mkdir(parents=True, exist_ok=True)
