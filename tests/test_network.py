@@ -24,11 +24,12 @@ import pytest
 from tests.conftest import Daemon
 
 UP_A, UP_B, HOST_UP = "198.51.100.10", "198.51.100.11", "198.51.100.1"
+METADATA = "169.254.169.254"  # a cloud's instance metadata, served here by the upstream namespace
 
 GROUPS = [  # (name, boot, network): every group small, DNS at the test's upstream
     ("br", "snapshot", "{}"),
     ("iso", "snapshot", "{mode: isolated, drop: [198.51.100.11/32]}"),
-    ("isoa", "cold", "{mode: isolated, allow: [198.51.100.11/32]}"),
+    ("isoa", "cold", f"{{mode: isolated, allow: [198.51.100.11/32, {METADATA}/32]}}"),
     ("pst", "cold", "{mode: passt}"),
 ]
 CONFIG = "config:\n  host_groups:\n" + "".join(
@@ -52,10 +53,12 @@ class Upstream:
         sh("ip", "link", "add", "sltup0", "type", "veth", "peer", "name", "eth0", "netns", self.ns)
         sh("ip", "addr", "add", f"{HOST_UP}/24", "dev", "sltup0")
         sh("ip", "link", "set", "sltup0", "up")
-        for cmd in (f"addr add {UP_A}/24 dev eth0", f"addr add {UP_B}/24 dev eth0", "link set eth0 up",
+        for cmd in (f"addr add {UP_A}/24 dev eth0", f"addr add {UP_B}/24 dev eth0", f"addr add {METADATA}/32 dev eth0",
+                    "link set eth0 up",
                     "link set lo up", f"route add default via {HOST_UP}"):
             sh("ip", "-n", self.ns, *cmd.split())
         sh("ip", "route", "replace", "default", "via", UP_A)  # passt needs a default route to pick its interface
+        sh("ip", "route", "replace", f"{METADATA}/32", "via", UP_A)  # as a cloud host routes it
         ns_exec = ["ip", "netns", "exec", self.ns]
         self.http_log = open(self.dir / "http.log", "wb")
         self.procs = [
@@ -75,6 +78,7 @@ class Upstream:
             p.kill()
             p.wait()
         sh("ip", "route", "del", "default", check=False)
+        sh("ip", "route", "del", f"{METADATA}/32", check=False)
         sh("ip", "netns", "del", self.ns, check=False)
         self.http_log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -155,7 +159,8 @@ def test_bridge_vms_reach_each_other_the_host_and_the_outside(net, vms):
     d, up, host = net
     (b1, b2) = vms["br"]
     assert "SSH-2.0" in probe(d, b1["hostname"], b2["ip"], 22)  # VM to VM
-    assert "host-ok" in probe(d, b1["hostname"], HOST_UP, host.port)  # the host, on its own address
+    gw = guest(d, b1["hostname"], "ip route show default").split()[2]
+    assert "host-ok" in probe(d, b1["hostname"], gw, host.port)  # the host, at the group's gateway
     assert "upstream-ok" in probe(d, b1["hostname"], UP_A, 80)  # egress through NAT
     assert f"{HOST_UP} " in up.clients() and b1["ip"] not in up.clients()  # masqueraded
     with socket.create_connection((b2["ip"], 22), timeout=10) as s:  # host to VM, at the ip /nodes reports
@@ -174,6 +179,18 @@ def test_no_guest_reaches_host_loopback_services(net, vms):
         for target in (gw, "127.0.0.1", HOST_UP):
             answer = probe(d, vm, target, d.port)
             assert "closed" in answer and "status" not in answer, (group, target, answer)
+
+
+def test_no_guest_reaches_cloud_metadata_or_the_hosts_other_addresses(net, vms):
+    """169.254.169.254 (on a cloud host: the instance's credentials) and the host's addresses but
+    the gateway are closed in every mode; an isolated group's ``allow`` can open the former."""
+    d, up, host = net
+    for group in ("br", "iso", "pst"):
+        vm = vms[group][0]["hostname"]
+        assert probe(d, vm, METADATA, 80) == "closed", group
+        assert probe(d, vm, HOST_UP, host.port) == "closed", group  # the host, on an address of its own
+        assert "upstream-ok" in probe(d, vm, UP_A, 80), group  # egress itself still works
+    assert "upstream-ok" in probe(d, vms["isoa"][0]["hostname"], METADATA, 80)  # allow opens it
 
 
 def test_isolated_vms_reach_only_what_they_may(net, vms):
@@ -298,7 +315,9 @@ def test_restart_after_sigkill_adopts_every_vm_and_stop_removes_everything(net, 
     # Every mode's link works as before, its rules included.
     (b1, b2), (i1, _), (a1,), (p1,) = vms["br"], vms["iso"], vms["isoa"], vms["pst"]
     assert "SSH-2.0" in probe(d, b1["hostname"], b2["ip"], 22)
-    assert "host-ok" in probe(d, b1["hostname"], HOST_UP, host.port)
+    gw = guest(d, b1["hostname"], "ip route show default").split()[2]
+    assert "host-ok" in probe(d, b1["hostname"], gw, host.port)
+    assert probe(d, b1["hostname"], METADATA, 80) == "closed"
     assert "upstream-ok" in probe(d, i1["hostname"], UP_A, 80)
     assert probe(d, i1["hostname"], UP_B, 80) == "closed"
     assert probe(d, a1["hostname"], UP_A, 80) == "closed" and "upstream-ok" in probe(d, a1["hostname"], UP_B, 80)

@@ -286,6 +286,7 @@ class PasstNetwork(GroupNetwork):
         dns = [a for d in self.group.dns_servers for a in ("--dns", d)] or ["--dns", ""]
         argv = ["passt", "--foreground", "--ipv4-only", "--quiet", "--no-map-gw",
                 "--tcp-ports", "none", "--udp-ports", "none", "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra",
+                *(["--runas", f"{self.host.helper_uid}:{self.host.helper_uid}"] if self.host.helper_uid else []),
                 "--fd", str(theirs.fileno()), "--address", ip,
                 "--netmask", str(self.addressing.network.prefixlen), "--gateway", gateway, *dns]
         try:

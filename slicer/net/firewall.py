@@ -8,7 +8,12 @@ Python's ``python3-nftables`` matching the interpreter it runs on.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
+
+# Link-local: a cloud's instance metadata (169.254.169.254: the instance's credentials), ECS task
+# metadata, Azure's wire server. Closed to guests by default in every mode; ``allow`` opens it.
+LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
 
 
 @dataclass
@@ -32,10 +37,17 @@ def _elements(values: list[str], quote: bool = False) -> str:
 
 
 def ruleset(table: str, bridges: list[str], bridge_nets: list[str], isolated: list[IsolatedGroup],
-            veth_prefix: str = "") -> str:
+            veth_prefix: str = "", gateways: list[tuple[str, str]] = (), helper_uid: int | None = None) -> str:
     """The daemon's whole ruleset, replacing any earlier one of the same name. ``veth_prefix``
     names every isolated VM's veth: one not (yet) in the sets, such as a running VM's just after a
-    restart until it is adopted again, gets nothing through."""
+    restart until it is adopted again, gets nothing through. ``gateways``: (bridge, address) a
+    bridge group's VMs may reach the host at (no other address of the host's); ``helper_uid``:
+    the uid passt runs as, whose connections may not reach the host or link-local addresses."""
+    gw = ", ".join(f'"{b}" . {a}' for b, a in gateways)
+    passt = (f"  chain output {{\n    type filter hook output priority -10; policy accept;\n"
+             f"    # passt connects for its guests: never to the host itself (every local address is on lo)\n"
+             f'    meta skuid {helper_uid} oifname "lo" drop\n'
+             f"    meta skuid {helper_uid} ip daddr {LINK_LOCAL} drop\n  }}\n") if helper_uid is not None else ""
     unknown = f'"{veth_prefix}*"'
     unknown_in = f"    iifname {unknown} drop\n" if veth_prefix else ""
     unknown_fwd = (f"    iifname {unknown} iifname != @isolated drop\n"
@@ -67,6 +79,7 @@ table bridge {table} {{
 table inet {table} {{
   set bridges {{ type ifname;{_elements(bridges, quote=True)} }}
   set bridge_nets {{ type ipv4_addr; flags interval;{_elements(bridge_nets)} }}
+  set bridge_gateways {{ type ifname . ipv4_addr;{f" elements = {{ {gw} }};" if gw else ""} }}
   set isolated {{ type ifname; }}
   set isolated_nets {{ type ipv4_addr; flags interval;{_elements(iso_nets)} }}
 {group_sets}  # A VM with a policy of its own (create/fork ``network``) goes to its chain instead of its group's.
@@ -78,6 +91,11 @@ table inet {table} {{
     iifname @isolated drop
 {unknown_in}    # Never the host's loopback, whatever route_localnet says.
     iifname @bridges ip daddr 127.0.0.0/8 drop
+    # A bridge VM reaches the host at its gateway only, not at the host's other addresses.
+    iifname @bridges ct state established,related accept
+    iifname . ip daddr @bridge_gateways accept
+    iifname @bridges fib daddr type local drop
+    iifname @bridges ip daddr {LINK_LOCAL} drop
   }}
   chain forward {{
     type filter hook forward priority -10; policy accept;
@@ -85,9 +103,10 @@ table inet {table} {{
 {unknown_fwd}    iifname @isolated oifname @isolated drop
     iifname @isolated oifname @bridges drop
     iifname @bridges oifname @isolated drop
+    iifname @bridges ip daddr {LINK_LOCAL} drop
     iifname vmap @vm_policy
 {jumps}  }}
-{chains}  chain postrouting {{
+{chains}{passt}  chain postrouting {{
     type nat hook postrouting priority 100; policy accept;
     ip saddr @bridge_nets ip daddr != @bridge_nets oifname != @bridges masquerade
     ip saddr @isolated_nets ip daddr != @isolated_nets oifname != @isolated masquerade
@@ -107,11 +126,28 @@ def _policy_rules(g: IsolatedGroup) -> str:
     if g.dns:
         servers = ", ".join(g.dns)
         lines += [f"ip daddr {{ {servers} }} udp dport 53 accept", f"ip daddr {{ {servers} }} tcp dport 53 accept"]
+    opened = _link_local_opened(g.allow)
+    if opened is None:
+        lines.append(f"ip daddr {LINK_LOCAL} drop")
+    elif opened:
+        lines.append(f"ip daddr {LINK_LOCAL} ip daddr != {{ {', '.join(opened)} }} drop")
     if g.drop:
         lines.append(f"ip daddr {{ {', '.join(g.drop)} }} drop")
     if g.allow:
         lines.append(f"ip daddr != {{ {', '.join(g.allow)} }} drop")
     return "".join(f"    {line}\n" for line in lines)
+
+
+def _link_local_opened(allow: list[str]) -> list[str] | None:
+    """The parts of link-local space an allow list names (None: none; []: all of it)."""
+    parts = []
+    for entry in allow:
+        net = ipaddress.IPv4Network(entry, strict=False)
+        if net.supernet_of(LINK_LOCAL):
+            return []
+        if net.subnet_of(LINK_LOCAL):
+            parts.append(net)
+    return [str(n) for n in ipaddress.collapse_addresses(parts)] or None
 
 
 def port_elements(table: str, tap: str, mac: str, ip: str, verb: str = "add") -> str:

@@ -8,6 +8,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import shutil
 from collections.abc import Collection
 from pathlib import Path
@@ -18,6 +19,7 @@ from slicer.net.backends import BridgeNetwork, GroupNetwork, IsolatedNetwork, Pa
 from slicer.net.firewall import ruleset
 from slicer.net.system import NetworkError, has_net_admin, host_networks, netns_names, nft, run, sysctl
 from slicer.net.tap import delete_tap, tap_names
+from slicer.vmm.jail import helper_uid
 
 if TYPE_CHECKING:
     from slicer.core.config import HostGroup
@@ -42,6 +44,13 @@ class HostNetwork:
         self._record = data_dir / "run" / "network.json"
         self._procs: set[asyncio.subprocess.Process] = set()
         admin = has_net_admin()
+        # passt runs as a uid of its own when the daemon can filter that uid's connections
+        passt = any((g.network.mode or ("bridge" if admin else "passt")) == "passt" for g in groups)
+        self.helper_uid = helper_uid(self.tag) if passt and admin and os.geteuid() == 0 and shutil.which("nft") \
+            else None
+        if passt and self.helper_uid is None:
+            log.warning("passt groups: without root and nftables, their guests can reach this host's addresses "
+                        "and link-local ones (cloud metadata) through passt")
         self.groups: dict[str, GroupNetwork] = {}
         for g in groups:
             mode = g.network.mode or ("bridge" if admin else "passt")
@@ -60,6 +69,11 @@ class HostNetwork:
     @property
     def _kernel_groups(self) -> list[GroupNetwork]:
         return [g for g in self.groups.values() if g.mode != "passt"]
+
+    @property
+    def _filtered(self) -> bool:
+        """Whether the daemon has rules to load: kernel groups, or passt groups run as root."""
+        return bool(self._kernel_groups) or self.helper_uid is not None
 
     # -- what this daemon made (kept across a crash) ------------------------------------------------
     def _bridges_made(self) -> list[str]:
@@ -119,20 +133,22 @@ class HostNetwork:
                     raise NetworkError(f"host group {g.group.name}: {e}; set network.gateway or range") from e
                 taken.append(g.addressing.network)
             log.info("host group %s: network %s", g.group.name, g.describe())
-        if not self._kernel_groups:
+        if not self._filtered:
             return
-        sysctl("net.ipv4.ip_forward", "1")
+        if self._kernel_groups:
+            sysctl("net.ipv4.ip_forward", "1")
         for g in self._kernel_groups:
             await g.setup()
         iso = [g.firewall for g in self.groups.values() if isinstance(g, IsolatedNetwork)]
         br = [g for g in self.groups.values() if isinstance(g, BridgeNetwork)]
+        gateways = [(g.bridge, str(g.addressing.gateway.ip)) for g in br if g.addressing.gateway is not None]
         await nft(ruleset(self.table, [g.bridge for g in br], [str(g.addressing.network) for g in br], iso,
-                          self.veth_prefix if iso else ""))
+                          self.veth_prefix if iso else "", gateways, self.helper_uid))
 
     async def stop(self) -> None:
         """Remove everything :meth:`start` and the VMs' attaches made; idempotent."""
         await self._remove_namespaces()
-        if self._kernel_groups or self._bridges_made():
+        if self._filtered or self._bridges_made():
             t = self.table
             await nft(f"add table bridge {t}\ndelete table bridge {t}\nadd table inet {t}\ndelete table inet {t}\n",
                       check=False)

@@ -42,6 +42,16 @@ PIDS_MAX = 256  # vCPU threads, the block layer's worker pool (up to 64), RCU, m
 JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; exec "$@"'
 
 
+def _first_uid(tag: str) -> int:
+    return UID_BASE + 1 + (int(tag, 16) % UID_BLOCKS) * UID_BLOCK_SIZE
+
+
+def helper_uid(tag: str) -> int:
+    """The block's last uid, never a VMM's: the network helpers (passt) of that data directory
+    run as it, so the firewall can tell their connections from the host's own."""
+    return _first_uid(tag) + UID_BLOCK_SIZE - 1
+
+
 class JailError(Exception):
     pass
 
@@ -118,7 +128,7 @@ class Jailer:
             self.cgroups = CgroupManager(tag)
         except CgroupError as e:
             raise JailError(str(e)) from e
-        self.first_uid = UID_BASE + 1 + (int(tag, 16) % UID_BLOCKS) * UID_BLOCK_SIZE
+        self.first_uid = _first_uid(tag)
         self._uids: set[int] = set()
         self.groups = [VMM_GID]
         with contextlib.suppress(KeyError):
