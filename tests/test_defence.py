@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from slicer.net.backends import held_tap
-from slicer.vmm.jail import VMM_GID
+from slicer.vmm.jail import VMM_GID, sweep_uid
 from tests.conftest import Daemon, qemu_pids
 
 pytestmark = pytest.mark.vm
@@ -249,3 +249,69 @@ def test_a_disk_header_does_not_steer_the_daemon(api, daemon, tmp_path):
         assert r.status_code == 200, r.text
     finally:
         api.delete(f"/hostgroup/sbx/nodes/{vm}")
+
+
+STAND_IN = textwrap.dedent('''
+    import json, os, socket, sys
+    out = {"root": sorted(os.listdir("/")), "passwd": os.path.exists("/etc/passwd"),
+           "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+           "ns": {n: os.readlink(f"/proc/self/ns/{n}") for n in ("mnt", "net", "ipc", "uts")}}
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3).close()
+        out["api"] = "reached"
+    except OSError as e:
+        out["api"] = e.strerror
+    for left in ("/tmp/left", "/dev/shm/left"):  # a setuid copy of a shell, left for the uid's next VM
+        with open(left, "wb") as f:
+            f.write(open("/usr/bin/sh", "rb").read())
+        os.chmod(left, 0o4755)
+    for d in ("/var/tmp", "/run/lock", "/root", "/etc", "/usr/bin"):
+        try:
+            open(d + "/left", "w").close()
+            out[d] = "written"
+        except OSError as e:
+            out[d] = e.errno
+    print(json.dumps(out))
+''')
+
+
+def test_an_escaped_qemu_sees_nothing_of_the_host(api, daemon):
+    """A stand-in for a QEMU that escaped TCG: a process with the VMM's uid in its namespaces and
+    root. It reads no host file, reaches no host service, sees no other process, and what it
+    leaves in /tmp and /dev/shm is gone with its VM; the uid is swept before it is given again."""
+    r = api.post("/hostgroup/sbx/nodes", json={}, params={"wait": "agent", "timeout": "4m"})
+    assert r.status_code == 201, r.text
+    vm = r.json()["hostname"]
+    try:
+        (pid,) = qemu_pids(str(daemon.data_dir / "run" / vm))
+        uid = os.stat(f"/proc/{pid}").st_uid
+        r = subprocess.run(["nsenter", "-t", str(pid), "-m", "-n", "-i", "-u", "-r", "-w",
+                            "setpriv", f"--reuid={uid}", f"--regid={VMM_GID}", "--clear-groups", "--inh-caps=-all",
+                            "--bounding-set=-all", "--", "/usr/bin/python3", "-c", STAND_IN, str(daemon.port)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        seen = json.loads(r.stdout)
+        assert set(seen["root"]) <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "proc", "tmp", "dev",
+                                     "etc"}, seen["root"]
+        assert not seen["passwd"]
+        assert daemon.proc.pid not in seen["pids"] and os.getpid() not in seen["pids"] and pid in seen["pids"]
+        assert seen["api"] != "reached"
+        for name, link in seen["ns"].items():
+            assert link != os.readlink(f"/proc/self/ns/{name}"), name
+        assert all(seen[d] != "written" for d in ("/var/tmp", "/run/lock", "/root", "/etc", "/usr/bin")), seen
+        assert describe_jail(api, vm) == ["mount", "network", "ipc", "uts"]
+    finally:
+        assert api.delete(f"/hostgroup/sbx/nodes/{vm}").status_code == 200
+    for left in ("/tmp/left", "/dev/shm/left"):
+        assert not os.path.exists(left), left
+    # A uid that once wrote where every uid may (an older daemon's VMM, a host without a jail root)
+    # has that swept before the uid is given out again.
+    planted = Path("/tmp") / f"slt-left-by-{uid}"
+    planted.write_bytes(b"#!/bin/sh\n")
+    os.chown(planted, uid, VMM_GID)
+    planted.chmod(0o4755)
+    assert sweep_uid(uid) == [str(planted)] and not planted.exists()
+
+
+def describe_jail(api: httpx.Client, vm: str) -> list[str]:
+    return api.get("/info").json()["confinement"]["namespaces"]

@@ -12,7 +12,11 @@ VMM process:
   scheduler or resource changes;
 - reaches **nothing by path** in the data directory (it stays 0700 root): the daemon opens
   every file and socket and passes the descriptors; QEMU names them ``/proc/self/fd/N``, which
-  works with the descriptor only. Its own disk overlay is chowned to its uid while it runs.
+  works with the descriptor only. Its own disk overlay is chowned to its uid while it runs;
+- sees **nothing of the host** (Firecracker's jailer): namespaces of its own for mounts, network
+  (empty: its TAP or passt socket is a descriptor), IPC and UTS, and a root of its own
+  (:class:`JailRoot`): ``/usr`` read-only, ``/proc`` showing its own processes only, its own
+  ``/tmp`` (also ``/dev/shm``) that goes with it, no ``/etc``, ``/home`` or ``/var``.
 
 Files many VMs map privately (a template's RAM) are handed over as write-sealed in-memory
 copies (:class:`SealedFiles`): QEMU 7.2 opens a RAM file read-write even to map it
@@ -24,11 +28,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import grp
+import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from slicer.vmm.cgroup import Cgroup, CgroupError, CgroupManager, Limits
+
+log = logging.getLogger(__name__)
 
 UID_BASE = 1_900_000_000  # above systemd's container range (524288-1879048191)
 UID_BLOCKS = 1024  # a data directory's block is chosen by its digest
@@ -40,6 +48,22 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 MEMORY_OVERHEAD = 320 << 20
 PIDS_MAX = 256  # vCPU threads, the block layer's worker pool (up to 64), RCU, main loop
 JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift; exec "$@"'
+# Run by /bin/sh in the VMM's new namespaces, as root, before the privileges go:
+# slicer-jail ROOT DIR... -- DEVICE... -- CGROUP_PROCS... -- ARGV (see Jail.wrap).
+JAIL_SETUP = r"""set -e
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+root=$1; shift
+while [ "$1" != -- ]; do mount --bind -o ro "/$1" "$root/$1"; shift; done; shift
+while [ "$1" != -- ]; do mount --bind "$1" "$root$1"; shift; done; shift
+while [ "$1" != -- ]; do echo 0 > "$1" || exit 126; shift; done; shift
+mount -t proc -o hidepid=invisible,subset=pid,nosuid,nodev,noexec slicer-proc "$root/proc" 2>/dev/null \
+  || mount -t proc -o nosuid,nodev,noexec slicer-proc "$root/proc"  # Linux < 5.8: no per-mount hidepid
+mount -t tmpfs -o size=16m,mode=1777,nosuid,nodev,noexec slicer-tmp "$root/tmp"
+exec chroot "$root" "$@"
+"""
+NAMESPACES = ["unshare", "--mount", "--net", "--ipc", "--uts", "--propagation", "private", "--"]
+# Left behind by a uid, on a host without a jail root or by an older daemon: swept before it is reused.
+SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run/lock")
 
 
 def _first_uid(tag: str) -> int:
@@ -56,28 +80,63 @@ class JailError(Exception):
     pass
 
 
+class JailRoot:
+    """The root directory every VMM of a data directory is given: empty directories to mount
+    on (``/usr`` and, on hosts without merged ``/usr``, ``/lib*``, ``/bin``, ``/sbin``), the
+    links of a merged ``/usr``, ``/dev/shm`` pointing at ``/tmp``, the dynamic loader's cache.
+    Root-owned and read-only to VMMs; remade at every start (the cache may have changed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.binds = ["usr"]
+        shutil.rmtree(path, ignore_errors=True)
+        for d in ("usr", "proc", "tmp", "dev", "etc"):
+            (path / d).mkdir(mode=0o755, parents=True, exist_ok=True)
+        for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            host = Path("/") / top
+            if host.is_symlink():
+                (path / top).symlink_to(os.readlink(host))
+            elif host.is_dir():
+                (path / top).mkdir(mode=0o755)
+                self.binds.append(top)
+        (path / "dev" / "shm").symlink_to("../tmp")
+        with contextlib.suppress(FileNotFoundError):
+            shutil.copyfile("/etc/ld.so.cache", path / "etc" / "ld.so.cache")
+        path.chmod(0o755)
+
+    def device(self, node: str) -> None:
+        """A mount point for the host's device ``node`` (``/dev/kvm``)."""
+        (self.path / node.lstrip("/")).touch(mode=0o600, exist_ok=True)
+
+
 @dataclass
 class Jail:
-    """One VMM's confinement: its uid, groups and cgroup."""
+    """One VMM's confinement: its uid, groups, cgroup and (on a root of its own) namespaces."""
 
     uid: int
     gid: int
     groups: list[int]
     cgroup: Cgroup
+    root: JailRoot | None = None
 
-    def wrap(self, argv: list[str]) -> list[str]:
-        """``argv`` run inside the jail: a shell joins the cgroups (writing ``0`` to
-        ``cgroup.procs`` moves the writer), then ``setpriv`` drops to the jail's uid for good
-        (no capabilities, none inheritable, no new privileges) and executes ``argv``; one pid
-        throughout. Exec helpers rather than code between fork and exec let the daemon spawn
-        with vfork: a fork of the daemon costs ~5-15 ms, the two helpers ~2 ms. (Joining a v1
-        cgroup can wait ~10 ms for an RCU grace period; v2 with ``favordynmods`` does not.)"""
+    def wrap(self, argv: list[str], devices: tuple[str, ...] = ()) -> list[str]:
+        """``argv`` run inside the jail: ``unshare`` makes its namespaces, a shell joins the
+        cgroups (writing ``0`` to ``cgroup.procs`` moves the writer), mounts its root's
+        ``/usr``, ``/proc``, ``/tmp`` and ``devices`` and changes root to it, then ``setpriv``
+        drops to the jail's uid for good (no capabilities, none inheritable, no new privileges)
+        and executes ``argv``; one pid throughout. Exec helpers rather than code between fork
+        and exec let the daemon spawn with vfork: a fork of the daemon costs ~5-15 ms, the
+        helpers (mounts included) ~10 ms. (Joining a v1 cgroup can wait ~10 ms for an RCU grace
+        period; v2 with ``favordynmods`` does not.)"""
         groups = ",".join(str(g) for g in self.groups)
-        return [
-            "/bin/sh", "-c", JOIN_CGROUPS, "slicer-jail", *self.cgroup.procs_files, "--",
-            "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", f"--groups={groups}",
-            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--", *argv,
-        ]
+        drop = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", f"--groups={groups}",
+                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--", *argv]
+        if self.root is None:
+            return ["/bin/sh", "-c", JOIN_CGROUPS, "slicer-jail", *self.cgroup.procs_files, "--", *drop]
+        for node in devices:
+            self.root.device(node)
+        return [*NAMESPACES, "/bin/sh", "-c", JAIL_SETUP, "slicer-jail", str(self.root.path), *self.root.binds,
+                "--", *devices, "--", *self.cgroup.procs_files, "--", *drop]
 
     def own(self, path: Path) -> None:
         """Make ``path`` the jail's while its VMM runs (a disk it writes)."""
@@ -108,6 +167,24 @@ def readable(path: Path) -> None:
     os.chmod(path, (st.st_mode & 0o7777) | 0o040)
 
 
+def sweep_uid(uid: int) -> list[str]:
+    """Remove what ``uid`` left where every uid may write (a setuid copy of a shell in ``/tmp``
+    must not be there when the uid is given to the next VM); the names removed."""
+    removed = []
+    for top in SHARED_WRITABLE:
+        with contextlib.suppress(OSError), os.scandir(top) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_uid != uid:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                    removed.append(entry.path)
+    return removed
+
+
 def _uids_in_use() -> set[int]:
     used = set()
     for entry in os.scandir("/proc"):
@@ -120,7 +197,8 @@ def _uids_in_use() -> set[int]:
 class Jailer:
     """Hands out jails: uids from the data directory's block, cgroups under ``slicer-<tag>``."""
 
-    def __init__(self, tag: str) -> None:
+    def __init__(self, tag: str, root: Path | None = None) -> None:
+        """``root``: where to make the VMMs' root (:class:`JailRoot`); None: no namespaces."""
         if os.geteuid() != 0:
             raise JailError("confining VMMs needs root (setuid, cgroups); set confine: false to run them "
                             "as the daemon's user")
@@ -130,6 +208,7 @@ class Jailer:
             raise JailError(str(e)) from e
         self.first_uid = _first_uid(tag)
         self._uids: set[int] = set()
+        self.root = JailRoot(root) if root is not None else None
         self.groups = [VMM_GID]
         with contextlib.suppress(KeyError):
             self.groups.append(grp.getgrnam("kvm").gr_gid)  # /dev/kvm is root:kvm 0660
@@ -141,13 +220,15 @@ class Jailer:
         uid = next((u for u in range(self.first_uid, self.first_uid + UID_BLOCK_SIZE - 1) if u not in taken), None)
         if uid is None:
             raise JailError(f"all {UID_BLOCK_SIZE} VMM uids of this data directory are in use")
+        for path in sweep_uid(uid):
+            log.warning("removed %s, left by VMM uid %d", path, uid)
         try:
             # Named by uid too: the cgroup of a VM's previous VMM may not be gone yet.
             cgroup = self.cgroups.create(f"{name}.{uid}", Limits(ram_bytes + MEMORY_OVERHEAD, PIDS_MAX, cpus))
         except CgroupError as e:
             raise JailError(str(e)) from e
         self._uids.add(uid)
-        return Jail(uid, VMM_GID, self.groups, cgroup)
+        return Jail(uid, VMM_GID, self.groups, cgroup, self.root)
 
     def adopt(self, pid: int) -> Jail | None:
         """The jail an earlier daemon put the running VMM ``pid`` in (None: it runs as root)."""
@@ -165,7 +246,8 @@ class Jailer:
 
     def describe(self) -> dict:
         return {"uids": f"{self.first_uid}-{self.first_uid + UID_BLOCK_SIZE - 2}", "gid": VMM_GID,
-                "cgroup": self.cgroups.describe(), "seccomp": SANDBOX}
+                "cgroup": self.cgroups.describe(), "seccomp": SANDBOX,
+                "namespaces": ["mount", "network", "ipc", "uts"] if self.root is not None else []}
 
     def close(self) -> None:
         self.cgroups.cleanup()

@@ -400,6 +400,11 @@ class QemuDriver(Driver):
         self.sealed = SealedFiles()
         self._chains: dict[tuple[Path, int], list[tuple[Path, str]]] = {}
 
+    @property
+    def _devices(self) -> tuple[str, ...]:
+        """Host devices a confined QEMU opens by path (everything else is a descriptor)."""
+        return ("/dev/kvm",) if self.accelerator == "kvm" else ()
+
     def confinement(self) -> dict:
         return {"confined": True, **self.jailer.describe()} if self.jailer is not None else {"confined": False}
 
@@ -516,7 +521,7 @@ class QemuDriver(Driver):
             with open(spec.run_dir / "qemu.log", "wb") as qlog:
                 argv = self.command(spec, incoming=restore_from is not None, handoff=handoff)
                 proc = await asyncio.create_subprocess_exec(
-                    *(jail.wrap(argv) if jail is not None else argv),
+                    *(jail.wrap(argv, self._devices) if jail is not None else argv),
                     stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
                     pass_fds=handoff.fds() + net_fds,
                     env={"PATH": os.defpath, RUN_DIR_ENV: str(spec.run_dir)},  # none of the daemon's
