@@ -63,7 +63,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(work: Path, config: str, log: Path | None = None) -> tuple[subprocess.Popen, httpx.Client]:
+def start_daemon(work: Path, config: str, log: Path | None = None,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, httpx.Client]:
     """``slicer up`` on ``config`` (``PORT`` replaced) in ``work``, its output to ``log`` if
     given; returns once it answers."""
     port = free_port()
@@ -71,6 +72,7 @@ def start_daemon(work: Path, config: str, log: Path | None = None) -> tuple[subp
     daemon = subprocess.Popen(
         [sys.executable, "-m", "slicer", "up", str(work / "config.yaml"), "--data-dir", str(work), "--no-build"],
         stdout=open(log, "ab") if log else subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=900)
     for _ in range(600):

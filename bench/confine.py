@@ -1,10 +1,13 @@
-"""Confinement benchmark: what running each QEMU confined (own uid, seccomp, cgroup) costs.
+"""Confinement benchmark: what running each QEMU confined (own uid, seccomp, cgroup, then
+namespaces and a root of its own) costs.
 
-Two daemons in one run, one with ``confine: true`` and one with ``confine: false``, same group
-and image; creates alternate between them (confined, unconfined, confined, …) so both see the
-same machine noise. Prints JSON: the median seconds of ``POST /hostgroup/NAME/nodes?wait=agent``
-restored from the group's template and booted cold, for each daemon, and the ratios
-confined/unconfined (goal: at most 1.05). For confined VMs it also reports the VMM cgroup's
+Three daemons in one run, same group and image: ``jailed`` (``confine: true``, the default:
+namespaces and root included), ``confined`` (``confine: true`` with ``SLICER_VMM_NAMESPACES=off``:
+the jail as it was before its namespaces) and ``unconfined`` (``confine: false``); creates
+alternate between them so all see the same machine noise. Prints JSON: the median seconds of
+``POST /hostgroup/NAME/nodes?wait=agent`` restored from the group's template and booted cold, for
+each daemon, and the ratios jailed/confined (the namespaces' cost) and confined/unconfined (goal
+for both: at most 1.05). For confined VMs it also reports the VMM cgroup's
 memory peak against guest RAM after the guest has touched most of its memory, for a restored
 clone and a cold boot (a clone's limit is twice its RAM plus overhead: see slicer.vmm.jail).
 Usage: ``python3 bench/confine.py [--runs 5]`` (as root, image built).
@@ -26,6 +29,7 @@ from boot import IMAGES, private_network, start_daemon  # noqa: E402
 from start import create  # noqa: E402
 
 RAM_MB = 512
+MODES = ("jailed", "confined", "unconfined")
 CONFIG = """
 config:
   confine: {confine}
@@ -62,26 +66,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="slb-", dir="/tmp") as tmp:
         daemons = {}
         try:
-            for mode in ("confined", "unconfined"):
+            for mode in MODES:
                 work = Path(tmp) / mode
                 work.mkdir()
                 (work / "images").symlink_to(IMAGES / "images")
-                config = CONFIG.format(confine="true" if mode == "confined" else "false", ram_mb=RAM_MB)
-                daemons[mode] = start_daemon(work, config)
+                config = CONFIG.format(confine="false" if mode == "unconfined" else "true", ram_mb=RAM_MB)
+                env = {"SLICER_VMM_NAMESPACES": "off"} if mode == "confined" else {}
+                daemons[mode] = start_daemon(work, config, env=env)
                 daemons[mode][1].post("/hostgroup/bench/template").raise_for_status()
             for boot in ("restore", "cold"):
-                times: dict[str, list[float]] = {"confined": [], "unconfined": []}
+                times: dict[str, list[float]] = {mode: [] for mode in MODES}
                 for _ in range(args.runs):
                     for mode, (_, client) in daemons.items():
                         hostname, elapsed = create(client, cold=boot == "cold")
                         times[mode].append(elapsed)
-                        if mode == "confined" and f"memory_{boot}" not in results:
+                        if mode == "jailed" and f"memory_{boot}" not in results:
                             results[f"memory_{boot}"] = memory_of(client, hostname)
                         client.delete(f"/hostgroup/bench/nodes/{hostname}").raise_for_status()
                 med = {mode: statistics.median(t) for mode, t in times.items()}
                 results[boot] = {
                     **{f"{mode}_s": {"median": round(m, 3), "all": [round(x, 3) for x in times[mode]]}
                        for mode, m in med.items()},
+                    "ratio_jailed_over_confined": round(med["jailed"] / med["confined"], 3),
                     "ratio_confined_over_unconfined": round(med["confined"] / med["unconfined"], 3),
                 }
         finally:

@@ -97,7 +97,9 @@ def make_jailer(config: Config, data_dir: Path) -> Jailer | None:
                     getpass.getuser())
         return None
     try:
-        jailer = Jailer(hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:4], root=data_dir / "jail")
+        # SLICER_VMM_NAMESPACES=off: the jail without its namespaces and root (bench/confine.py's baseline)
+        root = None if os.environ.get("SLICER_VMM_NAMESPACES") == "off" else data_dir / "jail"
+        jailer = Jailer(hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:4], root=root)
     except JailError as e:
         raise SlicerError(f"cannot confine VMMs: {e}", "confinement_unavailable") from e
     log.info("VMMs confined: own uid (%s), seccomp, %s", jailer.describe()["uids"], jailer.cgroups.describe())
