@@ -101,6 +101,8 @@ def image_build(
     file: Annotated[Path | None, typer.Option("-f", "--file", help="Build this Dockerfile with buildah.")] = None,
     tag: Annotated[str | None, typer.Option("-t", "--tag", help="Name of the built image (for image:).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="FROM a plain-HTTP registry.")] = False,
+    dns: Annotated[list[str] | None, typer.Option(
+        "--dns", help="Nameserver for RUN steps (repeat; default: the host's that are not loopback).")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     force: Annotated[bool, typer.Option(help="Rebuild even if a cached image matches.")] = False,
 ) -> None:
@@ -117,8 +119,8 @@ def image_build(
     from slicer.image.build import ImageError, build_image, current_image
 
     if file is None:
-        if tag or context:
-            err.print("[red]-t and a context go with -f (a Dockerfile build)[/red]")
+        if tag or context or dns:
+            err.print("[red]-t, --dns and a context go with -f (a Dockerfile build)[/red]")
             raise typer.Exit(2)
         try:
             image = build_image(data_dir, progress=lambda m: err.print(f"[cyan]image:[/cyan] {m}"), force=force)
@@ -136,7 +138,8 @@ def image_build(
 
     try:
         builder = Builder(images_dir(data_dir), ImageStore.of(data_dir), current_image(data_dir))
-        image = builder.build(file, tag, context or Path("."), insecure, progress=tool_output)
+        image = builder.build(file, tag, context or Path("."), insecure, progress=tool_output,
+                              dns=tuple(dns) if dns else None)
     except (OCIError, ImageError) as e:
         err.print(f"[red]{getattr(e, 'message', e)}[/red]")
         raise typer.Exit(1) from e
