@@ -124,12 +124,14 @@ def _uplinks() -> tuple[str, ...]:
     return tuple(sorted({r["dev"] for r in routes if r.get("dev")}))
 
 
+def _local() -> list[ipaddress.IPv4Interface]:
+    return [ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}")
+            for i in json.loads(_run("ip", "-j", "-4", "addr", "show") or "[]") for a in i.get("addr_info", [])]
+
+
 def _taken() -> list[ipaddress.IPv4Network]:
     """Every IPv4 network the host has an address in or a route to (but the default)."""
-    taken = []
-    for i in json.loads(_run("ip", "-j", "-4", "addr", "show") or "[]"):
-        for a in i.get("addr_info", []):
-            taken.append(ipaddress.IPv4Network(f"{a['local']}/{a['prefixlen']}", strict=False))
+    taken = [a.network for a in _local()]
     for r in json.loads(_run("ip", "-j", "-4", "route", "show", "table", "all") or "[]"):
         with contextlib.suppress(ValueError):
             if r.get("dst") and r["dst"] != "default":
@@ -182,6 +184,10 @@ def build_network(dns: tuple[str, ...] | None = None,
     if not net.dns:
         progress("build network: no nameserver but loopback ones in /etc/resolv.conf; "
                  "pass --dns for RUN steps that resolve names")
+    own = sorted({str(a.ip) for a in _local()} & set(net.dns))
+    if own:
+        progress(f"build network: nameserver {', '.join(own)} is this host's own address, which builds cannot "
+                 "reach; pass --dns")
     try:
         _run("nft", "-f", "-", stdin=ruleset(net))  # the rules before the link: never a moment without
         _run("ip", "netns", "add", net.netns)
