@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from slicer.core.config import DEFAULT_CONFIG, load_config
 from slicer.core.errors import SlicerError
@@ -71,7 +72,7 @@ def up(
         err.print(f"[red]cannot read {config}: {e}[/red]")
         raise typer.Exit(2) from e
     except SlicerError as e:
-        err.print(f"[red]{e.message}[/red]")
+        err.print(f"[red]{escape(e.message)}[/red]")
         raise typer.Exit(2) from e
     from slicer.daemon import lock_data_dir, run_daemon
     from slicer.image.build import ImageError, build_image, current_image
@@ -86,7 +87,7 @@ def up(
             build_image(data_dir, progress=lambda m: err.print(f"[cyan]image:[/cyan] {m}"))
         run_daemon(cfg, data_dir)
     except (ImageError, SlicerError) as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(1) from e
 
 
@@ -125,7 +126,7 @@ def image_build(
         try:
             image = build_image(data_dir, progress=lambda m: err.print(f"[cyan]image:[/cyan] {m}"), force=force)
         except ImageError as e:
-            err.print(f"[red]{e}[/red]")
+            err.print(f"[red]{escape(str(e))}[/red]")
             raise typer.Exit(1) from e
         typer.echo(str(image.directory))
         return
@@ -141,7 +142,7 @@ def image_build(
         image = builder.build(file, tag, context or Path("."), insecure, progress=tool_output,
                               dns=tuple(dns) if dns else None)
     except (OCIError, ImageError) as e:
-        err.print(f"[red]{getattr(e, 'message', e)}[/red]")
+        err.print(f"[red]{escape(str(getattr(e, 'message', e)))}[/red]")
         raise typer.Exit(1) from e
     typer.echo(image.digest)
 
