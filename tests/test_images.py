@@ -21,7 +21,7 @@ import pytest
 
 from slicer.client import SlicerClient
 from tests import chunked_copy
-from tests.conftest import IMAGE_DATA_DIR, Daemon, wait_agent
+from tests.conftest import IMAGE_DATA_DIR, Daemon, free_port, wait_agent
 from tests.oci_images import Registry, busybox_root, debian_root, kernel_root, pack, systemd_root
 
 pytestmark = pytest.mark.vm
@@ -457,8 +457,9 @@ PROBE = ('probe() { r=$(timeout 10 bash -c "exec 3<>/dev/tcp/$2/$3 && echo hi >&
 class BuildOutside:
     """The outside world of a build test: a namespace on documentation addresses, routed as the
     session's default route, answering each TCP connection with the peer's address, plus DNS
-    (``upstream.test``); and 169.254.169.254 behind it, reachable from the host like a cloud's
-    metadata service. Also a service of the host's own on every local address."""
+    (``upstream.test``) and HTTP (port 8000); and 169.254.169.254 behind it, reachable from the
+    host like a cloud's metadata service. Also services of the host's own: TCP on every local
+    address, HTTP on loopback."""
 
     def __init__(self) -> None:
         import socket
@@ -467,6 +468,11 @@ class BuildOutside:
         self.ns = f"slt-bup-{os.getpid()}"
         self.veth = f"sltb{os.getpid() % 100000}"
         sh = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+        self.dir = Path(tempfile.mkdtemp(prefix="slt-bup-"))
+        (self.dir / "up").mkdir()
+        (self.dir / "up/hello.txt").write_text("fetched-from-upstream\n")
+        (self.dir / "host").mkdir()
+        (self.dir / "host/secret").write_text("host-secret\n")
         sh("ip", "netns", "add", self.ns)
         self.procs: list[subprocess.Popen] = []
         try:
@@ -484,7 +490,14 @@ class BuildOutside:
                 subprocess.Popen([*ns_exec, "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
                                   f"--listen-address={BUILD_UP}", f"--address=/upstream.test/{BUILD_UP}",
                                   "--user=root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                subprocess.Popen([*ns_exec, sys.executable, "-m", "http.server", "8000", "--directory",
+                                  str(self.dir / "up")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
             ]
+            self.http_port = free_port()
+            self.http_log = open(self.dir / "host-http.log", "wb")
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "http.server", str(self.http_port), "--bind", "127.0.0.1", "--directory",
+                 str(self.dir / "host")], stdout=self.http_log, stderr=self.http_log))
         except BaseException:
             self.close()
             raise
@@ -503,18 +516,21 @@ class BuildOutside:
             with conn:
                 conn.sendall(b"host-ok\n")
 
-    def ask(self, address: str) -> str:
-        """What the server says to the host (the test process) at ``address``."""
+    def ask(self, address: str, port: int = 8080) -> str:
+        """What a server says to the host (the test process) at ``address``."""
         import socket
 
         for _ in range(100):  # it may still be starting
             try:
-                with socket.create_connection((address, 8080), timeout=5) as c:
-                    c.sendall(b"hi\n")
+                with socket.create_connection((address, port), timeout=5) as c:
+                    c.sendall(b"GET /hello.txt HTTP/1.0\r\n\r\n" if port != 8080 else b"hi\n")
                     return c.makefile().readline().strip()
             except OSError:
                 time.sleep(0.1)
-        raise AssertionError(f"the test's server at {address} does not answer")
+        raise AssertionError(f"the test's server at {address}:{port} does not answer")
+
+    def host_requests(self) -> str:
+        return (self.dir / "host-http.log").read_text(errors="replace")
 
     def close(self) -> None:
         if hasattr(self, "host"):
@@ -525,6 +541,9 @@ class BuildOutside:
         for cmd in (["ip", "route", "del", METADATA], ["ip", "route", "del", "default", "via", BUILD_UP],
                     ["ip", "netns", "del", self.ns], ["ip", "link", "del", self.veth]):
             subprocess.run(cmd, capture_output=True)
+        if hasattr(self, "http_log"):
+            self.http_log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def build_leftovers() -> list[str]:
@@ -556,12 +575,17 @@ def test_dockerfile_run_steps_are_isolated(guest_image, tmp_path):
     try:
         assert outside.ask(BUILD_UP) == f"peer-{BUILD_HOST}"
         assert outside.ask(METADATA) == f"peer-{BUILD_HOST}"  # the host reaches it; a build must not
+        assert outside.ask(BUILD_UP, 8000).startswith("HTTP/1.0 200")
+        assert outside.ask("127.0.0.1", outside.http_port).startswith("HTTP/1.0 404")
         port = outside.port
         (ctx / "Dockerfile").write_text(f"""FROM slicer/base
 RUN kill -9 -1 2>&1; echo "@killed=$?@"
+ADD http://upstream.test:8000/hello.txt /hello.txt
+RUN echo "@added=$(cat /hello.txt)@"
 RUN echo "@comm=$(cat /proc/1/comm)@"; echo "@pids=$(cd /proc && echo [0-9]*)@"; \\
-    for n in net pid ipc uts mnt; do echo "@ns_$n=$(readlink /proc/self/ns/$n)@"; done; \\
-    echo "@capeff=$(grep CapEff /proc/self/status | cut -f2)@"
+    for n in net pid ipc uts mnt cgroup; do echo "@ns_$n=$(readlink /proc/self/ns/$n)@"; done; \\
+    echo "@capeff=$(grep CapEff /proc/self/status | cut -f2)@"; \\
+    echo "@seccomp=$(grep '^Seccomp:' /proc/self/status | cut -f2)@"
 RUN {PROBE}; gw=$(ip route show default | cut -d' ' -f3); \\
     probe loopback 127.0.0.1 {port}; probe gateway "$gw" {port}; probe host {BUILD_HOST} {port}; \\
     probe metadata {METADATA} 8080; probe egress {BUILD_UP} 8080; probe byname upstream.test 8080
@@ -574,14 +598,23 @@ RUN {PROBE}; gw=$(ip route show default | cut -d' ' -f3); \\
         assert "killed" in said, build.stderr[-3000:]
         assert said["comm"] != Path("/proc/1/comm").read_text().strip()  # not the host's init
         assert len(said["pids"].split()) < 5  # the step's own processes only
-        for n in ("net", "pid", "ipc", "uts", "mnt"):
+        for n in ("net", "pid", "ipc", "uts", "mnt", "cgroup"):
             assert said[f"ns_{n}"] != os.readlink(f"/proc/self/ns/{n}"), n
         caps = int(said["capeff"], 16)
         assert caps and not caps & (1 << 21)  # no CAP_SYS_ADMIN
         assert {b for b in range(64) if caps >> b & 1} <= set(DOCKER_CAPS), hex(caps)
+        assert said["seccomp"] == "2"  # a seccomp filter, as in a container
         assert said["reach_loopback"] == said["reach_gateway"] == said["reach_host"] == "none"
         assert said["reach_metadata"] == "none"
         assert said["reach_egress"] == said["reach_byname"] == f"peer-{BUILD_HOST}"  # NAT: the host's address
+        assert said["added"] == "fetched-from-upstream"  # buildah's own fetches: by name, through NAT
+        assert build_leftovers() == []
+        # ADD <url> is fetched by buildah, which runs in the build's namespace too
+        (ctx / "Dockerfile.add").write_text(f"FROM slicer/base\nADD http://127.0.0.1:{outside.http_port}/secret /s\n")
+        add = subprocess.run([*cli, "build", "-f", str(ctx / "Dockerfile.add"), "-t", "isolated-add:1", str(ctx)],
+                             env=env, capture_output=True, text=True)
+        assert add.returncode == 1 and "cannot build isolated-add:1" in add.stderr
+        assert "/secret" not in outside.host_requests()
         assert build_leftovers() == []
         (ctx / "Dockerfile.fail").write_text("FROM slicer/base\nRUN exit 3\n")
         bad = subprocess.run([*cli, "build", "-f", str(ctx / "Dockerfile.fail"), "-t", "isolated-fail:1", str(ctx)],

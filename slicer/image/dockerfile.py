@@ -5,7 +5,9 @@ A Dockerfile is someone else's code, so every ``RUN`` step is a container, isola
 is missing), its own PID, IPC, UTS, mount and cgroup namespaces, only the container engines'
 default capabilities (:data:`CAPABILITIES`, named explicitly: a host's containers.conf cannot
 widen them), buildah's default seccomp profile, and a network namespace made for the build
-(:mod:`slicer.net.buildns`: NAT egress, nothing of the host's).
+(:mod:`slicer.net.buildns`: NAT egress, nothing of the host's). buildah itself runs in that
+namespace too, so what it fetches while building (``ADD <url>``) obeys the same rules; the
+images ``FROM`` names are pulled before, on the host's network (a registry on loopback serves).
 
 Storage is buildah's own under ``images/buildah`` (the vfs driver: works on any filesystem,
 nested or not). The project's Debian tree is offered as ``FROM slicer/base``; ``FROM`` may also
@@ -40,6 +42,35 @@ def runtime() -> str:
         raise OCIError("Dockerfile builds need an OCI runtime: install Debian's runc (scripts/install.sh does)",
                        "tool_missing")
     return found
+
+
+def base_images(dockerfile: str) -> list[str]:
+    """The images a Dockerfile names in ``FROM`` and ``COPY --from`` (not its own stages, not
+    ``scratch``, not those made of build arguments): pulled before the build, on the host's
+    network, so that a registry on the host's loopback still serves ``FROM``."""
+    text = dockerfile.replace("\\\n", " ")
+    stages: set[str] = set()
+    images: list[str] = []
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        op = words[0].upper()
+        if op == "FROM":
+            args = [w for w in words[1:] if not w.startswith("--")]
+            if len(args) >= 3 and args[1].upper() == "AS":
+                stages.add(args[2].lower())
+            candidates = args[:1]
+        elif op in ("COPY", "ADD"):
+            candidates = [w.split("=", 1)[1] for w in words[1:] if w.startswith("--from=")]
+        else:
+            continue
+        for image in candidates:
+            if image.lower() in stages or image == "scratch" or "$" in image or image.isdigit():
+                continue
+            if image not in images:
+                images.append(image)
+    return images
 
 
 def isolation(network: BuildNetwork) -> list[str]:
@@ -98,15 +129,24 @@ class Builder:
         if not context.is_dir():
             raise OCIError(f"build context {context} is not a directory", "invalid_image")
         self.root.mkdir(parents=True, exist_ok=True)
-        if BASE_NAME in dockerfile.read_text(errors="replace"):
+        text = dockerfile.read_text(errors="replace")
+        if BASE_NAME in text:
             self.ensure_base(progress)
         tls = ["--tls-verify=false"] if insecure else []
+        for image in base_images(text):
+            present = subprocess.run(self._buildah("inspect", "--type", "image", image), capture_output=True)
+            if present.returncode:
+                progress(f"pulling {image}")
+                run_tool(self._buildah("pull", *tls, image), f"cannot build {name}: cannot pull {image}", progress)
         tag = f"localhost/{name}" if "/" not in name.split(":")[0] else name
         what = f"cannot build {name} from {dockerfile}"
         try:
             with build_network(dns, progress) as network:
-                run_tool(self._buildah("bud", *isolation(network), "--layers=false", *tls, "-f", str(dockerfile),
-                                       "-t", tag, str(context)), what, progress)
+                # buildah itself runs in the build's namespace too: what it fetches for the build
+                # (ADD <url>, an image named by a build argument) obeys the build's rules
+                bud = self._buildah("bud", *isolation(network), "--layers=false", *tls, "-f", str(dockerfile),
+                                    "-t", tag, str(context))
+                run_tool([*network.enter(), *bud], what, progress)
         except NetworkError as e:
             raise OCIError(f"{what}: {e}", "image_error") from e
         with tempfile.TemporaryDirectory(dir=self.store.root.parent, prefix=".build-oci-") as tmp:

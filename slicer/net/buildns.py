@@ -12,6 +12,9 @@ linked to the host by a veth pair with a /30 (host ``.1``, build ``.2``, default
   containers' bridges or other builds. Into the build: replies only.
 - postrouting: masquerade of the /30 (the outside sees the host's address).
 
+buildah itself runs in the namespace as well (:meth:`BuildNetwork.enter`), so that ``ADD <url>``
+follows the same rules, with the build's nameservers as its resolv.conf.
+
 Everything is removed when the build ends, also on failure; what a killed build left is
 removed by the next one (the namespace's name carries the builder's PID).
 """
@@ -36,6 +39,7 @@ NETNS_PREFIX = "slicer-build-"
 TABLE_PREFIX = "slicer_build_"
 VETH_PREFIX = "sbd"  # + PID (hex) + 4 hex: at most 13 characters
 NEVER = "0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/3"
+RESOLV_DIR = Path("/run/slicer-build")  # the resolv.conf of buildah itself, per build
 RESOLV_FILES = (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf"))
 
 
@@ -51,6 +55,21 @@ class BuildNetwork:
     @property
     def path(self) -> str:
         return f"/run/netns/{self.netns}"
+
+    @property
+    def resolv(self) -> Path:
+        return RESOLV_DIR / f"{self.netns}.conf"
+
+    def enter(self) -> list[str]:
+        """A command prefix that runs a program in this network namespace (and nothing else of
+        the host's changed: not ``ip netns exec``, which remounts /sys and so hides the cgroup
+        mounts runc needs), with this network's nameservers as its /etc/resolv.conf (in a
+        private mount namespace)."""
+        enter = ["nsenter", f"--net={self.path}", "--"]
+        if not self.dns:
+            return enter
+        return [*enter, "unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(self.resolv)]
 
     @property
     def gateway(self) -> str:
@@ -141,6 +160,8 @@ def _taken() -> list[ipaddress.IPv4Network]:
 
 def _remove(netns: str, veth: str, table: str) -> None:
     _run("nft", "-f", "-", stdin=f"add table inet {table}\ndelete table inet {table}\n", check=False)
+    with contextlib.suppress(FileNotFoundError):
+        (RESOLV_DIR / f"{netns}.conf").unlink()
     if os.path.exists(f"/run/netns/{netns}"):
         _run("ip", "netns", "del", netns, check=False)  # the veth pair goes with it
     _run("ip", "link", "del", veth, check=False)
@@ -200,6 +221,9 @@ def build_network(dns: tuple[str, ...] | None = None,
         _run("ip", "-n", net.netns, "-batch", "-",
              stdin=f"link set lo up\naddr add {net.address}/30 dev eth0\nlink set eth0 up\n"
                    f"route add default via {net.gateway}\n")
+        if net.dns:
+            RESOLV_DIR.mkdir(mode=0o755, exist_ok=True)
+            net.resolv.write_text("".join(f"nameserver {d}\n" for d in net.dns))
         if net.uplinks:
             Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
         yield net
