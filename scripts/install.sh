@@ -7,7 +7,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
     qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs cpio procps ca-certificates openssh-client \
-    patchelf skopeo umoci buildah \
+    patchelf skopeo umoci buildah runc \
     iproute2 nftables passt dnsmasq-base iperf3 \
     python3-pip
 # Debian and Ubuntu mark their system Python as externally managed (PEP 668); this host is ours.

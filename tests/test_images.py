@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 
 from slicer.client import SlicerClient
 from tests import chunked_copy
-from tests.conftest import IMAGE_DATA_DIR, Daemon, wait_agent
+from tests.conftest import IMAGE_DATA_DIR, Daemon, free_port, wait_agent
 from tests.oci_images import Registry, busybox_root, debian_root, kernel_root, pack, systemd_root
 
 pytestmark = pytest.mark.vm
@@ -426,6 +427,205 @@ def test_dockerfile_build_then_a_vm_of_it(daemon_, client, refs, tmp_path):
                           "-t", "fail:1", str(ctx)], env=env, capture_output=True, text=True)
     assert bad.returncode == 1 and "cannot build fail:1" in bad.stderr
     assert "fail:1" not in {r for i in image_list([sys.executable, "-m", "slicer", "image"], env) for r in i["refs"]}
+
+
+# What a build step must never hold: Docker's default capabilities are the most a container gets.
+DOCKER_CAPS = {0: "CHOWN", 1: "DAC_OVERRIDE", 3: "FOWNER", 4: "FSETID", 5: "KILL", 6: "SETGID", 7: "SETUID",
+               8: "SETPCAP", 10: "NET_BIND_SERVICE", 13: "NET_RAW", 18: "SYS_CHROOT", 27: "MKNOD",
+               29: "AUDIT_WRITE", 31: "SETFCAP"}
+BUILD_UP, BUILD_HOST, METADATA = "198.51.100.20", "198.51.100.21", "169.254.169.254"
+PEER_SERVER = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080))
+s.listen(16)
+while True:
+    c, a = s.accept()
+    with c:
+        c.settimeout(5)
+        try:
+            c.recv(100)
+            c.sendall(f"peer-{a[0]}\\n".encode())
+        except OSError:
+            pass
+"""
+PROBE = ('probe() { r=$(timeout 10 bash -c "exec 3<>/dev/tcp/$2/$3 && echo hi >&3 && head -n1 <&3" 2>/dev/null); '
+         'echo "@reach_$1=${r:-none}@"; }')
+
+
+class BuildOutside:
+    """The outside world of a build test: a namespace on documentation addresses, routed as the
+    session's default route, answering each TCP connection with the peer's address, plus DNS
+    (``upstream.test``) and HTTP (port 8000); and 169.254.169.254 behind it, reachable from the
+    host like a cloud's metadata service. Also services of the host's own: TCP on every local
+    address, HTTP on loopback."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.ns = f"slt-bup-{os.getpid()}"
+        self.veth = f"sltb{os.getpid() % 100000}"
+        sh = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+        self.dir = Path(tempfile.mkdtemp(prefix="slt-bup-"))
+        (self.dir / "up").mkdir()
+        (self.dir / "up/hello.txt").write_text("fetched-from-upstream\n")
+        (self.dir / "host").mkdir()
+        (self.dir / "host/secret").write_text("host-secret\n")
+        sh("ip", "netns", "add", self.ns)
+        self.procs: list[subprocess.Popen] = []
+        try:
+            sh("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
+            sh("ip", "addr", "add", f"{BUILD_HOST}/24", "dev", self.veth)
+            sh("ip", "link", "set", self.veth, "up")
+            for cmd in (f"addr add {BUILD_UP}/24 dev eth0", "link set eth0 up", "link set lo up",
+                        f"addr add {METADATA}/32 dev lo"):
+                sh("ip", "-n", self.ns, *cmd.split())
+            sh("ip", "route", "replace", "default", "via", BUILD_UP)
+            sh("ip", "route", "replace", METADATA, "via", BUILD_UP)
+            ns_exec = ["ip", "netns", "exec", self.ns]
+            self.procs = [
+                subprocess.Popen([*ns_exec, sys.executable, "-c", PEER_SERVER]),
+                subprocess.Popen([*ns_exec, "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
+                                  f"--listen-address={BUILD_UP}", f"--address=/upstream.test/{BUILD_UP}",
+                                  "--user=root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                subprocess.Popen([*ns_exec, sys.executable, "-m", "http.server", "8000", "--directory",
+                                  str(self.dir / "up")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            ]
+            self.http_port = free_port()
+            self.http_log = open(self.dir / "host-http.log", "wb")
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "http.server", str(self.http_port), "--bind", "127.0.0.1", "--directory",
+                 str(self.dir / "host")], stdout=self.http_log, stderr=self.http_log))
+        except BaseException:
+            self.close()
+            raise
+        self.host = socket.socket()
+        self.host.bind(("0.0.0.0", 0))
+        self.host.listen(16)
+        self.port = self.host.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.host.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"host-ok\n")
+
+    def ask(self, address: str, port: int = 8080) -> str:
+        """What a server says to the host (the test process) at ``address``."""
+        import socket
+
+        for _ in range(100):  # it may still be starting
+            try:
+                with socket.create_connection((address, port), timeout=5) as c:
+                    c.sendall(b"GET /hello.txt HTTP/1.0\r\n\r\n" if port != 8080 else b"hi\n")
+                    return c.makefile().readline().strip()
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"the test's server at {address}:{port} does not answer")
+
+    def host_requests(self) -> str:
+        return (self.dir / "host-http.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        if hasattr(self, "host"):
+            self.host.close()
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        for cmd in (["ip", "route", "del", METADATA], ["ip", "route", "del", "default", "via", BUILD_UP],
+                    ["ip", "netns", "del", self.ns], ["ip", "link", "del", self.veth]):
+            subprocess.run(cmd, capture_output=True)
+        if hasattr(self, "http_log"):
+            self.http_log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def build_leftovers() -> list[str]:
+    """Build namespaces, veths and nftables tables that exist now (none once a build is over)."""
+    netns = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+             if n.startswith("slicer-build-")]
+    links = [i["ifname"] for i in json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True,
+                                                            text=True).stdout) if i["ifname"].startswith("sbd")]
+    tables = [t for t in subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout.splitlines()
+              if "slicer_build_" in t]
+    return netns + links + tables
+
+
+def test_dockerfile_run_steps_are_isolated(guest_image, tmp_path):
+    """A Dockerfile's ``RUN`` is someone else's code: it gets its own PID, IPC, UTS, mount and
+    network namespaces, no capability beyond a container's, cannot signal the host's processes,
+    reaches nothing of the host's (loopback, its addresses) nor link-local addresses, and reaches
+    the outside through NAT, names resolved by the nameserver given with ``--dns``. The build's
+    namespace, veth and nftables table are gone afterwards, also after a failing build."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(IMAGE_DATA_DIR / "images")
+    env = {**os.environ, "SLICER_DATA_DIR": str(data)}
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    outside = BuildOutside()
+    sentinel = subprocess.Popen(["sleep", "infinity"])
+    cli = [sys.executable, "-m", "slicer", "image"]
+    try:
+        assert outside.ask(BUILD_UP) == f"peer-{BUILD_HOST}"
+        assert outside.ask(METADATA) == f"peer-{BUILD_HOST}"  # the host reaches it; a build must not
+        assert outside.ask(BUILD_UP, 8000).startswith("HTTP/1.0 200")
+        assert outside.ask("127.0.0.1", outside.http_port).startswith("HTTP/1.0 404")
+        port = outside.port
+        (ctx / "Dockerfile").write_text(f"""FROM slicer/base
+RUN kill -9 -1 2>&1; echo "@killed=$?@"
+ADD http://upstream.test:8000/hello.txt /hello.txt
+RUN echo "@added=$(cat /hello.txt)@"
+RUN echo "@comm=$(cat /proc/1/comm)@"; echo "@pids=$(cd /proc && echo [0-9]*)@"; \\
+    for n in net pid ipc uts mnt cgroup; do echo "@ns_$n=$(readlink /proc/self/ns/$n)@"; done; \\
+    echo "@capeff=$(grep CapEff /proc/self/status | cut -f2)@"; \\
+    echo "@seccomp=$(grep '^Seccomp:' /proc/self/status | cut -f2)@"
+RUN {PROBE}; gw=$(ip route show default | cut -d' ' -f3); \\
+    probe loopback 127.0.0.1 {port}; probe gateway "$gw" {port}; probe host {BUILD_HOST} {port}; \\
+    probe metadata {METADATA} 8080; probe egress {BUILD_UP} 8080; probe byname upstream.test 8080
+""")
+        build = subprocess.run([*cli, "build", "-f", str(ctx / "Dockerfile"), "--dns", BUILD_UP, "-t", "isolated:1",
+                                str(ctx)], env=env, capture_output=True, text=True)
+        assert build.returncode == 0, build.stderr[-3000:]
+        said = dict(re.findall(r"@(\w+)=([^@\n]*)@", build.stderr))
+        assert sentinel.poll() is None  # kill -9 -1 reached nothing of the host's
+        assert "killed" in said, build.stderr[-3000:]
+        assert said["comm"] != Path("/proc/1/comm").read_text().strip()  # not the host's init
+        assert len(said["pids"].split()) < 5  # the step's own processes only
+        for n in ("net", "pid", "ipc", "uts", "mnt", "cgroup"):
+            assert said[f"ns_{n}"] != os.readlink(f"/proc/self/ns/{n}"), n
+        caps = int(said["capeff"], 16)
+        assert caps and not caps & (1 << 21)  # no CAP_SYS_ADMIN
+        assert {b for b in range(64) if caps >> b & 1} <= set(DOCKER_CAPS), hex(caps)
+        assert said["seccomp"] == "2"  # a seccomp filter, as in a container
+        assert said["reach_loopback"] == said["reach_gateway"] == said["reach_host"] == "none"
+        assert said["reach_metadata"] == "none"
+        assert said["reach_egress"] == said["reach_byname"] == f"peer-{BUILD_HOST}"  # NAT: the host's address
+        assert said["added"] == "fetched-from-upstream"  # buildah's own fetches: by name, through NAT
+        assert build_leftovers() == []
+        # ADD <url> is fetched by buildah, which runs in the build's namespace too
+        (ctx / "Dockerfile.add").write_text(f"FROM slicer/base\nADD http://127.0.0.1:{outside.http_port}/secret /s\n")
+        add = subprocess.run([*cli, "build", "-f", str(ctx / "Dockerfile.add"), "-t", "isolated-add:1", str(ctx)],
+                             env=env, capture_output=True, text=True)
+        assert add.returncode == 1 and "cannot build isolated-add:1" in add.stderr
+        assert "/secret" not in outside.host_requests()
+        assert build_leftovers() == []
+        (ctx / "Dockerfile.fail").write_text("FROM slicer/base\nRUN exit 3\n")
+        bad = subprocess.run([*cli, "build", "-f", str(ctx / "Dockerfile.fail"), "-t", "isolated-fail:1", str(ctx)],
+                             env=env, capture_output=True, text=True)
+        assert bad.returncode == 1 and "cannot build isolated-fail:1" in bad.stderr
+        assert build_leftovers() == []
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+        outside.close()
+        subprocess.run([*cli, "rm", "isolated:1"], env=env, capture_output=True)
 
 
 KERNEL_CONFIG = """

@@ -3,13 +3,15 @@ ruleset checked by the real ``nft`` (in the session's own network namespace)."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import os
 import subprocess
 
 import pytest
 
 from slicer.core.config import load_config
-from slicer.net import Addressing, HostNetwork, NetworkError, mac_for
+from slicer.net import Addressing, HostNetwork, NetworkError, buildns, mac_for
 from slicer.net import host as net_host
 from slicer.net.firewall import IsolatedGroup, guard, ruleset
 
@@ -61,3 +63,35 @@ def test_rulesets_load_in_nft():
     subprocess.run(["nft", "-c", "-f", "-"], input=script, text=True, check=True)
     subprocess.run(["nft", "-c", "-f", "-"], input=guard("tap0", "02:5c:01:02:03:04", "169.254.4.2"), text=True,
                    check=True)
+
+
+def test_build_network_rules_and_nameservers(tmp_path):
+    """A Dockerfile build's table loads; its nameservers are the host's that a build can reach."""
+    net = buildns.BuildNetwork("slicer-build-1-ab", "sbd1ab", "slicer_build_1ab",
+                               ipaddress.IPv4Network("10.231.0.4/30"), ("eth0", "eth1"), ())
+    script = buildns.ruleset(net)
+    assert 'iifname "sbd1ab" drop' in script.split("chain input")[1].split("}")[0]  # nothing of the host's
+    assert "169.254.0.0/16" in script and 'oifname { "eth0", "eth1" } accept' in script
+    subprocess.run(["nft", "-c", "-f", "-"], input=script, text=True, check=True)
+    no_uplink = buildns.ruleset(dataclasses.replace(net, uplinks=()))
+    assert "accept\n    iifname" not in no_uplink.split("chain forward")[1]  # no egress at all
+    subprocess.run(["nft", "-c", "-f", "-"], input=no_uplink, text=True, check=True)
+    stub, upstream = tmp_path / "resolv.conf", tmp_path / "upstream.conf"
+    stub.write_text("# systemd-resolved\nnameserver 127.0.0.53\noptions edns0\n")
+    upstream.write_text("nameserver fe80::1\nnameserver 169.254.169.253\nnameserver 192.0.2.53\nnameserver ::1\n"
+                        "nameserver 198.51.100.53\n")
+    assert buildns.nameservers((stub, upstream)) == ("192.0.2.53", "198.51.100.53")
+    assert buildns.nameservers((stub,)) == ()
+    assert buildns.nameservers((tmp_path / "missing", upstream))[0] == "192.0.2.53"
+
+
+def test_build_network_left_by_a_dead_builder_is_removed():
+    dead = 0x3FFFFE
+    assert not os.path.exists(f"/proc/{dead}")
+    ns = f"slicer-build-{dead:x}-0abc"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        buildns.remove_stale()
+        assert ns not in os.listdir("/run/netns")
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from slicer.core.config import DEFAULT_CONFIG, load_config
 from slicer.core.errors import SlicerError
@@ -71,7 +72,7 @@ def up(
         err.print(f"[red]cannot read {config}: {e}[/red]")
         raise typer.Exit(2) from e
     except SlicerError as e:
-        err.print(f"[red]{e.message}[/red]")
+        err.print(f"[red]{escape(e.message)}[/red]")
         raise typer.Exit(2) from e
     from slicer.daemon import lock_data_dir, run_daemon
     from slicer.image.build import ImageError, build_image, current_image
@@ -86,7 +87,7 @@ def up(
             build_image(data_dir, progress=lambda m: err.print(f"[cyan]image:[/cyan] {m}"))
         run_daemon(cfg, data_dir)
     except (ImageError, SlicerError) as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(1) from e
 
 
@@ -101,6 +102,8 @@ def image_build(
     file: Annotated[Path | None, typer.Option("-f", "--file", help="Build this Dockerfile with buildah.")] = None,
     tag: Annotated[str | None, typer.Option("-t", "--tag", help="Name of the built image (for image:).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="FROM a plain-HTTP registry.")] = False,
+    dns: Annotated[list[str] | None, typer.Option(
+        "--dns", help="Nameserver for RUN steps (repeat; default: the host's that are not loopback).")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     force: Annotated[bool, typer.Option(help="Rebuild even if a cached image matches.")] = False,
 ) -> None:
@@ -117,13 +120,13 @@ def image_build(
     from slicer.image.build import ImageError, build_image, current_image
 
     if file is None:
-        if tag or context:
-            err.print("[red]-t and a context go with -f (a Dockerfile build)[/red]")
+        if tag or context or dns:
+            err.print("[red]-t, --dns and a context go with -f (a Dockerfile build)[/red]")
             raise typer.Exit(2)
         try:
             image = build_image(data_dir, progress=lambda m: err.print(f"[cyan]image:[/cyan] {m}"), force=force)
         except ImageError as e:
-            err.print(f"[red]{e}[/red]")
+            err.print(f"[red]{escape(str(e))}[/red]")
             raise typer.Exit(1) from e
         typer.echo(str(image.directory))
         return
@@ -136,9 +139,10 @@ def image_build(
 
     try:
         builder = Builder(images_dir(data_dir), ImageStore.of(data_dir), current_image(data_dir))
-        image = builder.build(file, tag, context or Path("."), insecure, progress=tool_output)
+        image = builder.build(file, tag, context or Path("."), insecure, progress=tool_output,
+                              dns=tuple(dns) if dns else None)
     except (OCIError, ImageError) as e:
-        err.print(f"[red]{getattr(e, 'message', e)}[/red]")
+        err.print(f"[red]{escape(str(getattr(e, 'message', e)))}[/red]")
         raise typer.Exit(1) from e
     typer.echo(image.digest)
 

@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from slicer.cli._common import human
@@ -27,7 +28,7 @@ def image_pull(
     try:
         image = ImageStore.of(data_dir).pull(ref, insecure, progress=tool_output)
     except OCIError as e:
-        err.print(f"[red]{e.message}[/red]")
+        err.print(f"[red]{escape(e.message)}[/red]")
         raise typer.Exit(1) from e
     typer.echo(image.digest)
 
@@ -65,7 +66,7 @@ def image_rm(
     try:
         image = store.remove(ref, lambda digest: users_of_images(data_dir, store).get(digest))
     except OCIError as e:
-        err.print(f"[red]{e.message}[/red]")
+        err.print(f"[red]{escape(e.message)}[/red]")
         raise typer.Exit(1) from e
     typer.echo(f"removed {image.digest}")
 
