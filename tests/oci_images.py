@@ -134,6 +134,83 @@ def kernel_root(root: Path, image_dir: Path, leave_out: str = "") -> Path:
     return root
 
 
+def zeros_image(work: Path, tag: str, size: int) -> str:
+    """An OCI layout image (``dir:tag``) whose one gzip layer holds ``/zeros``: ``size`` bytes
+    of zeros in a plain (not sparse) tar member, compressed to ~1/1000 of that. Made directly
+    (gzip members of 1 MiB of zeros, concatenated) so that a 3 GiB file costs seconds, not
+    minutes."""
+    import gzip
+    import hashlib
+    import json
+    import tarfile
+
+    assert size % (1 << 20) == 0
+    blobs = work / f"layout-{tag}" / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return "sha256:" + digest
+
+    info = tarfile.TarInfo("zeros")
+    info.size, info.mode = size, 0o644
+    header = info.tobuf(format=tarfile.GNU_FORMAT)
+    mib = bytes(1 << 20)
+    zipped_mib = gzip.compress(mib, 9, mtime=0)
+    trailer = bytes(1024)  # size is a multiple of 512: no padding, then two zero blocks
+    diff, comp = hashlib.sha256(header), hashlib.sha256()
+    layer = blobs / "layer.tmp"
+    with open(layer, "wb") as f:
+        head = gzip.compress(header, 9, mtime=0)
+        f.write(head)
+        comp.update(head)
+        for _ in range(size >> 20):
+            diff.update(mib)
+            f.write(zipped_mib)
+            comp.update(zipped_mib)
+        diff.update(trailer)
+        tail = gzip.compress(trailer, 9, mtime=0)
+        f.write(tail)
+        comp.update(tail)
+    layer_digest = "sha256:" + comp.hexdigest()
+    layer.rename(blobs / comp.hexdigest())
+    config = put(json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+                             "rootfs": {"type": "layers", "diff_ids": ["sha256:" + diff.hexdigest()]}}).encode())
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config,
+                           "size": (blobs / config.removeprefix("sha256:")).stat().st_size},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest,
+                            "size": (blobs / layer_digest.removeprefix("sha256:")).stat().st_size}]}
+    manifest_bytes = json.dumps(manifest).encode()
+    index = {"schemaVersion": 2, "manifests": [
+        {"mediaType": manifest["mediaType"], "digest": put(manifest_bytes), "size": len(manifest_bytes),
+         "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+    (blobs.parent.parent / "index.json").write_text(json.dumps(index))
+    (blobs.parent.parent / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return f"{blobs.parent.parent}:{tag}"
+
+
+def sparse_image(work: Path, tag: str, size: int) -> str:
+    """An OCI layout image (``dir:tag``) of busybox plus a layer holding a sparse file of
+    ``size`` bytes (GNU tar's sparse format: the layer is a few KiB; umoci writes the holes)."""
+    root = work / f"sparse-{tag}"
+    root.mkdir()
+    subprocess.run(["truncate", "-s", str(size), str(root / "sparse")], check=True)
+    tar = work / f"sparse-{tag}.tar"
+    subprocess.run(["tar", "--sparse", "--format=posix", "-cf", str(tar), "-C", str(root), "sparse"], check=True)
+    image = f"{work / 'layout'}:{tag}"
+    if not (work / "layout").exists():
+        subprocess.run(["umoci", "init", "--layout", str(work / "layout")], check=True)
+    subprocess.run(["umoci", "new", "--image", image], check=True)
+    subprocess.run(["umoci", "config", "--image", image, "--architecture", "amd64", "--config.cmd", "/bin/sh"],
+                   check=True)
+    subprocess.run(["umoci", "raw", "add-layer", "--image", image, str(tar)], check=True)
+    shutil.rmtree(root)
+    tar.unlink()
+    return image
+
+
 SYSTEMD_TAR = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer")) / "test-cache/systemd-bookworm.tar"
 
 

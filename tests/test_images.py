@@ -22,7 +22,16 @@ import pytest
 from slicer.client import SlicerClient
 from tests import chunked_copy
 from tests.conftest import IMAGE_DATA_DIR, Daemon, free_port, wait_agent
-from tests.oci_images import Registry, busybox_root, debian_root, kernel_root, pack, systemd_root
+from tests.oci_images import (
+    Registry,
+    busybox_root,
+    debian_root,
+    kernel_root,
+    pack,
+    sparse_image,
+    systemd_root,
+    zeros_image,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -91,7 +100,10 @@ def refs(guest_image):
         no_blk = pack(kernel_root(work / "kernel-noblk", guest_image, leave_out="virtio_blk"), work, "noblk")
         hostile = pack(work / "bb-root", work, "hostile")
         subprocess.run(["umoci", "raw", "add-layer", "--image", hostile, str(hostile_layer(work))], check=True)
-        yield {"bb": registry.push(bb, "test/busybox:1"),
+        zeros = zeros_image(work, "zeros", 3 << 30)
+        sparse = sparse_image(work, "sparse", 3 << 30)
+        yield {"bb": registry.push(bb, "test/busybox:1"), "zeros": registry.push(zeros, "test/zeros:1"),
+               "sparse": registry.push(sparse, "test/sparse:1"),
                "hostile": registry.push(hostile, "test/hostile:1"), "deb": registry.push(deb, "test/debian:minbase"),
                "arm": registry.push(arm, "test/busybox-arm:1"), "registry": registry.address,
                "systemd": registry.push(systemd, "test/systemd:1"),
@@ -350,6 +362,27 @@ def test_bad_images_are_clear_errors_and_other_groups_go_on(daemon_, refs):
     oci = daemon_.data_dir / "images/oci"
     assert not list(oci.glob(".pull-*"))
     assert all((d / "meta.json").exists() and (d / "rootfs.ext4").exists() for d in oci.glob("sha256-*"))
+
+
+def test_layer_bomb_is_refused_while_it_unpacks(daemon_, refs):
+    """A small layer holding 3 GiB of zeros (plain, and as a sparse file): refused with 400
+    ``image_too_large`` naming the group's storage_size, before the data disk grows by more
+    than the layer; nothing left in the cache."""
+    from slicer.image.bounds import disk_usage
+
+    oci = daemon_.data_dir / "images/oci"
+    before = disk_usage(daemon_.data_dir)
+    images = {d.name for d in oci.glob("sha256-*")}
+    with daemon_.client() as api:
+        for name in ("zeros", "sparse"):
+            r = api.post("/hostgroup/tiny/nodes", json={"disk_image": refs[name]})
+            assert r.status_code == 400 and r.json()["code"] == "image_too_large", r.text
+            assert "host group tiny's storage_size 40M" in r.json()["error"], r.text
+            r = api.post("/hostgroup/vm/nodes", json={"disk_image": refs[name]})  # 2G: still not 3 GiB
+            assert r.status_code == 400 and "storage_size 2G" in r.json()["error"], r.text
+        assert api.get("/healthz").status_code == 200
+    assert disk_usage(daemon_.data_dir) - before < 64 << 20
+    assert not list(oci.glob(".pull-*")) and {d.name for d in oci.glob("sha256-*")} == images
 
 
 def test_cache_is_reused_and_managed_from_the_cli(daemon_, refs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -129,9 +130,22 @@ def test_a_crashed_daemon_leaves_guests_running_and_the_next_one_adopts_them(gue
         with sqlite3.connect(d.data_dir / "state.db") as db:  # a QEMU no record names
             db.execute("DELETE FROM nodes WHERE hostname = ?", (orphan,))
         assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox], pids[orphan]}
+        fifo = d.data_dir / "run" / sandbox / "qemu.log.pipe"  # QEMU's stderr (slicer.vmm.stderr_log)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            raise AssertionError("someone still reads QEMU's output with no daemon running")
+        except OSError as e:
+            assert e.errno == errno.ENXIO  # no reader: QEMU's writes fail (EPIPE, ignored) and it runs on
 
         d.start()
         api = d.client()
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # the new daemon reads it again
+        os.write(fd, f"after adoption {marker}\n".encode())
+        os.close(fd)
+        deadline = time.monotonic() + 30
+        while marker not in (d.data_dir / "run" / sandbox / "qemu.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker in (d.data_dir / "run" / sandbox / "qemu.log").read_text()
         nodes = {n["hostname"]: n for n in api.get("/nodes").json()}
         assert set(nodes) == {"svc-1", sandbox}, "the sandbox whose QEMU died is removed, the orphan not adopted"
         assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox]}, "the orphan QEMU is stopped"

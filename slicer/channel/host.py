@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 import httpcore
 import httpx
 
-from slicer.channel.yamux import READY, Session, Stream, StreamClosed, TokenBucket, connect_port
+from slicer.channel.budget import GLOBAL_FRAME_RATE, FrameBudget
+from slicer.channel.yamux import READY, Session, Stream, StreamClosed, connect_port
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ HANDSHAKE_LIMIT = 8 * 1024 * 1024  # stale guest bytes kept while looking for th
 # event loop from the other VMs) and bytes queued towards a guest that does not read them.
 FRAME_RATE = 20_000
 MAX_OUTBOUND = 32 * 1024 * 1024
+# ... and all guests together: GLOBAL_FRAME_RATE shared equally by the VMs sending (budget.py).
+FRAMES = FrameBudget(GLOBAL_FRAME_RATE, FRAME_RATE)
 
 
 class ChannelError(ConnectionError):
@@ -72,7 +75,7 @@ class Channel:
         self._pending = bytearray()
         self._ready: asyncio.Event = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._frames = TokenBucket(FRAME_RATE)
+        self._frames = FRAMES.member()
         self.first_byte_at: float | None = None  # loop time of the first guest byte (for bench)
         # Why the guest's side was last cut off (a flood, a protocol error); cleared by the
         # next good handshake.

@@ -19,13 +19,20 @@ from pathlib import Path
 from slicer.core.config import Config, HostGroup
 from slicer.core.errors import BadGateway, BadRequest, NotFound, SlicerError, Unavailable
 from slicer.core.state import StateStore
+from slicer.image.bounds import Bound
 from slicer.image.build import GuestImage, ImageError
 from slicer.image.kernels import Kernel, kernel_file, kernel_image
 from slicer.image.oci import LOCAL_TRANSPORTS, ImageStore, OCIError, UserImage
 
 log = logging.getLogger("slicer.images")
 KINDS: dict[str, type[SlicerError]] = {"invalid_image": BadRequest, "wrong_architecture": BadRequest,
-                                      "image_not_found": NotFound, "tool_missing": SlicerError}
+                                      "image_too_large": BadRequest, "image_not_found": NotFound,
+                                      "tool_missing": SlicerError}
+
+
+def bound_of(group: HostGroup) -> Bound:
+    """How much of the data disk pulling an image for ``group`` may take: its VMs' disk size."""
+    return Bound(group.disk_size, f"host group {group.name}'s storage_size {group.storage_size}")
 
 
 def image_error(e: OCIError) -> SlicerError:
@@ -61,7 +68,7 @@ class BootImages:
                 continue
             try:
                 image = self.store.ensure(ref, self.config.insecure_registry,
-                                          lambda m, g=group.name: log.info("%s: %s", g, m))
+                                          lambda m, g=group.name: log.info("%s: %s", g, m), bound_of(group))
             except Exception as e:  # one group's image never stops the others (nor the daemon)
                 self.errors[group.name] = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
                 log.error("host group %s: image %s unavailable: %s", group.name, ref, self.errors[group.name])
@@ -106,7 +113,7 @@ class BootImages:
         if ref.startswith(LOCAL_TRANSPORTS):
             raise BadRequest(f"disk_image {ref}: files on the host are not taken from the API; pull it with "
                              "`slicer image pull` and name it by its reference or digest", "invalid_image")
-        choice = await self.request_image(ref)
+        choice = await self.request_image(ref, bound=bound_of(group))
         try:
             too_big = self._too_big(self.store.get(choice["digest"]), group)
         except OCIError as e:  # removed meanwhile
@@ -115,12 +122,13 @@ class BootImages:
             raise BadRequest(too_big, "image_too_large")
         return choice
 
-    async def request_image(self, ref: str, refresh: bool = False) -> dict:
+    async def request_image(self, ref: str, refresh: bool = False, bound: Bound | None = None) -> dict:
         lock = self._pulls.setdefault(ref, asyncio.Lock())
         async with lock:
             pull = self.store.pull if refresh else self.store.ensure
             try:
-                image = await asyncio.to_thread(pull, ref, self.config.insecure_registry, lambda m: log.info("%s", m))
+                image = await asyncio.to_thread(pull, ref, self.config.insecure_registry, lambda m: log.info("%s", m),
+                                                bound=bound)
             except OCIError as e:
                 raise image_error(e) from None
         return {"ref": ref, "digest": image.digest}

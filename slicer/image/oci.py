@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from slicer.image.bounds import BadLayer, Bound, TooLarge, run_bounded, scan_layers
+
 Progress = Callable[[str], None]
 ARCH = "amd64"
 TRANSPORTS = ("docker://", "oci:", "oci-archive:", "docker-archive:")
@@ -85,8 +87,21 @@ def write_json(path: Path, value: object) -> None:
     os.replace(tmp, path)
 
 
-def run_tool(cmd: list[str], what: str, progress: Progress | None = None) -> str:
-    """Run a tool; its output lines go to ``progress`` as they come; errors name ``what``."""
+def run_tool(cmd: list[str], what: str, progress: Progress | None = None, bound: Bound | None = None,
+             watch: Path | None = None) -> str:
+    """Run a tool; its output lines go to ``progress`` as they come; errors name ``what``. With
+    ``bound``: what it writes (the tree at ``watch``) is kept within it (``bounds.run_bounded``)."""
+    if bound is not None and watch is not None:
+        try:
+            code, lines = run_bounded(cmd, watch, bound, progress)
+        except FileNotFoundError:
+            raise OCIError(f"{cmd[0]} is not installed (scripts/install.sh installs it)", "tool_missing") from None
+        except TooLarge as e:
+            raise OCIError(f"{what}: the image {e}", "image_too_large") from None
+        if code:
+            detail = "; ".join(x for x in lines[-4:] if x) or f"exit status {code}"
+            raise OCIError(f"{what}: {detail}", "image_pull_failed")
+        return "\n".join(lines)
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     except FileNotFoundError:
@@ -201,18 +216,22 @@ class ImageStore:
         return image
 
     # -- pulling ----------------------------------------------------------------------------------
-    def ensure(self, ref: str, insecure: bool = False, progress: Progress = print) -> UserImage:
+    def ensure(self, ref: str, insecure: bool = False, progress: Progress = print,
+               bound: Bound | None = None) -> UserImage:
         """``ref`` from the cache, pulled first if it is not there."""
-        return self.lookup(ref) or self.pull(ref, insecure, progress)
+        return self.lookup(ref) or self.pull(ref, insecure, progress, bound=bound)
 
-    def pull(self, ref: str, insecure: bool = False, progress: Progress = print, name: str | None = None) -> UserImage:
+    def pull(self, ref: str, insecure: bool = False, progress: Progress = print, name: str | None = None,
+             bound: Bound | None = None) -> UserImage:
         """Pull ``ref`` and make its disk (unless its digest is cached already); record it under
-        ``name`` (default: the reference itself)."""
+        ``name`` (default: the reference itself). With ``bound``, neither the download nor the
+        unpacked tree may take more of the disk than it allows (refused: ``image_too_large``,
+        and nothing is left behind)."""
         name = name or ref
         with self.workdir() as work:
-            layout, digest, config = self.fetch(ref, insecure, progress, work)
+            layout, digest, config = self.fetch(ref, insecure, progress, work, bound)
             if self.lookup(digest) is None:
-                self._convert(name, ref, work, layout, digest, config, progress)
+                self._convert(name, ref, work, layout, digest, config, progress, bound)
             with self._locked():
                 refs = self._refs()
                 refs[name] = digest
@@ -232,7 +251,8 @@ class ImageStore:
             fcntl.flock(f, fcntl.LOCK_EX)  # held while in use: clean() leaves it alone
             yield Path(tmp)
 
-    def fetch(self, ref: str, insecure: bool, progress: Progress, work: Path) -> tuple[str, str, dict]:
+    def fetch(self, ref: str, insecure: bool, progress: Progress, work: Path,
+              bound: Bound | None = None) -> tuple[str, str, dict]:
         """Copy ``ref`` into an OCI layout in ``work``: its umoci name, manifest digest and config."""
         source = source_of(ref)
         if source == "docker://" + ref and not names_registry(ref):
@@ -244,17 +264,28 @@ class ImageStore:
         tls = ["--src-tls-verify=false"] if insecure else []
         progress(f"pulling {ref}")
         run_tool(["skopeo", "--override-os", "linux", "--override-arch", ARCH, "copy", *tls, source,
-                  "oci:" + layout], f"cannot pull {ref}", progress)
+                  "oci:" + layout], f"cannot pull {ref}", progress, bound, work)
         digest, config, layers = self._read_layout(work / "layout", ref)
         progress(f"{ref}: {len(layers)} layer(s), {sum(layers) / 1e6:.1f} MB")
         return layout, digest, config
 
     @staticmethod
-    def unpack(ref: str, layout: str, bundle: Path, progress: Progress) -> Path:
+    def unpack(ref: str, layout: str, bundle: Path, progress: Progress, bound: Bound | None = None,
+               digest: str = "") -> Path:
         """The image's root filesystem, unpacked by umoci (whiteouts, links, ownership, xattrs;
-        no path leaves the root); returns its directory."""
+        no path leaves the root); returns its directory. With ``bound`` (and the manifest's
+        ``digest``): the layers' headers are read first and the unpack is watched while it runs
+        (``slicer.image.bounds``)."""
+        if bound is not None:
+            try:
+                scan_layers(Path(layout.rpartition(":")[0]), digest, bound)
+            except TooLarge as e:
+                raise OCIError(f"image {ref} {e}", "image_too_large") from None
+            except (BadLayer, OSError, ValueError, KeyError, TypeError) as e:
+                raise OCIError(f"image {ref}: {e}", "invalid_image") from None
         progress(f"unpacking {ref}")
-        run_tool(["umoci", "unpack", "--image", layout, str(bundle)], f"cannot unpack {ref}")
+        run_tool(["umoci", "unpack", "--image", layout, str(bundle)], f"cannot unpack {ref}", bound=bound,
+                 watch=bundle)
         return bundle / "rootfs"
 
     @staticmethod
@@ -275,10 +306,10 @@ class ImageStore:
         return digest, config, layers
 
     def _convert(self, ref: str, source: str, work: Path, layout: str, digest: str, config: dict,
-                 progress: Progress) -> None:
+                 progress: Progress, bound: Bound | None = None) -> None:
         """Make the disk of the image pulled into ``layout``; ``ref``: its name here, ``source``:
         where it came from (the same, but for a build's temporary layout)."""
-        root = self.unpack(ref, layout, work / "bundle", progress)
+        root = self.unpack(ref, layout, work / "bundle", progress, bound, digest)
         for d in ROOT_DIRS:
             path = root / d
             if not path.is_symlink() and not path.exists():

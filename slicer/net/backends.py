@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from slicer.net.host import HostNetwork
 
 MAX_TAPS = 10000
+PASST_LOG_MAX = 1 << 20  # passt.log's bound, kept by passt itself (--log-size: it drops the oldest part)
+PASST_VERBOSITY = ("--quiet",)
 Policy = dict[str, list[str]]  # a VM's own {"allow": [...], "drop": [...]}; an omitted key is its group's
 
 
@@ -284,13 +286,14 @@ class PasstNetwork(GroupNetwork):
         run_dir.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         dns = [a for d in self.group.dns_servers for a in ("--dns", d)] or ["--dns", ""]
-        argv = ["passt", "--foreground", "--ipv4-only", "--quiet", "--no-map-gw",
+        argv = ["passt", "--foreground", "--ipv4-only", *PASST_VERBOSITY, "--no-map-gw",
+                "--log-file", str(run_dir / "passt.log"), "--log-size", str(PASST_LOG_MAX),
                 "--tcp-ports", "none", "--udp-ports", "none", "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra",
                 *(["--runas", f"{self.host.helper_uid}:{self.host.helper_uid}"] if self.host.helper_uid else []),
                 "--fd", str(theirs.fileno()), "--address", ip,
                 "--netmask", str(self.addressing.network.prefixlen), "--gateway", gateway, *dns]
         try:
-            with open(run_dir / "passt.log", "wb") as log:
+            with open(run_dir / "passt.err", "wb") as log:  # what passt says before its log file is open
                 proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=log,
                                                             stderr=log, start_new_session=True,
                                                             pass_fds=(theirs.fileno(),))

@@ -33,6 +33,7 @@ from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState, VMStateError
 from slicer.vmm.disks import create_overlay, verified_chain
 from slicer.vmm.handoff import Handoff, Layer, open_handoff, placeholder
 from slicer.vmm.jail import SANDBOX, Jail, Jailer, SealedFiles, guest_memory_charge, release
+from slicer.vmm.stderr_log import flush, qemu_output, reattach
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ async def _connect(proc: asyncio.subprocess.Process, what: str, connect):
 
 
 def _qemu_failure(run_dir: Path) -> str:
+    flush(run_dir)
     try:
         text = (run_dir / "qemu.log").read_text(errors="replace").strip()
     except OSError:
@@ -518,7 +520,7 @@ class QemuDriver(Driver):
             raise
         net_fds = (spec.net.fd,) if spec.net is not None and spec.net.fd is not None else ()
         try:
-            with open(spec.run_dir / "qemu.log", "wb") as qlog:
+            with qemu_output(spec.run_dir) as qlog:  # bounded, outlives the daemon (stderr_log)
                 argv = self.command(spec, incoming=restore_from is not None, handoff=handoff)
                 proc = await asyncio.create_subprocess_exec(
                     *(jail.wrap(argv, self._devices) if jail is not None else argv),
@@ -567,6 +569,7 @@ class QemuDriver(Driver):
         jail = self.jailer.adopt(pid) if self.jailer is not None else None
         chain = [Layer(spec.disk, "qcow2")]  # what _release gives back when it ends
         vm = QemuVM(spec, proc, functools.partial(self._release, spec, chain, jail), jail)
+        reattach(spec.run_dir)
         try:
             await vm._attach()
             await vm._roll_back_save()
