@@ -187,3 +187,24 @@ def test_exec_and_shell_as_a_user_get_its_groups_and_identity(api, daemon, vm):
         ws.send(struct.pack(">BI", 1, 5) + b"exit\n")
     shown = next(x for x in out.decode(errors="replace").splitlines() if "END-42" in x and x.startswith("G="))
     assert shown.split(" END")[0] == f"G={' '.join(expected[1:])} H={HOME} U=ubuntu", shown
+
+
+def test_ssh_keys_are_not_written_through_a_users_link(api, vm):
+    """After a reboot the host writes ~ubuntu/.ssh/authorized_keys again (as root): a ~/.ssh the
+    user made a link to /etc must not get /etc chowned to the user nor a file written there."""
+    as_user(api, vm, "rm -rf .ssh-real && mv .ssh .ssh-real && ln -s /etc .ssh")
+    before = sh(api, vm, "stat -c '%U:%G %a' /etc; cat /proc/sys/kernel/random/boot_id").split()
+    assert api.post(f"/vm/{vm}/shutdown", params={"action": "reboot"}).status_code == 200
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        r = api.post(f"/vm/{vm}/exec", params={"cmd": "cat /proc/sys/kernel/random/boot_id", "buffered": "true"})
+        warnings = api.get(f"/vm/{vm}").json().get("warnings", [])
+        if r.status_code == 200 and r.json()["stdout"].split() != before[2:] and any(".ssh" in w for w in warnings):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("no new boot whose key install refused the link")
+    assert any("unsafe_path" in w or "not written" in w for w in warnings), warnings
+    assert sh(api, vm, "stat -c '%U:%G %a' /etc; ls /etc/authorized_keys 2>/dev/null || echo absent").split() == \
+        [*before[:2], "absent"]
+    as_user(api, vm, "rm .ssh && mv .ssh-real .ssh")
