@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import base64
 import os
-import tarfile
+import stat
 
-from slicer.agent.files import FileError, excluded, not_found
+from slicer.agent.files import FileError, not_found
+from slicer.agent.paths import lstat
 
 MODES = ("cp-v1-binary", "cp-v1-tar", "cp-v1-recursive")
 
@@ -33,7 +34,8 @@ def upload_target(path: str, source_type: str, source_name: str, copy_contents: 
         raise FileError(f"invalid source_name {source_name!r}", "invalid_request")
     dir_only = path.endswith("/")  # "dir/" names a directory, which must exist for a file
     path = path.rstrip("/") or "/"
-    exists_dir = os.path.isdir(path)
+    st = lstat(path)  # the agent's rule for paths (slicer.agent.paths)
+    exists_dir = st is not None and stat.S_ISDIR(st.st_mode)
     if source_type == "file":
         if exists_dir:
             if not source_name:
@@ -42,7 +44,7 @@ def upload_target(path: str, source_type: str, source_name: str, copy_contents: 
         if dir_only:
             raise not_found(path + "/")
         return "file", path
-    if os.path.exists(path) and not exists_dir:
+    if st is not None and not exists_dir:
         raise FileError(f"{path} exists and is not a directory", "not_a_directory", 409)
     if exists_dir and not copy_contents:
         if not source_name:
@@ -62,35 +64,13 @@ def source_headers(path: str, kind: str) -> dict[str, str]:
 
 def download_kind(path: str, mode: str) -> str:
     """``file`` or ``directory``: what a download of ``path`` in ``mode`` sends, or FileError."""
-    if not os.path.lexists(path):
+    st = lstat(path)  # the agent's rule for paths (slicer.agent.paths)
+    if st is None:
         raise not_found(path)
-    kind = "directory" if os.path.isdir(path) else "file"
+    kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
     if mode == "cp-v1-binary" and kind == "directory":
         raise FileError(f"{path} is a directory: must specify a file not a directory (mode=cp-v1-tar)",
                         "is_directory")
     if mode == "cp-v1-tar" and kind == "file":
         raise FileError(f"{path} is a file: use mode=cp-v1-binary", "not_a_directory")
     return kind
-
-
-def write_contents_tar(fileobj, root: str, patterns: list[str]) -> None:
-    """Stream the contents of directory ``root`` as a tar, names relative to it; like
-    ``tar --one-file-system``, other mounts below it (``/proc``, ``/sys``) are left out."""
-    device = os.stat(root).st_dev
-    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-        for dirpath, dirnames, filenames in os.walk(root):
-            rel_dir = os.path.relpath(dirpath, root)
-            keep = []
-            for d in sorted(dirnames):
-                rel = d if rel_dir == "." else f"{rel_dir}/{d}"
-                if excluded(rel, patterns):
-                    continue
-                full = os.path.join(dirpath, d)
-                tf.add(full, arcname=rel, recursive=False)
-                if not os.path.islink(full) and os.lstat(full).st_dev == device:
-                    keep.append(d)
-            dirnames[:] = keep
-            for f in sorted(filenames):
-                rel = f if rel_dir == "." else f"{rel_dir}/{f}"
-                if not excluded(rel, patterns):
-                    tf.add(os.path.join(dirpath, f), arcname=rel, recursive=False)

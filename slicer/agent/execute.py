@@ -19,8 +19,7 @@ import signal
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from slicer.agent import runtime
-from slicer.agent.files import home_of
+from slicer.agent import paths, runtime
 
 READ_CHUNK = 65536
 BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -50,7 +49,7 @@ def _flag(query, name: str, default: bool) -> bool:
     raise ExecError(f"{name} must be true or false, not {value!r}", "invalid_request")
 
 
-def _int(query, name: str, default: int) -> int:
+def _int(query, name: str, default: int | None) -> int | None:
     value = query.get(name)
     if value is None or value == "":
         return default
@@ -69,7 +68,7 @@ class ExecRequest:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     uid: int = 0
-    gid: int = 0
+    gid: int | None = None  # the user's primary group when None
     cwd: str | None = None
     shell: str = "/bin/bash"
     stdin: bool = False
@@ -99,8 +98,8 @@ class ExecRequest:
             cmd=cmd,
             args=list(query.getall("args", [])),
             env=env,
-            uid=_int(query, "uid", 0),
-            gid=_int(query, "gid", 0),
+            uid=_int(query, "uid", 0) or 0,
+            gid=_int(query, "gid", None),
             cwd=query.get("cwd") or None,
             shell=query.get("shell", "/bin/bash"),
             stdin=_flag(query, "stdin", False),
@@ -109,7 +108,7 @@ class ExecRequest:
             base64=stdio == "base64",
             buffered=_flag(query, "buffered", False),
             background=_flag(query, "background", False),
-            ring_bytes=_int(query, "ring_bytes", 0),
+            ring_bytes=_int(query, "ring_bytes", 0) or 0,
         )
 
     def validate(self) -> None:
@@ -124,21 +123,46 @@ class ExecRequest:
         return [cmd, *self.args]
 
 
+async def check_cwd(cwd: str | None, uid: int) -> None:
+    """A working directory must be a directory the command's user reaches: as root, under the
+    agent's rule for paths (:mod:`slicer.agent.paths`: no guest user's symlink followed); as
+    another uid, with that user's rights."""
+    if not cwd:
+        return
+    try:
+        await paths.run_as(uid, paths.check_dir, cwd)
+    except paths.FileError as e:
+        raise ExecError(f"cwd {cwd!r}: {e}", "unsafe_path" if e.code == "unsafe_path" else "invalid_cwd",
+                        e.status if e.code == "unsafe_path" else 400) from None
+    except OSError as e:
+        raise ExecError(f"cwd {cwd!r} is not a directory ({e.strerror})", "invalid_cwd") from None
+
+
+def identity_env(u: paths.User) -> dict[str, str]:
+    return {"HOME": u.home or "/", "USER": u.name, "LOGNAME": u.name}
+
+
 async def spawn(req: ExecRequest) -> asyncio.subprocess.Process:
+    """Start the command. With a ``uid`` it runs as that user: its primary group (unless ``gid``
+    says otherwise), its supplementary groups, and its HOME, USER and LOGNAME (unless ``env``
+    names them), as ``su``/``initgroups`` would set them."""
     req.validate()
-    if req.cwd and not os.path.isdir(req.cwd):
-        raise ExecError(f"cwd {req.cwd!r} is not a directory", "invalid_cwd")
-    home = home_of(req.uid) or "/"
-    env = {**BASE_ENV, "HOME": home, **req.env}
+    await check_cwd(req.cwd, req.uid)
+    u = paths.user(req.uid, req.gid)
+    env = {**BASE_ENV, **identity_env(u), **req.env}
+    if req.uid:
+        ids = {"user": req.uid, "group": u.gid, "extra_groups": u.groups}
+    elif req.gid is not None:
+        ids = {"group": req.gid, "extra_groups": []}
+    else:
+        ids = {}
     try:
         return await asyncio.create_subprocess_exec(
             *req.argv(),
             stdin=asyncio.subprocess.PIPE if req.stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE if req.stdout else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE if req.stderr else asyncio.subprocess.DEVNULL,
-            cwd=req.cwd or home, env=env,
-            user=req.uid if req.uid else None, group=req.gid if req.gid else None,
-            extra_groups=[] if req.uid or req.gid else None,
+            cwd=req.cwd or u.home or "/", env=env, **ids,
             start_new_session=True,  # its own process group: killed as a whole
         )
     except FileNotFoundError:

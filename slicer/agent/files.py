@@ -10,25 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
+import grp
 import io
 import os
 import posixpath
 import pwd
+import secrets
 import shutil
 import stat
 import tarfile
-import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
+
+from slicer.agent.paths import DIR_FLAGS, FileError, locate, lstat, make_dirs, not_found, open_at, open_dir
 
 CHUNK = 65536
-
-
-class FileError(Exception):
-    def __init__(self, message: str, code: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
 
 
 def parse_permissions(value: str | None) -> int | None:
@@ -74,70 +72,83 @@ def require_path(value: str | None, uid: int | None = None) -> str:
     return os.path.normpath(value)
 
 
-def not_found(path: str) -> FileError:
-    return FileError(f"{path}: no such file or directory", "not_found", 404)
-
-
 # -- binary -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_file(path: str, permissions: int | None, uid: int | None, gid: int | None,
-                fsync: bool = False) -> Iterator[io.BufferedWriter]:
+                fsync: bool = False, dir_fd: int | None = None) -> Iterator[io.BufferedWriter]:
     """A file to write ``path``'s new content into: a temp file beside it, renamed into place
-    when the block ends (removed if it fails). Mode and owner are set by descriptor (in a
-    directory a guest user can write, the temp name may be a symlink by now); without
+    when the block ends (removed if it fails). Its directory is reached under the rule of
+    :mod:`slicer.agent.paths` (or is ``dir_fd``, ``path`` then a name in it) and everything after
+    goes through that descriptor; mode and owner are set on the file's own. Without
     ``permissions`` it keeps those of the file it replaces (:func:`kept_mode`)."""
-    parent = os.path.dirname(path)
-    refuse_user_links(parent)
-    if os.path.isdir(path):
-        raise FileError(f"{path} is a directory; send a tar (mode=tar) or name the file", "is_directory")
-    if not os.path.isdir(parent):
-        raise not_found(parent)
-    mode = permissions if permissions is not None else kept_mode(path)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slicer-cp-")
+    if dir_fd is None:
+        pfd, name = locate(path, follow=False)
+    else:
+        pfd, name = os.dup(dir_fd), path
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            if uid is not None or gid is not None:
-                os.fchown(f.fileno(), uid if uid is not None else -1, gid if gid is not None else -1)
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        except NotADirectoryError:
+            raise not_found(os.path.dirname(path)) from None
+        if name == "." or (st is not None and stat.S_ISDIR(st.st_mode)):
+            raise FileError(f"{path} is a directory; send a tar (mode=tar) or name the file", "is_directory")
+        mode = permissions if permissions is not None else kept_mode(st)
+        for _ in range(100):
+            tmp = f".slicer-cp-{secrets.token_hex(6)}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=pfd)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileError(f"no temporary name free beside {path}", "copy_failed")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fchmod(f.fileno(), mode)
+                if uid is not None or gid is not None:
+                    os.fchown(f.fileno(), uid if uid is not None else -1, gid if gid is not None else -1)
+                if fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=pfd)
+            raise
+    finally:
+        os.close(pfd)
 
 
-async def receive_file(path: str, chunks, permissions: int | None, uid: int | None, gid: int | None) -> int:
+async def receive_file(path: str, chunks, permissions: int | None, uid: int | None, gid: int | None,
+                       dir_fd: int | None = None) -> int:
     """Write the body to ``path`` (atomically: a temp file renamed into place)."""
     size = 0
-    with atomic_file(path, permissions, uid, gid) as f:
+    with atomic_file(path, permissions, uid, gid, dir_fd=dir_fd) as f:
         async for chunk in chunks:
             f.write(chunk)
             size += len(chunk)
     return size
 
 
-def kept_mode(path: str) -> int:
-    """The permission bits a file replacing ``path`` keeps: those of the regular file there (never
-    set-id bits, never through a symlink: a guest user may have planted either), else 0644."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0o644
-    return stat.S_IMODE(st.st_mode) & 0o777 if stat.S_ISREG(st.st_mode) else 0o644
+def kept_mode(st: os.stat_result | None) -> int:
+    """The permission bits a file replacing one with ``st`` (its lstat) keeps: those of a regular
+    file (never set-id bits, never through a symlink: a guest user may have planted either), else 0644."""
+    return stat.S_IMODE(st.st_mode) & 0o777 if st is not None and stat.S_ISREG(st.st_mode) else 0o644
 
 
 def open_for_sending(path: str) -> tuple[io.BufferedReader, int, int]:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise not_found(path) from None
+    """A file to send, opened under the rule of :mod:`slicer.agent.paths` (a FIFO does not block)."""
+    fd = open_at(path, os.O_RDONLY | os.O_NONBLOCK)
+    st = os.fstat(fd)
     if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
         raise FileError(f"{path} is a directory; ask for a tar (mode=tar)", "is_directory")
-    return open(path, "rb"), st.st_size, stat.S_IMODE(st.st_mode)
+    os.set_blocking(fd, True)
+    return open(fd, "rb"), st.st_size, stat.S_IMODE(st.st_mode)
 
 
 # -- tar ----------------------------------------------------------------------------------------
@@ -213,26 +224,6 @@ def check_member(root: str, member: tarfile.TarInfo) -> str:
     return target
 
 
-def refuse_user_links(path: str) -> None:
-    """As root, refuse a path that passes through a symlink a guest user owns: that user could
-    point it anywhere (``ln -s /etc ~/dir``), and root would write there. Root's own links
-    (``/var/run``) are followed."""
-    if os.geteuid() != 0:
-        return
-    parts = os.path.normpath(path).split("/")
-    for i in range(2, len(parts) + 1):
-        prefix = "/".join(parts[:i])
-        try:
-            st = os.lstat(prefix)
-        except FileNotFoundError:
-            return
-        if stat.S_ISLNK(st.st_mode) and st.st_uid != 0:
-            raise FileError(f"{prefix} is a symlink of uid {st.st_uid}: not followed as root", "unsafe_path", 409)
-
-
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
 def _walk(root_fd: int, rel: str, make: bool) -> int:
     """A new descriptor of directory ``rel`` under ``root_fd``, one component at a time and
     never through a symlink (made on the way when ``make``)."""
@@ -306,14 +297,12 @@ def _extract_member(tf: tarfile.TarFile, member: tarfile.TarInfo, root_fd: int, 
 
 def extract_tar(fileobj, root: str, permissions: int | None, uid: int | None, gid: int | None,
                 exclude: list[str] | None = None) -> int:
-    """Extract a tar stream into ``root`` (created if missing); returns the member count.
-    Members matching an ``exclude`` pattern (see :func:`excluded`) are skipped. Everything is
-    written through directory descriptors (see :func:`_extract_member`); as root, owners are the
-    archive's unless ``uid``/``gid`` say otherwise."""
-    refuse_user_links(root)
-    os.makedirs(root, exist_ok=True)
+    """Extract a tar stream into ``root`` (created if missing, under the rule of
+    :mod:`slicer.agent.paths`); returns the member count. Members matching an ``exclude`` pattern
+    (see :func:`excluded`) are skipped. Everything is written through directory descriptors (see
+    :func:`_extract_member`); as root, owners are the archive's unless ``uid``/``gid`` say otherwise."""
+    root_fd = make_dirs(root)
     root = os.path.realpath(root)
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     count = 0
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
@@ -332,28 +321,122 @@ def extract_tar(fileobj, root: str, permissions: int | None, uid: int | None, gi
     return count
 
 
-def write_tar(fileobj, path: str) -> None:
-    """Stream ``path`` (file or directory) as an uncompressed tar, named by its basename; like
-    ``tar --one-file-system``, other mounts below it (``/proc`` and its endless ``kcore``,
-    ``/sys``) are left out."""
-    device = os.stat(path).st_dev
-    base = os.path.basename(path.rstrip("/")) or "."
+@dataclass
+class Entry:
+    """One thing to put in a tar, held open: ``fd`` for a directory or regular file (-1 else),
+    its status, and a symlink's target."""
+    st: os.stat_result
+    fd: int = -1
+    link: str = ""
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+    @classmethod
+    def at(cls, name: str, dir_fd: int) -> Entry:
+        """What ``name`` in ``dir_fd`` is, opened without following it (a symlink is read, not entered)."""
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            return cls(st, link=os.readlink(name, dir_fd=dir_fd))
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            return cls(st)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        st = os.fstat(fd)  # what was opened (it may have been swapped since the stat)
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            os.close(fd)
+            return cls(st)
+        os.set_blocking(fd, True)
+        return cls(st, fd)
+
+    @classmethod
+    def of(cls, path: str, follow: bool) -> Entry:
+        """``path`` reached under the rule of :mod:`slicer.agent.paths` (its last link followed
+        when ``follow``), opened before any answer is sent."""
+        pfd, name = locate(path, follow)
+        try:
+            return cls.at(name, pfd)
+        except FileNotFoundError:
+            raise not_found(path) from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise FileError(f"{path} became a symlink: not followed", "unsafe_path", 409) from None
+            raise
+        finally:
+            os.close(pfd)
+
+
+_names: dict[tuple[str, int], str] = {}
+
+
+def _name_of(kind: str, number: int) -> str:
+    if (kind, number) not in _names:
+        try:
+            _names[kind, number] = pwd.getpwuid(number).pw_name if kind == "u" else grp.getgrgid(number).gr_name
+        except KeyError:
+            _names[kind, number] = ""
+    return _names[kind, number]
+
+
+def _add(tf: tarfile.TarFile, arcname: str, entry: Entry) -> None:
+    """One tar member for ``entry`` (sockets have none)."""
+    st, mode = entry.st, entry.st.st_mode
+    info = tarfile.TarInfo(arcname)
+    info.mode, info.uid, info.gid, info.mtime = stat.S_IMODE(mode), st.st_uid, st.st_gid, int(st.st_mtime)
+    info.uname, info.gname = _name_of("u", st.st_uid), _name_of("g", st.st_gid)
+    if stat.S_ISREG(mode) and entry.fd >= 0:
+        info.size = st.st_size
+        with open(os.dup(entry.fd), "rb") as f:
+            tf.addfile(info, f)
+        return
+    if stat.S_ISDIR(mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(mode):
+        info.type, info.linkname = tarfile.SYMTYPE, entry.link
+    elif stat.S_ISFIFO(mode):
+        info.type = tarfile.FIFOTYPE
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    else:
+        return
+    tf.addfile(info)
+
+
+def _add_tree(tf: tarfile.TarFile, dir_fd: int, prefix: str, rel: str, device: int, patterns: list[str]) -> None:
+    """The contents of directory ``dir_fd``, by descriptor: never into a symlink, nor into another mount."""
+    for name in sorted(os.listdir(dir_fd)):
+        path = f"{rel}/{name}" if rel else name
+        if patterns and excluded(path, patterns):
+            continue
+        try:
+            entry = Entry.at(name, dir_fd)
+        except OSError:
+            continue  # gone meanwhile, or swapped for a symlink after its stat
+        try:
+            _add(tf, f"{prefix}/{path}" if prefix else path, entry)
+            if entry.is_dir and entry.st.st_dev == device:
+                _add_tree(tf, entry.fd, prefix, path, device, patterns)
+        finally:
+            entry.close()
+
+
+def write_tar(fileobj, entry: Entry, base: str, patterns: list[str] | None = None, contents: bool = False) -> None:
+    """Stream ``entry`` (see :meth:`Entry.of`) as an uncompressed tar, named ``base`` (``.`` for
+    none); with ``contents``, a directory's contents only, named relative to it. Like
+    ``tar --one-file-system``, other mounts below it (``/proc`` and its endless ``kcore``, ``/sys``)
+    are left out; ``patterns`` exclude entries (see :func:`excluded`)."""
+    prefix = "" if base == "." else base
     with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-        tf.add(path, arcname=base, recursive=False)
-        if not os.path.isdir(path) or os.path.islink(path):
-            return
-        for dirpath, dirnames, filenames in os.walk(path):
-            rel_dir = os.path.relpath(dirpath, path)
-            keep = []
-            for name in sorted(dirnames):
-                full = os.path.join(dirpath, name)
-                tf.add(full, arcname=posixpath.normpath(f"{base}/{rel_dir}/{name}"), recursive=False)
-                if not os.path.islink(full) and os.lstat(full).st_dev == device:
-                    keep.append(name)
-            dirnames[:] = keep
-            for name in sorted(filenames):
-                tf.add(os.path.join(dirpath, name), arcname=posixpath.normpath(f"{base}/{rel_dir}/{name}"),
-                       recursive=False)
+        if not contents:
+            _add(tf, base, entry)
+        if entry.is_dir:
+            _add_tree(tf, entry.fd, "" if contents else prefix, "", entry.st.st_dev, patterns or [])
 
 
 # -- fs -----------------------------------------------------------------------------------------
@@ -365,10 +448,9 @@ def _kind(mode: int) -> str:
     return "file"
 
 
-def describe(path: str, name: str | None = None) -> dict:
-    st = os.lstat(path)
+def describe(st: os.stat_result, name: str) -> dict:
     return {
-        "name": name or os.path.basename(path) or "/",
+        "name": name,
         "type": _kind(st.st_mode),
         "size": st.st_size,
         "mtime": int(st.st_mtime),
@@ -377,56 +459,68 @@ def describe(path: str, name: str | None = None) -> dict:
 
 
 def fs_stat(path: str) -> dict:
-    try:
-        return describe(path)
-    except FileNotFoundError:
-        raise not_found(path) from None
+    """The entry at ``path`` itself (a symlink is described, not followed)."""
+    st = lstat(path, follow=False)
+    if st is None:
+        raise not_found(path)
+    return describe(st, os.path.basename(path) or "/")
 
 
 def fs_readdir(path: str) -> list[dict]:
+    dfd = open_dir(path)
     try:
-        with os.scandir(path) as it:
-            names = sorted(e.name for e in it)
-    except FileNotFoundError:
-        raise not_found(path) from None
-    except NotADirectoryError:
-        raise FileError(f"{path} is not a directory", "not_a_directory") from None
-    out = []
-    for name in names:
-        try:
-            out.append(describe(os.path.join(path, name), name))
-        except FileNotFoundError:
-            continue  # removed while we listed
-    return out
+        out = []
+        for name in sorted(os.listdir(dfd)):
+            try:
+                out.append(describe(os.stat(name, dir_fd=dfd, follow_symlinks=False), name))
+            except FileNotFoundError:
+                continue  # removed while we listed
+        return out
+    finally:
+        os.close(dfd)
 
 
 def fs_mkdir(path: str, recursive: bool, mode: int | None) -> None:
+    if recursive:
+        fd = make_dirs(path, mode or 0o755)
+    else:
+        pfd, name = locate(path, follow=False)
+        try:
+            os.mkdir(name, mode or 0o755, dir_fd=pfd)
+        except FileExistsError:
+            raise FileError(f"{path} already exists", "exists", 409) from None
+        finally:
+            os.close(pfd)
+        fd = open_dir(path)
     try:
-        if recursive:
-            os.makedirs(path, mode=mode or 0o755, exist_ok=True)
-        else:
-            os.mkdir(path, mode or 0o755)
-    except FileExistsError:
-        raise FileError(f"{path} already exists", "exists", 409) from None
-    except FileNotFoundError:
-        raise not_found(os.path.dirname(path)) from None
-    if mode is not None:
-        os.chmod(path, mode)
+        if mode is not None:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def fs_remove(path: str, recursive: bool) -> None:
-    if os.path.realpath(path) == "/":  # "//", "/.", "/tmp/.." and links to / too
-        raise FileError(f"refusing to remove / ({path!r})", "invalid_request")
+    """Remove the entry at ``path`` itself (a symlink, not what it points to); a directory's tree
+    by descriptor (``shutil.rmtree`` with ``dir_fd``: it never follows a link, even one swapped in
+    midway)."""
+    pfd, name = locate(path, follow=False)
     try:
-        if os.path.isdir(path) and not os.path.islink(path):
+        if name in (".", ".."):  # "/", however it was spelled
+            raise FileError(f"refusing to remove / ({path!r})", "invalid_request")
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
             if recursive:
-                shutil.rmtree(path)
+                shutil.rmtree(name, dir_fd=pfd)
             else:
-                os.rmdir(path)
+                os.rmdir(name, dir_fd=pfd)
         else:
-            os.unlink(path)
+            os.unlink(name, dir_fd=pfd)
     except FileNotFoundError:
         raise not_found(path) from None
+    except PermissionError as e:
+        raise FileError(f"{path}: {e.strerror}", "permission_denied", 403) from None
     except OSError as e:
         raise FileError(f"{path}: {e.strerror} (use recursive=true for a non-empty directory)",
                         "not_empty") from None
+    finally:
+        os.close(pfd)

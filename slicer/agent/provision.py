@@ -10,7 +10,7 @@ import pwd
 import sys
 import tempfile
 
-from slicer.agent import USERDATA_SENTINEL, runtime
+from slicer.agent import USERDATA_SENTINEL, files, paths, runtime
 
 SECRETS_DIR = "/run/slicer/secrets"  # on /run: tmpfs, never on the VM's disk
 USERDATA_SCRIPT = "/etc/slicer/userdata"
@@ -59,12 +59,27 @@ def install_keys(keys: list[str], user: str = DEFAULT_USER) -> dict:
         if not [k for k in keys if k.strip()]:
             return {"user": user, "keys": 0}
         pw = pwd.getpwuid(0)
-    ssh = os.path.join(pw.pw_dir, ".ssh")
-    os.makedirs(ssh, exist_ok=True)
-    os.chown(ssh, pw.pw_uid, pw.pw_gid)
-    os.chmod(ssh, 0o700)
-    body = "".join(k.strip() + "\n" for k in keys if k.strip())
-    atomic_write(os.path.join(ssh, "authorized_keys"), body.encode(), 0o600, pw.pw_uid, pw.pw_gid)
+    # The home is the user's: ~/.ssh is reached by descriptor and never through a symlink (the
+    # user could point it at /etc, and root would chown that), the file written through it.
+    home = paths.make_dirs(pw.pw_dir)  # the agent's rule for paths (slicer.agent.paths)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(".ssh", 0o700, dir_fd=home)
+        try:
+            ssh = os.open(".ssh", files.DIR_FLAGS, dir_fd=home)
+        except OSError as e:
+            raise files.FileError(f"{pw.pw_dir}/.ssh is not a directory ({e.strerror}): not written",
+                                  "unsafe_path", 409) from None
+    finally:
+        os.close(home)
+    try:
+        os.fchown(ssh, pw.pw_uid, pw.pw_gid)
+        os.fchmod(ssh, 0o700)
+        body = "".join(k.strip() + "\n" for k in keys if k.strip())
+        with files.atomic_file("authorized_keys", 0o600, pw.pw_uid, pw.pw_gid, dir_fd=ssh) as f:
+            f.write(body.encode())
+    finally:
+        os.close(ssh)
     return {"user": pw.pw_name, "keys": len([k for k in keys if k.strip()])}
 
 

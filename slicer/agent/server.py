@@ -20,13 +20,14 @@ from slicer.agent import (
     files,
     identity,
     meter,
+    paths,
     provision,
     runtime,
     shell,
     upload,
     watch,
 )
-from slicer.agent.execute import ExecError, ExecRequest, kill_group, run_buffered, spawn, stream_frames
+from slicer.agent.execute import ExecError, ExecRequest, check_cwd, kill_group, run_buffered, spawn, stream_frames
 
 STREAM_CHUNK = 65536
 
@@ -164,6 +165,8 @@ def make_app(started: float) -> web.Application:
         try:
             return web.json_response(provision.install_keys(list(body.get("keys") or []),
                                                             body.get("user") or provision.DEFAULT_USER))
+        except files.FileError as e:
+            return error(f"cannot install keys: {e}", e.code, e.status)
         except (KeyError, TypeError, OSError) as e:
             return error(f"cannot install keys: {e}", "invalid_request", 400)
 
@@ -255,8 +258,9 @@ def make_app(started: float) -> web.Application:
                 count = await asyncio.to_thread(files.extract_tar, reader, path, perms, uid, gid,
                                                 q.getall("exclude", []))
                 return web.json_response({"path": path, "mode": "tar", "entries": count})
-            with upload.upload_path(path, uid, gid) as target:  # a chunk of the SDKs' chunked copy goes via its session
-                size = await files.receive_file(target, request.content.iter_chunked(files.CHUNK), perms, uid, gid)
+            with upload.upload_path(path, uid, gid) as (dir_fd, target):  # an SDK's chunk goes via its session
+                size = await files.receive_file(target, request.content.iter_chunked(files.CHUNK), perms, uid, gid,
+                                                dir_fd=dir_fd)
             return web.json_response({"path": path, "mode": "binary", "size": size})
         except files.FileError as e:
             return error(str(e), e.code, e.status)
@@ -265,36 +269,45 @@ def make_app(started: float) -> web.Application:
 
     @routes.get("/cp")
     async def copy_out(request: web.Request) -> web.StreamResponse:
+        """A file's bytes or a tar, read under the agent's rule for paths (slicer.agent.paths),
+        or with the rights of ``uid`` when the request names one."""
         q = request.query
+        tree: files.Entry | None = None
         try:
-            path = files.require_path(q.get("path"), files.parse_id(q.get("uid"), "uid"))
+            uid = files.parse_id(q.get("uid"), "uid")
+            path = files.require_path(q.get("path"), uid)
             mode = q.get("mode") or "binary"
             meta: dict[str, str] = {}
             if mode in copyv1.MODES:
-                kind = copyv1.download_kind(path, mode)
+                kind = await paths.run_as(uid, copyv1.download_kind, path, mode)
                 meta = copyv1.source_headers(path, kind)
-                if kind == "directory":
-                    resp = web.StreamResponse(headers={"Content-Type": "application/x-tar", **meta})
-                    await resp.prepare(request)
-                    writer = files.ResponseWriter(asyncio.get_running_loop(), resp)
-                    await asyncio.to_thread(copyv1.write_contents_tar, writer, path, q.getall("exclude", []))
-                    await resp.write_eof()
-                    return resp
-            elif mode == "tar":
-                if not os.path.exists(path):
-                    raise files.not_found(path)
-                resp = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
-                await resp.prepare(request)
-                writer = files.ResponseWriter(asyncio.get_running_loop(), resp)
-                await asyncio.to_thread(files.write_tar, writer, path)
-                await resp.write_eof()
-                return resp
+                if kind == "directory":  # its contents, named relative to it
+                    tree, base, contents = await paths.run_as(uid, files.Entry.of, path, True), ".", True
+            elif mode == "tar":  # the path itself (a symlink as such), named by its basename
+                base, contents = os.path.basename(path) or ".", False
+                tree = await paths.run_as(uid, files.Entry.of, path, False)
             elif mode != "binary":
                 raise files.FileError(f"invalid mode: {mode} (binary, tar or cp-v1-binary|tar|recursive)",
                                       "invalid_request")
-            f, size, fmode = files.open_for_sending(path)
+            if tree is None:
+                f, size, fmode = await paths.run_as(uid, files.open_for_sending, path)
         except files.FileError as e:
             return error(str(e), e.code, e.status)
+        except PermissionError as e:
+            return error(f"{q.get('path')}: {e.strerror}", "permission_denied", 403)
+        except OSError as e:
+            return error(f"copy from {q.get('path')} failed: {e}", "copy_failed", 400)
+        if tree is not None:
+            try:
+                resp = web.StreamResponse(headers={"Content-Type": "application/x-tar", **meta})
+                await resp.prepare(request)
+                writer = files.ResponseWriter(asyncio.get_running_loop(), resp)
+                await paths.run_as(uid, files.write_tar, writer, tree, base,
+                                   q.getall("exclude", []) if contents else [], contents)
+            finally:
+                tree.close()
+            await resp.write_eof()
+            return resp
         with f:
             resp = web.StreamResponse(headers={
                 "Content-Type": "application/octet-stream", "X-Slicer-File-Mode": f"{fmode:04o}", **meta,
@@ -310,9 +323,12 @@ def make_app(started: float) -> web.Application:
     async def shell_session(request: web.Request) -> web.StreamResponse:
         q = request.query
         try:
-            uid, gid = files.parse_id(q.get("uid"), "uid") or 0, files.parse_id(q.get("gid"), "gid") or 0
+            uid, gid = files.parse_id(q.get("uid"), "uid") or 0, files.parse_id(q.get("gid"), "gid")
+            await check_cwd(q.get("cwd") or None, uid)
             session = shell.ShellSession(uid, gid, q.get("shell", ""), q.get("cwd") or None)
         except files.FileError as e:
+            return error(str(e), e.code, e.status)
+        except ExecError as e:
             return error(str(e), e.code, e.status)
         except OSError as e:
             return error(str(e), "invalid_request", 400)
@@ -352,33 +368,45 @@ def make_app(started: float) -> web.Application:
                 return error(str(e), e.code, e.status)
             except ValueError as e:
                 return error(f"bad request: {e}", "invalid_request", 400)
+            except PermissionError as e:
+                return error(f"{request.query.get('path') or 'path'}: {e.strerror}", "permission_denied", 403)
             except OSError as e:
                 return error(str(e), "fs_error", 400)
         return handler
 
+    # Each runs under the agent's rule for paths (slicer.agent.paths), or as ``uid`` when given.
     async def readdir(request):
-        return files.fs_readdir(files.require_path(request.query.get("path")))
+        uid = files.parse_id(request.query.get("uid"), "uid")
+        return await paths.run_as(uid, files.fs_readdir, files.require_path(request.query.get("path"), uid))
 
     async def stat_(request):
-        return files.fs_stat(files.require_path(request.query.get("path")))
+        uid = files.parse_id(request.query.get("uid"), "uid")
+        return await paths.run_as(uid, files.fs_stat, files.require_path(request.query.get("path"), uid))
 
     async def mkdir(request):
         body = await request.json()
         if not isinstance(body, dict):
             raise files.FileError("body must be a JSON object", "invalid_request")
-        path = files.require_path(body.get("path"))
-        files.fs_mkdir(path, bool(body.get("recursive")), files.parse_permissions(body.get("mode")))
+        uid = body.get("uid")
+        if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool) or not 0 <= uid < 2**32):
+            raise files.FileError("uid must be a number", "invalid_request")
+        path = files.require_path(body.get("path"), uid)
+        await paths.run_as(uid, files.fs_mkdir, path, bool(body.get("recursive")),
+                           files.parse_permissions(body.get("mode")))
         return {"path": path, "created": True}
 
     async def remove(request):
-        path = files.require_path(request.query.get("path"))
-        files.fs_remove(path, request.query.get("recursive", "").lower() in ("1", "true", "yes"))
+        uid = files.parse_id(request.query.get("uid"), "uid")
+        path = files.require_path(request.query.get("path"), uid)
+        recursive = request.query.get("recursive", "").lower() in ("1", "true", "yes")
+        await paths.run_as(uid, files.fs_remove, path, recursive)
         return {"path": path, "removed": True}
 
     @routes.get("/fs/watch")
     async def fs_watch(request: web.Request) -> web.StreamResponse:
         try:
             w = watch.Watch(request.query)
+            w.open()
         except watch.WatchError as e:
             return error(str(e), e.code, e.status)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})

@@ -16,7 +16,7 @@ import signal
 import struct
 import termios
 
-from slicer.agent import runtime
+from slicer.agent import paths, runtime
 
 FRAME = struct.Struct(">BI")
 DATA, WINDOW_SIZE, SHUTDOWN, HEARTBEAT, SESSION_CLOSE = 1, 2, 3, 4, 5
@@ -49,15 +49,16 @@ def set_window(fd: int, cols: int, rows: int) -> None:
 class ShellSession:
     """A shell on a PTY; ``output`` yields what it prints, ``handle`` takes client frames."""
 
-    def __init__(self, uid: int, gid: int, shell: str, cwd: str | None) -> None:
+    def __init__(self, uid: int, gid: int | None, shell: str, cwd: str | None) -> None:
+        """A shell as ``uid``: its primary group unless ``gid`` is given, its supplementary
+        groups, HOME and USER (``cwd`` was checked with :func:`slicer.agent.execute.check_cwd`)."""
+        u = paths.user(uid, gid)
+        home, user = u.home or "/", u.name
         try:
-            pw = pwd.getpwuid(uid)
-            home, user, login_shell = pw.pw_dir, pw.pw_name, pw.pw_shell
+            login_shell = pwd.getpwuid(uid).pw_shell
         except KeyError:
-            home, user, login_shell = "/", str(uid), ""
+            login_shell = ""
         shell = runtime.shell(shell or login_shell or "/bin/bash")
-        if cwd and not os.path.isdir(cwd):
-            raise FileNotFoundError(f"cwd {cwd!r} is not a directory")
         if not os.access(shell, os.X_OK):
             raise FileNotFoundError(f"shell {shell!r} not found")
         self.master, slave = os.openpty()
@@ -67,11 +68,13 @@ class ShellSession:
         def child_setup() -> None:
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-            if gid:
+            if uid:
+                os.setgroups(u.groups)
+                os.setgid(u.gid)
+                os.setuid(uid)
+            elif gid is not None:
                 os.setgroups([gid])
                 os.setgid(gid)
-            if uid:
-                os.setuid(uid)
 
         set_window(slave, 80, 24)
         self.pid = os.fork()

@@ -93,27 +93,24 @@ def _owned_dir(name: str, dir_fd: int | None, uid: int, gid: int, make: bool) ->
 
 
 @contextlib.contextmanager
-def upload_path(path: str, uid: int | None, gid: int | None) -> Iterator[str]:
-    """Where a ``POST /cp`` of ``path`` writes: ``path`` itself, or for a file of a chunked-copy
-    session (whose directories the SDKs do not make) a path through the descriptor of its verified
-    directory, made here on the way for the upload's owner."""
+def upload_path(path: str, uid: int | None, gid: int | None) -> Iterator[tuple[int | None, str]]:
+    """Where a ``POST /cp`` of ``path`` writes, as ``(dir_fd, name)``: ``(None, path)`` itself, or
+    for a file of a chunked-copy session (whose directories the SDKs do not make) its name in the
+    descriptor of its verified directory, made here on the way for the upload's owner."""
     session = session_of(path)
     if session is None:
-        yield path
+        yield None, path
         return
     owner, group = uid or 0, gid if gid is not None else (uid or 0)
     beside = os.path.dirname(session)
-    files.refuse_user_links(beside)
-    if owner and not _writable_by(beside, owner, group):  # finalise will work as that user
-        raise files.FileError(f"{beside} is not writable by uid {owner}: the copy could not be finished there",
-                              "permission_denied", 403)
-    fds = []
+    fds = [files.open_dir(beside)]  # under the agent's rule for paths (slicer.agent.paths)
     try:
-        fds.append(_owned_dir(session, None, owner, group, make=True))
-        for name in os.path.relpath(os.path.dirname(path), session).split("/"):
-            if name != ".":
-                fds.append(_owned_dir(name, fds[-1], owner, group, make=True))
-        yield f"/proc/self/fd/{fds[-1]}/{os.path.basename(path)}"
+        if owner and not _writable_by(fds[0], owner, group):  # finalise will work as that user
+            raise files.FileError(f"{beside} is not writable by uid {owner}: the copy could not be finished there",
+                                  "permission_denied", 403)
+        for name in os.path.relpath(os.path.dirname(path), beside).split("/"):
+            fds.append(_owned_dir(name, fds[-1], owner, group, make=True))
+        yield fds[-1], os.path.basename(path)
     finally:
         for fd in fds:
             os.close(fd)
@@ -128,13 +125,10 @@ def _groups_of(uid: int, gid: int) -> set[int]:
     return set(os.getgrouplist(pw.pw_name, pw.pw_gid))
 
 
-def _writable_by(path: str, uid: int, gid: int) -> bool:
-    """Whether ``uid`` (in ``gid`` and its own groups) may create entries in directory ``path``
+def _writable_by(dir_fd: int, uid: int, gid: int) -> bool:
+    """Whether ``uid`` (in ``gid`` and its own groups) may create entries in directory ``dir_fd``
     (mode bits; ACLs aside)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return True  # the upload itself reports the missing directory
+    st = os.fstat(dir_fd)
     if st.st_uid == uid:
         return bool(st.st_mode & 0o200)
     if st.st_gid in _groups_of(uid, gid) | {gid}:
@@ -152,15 +146,22 @@ class Session:
         except files.FileError as e:
             raise UploadError(str(e)) from None
         self.path = os.path.dirname(manifest)
-        if os.path.basename(manifest) != "manifest.json" or not SESSION_RE.fullmatch(os.path.basename(self.path)):
+        self.name = os.path.basename(self.path)
+        if os.path.basename(manifest) != "manifest.json" or not SESSION_RE.fullmatch(self.name):
             raise UploadError(f"{raw_manifest}: not a chunked-copy manifest (<dir>/.slicer-upload-<id>/manifest.json)")
         try:
-            self.fd = _owned_dir(self.path, None, os.geteuid(), os.getegid(), make=False)
+            self.beside = files.open_dir(os.path.dirname(self.path))  # the agent's rule (slicer.agent.paths)
         except files.FileError as e:
+            raise (SessionMissing if e.code == "not_found" else UploadError)(str(e)) from None
+        try:
+            self.fd = _owned_dir(self.name, self.beside, os.geteuid(), os.getegid(), make=False)
+        except files.FileError as e:
+            os.close(self.beside)
             raise (SessionMissing if e.code == "not_found" else UploadError)(str(e)) from None
 
     def close(self) -> None:
         os.close(self.fd)
+        os.close(self.beside)
 
     def open(self, name: str, dir_fd: int | None = None) -> io.BufferedReader:
         """A regular file of the session (no symlink, FIFO or device), for reading."""
@@ -179,8 +180,12 @@ class Session:
 
     def remove(self) -> bool:
         """Remove the session; whether it is gone."""
-        shutil.rmtree(self.path, ignore_errors=True)  # rmtree never follows a symlink
-        return not os.path.lexists(self.path)
+        shutil.rmtree(self.name, ignore_errors=True, dir_fd=self.beside)  # by descriptor: never through a symlink
+        try:
+            os.stat(self.name, dir_fd=self.beside, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        return False
 
 
 def _is_int(value: object, low: int, high: int) -> bool:

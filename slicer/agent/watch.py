@@ -9,6 +9,8 @@ import json
 import os
 from datetime import UTC, datetime
 
+from slicer.agent import paths
+
 KINDS = ("create", "write", "remove", "rename", "chmod")
 INOTIFY = {
     "CREATE": "create", "MODIFY": "write", "CLOSE_WRITE": "write", "DELETE": "remove", "DELETE_SELF": "remove",
@@ -55,8 +57,6 @@ class Watch:
         for p in self.paths:
             if not p.startswith("/"):
                 raise WatchError(f"path must be absolute: {p!r}")
-            if not os.path.exists(p):
-                raise WatchError(f"{p}: no such file or directory", "not_found", 404)
         self.patterns = list(query.getall("patterns", []))
         kinds = {k for k in query.getall("events", []) if k}
         if kinds - {*KINDS, "all"}:
@@ -71,6 +71,34 @@ class Watch:
             raise WatchError("max_events must be a number")
         self.max_events = 1 if self.one_shot else int(max_events)
 
+    def open(self) -> None:
+        """Reach every path under the agent's rule (slicer.agent.paths) and hold it: inotifywait
+        watches what these descriptors are (``/proc/self/fd/N``), not what the names are by then."""
+        self.fds: list[int] = []
+        self.reported: list[tuple[str, str]] = []
+        try:
+            for p in self.paths:
+                self.fds.append(paths.open_at(p, os.O_PATH))
+                self.reported.append((f"/proc/self/fd/{self.fds[-1]}", p))
+        except paths.FileError as e:
+            self.close()
+            raise WatchError(str(e), e.code, e.status) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def real_path(self, reported: str) -> str:
+        """The watched path's own name for what inotifywait reports under ``/proc/self/fd/N``."""
+        for prefix, p in self.reported:
+            if reported == prefix or reported.startswith(prefix + "/"):
+                return p.rstrip("/") + reported[len(prefix):] if p != "/" else reported[len(prefix):] or "/"
+        return reported
+
     def matches(self, path: str) -> bool:
         if not self.patterns:
             return True
@@ -83,8 +111,12 @@ class Watch:
                "-e", "move", "-e", "move_self", "-e", "attrib"]
         if self.recursive:
             cmd.append("-r")
-        proc = await asyncio.create_subprocess_exec(*cmd, "--", *self.paths, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.DEVNULL)
+        try:
+            proc = await asyncio.create_subprocess_exec(*cmd, "--", *(prefix for prefix, _ in self.reported),
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.DEVNULL, pass_fds=self.fds)
+        finally:
+            self.close()  # inotifywait holds its copies until its watches are set
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout if self.timeout else None
         last: dict[tuple[str, str], float] = {}
@@ -103,6 +135,7 @@ class Watch:
                 if not line:
                     return
                 flags, _, path = line.decode(errors="replace").rstrip("\n").partition("\t")
+                path = self.real_path(path)
                 names = flags.split(",")
                 kind = next((INOTIFY[n] for n in names if n in INOTIFY), None)
                 if kind not in self.kinds or not self.matches(path):
@@ -114,12 +147,14 @@ class Watch:
                 sent += 1
                 event = {"id": sent, "type": kind, "path": path, "timestamp": datetime.now(UTC).isoformat(),
                          "isDir": "ISDIR" in names}
-                with contextlib.suppress(OSError):
-                    event["size"] = os.stat(path).st_size
+                with contextlib.suppress(OSError, paths.FileError):
+                    if (st := paths.lstat(path, follow=False)) is not None:
+                        event["size"] = st.st_size
                 yield f"id: {sent}\nevent: watch\ndata: {json.dumps(event)}\n\n"
                 if self.max_events and sent >= self.max_events:
                     return
         finally:
+            self.close()
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()

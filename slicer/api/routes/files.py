@@ -64,16 +64,26 @@ class MkdirRequest(BaseModel):
     path: str
     recursive: bool = False
     mode: str | None = None
+    uid: int | None = None
+
+
+def _as(params: dict, uid: int | None) -> dict:
+    """``uid``: the guest user whose rights the agent works with (root's rule for paths without one)."""
+    if uid is not None:
+        if not 0 <= uid < 2**32:
+            raise BadRequest("uid out of range", "invalid_request")
+        params["uid"] = str(uid)
+    return params
 
 
 @router.get("/fs/readdir")
-async def readdir(m: Mgr, hostname: str, path: str) -> list:
-    return await m.agent(hostname).call("GET", "/fs/readdir", params={"path": path})
+async def readdir(m: Mgr, hostname: str, path: str, uid: int | None = None) -> list:
+    return await m.agent(hostname).call("GET", "/fs/readdir", params=_as({"path": path}, uid))
 
 
 @router.get("/fs/stat")
-async def stat(m: Mgr, hostname: str, path: str) -> dict:
-    return await m.agent(hostname).call("GET", "/fs/stat", params={"path": path})
+async def stat(m: Mgr, hostname: str, path: str, uid: int | None = None) -> dict:
+    return await m.agent(hostname).call("GET", "/fs/stat", params=_as({"path": path}, uid))
 
 
 @router.post("/fs/mkdir", openapi_extra=json_body(MkdirRequest, required=True))
@@ -83,9 +93,9 @@ async def mkdir(m: Mgr, hostname: str, request: Request) -> dict:
 
 
 @router.delete("/fs/remove")
-async def remove(m: Mgr, hostname: str, path: str, recursive: bool = False) -> dict:
+async def remove(m: Mgr, hostname: str, path: str, recursive: bool = False, uid: int | None = None) -> dict:
     params = {"path": path, "recursive": "true" if recursive else "false"}
-    return await m.agent(hostname).call("DELETE", "/fs/remove", params=params)
+    return await m.agent(hostname).call("DELETE", "/fs/remove", params=_as(params, uid))
 
 
 @router.get("/fs/watch", openapi_extra=query_doc(
