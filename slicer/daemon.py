@@ -118,7 +118,9 @@ def run_daemon(config: Config, data_dir: Path) -> None:
     jailer = make_jailer(config, data_dir)
     images = BootImages(image, ImageStore.of(data_dir), config)
     images.resolve_groups()  # pulls what is not cached yet; a group whose image fails is marked so
-    driver = QemuDriver(accel, jailer=jailer, legacy_roots=(data_dir, (data_dir / "images").resolve()))
+    # a disk made before backing records may be believed if it sits on one of the daemon's layers
+    layers = (data_dir / "images", (data_dir / "images").resolve(), data_dir / "templates", data_dir / "commits")
+    driver = QemuDriver(accel, jailer=jailer, legacy_roots=layers)
     manager = Manager(config, data_dir, driver, images)
     api = config.api
     uds = api.unix_socket

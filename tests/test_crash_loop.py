@@ -67,7 +67,7 @@ def check_consistent(d: Daemon, api: httpx.Client) -> list[dict]:
     data = d.data_dir
     # A deleted persistent VM's disk is kept (as Slicer does: "disk_removed": "false"), and
     # shown by /storage; every stopped persistent VM must have its disk.
-    disks = {p.stem for p in (data / "disks").glob("*")}
+    disks = {p.stem for p in (data / "disks").glob("*.qcow2")}  # beside each: its .backing record
     persistent = {h for h, n in by_name.items() if n["persistent"]}
     kept = {Path(k["disk"]).stem for k in api.get("/storage").json()["kept_disks"]}
     assert kept == disks - persistent, f"disks {disks}, persistent VMs {persistent}, kept {kept}"

@@ -247,6 +247,24 @@ def test_a_disk_header_does_not_steer_the_daemon(api, daemon, tmp_path):
         subprocess.run(["qemu-img", "rebase", "-u", "-b", base["path"], "-F", base["format"], str(disk)], check=True)
         r = api.post(f"/vm/{vm}/relaunch", params={"wait": "agent", "timeout": "4m"})
         assert r.status_code == 200, r.text
+        # an external data file (qemu-img would write to it as root in a rebase) and a disk turned
+        # into a VMDK descriptor naming a host file (a probing qemu-img would open it): refused too
+        assert api.post(f"/vm/{vm}/shutdown", params={"action": "shutdown"}).status_code == 200
+        deadline = time.monotonic() + 120
+        while api.get(f"/vm/{vm}").json()["status"] != "Stopped" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        saved = disk.read_bytes()
+        subprocess.run(["qemu-img", "amend", "-f", "qcow2", "-o", f"data_file={victim}", str(disk)], check=True)
+        r = api.post(f"/vm/{vm}/relaunch")
+        assert r.status_code == 409 and "external data file" in r.json()["error"], r.text
+        disk.write_text(f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+                        f'createType="monolithicFlat"\nRW 2048 FLAT "{victim}" 0\n')
+        r = api.post(f"/vm/{vm}/relaunch")
+        assert r.status_code == 409 and "not a qcow2 image" in r.json()["error"], r.text
+        assert victim.read_text() == "root only\n"
+        after = victim.stat()
+        assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+        disk.write_bytes(saved)
     finally:
         api.delete(f"/hostgroup/sbx/nodes/{vm}")
 

@@ -460,6 +460,17 @@ def test_dockerfile_build_then_a_vm_of_it(daemon_, client, refs, tmp_path):
                           "-t", "fail:1", str(ctx)], env=env, capture_output=True, text=True)
     assert bad.returncode == 1 and "cannot build fail:1" in bad.stderr
     assert "fail:1" not in {r for i in image_list([sys.executable, "-m", "slicer", "image"], env) for r in i["refs"]}
+    # CVE-2024-1753's shape: a stage whose symlink points at /, bind-mounted read-write by a RUN step
+    # (Debian's buildah 1.28 would mount the host's root); RUN flags are refused before buildah runs
+    victim = tmp_path / "host-file"
+    victim.write_text("untouched\n")
+    (ctx / "Dockerfile.mount").write_text(
+        "FROM slicer/base AS link\nRUN ln -s / /rootlink\nFROM slicer/base\n"
+        f"RUN --mount=type=bind,from=link,source=/rootlink,target=/host,rw \\\n    echo owned > /host{victim}\n")
+    bad = subprocess.run([sys.executable, "-m", "slicer", "image", "build", "-f", str(ctx / "Dockerfile.mount"),
+                          "-t", "mount:1", str(ctx)], env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and "RUN --mount is refused" in bad.stderr, bad.stderr[-2000:]
+    assert victim.read_text() == "untouched\n"
 
 
 # What a build step must never hold: Docker's default capabilities are the most a container gets.

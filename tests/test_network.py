@@ -7,6 +7,7 @@ namespace made here, joined by a veth, serving HTTP on 198.51.100.10 and .11 and
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -191,6 +192,33 @@ def test_no_guest_reaches_cloud_metadata_or_the_hosts_other_addresses(net, vms):
         assert probe(d, vm, HOST_UP, host.port) == "closed", group  # the host, on an address of its own
         assert "upstream-ok" in probe(d, vm, UP_A, 80), group  # egress itself still works
     assert "upstream-ok" in probe(d, vms["isoa"][0]["hostname"], METADATA, 80)  # allow opens it
+
+
+UDP_SEND = ("python3 -c \"import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1); "
+            "[s.sendto(b'from-guest', (a, int(sys.argv[1]))) for a in sys.argv[2:]]\" ")
+
+
+def test_a_bridge_vm_reaches_no_host_service_by_broadcast(net, vms):
+    """A UDP service of the host's bound to 0.0.0.0 would answer a bridge VM's broadcasts and
+    multicasts: they are dropped; the gateway itself is reachable (Slicer's rule)."""
+    d, _, _ = net
+    vm = vms["br"][0]["hostname"]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", 0))
+    sock.settimeout(3)
+    port = sock.getsockname()[1]
+    try:
+        gw = guest(d, vm, "ip route show default").split()[2]
+        own = guest(d, vm, "ip -4 -o addr show eth0").split()[3]
+        subnet_broadcast = ipaddress.ip_interface(own).network.broadcast_address
+        guest(d, vm, UDP_SEND + f"{port} 255.255.255.255 {subnet_broadcast} 224.0.0.251 {HOST_UP}")
+        with pytest.raises(TimeoutError):
+            print(sock.recvfrom(100))
+        guest(d, vm, UDP_SEND + f"{port} {gw}")
+        assert sock.recvfrom(100)[0] == b"from-guest"
+    finally:
+        sock.close()
 
 
 def test_isolated_vms_reach_only_what_they_may(net, vms):

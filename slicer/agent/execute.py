@@ -123,14 +123,15 @@ class ExecRequest:
         return [cmd, *self.args]
 
 
-async def check_cwd(cwd: str | None, uid: int) -> None:
-    """A working directory must be a directory the command's user reaches: as root, under the
-    agent's rule for paths (:mod:`slicer.agent.paths`: no guest user's symlink followed); as
-    another uid, with that user's rights."""
+async def open_cwd(cwd: str | None, uid: int) -> int | None:
+    """A working directory's descriptor (the caller closes it): a directory the command's user
+    reaches; as root, under the agent's rule for paths (:mod:`slicer.agent.paths`: no guest
+    user's symlink followed); as another uid, with that user's rights. The command starts in
+    that very directory (``/proc/self/fd/N``), not in whatever the path names a moment later."""
     if not cwd:
-        return
+        return None
     try:
-        await paths.run_as(uid, paths.check_dir, cwd)
+        return await paths.run_as(uid, paths.open_dir, cwd)
     except paths.FileError as e:
         raise ExecError(f"cwd {cwd!r}: {e}", "unsafe_path" if e.code == "unsafe_path" else "invalid_cwd",
                         e.status if e.code == "unsafe_path" else 400) from None
@@ -147,7 +148,15 @@ async def spawn(req: ExecRequest) -> asyncio.subprocess.Process:
     says otherwise), its supplementary groups, and its HOME, USER and LOGNAME (unless ``env``
     names them), as ``su``/``initgroups`` would set them."""
     req.validate()
-    await check_cwd(req.cwd, req.uid)
+    cwd_fd = await open_cwd(req.cwd, req.uid)
+    try:
+        return await _spawn(req, cwd_fd)
+    finally:
+        if cwd_fd is not None:
+            os.close(cwd_fd)
+
+
+async def _spawn(req: ExecRequest, cwd_fd: int | None) -> asyncio.subprocess.Process:
     u = paths.user(req.uid, req.gid)
     env = {**BASE_ENV, **identity_env(u), **req.env}
     if req.uid:
@@ -162,7 +171,8 @@ async def spawn(req: ExecRequest) -> asyncio.subprocess.Process:
             stdin=asyncio.subprocess.PIPE if req.stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE if req.stdout else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE if req.stderr else asyncio.subprocess.DEVNULL,
-            cwd=req.cwd or u.home or "/", env=env, **ids,
+            # the child changes into it before it drops privileges and before exec closes the descriptor
+            cwd=f"/proc/self/fd/{cwd_fd}" if cwd_fd is not None else u.home or "/", env=env, **ids,
             start_new_session=True,  # its own process group: killed as a whole
         )
     except FileNotFoundError:

@@ -27,7 +27,7 @@ from slicer.agent import (
     upload,
     watch,
 )
-from slicer.agent.execute import ExecError, ExecRequest, check_cwd, kill_group, run_buffered, spawn, stream_frames
+from slicer.agent.execute import ExecError, ExecRequest, kill_group, open_cwd, run_buffered, spawn, stream_frames
 
 STREAM_CHUNK = 65536
 
@@ -324,8 +324,12 @@ def make_app(started: float) -> web.Application:
         q = request.query
         try:
             uid, gid = files.parse_id(q.get("uid"), "uid") or 0, files.parse_id(q.get("gid"), "gid")
-            await check_cwd(q.get("cwd") or None, uid)
-            session = shell.ShellSession(uid, gid, q.get("shell", ""), q.get("cwd") or None)
+            cwd_fd = await open_cwd(q.get("cwd") or None, uid)
+            try:
+                session = shell.ShellSession(uid, gid, q.get("shell", ""), cwd_fd)
+            finally:
+                if cwd_fd is not None:
+                    os.close(cwd_fd)
         except files.FileError as e:
             return error(str(e), e.code, e.status)
         except ExecError as e:

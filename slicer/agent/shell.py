@@ -49,9 +49,10 @@ def set_window(fd: int, cols: int, rows: int) -> None:
 class ShellSession:
     """A shell on a PTY; ``output`` yields what it prints, ``handle`` takes client frames."""
 
-    def __init__(self, uid: int, gid: int | None, shell: str, cwd: str | None) -> None:
+    def __init__(self, uid: int, gid: int | None, shell: str, cwd_fd: int | None) -> None:
         """A shell as ``uid``: its primary group unless ``gid`` is given, its supplementary
-        groups, HOME and USER (``cwd`` was checked with :func:`slicer.agent.execute.check_cwd`)."""
+        groups, HOME and USER; it starts in ``cwd_fd`` (from :func:`slicer.agent.execute.open_cwd`),
+        or in the user's home."""
         u = paths.user(uid, gid)
         home, user = u.home or "/", u.name
         try:
@@ -86,7 +87,10 @@ class ShellSession:
                 if slave > 2:
                     os.close(slave)
                 child_setup()
-                os.chdir(cwd or home)
+                if cwd_fd is not None:
+                    os.fchdir(cwd_fd)
+                else:
+                    os.chdir(home)
                 os.execve(shell, [f"-{os.path.basename(shell)}"], env)  # a login shell
             finally:
                 os._exit(127)

@@ -110,7 +110,7 @@ class Watch:
                "-e", "create", "-e", "modify", "-e", "close_write", "-e", "delete", "-e", "delete_self",
                "-e", "move", "-e", "move_self", "-e", "attrib"]
         if self.recursive:
-            cmd.append("-r")
+            cmd += ["-r", "-P"]  # -P: a directory swapped for a link mid-walk is not followed
         try:
             proc = await asyncio.create_subprocess_exec(*cmd, "--", *(prefix for prefix, _ in self.reported),
                                                         stdout=asyncio.subprocess.PIPE,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json as jsonlib
-import re
 from urllib.parse import urlencode
 
 import httpx
@@ -14,19 +13,22 @@ from slicer.channel.websocket import StreamWebSocket, WebSocketRejected
 from slicer.channel.yamux import AGENT_PORT
 from slicer.core.errors import AgentUnreachable, SlicerError, UpstreamUnreachable
 
-# The guest is untrusted: it may not choose the daemon's status. Only request errors it reports
-# pass through (the request named something missing, conflicting or too large); 403 means the
-# guest user lacks a right (a state of the guest, not of the API client's token) and is 409;
-# the exec ring budget's 503 is the one documented retry-later. Anything else is 502.
+# The guest is untrusted: it may not choose the daemon's status, nor pose as the daemon (a
+# `vm_not_found` from inside the VM). Only the request errors the agent reports pass through, with
+# the codes it uses (slicer/agent); 403 means the guest user lacks a right (a state of the guest,
+# not of the API client's token) and is 409; the exec ring budget's 503 is the one documented
+# retry-later. Anything else is 502 `agent_error` with the guest's message, bounded.
 PASSED_STATUSES = {400, 404, 409, 410, 413}
+AGENT_CODES = {"bad_request", "invalid_request", "copy_failed", "fs_error", "not_found", "invalid_cwd", "unsafe_tar",
+               "exec_failed", "is_directory", "not_a_directory", "not_empty", "exists", "unsafe_path",
+               "unsafe_session", "gone", "too_large"}
 MAPPED = {(403, "permission_denied"): 409, (503, "budget_exhausted"): 503}
 MAX_MESSAGE = 1000
-_CODE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 
 def agent_error(resp: httpx.Response) -> SlicerError:
-    """The agent's JSON error as a core error: its status if it is a request error (above),
-    otherwise 502 ``agent_error``; the message is bounded and the code must look like one."""
+    """The agent's JSON error as a core error: its status and code if they are a request error
+    the agent makes (above), otherwise 502 ``agent_error``; the message is bounded and printable."""
     status = resp.status_code
     try:
         body = resp.json()
@@ -34,9 +36,10 @@ def agent_error(resp: httpx.Response) -> SlicerError:
     except (ValueError, KeyError, TypeError, AttributeError):
         message, code = resp.text, None
     message = "".join(c if c.isprintable() else " " for c in message[:MAX_MESSAGE]).strip()
-    if not isinstance(code, str) or not _CODE.fullmatch(code):
-        code = None
-    if code is not None and (status in PASSED_STATUSES or (status, code) in MAPPED):
+    if status == 413 and code is None:  # the agent's HTTP server refusing a body
+        code = "too_large"
+    known = (status in PASSED_STATUSES and code in AGENT_CODES) or (status, code) in MAPPED
+    if known:
         err = SlicerError(message or f"the agent answered {status}", code)
         err.status = MAPPED.get((status, code), status)
         return err

@@ -124,7 +124,7 @@ class CommitActions:
         """Put an empty overlay on the commit at the source's disk path, then freeze the commit."""
         new = disk.with_name(disk.name + ".new")
         try:
-            await create_overlay(new, self.commit_disk(commit_id))
+            await create_overlay(new, self.commit_disk(commit_id), legacy_roots=self.layer_roots)
         except VMMError as e:
             new.unlink(missing_ok=True)
             raise SlicerError(f"commit {commit_id}: {e}", "commit_failed") from e
@@ -230,6 +230,10 @@ class CommitActions:
             new.unlink(missing_ok=True)
             if disk.exists() and os.path.samefile(disk, self.commit_disk(commit.commit_id)):
                 log.warning("%s: finishing its commit %s", source.hostname, commit.commit_id)
-                await self._give_overlay(disk, commit.commit_id)
+                try:
+                    await self._give_overlay(disk, commit.commit_id)
+                except SlicerError as e:  # a disk its VMM tampered with: that VM is refused, the rest start
+                    log.error("%s: %s", source.hostname, e.message)
+                    continue
                 source.spec["parent_commit"] = source.spec["commit_id"] = commit.commit_id
                 self.store.put(source)

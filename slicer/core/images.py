@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +21,8 @@ from slicer.image.bounds import Bound
 from slicer.image.build import GuestImage, ImageError
 from slicer.image.kernels import Kernel, kernel_file, kernel_image
 from slicer.image.oci import LOCAL_TRANSPORTS, ImageStore, OCIError, UserImage
+from slicer.vmm.base import VMMError
+from slicer.vmm.disks import recorded_chain
 
 log = logging.getLogger("slicer.images")
 KINDS: dict[str, type[SlicerError]] = {"invalid_image": BadRequest, "wrong_architecture": BadRequest,
@@ -184,10 +184,9 @@ def users_of_images(data_dir: Path, store: ImageStore) -> dict[str, str]:
             state.close()
     by_root = {str(i.rootfs.resolve()): i.digest for i in store.list()}
     for disk in sorted((data_dir / "templates").glob("*/disk.qcow2")):
-        out = subprocess.run(["qemu-img", "info", "--backing-chain", "-U", "--output=json", str(disk)],
-                             capture_output=True, text=True)
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            for layer in json.loads(out.stdout) if out.returncode == 0 else []:
-                if (digest := by_root.get(str(Path(layer["filename"]).resolve()))) is not None:
+        # the daemon's records of the chain, never the header a template's VMM wrote
+        with contextlib.suppress(VMMError):
+            for layer in recorded_chain(disk):
+                if (digest := by_root.get(str(layer.path.resolve()))) is not None:
                     users.setdefault(digest, f"template {disk.parent.name}")
     return users

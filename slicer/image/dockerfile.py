@@ -73,6 +73,32 @@ def base_images(dockerfile: str) -> list[str]:
     return images
 
 
+def _logical_lines(dockerfile: str) -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined (``# escape=`` honoured)."""
+    escape = "\\"
+    for line in dockerfile.splitlines():
+        directive = line.strip().lower().replace(" ", "")
+        if not directive.startswith("#") or "=" not in directive:
+            break  # parser directives come first
+        if directive.startswith("#escape="):
+            escape = directive.split("=", 1)[1][:1] or escape
+    return dockerfile.replace(escape + "\n", " ").replace(escape + "\r\n", " ").splitlines()
+
+
+def refuse_unsafe(dockerfile: str) -> None:
+    """``RUN`` flags are refused: Debian's buildah 1.28 lets ``RUN --mount`` reach the host's
+    files (CVE-2024-1753, CVE-2024-9675) and ``bind-propagation`` pass mount options through
+    (CVE-2024-9407), and a ``RUN`` step's root is the host's root."""
+    for line in _logical_lines(dockerfile):
+        words = line.split()
+        while words and words[0].upper() == "ONBUILD":
+            words = words[1:]
+        if len(words) >= 2 and words[0].upper() == "RUN" and words[1].startswith("--"):
+            raise OCIError(f"RUN {words[1].split('=', 1)[0]} is refused: RUN flags (--mount, --network, --security) "
+                           "let a build reach the host with this buildah; write the step without them",
+                           "invalid_dockerfile")
+
+
 def isolation(network: BuildNetwork) -> list[str]:
     """buildah's options for the containers that run the ``RUN`` steps."""
     caps = [f"--cap-add={c}" for c in CAPABILITIES]
@@ -130,6 +156,7 @@ class Builder:
             raise OCIError(f"build context {context} is not a directory", "invalid_image")
         self.root.mkdir(parents=True, exist_ok=True)
         text = dockerfile.read_text(errors="replace")
+        refuse_unsafe(text)
         if BASE_NAME in text:
             self.ensure_base(progress)
         tls = ["--tls-verify=false"] if insecure else []

@@ -91,11 +91,11 @@ table inet {table} {{
     iifname @isolated drop
 {unknown_in}    # Never the host's loopback, whatever route_localnet says.
     iifname @bridges ip daddr 127.0.0.0/8 drop
-    # A bridge VM reaches the host at its gateway only, not at the host's other addresses.
+    # A bridge VM reaches the host at its gateway only: not at the host's other addresses, nor by
+    # broadcast or multicast (services bound to 0.0.0.0 would answer those).
     iifname @bridges ct state established,related accept
     iifname . ip daddr @bridge_gateways accept
-    iifname @bridges fib daddr type local drop
-    iifname @bridges ip daddr {LINK_LOCAL} drop
+    iifname @bridges drop
   }}
   chain forward {{
     type filter hook forward priority -10; policy accept;
@@ -139,11 +139,12 @@ def _policy_rules(g: IsolatedGroup) -> str:
 
 
 def _link_local_opened(allow: list[str]) -> list[str] | None:
-    """The parts of link-local space an allow list names (None: none; []: all of it)."""
+    """The parts of link-local space an allow list names itself (None: none; []: all of it).
+    A wider entry (``0.0.0.0/0``) does not open it: metadata is opened only by naming it."""
     parts = []
     for entry in allow:
         net = ipaddress.IPv4Network(entry, strict=False)
-        if net.supernet_of(LINK_LOCAL):
+        if net == LINK_LOCAL:
             return []
         if net.subnet_of(LINK_LOCAL):
             parts.append(net)

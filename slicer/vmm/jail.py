@@ -84,24 +84,31 @@ class JailRoot:
     """The root directory every VMM of a data directory is given: empty directories to mount
     on (``/usr`` and, on hosts without merged ``/usr``, ``/lib*``, ``/bin``, ``/sbin``), the
     links of a merged ``/usr``, ``/dev/shm`` pointing at ``/tmp``, the dynamic loader's cache.
-    Root-owned and read-only to VMMs; remade at every start (the cache may have changed)."""
+    Root-owned and read-only to VMMs. Made once and only added to, never removed: VMMs a new
+    daemon adopts run in it, and removing a directory detaches what is mounted on it in every
+    namespace."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.binds = ["usr"]
-        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o755, parents=True, exist_ok=True)
         for d in ("usr", "proc", "tmp", "dev", "etc"):
-            (path / d).mkdir(mode=0o755, parents=True, exist_ok=True)
+            (path / d).mkdir(mode=0o755, exist_ok=True)
         for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-            host = Path("/") / top
+            host, mine = Path("/") / top, path / top
             if host.is_symlink():
-                (path / top).symlink_to(os.readlink(host))
+                if not mine.is_symlink():
+                    mine.symlink_to(os.readlink(host))
             elif host.is_dir():
-                (path / top).mkdir(mode=0o755)
+                mine.mkdir(mode=0o755, exist_ok=True)
                 self.binds.append(top)
-        (path / "dev" / "shm").symlink_to("../tmp")
-        with contextlib.suppress(FileNotFoundError):
-            shutil.copyfile("/etc/ld.so.cache", path / "etc" / "ld.so.cache")
+        if not (path / "dev" / "shm").is_symlink():
+            (path / "dev" / "shm").symlink_to("../tmp")
+        with contextlib.suppress(FileNotFoundError):  # the loader's cache may have changed: replaced whole
+            tmp = path / "etc" / ".ld.so.cache"
+            shutil.copyfile("/etc/ld.so.cache", tmp)
+            tmp.chmod(0o644)
+            os.replace(tmp, path / "etc" / "ld.so.cache")
         path.chmod(0o755)
 
     def device(self, node: str) -> None:

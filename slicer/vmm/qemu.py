@@ -483,9 +483,10 @@ class QemuDriver(Driver):
             h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
 
-    async def create_disk(self, spec: VMSpec) -> None:
+    async def create_disk(self, spec: VMSpec, verified: bool = False) -> None:
         spec.disk.parent.mkdir(parents=True, exist_ok=True)
-        await create_overlay(spec.disk, spec.base_disk, spec.base_format, spec.disk_size)
+        await create_overlay(spec.disk, spec.base_disk, spec.base_format, spec.disk_size, self.legacy_roots,
+                             verified=verified)
 
     async def _lower(self, path: Path, fmt: str) -> list[Layer]:
         """The chain below a new overlay: a base image or a frozen template or commit disk
@@ -494,7 +495,7 @@ class QemuDriver(Driver):
             return [Layer(path, fmt)]
         key = (path, path.stat().st_mtime_ns)
         if key not in self._chains:
-            chain = await verified_chain(path, self.legacy_roots)
+            chain = await verified_chain(path, self.legacy_roots, fmt)
             self._chains[key] = [(layer.path, layer.format) for layer in chain]
         return [Layer(p, f) for p, f in self._chains[key]]
 
@@ -502,8 +503,9 @@ class QemuDriver(Driver):
         """The VM's disk and the layers below it, as the daemon made them: an existing disk's
         header is checked against the daemon's record (its VMM could write it)."""
         if not spec.disk.exists():
-            await self.create_disk(spec)
-            return [Layer(spec.disk, "qcow2"), *await self._lower(spec.base_disk, spec.base_format)]
+            lower = await self._lower(spec.base_disk, spec.base_format)  # verified before qemu-img sees it
+            await self.create_disk(spec, verified=True)
+            return [Layer(spec.disk, "qcow2"), *lower]
         return await verified_chain(spec.disk, self.legacy_roots)
 
     async def start(self, spec: VMSpec, restore_from: Path | None = None) -> QemuVM:

@@ -62,7 +62,9 @@ async def execute(m: Mgr, hostname: str, request: Request) -> Response:
                 body += chunk
                 if len(body) > BUFFERED_MAX:  # closing the agent's stream ends the process
                     raise TooLarge(f"buffered output over {BUFFERED_MAX >> 20} MiB; stream it (buffered=false)")
-        return Response(bytes(body), status_code=resp.status_code, media_type="application/json")
+        background = query.get("background", "").lower() in TRUE
+        # The status is ours, not the guest's (a guest's 204 with a body would break the answer).
+        return Response(bytes(body), status_code=201 if background else 200, media_type="application/json")
     # Passed through as the agent writes it: one JSON object per line, flushed as it comes.
     # Closing the agent's response (also when our client goes away) kills the process.
     return StreamingResponse(relay(resp, None if stdin else request), media_type="application/x-ndjson")
