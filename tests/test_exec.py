@@ -232,7 +232,8 @@ def test_stdin_is_full_duplex(daemon, vm):
     sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=60)
     conn = h11.Connection(h11.CLIENT)
     sock.sendall(conn.send(h11.Request(method="POST", target=f"/vm/{vm}/exec?cmd=cat&stdin=true", headers=[
-        ("Host", f"127.0.0.1:{daemon.port}"), ("Transfer-Encoding", "chunked"), ("Authorization", f"Bearer {daemon.token}")])))
+        ("Host", f"127.0.0.1:{daemon.port}"), ("Transfer-Encoding", "chunked"),
+        ("Authorization", f"Bearer {daemon.token}")])))
     pending = b""
 
     def next_frame() -> dict:
