@@ -254,6 +254,12 @@ def test_a_disk_header_does_not_steer_the_daemon(api, daemon, tmp_path):
         while api.get(f"/vm/{vm}").json()["status"] != "Stopped" and time.monotonic() < deadline:
             time.sleep(0.5)
         saved = disk.read_bytes()
+        # the header the daemon made (its backing) plus a data file: made on a scratch file, renamed to the victim
+        size = json.loads(subprocess.run(["qemu-img", "info", "-f", "qcow2", "-U", "--output=json", str(disk)],
+                                         check=True, capture_output=True, text=True).stdout)["virtual-size"]
+        disk.unlink()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", base["path"], "-F", base["format"],
+                        "-o", f"data_file={tmp_path / 'scratch.data'}", str(disk), str(size)], check=True)
         subprocess.run(["qemu-img", "amend", "-f", "qcow2", "-o", f"data_file={victim}", str(disk)], check=True)
         r = api.post(f"/vm/{vm}/relaunch")
         assert r.status_code == 409 and "external data file" in r.json()["error"], r.text

@@ -115,11 +115,15 @@ def recorded_chain(disk: Path) -> list[Layer]:
 async def _header(path: Path, fmt: str) -> dict:
     """One layer's own header, read as ``fmt`` (never probed: a VMM could turn its disk into a
     format that names other files), without opening anything it names."""
+    if not path.exists():
+        raise VMMError(f"{path} is missing")
     try:
         info = json.loads(await _qemu_img("info", "-f", fmt, "-U", "--output=json", str(path), timeout=HEADER_TIMEOUT))
         return info if isinstance(info, dict) else {}
     except ValueError as e:
         raise VMMError(f"qemu-img info {path}: unexpected answer ({e})") from e
+    except VMMError as e:  # it exists but does not read as what the daemon made
+        raise TamperedDisk(f"{path} is not a {fmt} image any more ({str(e)[-300:]}): refusing to use it") from e
 
 
 def _named_backing(header: dict) -> tuple[Path | None, str | None]:
