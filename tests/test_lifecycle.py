@@ -302,3 +302,45 @@ config:
         assert "daemon stopped" in d.log()
     finally:
         d.cleanup()
+
+
+EMPTY_CONFIG = """
+config:
+  host_groups:
+  - name: sbx
+    count: 0
+    vcpu: 1
+    ram_mb: 256
+    storage_size: 1G
+  api:
+    bind_address: 127.0.0.1
+    port: PORT
+"""
+
+
+def test_a_vmm_being_started_when_its_daemon_died_is_stopped(guest_image):
+    """A daemon killed while it starts a confined QEMU leaves a process that is not QEMU yet
+    (``unshare``, the jail's shell, ``setpriv``) or has no pidfile yet. The next daemon stops it
+    instead of leaving a QEMU no record names."""
+    import subprocess
+
+    d = Daemon(EMPTY_CONFIG)
+    try:
+        d.start()
+        run_dir = str((d.data_dir / "run").resolve())  # short enough to need no link (slicer.core.rundir)
+        d.stop(signal.SIGKILL)
+        # a stand-in for the jail's helpers: the environment a VMM is started with, no pidfile
+        helper = subprocess.Popen(["sleep", "600"], env={"PATH": os.defpath, "SLICER_RUN_DIR": f"{run_dir}/sbx-9"})
+        unrelated = subprocess.Popen(["sleep", "600"], env={"PATH": os.defpath, "SLICER_RUN_DIR": "/elsewhere/x"})
+        try:
+            d.start()
+            assert helper.wait(30) == -signal.SIGKILL
+            assert unrelated.poll() is None  # another data directory's: not ours to stop
+            assert "a VMM an earlier daemon was starting when it died" in d.log()
+        finally:
+            for p in (helper, unrelated):
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+    finally:
+        d.cleanup()

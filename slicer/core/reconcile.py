@@ -79,6 +79,10 @@ class Reconciler:
         for hostname, pid in running.items():
             if await self._adopt(records[hostname], pid):
                 adopted.add(hostname)
+        # A VMM an earlier daemon was starting when it died (no pidfile yet, or still in its jail's
+        # helpers): nobody tracks it, and its record is judged below as if it had none.
+        for pid in self.driver.kill_strays(self.run_root, {running[h] for h in adopted}):
+            log.warning("stopped process %d: a VMM an earlier daemon was starting when it died", pid)
         await self.net.remove_stale_taps()
         for rec in records.values():
             group = self.config.group(rec.hostgroup)

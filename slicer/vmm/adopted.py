@@ -33,6 +33,26 @@ def running_vmm(run_dir: Path) -> int | None:
     return pid
 
 
+def vmm_processes(run_root: Path) -> dict[int, Path]:
+    """Every process whose environment names a run directory below ``run_root``: QEMUs, and the
+    helpers a confined one is started through (``unshare``, ``sh``, ``mount``, ``setpriv``),
+    which carry the same environment."""
+    prefix = f"{RUN_DIR_ENV}={run_root}/".encode()
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        for var in environ:
+            if var.startswith(prefix):
+                found[int(entry.name)] = Path(var.split(b"=", 1)[1].decode(errors="replace"))
+    return found
+
+
 class AdoptedProcess:
     """The part of ``asyncio.subprocess.Process`` a VM uses: ``pid``, ``returncode``,
     ``wait()`` and ``kill()``. ``clean_exit`` is set by whoever saw the guest power off."""

@@ -199,3 +199,9 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def kill_stale(self, run_dir: Path) -> bool:
         """End a process left behind in ``run_dir`` by an earlier daemon; True if one was."""
+
+    def kill_strays(self, run_root: Path, keep: set[int]) -> list[int]:
+        """End every VMM (or VMM still being started) of a run directory below ``run_root``
+        whose PID is not in ``keep``: one an earlier daemon was starting when it died has no
+        pidfile yet, or is not QEMU yet. The PIDs ended."""
+        return []

@@ -28,7 +28,7 @@ from qemu.qmp import ConnectError, QMPClient
 
 from slicer.channel.yamux import PORT_NAME
 from slicer.vmm.accel import qemu_version, tsc_khz
-from slicer.vmm.adopted import RUN_DIR_ENV, AdoptedProcess, running_vmm
+from slicer.vmm.adopted import RUN_DIR_ENV, AdoptedProcess, running_vmm, vmm_processes
 from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState, VMStateError
 from slicer.vmm.disks import create_overlay, verified_chain
 from slicer.vmm.handoff import Handoff, Layer, open_handoff, placeholder
@@ -252,8 +252,11 @@ class QemuVM(VM):
 
     async def _roll_back_save(self) -> None:
         """A save its daemon did not see through (it died) left the vCPUs stopped after the
-        migration: run them again (the state file was removed as unfinished)."""
+        migration: run them again (the state file was removed as unfinished). A restore it did
+        not see through left a QEMU with no guest in it: refused (VMMError), to be stopped."""
         status = (await self._qmp.execute("query-status"))["status"]
+        if status == "inmigrate":  # started to restore a state its daemon never handed over
+            raise VMMError("its restore never finished (the guest was never loaded)")
         if status in ("finish-migrate", "postmigrate"):
             with contextlib.suppress(Exception):
                 await self._qmp.execute("migrate_cancel")
@@ -579,6 +582,15 @@ class QemuDriver(Driver):
             vm._exited()
             raise
         return vm
+
+    def kill_strays(self, run_root: Path, keep: set[int]) -> list[int]:
+        killed = []
+        for pid in vmm_processes(run_root):
+            if pid not in keep and pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+        return killed
 
     def kill_stale(self, run_dir: Path) -> bool:
         pid = running_vmm(run_dir)
