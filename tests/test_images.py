@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from slicer.client import SlicerClient
+from slicer.net import buildns
 from tests import chunked_copy
 from tests.conftest import IMAGE_DATA_DIR, Daemon, free_port, wait_agent
 from tests.oci_images import (
@@ -595,7 +596,8 @@ def build_leftovers() -> list[str]:
     netns = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
              if n.startswith("slicer-build-")]
     links = [i["ifname"] for i in json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True,
-                                                            text=True).stdout) if i["ifname"].startswith("sbd")]
+                                                            text=True).stdout)
+             if i["ifname"].startswith(buildns.VETH_PREFIX)]
     tables = [t for t in subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout.splitlines()
               if "slicer_build_" in t]
     return netns + links + tables

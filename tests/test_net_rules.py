@@ -67,10 +67,10 @@ def test_rulesets_load_in_nft():
 
 def test_build_network_rules_and_nameservers(tmp_path):
     """A Dockerfile build's table loads; its nameservers are the host's that a build can reach."""
-    net = buildns.BuildNetwork("slicer-build-1-ab", "sbd1ab", "slicer_build_1ab",
+    net = buildns.BuildNetwork("slicer-build-1-ab", "sbx1ab", "slicer_build_1ab",
                                ipaddress.IPv4Network("10.231.0.4/30"), ("eth0", "eth1"), ())
     script = buildns.ruleset(net)
-    assert 'iifname "sbd1ab" drop' in script.split("chain input")[1].split("}")[0]  # nothing of the host's
+    assert 'iifname "sbx1ab" drop' in script.split("chain input")[1].split("}")[0]  # nothing of the host's
     assert "169.254.0.0/16" in script and 'oifname { "eth0", "eth1" } accept' in script
     subprocess.run(["nft", "-c", "-f", "-"], input=script, text=True, check=True)
     no_uplink = buildns.ruleset(dataclasses.replace(net, uplinks=()))

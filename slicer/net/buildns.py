@@ -37,7 +37,7 @@ from slicer.net.system import NetworkError
 BUILD_SPACE = ipaddress.IPv4Network("10.231.0.0/16")
 NETNS_PREFIX = "slicer-build-"
 TABLE_PREFIX = "slicer_build_"
-VETH_PREFIX = "sbd"  # + PID (hex) + 4 hex: at most 13 characters
+VETH_PREFIX = "sbx"  # + PID (hex) + 4 hex: at most 13; "x" is no hex digit, so never a bridge "sb" + tag
 NEVER = "0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16, 224.0.0.0/3"
 RESOLV_DIR = Path("/run/slicer-build")  # the resolv.conf of buildah itself, per build
 RESOLV_FILES = (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf"))
