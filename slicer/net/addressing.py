@@ -12,10 +12,9 @@ import hashlib
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:  # the config is plain data; this layer only reads it
-    from slicer.core.config import HostGroup
+from slicer.net.config import NetworkConfig
 
 IPv4 = ipaddress.IPv4Address
 BRIDGE_SPACE = ipaddress.IPv4Network("192.168.128.0/17")
@@ -26,6 +25,14 @@ CLOUD_METADATA = ipaddress.IPv4Address("169.254.169.254")
 def mac_for(ip: str) -> str:
     """A locally administered MAC made of the VM's IPv4 address: unique wherever the IP is."""
     return "02:5c:" + ":".join(f"{b:02x}" for b in IPv4(ip).packed)
+
+
+class HasNetwork(Protocol):
+    """A host group (the core's config, or :class:`slicer.net.config.NetGroup`): only its
+    ``network`` block is read."""
+
+    @property
+    def network(self) -> NetworkConfig: ...
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ def _pick(space: ipaddress.IPv4Network, prefix: int, seed: str,
 
 
 class Addressing:
-    def __init__(self, group: HostGroup, seed: str, taken: list[ipaddress.IPv4Network]) -> None:
+    def __init__(self, group: HasNetwork, seed: str, taken: list[ipaddress.IPv4Network]) -> None:
         net = group.network
         self.isolated = net.mode == "isolated"
         if self.isolated:
