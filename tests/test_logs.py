@@ -184,7 +184,7 @@ def test_passt_log_is_bounded_by_passt(tmp_path, monkeypatch):
             finally:
                 sock.close()
                 os.kill(dev.pid, signal.SIGTERM)
-                await asyncio.gather(*(proc.wait() for proc in list(host._procs)))
+                await asyncio.gather(*(proc.wait() for proc in list(host.context.helpers.running)))
 
         biggest, final = asyncio.run(main())
     finally:

@@ -14,6 +14,9 @@ and removed at stop; nobody else's rules are touched.
 
 from slicer.net.addressing import Addressing, mac_for
 from slicer.net.backends import GroupNetwork
+from slicer.net.config import NetGroup, NetworkConfig
+from slicer.net.dryrun import DryRunNetwork
 from slicer.net.host import HostNetwork, NetworkError
 
-__all__ = ["Addressing", "GroupNetwork", "HostNetwork", "NetworkError", "mac_for"]
+__all__ = ["Addressing", "DryRunNetwork", "GroupNetwork", "HostNetwork", "NetGroup", "NetworkConfig", "NetworkError",
+           "mac_for"]

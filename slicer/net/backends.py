@@ -10,17 +10,14 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from slicer.net.addressing import Addressing
+from slicer.net.config import NetGroup
+from slicer.net.context import NetContext
 from slicer.net.firewall import IsolatedGroup, guard, isolated_elements, port_elements, vm_policy_elements
 from slicer.net.system import NetworkError, ifname, ip_batch, link_exists, netns_sysctls, nft, run, sysctl
 from slicer.net.tap import delete_tap, open_tap
 from slicer.vmm.base import NetDevice
-
-if TYPE_CHECKING:
-    from slicer.core.config import HostGroup
-    from slicer.net.host import HostNetwork
 
 MAX_TAPS = 10000
 PASST_LOG_MAX = 1 << 20  # passt.log's bound, kept by passt itself (--log-size: it drops the oldest part)
@@ -44,10 +41,15 @@ class GroupNetwork(abc.ABC):
     mode: str
     device_kind: str = "tap"
 
-    def __init__(self, group: HostGroup, host: HostNetwork) -> None:
+    def __init__(self, group: NetGroup, context: NetContext) -> None:
         self.group = group
-        self.host = host
+        self.context = context
+        self.names = context.names
         self._addressing: Addressing | None = None
+
+    @property
+    def name(self) -> str:
+        return self.group.name
 
     @property
     def addressing(self) -> Addressing:
@@ -100,7 +102,7 @@ class GroupNetwork(abc.ABC):
     async def template_device(self, name: str, run_dir: Path) -> NetDevice:
         """A NIC connected to nothing, for a template VM: its clones get their own links.
         :meth:`release` it once that VM has ended."""
-        tap = ifname(self.host.template_tap_prefix, name)
+        tap = ifname(self.names.template_tap_prefix, name)
         try:
             fd = open_tap(tap)
         except OSError as e:
@@ -122,16 +124,16 @@ class BridgeNetwork(GroupNetwork):
 
     mode = "bridge"
 
-    def __init__(self, group: HostGroup, host: HostNetwork) -> None:
-        super().__init__(group, host)
-        self.bridge = group.network.bridge or ifname("sb" + host.tag, group.name)
-        self.tap_prefix = group.network.tap_prefix or f"st{host.tag}"
+    def __init__(self, group: NetGroup, context: NetContext) -> None:
+        super().__init__(group, context)
+        self.bridge = group.network.bridge or self.names.bridge(group.name)
+        self.tap_prefix = group.network.tap_prefix or self.names.default_tap_prefix
         self.taps: dict[str, str] = {}  # VM name → its TAP's name
 
     async def setup(self) -> None:
         if not await link_exists(self.bridge):
             await run("ip", "link", "add", self.bridge, "type", "bridge")
-            self.host.created_bridge(self.bridge)
+            self.context.ledger.made(self.bridge)
         gw = self.addressing.gateway
         await ip_batch([f"addr flush dev {self.bridge}", f"addr add {gw} dev {self.bridge}",
                         f"link set {self.bridge} up"])
@@ -139,9 +141,9 @@ class BridgeNetwork(GroupNetwork):
             sysctl(f"net.ipv6.conf.{self.bridge}.disable_ipv6", "1")
 
     async def teardown(self) -> None:
-        if self.host.owns_bridge(self.bridge):
+        if self.context.ledger.owns(self.bridge):
             await run("ip", "link", "del", self.bridge, check=False)
-            self.host.forget_bridge(self.bridge)
+            self.context.ledger.forget(self.bridge)
         else:
             await run("ip", "addr", "del", str(self.addressing.gateway), "dev", self.bridge, check=False)
 
@@ -165,7 +167,7 @@ class BridgeNetwork(GroupNetwork):
         self.taps[name] = tap
         try:
             mac = self.addressing.guest(ip).mac
-            await nft(port_elements(self.host.table, tap, mac, ip))
+            await nft(port_elements(self.names.table, tap, mac, ip))
             await ip_batch([f"link set {tap} master {self.bridge}", f"link set {tap} up"])
         except BaseException:
             os.close(fd)
@@ -179,7 +181,7 @@ class BridgeNetwork(GroupNetwork):
         if tap is None:
             raise NetworkError(f"{name}: its QEMU holds no TAP")
         self.taps[name] = tap
-        await nft(port_elements(self.host.table, tap, self.addressing.guest(ip).mac, ip))
+        await nft(port_elements(self.names.table, tap, self.addressing.guest(ip).mac, ip))
 
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
         tap = self.taps.pop(name, None)
@@ -187,7 +189,7 @@ class BridgeNetwork(GroupNetwork):
             # Deleted, not left to go with QEMU's descriptor: QEMU may have made it persistent.
             await delete_tap(tap)
             mac = self.addressing.guest(ip).mac
-            table = self.host.table
+            table = self.names.table
             await nft(port_elements(table, tap, mac, ip) + port_elements(table, tap, mac, ip, "delete"))
 
     def describe(self) -> dict:
@@ -219,15 +221,15 @@ class IsolatedNetwork(GroupNetwork):
         return None
 
     def netns(self, name: str) -> str:
-        return f"slicer-{self.host.tag}-{name}"
+        return self.names.netns(name)
 
     def veth(self, name: str) -> str:
-        return ifname(self.host.veth_prefix, name)
+        return ifname(self.names.veth_prefix, name)
 
     async def attach(self, name: str, ip: str, run_dir: Path, policy: Policy | None = None) -> NetDevice:
         await self.detach(name, ip, run_dir)
         ns, veth, guest = self.netns(name), self.veth(name), self.addressing.guest(ip)
-        staging = ifname(self.host.staging_tap_prefix, name)  # the TAP's name until it is in its namespace
+        staging = ifname(self.names.staging_tap_prefix, name)  # the TAP's name until it is in its namespace
         await run("ip", "netns", "add", ns)
         fd = -1
         try:
@@ -243,8 +245,8 @@ class IsolatedNetwork(GroupNetwork):
                             "link set tap0 up", "link set veth0 up", "route add default dev veth0"], netns=ns)
             await nft(guard("tap0", guest.mac, ip), netns=ns)
             # its own chain before it joins the group's set: never a moment under the group's rules
-            await nft(vm_policy_elements(self.host.table, veth, self.policy_of(policy))
-                      + isolated_elements(self.host.table, veth, self.firewall))
+            await nft(vm_policy_elements(self.names.table, veth, self.policy_of(policy))
+                      + isolated_elements(self.names.table, veth, self.firewall))
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -256,11 +258,11 @@ class IsolatedNetwork(GroupNetwork):
         if not os.path.exists(f"/run/netns/{self.netns(name)}"):
             raise NetworkError(f"{name}: its network namespace is gone")
         veth = self.veth(name)
-        await nft(vm_policy_elements(self.host.table, veth, self.policy_of(policy))
-                  + isolated_elements(self.host.table, veth, self.firewall))
+        await nft(vm_policy_elements(self.names.table, veth, self.policy_of(policy))
+                  + isolated_elements(self.names.table, veth, self.firewall))
 
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
-        veth, table, fw = self.veth(name), self.host.table, self.firewall
+        veth, table, fw = self.veth(name), self.names.table, self.firewall
         if os.path.exists(f"/run/netns/{self.netns(name)}"):
             await run("ip", "netns", "del", self.netns(name), check=False)  # the veth pair goes with it
         # whether or not the namespace was there: a cleanup that failed once is done again here
@@ -276,8 +278,8 @@ class PasstNetwork(GroupNetwork):
     mode = "passt"
     device_kind = "stream"
 
-    def __init__(self, group: HostGroup, host: HostNetwork) -> None:
-        super().__init__(group, host)
+    def __init__(self, group: NetGroup, context: NetContext) -> None:
+        super().__init__(group, context)
         self._passt: dict[str, int | None] = {}  # VM name → its passt's PID
 
     async def _start(self, ip: str, gateway: str, run_dir: Path) -> NetDevice:
@@ -289,7 +291,7 @@ class PasstNetwork(GroupNetwork):
         argv = ["passt", "--foreground", "--ipv4-only", *PASST_VERBOSITY, "--no-map-gw",
                 "--log-file", str(run_dir / "passt.log"), "--log-size", str(PASST_LOG_MAX),
                 "--tcp-ports", "none", "--udp-ports", "none", "--no-dhcp", "--no-ndp", "--no-dhcpv6", "--no-ra",
-                *(["--runas", f"{self.host.helper_uid}:{self.host.helper_uid}"] if self.host.helper_uid else []),
+                *(["--runas", f"{uid}:{uid}"] if (uid := self.context.helper_uid) else []),
                 "--fd", str(theirs.fileno()), "--address", ip,
                 "--netmask", str(self.addressing.network.prefixlen), "--gateway", gateway, *dns]
         try:
@@ -302,7 +304,7 @@ class PasstNetwork(GroupNetwork):
             raise NetworkError(f"passt did not start: {e}") from e
         finally:
             theirs.close()
-        self.host.track(proc)
+        self.context.helpers.track(proc)
         return NetDevice("stream", fd=ours.detach(), pid=proc.pid)
 
     async def attach(self, name: str, ip: str, run_dir: Path, policy: Policy | None = None) -> NetDevice:
