@@ -7,11 +7,8 @@ same file. A commit is deleted only when nothing reads through it: no VM (its so
 and no later commit; disks kept from deleted persistent VMs are rebased first (the blocks they
 need are copied into them), so nothing is lost.
 
-Every step leaves something :meth:`CommitActions._finish_commits` can finish or undo at the
-next start: a commit directory is complete before its row is written, and the source gets its
-overlay after.
-
-A part of :class:`slicer.core.manager.Manager`, kept apart to keep each module small.
+Every step leaves something :meth:`Commits.finish` can finish or undo at the next start: a
+commit directory is complete before its row is written, and the source gets its overlay after.
 """
 
 from __future__ import annotations
@@ -21,19 +18,16 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from slicer.core.actions import NodeAction
 from slicer.core.errors import BadRequest, Conflict, NotFound, SlicerError
+from slicer.core.node import Node
+from slicer.core.registry import Registry
 from slicer.core.state import CommitRecord, now_rfc3339
 from slicer.vmm.base import VMMError
 from slicer.vmm.disks import chain_paths, copy_record, create_overlay, move_disk, rebase, recorded_chain
-
-if TYPE_CHECKING:
-    from slicer.core.config import Config, HostGroup
-    from slicer.core.node import Node
-    from slicer.core.state import StateStore
 
 log = logging.getLogger(__name__)
 COMMIT_ID = re.compile(r"cmt-[0-9a-f]{16}")
@@ -48,40 +42,33 @@ def check_commit_id(commit_id: str) -> str:
     return commit_id
 
 
-class CommitActions:
-    config: Config
-    data_dir: Path
-    nodes: dict[str, Node]
-    store: StateStore
+CreateVM = Callable[..., Awaitable[Node]]  # Manager.create: a new VM of a group, booted
 
-    # provided by Manager
-    def get(self, hostname: str) -> Node: ...
-    def group(self, name: str) -> HostGroup: ...
-    async def create(self, group_name: str, *, cpus: int | None, ram_bytes: int | None, persistent: bool,
-                     hostname: str | None, ip: str | None, spec: dict, wait: str | None, timeout: float) -> Node: ...
 
-    @property
-    def layer_roots(self) -> tuple[Path, ...]:
-        """Where disks made before backing records may have their backing files (the driver's)."""
-        return getattr(self.driver, "legacy_roots", ())
+class Commits:
+    def __init__(self, registry: Registry, create: CreateVM, layer_roots: tuple[Path, ...] = ()) -> None:
+        self.registry = registry
+        self.create = create
+        # where disks made before backing records may have their backing files (the driver's)
+        self.layer_roots = layer_roots
 
     @property
     def commits_dir(self) -> Path:
-        return self.data_dir / "commits"
+        return self.registry.data_dir / "commits"
 
     def commit_disk(self, commit_id: str) -> Path:
-        return self.commits_dir / commit_id / "disk.qcow2"
+        return self.registry.commit_disk(commit_id)
 
     def _commit(self, commit_id: str) -> CommitRecord:
         check_commit_id(commit_id)
-        rec = self.store.commit(commit_id)
+        rec = self.registry.store.commit(commit_id)
         if rec is None:
             raise NotFound(f"commit {commit_id!r} not found", "commit_not_found")
         return rec
 
     # -- commit ------------------------------------------------------------------------------------
     async def commit(self, hostname: str, tags: list[str], labels: dict[str, str], cache_key: str) -> dict:
-        node = self.get(hostname)
+        node = self.registry.get(hostname)
         async with node.act(NodeAction.COMMIT):
             rec = node.record
             if not rec.persistent:
@@ -102,7 +89,7 @@ class CommitActions:
                 os.link(disk, part / "disk.qcow2")  # the same blocks under a second name: no copy
                 copy_record(disk, part / "disk.qcow2")
                 part.rename(final)
-                self.store.put_commit(commit)
+                self.registry.store.put_commit(commit)
             except BaseException:
                 shutil.rmtree(part, ignore_errors=True)
                 shutil.rmtree(final, ignore_errors=True)
@@ -110,11 +97,11 @@ class CommitActions:
             try:
                 await self._give_overlay(disk, commit.commit_id)
             except BaseException:  # the VM keeps its disk as it was; the commit never was
-                self.store.delete_commit(commit.commit_id)
+                self.registry.store.delete_commit(commit.commit_id)
                 shutil.rmtree(final, ignore_errors=True)
                 raise
             rec.spec["parent_commit"] = rec.spec["commit_id"] = commit.commit_id
-            self.store.put(rec)
+            self.registry.store.put(rec)
         log.info("%s: committed as %s", hostname, commit.commit_id)
         return {"hostname": hostname, "commit_id": commit.commit_id, "status": "committed",
                 "parent_status": node.status.lower(), "mode": commit.mode, "tags": commit.tags,
@@ -135,10 +122,10 @@ class CommitActions:
         frozen.chmod(0o400)
 
     # -- list and delete ---------------------------------------------------------------------------
-    def commits(self, tags: list[str] | None = None, cache_key: str | None = None, source: str | None = None,
+    def list(self, tags: list[str] | None = None, cache_key: str | None = None, source: str | None = None,
                 mode: str | None = None) -> list[dict]:
         found = []
-        for c in self.store.commits():
+        for c in self.registry.store.commits():
             if tags and not set(tags) <= set(c.tags):
                 continue
             if (cache_key and c.cache_key != cache_key) or (source and c.source_hostname != source) \
@@ -147,23 +134,23 @@ class CommitActions:
             found.append(c.view())
         return found
 
-    async def delete_commit(self, commit_id: str) -> dict:
+    async def delete(self, commit_id: str) -> dict:
         commit = self._commit(commit_id)
         disk = self.commit_disk(commit_id).resolve()
         users, kept = [], []
-        for node in self.nodes.values():
+        for node in self.registry.nodes.values():
             node_disk = Path(node.record.disk)
             if node_disk.exists() and disk in await chain_paths(node_disk, self.layer_roots):
                 users.append(node.hostname)
-        for other in self.store.commits():
+        for other in self.registry.store.commits():
             if other.commit_id != commit_id and disk in await chain_paths(
                     self.commit_disk(other.commit_id), self.layer_roots):
                 users.append(f"commit {other.commit_id}")
         if users:
             raise Conflict(f"commit {commit_id} is the parent of {', '.join(users)}: delete those first",
                            "commit_in_use")
-        used = {Path(n.record.disk) for n in self.nodes.values()}
-        for kept_disk in sorted((self.data_dir / "disks").glob("*.qcow2")):
+        used = {Path(n.record.disk) for n in self.registry.nodes.values()}
+        for kept_disk in sorted((self.registry.data_dir / "disks").glob("*.qcow2")):
             if kept_disk not in used and disk in await chain_paths(kept_disk, self.layer_roots):
                 kept.append(kept_disk)
         await chain_paths(disk, self.layer_roots)  # a commit made before records gets one
@@ -174,13 +161,13 @@ class CommitActions:
                 await rebase(kept_disk, below.path, below.format, self.layer_roots)
             except VMMError as e:
                 raise SlicerError(f"commit {commit_id}: rebasing {kept_disk} failed: {e}", "commit_failed") from e
-        self.store.delete_commit(commit.commit_id)
+        self.registry.store.delete_commit(commit.commit_id)
         shutil.rmtree(self.commits_dir / commit_id, ignore_errors=True)
         log.info("commit %s deleted", commit_id)
         return {"commit_id": commit_id, "status": "deleted"}
 
     # -- cold fork ---------------------------------------------------------------------------------
-    async def fork_commit(self, commit_id: str, *, tags: list[str] | None, tag_mode: str,
+    async def fork(self, commit_id: str, *, tags: list[str] | None, tag_mode: str,
                           secrets_: list[str] | None, persistent: bool, cpus: int | None, ram_bytes: int | None,
                           fixups: list[str] | None, wait: str | None, timeout: float,
                           network: dict[str, list[str]] | None = None, hostname: str | None = None) -> dict:
@@ -201,21 +188,21 @@ class CommitActions:
             commit.source_host_group, cpus=cpus or commit.cpus, ram_bytes=ram_bytes or commit.ram_bytes,
             persistent=persistent, hostname=hostname, ip=None, spec=spec, wait=wait, timeout=timeout,
         )
-        parent = self.nodes.get(commit.source_hostname)
+        parent = self.registry.nodes.get(commit.source_hostname)
         return {"hostname": node.hostname, "child_hostname": node.hostname,  # the TypeScript SDK's name for it
                 "source_hostname": commit.source_hostname, "commit_id": commit_id,
                 "status": "forked", "parent_status": parent.status.lower() if parent else "deleted",
                 "child_status": node.status.lower(), "mode": commit.mode, "persistent": node.record.persistent}
 
     # -- start ---------------------------------------------------------------------------------------
-    async def _finish_commits(self) -> None:
+    async def finish(self) -> None:
         """Finish or undo what a crash cut short: half-made commit directories go, a commit
         whose source still writes to its disk gets the source its overlay."""
         if not self.commits_dir.is_dir():
             self.commits_dir.mkdir(mode=0o700, parents=True)
             return
-        records = {c.commit_id: c for c in self.store.commits()}
-        nodes = {r.hostname: r for r in self.store.all()}
+        records = {c.commit_id: c for c in self.registry.store.commits()}
+        nodes = {r.hostname: r for r in self.registry.store.all()}
         for path in self.commits_dir.iterdir():
             if path.name.startswith(".") or path.name not in records:
                 # Written before its row: nothing reads through a commit without a row.
@@ -236,4 +223,4 @@ class CommitActions:
                     log.error("%s: %s", source.hostname, e.message)
                     continue
                 source.spec["parent_commit"] = source.spec["commit_id"] = commit.commit_id
-                self.store.put(source)
+                self.registry.store.put(source)

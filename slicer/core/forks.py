@@ -6,8 +6,6 @@ template of its own (:meth:`slicer.core.templates.Templates.from_capture`): its 
 that every copy maps copy-on-write, its disk the frozen base of every copy's overlay. The copies
 restore from it as any template's clones do, and get their own identity (hostname, address,
 machine-id, SSH host keys, entropy, clock). The snapshot is removed with its last copy.
-
-A part of :class:`slicer.core.manager.Manager`, kept apart to keep each module small.
 """
 
 from __future__ import annotations
@@ -15,18 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from slicer.core.actions import NodeAction
+from slicer.core.commits import CreateVM
 from slicer.core.errors import BadRequest, Conflict, SlicerError
+from slicer.core.lifecycle import Lifecycle
+from slicer.core.node import Node
+from slicer.core.registry import Registry
+from slicer.core.templates import Templates
 from slicer.vmm.base import VMMError
 from slicer.vmm.disks import copy_disk
-
-if TYPE_CHECKING:
-    from slicer.core.config import HostGroup
-    from slicer.core.node import Node
-    from slicer.core.templates import Template, Templates
 
 log = logging.getLogger(__name__)
 MAX_COPIES = 32
@@ -42,28 +40,24 @@ def available_memory() -> int:
     return 0
 
 
-class ForkActions:
-    nodes: dict[str, Node]
-    templates: Templates
-
-    # provided by Manager
-    def get(self, hostname: str) -> Node: ...
-    def group(self, name: str) -> HostGroup: ...
-    def _collect_templates(self) -> None: ...
-    async def _destroy(self, node: Node) -> bool: ...
-    async def create(self, group_name: str, *, cpus: int | None, ram_bytes: int | None, persistent: bool,
-                     hostname: str | None, ip: str | None, spec: dict, wait: str | None, timeout: float,
-                     template: Template | None = None) -> Node: ...
+class Forks:
+    def __init__(self, registry: Registry, lifecycle: Lifecycle, templates: Templates, create: CreateVM,
+                 free_memory: Callable[[], int] = available_memory) -> None:
+        self.registry = registry
+        self.lifecycle = lifecycle
+        self.templates = templates
+        self.create = create
+        self.free_memory = free_memory
 
     async def fork(self, hostname: str, count: int, tags: list[str], wait: str | None, timeout: float) -> list[Node]:
         """``count`` live copies of the running VM ``hostname``; all made, or none."""
         if not 1 <= count <= MAX_COPIES:
             raise BadRequest(f"count must be 1 to {MAX_COPIES}, not {count}", "invalid_count")
-        source = self.get(hostname)
-        group = self.group(source.record.hostgroup)
+        source = self.registry.get(hostname)
+        group = self.registry.group(source.record.hostgroup)
         rec = source.record
         need = count * COPY_OVERHEAD + rec.ram_bytes
-        if (free := available_memory()) < need:
+        if (free := self.free_memory()) < need:
             raise Conflict(f"{count} copies of {hostname} need about {need >> 20} MiB; the host has "
                            f"{free >> 20} MiB available", "insufficient_memory")
         name = f"{group.name}-fork-{secrets.token_hex(4)}"
@@ -100,8 +94,8 @@ class ForkActions:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             for node in copies:  # all or none: the copies made go again
-                await self._destroy(node)
-            self._collect_templates()
+                await self.lifecycle.destroy(node)
+            self.lifecycle.collect_templates()
             raise failed[0]
         log.info("%s: forked into %s in %.2fs", hostname, ", ".join(n.hostname for n in copies), loop.time() - t0)
         return copies

@@ -1,52 +1,35 @@
 """Suspend, restore and relaunch of one VM, templates on demand, and disk accounting.
 
-A part of :class:`slicer.core.manager.Manager`, kept apart to keep each module small: it uses
-the manager's nodes, store, templates and launch/wait steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from slicer.core.actions import NodeAction
+from slicer.core.config import Config, HostGroup
 from slicer.core.errors import Conflict, SlicerError
+from slicer.core.lifecycle import Lifecycle
 from slicer.core.node import Node
-from slicer.core.templates import allocated_bytes
+from slicer.core.registry import Registry
+from slicer.core.templates import Templates, allocated_bytes
 from slicer.vmm.base import VMMError, VMState, VMStateError
-
-if TYPE_CHECKING:
-    from slicer.core.config import Config, HostGroup
-    from slicer.core.state import StateStore
-    from slicer.core.templates import Template, Templates
 
 log = logging.getLogger(__name__)
 SHUTDOWN_WAIT = 45.0  # a graceful shutdown's timeout (GRACEFUL_TIMEOUT) and its kill, with room
 
 
-class SnapshotActions:
-    config: Config
-    data_dir: Path
-    nodes: dict[str, Node]
-    store: StateStore
-    templates: Templates
-
-    # provided by Manager
-    def get(self, hostname: str) -> Node: ...
-    def group(self, name: str) -> HostGroup: ...
-    def list(self) -> list[Node]: ...
-    def state_file(self, hostname: str) -> Path: ...
-    async def _launch(self, node: Node, group: HostGroup, template: Template | None = None,
-                      restore_from: Path | None = None) -> None: ...
-    async def _wait_setup(self, node: Node, wait: str, timeout: float) -> None: ...
-    async def _stop_vm(self, node: Node, graceful: bool) -> None: ...
-    def _templates_in_use(self) -> Counter[str]: ...
+class Snapshots:
+    def __init__(self, config: Config, registry: Registry, lifecycle: Lifecycle, templates: Templates) -> None:
+        self.config = config
+        self.registry = registry
+        self.lifecycle = lifecycle
+        self.templates = templates
 
     async def suspend(self, hostname: str) -> None:
-        node = self.get(hostname)
+        node = self.registry.get(hostname)
         async with node.act(NodeAction.SUSPEND):
             await self._save(node, "api")
 
@@ -55,7 +38,7 @@ class SnapshotActions:
         (the caller checked that the node may be suspended)."""
         vm = node.vm
         assert vm is not None
-        path = self.state_file(node.hostname)
+        path = self.registry.state_file(node.hostname)
         node.stopping = True
         t0 = asyncio.get_running_loop().time()
         try:
@@ -66,45 +49,45 @@ class SnapshotActions:
                 raise Conflict(f"{node.hostname}: {e}", "invalid_state") from e
             raise SlicerError(f"{node.hostname}: suspend failed: {e}", "suspend_failed") from e
         node.record.suspended = why
-        self.store.put(node.record)
+        self.registry.store.put(node.record)
         if node.agent is not None:
             await node.agent.aclose()
         node.vm = node.agent = None
         log.info("%s: suspended in %.2fs (%d MiB of state)", node.hostname,
                  asyncio.get_running_loop().time() - t0, allocated_bytes(path) >> 20)
 
-    async def _suspend_or_stop(self, node: Node) -> None:
+    async def suspend_or_stop(self, node: Node) -> None:
         try:
             node.check(NodeAction.SUSPEND)
             await self._save(node, "shutdown")
         except SlicerError as e:
             log.error("%s: not suspended (%s); shutting it down", node.hostname, e.message)
-            await self._stop_vm(node, graceful=self.config.graceful_shutdown)
+            await self.lifecycle.stop_vm(node, graceful=self.config.graceful_shutdown)
 
     async def restore(self, hostname: str, wait: str | None, timeout: float) -> Node:
-        node = self.get(hostname)
-        group = self.group(node.record.hostgroup)
+        node = self.registry.get(hostname)
+        group = self.registry.group(node.record.hostgroup)
         async with node.act(NodeAction.RESTORE):
-            await self._restore(node, group)
+            await self.restore_node(node, group)
         if wait:
-            await self._wait_setup(node, wait, timeout)
+            await self.lifecycle.wait_setup(node, wait, timeout)
         return node
 
-    async def _restore(self, node: Node, group: HostGroup) -> None:
-        path = self.state_file(node.hostname)
+    async def restore_node(self, node: Node, group: HostGroup) -> None:
+        path = self.registry.state_file(node.hostname)
         if not path.exists():
             raise SlicerError(f"{node.hostname}: its saved state {path} is missing", "state_missing")
         t0 = asyncio.get_running_loop().time()
-        await self._launch(node, group, restore_from=path)
+        await self.lifecycle.launch(node, group, restore_from=path)
         node.record.suspended = ""
-        self.store.put(node.record)
+        self.registry.store.put(node.record)
         path.unlink(missing_ok=True)
         log.info("%s: restored in %.2fs", node.hostname, asyncio.get_running_loop().time() - t0)
 
     async def relaunch(self, hostname: str, wait: str | None, timeout: float) -> Node:
         """Boot a VM that is not running (shut down, crashed or suspended) again from its disk."""
-        node = self.get(hostname)
-        group = self.group(node.record.hostgroup)
+        node = self.registry.get(hostname)
+        group = self.registry.group(node.record.hostgroup)
         async with node.act(NodeAction.RELAUNCH):
             if node.vm is not None and node.vm.state != VMState.STOPPED:  # Stopping (the table allows no other)
                 if not node.is_service and not node.record.persistent:
@@ -118,32 +101,32 @@ class SnapshotActions:
                     raise Conflict(f"{hostname} is still shutting down", "running") from None
             if node.record.suspended:
                 log.warning("%s: relaunched while suspended: its saved memory is discarded", hostname)
-                self.state_file(hostname).unlink(missing_ok=True)
+                self.registry.state_file(hostname).unlink(missing_ok=True)
                 node.record.suspended = ""
-                self.store.put(node.record)
-            await self._launch(node, group)
+                self.registry.store.put(node.record)
+            await self.lifecycle.launch(node, group)
         if wait:
-            await self._wait_setup(node, wait, timeout)
+            await self.lifecycle.wait_setup(node, wait, timeout)
         return node
 
     def storage(self) -> dict:
         """What templates, disks and saved states take on the host's disk."""
-        templates = self.templates.usage(self._templates_in_use())
+        templates = self.templates.usage(self.lifecycle.templates_in_use())
         nodes = [
             {"hostname": n.hostname, "hostgroup": n.record.hostgroup, "status": n.status,
              "template": n.record.template or None, "disk": n.record.disk,
              "disk_bytes": allocated_bytes(Path(n.record.disk)),
-             "state_bytes": allocated_bytes(self.state_file(n.hostname))}
-            for n in self.list()
+             "state_bytes": allocated_bytes(self.registry.state_file(n.hostname))}
+            for n in self.registry.list()
         ]
         # Disks of deleted persistent VMs are kept (as Slicer does); a create of the same
         # hostname replaces one, or remove the file.
-        used = {Path(n.record.disk) for n in self.nodes.values()}
+        used = {Path(n.record.disk) for n in self.registry.nodes.values()}
         kept = [{"disk": str(p), "disk_bytes": allocated_bytes(p)}
-                for p in sorted((self.data_dir / "disks").glob("*.qcow2")) if p not in used]
+                for p in sorted((self.registry.data_dir / "disks").glob("*.qcow2")) if p not in used]
         commits = [{"commit_id": c.commit_id, "source_hostname": c.source_hostname,
-                    "disk_bytes": allocated_bytes(self.data_dir / "commits" / c.commit_id / "disk.qcow2")}
-                   for c in self.store.commits()]
+                    "disk_bytes": allocated_bytes(self.registry.data_dir / "commits" / c.commit_id / "disk.qcow2")}
+                   for c in self.registry.store.commits()]
         total = sum(t["state_bytes"] + t["disk_bytes"] for t in templates)
         total += sum(n["disk_bytes"] + n["state_bytes"] for n in nodes) + sum(k["disk_bytes"] for k in kept)
         total += sum(c["disk_bytes"] for c in commits)
@@ -152,11 +135,11 @@ class SnapshotActions:
 
     async def build_template(self, group_name: str) -> dict:
         """Build the group's template now if it has none that is current."""
-        group = self.group(group_name)
+        group = self.registry.group(group_name)
         if group.boot == "cold":
             raise Conflict(f"host group {group_name} boots cold (boot: cold); it has no template", "boot_cold")
         tpl = await self.templates.ensure(group, retry=True)
         if tpl is None:
             raise SlicerError(f"the template of {group_name} could not be built; see the daemon log",
                               "template_failed")
-        return tpl.describe(self._templates_in_use()[tpl.name])
+        return tpl.describe(self.lifecycle.templates_in_use()[tpl.name])

@@ -61,7 +61,7 @@ async def fork(m: Mgr, hostname: str, request: Request,
                wait: Annotated[Literal["agent", "none"], Query()] = "agent", timeout: str | None = None) -> list[dict]:
     """``count`` live copies of a running VM: its memory, processes and files; each its own identity."""
     body = await parse_body(request, ForkRequest)
-    copies = await m.fork(hostname, body.count, body.tags, None if wait == "none" else "agent",
+    copies = await m.forks.fork(hostname, body.count, body.tags, None if wait == "none" else "agent",
                           parse_duration(timeout, "5m"))
     return [{"hostname": n.hostname, "hostgroup": n.record.hostgroup, "ip": n.record.ip,
              "source_hostname": hostname, "status": "forked", "child_status": n.status.lower(),
@@ -72,13 +72,13 @@ async def fork(m: Mgr, hostname: str, request: Request,
 async def list_commits(m: Mgr, tag: Annotated[list[str] | None, Query()] = None, cache_key: str | None = None,
                        source: str | None = None, mode: str | None = None) -> list[dict]:
     """Commits, filtered: every ``tag`` given, the ``cache_key``, the ``source`` VM, the ``mode``."""
-    return m.commits(tags=tag, cache_key=cache_key, source=source, mode=mode)
+    return m.commits.list(tags=tag, cache_key=cache_key, source=source, mode=mode)
 
 
 @router.delete("/vm/commits/{commit_id}")
 async def delete_commit(m: Mgr, commit_id: str) -> dict:
     """Refused (409) while a VM or a later commit reads through it."""
-    return await m.delete_commit(check_commit_id(commit_id))
+    return await m.commits.delete(check_commit_id(commit_id))
 
 
 @router.post("/vm/commits/{commit_id}/fork", openapi_extra=json_body(ForkCommitRequest))
@@ -87,7 +87,7 @@ async def fork_commit(m: Mgr, commit_id: str, request: Request,
                       timeout: str | None = None) -> dict:
     """A new VM in the commit's host group, booted from a copy-on-write child of its disk."""
     body = await parse_body(request, ForkCommitRequest)
-    return await m.fork_commit(
+    return await m.commits.fork(
         check_commit_id(commit_id), tags=body.tags, tag_mode=body.tag_mode, secrets_=body.secrets,
         persistent=body.persistent, cpus=body.vcpu, ram_bytes=body.ram_bytes, hostname=body.hostname,
         fixups=list(FIXUPS) if body.fixups is None else body.fixups,
@@ -100,7 +100,7 @@ async def fork_commit(m: Mgr, commit_id: str, request: Request,
 async def commit(m: Mgr, hostname: str, request: Request) -> dict:
     """Freeze a stopped persistent VM's disk into an immutable commit; the VM goes on on top of it."""
     body = await parse_body(request, CommitRequest)
-    return await m.commit(hostname, body.tags, body.labels, body.cache_key)
+    return await m.commits.commit(hostname, body.tags, body.labels, body.cache_key)
 
 
 @router.get("/vm/{hostname}/tags")

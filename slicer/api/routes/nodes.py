@@ -53,12 +53,12 @@ def created(node: Node) -> dict:
 @router.post("/vm/{hostname}/relaunch")
 async def relaunch(m: Mgr, hostname: str, wait: WaitFor = None, timeout: str | None = None) -> dict:
     """Boot a shut-down (or crashed, or suspended: its memory is discarded) VM from its disk."""
-    return created(await m.relaunch(hostname, wait, parse_duration(timeout, DEFAULT_WAIT_TIMEOUT)))
+    return created(await m.snapshots.relaunch(hostname, wait, parse_duration(timeout, DEFAULT_WAIT_TIMEOUT)))
 
 
 @router.delete("/hostgroup/{name}/nodes/{hostname}")
 async def delete_node(m: Mgr, name: str, hostname: str) -> dict:
-    removed = await m.delete(name, hostname)
+    removed = await m.power.delete(name, hostname)
     return {"message": "Node deleted", "disk_removed": "true" if removed else "false"}
 
 

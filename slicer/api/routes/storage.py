@@ -15,10 +15,10 @@ Mgr = Annotated[Manager, Depends(manager)]
 
 @router.get("/storage")
 async def storage(m: Mgr) -> dict:
-    return m.storage()
+    return m.snapshots.storage()
 
 
 @router.post("/hostgroup/{name}/template")
 async def build_template(m: Mgr, name: str) -> dict:
     """Build the group's template now (if it has no current one); returns it."""
-    return await m.build_template(name)
+    return await m.snapshots.build_template(name)

@@ -42,29 +42,29 @@ async def shutdown(m: Mgr, hostname: str, request: Request, action: str | None =
         action = (await read_json_object(request, 4096)).get("action") or "reboot"
         if not isinstance(action, str):
             raise BadRequest("action must be shutdown or reboot", "invalid_action")
-    await m.shutdown(hostname, action)
+    await m.power.shutdown(hostname, action)
     return f"{'Reboot' if action == 'reboot' else 'Shutdown'} of {hostname} started\n"
 
 
 @router.post("/pause", response_class=PlainTextResponse)
 async def pause(m: Mgr, hostname: str) -> str:
-    await m.pause(hostname)
+    await m.power.pause(hostname)
     return f"{hostname} paused\n"
 
 
 @router.post("/resume", response_class=PlainTextResponse)
 async def resume(m: Mgr, hostname: str) -> str:
-    await m.resume(hostname)
+    await m.power.resume(hostname)
     return f"{hostname} resumed\n"
 
 
 @router.post("/suspend", response_class=PlainTextResponse)
 async def suspend(m: Mgr, hostname: str) -> str:
-    await m.suspend(hostname)
+    await m.snapshots.suspend(hostname)
     return f"{hostname} suspended\n"
 
 
 @router.post("/restore", response_class=PlainTextResponse)
 async def restore(m: Mgr, hostname: str, wait: WaitFor = None, timeout: str | None = None) -> str:
-    await m.restore(hostname, wait, parse_duration(timeout, DEFAULT_WAIT_TIMEOUT))
+    await m.snapshots.restore(hostname, wait, parse_duration(timeout, DEFAULT_WAIT_TIMEOUT))
     return f"{hostname} restored\n"

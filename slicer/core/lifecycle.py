@@ -1,0 +1,235 @@
+"""One VM's life: launch (boot, clone from a template, restore), watch, stop, destroy.
+
+The steps every other collaborator builds on: a create, a relaunch, a restore, an adoption and
+a fork all end in :meth:`Lifecycle.launch` or :meth:`Lifecycle.run`; every way out goes
+through :meth:`Lifecycle.stop_vm` or :meth:`Lifecycle.destroy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from slicer.core import telemetry
+from slicer.core.config import Config, HostGroup
+from slicer.core.errors import Conflict, SlicerError, WaitTimeout
+from slicer.core.images import BootImages
+from slicer.core.node import Node
+from slicer.core.provision import Provisioner
+from slicer.core.registry import Registry, Tasks
+from slicer.core.specs import vm_spec
+from slicer.core.state import NodeRecord
+from slicer.core.templates import Template, Templates
+from slicer.net import HostNetwork, NetworkError
+from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState
+from slicer.vmm.disks import TamperedDisk, remove_disk
+
+log = logging.getLogger("slicer.core.manager")
+GRACEFUL_TIMEOUT = 30.0
+
+
+class Lifecycle:
+    def __init__(self, config: Config, registry: Registry, driver: Driver, net: HostNetwork, images: BootImages,
+                 templates: Templates, provisioner: Provisioner, tasks: Tasks) -> None:
+        self.config = config
+        self.registry = registry
+        self.driver = driver
+        self.net = net
+        self.images = images
+        self.templates = templates
+        self.provisioner = provisioner
+        self.tasks = tasks
+
+    # -- launch -------------------------------------------------------------------------------------
+    async def launch(self, node: Node, group: HostGroup, template: Template | None = None,
+                     restore_from: Path | None = None) -> None:
+        """Boot the node's VM; or restore it, from ``template`` (a new clone) or from its own
+        saved state ``restore_from``. A clone whose restore fails boots cold instead."""
+        rec = node.record
+        spec, boot, restore_from = self._boot_spec(node, group, template, restore_from)
+        node.stopping = False
+        if rec.paused:  # a new QEMU runs
+            rec.paused = False
+            self.registry.store.put(rec)
+        try:
+            vm = await self._start(node, spec, restore_from)
+        except VMMError as e:
+            if isinstance(e, TamperedDisk):
+                raise Conflict(f"{rec.hostname}: {e}", "disk_tampered") from e
+            if restore_from is not None:
+                telemetry.RESTORES.labels(rec.hostgroup, boot, "failed").inc()
+            if template is None:
+                raise SlicerError(f"{rec.hostname}: could not start the VM: {e}", "vm_start_failed") from e
+            await self._boot_cold_instead(node, template, spec, e)
+            return await self.launch(node, group)
+        if restore_from is not None:
+            telemetry.RESTORES.labels(rec.hostgroup, boot, "ok").inc()
+        telemetry.VM_STARTS.labels(rec.hostgroup, rec.kind).inc()
+        self.run(node, vm, boot, group)
+
+    def _boot_spec(self, node: Node, group: HostGroup, template: Template | None,
+                   restore_from: Path | None) -> tuple[VMSpec, str, Path | None]:
+        """The VM's spec, how it boots ("boot", "suspend", "fork", "template") and the state to restore."""
+        rec = node.record
+        spec = vm_spec(self.images.boot(rec.spec.get("image")), group, self.net.group(group.name),
+                       name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
+                       ip=rec.ip, disk=Path(rec.disk), run_dir=node.run_dir)
+        boot = "suspend" if restore_from is not None else "boot"
+        if (parent := rec.spec.get("parent_commit")) and not Path(rec.disk).exists():
+            # The first boot of a commit's child: its disk starts as an overlay on the commit,
+            # and it gets its own identity (the commit holds its source's).
+            spec.base_disk, spec.base_format = self.registry.commit_disk(parent), "qcow2"
+            boot = "fork"
+        if template is not None:
+            rec.template = template.name
+            self.registry.store.put(rec)
+            spec.base_disk, spec.base_format = template.disk, "qcow2"
+            template.start_console_log(spec.serial_log, rec.hostname)
+            restore_from, boot = template.state, "template"
+        if rec.template:  # a clone's memory is mapped from its template's: same machine, same layout
+            spec.memory_file = self.templates.memory_file(rec.template)
+        return spec, boot, restore_from
+
+    async def _start(self, node: Node, spec: VMSpec, restore_from: Path | None) -> VM:
+        """Attach the NIC and start the VMM, running; on any failure nothing of it is left."""
+        rec = node.record
+        gnet = self.net.group(rec.hostgroup)
+        try:
+            spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir, policy=rec.spec.get("network"))
+        except NetworkError as e:
+            raise SlicerError(f"{rec.hostname}: network setup failed: {e}", "network_failed") from e
+        vm = None
+        try:
+            vm = await self.driver.start(spec, restore_from)
+            if vm.state == VMState.PAUSED:
+                await vm.resume()
+        except BaseException:
+            spec.net.close()
+            if vm is not None:
+                await vm.kill()
+            await gnet.detach(rec.hostname, rec.ip, node.run_dir)
+            raise
+        spec.net.close()  # the VMM holds the TAP now; it goes away with the VMM
+        return vm
+
+    async def _boot_cold_instead(self, node: Node, template: Template, spec: VMSpec, e: VMMError) -> None:
+        rec = node.record
+        self.templates.retire(template, f"restoring {rec.hostname} failed: {e}")
+        log.warning("%s: restore from template %s failed (%s); booting cold", rec.hostname, template.name, e)
+        remove_disk(Path(rec.disk))
+        spec.serial_log.unlink(missing_ok=True)
+        rec.template = ""
+        self.registry.store.put(rec)
+        self.collect_templates()
+
+    def run(self, node: Node, vm: VM, boot: str, group: HostGroup) -> None:
+        """``vm`` is the node's from now on: watch its end, set its guest up after each boot."""
+        node.attach(vm, boot)
+        self.tasks.spawn(self.watch(node))
+        self.tasks.spawn(self.provisioner.run(node, vm, group.name))
+
+    async def watch(self, node: Node) -> None:
+        """React to the VM's process ending: a powered-off sandbox is deleted."""
+        vm = node.vm
+        assert vm is not None
+        code = await vm.wait()
+        node.rebooted.set()  # wakes the provisioner of this VM, which then sees it stopped and ends
+        if node.vm is vm:  # not yet relaunched: its link goes with it
+            await self.detach(node)
+            node.exited.set()
+        if node.vm is not vm or node.stopping:
+            return
+        if code == 0:
+            log.info("%s: guest powered off", node.hostname)
+            if not node.is_service and not node.record.persistent:
+                await self.destroy(node)
+        else:
+            telemetry.QEMU_EXITS.labels(node.record.hostgroup, "crash").inc()
+            log.error("%s: QEMU died (exit %s); see %s", node.hostname, code, node.run_dir / "qemu.log")
+
+    async def wait_setup(self, node: Node, wait: str, timeout: float) -> None:
+        """Wait until the agent answers and this boot's setup is done (and userdata ran)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.1)
+        # The provisioner asks the agent itself; here only the handshake (and the VM's death) is watched.
+        await node.wait_ready(max(0.1, deadline - loop.time()), health=False)
+        try:
+            await asyncio.wait_for(node.provisioned.wait(), max(0.1, deadline - loop.time()))
+        except TimeoutError:
+            raise WaitTimeout(f"{node.hostname} was not set up within {timeout:g}s") from None
+        if node.setup_error:
+            raise SlicerError(f"{node.hostname}: {node.setup_error}", "setup_failed")
+        if wait == "userdata":
+            await node.wait_ready(max(0.1, deadline - loop.time()), userdata=True)
+
+    # -- ending -------------------------------------------------------------------------------------
+    async def stop_vm(self, node: Node, graceful: bool) -> None:
+        vm = node.vm
+        if vm is None or vm.state == VMState.STOPPED:
+            return
+        node.stopping = True
+        if graceful:
+            with contextlib.suppress(VMMError):
+                await vm.powerdown()
+            try:
+                await asyncio.wait_for(asyncio.shield(vm.wait()), GRACEFUL_TIMEOUT)
+                return
+            except TimeoutError:
+                log.warning("%s: guest did not power off in %gs; killing it", node.hostname, GRACEFUL_TIMEOUT)
+        await vm.kill()
+
+    async def destroy(self, node: Node) -> bool:
+        """Stop the VM and forget a sandbox; returns whether its disk was removed. Once only:
+        a node destroyed twice (a failed create after a delete) has nothing left to remove."""
+        if node.deleted:
+            return False
+        node.stopping = True
+        if node.vm is not None:
+            await node.vm.kill()
+        await self.detach(node)
+        if node.agent is not None:
+            await node.agent.aclose()
+        disk = not node.record.persistent
+        self.remove_files(node.record, disk=disk)
+        self.registry.forget(node)
+        node.deleted = True
+        if disk and node.record.template and node.record.template not in self.templates_in_use():
+            self.collect_templates()  # its last clone is gone: a stale template may go too
+        return disk
+
+    async def retire(self, node: Node) -> None:
+        """Stop a service that is no longer one of its group's (its disk stays)."""
+        await self.stop_vm(node, graceful=self.config.graceful_shutdown)
+        if node.agent is not None:
+            await node.agent.aclose()
+        self.remove_files(node.record, disk=False)
+
+    async def detach(self, node: Node) -> None:
+        try:
+            await self.net.group(node.record.hostgroup).detach(node.hostname, node.record.ip, node.run_dir)
+        except (NetworkError, KeyError) as e:
+            log.warning("%s: network cleanup: %s", node.hostname, e)
+
+    def remove_files(self, rec: NodeRecord, disk: bool) -> None:
+        if disk:
+            remove_disk(Path(rec.disk))
+        self.registry.state_file(rec.hostname).unlink(missing_ok=True)
+        shutil.rmtree(self.registry.run_dir(rec.hostname), ignore_errors=True)
+
+    # -- templates in use ---------------------------------------------------------------------------
+    def templates_in_use(self) -> Counter[str]:
+        """How many nodes' disks each template backs (a fork's snapshot keeps its base in use)."""
+        used = Counter(n.record.template for n in self.registry.nodes.values() if n.record.template)
+        todo = list(used)
+        while todo:  # a fork of a fork: every snapshot down the chain
+            if base := self.templates.base_of(todo.pop()):
+                todo += [base] if base not in used else []
+                used[base] += 1
+        return used
+
+    def collect_templates(self) -> None:
+        self.templates.collect(self.config.host_groups, self.templates_in_use())

@@ -1,0 +1,99 @@
+"""What the host hands a guest after every boot: identity (after a restore), secrets, SSH keys
+and, once per disk, userdata; and secrets again whenever they change."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+
+from slicer.core import telemetry
+from slicer.core.config import Config
+from slicer.core.errors import SlicerError
+from slicer.core.identity import identity_body
+from slicer.core.node import Node
+from slicer.core.registry import Registry, Tasks
+from slicer.core.secrets import SecretStore
+from slicer.vmm.base import VM, VMState
+
+log = logging.getLogger("slicer.core.manager")
+READY_TIMEOUT = 600.0
+
+
+class Provisioner:
+    def __init__(self, config: Config, registry: Registry, secrets: SecretStore, tasks: Tasks) -> None:
+        self.config = config
+        self.registry = registry
+        self.secrets = secrets
+        self.tasks = tasks
+
+    async def run(self, node: Node, vm: VM, group_name: str) -> None:
+        """After every boot of ``vm``: wait for its agent, set the guest up; then wait for the
+        next reboot. Ends when the VM stops or another VM replaces it."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        first = True
+        while node.vm is vm and vm.state != VMState.STOPPED:
+            try:
+                # A restored guest's agent was ready when it was saved: its handshake is enough,
+                # and the identity reset that follows is the first request it answers.
+                await node.wait_ready(timeout=READY_TIMEOUT, health=not node.identity_pending)
+            except SlicerError:
+                continue  # the loop ends when the VM stops
+            if first:
+                telemetry.BOOT_SECONDS.labels(group_name).observe(loop.time() - t0)
+                first = False
+            try:
+                await self.configure(node)
+            except SlicerError as e:
+                log.warning("%s: setting up the guest failed: %s", node.hostname, e.message)
+                node.warnings.append(f"guest setup: {e.message}")
+                if node.identity_pending:  # a clone that is not yet itself must not be used
+                    node.setup_error = f"identity reset after restore failed: {e.message}"
+            node.provisioned.set()
+            await node.rebooted.wait()
+            node.rebooted.clear()
+
+    async def configure(self, node: Node) -> None:
+        agent = node.running_agent(setup=True)
+        if node.identity_pending:
+            assert node.vm is not None
+            await agent.call("POST", "/identity", json=await identity_body(node, node.vm.spec), timeout=30)
+            node.identity_pending = False
+        spec = node.record.spec
+        await self.push_secrets(node)
+        keys = list(self.config.ssh_keys) + list(spec.get("ssh_keys") or [])
+        for user in {u for u in (self.config.github_user, spec.get("import_user")) if u}:
+            keys += await self._github_keys(node, user)
+        await agent.call("PUT", "/ssh-keys", json={"keys": keys})
+        if spec.get("userdata"):
+            await agent.call("POST", "/userdata", json={"script": spec["userdata"]})
+
+    async def _github_keys(self, node: Node, user: str) -> list[str]:
+        url = f"{self.config.github_keys_url.rstrip('/')}/{user}.keys"
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                r = await client.get(url)
+                r.raise_for_status()
+        except httpx.HTTPError as e:
+            msg = f"could not fetch SSH keys of {user} from {url}: {e}"
+            log.warning("%s: %s", node.hostname, msg)
+            node.warnings.append(msg)
+            return []
+        return [line for line in r.text.splitlines() if line.strip()]
+
+    async def push_secrets(self, node: Node) -> None:
+        allowed = node.record.spec.get("secrets")  # None: all; []: none
+        await node.running_agent().call("PUT", "/secrets", json=self.secrets.for_guest(allowed))
+
+    async def sync_secrets(self) -> None:
+        """Push the current secrets to every VM whose boot was set up (after each change)."""
+        nodes = [n for n in self.registry.nodes.values() if n.provisioned.is_set()]
+        results = await asyncio.gather(*(self.push_secrets(n) for n in nodes), return_exceptions=True)
+        for node, r in zip(nodes, results, strict=True):
+            if isinstance(r, BaseException):
+                log.warning("%s: secrets not updated: %s", node.hostname, r)
+
+    def secrets_changed(self) -> None:
+        self.tasks.spawn(self.sync_secrets())
