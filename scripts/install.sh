@@ -15,4 +15,4 @@ pip_flags=()
 if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["stdlib"], "EXTERNALLY-MANAGED")))'; then
     pip_flags+=(--break-system-packages)
 fi
-python3 -m pip install -q "${pip_flags[@]}" -e '.[test]'
+python3 -m pip install -q "${pip_flags[@]}" -e '.[test,dev]'

@@ -1,8 +1,20 @@
 """Python SDK for the Slicer API: :class:`SlicerClient` (sync) and :class:`AsyncSlicerClient`.
 
 Both read ``SLICER_URL`` (an http URL or a unix socket path), ``SLICER_TOKEN`` or
-``SLICER_TOKEN_FILE`` (default ``/var/lib/slicer/auth/token``) unless given arguments, and raise
-:class:`APIError` subclasses carrying ``status``, ``error`` and ``code``.
+``SLICER_TOKEN_FILE`` (default ``/var/lib/slicer/auth/token``) unless given arguments. Everything
+they raise is a :class:`SlicerClientError` (``SlicerError`` is its older name); an error answer
+of the daemon is an :class:`APIError` subclass carrying ``status``, ``error`` and ``code``.
+The async client is the written one; the sync client is generated from it (same methods).
+
+>>> with SlicerClient() as c:
+...     vm = c.create_node("vm", wait="agent")
+...     print(c.exec(vm.hostname, "uname -a").stdout)
+...     c.delete_node("vm", vm.hostname)
+
+>>> async with AsyncSlicerClient() as c:
+...     vm = await c.create_node("vm", wait="agent")
+...     async for frame in c.exec_stream(vm.hostname, "uname -a"):
+...         print(frame.stdout, end="")
 """
 
 from slicer.client._async import AsyncSlicerClient
@@ -16,6 +28,7 @@ from slicer.client._errors import (
     GoneError,
     NotFoundError,
     ServerError,
+    SlicerClientError,
     SlicerError,
     UnsafeArchive,
     WaitTimeoutError,
@@ -42,5 +55,5 @@ __all__ = [
     "APIError", "AsyncSlicerClient", "AuthenticationError", "BackgroundExec", "BadRequestError", "ConflictError",
     "ConnectionFailed", "CreatedNode", "ExecFrame", "ExecResult", "ForbiddenError", "GoneError", "Health",
     "HostGroup", "Info", "Node", "NodeStats", "NotFoundError", "Secret", "ServerError", "SlicerClient",
-    "SlicerError", "WaitTimeoutError", "Commit", "Fork", "Tags",
+    "SlicerClientError", "SlicerError", "WaitTimeoutError", "Commit", "Fork", "Tags",
 ]

@@ -1,38 +1,38 @@
-"""The asynchronous client: the same methods as :class:`SlicerClient`, awaited."""
+"""The asynchronous client, :class:`AsyncSlicerClient`: the SDK's methods written once.
+
+``_sync.py`` (:class:`SlicerClient`) is generated from this file by unasync; edit here, then run
+``python -m slicer.client._unasync`` (tests/unit/test_client_unasync.py fails while it is stale).
+Requests that return JSON are described once in :class:`slicer.client._base.Calls`.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+import time
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
 from slicer.client import _models as m
 from slicer.client._base import Call, Calls, Settings, check, exec_params
-from slicer.client._errors import ConnectionFailed, error_for
-from slicer.client._sync import _chunks, tar_stream
-
-CHUNK = 256 * 1024
-Progress = Callable[[int], None]
+from slicer.client._errors import APIError, ConnectionFailed, WaitTimeoutError, error_for
+from slicer.client._flavour import AsyncWebSocket, async_extract_tar, async_sleep, async_upload_body, async_ws_connect
+from slicer.client._transfer import CHUNK, Progress, Source, local_chunks, tar_stream
 
 
 class AsyncSlicerClient:
-    """An asyncio client for one Slicer daemon.
-
-    >>> async with AsyncSlicerClient() as c:
-    ...     vm = await c.create_node("vm", wait="agent")
-    ...     async for frame in c.exec_stream(vm.hostname, "uname -a"):
-    ...         print(frame.stdout, end="")
-    """
+    """A client for one Slicer daemon (``SLICER_URL`` / ``SLICER_TOKEN`` or defaults); examples
+    in :mod:`slicer.client`."""
 
     def __init__(self, url: str | None = None, token: str | None = None, token_file: str | None = None,
                  timeout: float = 60.0) -> None:
         self.settings = Settings.resolve(url, token, token_file)
         transport = httpx.AsyncHTTPTransport(uds=self.settings.uds) if self.settings.uds else None
         self._http = httpx.AsyncClient(base_url=self.settings.base_url, headers=self.settings.headers(),
-                                  transport=transport, timeout=timeout)
+                                       transport=transport, timeout=timeout)
 
     async def __aenter__(self) -> AsyncSlicerClient:
         return self
@@ -44,20 +44,24 @@ class AsyncSlicerClient:
         await self._http.aclose()
 
     # -- plumbing ---------------------------------------------------------------------------------
+    def _unreachable(self, e: httpx.TransportError) -> ConnectionFailed:
+        return ConnectionFailed(f"cannot reach the Slicer daemon at {self.settings.base_url}: {e}")
+
     async def _call(self, call: Call) -> Any:
         try:
             resp = await self._http.request(call.method, call.path, params=call.params, json=call.json,
-                                      timeout=call.timeout)
+                                            timeout=call.timeout)
         except httpx.TransportError as e:
-            raise ConnectionFailed(f"cannot reach the Slicer daemon at {self.settings.base_url}: {e}") from e
+            raise self._unreachable(e) from e
         return call.parse(check(resp))
 
-    async def _stream(self, method: str, path: str, **kw: Any):
+    async def _stream(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """A streamed answer (the caller closes it); an error answer is read and raised."""
         try:
             req = self._http.build_request(method, path, timeout=None, **kw)
             resp = await self._http.send(req, stream=True)
         except httpx.TransportError as e:
-            raise ConnectionFailed(f"cannot reach the Slicer daemon at {self.settings.base_url}: {e}") from e
+            raise self._unreachable(e) from e
         if resp.status_code >= 300:
             await resp.aread()
             await resp.aclose()
@@ -115,17 +119,17 @@ class AsyncSlicerClient:
         return await self._call(Calls.relaunch(hostname, wait, timeout))
 
     async def tags(self, hostname: str, add: list[str] | None = None, remove: list[str] | None = None,
-             replace: list[str] | None = None) -> m.Tags:
+                   replace: list[str] | None = None) -> m.Tags:
         """The VM's tags; with ``add``/``remove`` or ``replace``, changed first (at once)."""
         return await self._call(Calls.tags(hostname, add, remove, replace))
 
     async def commit(self, hostname: str, tags: list[str] | None = None, labels: dict[str, str] | None = None,
-               cache_key: str | None = None) -> m.Commit:
+                     cache_key: str | None = None) -> m.Commit:
         """Freeze a stopped persistent VM's disk into an immutable commit (the VM goes on on top)."""
         return await self._call(Calls.commit(hostname, tags, labels, cache_key))
 
     async def commits(self, tags: list[str] | None = None, cache_key: str | None = None,
-                source: str | None = None) -> list[m.Commit]:
+                      source: str | None = None) -> list[m.Commit]:
         return await self._call(Calls.commits(tags, cache_key, source))
 
     async def delete_commit(self, commit_id: str) -> None:
@@ -133,12 +137,12 @@ class AsyncSlicerClient:
         await self._call(Calls.delete_commit(commit_id))
 
     async def fork_commit(self, commit_id: str, wait: str = "agent", timeout: str | None = None,
-                    **body) -> m.Fork:
+                          **body: Any) -> m.Fork:
         """Boot a new VM from a commit (body: tags, tag_mode, secrets, persistent, vcpu, ram_bytes, fixups)."""
         return await self._call(Calls.fork_commit(commit_id, wait, timeout, **body))
 
     async def fork(self, hostname: str, count: int = 1, wait: str | None = "agent", timeout: str | None = None,
-             **body) -> list[m.Fork]:
+                   **body: Any) -> list[m.Fork]:
         """``count`` live copies of a running VM: its memory, processes and files (body: tags)."""
         return await self._call(Calls.fork(hostname, count, wait, timeout, **body))
 
@@ -202,18 +206,19 @@ class AsyncSlicerClient:
         return await self._call(Calls.background(hostname, exec_id, "delete"))
 
     # -- files ------------------------------------------------------------------------------------
-    async def upload(self, hostname: str, source: str | Path | bytes | Iterable[bytes], path: str, *, tar: bool = False,
-               uid: int | None = None, gid: int | None = None, permissions: str | None = None,
-               progress: Progress | None = None) -> dict:
+    async def upload(self, hostname: str, source: Source, path: str, *, tar: bool = False,
+                     uid: int | None = None, gid: int | None = None, permissions: str | None = None,
+                     progress: Progress | None = None) -> dict:
         """Copy a local file (or bytes, or an iterable of chunks; a tar stream with ``tar=True``)
-        to ``path`` in the VM, streamed. A local directory is sent as a tar of its contents."""
+        to ``path`` in the VM, streamed. A local directory is sent as a tar of its contents
+        and lands in ``path``."""
         if isinstance(source, str | Path) and Path(source).is_dir():
             source, tar = tar_stream(Path(source)), True
         params = {k: v for k, v in (("path", path), ("uid", uid), ("gid", gid), ("permissions", permissions),
                                      ("mode", "tar" if tar else "binary")) if v is not None}
-        body = _chunks(source, progress)
+        chunks = local_chunks(source, progress)
         ctype = "application/x-tar" if tar else "application/octet-stream"
-        resp = await self._stream("POST", f"/vm/{hostname}/cp", params=params, content=_achunks(body),
+        resp = await self._stream("POST", f"/vm/{hostname}/cp", params=params, content=async_upload_body(chunks),
                                   headers={"Content-Type": ctype})
         try:
             return json.loads(await resp.aread())
@@ -221,14 +226,18 @@ class AsyncSlicerClient:
             await resp.aclose()
 
     async def download(self, hostname: str, path: str, dest: str | Path | None = None, *, tar: bool = False,
-                 progress: Progress | None = None) -> bytes | None:
-        """Copy ``path`` out of the VM into ``dest`` (streamed), or return its bytes."""
+                       progress: Progress | None = None) -> bytes | None:
+        """Copy ``path`` out of the VM into ``dest`` (streamed), or return its bytes. With
+        ``tar=True`` and a ``dest`` directory, the tree is extracted there (safely)."""
         params = {"path": path, "mode": "tar" if tar else "binary"}
         resp = await self._stream("GET", f"/vm/{hostname}/cp", params=params)
         done = 0
         try:
             if dest is None:
                 return await resp.aread()
+            if tar:
+                await async_extract_tar(resp.aiter_raw(CHUNK), Path(dest))
+                return None
             with open(dest, "wb") as f:
                 async for chunk in resp.aiter_raw(CHUNK):
                     f.write(chunk)
@@ -241,11 +250,6 @@ class AsyncSlicerClient:
 
     async def wait_ready(self, hostname: str, userdata: bool = False, timeout: float = 300) -> m.Health:
         """Poll the agent until it answers (and userdata ran, if asked); WaitTimeoutError after."""
-        import asyncio
-        import time
-
-        from slicer.client._errors import APIError, WaitTimeoutError
-
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -257,7 +261,7 @@ class AsyncSlicerClient:
                     raise
             if time.monotonic() > deadline:
                 raise WaitTimeoutError(408, f"{hostname} not ready within {timeout:g}s", "timeout")
-            await asyncio.sleep(0.5)
+            await async_sleep(0.5)
 
     async def readdir(self, hostname: str, path: str) -> list[dict]:
         return await self._call(Calls.fs(hostname, "readdir", path))
@@ -287,33 +291,16 @@ class AsyncSlicerClient:
         await self._call(Calls.delete_secret(name))
 
     # -- WebSockets -------------------------------------------------------------------------------
-    def shell(self, hostname: str, **query: Any):
-        # returns an awaitable/async context manager: `async with client.shell(h) as ws:`
+    def shell(self, hostname: str, **query: Any) -> AsyncWebSocket:
         """A ``websockets`` connection speaking Slicer's shell frames (see docs/api.md)."""
-        from urllib.parse import urlencode
-
-        from websockets.asyncio.client import connect, unix_connect
-
         url = self.settings.ws_url(f"/vm/{hostname}/shell?{urlencode(query)}")
-        if self.settings.uds:
-            return unix_connect(self.settings.uds, url, additional_headers=self.settings.headers())
-        return connect(url, additional_headers=self.settings.headers())
+        return async_ws_connect(url, self.settings.uds, self.settings.headers())
 
-    def forward(self, hostname: str, upstream: str):
+    def forward(self, hostname: str, upstream: str) -> AsyncWebSocket:
         """A ``websockets`` connection carrying one TCP connection to ``upstream`` in the VM."""
-        from websockets.asyncio.client import connect, unix_connect
-
         headers = {**self.settings.headers(), "X-Inlets-Upstream": upstream}
         url = self.settings.ws_url(f"/vm/{hostname}/forward")
-        if self.settings.uds:
-            return unix_connect(self.settings.uds, url, additional_headers=headers, max_size=None)
-        return connect(url, additional_headers=headers, max_size=None)
-
-
-
-async def _achunks(chunks: Iterable[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:  # local file reads: small and quick, no need for a thread
-        yield chunk
+        return async_ws_connect(url, self.settings.uds, headers, max_size=None)
 
 
 async def _frames(resp: httpx.Response) -> AsyncIterator[m.ExecFrame]:

@@ -1,37 +1,36 @@
-"""The synchronous client."""
+# GENERATED from _async.py by `python -m slicer.client._unasync`: do not edit.
+"""The synchronous client, :class:`SlicerClient`: the methods of :class:`AsyncSlicerClient`, not
+awaited (this file is generated from ``_async.py``; change that one).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
 from slicer.client import _models as m
 from slicer.client._base import Call, Calls, Settings, check, exec_params
-from slicer.client._errors import ConnectionFailed, error_for
-
-CHUNK = 256 * 1024
-Progress = Callable[[int], None]
+from slicer.client._errors import APIError, ConnectionFailed, WaitTimeoutError, error_for
+from slicer.client._flavour import WebSocket, extract_tar, sleep, upload_body, ws_connect
+from slicer.client._transfer import CHUNK, Progress, Source, local_chunks, tar_stream
 
 
 class SlicerClient:
-    """A client for one Slicer daemon.
-
-    >>> with SlicerClient() as c:                      # SLICER_URL / SLICER_TOKEN or defaults
-    ...     vm = c.create_node("vm", wait="agent")
-    ...     print(c.exec(vm.hostname, "uname -a").stdout)
-    ...     c.delete_node("vm", vm.hostname)
-    """
+    """A client for one Slicer daemon (``SLICER_URL`` / ``SLICER_TOKEN`` or defaults); examples
+    in :mod:`slicer.client`."""
 
     def __init__(self, url: str | None = None, token: str | None = None, token_file: str | None = None,
                  timeout: float = 60.0) -> None:
         self.settings = Settings.resolve(url, token, token_file)
         transport = httpx.HTTPTransport(uds=self.settings.uds) if self.settings.uds else None
         self._http = httpx.Client(base_url=self.settings.base_url, headers=self.settings.headers(),
-                                  transport=transport, timeout=timeout)
+                                       transport=transport, timeout=timeout)
 
     def __enter__(self) -> SlicerClient:
         return self
@@ -43,20 +42,24 @@ class SlicerClient:
         self._http.close()
 
     # -- plumbing ---------------------------------------------------------------------------------
+    def _unreachable(self, e: httpx.TransportError) -> ConnectionFailed:
+        return ConnectionFailed(f"cannot reach the Slicer daemon at {self.settings.base_url}: {e}")
+
     def _call(self, call: Call) -> Any:
         try:
             resp = self._http.request(call.method, call.path, params=call.params, json=call.json,
-                                      timeout=call.timeout)
+                                            timeout=call.timeout)
         except httpx.TransportError as e:
-            raise ConnectionFailed(f"cannot reach the Slicer daemon at {self.settings.base_url}: {e}") from e
+            raise self._unreachable(e) from e
         return call.parse(check(resp))
 
-    def _stream(self, method: str, path: str, **kw: Any):
+    def _stream(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """A streamed answer (the caller closes it); an error answer is read and raised."""
         try:
             req = self._http.build_request(method, path, timeout=None, **kw)
             resp = self._http.send(req, stream=True)
         except httpx.TransportError as e:
-            raise ConnectionFailed(f"cannot reach the Slicer daemon at {self.settings.base_url}: {e}") from e
+            raise self._unreachable(e) from e
         if resp.status_code >= 300:
             resp.read()
             resp.close()
@@ -70,14 +73,15 @@ class SlicerClient:
     def host_groups(self) -> list[m.HostGroup]:
         return self._call(Calls.host_groups())
 
-    def nodes(self, group: str | None = None, tag: str | None = None, tag_prefix: str | None = None) -> list[m.Node]:
+    def nodes(self, group: str | None = None, tag: str | None = None,
+                    tag_prefix: str | None = None) -> list[m.Node]:
         return self._call(Calls.nodes(group, tag, tag_prefix))
 
     def get_node(self, hostname: str) -> m.Node:
         return self._call(Calls.get_node(hostname))
 
     def create_node(self, group: str, *, wait: str | None = None, timeout: str | None = None,
-                    **fields: Any) -> m.CreatedNode:
+                          **fields: Any) -> m.CreatedNode:
         """Fields as in the API: cpus, ram_bytes, userdata, import_user, ssh_keys, tags, secrets,
         persistent. ``wait="agent"`` or ``"userdata"`` returns once the VM is ready."""
         return self._call(Calls.create_node(group, wait, timeout, **fields))
@@ -113,17 +117,17 @@ class SlicerClient:
         return self._call(Calls.relaunch(hostname, wait, timeout))
 
     def tags(self, hostname: str, add: list[str] | None = None, remove: list[str] | None = None,
-             replace: list[str] | None = None) -> m.Tags:
+                   replace: list[str] | None = None) -> m.Tags:
         """The VM's tags; with ``add``/``remove`` or ``replace``, changed first (at once)."""
         return self._call(Calls.tags(hostname, add, remove, replace))
 
     def commit(self, hostname: str, tags: list[str] | None = None, labels: dict[str, str] | None = None,
-               cache_key: str | None = None) -> m.Commit:
+                     cache_key: str | None = None) -> m.Commit:
         """Freeze a stopped persistent VM's disk into an immutable commit (the VM goes on on top)."""
         return self._call(Calls.commit(hostname, tags, labels, cache_key))
 
     def commits(self, tags: list[str] | None = None, cache_key: str | None = None,
-                source: str | None = None) -> list[m.Commit]:
+                      source: str | None = None) -> list[m.Commit]:
         return self._call(Calls.commits(tags, cache_key, source))
 
     def delete_commit(self, commit_id: str) -> None:
@@ -131,12 +135,12 @@ class SlicerClient:
         self._call(Calls.delete_commit(commit_id))
 
     def fork_commit(self, commit_id: str, wait: str = "agent", timeout: str | None = None,
-                    **body) -> m.Fork:
+                          **body: Any) -> m.Fork:
         """Boot a new VM from a commit (body: tags, tag_mode, secrets, persistent, vcpu, ram_bytes, fixups)."""
         return self._call(Calls.fork_commit(commit_id, wait, timeout, **body))
 
     def fork(self, hostname: str, count: int = 1, wait: str | None = "agent", timeout: str | None = None,
-             **body) -> list[m.Fork]:
+                   **body: Any) -> list[m.Fork]:
         """``count`` live copies of a running VM: its memory, processes and files (body: tags)."""
         return self._call(Calls.fork(hostname, count, wait, timeout, **body))
 
@@ -165,13 +169,14 @@ class SlicerClient:
             resp.close()
 
     def exec_stream(self, hostname: str, cmd: str, *, stdin: Iterable[bytes] | bytes | None = None,
-                    **options: Any) -> Iterator[m.ExecFrame]:
+                          **options: Any) -> Iterator[m.ExecFrame]:
         """Frames as the command produces them; the last one has ``type == "exit"``."""
         params = exec_params(cmd, **options)
         if stdin is not None:
             params.append(("stdin", "true"))
         resp = self._stream("POST", f"/vm/{hostname}/exec", params=params, content=stdin)
-        yield from _frames(resp)
+        for frame in _frames(resp):
+            yield frame
 
     def exec_background(self, hostname: str, cmd: str, **options: Any) -> m.BackgroundExec:
         return self._call(Calls.exec_background(hostname, exec_params(cmd, **options)))
@@ -183,10 +188,11 @@ class SlicerClient:
         return self._call(Calls.background(hostname, exec_id))
 
     def background_logs(self, hostname: str, exec_id: str, follow: bool = False,
-                        from_id: int | None = None) -> Iterator[m.ExecFrame]:
+                              from_id: int | None = None) -> Iterator[m.ExecFrame]:
         params = {"follow": str(follow).lower(), **({"from_id": from_id} if from_id else {})}
         resp = self._stream("GET", f"/vm/{hostname}/exec/{exec_id}/logs", params=params)
-        yield from _frames(resp)
+        for frame in _frames(resp):
+            yield frame
 
     def background_kill(self, hostname: str, exec_id: str, signal: str = "TERM", grace_ms: int = 5000) -> dict:
         return self._call(Calls.background(hostname, exec_id, "kill", signal=signal, grace_ms=grace_ms))
@@ -198,9 +204,9 @@ class SlicerClient:
         return self._call(Calls.background(hostname, exec_id, "delete"))
 
     # -- files ------------------------------------------------------------------------------------
-    def upload(self, hostname: str, source: str | Path | bytes | Iterable[bytes], path: str, *, tar: bool = False,
-               uid: int | None = None, gid: int | None = None, permissions: str | None = None,
-               progress: Progress | None = None) -> dict:
+    def upload(self, hostname: str, source: Source, path: str, *, tar: bool = False,
+                     uid: int | None = None, gid: int | None = None, permissions: str | None = None,
+                     progress: Progress | None = None) -> dict:
         """Copy a local file (or bytes, or an iterable of chunks; a tar stream with ``tar=True``)
         to ``path`` in the VM, streamed. A local directory is sent as a tar of its contents
         and lands in ``path``."""
@@ -208,17 +214,17 @@ class SlicerClient:
             source, tar = tar_stream(Path(source)), True
         params = {k: v for k, v in (("path", path), ("uid", uid), ("gid", gid), ("permissions", permissions),
                                      ("mode", "tar" if tar else "binary")) if v is not None}
-        body = _chunks(source, progress)
+        chunks = local_chunks(source, progress)
         ctype = "application/x-tar" if tar else "application/octet-stream"
-        resp = self._stream("POST", f"/vm/{hostname}/cp", params=params, content=body,
-                            headers={"Content-Type": ctype})
+        resp = self._stream("POST", f"/vm/{hostname}/cp", params=params, content=upload_body(chunks),
+                                  headers={"Content-Type": ctype})
         try:
             return json.loads(resp.read())
         finally:
             resp.close()
 
     def download(self, hostname: str, path: str, dest: str | Path | None = None, *, tar: bool = False,
-                 progress: Progress | None = None) -> bytes | None:
+                       progress: Progress | None = None) -> bytes | None:
         """Copy ``path`` out of the VM into ``dest`` (streamed), or return its bytes. With
         ``tar=True`` and a ``dest`` directory, the tree is extracted there (safely)."""
         params = {"path": path, "mode": "tar" if tar else "binary"}
@@ -242,10 +248,6 @@ class SlicerClient:
 
     def wait_ready(self, hostname: str, userdata: bool = False, timeout: float = 300) -> m.Health:
         """Poll the agent until it answers (and userdata ran, if asked); WaitTimeoutError after."""
-        import time
-
-        from slicer.client._errors import APIError, WaitTimeoutError
-
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -257,7 +259,7 @@ class SlicerClient:
                     raise
             if time.monotonic() > deadline:
                 raise WaitTimeoutError(408, f"{hostname} not ready within {timeout:g}s", "timeout")
-            time.sleep(0.5)
+            sleep(0.5)
 
     def readdir(self, hostname: str, path: str) -> list[dict]:
         return self._call(Calls.fs(hostname, "readdir", path))
@@ -276,7 +278,8 @@ class SlicerClient:
     def secrets(self) -> list[m.Secret]:
         return self._call(Calls.secrets())
 
-    def create_secret(self, name: str, data: bytes, permissions: str = "0600", uid: int = 0, gid: int = 0) -> m.Secret:
+    def create_secret(self, name: str, data: bytes, permissions: str = "0600", uid: int = 0,
+                            gid: int = 0) -> m.Secret:
         return self._call(Calls.create_secret(name, data, permissions, uid, gid))
 
     def update_secret(self, name: str, **changes: Any) -> m.Secret:
@@ -286,88 +289,16 @@ class SlicerClient:
         self._call(Calls.delete_secret(name))
 
     # -- WebSockets -------------------------------------------------------------------------------
-    def shell(self, hostname: str, **query: Any):
+    def shell(self, hostname: str, **query: Any) -> WebSocket:
         """A ``websockets`` connection speaking Slicer's shell frames (see docs/api.md)."""
-        from urllib.parse import urlencode
-
-        from websockets.sync.client import connect, unix_connect
-
         url = self.settings.ws_url(f"/vm/{hostname}/shell?{urlencode(query)}")
-        if self.settings.uds:
-            return unix_connect(self.settings.uds, url, additional_headers=self.settings.headers())
-        return connect(url, additional_headers=self.settings.headers())
+        return ws_connect(url, self.settings.uds, self.settings.headers())
 
-    def forward(self, hostname: str, upstream: str):
+    def forward(self, hostname: str, upstream: str) -> WebSocket:
         """A ``websockets`` connection carrying one TCP connection to ``upstream`` in the VM."""
-        from websockets.sync.client import connect, unix_connect
-
         headers = {**self.settings.headers(), "X-Inlets-Upstream": upstream}
         url = self.settings.ws_url(f"/vm/{hostname}/forward")
-        if self.settings.uds:
-            return unix_connect(self.settings.uds, url, additional_headers=headers, max_size=None)
-        return connect(url, additional_headers=headers, max_size=None)
-
-
-def _chunks(source: str | Path | bytes | Iterable[bytes], progress: Progress | None) -> Iterator[bytes]:
-    done = 0
-    if isinstance(source, bytes):
-        source = [source]
-    if isinstance(source, str | Path):
-        with open(source, "rb") as f:
-            while chunk := f.read(CHUNK):
-                done += len(chunk)
-                if progress:
-                    progress(done)
-                yield chunk
-        return
-    for chunk in source:
-        done += len(chunk)
-        if progress:
-            progress(done)
-        yield chunk
-
-
-def tar_stream(directory: Path) -> Iterator[bytes]:
-    """A tar of ``directory``'s contents, made in a thread and read in chunks: never whole."""
-    import os
-    import tarfile
-    import threading
-
-    r, w = os.pipe()
-
-    def produce() -> None:
-        with os.fdopen(w, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tf:
-            tf.add(directory, arcname=".")
-
-    threading.Thread(target=produce, daemon=True).start()
-    with os.fdopen(r, "rb") as f:
-        while chunk := f.read(CHUNK):
-            yield chunk
-
-
-class _ChunkReader:
-    """A file-like ``read`` over an iterator of chunks (for tarfile's stream mode)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buf = b""
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            try:
-                self._buf += next(self._chunks)
-            except StopIteration:
-                break
-        data, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
-        return data
-
-
-def extract_tar(chunks: Iterator[bytes], dest: Path) -> None:
-    """Extract a streamed tar made by a guest into ``dest``, member by member under our own
-    rules (see :mod:`slicer.client._tar`): nothing lands outside ``dest``."""
-    from slicer.client._tar import extract
-
-    extract(_ChunkReader(chunks), dest)
+        return ws_connect(url, self.settings.uds, headers, max_size=None)
 
 
 def _frames(resp: httpx.Response) -> Iterator[m.ExecFrame]:
