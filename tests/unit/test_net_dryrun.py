@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 from pathlib import Path
 
 import pytest
 
 from slicer.core.config import load_config
-from slicer.net import system, tap
+from slicer.net import host as net_host
+from slicer.net import surface, system, tap
 from slicer.net.addressing import Addressing
 from slicer.net.dryrun import NO_DEVICE, DryRunNetwork
+from slicer.net.host import HostNetwork
 from slicer.net.names import Names
 from slicer.net.system import NetworkError
 
@@ -203,3 +206,23 @@ def test_a_whole_lifecycle_touches_nothing_on_the_host(cfg, tmp_path, monkeypatc
         run(n.group(group).detach(f"{group}-1", first(n, group), tmp_path))
     run(n.stop())
     assert not (tmp_path / "data").exists()  # not even the data directory
+
+
+def test_the_dry_run_has_the_surface_of_the_real_network(cfg, tmp_path, monkeypatch):
+    """Every member the lifecycle may use, with the same parameters, on the real networks and the dry run."""
+    monkeypatch.setattr(net_host, "has_net_admin", lambda: True)
+    monkeypatch.setattr(net_host.shutil, "which", lambda tool: f"/usr/sbin/{tool}")
+    networks = [HostNetwork(cfg.host_groups, tmp_path), DryRunNetwork(cfg.host_groups, tmp_path)]
+    groups = [g for n in networks for g in n.groups.values()]
+    assert {type(g).__name__ for g in groups} == {"BridgeNetwork", "IsolatedNetwork", "PasstNetwork",
+                                                  "DryRunGroupNetwork"}
+    for protocol, objects in ((surface.Network, networks), (surface.GroupNet, groups)):
+        members = [m for m in vars(protocol) if not m.startswith("_")] + list(protocol.__annotations__)
+        for obj in objects:
+            for member in members:
+                assert hasattr(type(obj), member) or member in vars(obj), (obj, member)
+                wanted = getattr(protocol, member, None)
+                if inspect.isfunction(wanted):
+                    got = getattr(obj, member)
+                    assert list(inspect.signature(got).parameters) == list(inspect.signature(wanted).parameters)[1:]
+                    assert inspect.iscoroutinefunction(got) == inspect.iscoroutinefunction(wanted), (obj, member)
