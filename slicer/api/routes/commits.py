@@ -8,8 +8,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from slicer.api.answers import answers
 from slicer.api.deps import manager, require_auth
 from slicer.api.models import NetworkPolicy, json_body, parse_body, parse_duration
+from slicer.api.schema import CommitCreated, CommitDeleted, CommitFork, CommitInfo, LiveFork
+from slicer.api.schema import Tags as TagsView
 from slicer.core.commits import FIXUPS, check_commit_id
 from slicer.core.errors import BadRequest
 from slicer.core.manager import Manager
@@ -56,7 +59,7 @@ class ForkRequest(BaseModel):
     persistent: Literal[False] = False  # copies are sandboxes: commit a stopped VM for persistent children
 
 
-@router.post("/vm/{hostname}/fork", status_code=201, openapi_extra=json_body(ForkRequest))
+@router.post("/vm/{hostname}/fork", status_code=201, openapi_extra=json_body(ForkRequest), **answers(list[LiveFork]))
 async def fork(m: Mgr, hostname: str, request: Request,
                wait: Annotated[Literal["agent", "none"], Query()] = "agent", timeout: str | None = None) -> list[dict]:
     """``count`` live copies of a running VM: its memory, processes and files; each its own identity."""
@@ -68,20 +71,20 @@ async def fork(m: Mgr, hostname: str, request: Request,
              "mode": "memory", "persistent": False, "created_at": n.record.created_at} for n in copies]
 
 
-@router.get("/vm/commits")
+@router.get("/vm/commits", **answers(list[CommitInfo]))
 async def list_commits(m: Mgr, tag: Annotated[list[str] | None, Query()] = None, cache_key: str | None = None,
                        source: str | None = None, mode: str | None = None) -> list[dict]:
     """Commits, filtered: every ``tag`` given, the ``cache_key``, the ``source`` VM, the ``mode``."""
     return m.commits.list(tags=tag, cache_key=cache_key, source=source, mode=mode)
 
 
-@router.delete("/vm/commits/{commit_id}")
+@router.delete("/vm/commits/{commit_id}", **answers(CommitDeleted))
 async def delete_commit(m: Mgr, commit_id: str) -> dict:
     """Refused (409) while a VM or a later commit reads through it."""
     return await m.commits.delete(check_commit_id(commit_id))
 
 
-@router.post("/vm/commits/{commit_id}/fork", openapi_extra=json_body(ForkCommitRequest))
+@router.post("/vm/commits/{commit_id}/fork", openapi_extra=json_body(ForkCommitRequest), **answers(CommitFork))
 async def fork_commit(m: Mgr, commit_id: str, request: Request,
                       wait: Annotated[Literal["agent", "none"], Query()] = "agent",
                       timeout: str | None = None) -> dict:
@@ -96,19 +99,19 @@ async def fork_commit(m: Mgr, commit_id: str, request: Request,
     )
 
 
-@router.post("/vm/{hostname}/commit", openapi_extra=json_body(CommitRequest))
+@router.post("/vm/{hostname}/commit", openapi_extra=json_body(CommitRequest), **answers(CommitCreated))
 async def commit(m: Mgr, hostname: str, request: Request) -> dict:
     """Freeze a stopped persistent VM's disk into an immutable commit; the VM goes on on top of it."""
     body = await parse_body(request, CommitRequest)
     return await m.commits.commit(hostname, body.tags, body.labels, body.cache_key)
 
 
-@router.get("/vm/{hostname}/tags")
+@router.get("/vm/{hostname}/tags", **answers(TagsView))
 async def get_tags(m: Mgr, hostname: str) -> dict:
     return m.tags(hostname)
 
 
-@router.patch("/vm/{hostname}/tags", openapi_extra=json_body(TagUpdate, required=True))
+@router.patch("/vm/{hostname}/tags", openapi_extra=json_body(TagUpdate, required=True), **answers(TagsView))
 async def update_tags(m: Mgr, hostname: str, request: Request) -> dict:
     """``{"add": [...], "remove": [...]}`` or ``{"replace": [...]}``, applied at once."""
     body = await parse_body(request, TagUpdate)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from slicer.api.answers import passes_on
 from slicer.api.deps import manager, require_auth
 from slicer.api.models import (
     ABSOLUTE,
@@ -22,6 +23,7 @@ from slicer.api.models import (
     parse_body,
     query_doc,
 )
+from slicer.api.schema import BackgroundExec, BackgroundExit, BackgroundKilled, BackgroundReaped, ExecFrame, ExecResult
 from slicer.api.streaming import ClientGone, relay, unless_client_leaves
 from slicer.core.errors import TooLarge
 from slicer.core.manager import Manager
@@ -30,6 +32,12 @@ BUFFERED_MAX = 16 << 20  # a buffered answer is held whole: a guest may not make
 router = APIRouter(dependencies=[Depends(require_auth)])
 Mgr = Annotated[Manager, Depends(manager)]
 TRUE = ("1", "true", "yes", "on")
+# Streamed frames (NDJSON), the whole output (buffered=true), or a background exec (201).
+EXEC_ANSWERS: dict = {
+    200: {"content": {"application/x-ndjson": {"schema": ExecFrame.model_json_schema()}},
+          "model": ExecResult, "description": "NDJSON frames as they come, or with buffered=true the whole output"},
+    201: {"model": BackgroundExec, "description": "with background=true: the exec started"},
+}
 
 
 class KillRequest(BaseModel):
@@ -42,7 +50,8 @@ class KillRequest(BaseModel):
     **query_doc(required=("cmd",), cmd=NONEMPTY, args=STRINGS, env=ENV, uid=INTEGER, gid=INTEGER, cwd=ABSOLUTE,
                 shell=STRING, stdin=BOOLEAN, stdout=BOOLEAN, stderr=BOOLEAN, stdio={"enum": ["text", "base64"]},
                 buffered=BOOLEAN, background=BOOLEAN, ring_bytes=INTEGER),
-    "requestBody": {"required": False, "content": {"application/octet-stream": {"schema": {}}}}})
+    "requestBody": {"required": False, "content": {"application/octet-stream": {"schema": {}}}}},
+    responses=EXEC_ANSWERS)
 async def execute(m: Mgr, hostname: str, request: Request) -> Response:
     """Query: cmd, args (repeated), env (repeated KEY=VALUE), uid, gid, cwd, shell, stdin,
     stdout, stderr, stdio=text|base64, buffered. With stdin=true the body is the process's stdin."""
@@ -73,18 +82,18 @@ async def execute(m: Mgr, hostname: str, request: Request) -> Response:
 ExecId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
-@router.get("/vm/{hostname}/exec")
+@router.get("/vm/{hostname}/exec", **passes_on(list[BackgroundExec]))
 async def list_background(m: Mgr, hostname: str) -> list:
     """Background execs the agent tracks (running and exited, until reaped)."""
     return await m.agent(hostname).call("GET", "/exec")
 
 
-@router.get("/vm/{hostname}/exec/{exec_id}")
+@router.get("/vm/{hostname}/exec/{exec_id}", **passes_on(BackgroundExec))
 async def background_info(m: Mgr, hostname: str, exec_id: ExecId) -> dict:
     return await m.agent(hostname).call("GET", f"/exec/{exec_id}")
 
 
-@router.delete("/vm/{hostname}/exec/{exec_id}")
+@router.delete("/vm/{hostname}/exec/{exec_id}", **passes_on(BackgroundReaped))
 async def background_reap(m: Mgr, hostname: str, exec_id: ExecId) -> dict:
     """Free the ring and forget the exec (later calls: 410). Does not kill it."""
     return await m.agent(hostname).call("DELETE", f"/exec/{exec_id}")
@@ -98,14 +107,14 @@ async def background_logs(m: Mgr, hostname: str, exec_id: ExecId, request: Reque
     return StreamingResponse(relay(resp, request), media_type="application/x-ndjson")
 
 
-@router.post("/vm/{hostname}/exec/{exec_id}/kill", openapi_extra=json_body(KillRequest))
+@router.post("/vm/{hostname}/exec/{exec_id}/kill", openapi_extra=json_body(KillRequest), **passes_on(BackgroundKilled))
 async def background_kill(m: Mgr, hostname: str, exec_id: ExecId, request: Request) -> dict:
     """Body (optional): ``{"signal": "TERM", "grace_ms": 5000}``; TERM escalates to KILL."""
     body = await parse_body(request, KillRequest)
     return await m.agent(hostname).call("POST", f"/exec/{exec_id}/kill", json=body.model_dump())
 
 
-@router.get("/vm/{hostname}/exec/{exec_id}/wait-exit")
+@router.get("/vm/{hostname}/exec/{exec_id}/wait-exit", **passes_on(BackgroundExit))
 async def background_wait(m: Mgr, hostname: str, exec_id: ExecId,
                           timeout: Annotated[int, Query(ge=0, le=600)] = 30) -> dict:
     return await m.agent(hostname).call("GET", f"/exec/{exec_id}/wait-exit", params={"timeout": timeout},

@@ -8,8 +8,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
+from slicer.api.answers import passes_on
 from slicer.api.deps import manager, require_auth
 from slicer.api.models import ABSOLUTE, BOOLEAN, INTEGER, STRING, STRINGS, json_body, parse_body, query_doc
+from slicer.api.schema import Copied, FsChanged, FsEntry
 from slicer.api.streaming import relay
 from slicer.core.errors import BadRequest
 from slicer.core.manager import Manager
@@ -41,7 +43,7 @@ CP_QUERY = query_doc(required=("path",), path=ABSOLUTE, mode={"enum": CP_MODES},
 
 
 @router.post("/cp", openapi_extra={**CP_QUERY, "requestBody": {"required": False, "content": {
-    "application/octet-stream": {"schema": {}}, TAR: {"schema": {}}}}})
+    "application/octet-stream": {"schema": {}}, TAR: {"schema": {}}}}}, **passes_on(Copied))
 async def copy_to_vm(m: Mgr, hostname: str, request: Request) -> dict:
     """Body: the file (``application/octet-stream``) or a tar (``application/x-tar``).
     Query: path (required), mode=binary|tar, uid, gid, permissions (octal)."""
@@ -76,23 +78,23 @@ def _as(params: dict, uid: int | None) -> dict:
     return params
 
 
-@router.get("/fs/readdir")
+@router.get("/fs/readdir", **passes_on(list[FsEntry]))
 async def readdir(m: Mgr, hostname: str, path: str, uid: int | None = None) -> list:
     return await m.agent(hostname).call("GET", "/fs/readdir", params=_as({"path": path}, uid))
 
 
-@router.get("/fs/stat")
+@router.get("/fs/stat", **passes_on(FsEntry))
 async def stat(m: Mgr, hostname: str, path: str, uid: int | None = None) -> dict:
     return await m.agent(hostname).call("GET", "/fs/stat", params=_as({"path": path}, uid))
 
 
-@router.post("/fs/mkdir", openapi_extra=json_body(MkdirRequest, required=True))
+@router.post("/fs/mkdir", openapi_extra=json_body(MkdirRequest, required=True), **passes_on(FsChanged))
 async def mkdir(m: Mgr, hostname: str, request: Request) -> dict:
     body = await parse_body(request, MkdirRequest)
     return await m.agent(hostname).call("POST", "/fs/mkdir", json=body.model_dump(exclude_none=True))
 
 
-@router.delete("/fs/remove")
+@router.delete("/fs/remove", **passes_on(FsChanged))
 async def remove(m: Mgr, hostname: str, path: str, recursive: bool = False, uid: int | None = None) -> dict:
     params = {"path": path, "recursive": "true" if recursive else "false"}
     return await m.agent(hostname).call("DELETE", "/fs/remove", params=_as(params, uid))

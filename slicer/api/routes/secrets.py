@@ -7,8 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from slicer.api.answers import answers
 from slicer.api.deps import manager, require_auth
 from slicer.api.models import INTEGER, STRING, json_body, read_json_object
+from slicer.api.schema import Secret
 from slicer.core.manager import Manager
 from slicer.core.secrets import check_name
 
@@ -16,7 +18,7 @@ router = APIRouter(prefix="/secrets", dependencies=[Depends(require_auth)])
 Mgr = Annotated[Manager, Depends(manager)]
 
 
-@router.get("")
+@router.get("", **answers(list[Secret]))
 async def list_secrets(m: Mgr) -> list[dict]:
     """Name, size, permissions, uid, gid and mod_time of each secret; never the data."""
     return m.secrets.list()
@@ -27,7 +29,8 @@ SECRET = {"type": "object", "additionalProperties": False, "properties": {
     "gid": INTEGER}}
 
 
-@router.post("", status_code=201, openapi_extra=json_body({**SECRET, "required": ["name", "data"]}, required=True))
+@router.post("", status_code=201, openapi_extra=json_body({**SECRET, "required": ["name", "data"]}, required=True),
+             **answers(Secret))
 async def create_secret(m: Mgr, request: Request) -> dict:
     """Body: ``{"name", "data" (base64), "permissions" ("0600"), "uid", "gid"}``."""
     meta = m.secrets.create(await read_json_object(request))
@@ -35,7 +38,7 @@ async def create_secret(m: Mgr, request: Request) -> dict:
     return meta
 
 
-@router.patch("/{name}", openapi_extra=json_body(SECRET, required=True))
+@router.patch("/{name}", openapi_extra=json_body(SECRET, required=True), **answers(Secret))
 async def update_secret(m: Mgr, name: str, request: Request) -> dict:
     meta = m.secrets.update(check_name(name), await read_json_object(request))
     m.secrets_changed()

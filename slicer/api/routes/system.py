@@ -8,13 +8,15 @@ import platform
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from slicer.api.answers import answers
 from slicer.api.deps import require_auth
+from slicer.api.schema import Info, Liveness
 
 public = APIRouter()
 router = APIRouter(dependencies=[Depends(require_auth)])
 
 
-@public.get("/healthz")
+@public.get("/healthz", **answers(Liveness))
 @public.head("/healthz")
 async def healthz() -> dict:
     return {"status": "ok"}
@@ -23,7 +25,7 @@ async def healthz() -> dict:
 GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 
 
-@router.post("/daemon/shutdown", status_code=202)
+@router.post("/daemon/shutdown", status_code=202, responses={202: {"model": Liveness}})
 async def shutdown_daemon(request: Request) -> JSONResponse:
     """Stop the daemon as SIGTERM does (sandboxes deleted, services shut down gracefully);
     answers 202 at once, before the VMs are stopped (the Go SDK's ``ShutdownDaemon``)."""
@@ -34,7 +36,7 @@ async def shutdown_daemon(request: Request) -> JSONResponse:
     return JSONResponse({"status": "shutting down"}, 202)
 
 
-@router.get("/info")
+@router.get("/info", **answers(Info))
 async def info(request: Request) -> dict:
     m = request.app.state.manager
     return {

@@ -7,9 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
+from slicer.api.answers import answers, passes_on
 from slicer.api.deps import manager, require_auth
 from slicer.api.models import parse_duration, read_json_object
 from slicer.api.routes.nodes import DEFAULT_WAIT_TIMEOUT, WaitFor
+from slicer.api.schema import ConsoleLog, Health
 from slicer.core.errors import BadRequest, SlicerError
 from slicer.core.manager import Manager
 
@@ -17,12 +19,12 @@ router = APIRouter(prefix="/vm/{hostname}", dependencies=[Depends(require_auth)]
 Mgr = Annotated[Manager, Depends(manager)]
 
 
-@router.get("/logs")
+@router.get("/logs", **answers(ConsoleLog))
 async def logs(m: Mgr, hostname: str, lines: Annotated[int, Query(ge=0, le=1_000_000)] = 20) -> dict:
     return {"hostname": hostname, "lines": lines, "content": m.logs(hostname, lines)}
 
 
-@router.get("/health", response_model=None)
+@router.get("/health", response_model=None, **passes_on(Health))
 @router.head("/health", response_model=None)
 async def health(m: Mgr, request: Request, hostname: str) -> Response | dict:
     if request.method == "HEAD":
