@@ -138,7 +138,7 @@ class Lifecycle:
         assert vm is not None
         code = await vm.wait()
         node.rebooted.set()  # wakes the provisioner of this VM, which then sees it stopped and ends
-        if node.vm is vm:  # not yet relaunched: its link goes with it
+        if node.vm is vm and not node.deleted:  # not yet relaunched (nor destroyed): its link goes with it
             await self.detach(node)
             node.exited.set()
         if node.vm is not vm or node.stopping:

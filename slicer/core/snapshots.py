@@ -52,6 +52,8 @@ class Snapshots:
         self.registry.store.put(node.record)
         if node.agent is not None:
             await node.agent.aclose()
+        # Its link goes now: the watcher of this VM finds it no longer the node's and leaves it.
+        await self.lifecycle.detach(node)
         node.vm = node.agent = None
         log.info("%s: suspended in %.2fs (%d MiB of state)", node.hostname,
                  asyncio.get_running_loop().time() - t0, allocated_bytes(path) >> 20)

@@ -52,6 +52,7 @@ class FakeGuest:
         self._server: asyncio.base_events.Server | None = None
         self._runner: web.AppRunner | None = None
         self._sessions: list[Session] = []
+        self._connections: set[asyncio.StreamWriter] = set()
 
     @property
     def agent_socket(self) -> Path:
@@ -72,8 +73,11 @@ class FakeGuest:
         self._server = await asyncio.start_unix_server(self._host_connected, str(self.vm.spec.channel_socket))
 
     async def stop(self) -> None:
+        """The VMM process ended: its socket and every connection to it close."""
         for session in self._sessions:
             session.connection_lost("guest stopped")
+        for writer in list(self._connections):
+            writer.close()
         if self._server is not None:
             self._server.close()
         if self._runner is not None:
@@ -87,6 +91,7 @@ class FakeGuest:
 
     async def _host_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session = None
+        self._connections.add(writer)
         try:
             line = await reader.readline()
             if not line.startswith(HELLO):
@@ -96,9 +101,10 @@ class FakeGuest:
             self._sessions.append(session)
             while data := await reader.read(65536):
                 session.feed(data)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # cancelled: the test's event loop ends
         finally:
+            self._connections.discard(writer)
             if session is not None:
                 session.connection_lost("host disconnected")
                 with contextlib.suppress(ValueError):
@@ -232,7 +238,8 @@ class FakeHost:
     def __init__(self) -> None:
         self.processes: dict[Path, FakeVM] = {}
         self.started: list[FakeVM] = []
-        self.fail_next_start: list[str] = []  # each start pops one: the VMMError it raises
+        # Each start pops one: the VMMError it raises (None: that start succeeds).
+        self.fail_next_start: list[str | None] = []
         self.ignore_powerdown = False  # guests that ignore the ACPI button (killed after a timeout)
         self.tasks: set[asyncio.Future] = set()
         self._pids = itertools.count(40000)
@@ -254,8 +261,8 @@ class FakeDriver(Driver):
         self.host = host or FakeHost()
 
     async def start(self, spec: VMSpec, restore_from: Path | None = None) -> VM:
-        if self.host.fail_next_start:
-            raise VMMError(self.host.fail_next_start.pop(0))
+        if self.host.fail_next_start and (why := self.host.fail_next_start.pop(0)) is not None:
+            raise VMMError(why)
         if restore_from is not None:
             saved = json.loads(restore_from.read_text())
             if saved["fingerprint"] != self.host.fingerprint_of(spec):

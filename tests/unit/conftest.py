@@ -8,12 +8,15 @@ daemons (:class:`slicer.core.manager.Manager`) on a fake driver and a dry-run ne
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from slicer.core.config import load_config
+from slicer.core.config import Config, load_config
 from slicer.core.images import BootImages
 from slicer.core.manager import Manager
 from slicer.image.build import GuestImage
@@ -22,6 +25,7 @@ from slicer.net.dryrun import DryRunNetwork
 from slicer.vmm.fake import FakeDriver, FakeHost
 
 TEST_DEADLINE = 30.0
+SHM = Path("/dev/shm")
 
 CONFIG = """\
 config:
@@ -63,12 +67,18 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return True
 
 
+@functools.cache
+def parsed(config: str) -> Config:
+    """A config parsed once per text (validating address pools takes a while)."""
+    return load_config(config)
+
+
 class Lab:
     """Daemons on one fake host and one data directory."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.data_dir = tmp_path / "data"
-        self.data_dir.mkdir()
+        # On tmpfs where there is one: the state store's fsyncs cost nothing there.
+        self.data_dir = Path(tempfile.mkdtemp(prefix="slicer-unit-", dir=SHM if SHM.is_dir() else tmp_path))
         self.image_dir = tmp_path / "image"
         self.image_dir.mkdir()
         for f in ("vmlinuz", "initrd.img", "rootfs.ext4"):
@@ -77,7 +87,7 @@ class Lab:
         self.managers: list[Manager] = []
 
     def manager(self, config: str = CONFIG) -> Manager:
-        cfg = load_config(config)
+        cfg = parsed(config)
         images = BootImages(GuestImage.at(self.image_dir), ImageStore.of(self.data_dir), cfg)
         net = DryRunNetwork(cfg.host_groups, self.data_dir)
         m = Manager(cfg, self.data_dir, FakeDriver(self.host), images, net=net)
@@ -122,6 +132,7 @@ class Lab:
         for vm in list(self.host.processes.values()):
             vm.end(-9)
         await asyncio.gather(*self.host.tasks, return_exceptions=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 @pytest.fixture
