@@ -1,12 +1,20 @@
-"""The host's client for one VM's guest agent: HTTP over a channel stream (httpx)."""
+"""The host's client for one VM's guest agent: HTTP over a channel stream (httpx).
+
+One method per endpoint of ``slicer.agent.protocol`` (the contract both ends share); each builds
+its method and path from that table, so no other host code spells an agent path.
+"""
 
 from __future__ import annotations
 
 import json as jsonlib
+from collections.abc import AsyncIterable, Mapping, Sequence
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import httpx
 
+from slicer.agent import protocol
+from slicer.agent.protocol import ENDPOINTS
 from slicer.channel.duplex import DuplexResponse, duplex_request
 from slicer.channel.host import Channel, ChannelError, ChannelTransport
 from slicer.channel.websocket import StreamWebSocket, WebSocketRejected
@@ -19,10 +27,8 @@ from slicer.core.errors import AgentUnreachable, SlicerError, UpstreamUnreachabl
 # not of the API client's token) and is 409; the exec ring budget's 503 is the one documented
 # retry-later. Anything else is 502 `agent_error` with the guest's message, bounded.
 PASSED_STATUSES = {400, 404, 409, 410, 413}
-AGENT_CODES = {"bad_request", "invalid_request", "copy_failed", "fs_error", "not_found", "invalid_cwd", "unsafe_tar",
-               "exec_failed", "is_directory", "not_a_directory", "not_empty", "exists", "unsafe_path",
-               "unsafe_session", "gone", "too_large"}
 MAPPED = {(403, "permission_denied"): 409, (503, "budget_exhausted"): 503}
+AGENT_CODES = protocol.ERROR_CODES - {code for _, code in MAPPED}
 MAX_MESSAGE = 1000
 
 
@@ -77,12 +83,25 @@ def parse_json(body: bytes) -> dict | list:
     return value
 
 
+# A query as the API received it (repeated keys kept) or as a mapping; passed through to the agent.
+Query = Sequence[tuple[str, str]] | Mapping[str, str]
+
+
+def _uid(params: dict[str, str], uid: int | None) -> dict[str, str]:
+    """``uid``: the guest user whose rights the agent works with (the agent's rule for paths without one)."""
+    if uid is not None:
+        params["uid"] = str(uid)
+    return params
+
+
 class AgentClient:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.http = httpx.AsyncClient(
             transport=ChannelTransport(channel, AGENT_PORT), base_url="http://agent", timeout=30.0
         )
+
+    # --- the generic layer: one request, streamed or read whole ----------------------------------
 
     async def _request(self, method: str, path: str, timeout: float, **kw) -> tuple[int, bytes]:
         """A small request: its status and (capped) body."""
@@ -92,15 +111,6 @@ class AgentClient:
             return resp.status_code, await read_capped(resp, MAX_SMALL_ANSWER)
         except httpx.HTTPError as e:
             raise AgentUnreachable(f"agent did not answer: {e}") from e
-
-    async def health(self, timeout: float = 10.0) -> dict:
-        status, body = await self._request("GET", "/health", timeout)
-        if status != 200:
-            raise AgentUnreachable(f"agent health answered {status}")
-        answer = parse_json(body)
-        if not isinstance(answer, dict):
-            raise AgentUnreachable("agent health answered with JSON that is not an object")
-        return answer
 
     async def send(self, method: str, path: str, *, params=None, content=None, json=None,
                    timeout=httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
@@ -129,14 +139,50 @@ class AgentClient:
         except httpx.HTTPError as e:
             raise AgentUnreachable(f"agent did not answer: {e}") from e
 
-    async def open_exec(self, params: list[tuple[str, str]], stdin=None) -> httpx.Response | DuplexResponse:
+    async def _stream(self, name: str, path_params: Mapping[str, str] | None = None, **kw) -> httpx.Response:
+        """The endpoint ``name``'s streamed answer (the caller reads and closes it); no timeout."""
+        endpoint = ENDPOINTS[name]
+        return await self.send(endpoint.method, endpoint.url(**(path_params or {})), timeout=None, **kw)
+
+    async def _call(self, name: str, path_params: Mapping[str, str] | None = None, **kw) -> Any:
+        """The endpoint ``name``'s JSON answer, read whole. The guest's word: callers check its shape
+        where they rely on it."""
+        endpoint = ENDPOINTS[name]
+        return await self.call(endpoint.method, endpoint.url(**(path_params or {})), **kw)
+
+    # --- status and power ------------------------------------------------------------------------
+
+    async def health(self, timeout: float = 10.0) -> protocol.Health:
+        endpoint = ENDPOINTS["health"]
+        status, body = await self._request(endpoint.method, endpoint.path, timeout)
+        if status != 200:
+            raise AgentUnreachable(f"agent health answered {status}")
+        answer = parse_json(body)
+        if not isinstance(answer, dict):
+            raise AgentUnreachable("agent health answered with JSON that is not an object")
+        return cast(protocol.Health, answer)
+
+    async def stats(self, timeout: float = 5.0) -> protocol.Stats:
+        return await self._call("stats", timeout=timeout)
+
+    async def power(self, action: str, timeout: float = 5.0) -> None:
+        endpoint = ENDPOINTS["power"]
+        status, body = await self._request(endpoint.method, endpoint.path, timeout, params={"action": action})
+        if status != 200:
+            raise AgentUnreachable(f"agent refused {action}: {body[:200].decode(errors='replace')}")
+
+    # --- exec ------------------------------------------------------------------------------------
+
+    async def open_exec(self, params: Query, stdin: AsyncIterable[bytes] | None = None
+                        ) -> httpx.Response | DuplexResponse:
         """Start a command; the caller reads (and must close) the streamed response.
         With ``stdin``, the body goes on streaming in while the output streams out."""
+        endpoint = ENDPOINTS["exec"]
         if stdin is None:
-            return await self.send("POST", "/exec", params=params, timeout=None)
+            return await self.send(endpoint.method, endpoint.path, params=params, timeout=None)
         try:
             stream = await self.channel.open(AGENT_PORT)
-            resp = await duplex_request(stream, "POST", "/exec?" + urlencode(params), stdin)
+            resp = await duplex_request(stream, endpoint.method, endpoint.path + "?" + urlencode(params), stdin)
         except ConnectionError as e:
             raise AgentUnreachable(f"agent did not answer: {e}") from e
         if resp.status_code >= 300:
@@ -144,8 +190,66 @@ class AgentClient:
             raise agent_error(httpx.Response(resp.status_code, content=body))
         return resp
 
+    async def list_execs(self, timeout: float = 30.0) -> list[protocol.ExecInfo]:
+        return await self._call("list_execs", timeout=timeout)
+
+    async def exec_status(self, exec_id: str) -> protocol.ExecInfo:
+        return await self._call("exec_status", {"exec_id": exec_id})
+
+    async def reap_exec(self, exec_id: str) -> protocol.Reaped:
+        return await self._call("reap_exec", {"exec_id": exec_id})
+
+    async def exec_logs(self, exec_id: str, params: Query = ()) -> httpx.Response:
+        """The exec's NDJSON frames (query: ``follow``, ``from_id``), streamed."""
+        return await self._stream("exec_logs", {"exec_id": exec_id}, params=params)
+
+    async def kill_exec(self, exec_id: str, signal: str = "TERM", grace_ms: int = 5000) -> protocol.Killed:
+        body: protocol.KillRequest = {"signal": signal, "grace_ms": grace_ms}
+        return await self._call("kill_exec", {"exec_id": exec_id}, json=body)
+
+    async def wait_exit(self, exec_id: str, timeout: int = 30) -> protocol.Exited:
+        """Wait up to ``timeout`` seconds (in the guest) for the exec to end."""
+        return await self._call("wait_exit", {"exec_id": exec_id}, params={"timeout": timeout}, timeout=timeout + 30)
+
+    # --- files -----------------------------------------------------------------------------------
+
+    async def cp_in(self, params: Query, content: AsyncIterable[bytes]) -> protocol.Copied:
+        """Copy ``content`` (a file's bytes or a tar, as ``params``' mode says) into the guest."""
+        return await self._call("cp_in", params=params, content=content, timeout=None)
+
+    async def cp_out(self, params: Query) -> httpx.Response:
+        """A file's bytes or a tar from the guest, streamed."""
+        return await self._stream("cp_out", params=params)
+
+    async def readdir(self, path: str, uid: int | None = None) -> list[protocol.DirEntry]:
+        return await self._call("readdir", params=_uid({"path": path}, uid))
+
+    async def stat(self, path: str, uid: int | None = None) -> protocol.DirEntry:
+        return await self._call("stat", params=_uid({"path": path}, uid))
+
+    async def mkdir(self, path: str, recursive: bool = False, mode: str | None = None,
+                    uid: int | None = None) -> protocol.Created:
+        body: protocol.MkdirRequest = {"path": path, "recursive": recursive}
+        if mode is not None:
+            body["mode"] = mode
+        if uid is not None:
+            body["uid"] = uid
+        return await self._call("mkdir", json=body)
+
+    async def remove(self, path: str, recursive: bool = False, uid: int | None = None) -> protocol.Removed:
+        params = _uid({"path": path, "recursive": "true" if recursive else "false"}, uid)
+        return await self._call("remove", params=params)
+
+    async def watch(self, params: Query) -> httpx.Response:
+        """Server-Sent Events of filesystem changes, streamed."""
+        return await self._stream("watch", params=params)
+
+    async def shell(self, params: Query) -> StreamWebSocket:
+        """A WebSocket to a PTY in the guest (query: uid, gid, shell, cwd)."""
+        return await self.websocket(ENDPOINTS["shell"].path + "?" + urlencode(params))
+
     async def websocket(self, target: str) -> StreamWebSocket:
-        """A WebSocket to one of the agent's routes (e.g. ``/shell?uid=0``)."""
+        """A WebSocket to one of the agent's routes (``target``: its path and query)."""
         try:
             stream = await self.channel.open(AGENT_PORT)
         except ChannelError as e:
@@ -161,10 +265,29 @@ class AgentClient:
             raise AgentUnreachable(f"agent did not answer: {e}") from e
         return ws
 
-    async def power(self, action: str, timeout: float = 5.0) -> None:
-        status, body = await self._request("POST", "/power", timeout, params={"action": action})
-        if status != 200:
-            raise AgentUnreachable(f"agent refused {action}: {body[:200].decode(errors='replace')}")
+    # --- provisioning ----------------------------------------------------------------------------
+
+    async def identity(self, body: protocol.Identity, timeout: float = 30.0) -> protocol.IdentityReset:
+        """Make a restored or forked guest itself (slicer.core.identity builds ``body``)."""
+        return await self._call("identity", json=body, timeout=timeout)
+
+    async def settle(self, timeout: float) -> protocol.Settled:
+        """Wait for the guest's boot chores and sync (before a template is saved)."""
+        return await self._call("settle", timeout=timeout)
+
+    async def put_secrets(self, secrets: Mapping[str, protocol.Secret]) -> protocol.SecretsSynced:
+        """Make the guest's secrets exactly ``secrets``."""
+        return await self._call("put_secrets", json=dict(secrets))
+
+    async def put_ssh_keys(self, keys: Sequence[str], user: str | None = None) -> protocol.KeysInstalled:
+        body: protocol.SshKeys = {"keys": list(keys)}
+        if user is not None:
+            body["user"] = user
+        return await self._call("put_ssh_keys", json=body)
+
+    async def userdata(self, script: str) -> protocol.UserdataStatus:
+        """Run ``script`` once per disk, as root, in the background."""
+        return await self._call("userdata", json={"script": script})
 
     async def aclose(self) -> None:
         await self.http.aclose()

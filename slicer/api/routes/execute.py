@@ -85,25 +85,25 @@ ExecId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 @router.get("/vm/{hostname}/exec", **passes_on(list[BackgroundExec]))
 async def list_background(m: Mgr, hostname: str) -> list:
     """Background execs the agent tracks (running and exited, until reaped)."""
-    return await m.agent(hostname).call("GET", "/exec")
+    return await m.agent(hostname).list_execs()
 
 
 @router.get("/vm/{hostname}/exec/{exec_id}", **passes_on(BackgroundExec))
 async def background_info(m: Mgr, hostname: str, exec_id: ExecId) -> dict:
-    return await m.agent(hostname).call("GET", f"/exec/{exec_id}")
+    return await m.agent(hostname).exec_status(exec_id)
 
 
 @router.delete("/vm/{hostname}/exec/{exec_id}", **passes_on(BackgroundReaped))
 async def background_reap(m: Mgr, hostname: str, exec_id: ExecId) -> dict:
     """Free the ring and forget the exec (later calls: 410). Does not kill it."""
-    return await m.agent(hostname).call("DELETE", f"/exec/{exec_id}")
+    return await m.agent(hostname).reap_exec(exec_id)
 
 
 @router.get("/vm/{hostname}/exec/{exec_id}/logs", openapi_extra=query_doc(follow=BOOLEAN, from_id=INTEGER))
 async def background_logs(m: Mgr, hostname: str, exec_id: ExecId, request: Request) -> StreamingResponse:
     """Replay the ring (``from_id``), and with ``follow=true`` stream until the process exits."""
     params = [(k, v) for k, v in request.query_params.multi_items() if k in ("follow", "from_id")]
-    resp = await m.agent(hostname).send("GET", f"/exec/{exec_id}/logs", params=params, timeout=None)
+    resp = await m.agent(hostname).exec_logs(exec_id, params)
     return StreamingResponse(relay(resp, request), media_type="application/x-ndjson")
 
 
@@ -111,11 +111,10 @@ async def background_logs(m: Mgr, hostname: str, exec_id: ExecId, request: Reque
 async def background_kill(m: Mgr, hostname: str, exec_id: ExecId, request: Request) -> dict:
     """Body (optional): ``{"signal": "TERM", "grace_ms": 5000}``; TERM escalates to KILL."""
     body = await parse_body(request, KillRequest)
-    return await m.agent(hostname).call("POST", f"/exec/{exec_id}/kill", json=body.model_dump())
+    return await m.agent(hostname).kill_exec(exec_id, body.signal, body.grace_ms)
 
 
 @router.get("/vm/{hostname}/exec/{exec_id}/wait-exit", **passes_on(BackgroundExit))
 async def background_wait(m: Mgr, hostname: str, exec_id: ExecId,
                           timeout: Annotated[int, Query(ge=0, le=600)] = 30) -> dict:
-    return await m.agent(hostname).call("GET", f"/exec/{exec_id}/wait-exit", params={"timeout": timeout},
-                                        timeout=timeout + 30)
+    return await m.agent(hostname).wait_exit(exec_id, timeout)

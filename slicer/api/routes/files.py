@@ -47,16 +47,14 @@ CP_QUERY = query_doc(required=("path",), path=ABSOLUTE, mode={"enum": CP_MODES},
 async def copy_to_vm(m: Mgr, hostname: str, request: Request) -> dict:
     """Body: the file (``application/octet-stream``) or a tar (``application/x-tar``).
     Query: path (required), mode=binary|tar, uid, gid, permissions (octal)."""
-    agent = m.agent(hostname)
     params = _params(request, _mode(request, "content-type"))
-    return await agent.call("POST", "/cp", params=params, content=request.stream(), timeout=None)
+    return await m.agent(hostname).cp_in(params, request.stream())
 
 
 @router.get("/cp", openapi_extra=CP_QUERY)
 async def copy_from_vm(m: Mgr, hostname: str, request: Request) -> StreamingResponse:
     """Query: path (required), mode=binary|tar (or ``Accept: application/x-tar``)."""
-    agent = m.agent(hostname)
-    resp = await agent.send("GET", "/cp", params=_params(request, _mode(request, "accept")), timeout=None)
+    resp = await m.agent(hostname).cp_out(_params(request, _mode(request, "accept")))
     headers = {k: v for k, v in resp.headers.items() if k.lower() in PASSED_HEADERS}
     return StreamingResponse(relay(resp, request), media_type=resp.headers.get("content-type"), headers=headers)
 
@@ -69,35 +67,32 @@ class MkdirRequest(BaseModel):
     uid: int | None = None
 
 
-def _as(params: dict, uid: int | None) -> dict:
+def _uid(uid: int | None) -> int | None:
     """``uid``: the guest user whose rights the agent works with (root's rule for paths without one)."""
-    if uid is not None:
-        if not 0 <= uid < 2**32:
-            raise BadRequest("uid out of range", "invalid_request")
-        params["uid"] = str(uid)
-    return params
+    if uid is not None and not 0 <= uid < 2**32:
+        raise BadRequest("uid out of range", "invalid_request")
+    return uid
 
 
 @router.get("/fs/readdir", **passes_on(list[FsEntry]))
 async def readdir(m: Mgr, hostname: str, path: str, uid: int | None = None) -> list:
-    return await m.agent(hostname).call("GET", "/fs/readdir", params=_as({"path": path}, uid))
+    return await m.agent(hostname).readdir(path, _uid(uid))
 
 
 @router.get("/fs/stat", **passes_on(FsEntry))
 async def stat(m: Mgr, hostname: str, path: str, uid: int | None = None) -> dict:
-    return await m.agent(hostname).call("GET", "/fs/stat", params=_as({"path": path}, uid))
+    return await m.agent(hostname).stat(path, _uid(uid))
 
 
 @router.post("/fs/mkdir", openapi_extra=json_body(MkdirRequest, required=True), **passes_on(FsChanged))
 async def mkdir(m: Mgr, hostname: str, request: Request) -> dict:
     body = await parse_body(request, MkdirRequest)
-    return await m.agent(hostname).call("POST", "/fs/mkdir", json=body.model_dump(exclude_none=True))
+    return await m.agent(hostname).mkdir(body.path, body.recursive, body.mode, body.uid)
 
 
 @router.delete("/fs/remove", **passes_on(FsChanged))
 async def remove(m: Mgr, hostname: str, path: str, recursive: bool = False, uid: int | None = None) -> dict:
-    params = {"path": path, "recursive": "true" if recursive else "false"}
-    return await m.agent(hostname).call("DELETE", "/fs/remove", params=_as(params, uid))
+    return await m.agent(hostname).remove(path, recursive, _uid(uid))
 
 
 @router.get("/fs/watch", openapi_extra=query_doc(
@@ -109,7 +104,6 @@ async def watch(m: Mgr, hostname: str, request: Request) -> StreamingResponse:
     last_id = request.headers.get("last-event-id")
     if last_id is not None and not (last_id.isdigit() and int(last_id) < 2**64):
         raise BadRequest("Last-Event-ID must be an unsigned 64-bit integer", "invalid_request")
-    agent = m.agent(hostname)
-    resp = await agent.send("GET", "/fs/watch", params=list(request.query_params.multi_items()), timeout=None)
+    resp = await m.agent(hostname).watch(list(request.query_params.multi_items()))
     return StreamingResponse(relay(resp, request), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
@@ -91,8 +90,8 @@ async def shell(ws: WebSocket, hostname: str) -> None:
     try:
         require_auth(ws)
         agent = manager(ws).agent(hostname)
-        query = urlencode([(k, v) for k, v in ws.query_params.multi_items() if k in ("uid", "gid", "shell", "cwd")])
-        session = await agent.websocket("/shell?" + query)
+        session = await agent.shell([(k, v) for k, v in ws.query_params.multi_items()
+                                     if k in ("uid", "gid", "shell", "cwd")])
     except SlicerError as e:
         await deny(ws, e)
         return

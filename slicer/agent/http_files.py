@@ -1,0 +1,126 @@
+"""The agent's copy endpoints: ``cp_in`` (a file or a tar into the guest) and ``cp_out``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tarfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from slicer.agent import copyv1, files, paths, upload
+from slicer.agent.http_util import Context, Handlers, error
+
+
+async def cp_in(request: web.Request) -> web.Response:
+    q = request.query
+    try:
+        perms = files.parse_permissions(q.get("permissions"))
+        uid, gid = files.parse_id(q.get("uid"), "uid"), files.parse_id(q.get("gid"), "gid")
+        path = files.require_path(q.get("path"), uid)
+        mode = q.get("mode") or "binary"
+        if mode in ("cp-v1-binary", "cp-v1-tar"):  # cp-like destinations (slicer.agent.copyv1)
+            kind = "file" if mode == "cp-v1-binary" else "directory"
+            if q.get("source_type", kind) != kind:
+                raise files.FileError(f"{mode} copies a {kind}, not a {q.get('source_type')}", "invalid_request")
+            dir_only = str(q.get("path", "")).endswith("/")  # "dir/": a directory that must exist
+            kind, path = copyv1.upload_target(path + ("/" if dir_only else ""), kind, q.get("source_name", ""),
+                                              q.get("copy_contents", "").lower() in ("1", "true", "yes"))
+            mode = "binary" if kind == "file" else "tar"
+        elif mode not in ("binary", "tar"):
+            raise files.FileError(f"invalid mode: {mode} (binary, tar, cp-v1-binary or cp-v1-tar)",
+                                  "invalid_request")
+        if mode == "tar":
+            reader = files.BodyReader(asyncio.get_running_loop(), request.content)
+            count = await asyncio.to_thread(files.extract_tar, reader, path, perms, uid, gid,
+                                            q.getall("exclude", []))
+            return web.json_response({"path": path, "mode": "tar", "entries": count})
+        with upload.upload_path(path, uid, gid) as (dir_fd, target):  # an SDK's chunk goes via its session
+            size = await files.receive_file(target, request.content.iter_chunked(files.CHUNK), perms, uid, gid,
+                                            dir_fd=dir_fd)
+        return web.json_response({"path": path, "mode": "binary", "size": size})
+    except files.FileError as e:
+        return error(str(e), e.code, e.status)
+    except (OSError, tarfile.TarError) as e:
+        return error(f"copy to {q.get('path')} failed: {e}", "copy_failed", 400)
+
+
+@dataclass
+class Download:
+    """What ``cp_out`` sends, opened: its headers, its size (None: a tar, as long as it comes out),
+    how to write its bytes into the response, and how to let go of what it holds open."""
+    headers: dict[str, str]
+    size: int | None
+    write: Callable[[web.StreamResponse], Awaitable[None]]
+    close: Callable[[], None]
+
+
+async def _tar(uid: int | None, path: str, contents: bool, excludes: list[str], meta: dict[str, str]) -> Download:
+    """``path`` as a tar: its contents named relative to it, or the path itself (a symlink as
+    such) named by its basename."""
+    tree = await paths.run_as(uid, files.Entry.of, path, contents)
+    base = "." if contents else os.path.basename(path) or "."
+
+    async def write(resp: web.StreamResponse) -> None:
+        writer = files.ResponseWriter(asyncio.get_running_loop(), resp)
+        await paths.run_as(uid, files.write_tar, writer, tree, base, excludes if contents else [], contents)
+
+    return Download({"Content-Type": "application/x-tar", **meta}, None, write, tree.close)
+
+
+async def _file(uid: int | None, path: str, meta: dict[str, str]) -> Download:
+    f, size, fmode = await paths.run_as(uid, files.open_for_sending, path)
+
+    async def write(resp: web.StreamResponse) -> None:
+        while chunk := f.read(files.CHUNK):
+            await resp.write(chunk)
+
+    headers = {"Content-Type": "application/octet-stream", "X-Slicer-File-Mode": f"{fmode:04o}", **meta}
+    return Download(headers, size, write, f.close)
+
+
+async def _open_download(q) -> Download:
+    """What ``q`` asks for, read under the agent's rule for paths (slicer.agent.paths), or with
+    the rights of ``uid`` when it names one."""
+    uid = files.parse_id(q.get("uid"), "uid")
+    path = files.require_path(q.get("path"), uid)
+    mode = q.get("mode") or "binary"
+    excludes = q.getall("exclude", [])
+    if mode in copyv1.MODES:
+        kind = await paths.run_as(uid, copyv1.download_kind, path, mode)
+        meta = copyv1.source_headers(path, kind)
+        return await (_tar(uid, path, True, excludes, meta) if kind == "directory" else _file(uid, path, meta))
+    if mode == "tar":
+        return await _tar(uid, path, False, excludes, {})
+    if mode == "binary":
+        return await _file(uid, path, {})
+    raise files.FileError(f"invalid mode: {mode} (binary, tar or cp-v1-binary|tar|recursive)", "invalid_request")
+
+
+async def cp_out(request: web.Request) -> web.StreamResponse:
+    """A file's bytes or a tar."""
+    q = request.query
+    try:
+        download = await _open_download(q)
+    except files.FileError as e:
+        return error(str(e), e.code, e.status)
+    except PermissionError as e:
+        return error(f"{q.get('path')}: {e.strerror}", "permission_denied", 403)
+    except OSError as e:
+        return error(f"copy from {q.get('path')} failed: {e}", "copy_failed", 400)
+    resp = web.StreamResponse(headers=download.headers)
+    if download.size is not None:
+        resp.content_length = download.size
+    try:
+        await resp.prepare(request)
+        await download.write(resp)
+    finally:
+        download.close()
+    await resp.write_eof()
+    return resp
+
+
+def handlers(ctx: Context) -> Handlers:
+    return {"cp_in": cp_in, "cp_out": cp_out}
