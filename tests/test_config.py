@@ -170,9 +170,9 @@ def test_create_request_rejects(body):
 
 
 def test_create_request_accepts_seed_shapes():
-    assert CreateNodeRequest.model_validate({}).spec()["userdata"] is None
+    assert CreateNodeRequest.model_validate({}).spec().userdata is None
     r = CreateNodeRequest.model_validate({"userdata": "apt update", "github_user": "alex", "tags": ["ci"]})
-    assert r.spec()["import_user"] == "alex" and r.spec()["tags"] == ["ci"]
+    assert r.spec().import_user == "alex" and r.spec().tags == ["ci"]
 
 
 SLICER_CONFIGS = sorted((Path(__file__).parent / "data" / "slicer-configs").glob("*.yaml"))

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from slicer.core.config import cidr
 from slicer.core.errors import BadRequest, UnsupportedMediaType
+from slicer.core.records import NodeSpec
 
 MAX_USERDATA = 1 << 20
 _GITHUB_USER = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})$"
@@ -79,19 +80,15 @@ class CreateNodeRequest(BaseModel):
                 raise ValueError("ssh_keys: each key must be a non-empty line of at most 16 KiB")
         return self
 
-    def spec(self) -> dict:
+    def spec(self) -> NodeSpec:
         """What later stages act on (userdata, keys, secrets, tags), stored with the node."""
-        return {
-            "userdata": self.userdata,
-            "import_user": self.import_user or self.github_user,
-            "ssh_keys": self.ssh_keys,
-            "tags": self.tags,
-            "secrets": self.secrets,
-            "protected": self.protected,
-            **({"boot": self.boot} if self.boot else {}),
-            **({"disk_image": self.disk_image} if self.disk_image else {}),  # resolved by the manager
-            **({"network": override} if self.network and (override := self.network.override()) else {}),
-        }
+        return NodeSpec(
+            userdata=self.userdata, import_user=self.import_user or self.github_user,
+            ssh_keys=list(self.ssh_keys or []), tags=list(self.tags or []), secrets=self.secrets,
+            protected=bool(self.protected), boot=self.boot or None,
+            disk_image=self.disk_image or None,  # resolved by the manager
+            network=(self.network.override() or None) if self.network else None,
+        )
 
 
 M = TypeVar("M", bound=BaseModel)

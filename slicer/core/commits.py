@@ -80,7 +80,7 @@ class Commits:
             commit = CommitRecord(
                 commit_id=f"cmt-{secrets.token_hex(8)}", source_hostname=hostname, source_host_group=rec.hostgroup,
                 created_at=now_rfc3339(), tags=list(tags), labels=dict(labels), cache_key=cache_key,
-                cpus=rec.cpus, ram_bytes=rec.ram_bytes, spec={k: v for k, v in rec.spec.items() if k != "tags"},
+                cpus=rec.cpus, ram_bytes=rec.ram_bytes, spec=rec.spec.copy(tags=[]),
             )
             final = self.commits_dir / commit.commit_id
             part = self.commits_dir / f".{commit.commit_id}.part"
@@ -100,7 +100,7 @@ class Commits:
                 self.registry.store.delete_commit(commit.commit_id)
                 shutil.rmtree(final, ignore_errors=True)
                 raise
-            rec.spec["parent_commit"] = rec.spec["commit_id"] = commit.commit_id
+            rec.spec.parent_commit = rec.spec.commit_id = commit.commit_id
             self.registry.store.put(rec)
         log.info("%s: committed as %s", hostname, commit.commit_id)
         return {"hostname": hostname, "commit_id": commit.commit_id, "status": "committed",
@@ -174,16 +174,14 @@ class Commits:
         commit = self._commit(commit_id)
         if not self.commit_disk(commit_id).exists():
             raise SlicerError(f"commit {commit_id}: its disk is missing", "commit_missing")
-        spec = dict(commit.spec)
-        spec["tags"] = list(tags or []) if tag_mode == "replace" else commit.tags + list(tags or [])
+        spec = commit.spec.copy(
+            tags=list(tags or []) if tag_mode == "replace" else commit.tags + list(tags or []),
+            parent_commit=commit_id, commit_id=None, protected=False,
+            fixups=list(FIXUPS if fixups is None else fixups))
         if secrets_ is not None:
-            spec["secrets"] = list(secrets_)
-        spec["parent_commit"] = commit_id
-        spec.pop("commit_id", None)
-        spec["fixups"] = list(FIXUPS if fixups is None else fixups)
-        spec.pop("protected", None)
+            spec.secrets = list(secrets_)
         if network:  # the lists given replace the source's own (or its group's); the others stay
-            spec["network"] = {**spec.get("network", {}), **network}
+            spec.network = {**(spec.network or {}), **network}
         node = await self.create(
             commit.source_host_group, cpus=cpus or commit.cpus, ram_bytes=ram_bytes or commit.ram_bytes,
             persistent=persistent, hostname=hostname, ip=None, spec=spec, wait=wait, timeout=timeout,
@@ -222,5 +220,5 @@ class Commits:
                 except SlicerError as e:  # a disk its VMM tampered with: that VM is refused, the rest start
                     log.error("%s: %s", source.hostname, e.message)
                     continue
-                source.spec["parent_commit"] = source.spec["commit_id"] = commit.commit_id
+                source.spec.parent_commit = source.spec.commit_id = commit.commit_id
                 self.registry.store.put(source)

@@ -77,16 +77,15 @@ class Forks:
 
             try:
                 snapshot = await self.templates.from_capture(group, name, rec.cpus, rec.ram_bytes, rec.template,
-                                                             rec.spec.get("image"), capture)
+                                                             rec.spec.image, capture)
             except VMMError as e:
                 raise SlicerError(f"{hostname}: fork failed: {e}", "fork_failed") from e
-        spec = {k: v for k, v in rec.spec.items() if k not in ("protected", "commit_id", "parent_commit")}
-        spec["tags"] = list(dict.fromkeys(rec.tags + list(tags)))
-        spec["forked_from"] = hostname
+        spec = rec.spec.copy(protected=False, commit_id=None, parent_commit=None, forked_from=hostname,
+                             tags=list(dict.fromkeys(rec.tags + list(tags))))
         try:
             results = await asyncio.gather(*(
                 self.create(group.name, cpus=rec.cpus, ram_bytes=rec.ram_bytes, persistent=False, hostname=None,
-                            ip=None, spec=dict(spec), wait=wait, timeout=timeout, template=snapshot)
+                            ip=None, spec=spec.copy(), wait=wait, timeout=timeout, template=snapshot)
                 for _ in range(count)), return_exceptions=True)
         finally:
             self.templates.pinned.discard(snapshot.name)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from slicer.core.errors import SlicerError
 from slicer.core.node import Node
+from slicer.core.records import BootKind
 from slicer.vmm.base import VMSpec
 
 HOST_KEY_TYPES = ("ed25519", "ecdsa")  # what the guest's sshd serves (see slicer.agent.init)
@@ -46,13 +47,13 @@ async def ssh_host_keys(hostname: str) -> dict[str, dict[str, str]]:
 async def identity_body(node: Node, spec: VMSpec) -> dict:
     """What to send the agent of ``node`` right after its restore (before anything else)."""
     body: dict = {"seed": base64.b64encode(os.urandom(SEED_BYTES)).decode()}
-    if node.boot == "template":
+    if node.boot == BootKind.TEMPLATE:
         body.update(
             hostname=node.hostname, machine_id=os.urandom(16).hex(), ip=spec.ip_cidr,
             gateway=spec.gateway, mac=spec.mac, dns=spec.dns, ssh_host_keys=await ssh_host_keys(node.hostname),
         )
-    elif node.boot == "fork":  # booted from its own address; what its disk holds of the source is renewed
-        fixups = node.record.spec.get("fixups") or []
+    elif node.boot == BootKind.FORK:  # booted from its own address; what its disk holds of the source is renewed
+        fixups = node.record.spec.fixups or []
         if "hostname" in fixups:
             body["hostname"] = node.hostname
         if "machine-id" in fixups:

@@ -175,10 +175,10 @@ def users_of_images(data_dir: Path, store: ImageStore) -> dict[str, str]:
         state = StateStore(db)
         try:
             for rec in state.all():
-                if isinstance(image := rec.spec.get("image"), dict):
+                if isinstance(image := rec.spec.image, dict):
                     users.setdefault(str(image.get("digest")), f"VM {rec.hostname}")
             for commit in state.commits():
-                if isinstance(image := commit.spec.get("image"), dict):
+                if isinstance(image := commit.spec.image, dict):
                     users.setdefault(str(image.get("digest")), f"commit {commit.commit_id}")
         finally:
             state.close()

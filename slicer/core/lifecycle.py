@@ -20,6 +20,7 @@ from slicer.core.errors import Conflict, SlicerError, WaitTimeout
 from slicer.core.images import BootImages
 from slicer.core.node import Node
 from slicer.core.provision import Provisioner
+from slicer.core.records import BootKind
 from slicer.core.registry import Registry, Tasks
 from slicer.core.specs import vm_spec
 from slicer.core.state import NodeRecord
@@ -72,24 +73,24 @@ class Lifecycle:
         self.run(node, vm, boot, group)
 
     def _boot_spec(self, node: Node, group: HostGroup, template: Template | None,
-                   restore_from: Path | None) -> tuple[VMSpec, str, Path | None]:
-        """The VM's spec, how it boots ("boot", "suspend", "fork", "template") and the state to restore."""
+                   restore_from: Path | None) -> tuple[VMSpec, BootKind, Path | None]:
+        """The VM's spec, how it boots and the state to restore."""
         rec = node.record
-        spec = vm_spec(self.images.boot(rec.spec.get("image")), group, self.net.group(group.name),
+        spec = vm_spec(self.images.boot(rec.spec.image), group, self.net.group(group.name),
                        name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
                        ip=rec.ip, disk=Path(rec.disk), run_dir=node.run_dir)
-        boot = "suspend" if restore_from is not None else "boot"
-        if (parent := rec.spec.get("parent_commit")) and not Path(rec.disk).exists():
+        boot = BootKind.SUSPEND if restore_from is not None else BootKind.BOOT
+        if (parent := rec.spec.parent_commit) and not Path(rec.disk).exists():
             # The first boot of a commit's child: its disk starts as an overlay on the commit,
             # and it gets its own identity (the commit holds its source's).
             spec.base_disk, spec.base_format = self.registry.commit_disk(parent), "qcow2"
-            boot = "fork"
+            boot = BootKind.FORK
         if template is not None:
             rec.template = template.name
             self.registry.store.put(rec)
             spec.base_disk, spec.base_format = template.disk, "qcow2"
             template.start_console_log(spec.serial_log, rec.hostname)
-            restore_from, boot = template.state, "template"
+            restore_from, boot = template.state, BootKind.TEMPLATE
         if rec.template:  # a clone's memory is mapped from its template's: same machine, same layout
             spec.memory_file = self.templates.memory_file(rec.template)
         return spec, boot, restore_from
@@ -99,7 +100,7 @@ class Lifecycle:
         rec = node.record
         gnet = self.net.group(rec.hostgroup)
         try:
-            spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir, policy=rec.spec.get("network"))
+            spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir, policy=rec.spec.network)
         except NetworkError as e:
             raise SlicerError(f"{rec.hostname}: network setup failed: {e}", "network_failed") from e
         vm = None
@@ -126,7 +127,7 @@ class Lifecycle:
         self.registry.store.put(rec)
         self.collect_templates()
 
-    def run(self, node: Node, vm: VM, boot: str, group: HostGroup) -> None:
+    def run(self, node: Node, vm: VM, boot: BootKind, group: HostGroup) -> None:
         """``vm`` is the node's from now on: watch its end, set its guest up after each boot."""
         node.attach(vm, boot)
         self.tasks.spawn(self.watch(node))

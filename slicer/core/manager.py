@@ -38,6 +38,7 @@ from slicer.core.node import Node, host_index
 from slicer.core.power import Power
 from slicer.core.provision import Provisioner
 from slicer.core.reconcile import Reconciler
+from slicer.core.records import NodeKind, NodeSpec
 from slicer.core.registry import HOSTNAME_RE, Registry, Tasks
 from slicer.core.rundir import RunDirError, run_root
 from slicer.core.secrets import SecretStore
@@ -172,12 +173,12 @@ class Manager:
             return {**view, "network": {"mode": "", "policy_source": "host_group", "host_group": empty,
                                         "effective": empty}}
         policy = {"allow": list(group.network.allow), "drop": list(group.network.drop)}
-        override = node.record.spec.get("network")
+        override = node.record.spec.network
         mode = self.net.group(group.name).mode if group.name in self.net.groups else group.network.mode
-        lineage = {k: v for k in ("commit_id", "parent_commit") if (v := node.record.spec.get(k))}
-        return {**view, "storage": group.storage, "image": self.images.label(node.record.spec.get("image")),
-                **({"commit_id": lineage["commit_id"]} if "commit_id" in lineage else {}),
-                **({"parent_commit_id": lineage["parent_commit"]} if "parent_commit" in lineage else {}),
+        spec = node.record.spec
+        return {**view, "storage": group.storage, "image": self.images.label(spec.image),
+                **({"commit_id": spec.commit_id} if spec.commit_id else {}),
+                **({"parent_commit_id": spec.parent_commit} if spec.parent_commit else {}),
                 "network": {"mode": mode, "policy_source": "override" if override else "host_group",
                             "host_group": policy, **({"override": override} if override else {}),
                             "effective": {**policy, **(override or {})}}}
@@ -213,29 +214,29 @@ class Manager:
         tags = list(dict.fromkeys(tags))
         if len(tags) > MAX_TAGS:
             raise BadRequest(f"a VM has at most {MAX_TAGS} tags", "invalid_request")
-        node.record.spec["tags"] = tags
+        node.record.spec.tags = tags
         self.store.put(node.record)
         return {"hostname": hostname, "tags": tags}
 
     # -- create -----------------------------------------------------------------------------------
     async def create(
         self, group_name: str, *, cpus: int | None, ram_bytes: int | None, persistent: bool,
-        hostname: str | None, ip: str | None, spec: dict, wait: str | None, timeout: float,
+        hostname: str | None, ip: str | None, spec: NodeSpec, wait: str | None, timeout: float,
         template: Template | None = None,
     ) -> Node:
         """A new sandbox (or persistent VM), booted; ``template``: restore it from that one (a
         live fork's snapshot) rather than the group's. On any failure nothing of it is left."""
         group = self.registry.group(group_name)
         cpus, ram = self._size(group, cpus, ram_bytes)
-        if spec.get("network") and (mode := self.net.group(group.name).mode) != "isolated":
+        if spec.network and (mode := self.net.group(group.name).mode) != "isolated":
             raise BadRequest(f"network: a VM's own allow/drop apply to isolated host groups; {group.name} is "
                              f"{mode} (its VMs share their subnet)", "invalid_network")
         group_image = await self._choose_image(group, spec, inherited=template is not None)
         node = await self._new_node(group, hostname, ip, cpus, ram, persistent, spec)
         # Clones share their template's disk, so persistent VMs boot cold; so do forks of a commit.
         # So does a VM of another image than its group's (templates are the group's image).
-        cold = persistent or "cold" in (group.boot, spec.get("boot")) or bool(spec.get("parent_commit"))
-        cold = cold or spec.get("image") != group_image
+        cold = persistent or "cold" in (group.boot, spec.boot) or bool(spec.parent_commit)
+        cold = cold or spec.image != group_image
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
@@ -265,30 +266,30 @@ class Manager:
             raise BadRequest("ram_bytes must be at least 64 MiB", "invalid_size")
         return cpus, ram
 
-    async def _choose_image(self, group: HostGroup, spec: dict, inherited: bool) -> dict | None:
-        """Set ``spec["image"]`` (a request's ``disk_image``, else the group's); the group's image."""
-        requested = spec.pop("disk_image", None)
-        # Forks and commits' children boot their source's image (no "image": the project's).
-        inherited = inherited or "image" in spec or bool(spec.get("parent_commit"))
+    async def _choose_image(self, group: HostGroup, spec: NodeSpec, inherited: bool) -> dict | None:
+        """Set ``spec.image`` (a request's ``disk_image``, else the group's); the group's image.
+        ``inherited``: a live fork's copy, which boots its source's (None: the project's)."""
+        requested, spec.disk_image = spec.disk_image, None
+        inherited = inherited or bool(spec.parent_commit)  # so does a commit's child
         if inherited or requested:
             group_image = self.images.groups.get(group.name)  # the group's may be unavailable
             if requested and not inherited:
-                spec["image"] = await self.images.request_choice(requested, group)
+                spec.image = await self.images.request_choice(requested, group)
         elif group_image := self.images.group_choice(group.name):
-            spec["image"] = dict(group_image)
-        if spec.get("image"):
-            spec["image"] = await self.images.present(spec["image"])
+            spec.image = dict(group_image)
+        if spec.image:
+            spec.image = await self.images.present(spec.image)
         return group_image
 
     async def _new_node(self, group: HostGroup, hostname: str | None, ip: str | None, cpus: int, ram: int,
-                        persistent: bool, spec: dict) -> Node:
+                        persistent: bool, spec: NodeSpec) -> Node:
         """A name, an address and a record for a new VM, registered (not yet booted)."""
         async with self._alloc:
             hostname, addr = self._allocate(group, hostname, ip)
             disk = (self.registry.persistent_disk(hostname) if persistent
                     else self.registry.run_dir(hostname) / "disk.qcow2")
             rec = NodeRecord(
-                hostname=hostname, hostgroup=group.name, kind="sandbox", ip=addr, cpus=cpus,
+                hostname=hostname, hostgroup=group.name, kind=NodeKind.SANDBOX, ip=addr, cpus=cpus,
                 ram_bytes=ram, persistent=persistent, created_at=now_rfc3339(), disk=str(disk), spec=spec,
             )
             remove_disk(disk)  # a leftover with no record is not anyone's disk

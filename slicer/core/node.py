@@ -11,6 +11,7 @@ from slicer.channel.host import Channel, ChannelError
 from slicer.core.actions import NodeAction, NodeState, check
 from slicer.core.agent import AgentClient
 from slicer.core.errors import AgentUnreachable, Conflict, WaitTimeout
+from slicer.core.records import BootKind, NodeKind
 from slicer.core.state import NodeRecord
 from slicer.vmm.base import VM, VMState
 
@@ -38,11 +39,7 @@ class Node:
         self.rebooted = asyncio.Event()
         self.exited = asyncio.Event()  # the VM's process ended and what it held on the host is released
         self.warnings: list[str] = []  # e.g. SSH keys that could not be fetched
-        # How the running VM came to be: "boot", "template" (restored from the group's
-        # template), "suspend" (restored from its own saved state), "fork" (first boot of a
-        # commit's child) or "adopted" (left running by an earlier daemon); all but "boot" and
-        # "adopted" need the guest's identity reset first.
-        self.boot = "boot"
+        self.boot = BootKind.BOOT  # how the running VM came to be
         self.identity_pending = False
         self.setup_error: str | None = None  # set when this boot's setup failed
 
@@ -52,13 +49,13 @@ class Node:
 
     @property
     def is_service(self) -> bool:
-        return self.record.kind == "service"
+        return self.record.kind == NodeKind.SERVICE
 
-    def attach(self, vm: VM, boot: str = "boot") -> None:
+    def attach(self, vm: VM, boot: BootKind = BootKind.BOOT) -> None:
         self.vm = vm
         self.agent = AgentClient(Channel(str(vm.spec.channel_socket)))
         self.boot = boot
-        self.identity_pending = boot in ("template", "suspend", "fork")  # not "boot", nor "adopted" (running on)
+        self.identity_pending = boot.needs_identity
         self.setup_error = None
         self.provisioned.clear()
         self.exited.clear()
@@ -140,7 +137,7 @@ class Node:
                 if not health:
                     return {}
                 answer = await agent.health(timeout=min(left, 5.0))
-                if not userdata or answer.get("userdata_ran") or not self.record.spec.get("userdata"):
+                if not userdata or answer.get("userdata_ran") or not self.record.spec.userdata:
                     return answer
                 last = "userdata has not finished"
             except (AgentUnreachable, ChannelError, Conflict) as e:

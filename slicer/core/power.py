@@ -82,7 +82,7 @@ class Power:
         node = self.registry.get(hostname)
         if node.record.hostgroup != group_name:
             raise NotFound(f"VM {hostname!r} is not in host group {group_name!r}", "vm_not_found")
-        if node.record.spec.get("protected"):
+        if node.record.spec.protected:
             raise Forbidden(f"{hostname} is protected; it cannot be deleted", "protected")
         if node.is_service:
             raise Forbidden(

@@ -63,12 +63,12 @@ class Provisioner:
             node.identity_pending = False
         spec = node.record.spec
         await self.push_secrets(node)
-        keys = list(self.config.ssh_keys) + list(spec.get("ssh_keys") or [])
-        for user in {u for u in (self.config.github_user, spec.get("import_user")) if u}:
+        keys = list(self.config.ssh_keys) + list(spec.ssh_keys)
+        for user in {u for u in (self.config.github_user, spec.import_user) if u}:
             keys += await self._github_keys(node, user)
         await agent.call("PUT", "/ssh-keys", json={"keys": keys})
-        if spec.get("userdata"):
-            await agent.call("POST", "/userdata", json={"script": spec["userdata"]})
+        if spec.userdata:
+            await agent.call("POST", "/userdata", json={"script": spec.userdata})
 
     async def _github_keys(self, node: Node, user: str) -> list[str]:
         url = f"{self.config.github_keys_url.rstrip('/')}/{user}.keys"
@@ -84,7 +84,7 @@ class Provisioner:
         return [line for line in r.text.splitlines() if line.strip()]
 
     async def push_secrets(self, node: Node) -> None:
-        allowed = node.record.spec.get("secrets")  # None: all; []: none
+        allowed = node.record.spec.secrets  # None: all; []: none
         await node.running_agent().call("PUT", "/secrets", json=self.secrets.for_guest(allowed))
 
     async def sync_secrets(self) -> None:

@@ -15,6 +15,7 @@ from slicer.core.errors import SlicerError
 from slicer.core.images import BootImages
 from slicer.core.lifecycle import Lifecycle
 from slicer.core.node import Node, host_index
+from slicer.core.records import BootKind, NodeKind, NodeSpec, Suspended
 from slicer.core.registry import Registry, Tasks
 from slicer.core.snapshots import Snapshots
 from slicer.core.specs import vm_spec
@@ -85,7 +86,7 @@ class Reconciler:
         """Keep, retire or remove the record ``rec`` (services are booted afterwards)."""
         group = self.config.group(rec.hostgroup)
         store = self.registry.store
-        if rec.kind == "service" and (group is None or host_index(rec.hostname) > group.count):
+        if rec.kind == NodeKind.SERVICE and (group is None or host_index(rec.hostname) > group.count):
             # The config's count went down (or the group went away): the service retires;
             # its disk stays, and serves it again if the count comes back up.
             log.info("%s: retired: no longer one of its host group's %s services", rec.hostname,
@@ -95,7 +96,7 @@ class Reconciler:
             else:
                 self.lifecycle.remove_files(rec, disk=False)
             store.delete(rec.hostname)
-        elif adopted or rec.kind == "service":
+        elif adopted or rec.kind == NodeKind.SERVICE:
             return
         elif not rec.persistent and not rec.suspended:  # a suspended one is kept: only a graceful stop deletes it
             log.info("%s: removing sandbox whose QEMU is gone", rec.hostname)
@@ -117,7 +118,7 @@ class Reconciler:
                 hostname = f"{group.name}-{i}"
                 if hostname in adopted:
                     continue
-                old = rec if (rec := records.get(hostname)) is not None and rec.kind == "service" else None
+                old = rec if (rec := records.get(hostname)) is not None and rec.kind == NodeKind.SERVICE else None
                 self.tasks.spawn(self.boot_service(group, hostname, old))
             if self.config.warm and group.boot == "snapshot":
                 self.tasks.spawn(self.templates.ensure(group))
@@ -140,7 +141,7 @@ class Reconciler:
         assert vm is not None and group is not None
         self.registry.state_file(rec.hostname).unlink(missing_ok=True)  # a suspend it outlived: not its state
         node = self.registry.add(Node(rec, run_dir))
-        self.lifecycle.run(node, vm, "adopted", group)
+        self.lifecycle.run(node, vm, BootKind.ADOPTED, group)
         log.info("%s: adopted its running QEMU (pid %d)", rec.hostname, pid)
         return True
 
@@ -157,7 +158,7 @@ class Reconciler:
         """The adopted VM, or why it could not be taken over."""
         gnet = self.net.group(group.name)
         try:
-            spec = vm_spec(self.images.boot(rec.spec.get("image")), group, gnet,
+            spec = vm_spec(self.images.boot(rec.spec.image), group, gnet,
                            name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
                            ip=rec.ip, disk=Path(rec.disk), run_dir=self.registry.run_dir(rec.hostname))
             if rec.template:
@@ -168,7 +169,7 @@ class Reconciler:
         except (VMMError, OSError) as e:
             return None, f"taking over its QEMU failed: {e}"
         try:
-            await gnet.adopt(rec.hostname, rec.ip, pid, policy=rec.spec.get("network"))
+            await gnet.adopt(rec.hostname, rec.ip, pid, policy=rec.spec.network)
             if vm.state == VMState.PAUSED and not rec.paused:
                 # nobody asked for this pause: its daemon died between a restore and the resume
                 await vm.resume()
@@ -183,7 +184,7 @@ class Reconciler:
         """Boot (or restore, after a suspend with the daemon) the service ``hostname``."""
         if old is not None and old.suspended:
             node = self.registry.add(Node(old, self.registry.run_dir(hostname)))
-            if old.suspended != "shutdown":
+            if old.suspended != Suspended.SHUTDOWN:
                 return  # suspended through the API: it stays so until restored
             try:
                 await self.snapshots.restore_node(node, group)
@@ -218,19 +219,18 @@ class Reconciler:
             if ip is None:
                 log.error("%s: not started: host group %s has no free address", hostname, group.name)
                 return None
-        spec: dict = {"userdata": group.userdata} if group.userdata else {}
+        spec = NodeSpec(userdata=group.userdata or None)
         # A kept disk goes on booting the image it was made from (None: the project's); a new
         # one, the group's.
         if old is not None and persistent and disk.exists():
-            image = old.spec.get("image")
+            image = old.spec.image
         else:
             try:
                 image = self.images.group_choice(group.name)
             except SlicerError as e:
                 log.error("%s: not started: %s", hostname, e.message)
                 return None
-        if image:
-            spec["image"] = dict(image)
-        return NodeRecord(hostname=hostname, hostgroup=group.name, kind="service", ip=ip, cpus=group.vcpu,
+        spec.image = dict(image) if image else None
+        return NodeRecord(hostname=hostname, hostgroup=group.name, kind=NodeKind.SERVICE, ip=ip, cpus=group.vcpu,
                           ram_bytes=group.ram, persistent=persistent,
                           created_at=old.created_at if old else now_rfc3339(), disk=str(disk), spec=spec)

@@ -13,6 +13,7 @@ from slicer.core.config import Config, HostGroup
 from slicer.core.errors import Conflict, SlicerError
 from slicer.core.lifecycle import Lifecycle
 from slicer.core.node import Node
+from slicer.core.records import Suspended
 from slicer.core.registry import Registry
 from slicer.core.templates import Templates, allocated_bytes
 from slicer.vmm.base import VMMError, VMState, VMStateError
@@ -31,9 +32,9 @@ class Snapshots:
     async def suspend(self, hostname: str) -> None:
         node = self.registry.get(hostname)
         async with node.act(NodeAction.SUSPEND):
-            await self._save(node, "api")
+            await self._save(node, Suspended.API)
 
-    async def _save(self, node: Node, why: str) -> None:
+    async def _save(self, node: Node, why: Suspended) -> None:
         """Save the VM's memory and device state to its state file and end its process
         (the caller checked that the node may be suspended)."""
         vm = node.vm
@@ -61,7 +62,7 @@ class Snapshots:
     async def suspend_or_stop(self, node: Node) -> None:
         try:
             node.check(NodeAction.SUSPEND)
-            await self._save(node, "shutdown")
+            await self._save(node, Suspended.SHUTDOWN)
         except SlicerError as e:
             log.error("%s: not suspended (%s); shutting it down", node.hostname, e.message)
             await self.lifecycle.stop_vm(node, graceful=self.config.graceful_shutdown)
@@ -81,7 +82,7 @@ class Snapshots:
             raise SlicerError(f"{node.hostname}: its saved state {path} is missing", "state_missing")
         t0 = asyncio.get_running_loop().time()
         await self.lifecycle.launch(node, group, restore_from=path)
-        node.record.suspended = ""
+        node.record.suspended = Suspended.NO
         self.registry.store.put(node.record)
         path.unlink(missing_ok=True)
         log.info("%s: restored in %.2fs", node.hostname, asyncio.get_running_loop().time() - t0)
@@ -104,7 +105,7 @@ class Snapshots:
             if node.record.suspended:
                 log.warning("%s: relaunched while suspended: its saved memory is discarded", hostname)
                 self.registry.state_file(hostname).unlink(missing_ok=True)
-                node.record.suspended = ""
+                node.record.suspended = Suspended.NO
                 self.registry.store.put(node.record)
             await self.lifecycle.launch(node, group)
         if wait:

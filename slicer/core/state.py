@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from slicer.core.records import NodeKind, NodeSpec, Suspended
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     hostname   TEXT PRIMARY KEY,
@@ -54,7 +56,7 @@ def now_rfc3339() -> str:
 class NodeRecord:
     hostname: str
     hostgroup: str
-    kind: str  # "service" (from the YAML count) or "sandbox" (created through the API)
+    kind: NodeKind
     ip: str
     cpus: int
     ram_bytes: int
@@ -62,17 +64,16 @@ class NodeRecord:
     created_at: str
     disk: str
     # What the create request asked for that later stages act on (userdata, keys, tags, …).
-    spec: dict = field(default_factory=dict)
+    spec: NodeSpec = field(default_factory=NodeSpec)
     template: str = ""  # the template whose disk backs this node's disk, if any
-    # "" running or stopped; "api" suspended on request; "shutdown" suspended with the daemon
-    suspended: str = ""
+    suspended: Suspended = Suspended.NO
     # paused on request (POST /pause): a paused QEMU a new daemon adopts stays paused only then;
     # otherwise its vCPUs stopped because its daemon died between a restore and the resume
     paused: bool = False
 
     @property
     def tags(self) -> list[str]:
-        return list(self.spec.get("tags") or [])
+        return list(self.spec.tags)
 
 
 @dataclass
@@ -88,7 +89,7 @@ class CommitRecord:
     cache_key: str
     cpus: int
     ram_bytes: int
-    spec: dict = field(default_factory=dict)  # the source's, for its children (keys, secrets, ...)
+    spec: NodeSpec = field(default_factory=NodeSpec)  # the source's, for its children (keys, secrets, ...)
     mode: str = "disk"
 
     def view(self) -> dict:
@@ -119,7 +120,7 @@ class StateStore:
         row = asdict(rec)
         row["persistent"] = int(rec.persistent)
         row["paused"] = int(rec.paused)
-        row["spec"] = json.dumps(rec.spec)
+        row["spec"] = json.dumps(rec.spec.to_dict())
         cols = ", ".join(row)
         marks = ", ".join(f":{c}" for c in row)
         with self._lock, self._db:
@@ -137,12 +138,14 @@ class StateStore:
             )
             rows = cur.fetchall()
         return [
-            NodeRecord(h, g, k, ip, c, r, bool(p), ca, d, json.loads(s), t, su, bool(pa))
+            NodeRecord(h, g, NodeKind(k), ip, c, r, bool(p), ca, d, NodeSpec.from_dict(json.loads(s)), t,
+                       Suspended(su), bool(pa))
             for h, g, k, ip, c, r, p, ca, d, s, t, su, pa in rows
         ]
 
     def put_commit(self, rec: CommitRecord) -> None:
         row = asdict(rec)
+        row["spec"] = rec.spec.to_dict()
         for key in ("tags", "labels", "spec"):
             row[key] = json.dumps(row[key])
         cols = ", ".join(row)
@@ -168,6 +171,7 @@ class StateStore:
             values = dict(row)
             for key in ("tags", "labels", "spec"):
                 values[key] = json.loads(values[key])
+            values["spec"] = NodeSpec.from_dict(values["spec"])
             found.append(CommitRecord(**values))
         return found
 

@@ -27,6 +27,7 @@ from slicer.core.config import HostGroup
 from slicer.core.errors import SlicerError
 from slicer.core.images import BootImages
 from slicer.core.node import Node
+from slicer.core.records import NodeKind
 from slicer.core.specs import vm_spec
 from slicer.core.state import NodeRecord, now_rfc3339
 from slicer.net import HostNetwork, NetworkError
@@ -234,7 +235,7 @@ class Templates:
             await gnet.release(spec.net)
             raise
         spec.net.close()
-        node = Node(NodeRecord(spec.name, group.name, "sandbox", spec.ip_cidr.split("/")[0], spec.cpus,
+        node = Node(NodeRecord(spec.name, group.name, NodeKind.SANDBOX, spec.ip_cidr.split("/")[0], spec.cpus,
                                spec.ram_bytes, False, now_rfc3339(), str(spec.disk)), spec.run_dir)
         node.attach(vm)
         try:

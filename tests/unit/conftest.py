@@ -19,6 +19,7 @@ import pytest
 from slicer.core.config import Config, load_config
 from slicer.core.images import BootImages
 from slicer.core.manager import Manager
+from slicer.core.records import NodeSpec
 from slicer.image.build import GuestImage
 from slicer.image.oci import ImageStore
 from slicer.net.dryrun import DryRunNetwork
@@ -145,4 +146,5 @@ def create_args(**kw: object) -> dict:
     args: dict = {"cpus": None, "ram_bytes": None, "persistent": False, "hostname": None, "ip": None,
                   "spec": {}, "wait": "agent", "timeout": 10.0}
     args.update(kw)
+    args["spec"] = NodeSpec.from_dict(args["spec"])
     return args
