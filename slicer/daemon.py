@@ -106,9 +106,8 @@ def make_jailer(config: Config, data_dir: Path) -> Jailer | None:
     return jailer
 
 
-def run_daemon(config: Config, data_dir: Path) -> None:
-    lock_data_dir(data_dir)
-    data_dir.chmod(0o700)  # guest disks, memory, secrets, the token and the record live below
+def make_manager(config: Config, data_dir: Path) -> tuple[Manager, Jailer | None]:
+    """The manager on this host's hypervisor: image, accelerator, confinement, driver."""
     image = current_image(data_dir)
     accel = choose_accelerator(QEMU_BINARY, image.kernel, image.initrd, image.directory.parent / "accel.json")
     log.info("hypervisor qemu microvm, accelerator %s, image %s", accel, image.build_id)
@@ -121,16 +120,32 @@ def run_daemon(config: Config, data_dir: Path) -> None:
     # a disk made before backing records may be believed if it sits on one of the daemon's layers
     layers = (data_dir / "images", (data_dir / "images").resolve(), data_dir / "templates", data_dir / "commits")
     driver = QemuDriver(accel, jailer=jailer, legacy_roots=layers)
-    manager = Manager(config, data_dir, driver, images)
+    return Manager(config, data_dir, driver, images), jailer
+
+
+def _unix_socket(path: str) -> socket.socket:
+    """The API's unix socket, bound here, not by uvicorn, which would make it world-writable (0666)."""
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
+
+
+def run_daemon(config: Config, data_dir: Path) -> None:
+    lock_data_dir(data_dir)
+    data_dir.chmod(0o700)  # guest disks, memory, secrets, the token and the record live below
+    manager, jailer = make_manager(config, data_dir)
     api = config.api
     uds = api.unix_socket
     token = ensure_token(data_dir) if api.auth.enabled and not uds else None
     app = create_app(manager, token, git_commit())
-    server_config = uvicorn.Config(
+    server = uvicorn.Server(uvicorn.Config(
         app, host=api.bind_address, port=api.port, log_level="info",
         access_log=False, timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(server_config)
+    ))
     if uds:
         log.info("API on unix socket %s (mode 0600, no token)", uds)
     else:
@@ -138,18 +153,8 @@ def run_daemon(config: Config, data_dir: Path) -> None:
         log.info("API on %s%s", where, f", token in {data_dir / 'auth/token'}" if token else "")
 
     async def serve() -> None:
-        sockets = None
-        if uds:
-            # Bound here, not by uvicorn, which would make the socket world-writable (0666).
-            if os.path.exists(uds):
-                os.unlink(uds)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(uds)
-            os.chmod(uds, 0o600)
-            sock.listen(128)
-            sockets = [sock]
         try:
-            await server.serve(sockets=sockets)
+            await server.serve(sockets=[_unix_socket(uds)] if uds else None)
         except SystemExit:  # uvicorn's way of saying the startup failed
             if getattr(app.state, "startup_error", None) is not None:
                 raise app.state.startup_error from None

@@ -42,6 +42,34 @@ def _bool_text(flag: str, value: str) -> bool:
     return value.lower() in ("true", "1", "yes")
 
 
+def _network_section(net: str | None, cidr: str | None, range_: str | None, allow: list[str] | None,
+                     drop: list[str] | None, tap_prefix: str | None) -> dict:
+    """The group's ``network:`` from ``slicer new``'s flags."""
+    import ipaddress
+
+    network: dict = {"mode": net} if net else {}
+    if cidr:
+        try:
+            subnet = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            fail(f"--cidr {cidr}: not a CIDR")
+            raise
+        if net == "isolated":
+            network["range"] = str(subnet)
+        else:
+            network["gateway"] = f"{next(subnet.hosts())}/{subnet.prefixlen}"
+    elif net in (None, "bridge"):
+        network["gateway"] = "192.168.137.1/24"
+    if range_:
+        network["range"] = range_
+    for key, value in (("allow", allow), ("drop", drop)):
+        if value:
+            network[key] = list(value)
+    if tap_prefix:
+        network["tap_prefix"] = tap_prefix
+    return network
+
+
 @app.command()
 def new(name: Annotated[str, typer.Argument(help="Host group name (VMs are NAME-1, NAME-2, …).")],
         count: Annotated[int, typer.Option(help="VMs started with the daemon; 0: only API-created ones.")] = 1,
@@ -71,8 +99,6 @@ def new(name: Annotated[str, typer.Argument(help="Host group name (VMs are NAME-
     Examples: [bold]slicer new api --count 3 > api.yaml[/bold],
     [bold]slicer new sandbox --count=0 --graceful-shutdown=false > sandbox.yaml[/bold],
     [bold]slicer new jobs --net isolated --drop 10.0.0.0/8 > jobs.yaml[/bold]"""
-    import ipaddress
-
     import yaml
 
     group: dict = {"name": name, "count": count, "vcpu": vcpu,
@@ -82,26 +108,7 @@ def new(name: Annotated[str, typer.Argument(help="Host group name (VMs are NAME-
         group["persistent"] = _bool_text("--persistent", persistent)
     if userdata_file:
         group["userdata_file"] = userdata_file
-    network: dict = {"mode": net} if net else {}
-    if cidr:
-        try:
-            subnet = ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            fail(f"--cidr {cidr}: not a CIDR")
-            raise
-        if net == "isolated":
-            network["range"] = str(subnet)
-        else:
-            network["gateway"] = f"{next(subnet.hosts())}/{subnet.prefixlen}"
-    elif net in (None, "bridge"):
-        network["gateway"] = "192.168.137.1/24"
-    if range_:
-        network["range"] = range_
-    for key, value in (("allow", allow), ("drop", drop)):
-        if value:
-            network[key] = list(value)
-    if tap_prefix:
-        network["tap_prefix"] = tap_prefix
+    network = _network_section(net, cidr, range_, allow, drop, tap_prefix)
     if network:
         group["network"] = network
     config: dict = {"host_groups": [group]}
