@@ -187,7 +187,7 @@ class Manager:
     async def _bg_execs(node: Node) -> list[dict] | None:
         """The agent's background execs in the SDK's summary shape; None if it cannot say."""
         try:
-            found = await asyncio.wait_for(node.running_agent().call("GET", "/exec", timeout=2), 3)
+            found = await asyncio.wait_for(node.running_agent().list_execs(timeout=2), 3)
         except (SlicerError, TimeoutError):
             return None
         if not isinstance(found, list):  # the guest's word: checked like input
@@ -374,7 +374,7 @@ class Manager:
         view = node.view()
         try:
             agent = node.running_agent()
-            snapshot = await asyncio.wait_for(agent.call("GET", "/stats", timeout=timeout), timeout)
+            snapshot = await asyncio.wait_for(agent.stats(timeout=timeout), timeout)
             if not isinstance(snapshot, dict):  # the guest's word: a shape we do not expect is an error
                 raise ValueError("not a JSON object")
             view["snapshot"] = node.last_snapshot = snapshot

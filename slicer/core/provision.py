@@ -59,16 +59,16 @@ class Provisioner:
         agent = node.running_agent(setup=True)
         if node.identity_pending:
             assert node.vm is not None
-            await agent.call("POST", "/identity", json=await identity_body(node, node.vm.spec), timeout=30)
+            await agent.identity(await identity_body(node, node.vm.spec), timeout=30)
             node.identity_pending = False
         spec = node.record.spec
         await self.push_secrets(node)
         keys = list(self.config.ssh_keys) + list(spec.ssh_keys)
         for user in {u for u in (self.config.github_user, spec.import_user) if u}:
             keys += await self._github_keys(node, user)
-        await agent.call("PUT", "/ssh-keys", json={"keys": keys})
+        await agent.put_ssh_keys(keys)
         if spec.userdata:
-            await agent.call("POST", "/userdata", json={"script": spec.userdata})
+            await agent.userdata(spec.userdata)
 
     async def _github_keys(self, node: Node, user: str) -> list[str]:
         url = f"{self.config.github_keys_url.rstrip('/')}/{user}.keys"
@@ -85,7 +85,7 @@ class Provisioner:
 
     async def push_secrets(self, node: Node) -> None:
         allowed = node.record.spec.secrets  # None: all; []: none
-        await node.running_agent().call("PUT", "/secrets", json=self.secrets.for_guest(allowed))
+        await node.running_agent().put_secrets(self.secrets.for_guest(allowed))
 
     async def sync_secrets(self) -> None:
         """Push the current secrets to every VM whose boot was set up (after each change)."""

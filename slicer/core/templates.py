@@ -241,7 +241,7 @@ class Templates:
         try:
             await node.wait_ready(BUILD_TIMEOUT)
             assert node.agent is not None
-            await node.agent.call("POST", "/settle", timeout=BUILD_TIMEOUT)
+            await node.agent.settle(timeout=BUILD_TIMEOUT)
             await node.agent.aclose()
             t1 = loop.time()
             await vm.save(building / "state")
