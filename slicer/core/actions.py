@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import Conflict, NotFound
 
 
@@ -113,6 +114,6 @@ def check(action: NodeAction, state: NodeState, hostname: str) -> None:
     if state in ALLOWED[action]:
         return
     if state == S.DELETED and action != NodeAction.LAUNCH:
-        raise NotFound(f"VM {hostname!r} not found (it was deleted)", "vm_not_found")
+        raise NotFound(f"VM {hostname!r} not found (it was deleted)", ErrorCode.VM_NOT_FOUND)
     text, code = _REFUSED.get((action, state)) or _REFUSED_IN[state]
     raise Conflict(f"{hostname} {text}", code)

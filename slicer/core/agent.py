@@ -19,6 +19,7 @@ from slicer.channel.duplex import DuplexResponse, duplex_request
 from slicer.channel.host import Channel, ChannelError, ChannelTransport
 from slicer.channel.websocket import StreamWebSocket, WebSocketRejected
 from slicer.channel.yamux import AGENT_PORT
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import AgentUnreachable, SlicerError, UpstreamUnreachable
 
 # The guest is untrusted: it may not choose the daemon's status, nor pose as the daemon (a
@@ -49,7 +50,7 @@ def agent_error(resp: httpx.Response) -> SlicerError:
         err = SlicerError(message or f"the agent answered {status}", code)
         err.status = MAPPED.get((status, code), status)
         return err
-    err = SlicerError(f"the agent failed (it answered {status}): {message or 'no message'}", "agent_error")
+    err = SlicerError(f"the agent failed (it answered {status}): {message or 'no message'}", ErrorCode.AGENT_ERROR)
     err.status = 502
     return err
 

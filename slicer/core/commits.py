@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from slicer.core.actions import NodeAction
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import BadRequest, Conflict, NotFound, SlicerError
 from slicer.core.node import Node
 from slicer.core.registry import Registry
@@ -38,7 +39,7 @@ FIXUPS = ("hostname", "machine-id", "ssh-host-keys")
 
 def check_commit_id(commit_id: str) -> str:
     if not SAFE_ID.fullmatch(commit_id) or ".." in commit_id:
-        raise BadRequest(f"invalid commit id {commit_id!r}", "invalid_commit_id")
+        raise BadRequest(f"invalid commit id {commit_id!r}", ErrorCode.INVALID_COMMIT_ID)
     return commit_id
 
 
@@ -63,7 +64,7 @@ class Commits:
         check_commit_id(commit_id)
         rec = self.registry.store.commit(commit_id)
         if rec is None:
-            raise NotFound(f"commit {commit_id!r} not found", "commit_not_found")
+            raise NotFound(f"commit {commit_id!r} not found", ErrorCode.COMMIT_NOT_FOUND)
         return rec
 
     # -- commit ------------------------------------------------------------------------------------
@@ -73,10 +74,10 @@ class Commits:
             rec = node.record
             if not rec.persistent:
                 raise Conflict(f"{hostname} is not persistent: only a persistent VM's disk can be committed",
-                               "not_persistent")
+                               ErrorCode.NOT_PERSISTENT)
             disk = Path(rec.disk)
             if not disk.exists():
-                raise Conflict(f"{hostname} has no disk yet (it never booted)", "no_disk")
+                raise Conflict(f"{hostname} has no disk yet (it never booted)", ErrorCode.NO_DISK)
             commit = CommitRecord(
                 commit_id=f"cmt-{secrets.token_hex(8)}", source_hostname=hostname, source_host_group=rec.hostgroup,
                 created_at=now_rfc3339(), tags=list(tags), labels=dict(labels), cache_key=cache_key,
@@ -114,7 +115,7 @@ class Commits:
             await create_overlay(new, self.commit_disk(commit_id), legacy_roots=self.layer_roots)
         except VMMError as e:
             new.unlink(missing_ok=True)
-            raise SlicerError(f"commit {commit_id}: {e}", "commit_failed") from e
+            raise SlicerError(f"commit {commit_id}: {e}", ErrorCode.COMMIT_FAILED) from e
         move_disk(new, disk)
         frozen = self.commit_disk(commit_id)
         if os.geteuid() == 0:
@@ -148,7 +149,7 @@ class Commits:
                 users.append(f"commit {other.commit_id}")
         if users:
             raise Conflict(f"commit {commit_id} is the parent of {', '.join(users)}: delete those first",
-                           "commit_in_use")
+                           ErrorCode.COMMIT_IN_USE)
         used = {Path(n.record.disk) for n in self.registry.nodes.values()}
         for kept_disk in sorted((self.registry.data_dir / "disks").glob("*.qcow2")):
             if kept_disk not in used and disk in await chain_paths(kept_disk, self.layer_roots):
@@ -160,7 +161,8 @@ class Commits:
             try:
                 await rebase(kept_disk, below.path, below.format, self.layer_roots)
             except VMMError as e:
-                raise SlicerError(f"commit {commit_id}: rebasing {kept_disk} failed: {e}", "commit_failed") from e
+                raise SlicerError(f"commit {commit_id}: rebasing {kept_disk} failed: {e}",
+                                  ErrorCode.COMMIT_FAILED) from e
         self.registry.store.delete_commit(commit.commit_id)
         shutil.rmtree(self.commits_dir / commit_id, ignore_errors=True)
         log.info("commit %s deleted", commit_id)
@@ -173,7 +175,7 @@ class Commits:
                           network: dict[str, list[str]] | None = None, hostname: str | None = None) -> dict:
         commit = self._commit(commit_id)
         if not self.commit_disk(commit_id).exists():
-            raise SlicerError(f"commit {commit_id}: its disk is missing", "commit_missing")
+            raise SlicerError(f"commit {commit_id}: its disk is missing", ErrorCode.COMMIT_MISSING)
         spec = commit.spec.copy(
             tags=list(tags or []) if tag_mode == "replace" else commit.tags + list(tags or []),
             parent_commit=commit_id, commit_id=None, protected=False,

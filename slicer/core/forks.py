@@ -18,6 +18,7 @@ from pathlib import Path
 
 from slicer.core.actions import NodeAction
 from slicer.core.commits import CreateVM
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import BadRequest, Conflict, SlicerError
 from slicer.core.lifecycle import Lifecycle
 from slicer.core.node import Node
@@ -52,14 +53,14 @@ class Forks:
     async def fork(self, hostname: str, count: int, tags: list[str], wait: str | None, timeout: float) -> list[Node]:
         """``count`` live copies of the running VM ``hostname``; all made, or none."""
         if not 1 <= count <= MAX_COPIES:
-            raise BadRequest(f"count must be 1 to {MAX_COPIES}, not {count}", "invalid_count")
+            raise BadRequest(f"count must be 1 to {MAX_COPIES}, not {count}", ErrorCode.INVALID_COUNT)
         source = self.registry.get(hostname)
         group = self.registry.group(source.record.hostgroup)
         rec = source.record
         need = count * COPY_OVERHEAD + rec.ram_bytes
         if (free := self.free_memory()) < need:
             raise Conflict(f"{count} copies of {hostname} need about {need >> 20} MiB; the host has "
-                           f"{free >> 20} MiB available", "insufficient_memory")
+                           f"{free >> 20} MiB available", ErrorCode.INSUFFICIENT_MEMORY)
         name = f"{group.name}-fork-{secrets.token_hex(4)}"
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -79,7 +80,7 @@ class Forks:
                 snapshot = await self.templates.from_capture(group, name, rec.cpus, rec.ram_bytes, rec.template,
                                                              rec.spec.image, capture)
             except VMMError as e:
-                raise SlicerError(f"{hostname}: fork failed: {e}", "fork_failed") from e
+                raise SlicerError(f"{hostname}: fork failed: {e}", ErrorCode.FORK_FAILED) from e
         spec = rec.spec.copy(protected=False, commit_id=None, parent_commit=None, forked_from=hostname,
                              tags=list(dict.fromkeys(rec.tags + list(tags))))
         try:

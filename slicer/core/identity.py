@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import SlicerError
 from slicer.core.node import Node
 from slicer.core.records import BootKind
@@ -32,13 +33,13 @@ async def _keygen(kind: str, directory: str, comment: str) -> dict[str, str]:
     )
     _, err = await proc.communicate()
     if proc.returncode:
-        raise SlicerError(f"ssh-keygen -t {kind} failed: {err.decode().strip()}", "keygen_failed")
+        raise SlicerError(f"ssh-keygen -t {kind} failed: {err.decode().strip()}", ErrorCode.KEYGEN_FAILED)
     return {"private": Path(path).read_text(), "public": Path(path + ".pub").read_text()}
 
 
 async def ssh_host_keys(hostname: str) -> dict[str, dict[str, str]]:
     if shutil.which("ssh-keygen") is None:
-        raise SlicerError("ssh-keygen not found on the host: install openssh-client", "keygen_failed")
+        raise SlicerError("ssh-keygen not found on the host: install openssh-client", ErrorCode.KEYGEN_FAILED)
     with tempfile.TemporaryDirectory(prefix="slicer-keys-") as tmp:
         pairs = await asyncio.gather(*(_keygen(k, tmp, f"root@{hostname}") for k in HOST_KEY_TYPES))
     return dict(zip(HOST_KEY_TYPES, pairs, strict=True))

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from slicer.core.config import Config, HostGroup
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import BadGateway, BadRequest, NotFound, SlicerError, Unavailable
 from slicer.core.state import StateStore
 from slicer.image.bounds import Bound
@@ -93,7 +94,8 @@ class BootImages:
     def group_choice(self, group: str) -> dict | None:
         """The image record of ``group``'s VMs (None: the project's image)."""
         if group in self.errors:
-            raise Unavailable(f"host group {group}'s image is unavailable: {self.errors[group]}", "image_unavailable")
+            raise Unavailable(f"host group {group}'s image is unavailable: {self.errors[group]}",
+                              ErrorCode.IMAGE_UNAVAILABLE)
         return self.groups.get(group)
 
     @staticmethod
@@ -112,14 +114,14 @@ class BootImages:
         and the CLI may name those; an API client may not)."""
         if ref.startswith(LOCAL_TRANSPORTS):
             raise BadRequest(f"disk_image {ref}: files on the host are not taken from the API; pull it with "
-                             "`slicer image pull` and name it by its reference or digest", "invalid_image")
+                             "`slicer image pull` and name it by its reference or digest", ErrorCode.INVALID_IMAGE)
         choice = await self.request_image(ref, bound=bound_of(group))
         try:
             too_big = self._too_big(self.store.get(choice["digest"]), group)
         except OCIError as e:  # removed meanwhile
             raise image_error(e) from None
         if too_big:
-            raise BadRequest(too_big, "image_too_large")
+            raise BadRequest(too_big, ErrorCode.IMAGE_TOO_LARGE)
         return choice
 
     async def request_image(self, ref: str, refresh: bool = False, bound: Bound | None = None) -> dict:
@@ -149,7 +151,7 @@ class BootImages:
     def boot(self, choice: dict | None) -> GuestImage:
         """What QEMU boots for a node whose record holds ``choice``."""
         if self.kernel_error:  # never the project's kernel in its place, silently
-            raise Unavailable(self.kernel_error, "kernel_unavailable")
+            raise Unavailable(self.kernel_error, ErrorCode.KERNEL_UNAVAILABLE)
         base = self.base if self.kernel is None else replace(self.base, kernel=self.kernel.kernel,
                                                                initrd=self.kernel.initrd)
         if not choice:
@@ -160,7 +162,7 @@ class BootImages:
         except OCIError as e:
             raise image_error(e) from None
         except ImageError as e:
-            raise SlicerError(str(e), "image_error") from None
+            raise SlicerError(str(e), ErrorCode.IMAGE_ERROR) from None
 
     def label(self, choice: dict | None) -> str:
         return str(choice["ref"]) if choice else self.base.build_id

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from slicer.core import telemetry
 from slicer.core.config import Config, HostGroup
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import Conflict, SlicerError, WaitTimeout
 from slicer.core.images import BootImages
 from slicer.core.node import Node
@@ -60,11 +61,11 @@ class Lifecycle:
             vm = await self._start(node, spec, restore_from)
         except VMMError as e:
             if isinstance(e, TamperedDisk):
-                raise Conflict(f"{rec.hostname}: {e}", "disk_tampered") from e
+                raise Conflict(f"{rec.hostname}: {e}", ErrorCode.DISK_TAMPERED) from e
             if restore_from is not None:
                 telemetry.RESTORES.labels(rec.hostgroup, boot, "failed").inc()
             if template is None:
-                raise SlicerError(f"{rec.hostname}: could not start the VM: {e}", "vm_start_failed") from e
+                raise SlicerError(f"{rec.hostname}: could not start the VM: {e}", ErrorCode.VM_START_FAILED) from e
             await self._boot_cold_instead(node, template, spec, e)
             return await self.launch(node, group)
         if restore_from is not None:
@@ -102,7 +103,7 @@ class Lifecycle:
         try:
             spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir, policy=rec.spec.network)
         except NetworkError as e:
-            raise SlicerError(f"{rec.hostname}: network setup failed: {e}", "network_failed") from e
+            raise SlicerError(f"{rec.hostname}: network setup failed: {e}", ErrorCode.NETWORK_FAILED) from e
         vm = None
         try:
             vm = await self.driver.start(spec, restore_from)
@@ -163,7 +164,7 @@ class Lifecycle:
         except TimeoutError:
             raise WaitTimeout(f"{node.hostname} was not set up within {timeout:g}s") from None
         if node.setup_error:
-            raise SlicerError(f"{node.hostname}: {node.setup_error}", "setup_failed")
+            raise SlicerError(f"{node.hostname}: {node.setup_error}", ErrorCode.SETUP_FAILED)
         if wait == "userdata":
             await node.wait_ready(max(0.1, deadline - loop.time()), userdata=True)
 

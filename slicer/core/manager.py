@@ -30,6 +30,7 @@ from slicer.core.actions import NodeAction
 from slicer.core.agent import AgentClient
 from slicer.core.commits import Commits
 from slicer.core.config import Config, HostGroup
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import BadRequest, Conflict, NotFound, SlicerError, UpstreamUnreachable
 from slicer.core.forks import Forks
 from slicer.core.images import BootImages
@@ -63,7 +64,7 @@ def host_network(config: Config, data_dir: Path) -> HostNetwork:
     try:
         return HostNetwork(config.host_groups, data_dir)
     except NetworkError as e:
-        raise SlicerError(str(e), "network_unavailable") from e
+        raise SlicerError(str(e), ErrorCode.NETWORK_UNAVAILABLE) from e
 
 
 class Manager:
@@ -83,7 +84,7 @@ class Manager:
         try:
             short_root = run_root(data_dir)
         except (RunDirError, OSError) as e:
-            raise SlicerError(f"cannot make a short path for unix sockets: {e}", "data_dir") from e
+            raise SlicerError(f"cannot make a short path for unix sockets: {e}", ErrorCode.DATA_DIR) from e
         self.store = StateStore(data_dir / "state.db")
         self.registry = Registry(config, data_dir, short_root, self.store)
         self.tasks = Tasks()
@@ -208,12 +209,12 @@ class Manager:
         """One atomic change of a VM's tags: ``replace`` them all, or ``add`` and ``remove``."""
         node = self.registry.get(hostname)
         if replace is not None and (add or remove):
-            raise BadRequest("replace cannot be combined with add or remove", "invalid_request")
+            raise BadRequest("replace cannot be combined with add or remove", ErrorCode.INVALID_REQUEST)
         tags = list(replace) if replace is not None else node.record.tags
         tags = [t for t in tags if t not in remove] + [t for t in add if t not in tags]
         tags = list(dict.fromkeys(tags))
         if len(tags) > MAX_TAGS:
-            raise BadRequest(f"a VM has at most {MAX_TAGS} tags", "invalid_request")
+            raise BadRequest(f"a VM has at most {MAX_TAGS} tags", ErrorCode.INVALID_REQUEST)
         node.record.spec.tags = tags
         self.store.put(node.record)
         return {"hostname": hostname, "tags": tags}
@@ -230,7 +231,7 @@ class Manager:
         cpus, ram = self._size(group, cpus, ram_bytes)
         if spec.network and (mode := self.net.group(group.name).mode) != "isolated":
             raise BadRequest(f"network: a VM's own allow/drop apply to isolated host groups; {group.name} is "
-                             f"{mode} (its VMs share their subnet)", "invalid_network")
+                             f"{mode} (its VMs share their subnet)", ErrorCode.INVALID_NETWORK)
         group_image = await self._choose_image(group, spec, inherited=template is not None)
         node = await self._new_node(group, hostname, ip, cpus, ram, persistent, spec)
         # Clones share their template's disk, so persistent VMs boot cold; so do forks of a commit.
@@ -259,11 +260,11 @@ class Manager:
         cpus = cpus or group.vcpu
         ram = ram_bytes or group.ram
         if cpus > group.vcpu:
-            raise BadRequest(f"cpus {cpus} exceeds the host group's limit of {group.vcpu}", "limit_exceeded")
+            raise BadRequest(f"cpus {cpus} exceeds the host group's limit of {group.vcpu}", ErrorCode.LIMIT_EXCEEDED)
         if ram > group.ram:
-            raise BadRequest(f"ram_bytes {ram} exceeds the host group's limit of {group.ram}", "limit_exceeded")
+            raise BadRequest(f"ram_bytes {ram} exceeds the host group's limit of {group.ram}", ErrorCode.LIMIT_EXCEEDED)
         if ram < MIN_RAM:
-            raise BadRequest("ram_bytes must be at least 64 MiB", "invalid_size")
+            raise BadRequest("ram_bytes must be at least 64 MiB", ErrorCode.INVALID_SIZE)
         return cpus, ram
 
     async def _choose_image(self, group: HostGroup, spec: NodeSpec, inherited: bool) -> dict | None:
@@ -300,7 +301,8 @@ class Manager:
         addressing = self.net.group(group.name).addressing
         ip = addressing.free(used)
         if ip is None:
-            raise Conflict(f"host group {group.name} has no free address in {addressing.network}", "no_free_address")
+            raise Conflict(f"host group {group.name} has no free address in {addressing.network}",
+                           ErrorCode.NO_FREE_ADDRESS)
         return ip
 
     def _allocate(self, group: HostGroup, hostname: str | None, ip: str | None) -> tuple[str, str]:
@@ -308,11 +310,11 @@ class Manager:
         used_ips = self.registry.used_ips()
         if hostname is not None:
             if not HOSTNAME_RE.fullmatch(hostname):
-                raise BadRequest(f"invalid hostname {hostname!r}", "invalid_hostname")
+                raise BadRequest(f"invalid hostname {hostname!r}", ErrorCode.INVALID_HOSTNAME)
             if hostname in self.nodes:
-                raise Conflict(f"VM {hostname!r} already exists", "exists")
+                raise Conflict(f"VM {hostname!r} already exists", ErrorCode.EXISTS)
             if hostname in RESERVED_NAMES:
-                raise BadRequest(f"{hostname!r} is a reserved name", "invalid_hostname")
+                raise BadRequest(f"{hostname!r} is a reserved name", ErrorCode.INVALID_HOSTNAME)
         else:
             used = {host_index(h) for h in self.nodes if h.startswith(group.name + "-")}
             n = group.count + 1  # services own 1..count
@@ -323,13 +325,13 @@ class Manager:
             try:
                 addr = ipaddress.IPv4Address(ip)
             except ValueError:
-                raise BadRequest(f"invalid ip {ip!r}", "invalid_ip") from None
+                raise BadRequest(f"invalid ip {ip!r}", ErrorCode.INVALID_IP) from None
             addressing = self.net.group(group.name).addressing
             if str(addr) not in addressing:
                 raise BadRequest(f"ip {ip} is not one of host group {group.name}'s VM addresses "
-                                 f"({addressing.network})", "invalid_ip")
+                                 f"({addressing.network})", ErrorCode.INVALID_IP)
             if str(addr) in used_ips:
-                raise Conflict(f"ip {ip} is already in use", "ip_in_use")
+                raise Conflict(f"ip {ip} is already in use", ErrorCode.IP_IN_USE)
             return hostname, str(addr)
         return hostname, self._free_ip(group, used_ips)
 
@@ -337,11 +339,11 @@ class Manager:
     def logs(self, hostname: str, lines: int) -> str:
         node = self.registry.get(hostname)
         if lines < 0:
-            raise BadRequest("lines must be 0 (everything) or more", "invalid_lines")
+            raise BadRequest("lines must be 0 (everything) or more", ErrorCode.INVALID_LINES)
         log_file = node.run_dir / "console.log"
         parts = [log_file.with_name("console.log.1"), log_file]
         if not any(p.exists() for p in parts):
-            raise NotFound(f"no console log for {hostname} yet", "log_not_found")
+            raise NotFound(f"no console log for {hostname} yet", ErrorCode.LOG_NOT_FOUND)
         tail: deque[str] = deque(maxlen=lines or None)
         for part in parts:
             with contextlib.suppress(FileNotFoundError), open(part, errors="replace", newline="") as f:
@@ -356,13 +358,13 @@ class Manager:
     async def open_exec(self, hostname: str, params: list[tuple[str, str]], stdin=None):
         """Start a command in the VM; returns the agent's streamed response (caller closes it)."""
         if not any(k == "cmd" and v for k, v in params):
-            raise BadRequest("cmd is required", "invalid_request")
+            raise BadRequest("cmd is required", ErrorCode.INVALID_REQUEST)
         return await self.agent(hostname).open_exec(params, stdin)
 
     async def open_stream(self, hostname: str, target: str) -> Stream:
         """A byte stream to ``target`` inside the VM: ``port``, ``host:port`` or ``unix:/path``."""
         if not FORWARD_TARGET.fullmatch(target):
-            raise BadRequest(f"target {target!r} must be host:port, a port, or unix:/path", "invalid_target")
+            raise BadRequest(f"target {target!r} must be host:port, a port, or unix:/path", ErrorCode.INVALID_TARGET)
         agent = self.registry.get(hostname).running_agent()
         try:
             return await agent.channel.open(target, timeout=15.0)

@@ -10,6 +10,7 @@ from pathlib import Path
 from slicer.channel.host import Channel, ChannelError
 from slicer.core.actions import NodeAction, NodeState, check
 from slicer.core.agent import AgentClient
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import AgentUnreachable, Conflict, WaitTimeout
 from slicer.core.records import BootKind, NodeKind
 from slicer.core.state import NodeRecord
@@ -117,7 +118,8 @@ class Node:
         not handed out before it has its own identity, except to the setup doing that."""
         self.check(NodeAction.AGENT)
         if self.identity_pending and not setup:
-            raise Conflict(f"{self.hostname} is being restored; it answers once its identity is reset", "starting")
+            raise Conflict(f"{self.hostname} is being restored; it answers once its identity is reset",
+                           ErrorCode.STARTING)
         assert self.agent is not None
         return self.agent
 

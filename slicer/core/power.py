@@ -6,6 +6,7 @@ import contextlib
 import logging
 
 from slicer.core.actions import NodeAction
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import BadRequest, Conflict, Forbidden, NotFound, SlicerError
 from slicer.core.lifecycle import Lifecycle
 from slicer.core.node import Node
@@ -42,14 +43,14 @@ class Power:
             try:
                 await getattr(node.vm, action.value)()
             except VMStateError as e:
-                raise Conflict(f"{hostname}: {e}", "invalid_state") from e
+                raise Conflict(f"{hostname}: {e}", ErrorCode.INVALID_STATE) from e
             except VMMError as e:
                 raise SlicerError(str(e)) from e
 
     async def shutdown(self, hostname: str, action: str) -> None:
         """Power off (ACPI, killed after a timeout) or reboot the guest; returns once started."""
         if action not in ("shutdown", "reboot"):
-            raise BadRequest(f"action must be shutdown or reboot, not {action!r}", "invalid_action")
+            raise BadRequest(f"action must be shutdown or reboot, not {action!r}", ErrorCode.INVALID_ACTION)
         node = self.registry.get(hostname)
         async with node.act(NodeAction(action)):
             if action == "reboot":
@@ -81,13 +82,13 @@ class Power:
         self.registry.group(group_name)
         node = self.registry.get(hostname)
         if node.record.hostgroup != group_name:
-            raise NotFound(f"VM {hostname!r} is not in host group {group_name!r}", "vm_not_found")
+            raise NotFound(f"VM {hostname!r} is not in host group {group_name!r}", ErrorCode.VM_NOT_FOUND)
         if node.record.spec.protected:
-            raise Forbidden(f"{hostname} is protected; it cannot be deleted", "protected")
+            raise Forbidden(f"{hostname} is protected; it cannot be deleted", ErrorCode.PROTECTED)
         if node.is_service:
             raise Forbidden(
                 f"{hostname} is a service from the config file; change its count there instead",
-                "protected",
+                ErrorCode.PROTECTED,
             )
         async with node.act(NodeAction.DELETE):
             return await self.lifecycle.destroy(node)

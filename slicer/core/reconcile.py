@@ -11,6 +11,7 @@ from pathlib import Path
 
 from slicer.core.commits import Commits
 from slicer.core.config import Config, HostGroup
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import SlicerError
 from slicer.core.images import BootImages
 from slicer.core.lifecycle import Lifecycle
@@ -55,7 +56,7 @@ class Reconciler:
             await self.net.start(keep=running)
         except NetworkError as e:
             await self.net.stop()  # what it made before failing
-            raise SlicerError(str(e), "network_unavailable") from e
+            raise SlicerError(str(e), ErrorCode.NETWORK_UNAVAILABLE) from e
         adopted = {h for h, pid in running.items() if await self._adopt(records[h], pid)}
         # A VMM an earlier daemon was starting when it died (no pidfile yet, or still in its jail's
         # helpers): nobody tracks it, and its record is judged below as if it had none.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from slicer.core.config import Config, HostGroup
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import BadRequest, NotFound
 from slicer.core.node import Node, host_index
 from slicer.core.state import StateStore
@@ -68,15 +69,15 @@ class Registry:
     def group(self, name: str) -> HostGroup:
         group = self.config.group(name)
         if group is None:
-            raise NotFound(f"host group {name!r} not found", "hostgroup_not_found")
+            raise NotFound(f"host group {name!r} not found", ErrorCode.HOSTGROUP_NOT_FOUND)
         return group
 
     def get(self, hostname: str) -> Node:
         if not HOSTNAME_RE.fullmatch(hostname):
-            raise BadRequest(f"invalid hostname {hostname!r}", "invalid_hostname")
+            raise BadRequest(f"invalid hostname {hostname!r}", ErrorCode.INVALID_HOSTNAME)
         node = self.nodes.get(hostname)
         if node is None:
-            raise NotFound(f"VM {hostname!r} not found", "vm_not_found")
+            raise NotFound(f"VM {hostname!r} not found", ErrorCode.VM_NOT_FOUND)
         return node
 
     def list(self, group: str | None = None, tag: str | None = None, tag_prefix: str | None = None) -> list[Node]:

@@ -11,6 +11,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import BadRequest, Conflict, NotFound
 
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -20,9 +21,10 @@ MAX_SIZE = 1 << 20
 def _permissions(value: object, default: str = "0600") -> str:
     value = value or default
     if not isinstance(value, str):  # 600 as a number is ambiguous (decimal 600 is 0o1130): refuse it
-        raise BadRequest(f"permissions must be an octal string like \"0600\", not {value!r}", "invalid_permissions")
+        raise BadRequest(f"permissions must be an octal string like \"0600\", not {value!r}",
+                         ErrorCode.INVALID_PERMISSIONS)
     if not re.fullmatch(r"0?[0-7]{3,4}", value) or int(value, 8) > 0o7777:
-        raise BadRequest(f"permissions must be octal like 0600, not {value!r}", "invalid_permissions")
+        raise BadRequest(f"permissions must be octal like 0600, not {value!r}", ErrorCode.INVALID_PERMISSIONS)
     return f"{int(value, 8):04o}"
 
 
@@ -30,28 +32,28 @@ def _id(value, name: str) -> int:
     if value is None:
         return 0
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
-        raise BadRequest(f"{name} must be an integer between 0 and 4294967295", "invalid_request")
+        raise BadRequest(f"{name} must be an integer between 0 and 4294967295", ErrorCode.INVALID_REQUEST)
     return value
 
 
 def _decode(data) -> bytes:
     if not isinstance(data, str):
-        raise BadRequest("data must be a base64 string", "invalid_request")
+        raise BadRequest("data must be a base64 string", ErrorCode.INVALID_REQUEST)
     if len(data) > MAX_SIZE * 4 // 3 + 4:
-        raise BadRequest(f"secret data over {MAX_SIZE} bytes", "too_large")
+        raise BadRequest(f"secret data over {MAX_SIZE} bytes", ErrorCode.TOO_LARGE)
     try:
         raw = base64.b64decode(data, validate=True)
     except binascii.Error:
-        raise BadRequest("data is not valid base64", "invalid_base64") from None
+        raise BadRequest("data is not valid base64", ErrorCode.INVALID_BASE64) from None
     if len(raw) > MAX_SIZE:
-        raise BadRequest(f"secret data over {MAX_SIZE} bytes", "too_large")
+        raise BadRequest(f"secret data over {MAX_SIZE} bytes", ErrorCode.TOO_LARGE)
     return raw
 
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
         raise BadRequest("secret names are 1-128 letters, digits, '.', '_' or '-' (no '/', no '..')",
-                         "invalid_name")
+                         ErrorCode.INVALID_NAME)
     return name
 
 
@@ -68,7 +70,7 @@ class SecretStore:
         try:
             return json.loads(self._path(name).read_text())
         except FileNotFoundError:
-            raise NotFound(f"secret {name!r} not found", "secret_not_found") from None
+            raise NotFound(f"secret {name!r} not found", ErrorCode.SECRET_NOT_FOUND) from None
 
     def _write(self, record: dict) -> None:
         path = self._path(record["name"])
@@ -96,10 +98,10 @@ class SecretStore:
     def create(self, body: dict) -> dict:
         unknown = set(body) - {"name", "data", "permissions", "uid", "gid"}
         if unknown:
-            raise BadRequest(f"unknown field {sorted(unknown)[0]!r}", "invalid_request")
+            raise BadRequest(f"unknown field {sorted(unknown)[0]!r}", ErrorCode.INVALID_REQUEST)
         name = check_name(body.get("name"))
         if self._path(name).exists():
-            raise Conflict(f"secret {name!r} already exists; PATCH it to change it", "exists")
+            raise Conflict(f"secret {name!r} already exists; PATCH it to change it", ErrorCode.EXISTS)
         raw = _decode(body.get("data"))
         record = {"name": name, "size": len(raw), "data": base64.b64encode(raw).decode(),
                   "permissions": _permissions(body.get("permissions")), "uid": _id(body.get("uid"), "uid"),
@@ -110,7 +112,7 @@ class SecretStore:
     def update(self, name: str, body: dict) -> dict:
         unknown = set(body) - {"data", "permissions", "uid", "gid"}
         if unknown:
-            raise BadRequest(f"unknown field {sorted(unknown)[0]!r}", "invalid_request")
+            raise BadRequest(f"unknown field {sorted(unknown)[0]!r}", ErrorCode.INVALID_REQUEST)
         record = self._read(check_name(name))
         if "data" in body:
             raw = _decode(body["data"])
@@ -129,7 +131,7 @@ class SecretStore:
         try:
             path.unlink()
         except FileNotFoundError:
-            raise NotFound(f"secret {name!r} not found", "secret_not_found") from None
+            raise NotFound(f"secret {name!r} not found", ErrorCode.SECRET_NOT_FOUND) from None
 
     def for_guest(self, allowed: list[str] | None) -> dict[str, dict]:
         """What a VM should hold: all secrets, or only ``allowed`` when the VM was given a list."""

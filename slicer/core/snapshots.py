@@ -10,6 +10,7 @@ from pathlib import Path
 
 from slicer.core.actions import NodeAction
 from slicer.core.config import Config, HostGroup
+from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import Conflict, SlicerError
 from slicer.core.lifecycle import Lifecycle
 from slicer.core.node import Node
@@ -47,8 +48,8 @@ class Snapshots:
         except VMMError as e:
             node.stopping = False
             if isinstance(e, VMStateError):
-                raise Conflict(f"{node.hostname}: {e}", "invalid_state") from e
-            raise SlicerError(f"{node.hostname}: suspend failed: {e}", "suspend_failed") from e
+                raise Conflict(f"{node.hostname}: {e}", ErrorCode.INVALID_STATE) from e
+            raise SlicerError(f"{node.hostname}: suspend failed: {e}", ErrorCode.SUSPEND_FAILED) from e
         node.record.suspended = why
         self.registry.store.put(node.record)
         if node.agent is not None:
@@ -79,7 +80,7 @@ class Snapshots:
     async def restore_node(self, node: Node, group: HostGroup) -> None:
         path = self.registry.state_file(node.hostname)
         if not path.exists():
-            raise SlicerError(f"{node.hostname}: its saved state {path} is missing", "state_missing")
+            raise SlicerError(f"{node.hostname}: its saved state {path} is missing", ErrorCode.STATE_MISSING)
         t0 = asyncio.get_running_loop().time()
         await self.lifecycle.launch(node, group, restore_from=path)
         node.record.suspended = Suspended.NO
@@ -94,14 +95,14 @@ class Snapshots:
         async with node.act(NodeAction.RELAUNCH):
             if node.vm is not None and node.vm.state != VMState.STOPPED:  # Stopping (the table allows no other)
                 if not node.is_service and not node.record.persistent:
-                    raise Conflict(f"{hostname} is a sandbox being shut down, which deletes it", "deleted")
+                    raise Conflict(f"{hostname} is a sandbox being shut down, which deletes it", ErrorCode.DELETED)
                 # A shutdown is under way (clients relaunch a moment after asking for one): it
                 # ends within the graceful timeout (the VM is killed at its end); then its
                 # network link is gone and the VM can start again.
                 try:
                     await asyncio.wait_for(node.exited.wait(), SHUTDOWN_WAIT)
                 except TimeoutError:
-                    raise Conflict(f"{hostname} is still shutting down", "running") from None
+                    raise Conflict(f"{hostname} is still shutting down", ErrorCode.RUNNING) from None
             if node.record.suspended:
                 log.warning("%s: relaunched while suspended: its saved memory is discarded", hostname)
                 self.registry.state_file(hostname).unlink(missing_ok=True)
@@ -140,9 +141,9 @@ class Snapshots:
         """Build the group's template now if it has none that is current."""
         group = self.registry.group(group_name)
         if group.boot == "cold":
-            raise Conflict(f"host group {group_name} boots cold (boot: cold); it has no template", "boot_cold")
+            raise Conflict(f"host group {group_name} boots cold (boot: cold); it has no template", ErrorCode.BOOT_COLD)
         tpl = await self.templates.ensure(group, retry=True)
         if tpl is None:
             raise SlicerError(f"the template of {group_name} could not be built; see the daemon log",
-                              "template_failed")
+                              ErrorCode.TEMPLATE_FAILED)
         return tpl.describe(self.lifecycle.templates_in_use()[tpl.name])
