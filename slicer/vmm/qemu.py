@@ -264,26 +264,39 @@ class QemuVM(VM):
             self._state = VMState.RUNNING
             log.warning("%s: resumed: its daemon died while saving it", self.spec.name)
 
-    async def save(self, path: Path) -> None:
+    async def _migrate_to(self, path: Path, what: str, ignore_shared: bool) -> None:
+        """Write the paused VM's memory and device state to ``path`` (QEMU's migration to a
+        descriptor); ``ignore_shared``: leave out RAM that lives in a shared file."""
+        await self._qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
+        if ignore_shared:
+            await self._ignore_shared_memory()
+        else:  # every page goes into the file, also those of a template's file this VM maps
+            await self._qmp.execute("migrate-set-capabilities", {
+                "capabilities": [{"capability": "x-ignore-shared", "state": False}]})
+        await self._give_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, f"slicer-{what}")
+        await self._qmp.execute("migrate", {"uri": f"fd:slicer-{what}"})
+        try:
+            info = await self._poll("query-migrate", lambda i: i.get("status") in FINAL_MIGRATION_STATES,
+                                    f"{what} of the state")
+        except VMMError:
+            await self._qmp.execute("migrate_cancel")
+            raise
+        if info["status"] != "completed":
+            raise VMMError(f"{what} of the state failed: {info.get('error-desc', info['status'])}")
+
+    def _check_saveable(self, action: str) -> bool:
+        """Whether the VM runs (else it is paused); refuses any other state."""
         if self._state not in (VMState.RUNNING, VMState.PAUSED):
-            raise VMStateError(f"cannot save a VM that is {self._state}")
-        was_running = self._state == VMState.RUNNING
+            raise VMStateError(f"cannot {action} a VM that is {self._state}")
+        return self._state == VMState.RUNNING
+
+    async def save(self, path: Path) -> None:
+        was_running = self._check_saveable("save")
         if was_running:
             await self.pause()
         tmp = path.with_name(path.name + ".part")
         try:
-            await self._qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
-            await self._ignore_shared_memory()
-            await self._give_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "slicer-save")
-            await self._qmp.execute("migrate", {"uri": "fd:slicer-save"})
-            try:
-                info = await self._poll("query-migrate", lambda i: i.get("status") in FINAL_MIGRATION_STATES,
-                                        "saving the state")
-            except VMMError:
-                await self._qmp.execute("migrate_cancel")
-                raise
-            if info["status"] != "completed":
-                raise VMMError(f"saving the state failed: {info.get('error-desc', info['status'])}")
+            await self._migrate_to(tmp, "save", ignore_shared=True)
         except BaseException:
             tmp.unlink(missing_ok=True)
             if was_running and self._proc.returncode is None:
@@ -294,26 +307,11 @@ class QemuVM(VM):
         await self.kill()
 
     async def capture(self, path: Path, while_stopped: Callable[[], Awaitable[None]]) -> None:
-        if self._state not in (VMState.RUNNING, VMState.PAUSED):
-            raise VMStateError(f"cannot capture a VM that is {self._state}")
-        was_running = self._state == VMState.RUNNING
+        was_running = self._check_saveable("capture")
         if was_running:
             await self.pause()
         try:
-            await self._qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
-            # Every page goes into the file, also those of a template's file this VM maps.
-            await self._qmp.execute("migrate-set-capabilities", {
-                "capabilities": [{"capability": "x-ignore-shared", "state": False}]})
-            await self._give_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "slicer-capture")
-            await self._qmp.execute("migrate", {"uri": "fd:slicer-capture"})
-            try:
-                info = await self._poll("query-migrate", lambda i: i.get("status") in FINAL_MIGRATION_STATES,
-                                        "capturing the state")
-            except VMMError:
-                await self._qmp.execute("migrate_cancel")
-                raise
-            if info["status"] != "completed":
-                raise VMMError(f"capturing the state failed: {info.get('error-desc', info['status'])}")
+            await self._migrate_to(path, "capture", ignore_shared=False)
             await while_stopped()  # the migration's end flushed the disk and set it inactive
         finally:
             if self._proc.returncode is None:
