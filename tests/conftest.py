@@ -223,3 +223,11 @@ def daemon(guest_image, key_server):
 def api(daemon) -> httpx.Client:
     with daemon.client() as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def vm(api) -> str:
+    """The main daemon's service vm-1, its agent answering (checked again by each module: a
+    module before may have rebooted it)."""
+    wait_agent(api, "vm-1")
+    return "vm-1"

@@ -9,15 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import wait_agent
-
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def vm(api) -> str:
-    wait_agent(api, "vm-1")
-    return "vm-1"
 
 
 def run(api, vm, **params) -> list[dict]:

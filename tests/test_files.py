@@ -12,15 +12,8 @@ import time
 import pytest
 
 from tests import chunked_copy
-from tests.conftest import wait_agent
 
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def vm(api) -> str:
-    wait_agent(api, "vm-1")
-    return "vm-1"
 
 
 def sh(api, vm, cmd: str) -> str:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import wait_agent
-
 pytestmark = pytest.mark.vm
 SNAPSHOT_FIELDS = {
     "hostname", "arch", "timestamp", "uptime", "totalCpus", "totalMemory", "memoryUsed", "memoryAvailable",
@@ -15,12 +13,6 @@ SNAPSHOT_FIELDS = {
     "networkReadTotal", "networkWriteTotal", "diskIOInflight", "openConnections", "openFiles", "entropy",
     "diskSpaceTotal", "diskSpaceUsed", "diskSpaceFree", "diskSpaceUsedPercent",
 }
-
-
-@pytest.fixture(scope="module")
-def vm(api) -> str:
-    wait_agent(api, "vm-1")
-    return "vm-1"
 
 
 def test_node_stats_have_every_field_and_move_with_memory(api, vm):

@@ -10,16 +10,8 @@ import time
 
 import pytest
 
-from tests.conftest import wait_agent
-
 pytestmark = pytest.mark.vm
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def vm(api) -> str:
-    wait_agent(api, "vm-1")
-    return "vm-1"
 
 
 def peak_rss_kib(status_text: str) -> int:

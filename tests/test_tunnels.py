@@ -10,20 +10,12 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import wait_agent
-
 pytestmark = pytest.mark.vm
 DATA, WINDOW, SHUTDOWN, HEARTBEAT, CLOSE = 1, 2, 3, 4, 5
 
 
 def frame(ftype: int, payload: bytes = b"") -> bytes:
     return struct.pack(">BI", ftype, len(payload)) + payload
-
-
-@pytest.fixture(scope="module")
-def vm(api) -> str:
-    wait_agent(api, "vm-1")
-    return "vm-1"
 
 
 def ws_url(daemon, path: str) -> str:
