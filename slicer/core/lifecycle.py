@@ -26,7 +26,8 @@ from slicer.core.registry import Registry, Tasks
 from slicer.core.specs import vm_spec
 from slicer.core.state import NodeRecord
 from slicer.core.templates import Template, Templates
-from slicer.net import HostNetwork, NetworkError
+from slicer.net import NetworkError
+from slicer.net.surface import Network
 from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState
 from slicer.vmm.disks import TamperedDisk, remove_disk
 
@@ -35,7 +36,7 @@ GRACEFUL_TIMEOUT = 30.0
 
 
 class Lifecycle:
-    def __init__(self, config: Config, registry: Registry, driver: Driver, net: HostNetwork, images: BootImages,
+    def __init__(self, config: Config, registry: Registry, driver: Driver, net: Network, images: BootImages,
                  templates: Templates, provisioner: Provisioner, tasks: Tasks) -> None:
         self.config = config
         self.registry = registry

@@ -47,6 +47,7 @@ from slicer.core.snapshots import Snapshots
 from slicer.core.state import NodeRecord, StateStore, now_rfc3339
 from slicer.core.templates import Template, Templates
 from slicer.net import HostNetwork, NetworkError
+from slicer.net.surface import Network
 from slicer.vmm.base import Driver, VMState
 from slicer.vmm.disks import remove_disk
 
@@ -69,7 +70,7 @@ def host_network(config: Config, data_dir: Path) -> HostNetwork:
 
 class Manager:
     def __init__(self, config: Config, data_dir: Path, driver: Driver, images: BootImages,
-                 net: HostNetwork | None = None) -> None:
+                 net: Network | None = None) -> None:
         """``net``: the network to attach VMs to (default: the host's, made from the config)."""
         self.config = config
         self.data_dir = data_dir

@@ -22,7 +22,8 @@ from slicer.core.snapshots import Snapshots
 from slicer.core.specs import vm_spec
 from slicer.core.state import NodeRecord, now_rfc3339
 from slicer.core.templates import Templates
-from slicer.net import HostNetwork, NetworkError
+from slicer.net import NetworkError
+from slicer.net.surface import Network
 from slicer.vmm.base import Driver, VMMError, VMState
 from slicer.vmm.disks import remove_disk
 
@@ -31,7 +32,7 @@ log = logging.getLogger("slicer.core.manager")
 
 class Reconciler:
     def __init__(self, config: Config, registry: Registry, lifecycle: Lifecycle, snapshots: Snapshots,
-                 commits: Commits, driver: Driver, net: HostNetwork, images: BootImages, templates: Templates,
+                 commits: Commits, driver: Driver, net: Network, images: BootImages, templates: Templates,
                  tasks: Tasks) -> None:
         self.config = config
         self.registry = registry

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from slicer.core.config import HostGroup
 from slicer.image.build import GuestImage
-from slicer.net import GroupNetwork
+from slicer.net.surface import GroupNet
 from slicer.vmm.base import VMSpec
 
 
-def vm_spec(image: GuestImage, group: HostGroup, net: GroupNetwork, *, name: str, cpus: int, ram_bytes: int,
+def vm_spec(image: GuestImage, group: HostGroup, net: GroupNet, *, name: str, cpus: int, ram_bytes: int,
             ip: str, disk: Path, run_dir: Path) -> VMSpec:
     """The VM's spec with a placeholder NIC of the group's kind (``spec.net``); the caller
     attaches the real one right before starting it."""

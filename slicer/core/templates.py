@@ -30,7 +30,8 @@ from slicer.core.node import Node
 from slicer.core.records import NodeKind
 from slicer.core.specs import vm_spec
 from slicer.core.state import NodeRecord, now_rfc3339
-from slicer.net import HostNetwork, NetworkError
+from slicer.net import NetworkError
+from slicer.net.surface import Network
 from slicer.vmm.base import Driver, VMMError, VMSpec, VMState
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class Templates:
     """The templates of every host group, one per VM size (cpus, RAM) asked for, at most
     ``MAX_SIZES`` sizes per group (further sizes boot cold)."""
 
-    def __init__(self, root: Path, run_root: Path, driver: Driver, images: BootImages, net: HostNetwork) -> None:
+    def __init__(self, root: Path, run_root: Path, driver: Driver, images: BootImages, net: Network) -> None:
         self.root = root
         self.net = net
         self.run_root = run_root
