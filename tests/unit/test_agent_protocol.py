@@ -134,17 +134,15 @@ def test_host_passes_on_exactly_the_protocols_codes():
     assert "bad_request" not in host_agent.AGENT_CODES
 
 
-# Host files still spelling agent paths, to be switched to AgentClient's methods by their owner.
-PENDING = {"slicer/core/manager.py", "slicer/core/provision.py", "slicer/core/templates.py"}
 SPELLED = re.compile(r"""\.(call|send)\(\s*"(GET|POST|PUT|DELETE)"|(?<!router)\.websocket\(\s*f?["']/""")
 
 
 def test_no_host_code_outside_the_client_spells_an_agent_path():
     offenders = []
-    for path in [*(ROOT / "slicer" / "api").rglob("*.py"), *(ROOT / "slicer" / "core").glob("*.py"),
+    for path in [*(ROOT / "slicer" / "api").rglob("*.py"), *(ROOT / "slicer" / "core").rglob("*.py"),
                  *(ROOT / "slicer" / "cli").rglob("*.py")]:
         rel = str(path.relative_to(ROOT))
-        if rel == "slicer/core/agent.py" or rel in PENDING:
+        if rel == "slicer/core/agent.py":
             continue
         offenders += [f"{rel}: {m.group(0)}" for m in SPELLED.finditer(path.read_text())]
     assert offenders == []
