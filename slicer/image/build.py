@@ -178,11 +178,16 @@ def _build_base(tar_path: Path, progress: Progress) -> None:
     tmp.rename(tar_path)
 
 
-def _fetch_kernel(kernel_pkg: str, dest: Path, progress: Progress) -> Path:
-    """Download and unpack the kernel .deb; returns the unpacked tree."""
-    progress(f"downloading {kernel_pkg}")
-    _run(["apt-get", "download", kernel_pkg], cwd=dest)
-    deb = next(dest.glob("*.deb"))
+def _fetch_kernel(kernel_pkg: str, cache: Path, dest: Path, progress: Progress) -> Path:
+    """Unpack the kernel .deb, downloaded once into ``cache`` (an image rebuilt for a change of
+    the agent needs no mirror, like the cached base); returns the unpacked tree."""
+    deb = cache / f"{kernel_pkg}.deb"
+    if deb.exists():
+        progress(f"kernel package {kernel_pkg} cached")
+    else:
+        progress(f"downloading {kernel_pkg}")
+        _run(["apt-get", "download", kernel_pkg], cwd=dest)
+        os.replace(next(dest.glob("*.deb")), deb)  # dest is below cache: one file system
     tree = dest / "kernel"
     _run(["dpkg-deb", "-x", str(deb), str(tree)])
     return tree
@@ -323,7 +328,7 @@ def build_image(data_dir: Path, progress: Progress = print, force: bool = False)
             _build_base(base_tar, progress)
         else:
             progress(f"base root filesystem {bkey} cached")
-        kernel_tree = _fetch_kernel(kernel_pkg, work, progress)
+        kernel_tree = _fetch_kernel(kernel_pkg, idir, work, progress)
         staging = work / "image"
         staging.mkdir()
         shutil.copy2(next(kernel_tree.glob("boot/vmlinuz-*")), staging / "vmlinuz")
