@@ -9,9 +9,10 @@ start fail.
 
 Each VM has a :class:`FakeGuest` behind its channel socket, speaking the real channel protocol
 (HELLO/READY, yamux from :mod:`slicer.channel.yamux`, ``CONNECT 0``) to a small aiohttp app
-that answers the agent endpoints the lifecycle uses (health, identity, secrets, SSH keys,
-userdata, settle, exec list, stats, power) and records every call. It never runs a command:
-what needs a real guest is tested on a real VM (``tests/``), not here (``tests/unit/``).
+with a route for every JSON endpoint of the agent's protocol table (:mod:`slicer.agent.protocol`):
+it records every call and answers what the lifecycle needs (health, identity, power, userdata…).
+It never runs a command: what needs a real guest is tested on a real VM (``tests/``), not here
+(``tests/unit/``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from slicer.agent import protocol
 from slicer.agent.demux import pump
 from slicer.channel.yamux import AGENT_PORT, HELLO, READY, Session, Stream
 from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState, VMStateError
@@ -45,9 +47,9 @@ class FakeGuest:
 
     def __init__(self, vm: FakeVM) -> None:
         self.vm = vm
-        self.calls: list[tuple[str, str, object]] = []  # (method, path, JSON body or query)
+        self.calls: list[tuple[str, str, object]] = []  # (method, endpoint name, JSON body or query)
         self.userdata_ran = False
-        self.fail: dict[str, int] = {}  # path → HTTP status the agent answers instead
+        self.fail: dict[str, int] = {}  # endpoint name → HTTP status the agent answers instead
         self.hostname = vm.spec.name
         self._server: asyncio.base_events.Server | None = None
         self._runner: web.AppRunner | None = None
@@ -58,13 +60,17 @@ class FakeGuest:
     def agent_socket(self) -> Path:
         return self.vm.spec.run_dir / "fake-agent.sock"
 
-    def called(self, path: str) -> list[object]:
-        """The bodies (or queries) of the calls made to ``path``, oldest first."""
-        return [body for _, p, body in self.calls if p == path]
+    def called(self, endpoint: str) -> list[object]:
+        """The bodies (or queries) of the calls made to ``endpoint`` (its name in the protocol's
+        table), oldest first."""
+        assert endpoint in protocol.ENDPOINTS, endpoint
+        return [body for _, name, body in self.calls if name == endpoint]
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_route("*", "/{path:.*}", self._handle)
+        for endpoint in protocol.ENDPOINTS.values():  # the protocol's table, as the real agent
+            if endpoint.answer == "json":
+                app.router.add_route(endpoint.method, endpoint.path, self._handler(endpoint))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         self.agent_socket.unlink(missing_ok=True)
@@ -126,23 +132,26 @@ class FakeGuest:
         finally:
             writer.close()
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        path = "/" + request.match_info["path"]
-        body = await request.json() if request.can_read_body else dict(request.query)
-        self.calls.append((request.method, path, body))
-        if status := self.fail.get(path):
-            return web.json_response({"error": f"fake failure of {path}", "code": "fake"}, status=status)
-        if path == "/health":
-            return web.json_response({"hostname": self.hostname, "userdata_ran": self.userdata_ran,
-                                      "userdata_exit_code": 0 if self.userdata_ran else None})
-        if path == "/identity" and isinstance(body, dict) and body.get("hostname"):
+    def _handler(self, endpoint: protocol.Endpoint):
+        async def handle(request: web.Request) -> web.StreamResponse:
+            body = await request.json() if endpoint.body == "json" else dict(request.query)
+            self.calls.append((endpoint.method, endpoint.name, body))
+            if status := self.fail.get(endpoint.name):
+                return web.json_response({"error": f"fake failure of {endpoint.name}", "code": "fake"}, status=status)
+            return web.json_response(self._answer(endpoint.name, body))
+        return handle
+
+    def _answer(self, name: str, body: object) -> object:
+        if name == "health":
+            return {"hostname": self.hostname, "agent_uptime": 1, "agent_version": "fake", "system_uptime": 1,
+                    "userdata_ran": self.userdata_ran, "userdata_exit_code": 0 if self.userdata_ran else None}
+        if name == "identity" and isinstance(body, dict) and body.get("hostname"):
             self.hostname = body["hostname"]
-        if path == "/userdata":
+        elif name == "userdata":
             self.userdata_ran = True
-        if path == "/power":
+        elif name == "power":
             asyncio.get_running_loop().call_later(0.05, self.vm.guest_reboot)  # after the answer is out
-        answers: dict[str, object] = {"/exec": [], "/stats": {"cpu": {"usage": 0.0}, "fake": True}}
-        return web.json_response(answers.get(path, {"ok": True}))
+        return {"list_execs": [], "stats": {"hostname": self.hostname, "loadAvg1": 0.0}}.get(name, {"ok": True})
 
 
 class FakeVM(VM):

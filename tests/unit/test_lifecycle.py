@@ -17,8 +17,8 @@ async def test_services_boot_with_the_daemon_and_are_set_up(lab: Lab):
     for node in m.nodes.values():
         assert node.status == "Running" and node.boot == "boot"
         guest = lab.host.vm(node.hostname).guest
-        assert guest.called("/secrets") == [{}]  # no secrets yet: an empty set, still pushed
-        assert guest.called("/ssh-keys") == [{"keys": []}]
+        assert guest.called("put_secrets") == [{}]  # no secrets yet: an empty set, still pushed
+        assert guest.called("put_ssh_keys") == [{"keys": []}]
     assert {n.record.ip for n in m.nodes.values()} == {"10.77.0.2", "10.77.0.3"}
 
 
@@ -28,11 +28,11 @@ async def test_a_sandbox_restores_from_its_groups_template(lab: Lab):
     assert node.hostname == "sbx-1" and node.status == "Running"
     assert node.boot == "template" and node.record.template
     guest = lab.host.vm("sbx-1").guest
-    identity = guest.called("/identity")
+    identity = guest.called("identity")
     assert len(identity) == 1 and identity[0]["hostname"] == "sbx-1"  # its own name, not the template's
     assert "ssh_host_keys" in identity[0] and identity[0]["ip"] == "10.78.0.2/24"
     template_vm = next(vm for vm in lab.host.started if vm.spec.name.startswith("tpl-sbx"))
-    assert template_vm.actions[-1] == "save" and template_vm.guest.called("/settle")
+    assert template_vm.actions[-1] == "save" and template_vm.guest.called("settle")
 
 
 async def test_the_second_sandbox_reuses_the_template(lab: Lab):
@@ -224,12 +224,12 @@ async def test_reboot_goes_through_the_agent_and_sets_the_guest_up_again(lab: La
     m = await lab.daemon()
     node = await m.create("cold", **create_args())
     guest = lab.host.vm(node.hostname).guest
-    assert len(guest.called("/secrets")) == 1
+    assert len(guest.called("put_secrets")) == 1
     await m.power.shutdown(node.hostname, "reboot")
     async with asyncio.timeout(5):
-        while len(guest.called("/secrets")) < 2:
+        while len(guest.called("put_secrets")) < 2:
             await asyncio.sleep(0.01)
-    assert guest.called("/power") == [{"action": "reboot"}]
+    assert guest.called("power") == [{"action": "reboot"}]
     assert node.status == "Running"
 
 
@@ -237,7 +237,7 @@ async def test_a_reboot_that_the_agent_refuses_resets_the_machine(lab: Lab):
     m = await lab.daemon()
     node = await m.create("cold", **create_args())
     vm = lab.host.vm(node.hostname)
-    vm.guest.fail["/power"] = 500
+    vm.guest.fail["power"] = 500
     await m.power.shutdown(node.hostname, "reboot")
     assert "reset" in vm.actions
 
@@ -253,7 +253,7 @@ async def test_userdata_runs_once_the_agent_is_up(lab: Lab):
     m = await lab.daemon()
     node = await m.create("cold", **create_args(spec={"userdata": "echo hi"}, wait="userdata"))
     guest = lab.host.vm(node.hostname).guest
-    assert guest.called("/userdata") == [{"script": "echo hi"}]
+    assert guest.called("userdata") == [{"script": "echo hi"}]
 
 
 async def test_a_failed_identity_reset_fails_the_create(lab: Lab):
@@ -266,7 +266,7 @@ async def test_a_failed_identity_reset_fails_the_create(lab: Lab):
     async with asyncio.timeout(5):  # make its guest refuse the identity reset as soon as it exists
         while not any(vm.spec.name == "sbx-2" for vm in lab.host.processes.values()):
             await asyncio.sleep(0)
-    lab.host.vm("sbx-2").guest.fail["/identity"] = 500
+    lab.host.vm("sbx-2").guest.fail["identity"] = 500
     with pytest.raises(Exception) as e:
         await node_task
     assert getattr(e.value, "code", "") == "setup_failed"
@@ -277,7 +277,7 @@ async def test_secrets_changes_reach_running_vms(lab: Lab):
     m = await lab.daemon()
     m.secrets.create({"name": "token", "data": "c2VjcmV0"})
     await m.provisioner.sync_secrets()
-    pushed = lab.host.vm("svc-1").guest.called("/secrets")[-1]
+    pushed = lab.host.vm("svc-1").guest.called("put_secrets")[-1]
     assert list(pushed) == ["token"]
 
 
@@ -286,7 +286,7 @@ async def test_a_vm_limited_to_some_secrets_gets_only_those(lab: Lab):
     m.secrets.create({"name": "a", "data": "YQ=="})
     m.secrets.create({"name": "b", "data": "Yg=="})
     node = await m.create("cold", **create_args(spec={"secrets": ["b"]}))
-    assert list(lab.host.vm(node.hostname).guest.called("/secrets")[-1]) == ["b"]
+    assert list(lab.host.vm(node.hostname).guest.called("put_secrets")[-1]) == ["b"]
 
 
 async def test_tags_filter_the_list(lab: Lab):

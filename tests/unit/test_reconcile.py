@@ -156,7 +156,7 @@ async def test_suspend_on_shutdown_suspends_services_and_the_next_daemon_restore
     node = m2.get("svc-1")
     assert node.boot == "suspend" and node.status == "Running" and node.vm is not before
     assert not (lab.data_dir / "snapshots" / "svc-1.state").exists()
-    identity = lab.host.vm("svc-1").guest.called("/identity")
+    identity = lab.host.vm("svc-1").guest.called("identity")
     assert len(identity) == 1 and set(identity[0]) == {"seed", "time_ns"}  # fresh entropy and clock, same name
 
 

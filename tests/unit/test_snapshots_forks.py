@@ -128,7 +128,7 @@ async def test_a_live_fork_makes_running_copies_and_the_source_goes_on(lab: Lab)
     for copy in copies:
         assert copy.status == "Running" and copy.boot == "template"
         assert copy.record.tags == ["a", "b"] and copy.record.spec.forked_from == source.hostname
-        assert lab.host.vm(copy.hostname).guest.called("/identity")[0]["hostname"] == copy.hostname
+        assert lab.host.vm(copy.hostname).guest.called("identity")[0]["hostname"] == copy.hostname
     snapshot = copies[0].record.template
     assert "-fork-" in snapshot and copies[1].record.template == snapshot
     for copy in copies:
