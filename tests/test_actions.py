@@ -12,13 +12,14 @@ import pytest
 from slicer.core.actions import ALLOWED, NodeAction, NodeState, check
 from slicer.core.errors import Conflict, NotFound
 from slicer.core.node import Node
+from slicer.core.records import NodeKind, NodeSpec, Suspended
 from slicer.core.state import NodeRecord
 from slicer.vmm.base import VMState
 
 
 def node(**record) -> Node:
-    rec = NodeRecord(hostname="vm-1", hostgroup="vm", kind="sandbox", ip="192.168.1.2", cpus=1,
-                     ram_bytes=256 << 20, persistent=False, created_at="", disk="/nonexistent", spec={},
+    rec = NodeRecord(hostname="vm-1", hostgroup="vm", kind=NodeKind.SANDBOX, ip="192.168.1.2", cpus=1,
+                     ram_bytes=256 << 20, persistent=False, created_at="", disk="/nonexistent", spec=NodeSpec(),
                      **record)
     return Node(rec, Path("/nonexistent"))
 
@@ -63,7 +64,7 @@ def test_refusals_carry_the_codes_clients_match(action, state, code):
 
 def test_state_is_derived_from_the_record_the_process_and_the_action():
     assert node().state == NodeState.STOPPED
-    assert node(suspended="api").state == NodeState.SUSPENDED
+    assert node(suspended=Suspended.API).state == NodeState.SUSPENDED
     assert with_vm(node(), VMState.RUNNING).state == NodeState.RUNNING
     assert with_vm(node(), VMState.PAUSED).state == NodeState.PAUSED
     assert with_vm(node(), VMState.STARTING).state == NodeState.STARTING

@@ -37,6 +37,11 @@ class Suspended(enum.StrEnum):
     API = "api"  # on request: it stays so until restored
     SHUTDOWN = "shutdown"  # with the daemon (suspend_on_shutdown): restored at the next start
 
+    @classmethod
+    def _missing_(cls, value: object) -> Suspended:
+        # A reason a newer daemon wrote: suspended all the same, and left so until restored.
+        return cls.API
+
 
 OMITTED_WHEN_EMPTY = ("tags", "ssh_keys", "protected")
 Policy = dict[str, list[str]]  # {"allow": [...], "drop": [...]}: a VM's own network lists

@@ -264,7 +264,7 @@ class QemuVM(VM):
             self._state = VMState.RUNNING
             log.warning("%s: resumed: its daemon died while saving it", self.spec.name)
 
-    async def _migrate_to(self, path: Path, what: str, ignore_shared: bool) -> None:
+    async def _migrate_to(self, path: Path, what: str, doing: str, ignore_shared: bool) -> None:
         """Write the paused VM's memory and device state to ``path`` (QEMU's migration to a
         descriptor); ``ignore_shared``: leave out RAM that lives in a shared file."""
         await self._qmp.execute("migrate-set-parameters", {"max-bandwidth": MIGRATE_BANDWIDTH})
@@ -277,12 +277,12 @@ class QemuVM(VM):
         await self._qmp.execute("migrate", {"uri": f"fd:slicer-{what}"})
         try:
             info = await self._poll("query-migrate", lambda i: i.get("status") in FINAL_MIGRATION_STATES,
-                                    f"{what} of the state")
+                                    f"{doing} the state")
         except VMMError:
             await self._qmp.execute("migrate_cancel")
             raise
         if info["status"] != "completed":
-            raise VMMError(f"{what} of the state failed: {info.get('error-desc', info['status'])}")
+            raise VMMError(f"{doing} the state failed: {info.get('error-desc', info['status'])}")
 
     def _check_saveable(self, action: str) -> bool:
         """Whether the VM runs (else it is paused); refuses any other state."""
@@ -296,7 +296,7 @@ class QemuVM(VM):
             await self.pause()
         tmp = path.with_name(path.name + ".part")
         try:
-            await self._migrate_to(tmp, "save", ignore_shared=True)
+            await self._migrate_to(tmp, "save", "saving", ignore_shared=True)
         except BaseException:
             tmp.unlink(missing_ok=True)
             if was_running and self._proc.returncode is None:
@@ -311,7 +311,7 @@ class QemuVM(VM):
         if was_running:
             await self.pause()
         try:
-            await self._migrate_to(path, "capture", ignore_shared=False)
+            await self._migrate_to(path, "capture", "capturing", ignore_shared=False)
             await while_stopped()  # the migration's end flushed the disk and set it inactive
         finally:
             if self._proc.returncode is None:

@@ -94,3 +94,13 @@ def test_suspended_and_kind_are_stored_as_their_values(tmp_path):
 
 def test_which_boots_need_an_identity_reset():
     assert {b for b in BootKind if b.needs_identity} == {BootKind.TEMPLATE, BootKind.SUSPEND, BootKind.FORK}
+
+
+def test_a_suspend_reason_of_a_newer_daemon_still_reads_as_suspended(tmp_path):
+    store = StateStore(tmp_path / "state.db")
+    store.put(record())
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute("UPDATE nodes SET suspended = 'hibernated'")
+    (back,) = store.all()
+    assert back.suspended and back.suspended is Suspended.API
+    store.close()
