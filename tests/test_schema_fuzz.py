@@ -49,7 +49,11 @@ ON_VM = {"hostname": "vm-1", "name": "vm"}
 def schemathesis(d: Daemon, *args: str, parameters: dict | None = None) -> tuple[int, str]:
     """Run schemathesis against ``d``; returns (test cases run, output). Fails on any 5xx."""
     config = d.data_dir / "schemathesis.toml"
-    lines = [f'headers = {{ Authorization = "Bearer {d.token}" }}', "request-timeout = 60.0"]
+    lines = [f'headers = {{ Authorization = "Bearer {d.token}" }}', "request-timeout = 60.0",
+             # Not values seen in answers (schemathesis reads them since the answers are typed): a
+             # hostname listed by GET /nodes would take vm-1 through /suspend in the passes meant to
+             # leave it running; the lifecycle has a pass of its own.
+             "[phases.fuzzing.extra-data-sources]", "responses = false"]
     if parameters:
         lines.append("[parameters]")
         lines += [f"{json.dumps(k)} = {json.dumps(v)}" for k, v in parameters.items()]
