@@ -16,7 +16,7 @@ import struct
 import subprocess
 import time
 
-from slicer.agent.init import set_hostname, write_resolv_conf
+from slicer.agent.init import SSHD_STARTED, set_hostname, write_resolv_conf
 from slicer.agent.provision import atomic_write
 
 RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
@@ -104,9 +104,11 @@ def _chores_running() -> bool:
 
 def settle(timeout: float = 120.0) -> dict:
     """Before the host saves this VM as a template: wait for the boot's background chores
-    (filesystem resize, SSH host keys, sshd) and write everything to disk."""
+    (filesystem resize, SSH host keys, and sshd where the init starts one) and write
+    everything to disk."""
     deadline = time.monotonic() + timeout
-    while (not os.path.exists(SSHD_PID) or _chores_running()) and time.monotonic() < deadline:
+    sshd = os.path.exists(SSHD_STARTED)
+    while ((sshd and not os.path.exists(SSHD_PID)) or _chores_running()) and time.monotonic() < deadline:
         time.sleep(0.05)
     os.sync()
-    return {"settled": os.path.exists(SSHD_PID)}
+    return {"settled": not (sshd and not os.path.exists(SSHD_PID)) and not _chores_running()}

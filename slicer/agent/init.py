@@ -37,6 +37,9 @@ done
 mkdir -p /run/sshd
 exec /usr/sbin/sshd -h /etc/ssh/ssh_host_ed25519_key -h /etc/ssh/ssh_host_ecdsa_key
 """
+# Written when this init starts sshd: a template waits for sshd only where one will come (an
+# image without sshd, or whose own init runs the services, would keep it waiting for nothing).
+SSHD_STARTED = "/run/slicer/sshd-started"
 
 _request: str | None = None
 
@@ -255,6 +258,8 @@ def main(agent_only: bool = False) -> None:
     # first boot and kept on its disk (ed25519 and ecdsa: RSA keygen costs seconds under TCG).
     chore(["resize2fs", "/dev/vda"])
     if not agent_only and os.access("/usr/sbin/sshd", os.X_OK) and os.access("/bin/sh", os.X_OK):
+        with open(SSHD_STARTED, "w"):
+            pass
         chore(["/bin/sh", "-c", SSHD])  # the image's sshd (under its own init, its init starts it)
     log(f"agent started (pids {', '.join(map(str, agents))})")
     while _request is None:

@@ -242,7 +242,10 @@ class Templates:
         try:
             await node.wait_ready(BUILD_TIMEOUT)
             assert node.agent is not None
-            await node.agent.settle(timeout=BUILD_TIMEOUT)
+            settled = await node.agent.settle(timeout=BUILD_TIMEOUT)
+            if not (isinstance(settled, dict) and settled.get("settled") is True):
+                log.warning("host group %s: its template VM did not settle (boot chores or sshd still "
+                            "pending); saving it as it is", group.name)
             await node.agent.aclose()
             t1 = loop.time()
             await vm.save(building / "state")
