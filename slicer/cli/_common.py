@@ -8,12 +8,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from slicer.client import APIError, ConnectionFailed, SlicerClient, UnsafeArchive
 
 out = Console()
-err = Console(stderr=True)
+# Messages are never wrapped: a path or command in one must stay copyable whatever the width.
+err = Console(stderr=True, soft_wrap=True)
 
 Url = Annotated[str | None, typer.Option("--url", "--api", envvar="SLICER_URL",
                                          help="Daemon URL or unix socket path [default: http://127.0.0.1:8080]")]
@@ -33,7 +35,7 @@ def client(url: str | None, token: str | None, token_file: str | None) -> Slicer
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)
 
 

@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 image_app = typer.Typer(help="Build the guest image; pull and manage users' OCI images.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DataDir = Annotated[
     Path,

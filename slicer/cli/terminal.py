@@ -81,7 +81,7 @@ def forward_ports(client, hostname: str, specs: list[tuple[str, int | None, str]
 
     from slicer.client import AsyncSlicerClient
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     settings = client.settings
 
     async def serve() -> None:
