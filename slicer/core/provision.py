@@ -4,13 +4,14 @@ and, once per disk, userdata; and secrets again whenever they change."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import httpx
 
 from slicer.core import telemetry
 from slicer.core.config import Config
-from slicer.core.errors import SlicerError
+from slicer.core.errors import AgentUnreachable, SlicerError
 from slicer.core.identity import identity_body
 from slicer.core.node import Node
 from slicer.core.registry import Registry, Tasks
@@ -19,6 +20,10 @@ from slicer.vmm.base import VM, VMState
 
 log = logging.getLogger("slicer.core.manager")
 READY_TIMEOUT = 600.0
+# A guest whose agent goes away in the middle of its setup (it was saved while rebooting, and
+# goes on rebooting once restored) is waited for again, this many times, this far apart.
+SETUP_RETRIES = 20
+SETUP_RETRY_DELAY = 0.5
 
 
 class Provisioner:
@@ -34,6 +39,7 @@ class Provisioner:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         first = True
+        retries = SETUP_RETRIES
         while node.vm is vm and vm.state != VMState.STOPPED:
             try:
                 # A restored guest's agent was ready when it was saved: its handshake is enough,
@@ -46,14 +52,29 @@ class Provisioner:
                 first = False
             try:
                 await self.configure(node)
+            except AgentUnreachable as e:
+                if retries > 0:
+                    retries -= 1
+                    log.info("%s: the agent went away during setup (%s); waiting for it again", node.hostname,
+                             e.message)
+                    with contextlib.suppress(TimeoutError):  # a reset, if that is what it was
+                        await asyncio.wait_for(node.rebooted.wait(), SETUP_RETRY_DELAY)
+                    node.rebooted.clear()
+                    continue
+                self._setup_failed(node, e)
             except SlicerError as e:
-                log.warning("%s: setting up the guest failed: %s", node.hostname, e.message)
-                node.warnings.append(f"guest setup: {e.message}")
-                if node.identity_pending:  # a clone that is not yet itself must not be used
-                    node.setup_error = f"identity reset after restore failed: {e.message}"
+                self._setup_failed(node, e)
+            retries = SETUP_RETRIES
             node.provisioned.set()
             await node.rebooted.wait()
             node.rebooted.clear()
+
+    @staticmethod
+    def _setup_failed(node: Node, e: SlicerError) -> None:
+        log.warning("%s: setting up the guest failed: %s", node.hostname, e.message)
+        node.warnings.append(f"guest setup: {e.message}")
+        if node.identity_pending:  # a clone that is not yet itself must not be used
+            node.setup_error = f"identity reset after restore failed: {e.message}"
 
     async def configure(self, node: Node) -> None:
         agent = node.running_agent(setup=True)
