@@ -38,6 +38,7 @@ class Info(Answer):
     group_images: dict[str, Any] = {}  # group → image reference, or {"error": why it cannot}
     network: dict[str, Any] = {}  # group → backend and addresses
     confinement: dict[str, Any] = {}  # VMMs' uids, seccomp filter, cgroups
+    warm_pools: dict[str, Any] = {}  # group → size, ready, filling, hits, misses (groups with warm_pool)
 
 
 class HostGroup(Answer):

@@ -85,6 +85,24 @@ class NodeCollector:
                     with contextlib.suppress(OverflowError):
                         family.add_metric([node.hostname, node.record.hostgroup], float(value))
         yield from families.values()
+        yield from self._pools()
+
+    def _pools(self):
+        stats = self.manager.pool.stats()
+        gauges = {"size": GaugeMetricFamily("slicer_warm_pool_size", "VMs a host group's warm pool keeps",
+                                            labels=["hostgroup"]),
+                  "ready": GaugeMetricFamily("slicer_warm_pool_ready", "Pooled VMs ready to be handed out",
+                                             labels=["hostgroup"])}
+        counters = {"hits": CounterMetricFamily("slicer_warm_pool_hits", "Creates served by the warm pool",
+                                                labels=["hostgroup"]),
+                    "misses": CounterMetricFamily("slicer_warm_pool_misses",
+                                                  "Creates the warm pool could have served but had none ready",
+                                                  labels=["hostgroup"])}
+        for group, s in sorted(stats.items()):
+            for key, family in (gauges | counters).items():
+                family.add_metric([group], getattr(s, key))
+        yield from gauges.values()
+        yield from counters.values()
 
 
 def render_metrics(manager: Manager) -> tuple[bytes, str]:

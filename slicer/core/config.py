@@ -88,6 +88,9 @@ class HostGroup(_Strict):
     # "snapshot": sandboxes restore from a template of the group and their size (a saved,
     # booted VM) in about a second; "cold": every VM boots its kernel.
     boot: Literal["snapshot", "cold"] = "snapshot"
+    # A key of ours (Slicer has none): this many VMs kept restored from the template, paused,
+    # for creates to take at once (see slicer.core.pool).
+    warm_pool: int = Field(default=0, ge=0, le=64)
 
     @model_validator(mode="after")
     def _check(self) -> HostGroup:
@@ -99,6 +102,9 @@ class HostGroup(_Strict):
         if self.gpu_count:
             raise ValueError("gpu_count: GPUs need PCI passthrough under KVM, which this daemon does not do; "
                              "remove gpu_count")
+        if self.warm_pool and self.boot == "cold":
+            raise ValueError("warm_pool keeps VMs restored from the group's template; a group with boot: cold has "
+                             "none (remove warm_pool, or boot: snapshot)")
         if self.userdata and self.userdata_file:
             raise ValueError("give only one of userdata, userdata_file")
         parse_size(self.storage_size)

@@ -63,3 +63,9 @@ async def identity_body(node: Node, spec: VMSpec) -> dict:
             body["ssh_host_keys"] = await ssh_host_keys(node.hostname)
     body["time_ns"] = time.time_ns()  # last: the closer to sending, the truer
     return body
+
+
+def refresh_body() -> dict:
+    """Fresh randomness and the time, for a guest that stood still (a warm pool's VM, paused
+    since it was filled): its identity is already its own."""
+    return {"seed": base64.b64encode(os.urandom(SEED_BYTES)).decode(), "time_ns": time.time_ns()}

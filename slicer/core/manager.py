@@ -36,6 +36,7 @@ from slicer.core.forks import Forks
 from slicer.core.images import BootImages
 from slicer.core.lifecycle import Lifecycle
 from slicer.core.node import Node, host_index
+from slicer.core.pool import Pool
 from slicer.core.power import Power
 from slicer.core.provision import Provisioner
 from slicer.core.reconcile import Reconciler
@@ -97,6 +98,8 @@ class Manager:
         self.snapshots = Snapshots(config, self.registry, self.lifecycle, self.templates)
         self.commits = Commits(self.registry, self.create, getattr(driver, "legacy_roots", ()))
         self.forks = Forks(self.registry, self.lifecycle, self.templates, self.create)
+        self.pool = Pool(config, self.registry, self.lifecycle, self.templates, self.provisioner, self.tasks,
+                         self._pool_node)
         self.reconciler = Reconciler(config, self.registry, self.lifecycle, self.snapshots, self.commits, driver,
                                      self.net, images, self.templates, self.tasks)
         self._alloc = asyncio.Lock()  # hostname and IP allocation
@@ -114,6 +117,7 @@ class Manager:
     # -- daemon lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         await self.reconciler.start()
+        self.pool.start()
 
     async def stop(self) -> None:
         """Delete sandboxes, shut services down gracefully (killed after a timeout); with
@@ -234,13 +238,20 @@ class Manager:
             raise BadRequest(f"network: a VM's own allow/drop apply to isolated host groups; {group.name} is "
                              f"{mode} (its VMs share their subnet)", ErrorCode.INVALID_NETWORK)
         group_image = await self._choose_image(group, spec, inherited=template is not None)
-        node = await self._new_node(group, hostname, ip, cpus, ram, persistent, spec)
         # Clones share their template's disk, so persistent VMs boot cold; so do forks of a commit.
         # So does a VM of another image than its group's (templates are the group's image).
         cold = persistent or "cold" in (group.boot, spec.boot) or bool(spec.parent_commit)
         cold = cold or spec.image != group_image
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        if (template is None and not cold and hostname is None and ip is None and not spec.network
+                and (cpus, ram) == (group.vcpu, group.ram) and group.warm_pool):
+            node = await self.pool.take(group, spec)
+            if node is not None:
+                return await self._wait_pooled(node, wait, timeout, t0)
+        if hostname is not None or ip is not None:
+            await self.pool.release(hostname, ip)  # a pooled VM holding them steps aside
+        node = await self._new_node(group, hostname, ip, cpus, ram, persistent, spec)
         try:
             if template is None and not cold:
                 template = await self.templates.ensure(group, (cpus, ram))
@@ -255,6 +266,24 @@ class Manager:
             await self.lifecycle.destroy(node)
             raise
         return node
+
+    async def _wait_pooled(self, node: Node, wait: str | None, timeout: float, t0: float) -> Node:
+        """A create served by the warm pool: ``node`` runs; wait for its setup as asked."""
+        loop = asyncio.get_running_loop()
+        log.info("%s: handed out from the warm pool in %.0f ms", node.hostname, (loop.time() - t0) * 1000)
+        if wait:
+            try:
+                await self.lifecycle.wait_setup(node, wait, timeout - (loop.time() - t0))
+            except BaseException:
+                await self.lifecycle.destroy(node)
+                raise
+            log.info("%s: ready %.3fs after the request", node.hostname, loop.time() - t0)
+        return node
+
+    async def _pool_node(self, group: HostGroup, spec: NodeSpec) -> Node:
+        """A new node for ``group``'s warm pool: the group's size and image, a name and an address."""
+        await self._choose_image(group, spec, inherited=False)
+        return await self._new_node(group, None, None, group.vcpu, group.ram, False, spec, kind=NodeKind.POOL)
 
     @staticmethod
     def _size(group: HostGroup, cpus: int | None, ram_bytes: int | None) -> tuple[int, int]:
@@ -284,14 +313,14 @@ class Manager:
         return group_image
 
     async def _new_node(self, group: HostGroup, hostname: str | None, ip: str | None, cpus: int, ram: int,
-                        persistent: bool, spec: NodeSpec) -> Node:
+                        persistent: bool, spec: NodeSpec, kind: NodeKind = NodeKind.SANDBOX) -> Node:
         """A name, an address and a record for a new VM, registered (not yet booted)."""
         async with self._alloc:
             hostname, addr = self._allocate(group, hostname, ip)
             disk = (self.registry.persistent_disk(hostname) if persistent
                     else self.registry.run_dir(hostname) / "disk.qcow2")
             rec = NodeRecord(
-                hostname=hostname, hostgroup=group.name, kind=NodeKind.SANDBOX, ip=addr, cpus=cpus,
+                hostname=hostname, hostgroup=group.name, kind=kind, ip=addr, cpus=cpus,
                 ram_bytes=ram, persistent=persistent, created_at=now_rfc3339(), disk=str(disk), spec=spec,
             )
             remove_disk(disk)  # a leftover with no record is not anyone's disk

@@ -16,6 +16,7 @@ from typing import Any
 class NodeKind(enum.StrEnum):
     SERVICE = "service"  # one of a group's YAML ``count``
     SANDBOX = "sandbox"  # created through the API
+    POOL = "pool"  # a warm pool's VM: never shown; a create takes it and makes it a sandbox
 
 
 class BootKind(enum.StrEnum):

@@ -17,6 +17,7 @@ from slicer.core.config import Config, HostGroup
 from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import BadRequest, NotFound
 from slicer.core.node import Node, host_index
+from slicer.core.records import NodeKind
 from slicer.core.state import StateStore
 
 HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -76,7 +77,7 @@ class Registry:
         if not HOSTNAME_RE.fullmatch(hostname):
             raise BadRequest(f"invalid hostname {hostname!r}", ErrorCode.INVALID_HOSTNAME)
         node = self.nodes.get(hostname)
-        if node is None:
+        if node is None or node.record.kind == NodeKind.POOL:  # a warm pool's VM is no one's yet
             raise NotFound(f"VM {hostname!r} not found", ErrorCode.VM_NOT_FOUND)
         return node
 
@@ -85,7 +86,8 @@ class Registry:
             raise BadRequest("give only one of tag and tag_prefix")
         if group is not None:
             self.group(group)
-        nodes = [n for n in self.nodes.values() if group is None or n.record.hostgroup == group]
+        nodes = [n for n in self.nodes.values()
+                 if n.record.kind != NodeKind.POOL and (group is None or n.record.hostgroup == group)]
         if tag is not None:
             nodes = [n for n in nodes if tag in n.record.tags]
         if tag_prefix is not None:

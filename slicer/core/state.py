@@ -117,6 +117,11 @@ class StateStore:
         self._lock = threading.Lock()
 
     def put(self, rec: NodeRecord) -> None:
+        if rec.kind == NodeKind.POOL:
+            # A warm pool's VM is never recorded: a daemon that restarts finds its run dir named
+            # by no record and removes it, QEMU and all (the pool fills again). It is recorded
+            # once a create takes it and it becomes a sandbox.
+            return
         row = asdict(rec)
         row["persistent"] = int(rec.persistent)
         row["paused"] = int(rec.paused)

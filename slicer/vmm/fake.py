@@ -151,7 +151,8 @@ class FakeGuest:
             self.userdata_ran = True
         elif name == "power":
             asyncio.get_running_loop().call_later(0.05, self.vm.guest_reboot)  # after the answer is out
-        return {"list_execs": [], "stats": {"hostname": self.hostname, "loadAvg1": 0.0}}.get(name, {"ok": True})
+        return {"list_execs": [], "stats": {"hostname": self.hostname, "loadAvg1": 0.0},
+                "settle": {"settled": True}}.get(name, {"ok": True})
 
 
 class FakeVM(VM):

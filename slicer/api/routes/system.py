@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import platform
 
 from fastapi import APIRouter, Depends, Request
@@ -54,6 +55,7 @@ async def info(request: Request) -> dict:
                          **{g: {"error": e} for g, e in m.images.errors.items()}},
         "network": m.net.describe(),  # per host group: backend (bridge/isolated/passt) and addresses
         "confinement": m.driver.confinement(),  # VMMs' uids, seccomp filter, cgroups
+        "warm_pools": {g: dataclasses.asdict(s) for g, s in m.pool.stats().items()},
     }
 
 
