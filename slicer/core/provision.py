@@ -83,11 +83,17 @@ class Provisioner:
             await agent.identity(await identity_body(node, node.vm.spec), timeout=30)
             node.identity_pending = False
         spec = node.record.spec
-        await self.push_secrets(node)
-        keys = list(self.config.ssh_keys) + list(spec.ssh_keys)
-        for user in {u for u in (self.config.github_user, spec.import_user) if u}:
-            keys += await self._github_keys(node, user)
-        await agent.put_ssh_keys(keys)
+
+        async def keys() -> None:
+            found = list(self.config.ssh_keys) + list(spec.ssh_keys)
+            for user in {u for u in (self.config.github_user, spec.import_user) if u}:
+                found += await self._github_keys(node, user)
+            await agent.put_ssh_keys(found)
+
+        # Secrets and keys are independent (two streams on the channel); userdata comes after both.
+        for outcome in await asyncio.gather(self.push_secrets(node), keys(), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
         if spec.userdata:
             await agent.userdata(spec.userdata)
 
