@@ -27,6 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from boot import private_network, start_daemon  # noqa: E402
+from start import phase_means  # noqa: E402
 
 IMAGES = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer"))
 CONFIG = """
@@ -126,6 +127,7 @@ def main() -> None:
                     colds.append(t)
                     delete(client, "tpl", [name])
             stats = client.get("/info").json()["warm_pools"]["pool"]
+            results["phases_mean_ms"] = phase_means(client.get("/metrics").text)
         finally:
             daemon.terminate()
             daemon.wait(120)

@@ -4,6 +4,8 @@ Prints JSON: for 1 and for 5 concurrent creates, the median seconds of ``POST
 /hostgroup/NAME/nodes?wait=agent`` with ``{"boot": "cold"}`` and with the default (restore
 from the template), and their ratio. Rounds are interleaved (cold, restore, cold, …) so both see
 the same machine noise; the template is built once before timing (its build time is printed).
+Also the mean of each phase of those creates (``slicer_vm_start_phase_seconds``: alloc, template,
+attach, disks, jail, spawn, load, resume, ready, identity, setup), by how the VM came to be.
 Usage: ``python3 bench/start.py [--runs 3] [--runs-concurrent 2]`` (as root, image built).
 """
 
@@ -20,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from boot import private_network, start_daemon  # noqa: E402
@@ -58,6 +61,23 @@ def round_of(client: httpx.Client, n: int, cold: bool) -> list[float]:
     return [t for _, t in results]
 
 
+def phase_means(metrics: str) -> dict:
+    """Mean milliseconds of each phase of the creates (slicer_vm_start_phase_seconds), by boot."""
+    sums: dict[tuple[str, str], list[float]] = {}
+    for family in text_string_to_metric_families(metrics):
+        if family.name != "slicer_vm_start_phase_seconds":
+            continue
+        for s in family.samples:
+            if s.name.endswith(("_sum", "_count")):
+                key = (s.labels["boot"], s.labels["phase"])
+                sums.setdefault(key, [0.0, 0.0])[s.name.endswith("_count")] += s.value
+    out: dict = {}
+    for (boot, phase), (total, count) in sorted(sums.items()):
+        if count:
+            out.setdefault(boot, {})[phase] = round(total / count * 1000, 1)
+    return out
+
+
 def summary(times: list[float]) -> dict:
     return {"median": round(statistics.median(times), 3), "all": [round(x, 3) for x in times]}
 
@@ -90,6 +110,7 @@ def main() -> None:
                     "cold_boot_s": summary(cold), "restore_s": summary(warm),
                     "ratio_cold_over_restore": round(c / w, 2),
                 }
+            results["phases_mean_ms"] = phase_means(client.get("/metrics").text)
             storage = client.get("/storage").json()
             results["template_bytes"] = sum(t["state_bytes"] + t["disk_bytes"] for t in storage["templates"])
         finally:

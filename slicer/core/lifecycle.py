@@ -28,7 +28,7 @@ from slicer.core.state import NodeRecord
 from slicer.core.templates import Template, Templates
 from slicer.net import NetworkError
 from slicer.net.surface import Network
-from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState
+from slicer.vmm.base import VM, Driver, Laps, VMMError, VMSpec, VMState
 from slicer.vmm.disks import TamperedDisk, remove_disk
 
 log = logging.getLogger("slicer.core.manager")
@@ -101,15 +101,21 @@ class Lifecycle:
         """Attach the NIC and start the VMM, running; on any failure nothing of it is left."""
         rec = node.record
         gnet = self.net.group(rec.hostgroup)
+        lap = Laps()
         try:
             spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir, policy=rec.spec.network)
         except NetworkError as e:
             raise SlicerError(f"{rec.hostname}: network setup failed: {e}", ErrorCode.NETWORK_FAILED) from e
+        lap("attach")
         vm = None
         try:
             vm = await self.driver.start(spec, restore_from)
+            node.phases.update({"attach": lap.laps["attach"], **vm.phases})
+            lap = Laps()
             if vm.state == VMState.PAUSED:
                 await vm.resume()
+            lap("resume")
+            node.phases.update(lap.laps)
         except BaseException:
             spec.net.close()
             if vm is not None:

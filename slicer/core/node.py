@@ -43,6 +43,7 @@ class Node:
         self.boot = BootKind.BOOT  # how the running VM came to be
         self.identity_pending = False
         self.setup_error: str | None = None  # set when this boot's setup failed
+        self.phases: dict[str, float] = {}  # seconds of each phase of its latest start (see telemetry)
 
     @property
     def hostname(self) -> str:

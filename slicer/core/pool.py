@@ -34,7 +34,7 @@ from slicer.core.records import NodeKind, NodeSpec
 from slicer.core.registry import Registry, Tasks
 from slicer.core.state import now_rfc3339
 from slicer.core.templates import Templates
-from slicer.vmm.base import VMState
+from slicer.vmm.base import Laps, VMState
 
 log = logging.getLogger("slicer.core.pool")
 
@@ -98,10 +98,14 @@ class Pool:
             rec.kind, rec.spec, rec.created_at = NodeKind.SANDBOX, spec, now_rfc3339()
             node.provisioned.clear()
             node.setup_error = None
+            lap = Laps()
             try:
                 async with node.act(NodeAction.RESUME):
                     await node.vm.resume()
+                lap("resume")
                 self.registry.store.put(rec)  # a sandbox from now on, for a daemon that restarts too
+                lap("record")
+                node.phases = lap.laps
             except BaseException:
                 await self.lifecycle.destroy(node)
                 raise
@@ -115,8 +119,11 @@ class Pool:
         """What the create asked for: a clock that is right now (it stood still while paused),
         fresh randomness, then secrets, SSH keys and userdata as after any boot."""
         try:
+            lap = Laps()
             agent = node.running_agent(setup=True)
             await agent.identity(refresh_body(), timeout=30)
+            lap("identity")
+            node.phases.update(lap.laps)
             await self.provisioner.configure(node)
         except SlicerError as e:
             log.warning("%s: setting up the guest failed: %s", node.hostname, e.message)

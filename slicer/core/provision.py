@@ -16,7 +16,7 @@ from slicer.core.identity import identity_body
 from slicer.core.node import Node
 from slicer.core.registry import Registry, Tasks
 from slicer.core.secrets import SecretStore
-from slicer.vmm.base import VM, VMState
+from slicer.vmm.base import VM, Laps, VMState
 
 log = logging.getLogger("slicer.core.manager")
 READY_TIMEOUT = 600.0
@@ -47,6 +47,7 @@ class Provisioner:
                 await node.wait_ready(timeout=READY_TIMEOUT, health=not node.identity_pending)
             except SlicerError:
                 continue  # the loop ends when the VM stops
+            node.phases["ready"] = loop.time() - t0
             if first:
                 telemetry.BOOT_SECONDS.labels(group_name).observe(loop.time() - t0)
                 first = False
@@ -68,6 +69,7 @@ class Provisioner:
             node.provisioned.set()
             await node.rebooted.wait()
             node.rebooted.clear()
+            t0 = loop.time()
 
     @staticmethod
     def _setup_failed(node: Node, e: SlicerError) -> None:
@@ -77,11 +79,13 @@ class Provisioner:
             node.setup_error = f"identity reset after restore failed: {e.message}"
 
     async def configure(self, node: Node) -> None:
+        lap = Laps()
         agent = node.running_agent(setup=True)
         if node.identity_pending:
             assert node.vm is not None
             await agent.identity(await identity_body(node, node.vm.spec), timeout=30)
             node.identity_pending = False
+            lap("identity")
         spec = node.record.spec
 
         async def keys() -> None:
@@ -96,6 +100,8 @@ class Provisioner:
                 raise outcome
         if spec.userdata:
             await agent.userdata(spec.userdata)
+        lap("setup")
+        node.phases.update(lap.laps)
 
     async def _github_keys(self, node: Node, user: str) -> list[str]:
         url = f"{self.config.github_keys_url.rstrip('/')}/{user}.keys"

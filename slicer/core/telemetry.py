@@ -14,6 +14,13 @@ QEMU_EXITS = Counter(
     "slicer_qemu_exits_total", "QEMU processes that ended without being asked to (crash: non-zero exit)",
     ["hostgroup", "kind"], registry=REGISTRY,
 )
+START_PHASE_SECONDS = Histogram(
+    "slicer_vm_start_phase_seconds",
+    "Seconds of each phase of a create that waited for its VM (alloc, template, attach, disks, jail, spawn, load, "
+    "resume, identity, setup, ready), by how the VM came to be (boot, template, pool)",
+    ["hostgroup", "boot", "phase"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120), registry=REGISTRY,
+)
 VM_STARTS = Counter("slicer_vm_starts_total", "VMs started", ["hostgroup", "kind"], registry=REGISTRY)
 RESTORES = Counter(
     "slicer_vm_restores_total", "VMs restored from a saved state: a template (source=template) or their own",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import abc
 import enum
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,11 +114,26 @@ class VMSpec:
         return self.run_dir / "console.log"
 
 
+class Laps:
+    """Seconds between successive marks, by name: what each step of some work took."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
+
+
 class VM(abc.ABC):
     """A running (or ended) VM of some driver."""
 
     spec: VMSpec
     on_reset: Callable[[], None] | None = None  # called when the guest reboots or is reset
+    # Seconds of each step of its start, as the driver timed them (e.g. disks, jail, spawn, load).
+    phases: dict[str, float] = {}
 
     @property
     @abc.abstractmethod

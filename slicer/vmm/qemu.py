@@ -29,7 +29,7 @@ from qemu.qmp import ConnectError, QMPClient
 from slicer.channel.yamux import PORT_NAME
 from slicer.vmm.accel import qemu_version, tsc_khz
 from slicer.vmm.adopted import RUN_DIR_ENV, AdoptedProcess, running_vmm, vmm_processes
-from slicer.vmm.base import VM, Driver, VMMError, VMSpec, VMState, VMStateError
+from slicer.vmm.base import VM, Driver, Laps, VMMError, VMSpec, VMState, VMStateError
 from slicer.vmm.disks import create_overlay, verified_chain
 from slicer.vmm.handoff import Handoff, Layer, open_handoff, placeholder
 from slicer.vmm.jail import SANDBOX, Jail, Jailer, SealedFiles, guest_memory_charge, release
@@ -510,12 +510,15 @@ class QemuDriver(Driver):
         return await verified_chain(spec.disk, self.legacy_roots)
 
     async def start(self, spec: VMSpec, restore_from: Path | None = None) -> QemuVM:
+        lap = Laps()
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         chain = await self._chain(spec)
+        lap("disks")
         jail = None
         if self.jailer is not None:
             private = spec.memory_file is not None and not spec.memory_shared
             jail = self.jailer.enter(spec.name, spec.cpus, guest_memory_charge(spec.ram_bytes, private))
+        lap("jail")
         try:
             handoff = open_handoff(spec, chain, jail, self.sealed)
         except BaseException:
@@ -541,8 +544,10 @@ class QemuDriver(Driver):
         vm = QemuVM(spec, proc, functools.partial(self._release, spec, chain, jail), jail)
         try:
             await vm._attach()
+            lap("spawn")
             if restore_from is not None:
                 await vm.load(restore_from)
+                lap("load")
         except BaseException as e:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -551,6 +556,7 @@ class QemuDriver(Driver):
             if isinstance(e, VMMError):
                 raise VMMError(f"{e}: {_qemu_failure(spec.run_dir)}") from e
             raise
+        vm.phases = lap.laps
         return vm
 
     def _release(self, spec: VMSpec, chain: list[Layer], jail: Jail | None) -> None:

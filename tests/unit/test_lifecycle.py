@@ -310,3 +310,15 @@ async def test_stop_deletes_sandboxes_and_stops_services(lab: Lab):
     assert "powerdown" in service_vm.actions  # gracefully
     assert not Path(node.record.disk).exists()
     assert lab.host.processes == {}
+
+
+async def test_a_create_that_waits_says_where_its_time_went(lab: Lab):
+    from slicer.core import telemetry
+
+    m = await lab.daemon()
+    node = await m.create("sbx", **create_args())
+    assert {"alloc", "template", "attach", "resume", "ready", "identity", "setup"} <= set(node.phases)
+    assert all(s >= 0 for s in node.phases.values())
+    count = telemetry.REGISTRY.get_sample_value("slicer_vm_start_phase_seconds_count",
+                                               {"hostgroup": "sbx", "boot": "template", "phase": "identity"})
+    assert count and count >= 1

@@ -71,6 +71,8 @@ async def test_a_create_takes_a_pooled_vm_and_hands_it_the_create(lab: Lab):
     assert list(guest.called("put_secrets")[-1]) == ["token"]
     assert guest.called("put_ssh_keys")[-1] == {"keys": ["ssh-ed25519 AAAA k"]}
     assert guest.called("userdata") == [{"script": "echo hi"}]
+    assert {"resume", "record", "identity", "setup"} <= set(node.phases)  # a hit's own phases only
+    assert "template" not in node.phases
     stats = m.pool.stats()["sbx"]
     assert stats.hits == 1 and stats.misses == 0
     await filled(m)  # refilled behind it
