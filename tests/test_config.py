@@ -46,6 +46,13 @@ config:
     assert cfg.api.unix_socket == "/run/slicer.sock"
 
 
+def test_a_relative_socket_is_next_to_the_config(tmp_path):
+    for address in ("./slicer.sock", "unix:slicer.sock"):
+        cfg = load_config(f"config:\n  api:\n    bind_address: {address}\n    auth: {{enabled: false}}\n", tmp_path)
+        assert cfg.api.unix_socket == cfg.api.bind_address == str(tmp_path / "slicer.sock")
+    assert load_config("config:\n  api:\n    bind_address: 0.0.0.0\n", tmp_path).api.unix_socket is None
+
+
 @pytest.mark.parametrize(
     "snippet, words",
     [

@@ -78,6 +78,19 @@ def test_base64_round_trips_every_byte(api, vm):
     logs = [json.loads(x) for x in api.get(f"/vm/{vm}/exec/{bg['exec_id']}/logs").text.splitlines()]
     (out,) = [f for f in logs if f["type"] == "stdout"]
     assert out["encoding"] == "base64" and base64.b64decode(out["data"]) == b"\xff"
+    # a text exec's logs in base64 (the TS SDK asks for them so): every byte as it was written
+    bg = api.post(f"/vm/{vm}/exec", params={"cmd": "printf 'caf\xc3\xa9 \xff\x00'", "background": "true"}).json()
+    api.get(f"/vm/{vm}/exec/{bg['exec_id']}/wait-exit", params={"timeout": 30})
+    url = f"/vm/{vm}/exec/{bg['exec_id']}/logs"
+    logs = [json.loads(x) for x in api.get(url, params={"stdio": "base64"}).text.splitlines()]
+    outs = [f for f in logs if f["type"] == "stdout"]
+    assert all(f["encoding"] == "base64" for f in outs)
+    assert b"".join(base64.b64decode(f["data"]) for f in outs) == "café ".encode() + b"\xff\x00"
+    text = [json.loads(x) for x in api.get(url).text.splitlines()]
+    assert "".join(f["data"] for f in text if f["type"] == "stdout") == "café \ufffd\x00"
+    assert all("encoding" not in f for f in text)
+    bad = api.get(url, params={"stdio": "hex"})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_request", bad.text
 
 
 def test_big_output_streams_completely(api, vm):

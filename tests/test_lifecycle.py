@@ -198,19 +198,22 @@ def test_a_crashed_daemon_leaves_guests_running_and_the_next_one_adopts_them(gue
         d.cleanup()
 
 
-def test_unix_socket_api_needs_no_token_and_is_private(guest_image):
+@pytest.mark.parametrize("address", ["SOCKET", "./api.sock"])  # absolute; relative to the config (Slicer's docs)
+def test_unix_socket_api_needs_no_token_and_is_private(guest_image, address):
     d = Daemon(
-        """
+        f"""
 config:
   host_groups:
   - name: vm
     count: 0
   api:
-    bind_address: SOCKET
+    bind_address: {address}
     auth:
       enabled: true
 """
-    ).start()
+    )
+    d.socket = d.data_dir / "api.sock"  # the config file is in the data dir
+    d.start()
     try:
         assert stat.S_IMODE(d.socket.stat().st_mode) == 0o600
         with d.client(token=None) as c:

@@ -9,6 +9,7 @@ After ``DELETE`` an exec is reaped: its ring is freed and every later call answe
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import secrets
@@ -16,7 +17,7 @@ import signal
 from collections import deque
 from dataclasses import dataclass, field
 
-from slicer.agent.execute import ExecError, ExecRequest, _Encoder, exit_fields, frame, now, output_events
+from slicer.agent.execute import ExecError, ExecRequest, exit_fields, frame, now, output_events
 
 DEFAULT_RING = 1 << 20
 AGENT_BUDGET = 64 << 20
@@ -55,7 +56,7 @@ class Entry:
         }
 
     async def append(self, ftype: str, **fields) -> None:
-        data = fields.get("data", "")
+        data = fields.get("raw", b"")
         f = {"type": ftype, "id": self.next_id, "timestamp": now(), **fields}
         self.ring.append((self.next_id, len(data), f))
         self.next_id += 1
@@ -68,6 +69,30 @@ class Entry:
             self.frames_dropped += 1
         async with self.changed:
             self.changed.notify_all()
+
+
+class _Utf8Cut:
+    """Output bytes cut where a UTF-8 character ends, so that each piece decodes alone to the
+    text an incremental decoder gives (the rest waits for the next chunk, or the end)."""
+
+    def __init__(self) -> None:
+        self.carry = b""
+
+    def __call__(self, data: bytes, final: bool = False) -> bytes:
+        buf = self.carry + data
+        cut = len(buf) if final else _utf8_end(buf)
+        self.carry = buf[cut:]
+        return buf[:cut]
+
+
+def _utf8_end(buf: bytes) -> int:
+    """Where the last complete UTF-8 character of ``buf`` ends (its length if none is cut)."""
+    for back in range(1, min(4, len(buf)) + 1):
+        b = buf[-back]
+        if b & 0xC0 != 0x80:  # a lead byte (or ASCII): how long is its character?
+            need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+            return len(buf) - back if need > back else len(buf)
+    return len(buf)
 
 
 class Registry:
@@ -103,19 +128,24 @@ class Registry:
         return entry
 
     async def _collect(self, entry: Entry) -> None:
-        encoders = {"stdout": _Encoder(entry.req.base64), "stderr": _Encoder(entry.req.base64)}
-        encoding = {"encoding": "base64"} if entry.req.base64 else {}
+        # The ring keeps bytes, cut at UTF-8 boundaries: a reader may ask for text or base64.
+        cutters = {"stdout": _Utf8Cut(), "stderr": _Utf8Cut()}
         await entry.append("started", pid=entry.proc.pid, started_at=entry.started_at)
         async for name, chunk in output_events(entry.proc):
-            if text := encoders[name](chunk):
-                await entry.append(name, data=text, **encoding)
+            if raw := cutters[name](chunk):
+                await entry.append(name, raw=raw)
+        for name, cut in cutters.items():
+            if raw := cut(b"", final=True):
+                await entry.append(name, raw=raw)
         code = await entry.proc.wait()
         entry.ended_at = now()
         entry.exit = exit_fields(code)
         await entry.append("exit", ended_at=entry.ended_at, **entry.exit)
 
-    async def frames(self, entry: Entry, from_id: int, follow: bool):
-        """NDJSON lines from ``from_id`` on; a gap frame first if some were evicted."""
+    async def frames(self, entry: Entry, from_id: int, follow: bool, b64: bool | None = None):
+        """NDJSON lines from ``from_id`` on; a gap frame first if some were evicted. Output in
+        base64 or as text as ``b64`` says (None: as the exec was started)."""
+        b64 = entry.req.base64 if b64 is None else b64
         cursor = from_id or 1
         while True:
             oldest = entry.ring[0][0] if entry.ring else entry.next_id
@@ -126,9 +156,12 @@ class Registry:
                 cursor = oldest
             for fid, _, f in list(entry.ring):
                 if fid >= cursor:
-                    fields = {k: v for k, v in f.items() if k != "type"}
+                    fields = {k: v for k, v in f.items() if k not in ("type", "raw")}
                     if f["type"] in ("stdout", "stderr"):
-                        fields[f["type"]] = f.get("data", "")  # the seed's field beside the typed one
+                        raw = f["raw"]
+                        data = base64.b64encode(raw).decode() if b64 else raw.decode("utf-8", "replace")
+                        fields.update(data=data, **({"encoding": "base64"} if b64 else {}))
+                        fields[f["type"]] = data  # the seed's field beside the typed one
                     yield frame(f["type"], **fields)
                     cursor = fid + 1
             if not follow or not entry.running and cursor >= entry.next_id:

@@ -65,7 +65,11 @@ def handlers(ctx: Context) -> Handlers:
 
     async def logs(request: web.Request, entry: background.Entry) -> web.StreamResponse:
         from_id = int(request.query.get("from_id") or 0)
-        return await stream(request, registry.frames(entry, from_id, flag(request, "follow")), NDJSON)
+        stdio = request.query.get("stdio") or None
+        if stdio not in (None, "text", "base64"):
+            raise ExecError("stdio must be text or base64", "invalid_request")
+        frames = registry.frames(entry, from_id, flag(request, "follow"), None if stdio is None else stdio == "base64")
+        return await stream(request, frames, NDJSON)
 
     async def kill(request: web.Request, entry: background.Entry) -> web.Response:
         body = await request.json() if request.can_read_body else {}

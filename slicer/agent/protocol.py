@@ -124,6 +124,7 @@ class Reaped(TypedDict):
 class LogsQuery(TypedDict, total=False):
     follow: bool
     from_id: int
+    stdio: Literal["text", "base64"]  # default: as the exec was started
 
 
 class KillRequest(TypedDict, total=False):

@@ -201,7 +201,7 @@ class AgentClient:
         return await self._call("reap_exec", {"exec_id": exec_id})
 
     async def exec_logs(self, exec_id: str, params: Query = ()) -> httpx.Response:
-        """The exec's NDJSON frames (query: ``follow``, ``from_id``), streamed."""
+        """The exec's NDJSON frames (query: ``follow``, ``from_id``, ``stdio``), streamed."""
         return await self._stream("exec_logs", {"exec_id": exec_id}, params=params)
 
     async def kill_exec(self, exec_id: str, signal: str = "TERM", grace_ms: int = 5000) -> protocol.Killed:

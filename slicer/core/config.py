@@ -163,8 +163,12 @@ class ApiConfig(_Strict):
 
     @property
     def unix_socket(self) -> str | None:
+        """The socket's path when ``bind_address`` names one: absolute, ``./x.sock`` or ``../…``
+        (relative to the config file, as Slicer's docs write it), or ``unix:`` and a path."""
         addr = self.bind_address.removeprefix("unix:")
-        return addr if addr.startswith("/") else None
+        if addr.startswith(("/", "./", "../")) or self.bind_address.startswith("unix:"):
+            return addr
+        return None
 
 
 class Config(_Strict):
@@ -254,6 +258,8 @@ def load_config(text: str, base_dir: Path | None = None) -> Config:
         if first["type"] == "extra_forbidden":
             message = unknown_key(str(first["loc"][-1]))
         raise BadRequest(f"config: {where}: {message}") from e
+    if (sock := cfg.api.unix_socket) is not None and not sock.startswith("/"):
+        cfg.api.bind_address = str(((base_dir or Path.cwd()) / sock).resolve())
     for g in cfg.host_groups:
         if g.userdata_file:
             path = Path(g.userdata_file)

@@ -216,3 +216,14 @@ def test_cp_in_writes_a_file_under_tmp(tmp_path):
     answer(check)
     assert (tmp_path / "new").read_bytes() == b"payload"
     assert (tmp_path / "new").stat().st_mode & 0o777 == 0o600
+
+
+def test_background_output_is_cut_where_utf8_characters_end():
+    from slicer.agent.background import _Utf8Cut
+
+    cut = _Utf8Cut()
+    text = "añ€😀".encode()
+    pieces = [cut(text[i:i + 1]) for i in range(len(text))] + [cut(b"", final=True)]
+    assert b"".join(pieces) == text
+    assert all(p.decode() for p in pieces if p)  # every piece decodes alone
+    assert cut(b"\xff\xfe") == b"\xff\xfe" and cut(b"ok\xe2\x82") == b"ok" and cut(b"", final=True) == b"\xe2\x82"

@@ -32,6 +32,7 @@ BUFFERED_MAX = 16 << 20  # a buffered answer is held whole: a guest may not make
 router = APIRouter(dependencies=[Depends(require_auth)])
 Mgr = Annotated[Manager, Depends(manager)]
 TRUE = ("1", "true", "yes", "on")
+STDIO = {"type": "string", "enum": ["text", "base64"]}
 # Streamed frames (NDJSON), the whole output (buffered=true), or a background exec (201).
 EXEC_ANSWERS: dict = {
     200: {"content": {"application/x-ndjson": {"schema": ExecFrame.model_json_schema()}},
@@ -48,7 +49,7 @@ class KillRequest(BaseModel):
 
 @router.post("/vm/{hostname}/exec", openapi_extra={
     **query_doc(required=("cmd",), cmd=NONEMPTY, args=STRINGS, env=ENV, uid=INTEGER, gid=INTEGER, cwd=ABSOLUTE,
-                shell=STRING, stdin=BOOLEAN, stdout=BOOLEAN, stderr=BOOLEAN, stdio={"enum": ["text", "base64"]},
+                shell=STRING, stdin=BOOLEAN, stdout=BOOLEAN, stderr=BOOLEAN, stdio=STDIO,
                 buffered=BOOLEAN, background=BOOLEAN, ring_bytes=INTEGER),
     "requestBody": {"required": False, "content": {"application/octet-stream": {"schema": {}}}}},
     responses=EXEC_ANSWERS)
@@ -99,10 +100,11 @@ async def background_reap(m: Mgr, hostname: str, exec_id: ExecId) -> dict:
     return await m.agent(hostname).reap_exec(exec_id)
 
 
-@router.get("/vm/{hostname}/exec/{exec_id}/logs", openapi_extra=query_doc(follow=BOOLEAN, from_id=INTEGER))
+@router.get("/vm/{hostname}/exec/{exec_id}/logs",
+            openapi_extra=query_doc(follow=BOOLEAN, from_id=INTEGER, stdio=STDIO))
 async def background_logs(m: Mgr, hostname: str, exec_id: ExecId, request: Request) -> StreamingResponse:
     """Replay the ring (``from_id``), and with ``follow=true`` stream until the process exits."""
-    params = [(k, v) for k, v in request.query_params.multi_items() if k in ("follow", "from_id")]
+    params = [(k, v) for k, v in request.query_params.multi_items() if k in ("follow", "from_id", "stdio")]
     resp = await m.agent(hostname).exec_logs(exec_id, params)
     return StreamingResponse(relay(resp, request), media_type="application/x-ndjson")
 
