@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -205,6 +206,32 @@ def test_forward_serves_http_from_the_guest(cli):
     port = free_port()
     assert forwarded(cli, [f"{port}:127.0.0.1:8766"], lambda: httpx.get(f"http://127.0.0.1:{port}/index.html",
                                                                          timeout=30)) == "fw-ok\n"
+    # Ctrl-C with a connection open through it (a keep-alive one, idle): it ends at once
+    port = free_port()
+    with httpx.Client(timeout=30) as keep:
+        def get_kept() -> httpx.Response:
+            return keep.get(f"http://127.0.0.1:{port}/index.html", headers={"Connection": "keep-alive"})
+        proc = subprocess.Popen([sys.executable, "-m", "slicer", "vm", "forward", "vm-1", f"{port}:127.0.0.1:8766"],
+                                env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if get_kept().text == "fw-ok\n":
+                        break
+                except httpx.HTTPError:
+                    assert time.monotonic() < deadline, "the forward never answered"
+                    time.sleep(0.5)
+            idle = socket.create_connection(("127.0.0.1", port))  # its WebSocket open, nothing sent
+            time.sleep(1.5)
+            t = time.monotonic()
+            proc.send_signal(2)
+            assert proc.wait(10) is not None and time.monotonic() - t < 3, "Ctrl-C did not end it at once"
+            assert b"Traceback" not in proc.stderr.read()
+            idle.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     # A local unix socket to the same server (Slicer's -L ./docker.sock:/var/run/docker.sock form)
     sock = f"/tmp/slt-fw-{os.getpid()}.sock"
 

@@ -85,14 +85,32 @@ def forward_ports(client, hostname: str, specs: list[tuple[str, int | None, str]
     settings = client.settings
 
     async def serve() -> None:
+        # Ctrl-C (or SIGTERM) ends it at once: open connections are cut, not drained, and no
+        # WebSocket close handshake is waited for.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        connections: set[asyncio.Task] = set()
         async with AsyncSlicerClient(settings.base_url if not settings.uds else settings.uds,
                                      token=settings.token) as ac:
             async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
+                task = asyncio.current_task()
+                assert task is not None
+                connections.add(task)
+                try:
+                    await carry(reader, writer, target)
+                except asyncio.CancelledError:
+                    pass  # Ctrl-C: ending quietly (asyncio's stream callback reports a cancelled task as an error)
+                finally:
+                    connections.discard(task)
+                    writer.transport.abort()
+
+            async def carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
                 try:
                     ws = await ac.forward(hostname, target)
                 except Exception as e:
                     err.print(f"[red]{target}: {e}[/red]")
-                    writer.close()
                     return
 
                 async def up() -> None:
@@ -106,12 +124,14 @@ def forward_ports(client, hostname: str, specs: list[tuple[str, int | None, str]
                         await writer.drain()
 
                 tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for t in tasks:
-                    t.cancel()
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await ws.close()
+                try:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for t in tasks:
+                        t.cancel()
+                    writer.close()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(ws.close(), 1)
 
             servers = []
             for addr, port, target in specs:
@@ -126,7 +146,13 @@ def forward_ports(client, hostname: str, specs: list[tuple[str, int | None, str]
                     where = f"{addr}:{port}"
                 servers.append(server)
                 err.print(f"forwarding {where} → {hostname} {target} (Ctrl-C to stop)")
-            await asyncio.gather(*(s.serve_forever() for s in servers))
+            await stop.wait()
+            for server in servers:
+                server.close()
+            for task in list(connections):
+                task.cancel()
+            if connections:
+                await asyncio.wait(list(connections), timeout=2)
 
     unix_paths: list[str] = []
 
