@@ -307,3 +307,20 @@ def test_buffered_output_is_capped_and_a_leaving_client_cancels_it(daemon, api, 
     with daemon.client() as impatient, pytest.raises(httpx.TimeoutException):
         impatient.post(f"/vm/{vm}/exec", params={"cmd": f"exec -a {tag} sleep 600", "buffered": "true"}, timeout=3)
     assert not still_running(api, vm, tag), "the buffered command outlived its client"
+
+
+def test_a_call_on_a_vm_still_booting_waits_and_gets_through(api):
+    """Right after a create that does not wait (a cold boot: seconds), exec and cp wait for the
+    agent and the guest's setup, then answer, instead of 503 (Slicer's clients call at once)."""
+    r = api.post("/hostgroup/sbx/nodes", json={"boot": "cold"})
+    assert r.status_code == 201, r.text
+    h = r.json()["hostname"]
+    try:
+        assert api.get(f"/vm/{h}").json()["status"] in ("Starting", "Running")
+        r = api.post(f"/vm/{h}/exec", params={"cmd": "hostname", "buffered": "true"})
+        assert r.status_code == 200, r.text
+        assert r.json()["stdout"] == f"{h}\n"
+        r = api.post(f"/vm/{h}/cp", params={"path": "/tmp/early"}, content=b"early\n")
+        assert r.status_code == 200, r.text
+    finally:
+        api.delete(f"/hostgroup/sbx/nodes/{h}")

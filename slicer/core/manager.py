@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 FORWARD_TARGET = re.compile(r"^(unix:/\S{1,200}|([A-Za-z0-9.\-]{1,253}:|\[[0-9a-fA-F:]+\]:)?\d{1,5})$")
 MAX_TAGS = 64
+AGENT_WAIT = 120.0  # seconds a call on a VM that is still booting waits for its agent and setup
 MIN_RAM = 64 << 20
 RESERVED_NAMES = {"commits"}  # /vm/commits is the commits' collection
 PRIVATE_DIRS = ("run", "disks", "snapshots", "templates", "commits")
@@ -262,11 +263,13 @@ class Manager:
         node = await self._new_node(group, hostname, ip, cpus, ram, persistent, spec)
         lap = Laps()
         node.phases = {"alloc": loop.time() - t0}
+        node.creating = True
         try:
             if template is None and not cold:
                 template = await self.templates.ensure(group, (cpus, ram))
             lap("template")
             node.phases.update(lap.laps)
+            node.creating = False
             # Held while the VMM starts: a DELETE that comes meanwhile waits, then removes what started.
             async with node.act(NodeAction.LAUNCH):
                 await self.lifecycle.launch(node, group, template=template)
@@ -276,6 +279,7 @@ class Manager:
                 log.info("%s: ready %.2fs after the request (%s)", node.hostname, loop.time() - t0,
                          observe_phases(node, str(node.boot)))
         except BaseException:
+            node.creating = False
             await self.lifecycle.destroy(node)
             raise
         return node
@@ -395,21 +399,25 @@ class Manager:
                     tail.append(line)
         return "".join(tail)
 
-    def agent(self, hostname: str) -> AgentClient:
-        """The agent of a running VM (404 unknown, 409 paused or stopped)."""
-        return self.registry.get(hostname).running_agent()
+    async def agent(self, hostname: str, wait: float = AGENT_WAIT) -> AgentClient:
+        """The agent of a running VM once it is set up: a call made while the VM boots (or is
+        restored, or set up) waits for that, up to ``wait`` seconds, without touching the VM
+        meanwhile. 404 unknown, 409 paused or stopped, 503 if its agent has not come in time."""
+        node = self.registry.get(hostname)
+        await node.until_set_up(wait)
+        return node.running_agent()
 
     async def open_exec(self, hostname: str, params: list[tuple[str, str]], stdin=None):
         """Start a command in the VM; returns the agent's streamed response (caller closes it)."""
         if not any(k == "cmd" and v for k, v in params):
             raise BadRequest("cmd is required", ErrorCode.INVALID_REQUEST)
-        return await self.agent(hostname).open_exec(params, stdin)
+        return await (await self.agent(hostname)).open_exec(params, stdin)
 
     async def open_stream(self, hostname: str, target: str) -> Stream:
         """A byte stream to ``target`` inside the VM: ``port``, ``host:port`` or ``unix:/path``."""
         if not FORWARD_TARGET.fullmatch(target):
             raise BadRequest(f"target {target!r} must be host:port, a port, or unix:/path", ErrorCode.INVALID_TARGET)
-        agent = self.registry.get(hostname).running_agent()
+        agent = await self.agent(hostname)
         try:
             return await agent.channel.open(target, timeout=15.0)
         except ChannelError as e:
@@ -434,4 +442,5 @@ class Manager:
         return list(await asyncio.gather(*(self.node_stats(n, timeout) for n in self.list())))
 
     async def health(self, hostname: str) -> dict:
-        return await self.agent(hostname).health(timeout=10.0)
+        """The agent's health now: never waits for a VM that boots (it is how clients find out)."""
+        return await self.registry.get(hostname).running_agent().health(timeout=10.0)

@@ -44,6 +44,7 @@ class Node:
         self.identity_pending = False
         self.setup_error: str | None = None  # set when this boot's setup failed
         self.phases: dict[str, float] = {}  # seconds of each phase of its latest start (see telemetry)
+        self.creating = False  # a create is choosing its template: Starting, though no launch holds it yet
 
     @property
     def hostname(self) -> str:
@@ -85,7 +86,7 @@ class Node:
             return NodeState.SUSPENDED
         vm = self.vm
         if vm is None or vm.state == VMState.STOPPED:
-            if self.operation in (NodeAction.LAUNCH, NodeAction.RESTORE, NodeAction.RELAUNCH):
+            if self.operation in (NodeAction.LAUNCH, NodeAction.RESTORE, NodeAction.RELAUNCH) or self.creating:
                 return NodeState.STARTING
             if vm is None or self.stopping or vm.exit_code == 0:
                 return NodeState.STOPPED
@@ -113,6 +114,19 @@ class Node:
                 yield
             finally:
                 self.operation = None
+
+    async def until_set_up(self, timeout: float) -> None:
+        """Wait while the VM starts or its guest is being set up (after a boot, a restore, a
+        reset); return at once in any other state (the caller's check says what it allows)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Polled as well as awaited: a create that fails, or a delete, ends the wait too.
+        while self.state in (NodeState.STARTING, NodeState.RUNNING) and not self.provisioned.is_set():
+            if (left := deadline - loop.time()) <= 0:
+                raise AgentUnreachable(f"{self.hostname} is running but its agent has not answered within "
+                                       f"{timeout:g}s (still booting? its console: GET /vm/{self.hostname}/logs)")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.provisioned.wait(), min(left, 0.25))
 
     def running_agent(self, setup: bool = False) -> AgentClient:
         """The agent of a VM that can answer now, or a clear error why not. A restored VM is

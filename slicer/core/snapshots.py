@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
 from slicer.core.actions import NodeAction
 from slicer.core.config import Config, HostGroup
 from slicer.core.error_codes import ErrorCode
-from slicer.core.errors import Conflict, SlicerError
+from slicer.core.errors import AgentUnreachable, Conflict, SlicerError
 from slicer.core.lifecycle import Lifecycle
 from slicer.core.node import Node
 from slicer.core.records import Suspended
@@ -20,6 +21,7 @@ from slicer.core.templates import Templates, allocated_bytes
 from slicer.vmm.base import VMMError, VMState, VMStateError
 
 log = logging.getLogger(__name__)
+SETUP_WAIT = 30.0  # how long a suspend waits for a guest's setup under way
 SHUTDOWN_WAIT = 45.0  # a graceful shutdown's timeout (GRACEFUL_TIMEOUT) and its kill, with room
 
 
@@ -32,6 +34,10 @@ class Snapshots:
 
     async def suspend(self, hostname: str) -> None:
         node = self.registry.get(hostname)
+        # A guest being set up (hostname, secrets, keys) is saved once that is done: a state saved
+        # halfway would come back never set up. One whose agent does not come is saved anyway.
+        with contextlib.suppress(AgentUnreachable):
+            await node.until_set_up(SETUP_WAIT)
         async with node.act(NodeAction.SUSPEND):
             await self._save(node, Suspended.API)
 

@@ -166,7 +166,7 @@ async def test_pause_and_resume_follow_the_state_table(lab: Lab):
         await m.power.pause(node.hostname)
     assert e.value.code == "invalid_state"
     with pytest.raises(Conflict) as e:
-        m.agent(node.hostname)
+        await m.agent(node.hostname)
     assert e.value.code == "paused"
     await m.power.resume(node.hostname)
     assert node.status == "Running" and not node.record.paused
@@ -214,7 +214,7 @@ async def test_a_crashed_vmm_is_crashed_not_stopped(lab: Lab):
     await node.exited.wait()
     assert node.status == "Crashed" and node.hostname in m.nodes
     with pytest.raises(Conflict) as e:
-        m.agent(node.hostname)
+        await m.agent(node.hostname)
     assert e.value.code == "not_running"
     await m.snapshots.relaunch(node.hostname, wait="agent", timeout=5)
     assert node.status == "Running"
@@ -322,3 +322,39 @@ async def test_a_create_that_waits_says_where_its_time_went(lab: Lab):
     count = telemetry.REGISTRY.get_sample_value("slicer_vm_start_phase_seconds_count",
                                                {"hostgroup": "sbx", "boot": "template", "phase": "identity"})
     assert count and count >= 1
+
+
+async def test_a_call_on_a_vm_still_booting_waits_for_it_and_then_gets_through(lab: Lab):
+    m = await lab.daemon()
+    creating = asyncio.create_task(m.create("sbx", **create_args(wait=None)))
+    async with asyncio.timeout(5):
+        while "sbx-1" not in m.nodes:
+            await asyncio.sleep(0)
+    agent = await m.agent("sbx-1")  # asked before the VM is even up: waits, then answers
+    node = m.get("sbx-1")
+    assert node.provisioned.is_set() and not node.identity_pending
+    assert (await agent.health())["hostname"] == "sbx-1"
+    await creating
+
+
+async def test_a_vm_whose_agent_never_comes_says_so(lab: Lab):
+    from slicer.core.errors import AgentUnreachable
+
+    m = await lab.daemon()
+    node = await m.create("sbx", **create_args())
+    node.provisioned.clear()  # as while a reboot's setup is under way
+    with pytest.raises(AgentUnreachable) as e:
+        await m.agent(node.hostname, wait=0.2)
+    assert e.value.code == "agent_unavailable" and "has not answered within 0.2s" in e.value.message
+
+
+async def test_a_suspend_during_setup_waits_for_it(lab: Lab):
+    m = await lab.daemon()
+    node = await m.create("sbx", **create_args())
+    node.provisioned.clear()  # its setup under way (after a reboot, say)
+    suspending = asyncio.create_task(m.snapshots.suspend(node.hostname))
+    await asyncio.sleep(0.3)
+    assert not suspending.done() and node.status == "Running"
+    node.provisioned.set()
+    await suspending
+    assert node.status == "Suspended"

@@ -86,18 +86,18 @@ ExecId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 @router.get("/vm/{hostname}/exec", **passes_on(list[BackgroundExec]))
 async def list_background(m: Mgr, hostname: str) -> list:
     """Background execs the agent tracks (running and exited, until reaped)."""
-    return await m.agent(hostname).list_execs()
+    return await (await m.agent(hostname)).list_execs()
 
 
 @router.get("/vm/{hostname}/exec/{exec_id}", **passes_on(BackgroundExec))
 async def background_info(m: Mgr, hostname: str, exec_id: ExecId) -> dict:
-    return await m.agent(hostname).exec_status(exec_id)
+    return await (await m.agent(hostname)).exec_status(exec_id)
 
 
 @router.delete("/vm/{hostname}/exec/{exec_id}", **passes_on(BackgroundReaped))
 async def background_reap(m: Mgr, hostname: str, exec_id: ExecId) -> dict:
     """Free the ring and forget the exec (later calls: 410). Does not kill it."""
-    return await m.agent(hostname).reap_exec(exec_id)
+    return await (await m.agent(hostname)).reap_exec(exec_id)
 
 
 @router.get("/vm/{hostname}/exec/{exec_id}/logs",
@@ -105,7 +105,7 @@ async def background_reap(m: Mgr, hostname: str, exec_id: ExecId) -> dict:
 async def background_logs(m: Mgr, hostname: str, exec_id: ExecId, request: Request) -> StreamingResponse:
     """Replay the ring (``from_id``), and with ``follow=true`` stream until the process exits."""
     params = [(k, v) for k, v in request.query_params.multi_items() if k in ("follow", "from_id", "stdio")]
-    resp = await m.agent(hostname).exec_logs(exec_id, params)
+    resp = await (await m.agent(hostname)).exec_logs(exec_id, params)
     return StreamingResponse(relay(resp, request), media_type="application/x-ndjson")
 
 
@@ -113,10 +113,10 @@ async def background_logs(m: Mgr, hostname: str, exec_id: ExecId, request: Reque
 async def background_kill(m: Mgr, hostname: str, exec_id: ExecId, request: Request) -> dict:
     """Body (optional): ``{"signal": "TERM", "grace_ms": 5000}``; TERM escalates to KILL."""
     body = await parse_body(request, KillRequest)
-    return await m.agent(hostname).kill_exec(exec_id, body.signal, body.grace_ms)
+    return await (await m.agent(hostname)).kill_exec(exec_id, body.signal, body.grace_ms)
 
 
 @router.get("/vm/{hostname}/exec/{exec_id}/wait-exit", **passes_on(BackgroundExit))
 async def background_wait(m: Mgr, hostname: str, exec_id: ExecId,
                           timeout: Annotated[int, Query(ge=0, le=600)] = 30) -> dict:
-    return await m.agent(hostname).wait_exit(exec_id, timeout)
+    return await (await m.agent(hostname)).wait_exit(exec_id, timeout)

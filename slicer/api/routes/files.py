@@ -48,13 +48,13 @@ async def copy_to_vm(m: Mgr, hostname: str, request: Request) -> dict:
     """Body: the file (``application/octet-stream``) or a tar (``application/x-tar``).
     Query: path (required), mode=binary|tar, uid, gid, permissions (octal)."""
     params = _params(request, _mode(request, "content-type"))
-    return await m.agent(hostname).cp_in(params, request.stream())
+    return await (await m.agent(hostname)).cp_in(params, request.stream())
 
 
 @router.get("/cp", openapi_extra=CP_QUERY)
 async def copy_from_vm(m: Mgr, hostname: str, request: Request) -> StreamingResponse:
     """Query: path (required), mode=binary|tar (or ``Accept: application/x-tar``)."""
-    resp = await m.agent(hostname).cp_out(_params(request, _mode(request, "accept")))
+    resp = await (await m.agent(hostname)).cp_out(_params(request, _mode(request, "accept")))
     headers = {k: v for k, v in resp.headers.items() if k.lower() in PASSED_HEADERS}
     return StreamingResponse(relay(resp, request), media_type=resp.headers.get("content-type"), headers=headers)
 
@@ -76,23 +76,23 @@ def _uid(uid: int | None) -> int | None:
 
 @router.get("/fs/readdir", **passes_on(list[FsEntry]))
 async def readdir(m: Mgr, hostname: str, path: str, uid: int | None = None) -> list:
-    return await m.agent(hostname).readdir(path, _uid(uid))
+    return await (await m.agent(hostname)).readdir(path, _uid(uid))
 
 
 @router.get("/fs/stat", **passes_on(FsEntry))
 async def stat(m: Mgr, hostname: str, path: str, uid: int | None = None) -> dict:
-    return await m.agent(hostname).stat(path, _uid(uid))
+    return await (await m.agent(hostname)).stat(path, _uid(uid))
 
 
 @router.post("/fs/mkdir", openapi_extra=json_body(MkdirRequest, required=True), **passes_on(FsChanged))
 async def mkdir(m: Mgr, hostname: str, request: Request) -> dict:
     body = await parse_body(request, MkdirRequest)
-    return await m.agent(hostname).mkdir(body.path, body.recursive, body.mode, body.uid)
+    return await (await m.agent(hostname)).mkdir(body.path, body.recursive, body.mode, body.uid)
 
 
 @router.delete("/fs/remove", **passes_on(FsChanged))
 async def remove(m: Mgr, hostname: str, path: str, recursive: bool = False, uid: int | None = None) -> dict:
-    return await m.agent(hostname).remove(path, recursive, _uid(uid))
+    return await (await m.agent(hostname)).remove(path, recursive, _uid(uid))
 
 
 @router.get("/fs/watch", openapi_extra=query_doc(
@@ -104,6 +104,6 @@ async def watch(m: Mgr, hostname: str, request: Request) -> StreamingResponse:
     last_id = request.headers.get("last-event-id")
     if last_id is not None and not (last_id.isdigit() and int(last_id) < 2**64):
         raise BadRequest("Last-Event-ID must be an unsigned 64-bit integer", "invalid_request")
-    resp = await m.agent(hostname).watch(list(request.query_params.multi_items()))
+    resp = await (await m.agent(hostname)).watch(list(request.query_params.multi_items()))
     return StreamingResponse(relay(resp, request), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})

@@ -89,7 +89,7 @@ async def shell(ws: WebSocket, hostname: str) -> None:
     Query: uid, gid, shell, cwd."""
     try:
         require_auth(ws)
-        agent = manager(ws).agent(hostname)
+        agent = await manager(ws).agent(hostname)
         session = await agent.shell([(k, v) for k, v in ws.query_params.multi_items()
                                      if k in ("uid", "gid", "shell", "cwd")])
     except SlicerError as e:
