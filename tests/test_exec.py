@@ -320,7 +320,8 @@ def test_a_call_on_a_vm_still_booting_waits_and_gets_through(api):
         r = api.post(f"/vm/{h}/exec", params={"cmd": "hostname", "buffered": "true"})
         assert r.status_code == 200, r.text
         assert r.json()["stdout"] == f"{h}\n"
-        r = api.post(f"/vm/{h}/cp", params={"path": "/tmp/early"}, content=b"early\n")
+        r = api.post(f"/vm/{h}/cp", params={"path": "/tmp/early"}, content=b"early\n",
+                     headers={"content-type": "application/octet-stream"})
         assert r.status_code == 200, r.text
     finally:
         api.delete(f"/hostgroup/sbx/nodes/{h}")
