@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
@@ -115,7 +116,9 @@ def test_fs_endpoints(api, vm):
     entries = api.get(f"/vm/{vm}/fs/readdir", params={"path": f"{base}/x"}).json()
     assert [(e["name"], e["type"]) for e in entries] == [("file.txt", "file"), ("y", "directory")]
     st = api.get(f"/vm/{vm}/fs/stat", params={"path": f"{base}/x/file.txt"}).json()
-    assert st["size"] == 5 and st["type"] == "file" and st["mtime"] > 0
+    assert st["size"] == 5 and st["type"] == "file"
+    mtime = datetime.datetime.strptime(st["mtime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    assert abs(mtime.timestamp() - time.time()) < 600  # RFC 3339, as both official SDKs parse it
     assert api.get(f"/vm/{vm}/fs/stat", params={"path": f"{base}/x/y"}).json()["mode"] == "0750"
     nonempty = api.delete(f"/vm/{vm}/fs/remove", params={"path": f"{base}/x"})
     assert nonempty.status_code == 400 and nonempty.json()["code"] == "not_empty"

@@ -21,6 +21,7 @@ import secrets
 import shutil
 import stat
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -453,7 +454,8 @@ def describe(st: os.stat_result, name: str) -> dict:
         "name": name,
         "type": _kind(st.st_mode),
         "size": st.st_size,
-        "mtime": int(st.st_mtime),
+        # RFC 3339 (UTC, whole seconds): what both official SDKs read (Go: time.Time; TS: a string)
+        "mtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.st_mtime)),
         "mode": f"{stat.S_IMODE(st.st_mode):04o}",
     }
 

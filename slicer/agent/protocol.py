@@ -193,7 +193,7 @@ class DirEntry(TypedDict):
     name: str
     type: str
     size: int
-    mtime: int
+    mtime: str  # RFC 3339, UTC
     mode: str
 
 

@@ -326,7 +326,7 @@ class FsEntry(Answer):
     name: str
     type: str  # file, directory, symlink
     size: int
-    mtime: int
+    mtime: str  # RFC 3339, UTC (e.g. 2026-12-02T23:14:09Z): what the official SDKs parse
     mode: str  # octal permission bits
 
 
