@@ -79,7 +79,8 @@ def test_base64_round_trips_every_byte(api, vm):
     (out,) = [f for f in logs if f["type"] == "stdout"]
     assert out["encoding"] == "base64" and base64.b64decode(out["data"]) == b"\xff"
     # a text exec's logs in base64 (the TS SDK asks for them so): every byte as it was written
-    bg = api.post(f"/vm/{vm}/exec", params={"cmd": "printf 'caf\xc3\xa9 \xff\x00'", "background": "true"}).json()
+    bg = api.post(f"/vm/{vm}/exec", params={"cmd": "printf 'caf\\xc3\\xa9 \\xff\\x00'", "background": "true"}).json()
+    assert "exec_id" in bg, bg
     api.get(f"/vm/{vm}/exec/{bg['exec_id']}/wait-exit", params={"timeout": 30})
     url = f"/vm/{vm}/exec/{bg['exec_id']}/logs"
     logs = [json.loads(x) for x in api.get(url, params={"stdio": "base64"}).text.splitlines()]
