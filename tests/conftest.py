@@ -39,11 +39,12 @@ def pytest_configure(config) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
-# The slowest files first (seconds of one serial run, 2026-12): spread over pytest-xdist workers
+# The slowest files first (by their seconds in a two-worker run, 2026-12): spread over xdist workers
 # (--dist loadfile hands out files in collection order), the long ones start at once and the
 # short ones fill the gaps, so no worker is left with a long file at the end. Unit tests last.
-SLOW_FILES = ("test_images", "test_network", "test_snapshots", "test_schema_fuzz", "test_cli", "test_lifecycle",
-              "test_crash_loop", "test_forks", "test_streaming", "test_pool", "test_exec", "test_logs")
+SLOW_FILES = ("test_images", "test_snapshots", "test_network", "test_forks", "test_lifecycle", "test_schema_fuzz",
+              "test_cli", "test_crash_loop", "test_exec", "test_streaming", "test_vms", "test_files",
+              "test_guest_users", "test_pool", "test_defence", "test_platform")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
