@@ -83,6 +83,11 @@ def test_cp_both_ways_and_directories(cli, tmp_path):
     cli("vm", "cp", "-r", str(tree), "vm-1:/tmp/clitree")
     cli("vm", "cp", "-r", "vm-1:/tmp/clitree", str(tmp_path / "out"))
     assert (tmp_path / "out" / "clitree" / "sub" / "b.txt").read_text() == "beta"
+    cli("vm", "cp", str(tree), "vm-1:/tmp/clitree2")  # a directory needs no -r (Slicer's cp copies it as a tar)
+    cli("vm", "cp", "vm-1:/tmp/clitree2", str(tmp_path / "out2"))
+    assert (tmp_path / "out2" / "clitree2" / "sub" / "b.txt").read_text() == "beta"
+    p = cli("vm", "cp", "--mode=binary", str(tree), "vm-1:/tmp/x", check=False)
+    assert p.returncode == 1 and b"--mode binary copies one file" in p.stderr
     p = cli("vm", "cp", "a", "b", check=False)
     assert p.returncode != 0
 

@@ -328,7 +328,8 @@ def _remote_home(c, hostname: str, path: str, uid: int | None) -> str:
 def vm_cp(
     source: Annotated[str, typer.Argument(help="Local path or VM:/path.")],
     dest: Annotated[str, typer.Argument(help="Local path or VM:/path.")],
-    recursive: Annotated[bool, typer.Option("-r", "--recursive", help="Copy a directory (tar mode).")] = False,
+    recursive: Annotated[bool, typer.Option(
+        "-r", "--recursive", help="Copy a directory (tar mode); a directory is copied so without it too.")] = False,
     mode: Annotated[str | None, typer.Option(help="binary (one file) or tar (a directory, same as -r).")] = None,
     uid: int | None = None, gid: int | None = None, permissions: str | None = None,
     url: Url = None, token: Token = None, token_file: TokenFile = None,
@@ -356,7 +357,11 @@ def vm_cp(
         if dst_vm:
             local = Path(src_path)
             if local.is_dir() and not recursive:
-                fail(f"{local} is a directory: use -r")
+                if mode == "binary":
+                    fail(f"{local} is a directory: --mode binary copies one file")
+                recursive = True  # as Slicer's cp: a directory goes as a tar
+            if recursive and not local.is_dir():
+                fail(f"{local} is not a directory: tar mode copies a directory")
             if not recursive and (dst_path.endswith("/") or _remote_is_dir(c, dst_vm, dst_path)):
                 dst_path = dst_path.rstrip("/") + "/" + local.name  # like cp: into the directory
             total = None if recursive else local.stat().st_size
@@ -365,6 +370,8 @@ def vm_cp(
                                     progress=lambda n: bar.update(task, completed=n)))
         else:
             task = bar.add_task(f"← {source}", total=None)
+            if not recursive and mode is None and _remote_is_dir(c, src_vm, src_path):
+                recursive = True  # a directory comes out as a tar, unpacked here
             if recursive:
                 handle(lambda: c.download(src_vm, src_path, Path(dst_path), tar=True))
             else:
