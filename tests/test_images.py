@@ -38,7 +38,6 @@ pytestmark = pytest.mark.vm
 
 CONFIG = """
 config:
-  insecure_registry: true
   host_groups:
   - name: bb
     count: 1
@@ -407,7 +406,7 @@ def test_cache_is_reused_and_managed_from_the_cli(daemon_, refs):
     assert busy.returncode == 1 and "in use" in busy.stderr  # the deb group's template is made of it
     refused = subprocess.run([*cli, "pull", f"oci:{refs['layout']}:arm"], env=env, capture_output=True, text=True)
     assert refused.returncode == 1 and "arm64" in refused.stderr
-    again = subprocess.run([*cli, "pull", "--insecure", refs["bb"]], env=env, capture_output=True, text=True,
+    again = subprocess.run([*cli, "pull", refs["bb"]], env=env, capture_output=True, text=True,
                            check=True)
     assert again.stdout.strip() == next(i["digest"] for i in listed if refs["bb"] in i["refs"])
     extra = f"oci:{refs['layout']}:extra"  # from a local OCI layout: no registry
@@ -442,7 +441,7 @@ def test_dockerfile_build_then_a_vm_of_it(daemon_, client, refs, tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     assert "STEP" in build.stderr and build.stdout.startswith("sha256:")  # buildah's output streamed
     (ctx / "Dockerfile.bb").write_text(f"FROM {refs['bb']}\nRUN echo on-busybox > /etc/built\n")
-    build = subprocess.run([sys.executable, "-m", "slicer", "image", "build", "--insecure", "-f",
+    build = subprocess.run([sys.executable, "-m", "slicer", "image", "build", "-f",
                             str(ctx / "Dockerfile.bb"), "-t", "bb-app:1", str(ctx)], env=env, capture_output=True,
                            text=True)
     assert build.returncode == 0, build.stderr[-3000:]

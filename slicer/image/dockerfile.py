@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from slicer.image.build import GuestImage
-from slicer.image.oci import ImageStore, OCIError, Progress, UserImage, run_tool, source_of
+from slicer.image.oci import ImageStore, OCIError, Progress, UserImage, loopback_registry, run_tool, source_of
 from slicer.net.buildns import BuildNetwork, build_network
 from slicer.net.system import NetworkError
 
@@ -164,7 +164,8 @@ class Builder:
             present = subprocess.run(self._buildah("inspect", "--type", "image", image), capture_output=True)
             if present.returncode:
                 progress(f"pulling {image}")
-                run_tool(self._buildah("pull", *tls, image), f"cannot build {name}: cannot pull {image}", progress)
+                plain = ["--tls-verify=false"] if insecure or loopback_registry(image) else []
+                run_tool(self._buildah("pull", *plain, image), f"cannot build {name}: cannot pull {image}", progress)
         tag = f"localhost/{name}" if "/" not in name.split(":")[0] else name
         what = f"cannot build {name} from {dockerfile}"
         try:

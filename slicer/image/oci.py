@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import re
@@ -75,6 +76,23 @@ def names_registry(ref: str) -> bool:
     ``localhost/…``), as opposed to a short name."""
     first, sep, _ = ref.partition("/")
     return bool(sep) and ("." in first or ":" in first or first == "localhost")
+
+
+def loopback_registry(ref: str) -> bool:
+    """Whether ``ref`` names a registry on this host's loopback (``127.0.0.1:5000/…``,
+    ``localhost:5000/…``, ``[::1]:5000/…``): spoken to in plain HTTP unless TLS works, as docker
+    treats 127.0.0.0/8 (``--insecure`` is not needed for it)."""
+    ref = ref.removeprefix("docker://")
+    if not names_registry(ref):
+        return False
+    host = ref.partition("/")[0]
+    host = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def write_json(path: Path, value: object) -> None:
@@ -261,7 +279,7 @@ class ImageStore:
             raise OCIError(f"image {ref} is not in the cache and names no registry; build it again, or write "
                            f"docker.io/library/{ref} to pull it from Docker Hub", "image_not_found")
         layout = f"{work / 'layout'}:image"  # umoci's form; skopeo's is "oci:" + it
-        tls = ["--src-tls-verify=false"] if insecure else []
+        tls = ["--src-tls-verify=false"] if insecure or loopback_registry(source) else []
         progress(f"pulling {ref}")
         run_tool(["skopeo", "--override-os", "linux", "--override-arch", ARCH, "copy", *tls, source,
                   "oci:" + layout], f"cannot pull {ref}", progress, bound, work)
