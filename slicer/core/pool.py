@@ -70,9 +70,6 @@ class Pool:
         self.misses: Counter[str] = Counter()
         self._fillers: dict[str, asyncio.Task] = {}
 
-    def size(self, group: HostGroup) -> int:
-        return group.warm_pool
-
     def start(self) -> None:
         for group in self.config.host_groups:
             self.refill(group)
