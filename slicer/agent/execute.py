@@ -62,6 +62,14 @@ def _int(query, name: str, default: int | None) -> int | None:
     return n
 
 
+def wants_base64(query) -> bool | None:
+    """The query's ``stdio``: True for base64, False for text, None when it names neither."""
+    stdio = query.get("stdio") or None
+    if stdio not in (None, "text", "base64"):
+        raise ExecError("stdio must be text or base64", "invalid_request")
+    return None if stdio is None else stdio == "base64"
+
+
 @dataclass
 class ExecRequest:
     cmd: str
@@ -91,9 +99,7 @@ class ExecRequest:
             if not sep or not key:
                 raise ExecError(f"env must be KEY=VALUE, not {item!r}", "invalid_request")
             env[key] = value
-        stdio = query.get("stdio", "text") or "text"
-        if stdio not in ("text", "base64"):
-            raise ExecError("stdio must be text or base64", "invalid_request")
+        b64 = wants_base64(query)
         return cls(
             cmd=cmd,
             args=list(query.getall("args", [])),
@@ -105,7 +111,7 @@ class ExecRequest:
             stdin=_flag(query, "stdin", False),
             stdout=_flag(query, "stdout", True),
             stderr=_flag(query, "stderr", True),
-            base64=stdio == "base64",
+            base64=bool(b64),
             buffered=_flag(query, "buffered", False),
             background=_flag(query, "background", False),
             ring_bytes=_int(query, "ring_bytes", 0) or 0,

@@ -9,7 +9,15 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from slicer.agent import background
-from slicer.agent.execute import ExecError, ExecRequest, kill_group, run_buffered, spawn, stream_frames
+from slicer.agent.execute import (
+    ExecError,
+    ExecRequest,
+    kill_group,
+    run_buffered,
+    spawn,
+    stream_frames,
+    wants_base64,
+)
 from slicer.agent.http_util import Context, Handler, Handlers, error, flag, once, stream, until_disconnect
 
 STREAM_CHUNK = 65536
@@ -65,10 +73,7 @@ def handlers(ctx: Context) -> Handlers:
 
     async def logs(request: web.Request, entry: background.Entry) -> web.StreamResponse:
         from_id = int(request.query.get("from_id") or 0)
-        stdio = request.query.get("stdio") or None
-        if stdio not in (None, "text", "base64"):
-            raise ExecError("stdio must be text or base64", "invalid_request")
-        frames = registry.frames(entry, from_id, flag(request, "follow"), None if stdio is None else stdio == "base64")
+        frames = registry.frames(entry, from_id, flag(request, "follow"), wants_base64(request.query))
         return await stream(request, frames, NDJSON)
 
     async def kill(request: web.Request, entry: background.Entry) -> web.Response:

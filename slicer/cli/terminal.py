@@ -100,17 +100,17 @@ def forward_ports(client, hostname: str, specs: list[tuple[str, int | None, str]
                 connections.add(task)
                 try:
                     await carry(reader, writer, target)
-                except asyncio.CancelledError:
-                    pass  # Ctrl-C: ending quietly (asyncio's stream callback reports a cancelled task as an error)
+                except asyncio.CancelledError:  # Ctrl-C: cut, and end quietly (asyncio's stream
+                    writer.transport.abort()    # callback reports a cancelled task as an error)
                 finally:
                     connections.discard(task)
-                    writer.transport.abort()
 
             async def carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
                 try:
                     ws = await ac.forward(hostname, target)
                 except Exception as e:
                     err.print(f"[red]{target}: {e}[/red]")
+                    writer.close()
                     return
 
                 async def up() -> None:

@@ -47,7 +47,7 @@ async def ssh_host_keys(hostname: str) -> dict[str, dict[str, str]]:
 
 async def identity_body(node: Node, spec: VMSpec) -> dict:
     """What to send the agent of ``node`` right after its restore (before anything else)."""
-    body: dict = {"seed": base64.b64encode(os.urandom(SEED_BYTES)).decode()}
+    body: dict = {"seed": fresh_seed()}
     if node.boot == BootKind.TEMPLATE:
         body.update(
             hostname=node.hostname, machine_id=os.urandom(16).hex(), ip=spec.ip_cidr,
@@ -65,7 +65,11 @@ async def identity_body(node: Node, spec: VMSpec) -> dict:
     return body
 
 
+def fresh_seed() -> str:
+    return base64.b64encode(os.urandom(SEED_BYTES)).decode()
+
+
 def refresh_body() -> dict:
     """Fresh randomness and the time, for a guest that stood still (a warm pool's VM, paused
     since it was filled): its identity is already its own."""
-    return {"seed": base64.b64encode(os.urandom(SEED_BYTES)).decode(), "time_ns": time.time_ns()}
+    return {"seed": fresh_seed(), "time_ns": time.time_ns()}

@@ -110,8 +110,8 @@ class Lifecycle:
         vm = None
         try:
             vm = await self.driver.start(spec, restore_from)
-            node.phases.update({"attach": lap.laps["attach"], **vm.phases})
-            lap = Laps()
+            lap.laps.update(vm.phases)  # the driver timed its own steps
+            lap.restart()
             if vm.state == VMState.PAUSED:
                 await vm.resume()
             lap("resume")

@@ -253,6 +253,7 @@ class Manager:
         cold = cold or spec.image != group_image
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        lap = Laps()
         if (template is None and not cold and hostname is None and ip is None and not spec.network
                 and (cpus, ram) == (group.vcpu, group.ram) and group.warm_pool):
             node = await self.pool.take(group, spec)
@@ -261,14 +262,13 @@ class Manager:
         if hostname is not None or ip is not None:
             await self.pool.release(hostname, ip)  # a pooled VM holding them steps aside
         node = await self._new_node(group, hostname, ip, cpus, ram, persistent, spec)
-        lap = Laps()
-        node.phases = {"alloc": loop.time() - t0}
+        lap("alloc")
+        node.phases = lap.laps
         node.creating = True
         try:
             if template is None and not cold:
                 template = await self.templates.ensure(group, (cpus, ram))
             lap("template")
-            node.phases.update(lap.laps)
             node.creating = False
             # Held while the VMM starts: a DELETE that comes meanwhile waits, then removes what started.
             async with node.act(NodeAction.LAUNCH):

@@ -126,6 +126,10 @@ class Laps:
         self.laps[name] = self.laps.get(name, 0.0) + now - self._last
         self._last = now
 
+    def restart(self) -> None:
+        """The next lap starts now (what came since the last mark was timed elsewhere)."""
+        self._last = time.monotonic()
+
 
 class VM(abc.ABC):
     """A running (or ended) VM of some driver."""
