@@ -33,10 +33,12 @@ def post_chunk(api: httpx.Client, vm: str, path: str, data: bytes, uid: int = 0)
 
 def upload(api: httpx.Client, vm: str, data: bytes, dest: str, mode: str = "binary", chunk_size: int = 1 << 20,
            uid: int = 0, permissions: str = "", corrupt: int | None = None,
-           manifest: dict | None = None, finalise_gid: int | None = None) -> tuple[dict, str]:
+           manifest: dict | None = None, finalise_gid: int | None = None,
+           source: tuple[str, str, bool] | None = None) -> tuple[dict, str]:
     """Send ``data`` to ``dest`` in chunks; returns (finalise's exec result, the session dir).
     ``corrupt``: the index of a chunk whose uploaded bytes differ from the manifest's hash;
-    ``manifest``: fields that replace the manifest's own (a tampered one)."""
+    ``manifest``: fields that replace the manifest's own (a tampered one); ``source``: a version 2
+    manifest (the newest SDKs') for a source of this (type, name, copy_contents)."""
     session = posixpath.join(posixpath.dirname(posixpath.normpath(dest)), ".slicer-upload-" + secrets.token_hex(16))
     chunks = []
     for index, offset in enumerate(range(0, len(data), chunk_size)):
@@ -46,7 +48,11 @@ def upload(api: httpx.Client, vm: str, data: bytes, dest: str, mode: str = "bina
         r = post_chunk(api, vm, f"{session}/chunks/{index:06d}.chunk", sent, uid)
         assert r.status_code == 200, r.text
     body = {"version": 1, "mode": mode, "destination": dest, "uid": uid, "gid": uid, "size": len(data),
-            "chunks": chunks, **({"permissions": permissions} if permissions else {}), **(manifest or {})}
+            "chunks": chunks, **({"permissions": permissions} if permissions else {})}
+    if source:
+        body.update(version=2, copy_semantics="cp-v1", source_type=source[0], source_name=source[1],
+                    **({"copy_contents": True} if source[2] else {}))
+    body.update(manifest or {})
     r = post_chunk(api, vm, f"{session}/manifest.json", json.dumps(body).encode(), uid)
     assert r.status_code == 200, r.text
     gid = uid if finalise_gid is None else finalise_gid

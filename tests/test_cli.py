@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import pty
+import re
 import select
 import socket
 import subprocess
@@ -27,7 +29,8 @@ def cli(daemon, api):
     env = {**os.environ, "SLICER_URL": daemon.url, "SLICER_TOKEN": daemon.token, "COLUMNS": "200"}
 
     def run(*args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        p = subprocess.run([sys.executable, "-m", "slicer", *args], env=env, input=input, capture_output=True,
+        stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}  # no pipe: not read
+        p = subprocess.run([sys.executable, "-m", "slicer", *args], env=env, **stdin, capture_output=True,
                            timeout=300)
         if check:
             assert p.returncode == 0, (args, p.stdout[-2000:], p.stderr[-2000:])
@@ -56,6 +59,16 @@ def test_info_list_and_json(cli):
     assert "Linux version" in cli("vm", "logs", "vm-1", "-n", "0").stdout.decode()
     top = json.loads(cli("vm", "top", "--json").stdout)
     assert any(r["hostname"] == "vm-1" and r.get("snapshot") for r in top)
+    wide = subprocess.run([sys.executable, "-m", "slicer", "vm", "top"], env={**cli.env, "COLUMNS": "300"},
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120).stdout
+    header = next(line for line in wide.splitlines() if "HOSTNAME" in line)
+    assert [c for c in ("IP", "CPUS", "LOAD", "MEM", "DISK", "NET RX/TX", "DISK R/W", "CONNS", "UPTIME")
+            if c not in header] == [], wide
+    row = next(line for line in wide.splitlines() if "vm-1" in line)
+    assert "192.168." in row and "MiB /" in row and "%" in row, wide
+    # health: the uptime as a duration, the VM's address
+    health = cli("vm", "health", "vm-1").stdout.decode()
+    assert "192.168." in health and re.search(r"\b(\d+h)?(\d+m)?\d+s\b", health), health
     assert "host_groups" in cli("new", "web", "--count", "2").stdout.decode()
 
 
@@ -64,6 +77,25 @@ def test_exec_status_and_streams(cli):
     assert p.returncode == 3 and p.stdout == b"out\n" and p.stderr == b"err\n"
     p = cli("vm", "exec", "vm-1", "--stdin", "--", "wc", "-c", input=b"12345")
     assert p.stdout.strip() == b"5"
+    # a pipe is read without --stdin, as Slicer does; --no-stdin leaves it alone
+    assert cli("vm", "exec", "vm-1", "--", "wc", "-c", input=b"123").stdout.strip() == b"3"
+    assert cli("vm", "exec", "vm-1", "--no-stdin", "--", "wc", "-c", input=b"123").stdout.strip() == b"0"
+
+
+def test_piped_stdin_streams_both_ways_at_once(cli):
+    """Full duplex: ``cat`` of more than every buffer between it and us holds gets through (sent
+    whole before reading, it would deadlock), and an endless producer does not keep it open."""
+    data = base64.b64encode(os.urandom(12 << 20)) + b"\n"
+    p = cli("vm", "exec", "vm-1", "--", "cat", input=data)
+    assert len(p.stdout) == len(data) and hashlib.sha256(p.stdout).digest() == hashlib.sha256(data).digest()
+    yes = subprocess.Popen(["yes"], stdout=subprocess.PIPE)
+    try:
+        p = subprocess.run([sys.executable, "-m", "slicer", "vm", "exec", "vm-1", "--", "head", "-c", "5"],
+                           env=cli.env, stdin=yes.stdout, capture_output=True, timeout=120)
+    finally:
+        yes.kill()
+        yes.wait()
+    assert p.returncode == 0 and p.stdout == b"y\ny\ny", p
     p = cli("vm", "exec", "ghost-9", "--", "true", check=False)
     assert p.returncode == 1 and b"not found" in p.stderr
 
@@ -101,10 +133,13 @@ def test_add_delete_and_secrets(cli):
         cli("vm", "pause", h)
         assert json.loads(cli("vm", "get", h, "--json").stdout)["status"] == "Paused"
         cli("vm", "resume", h)
-        cli("vm", "reboot", h)
-        assert cli("vm", "ready", h, "--timeout", "240").returncode == 0
+        cli("vm", "reboot", h)  # a sandbox's reboot ends it, as in Slicer
+        deadline = time.monotonic() + 90
+        while cli("vm", "get", h, check=False).returncode == 0 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert cli("vm", "get", h, check=False).returncode != 0, "the rebooted sandbox is gone"
     finally:
-        cli("vm", "delete", h)
+        cli("vm", "delete", h, check=False)
     # Slicer's own forms: --wait is a flag, --timeout a Go duration, launch the same as add.
     other = json.loads(cli("vm", "launch", "sbx", "--wait", "--timeout", "120s", "--json").stdout)["hostname"]
     assert json.loads(cli("vm", "health", other, "--json").stdout)["hostname"] == other

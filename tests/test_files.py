@@ -222,7 +222,7 @@ def test_cp_v1_downloads_describe_their_source(api, vm):
 def test_chunked_copy_as_the_official_sdks_do_it(api, vm, tmp_path):
     """``CpToVMChunked``: checksummed chunks, a manifest, then ``slicer-agent upload finalise``."""
     check = chunked_copy.helper(api, vm, "upload", "check")
-    assert check["exit_code"] == 0 and "chunked-copy-v1" in check["stdout"].split(), check
+    assert check["exit_code"] == 0 and {"chunked-copy-v1", "chunked-copy-v2"} <= set(check["stdout"].split()), check
     # a file, to a home-relative path (the SDK's ~ forms), in uneven chunks, owned by a user
     data = os.urandom(5 * 1024 * 1024 + 123)
     result, session = chunked_copy.upload(api, vm, data, "~/chunked.bin", chunk_size=2 * 1024 * 1024,
@@ -257,6 +257,33 @@ def test_chunked_copy_as_the_official_sdks_do_it(api, vm, tmp_path):
         chunked_copy.post_chunk(api, vm, f"{session}/manifest.json", json.dumps(bad).encode())
         result = chunked_copy.helper(api, vm, "upload", "finalise", "--manifest", f"{session}/manifest.json")
         assert result["exit_code"] == 1 and words in result["stderr"], result
+
+
+def test_chunked_copy_v2_puts_things_where_cp_would(api, vm):
+    """Manifest version 2 (the newest Go SDK's): a file into an existing directory keeps its name,
+    to a new path it is renamed; a directory goes in under its name, or only its contents."""
+    sh(api, vm, "rm -rf /tmp/v2 && mkdir -p /tmp/v2/into")
+    data = os.urandom(300_000)
+    result, _ = chunked_copy.upload(api, vm, data, "/tmp/v2/into", chunk_size=128 * 1024,
+                                    source=("file", "tool.bin", False))
+    assert result["exit_code"] == 0, result
+    assert sh(api, vm, "sha256sum /tmp/v2/into/tool.bin").split()[0] == hashlib.sha256(data).hexdigest()
+    result, _ = chunked_copy.upload(api, vm, b"renamed", "/tmp/v2/new-name", source=("file", "tool.bin", False))
+    assert result["exit_code"] == 0 and sh(api, vm, "cat /tmp/v2/new-name") == "renamed", result
+    tree = make_tar([file_member("a.txt", b"alpha"), file_member("sub/b.txt", b"beta")])
+    result, _ = chunked_copy.upload(api, vm, tree, "/tmp/v2/into", mode="tar", chunk_size=4096,
+                                    source=("directory", "proj", False))
+    assert result["exit_code"] == 0, result
+    assert sh(api, vm, "cat /tmp/v2/into/proj/a.txt /tmp/v2/into/proj/sub/b.txt") == "alphabeta"
+    result, _ = chunked_copy.upload(api, vm, tree, "/tmp/v2/into", mode="tar", source=("directory", "", True))
+    assert result["exit_code"] == 0 and sh(api, vm, "cat /tmp/v2/into/a.txt") == "alpha", result
+    # the SDK's own checks, made again in the guest
+    for source, mode, words in ((("file", "x", True), "binary", "without copy_contents"),
+                                (("directory", "d", False), "binary", "require tar mode"),
+                                (("file", "../up", False), "binary", "invalid copy source name")):
+        result, _ = chunked_copy.upload(api, vm, b"x", "/tmp/v2/bad", mode=mode, source=source)
+        assert result["exit_code"] == 1 and words in result["stderr"], result
+    assert sh(api, vm, "ls /tmp/v2").split() == ["into", "new-name"]
 
 
 def test_chunked_copy_cannot_be_turned_against_root(api, vm):

@@ -58,7 +58,8 @@ def test_addressing():
 
 
 def test_rulesets_load_in_nft():
-    iso = IsolatedGroup("b-x", "169.254.4.0/22", allow=["198.51.100.0/24"], dns=["198.51.100.10"])
+    iso = IsolatedGroup("b-x", "169.254.4.0/22", allow=["198.51.100.0/24", "192.0.2.1/32:3128"], drop=["0.0.0.0/0"],
+                        dns=["198.51.100.10"])
     script = ruleset("slicer_test", ["sbtestbr"], ["192.168.140.0/24"], [iso])
     subprocess.run(["nft", "-c", "-f", "-"], input=script, text=True, check=True)
     subprocess.run(["nft", "-c", "-f", "-"], input=guard("tap0", "02:5c:01:02:03:04", "169.254.4.2"), text=True,

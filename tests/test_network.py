@@ -30,7 +30,8 @@ METADATA = "169.254.169.254"  # a cloud's instance metadata, served here by the 
 GROUPS = [  # (name, boot, network): every group small, DNS at the test's upstream
     ("br", "snapshot", "{}"),
     ("iso", "snapshot", "{mode: isolated, drop: [198.51.100.11/32]}"),
-    ("isoa", "cold", f"{{mode: isolated, allow: [198.51.100.11/32, {METADATA}/32]}}"),
+    # Slicer's proxy lock-down form: everything dropped but one port of one address (and metadata)
+    ("isoa", "cold", f"{{mode: isolated, drop: [0.0.0.0/0], allow: ['198.51.100.11:80', {METADATA}/32]}}"),
     ("pst", "cold", "{mode: passt}"),
 ]
 CONFIG = "config:\n  host_groups:\n" + "".join(
@@ -63,8 +64,8 @@ class Upstream:
         ns_exec = ["ip", "netns", "exec", self.ns]
         self.http_log = open(self.dir / "http.log", "wb")
         self.procs = [
-            subprocess.Popen([*ns_exec, sys.executable, "-m", "http.server", "80", "--directory", str(self.dir)],
-                             stdout=self.http_log, stderr=self.http_log),
+            *(subprocess.Popen([*ns_exec, sys.executable, "-m", "http.server", port, "--directory", str(self.dir)],
+                               stdout=self.http_log, stderr=self.http_log) for port in ("80", "8080")),
             subprocess.Popen([*ns_exec, "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
                               f"--listen-address={UP_A}", f"--address=/upstream.test/{UP_B}", "--user=root"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
@@ -226,6 +227,7 @@ def test_isolated_vms_reach_only_what_they_may(net, vms):
     (i1, i2), (a1,) = vms["iso"], vms["isoa"]
     vm = i1["hostname"]
     assert "upstream-ok" in probe(d, vm, UP_A, 80)  # neither rule: allowed
+    assert "upstream-ok" in probe(d, vm, UP_A, 8080)  # the upstream answers on its second port too
     assert probe(d, vm, UP_B, 80) == "closed"  # drop
     assert probe(d, vm, i2["ip"], 22) == "closed"  # no VM to VM
     assert probe(d, vm, vms["br"][0]["ip"], 22) == "closed"  # not even a bridge group's VM
@@ -233,7 +235,8 @@ def test_isolated_vms_reach_only_what_they_may(net, vms):
     assert UP_B in guest(d, vm, "getent hosts upstream.test")  # DNS works
     assert i1["ip"] != i2["ip"] and guest(d, vm, "ip -4 -o addr show eth0").split()[3].endswith("/30")
     only = a1["hostname"]
-    assert "upstream-ok" in probe(d, only, UP_B, 80)  # allow
+    assert "upstream-ok" in probe(d, only, UP_B, 80)  # allow: UP_B's port 80
+    assert probe(d, only, UP_B, 8080) == "closed"  # not its other ports
     assert probe(d, only, UP_A, 80) == "closed"  # everything else blocked
     assert UP_B in guest(d, only, "getent hosts upstream.test")  # but DNS still passes
 
@@ -259,7 +262,7 @@ def test_a_vm_with_a_policy_of_its_own(net, vms):
                                    ("iso", {"network": {"deny": []}}, "deny")):
             r = c.post(f"/hostgroup/{group}/nodes", json=body)
             assert r.status_code == 400 and words in r.json()["error"], (body, r.text)
-        # a commit of a stopped persistent VM of "isoa" (allow UP_B only), forked with allow: []
+        # a commit of a stopped persistent VM of "isoa" (UP_B:80 only), forked with empty lists
         # (timeout=0s and a JSON body's action, as the TypeScript SDK sends them)
         r = c.post("/hostgroup/isoa/nodes?wait=agent&timeout=0s", json={"persistent": True})
         assert r.status_code == 201, r.text
@@ -274,7 +277,7 @@ def test_a_vm_with_a_policy_of_its_own(net, vms):
             assert r.status_code == 200, r.text
             cid = r.json()["commit_id"]
             r = c.post(f"/vm/commits/{cid}/fork", params={"wait": "agent", "timeout": "5m"},
-                       json={"network": {"allow": []}, "hostname": "own-child"})
+                       json={"network": {"allow": [], "drop": []}, "hostname": "own-child"})
             assert r.status_code == 200, r.text
             child = r.json()["hostname"]
             assert child == r.json()["child_hostname"] == "own-child" and r.json()["persistent"] is True

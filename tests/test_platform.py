@@ -3,6 +3,8 @@ userdata and SSH keys)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -61,6 +63,7 @@ def test_metrics_parse_and_move_when_vms_are_created(api, vm):
     before = api.get("/metrics")
     assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
     started = sample(before.text, "slicer_vm_starts_total", hostgroup="sbx", kind="sandbox")
+    launched = sample(before.text, "slicer_vm_launch_total", hostgroup="sbx")
     r = api.post("/hostgroup/sbx/nodes", json={}, params={"wait": "agent", "timeout": "4m"})
     assert r.status_code == 201
     try:
@@ -69,7 +72,13 @@ def test_metrics_parse_and_move_when_vms_are_created(api, vm):
         assert sample(after, "slicer_vms", hostgroup="sbx", status="Running") >= 1
         assert sample(after, "slicer_vm_boot_seconds_count", hostgroup="sbx") >= 1
         assert sample(after, "slicer_api_requests_total", method="POST", route="/hostgroup/{name}/nodes",
-                      status="201") >= 1
+                      code="201") >= 1
+        # Slicer's names: launches, running VMs, the host's own figures
+        assert sample(after, "slicer_vm_launch_total", hostgroup="sbx") == launched + 1
+        assert sample(after, "slicer_vm_running", hostgroup="sbx") >= 1
+        assert sample(after, "slicer_system_cpus") == os.cpu_count()
+        total, available = (sample(after, f"slicer_system_memory_{k}_bytes") for k in ("total", "available"))
+        assert total > available > 0
         assert sample(after, "slicer_vm_memory_total_bytes", hostname=vm) > 0
     finally:
         api.delete(f"/hostgroup/sbx/nodes/{r.json()['hostname']}")
@@ -162,7 +171,8 @@ def test_scoped_secrets_userdata_and_keys_on_a_sandbox(api, daemon, key_server):
     extra_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx extra@test"
     userdata = "echo userdata-ran-$(hostname) > /root/ud.txt\necho run >> /root/ud-count\nls /run/slicer/secrets\n"
     r = api.post("/hostgroup/sbx/nodes", params={"wait": "userdata", "timeout": "5m"}, json={
-        "secrets": ["shared-a"], "userdata": userdata, "import_user": "alice", "ssh_keys": [extra_key]})
+        "secrets": ["shared-a"], "userdata": userdata, "import_user": "alice", "ssh_keys": [extra_key],
+        "persistent": True})  # to come back after its reboot (which ends a VM, as in Slicer)
     assert r.status_code == 201, r.text
     h = r.json()["hostname"]
     try:
@@ -188,11 +198,13 @@ def test_scoped_secrets_userdata_and_keys_on_a_sandbox(api, daemon, key_server):
 
         assert "logged-in-as-ubuntu" in eventually(login, 60)
 
-        # userdata runs once: not again after a reboot; secrets are back on the fresh tmpfs
+        # userdata runs once: not again after a reboot and relaunch; secrets are back on the fresh tmpfs
         boot_id = guest(api, h, "cat /proc/sys/kernel/random/boot_id")
-        api.post(f"/vm/{h}/shutdown", params={"action": "reboot"})
-        assert eventually(lambda: guest(api, h, "cat /proc/sys/kernel/random/boot_id") != boot_id
-                          and "shared-a" in guest(api, h, "ls /run/slicer/secrets 2>/dev/null"), 240)
+        assert api.post(f"/vm/{h}/shutdown", params={"action": "reboot"}).status_code == 200
+        r = api.post(f"/vm/{h}/relaunch", params={"wait": "userdata", "timeout": "4m"})  # waits for the end
+        assert r.status_code == 200, r.text
+        assert guest(api, h, "cat /proc/sys/kernel/random/boot_id") != boot_id
+        assert eventually(lambda: "shared-a" in guest(api, h, "ls /run/slicer/secrets 2>/dev/null"), 60)
         assert guest(api, h, "cat /root/ud-count") == "run\n"
     finally:
         api.delete(f"/hostgroup/sbx/nodes/{h}")

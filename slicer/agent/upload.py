@@ -13,8 +13,13 @@ Guest users are not trusted with each other's files: the helper works as ``--uid
 user could. Session directories are made by the agent for that owner (root's are 0700 and
 cannot be entered by anyone else) and read through descriptors opened without following
 symlinks, so renaming or replacing them midway changes nothing. The destination must sit
-beside the session, where the SDKs put it. Manifest version 1 is spoken (``check`` prints
-``chunked-copy-v1``; the SDKs then send v1).
+beside the session, where the SDKs put it.
+
+Manifest versions 1 and 2 are spoken (``check`` prints ``chunked-copy-v1 chunked-copy-v2``; the
+newest SDKs then send v2). Version 1 writes the file to, or extracts the tar into, the
+destination itself. Version 2 adds the "cp-v1" semantics of ``POST /cp`` (slicer.agent.copyv1):
+``source_type`` (file or directory), ``source_name`` and ``copy_contents`` say where ``cp`` would
+put the source — into an existing directory under its own name, or at the destination itself.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ import stat
 import sys
 from collections.abc import Iterator
 
-from slicer.agent import files
+from slicer.agent import copyv1, files
 
 SESSION_RE = re.compile(r"\.slicer-upload-[0-9a-f]{32}")
 MAX_MANIFEST = 16 << 20  # ~170k chunk entries (11 TB in the SDKs' 64 MiB chunks); a hostile one is refused
 MAX_CHUNK = 64 << 20  # the SDKs' own limit
+VERSIONS = (1, 2)
 READ = 1 << 20
 NON_ROOT_USER = 2**32 - 1  # the Go SDK's NonRootUser
 
@@ -197,7 +203,7 @@ def _is_sha256(value: object) -> bool:
 
 
 def load_manifest(session: Session) -> dict:
-    """Read and validate a manifest as the SDKs' ``CopyManifest.Validate`` does (version 1)."""
+    """Read and validate a manifest as the SDKs' ``CopyManifest.Validate`` does (versions 1, 2)."""
     with session.open("manifest.json") as f:
         data = f.read(MAX_MANIFEST + 1)
     if len(data) > MAX_MANIFEST:
@@ -208,10 +214,12 @@ def load_manifest(session: Session) -> dict:
         raise UploadError(f"manifest is not JSON: {e}") from None
     if not isinstance(m, dict):
         raise UploadError("manifest must be a JSON object")
-    if m.get("version") != 1 or isinstance(m.get("version"), bool):
-        raise UploadError(f"unsupported copy manifest version: {m.get('version')!r} (this agent speaks 1)")
+    if m.get("version") not in VERSIONS or isinstance(m.get("version"), bool):
+        raise UploadError(f"unsupported copy manifest version: {m.get('version')!r} (this agent speaks 1 and 2)")
     if m.get("mode") not in ("binary", "tar"):
         raise UploadError(f"invalid copy mode: {m.get('mode')!r}")
+    if m["version"] == 2:
+        _check_semantics(m)
     if not isinstance(m.get("destination"), str) or not m["destination"]:
         raise UploadError("copy destination is required")
     if not isinstance(m.get("permissions", ""), str):
@@ -236,6 +244,23 @@ def load_manifest(session: Session) -> dict:
             raise UploadError(f"invalid {key}: {m.get(key)!r}")
     m["uid"], m["gid"] = real_ids(m.get("uid", 0), m.get("gid", 0))
     return m
+
+
+def _check_semantics(m: dict) -> None:
+    """Version 2's fields, as the SDK's ``Validate`` checks them."""
+    if m.get("copy_semantics") != "cp-v1":
+        raise UploadError(f"invalid copy semantics: {m.get('copy_semantics')!r} (cp-v1)")
+    kind, name, contents = m.get("source_type"), m.get("source_name", ""), m.get("copy_contents", False)
+    if kind not in ("file", "directory"):
+        raise UploadError(f"invalid copy source type: {kind!r} (file or directory)")
+    if not isinstance(contents, bool) or not isinstance(name, str):
+        raise UploadError("copy_contents must be a boolean and source_name a string")
+    if not contents and (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name):
+        raise UploadError(f"invalid copy source name: {name!r}")
+    if kind == "file" and (m["mode"] != "binary" or contents):
+        raise UploadError("file copy semantics require binary mode without copy_contents")
+    if kind == "directory" and m["mode"] != "tar":
+        raise UploadError("directory copy semantics require tar mode")
 
 
 def _chunk_file(session: Session, chunks_fd: int, chunk: dict) -> io.BufferedReader:
@@ -323,6 +348,10 @@ def finalise(session: Session, uid: int, gid: int) -> dict:
     if dest == session.path or (dest != beside and os.path.dirname(dest) != beside):
         raise UploadError(f"the destination {dest} is not beside its session {session.path}")
     try:
+        if m["version"] == 2:  # where cp would put it: maybe inside dest, under the source's name
+            trailing = "/" if m["destination"].endswith("/") else ""
+            _, dest = copyv1.upload_target(dest + trailing, m["source_type"], m.get("source_name", ""),
+                                           m.get("copy_contents", False))
         result = (_write_binary if m["mode"] == "binary" else _extract)(session, m, dest, perms)
     except files.FileError as e:
         raise UploadError(str(e)) from None
@@ -357,7 +386,7 @@ def main(argv: list[str]) -> int:
     if args.step != "check":
         args.uid, args.gid = real_ids(args.uid, args.gid)
     if args.step == "check":
-        print("chunked-copy-v1")
+        print(" ".join(f"chunked-copy-v{v}" for v in VERSIONS))
         return 0
     try:
         _become(args.uid, args.gid)

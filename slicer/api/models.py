@@ -9,7 +9,7 @@ from typing import Literal, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from slicer.core.config import cidr
+from slicer.core.config import rule_entry
 from slicer.core.errors import BadRequest, UnsupportedMediaType
 from slicer.core.records import NodeSpec
 
@@ -30,8 +30,8 @@ class NetworkPolicy(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> NetworkPolicy:
         for what in ("allow", "drop"):
-            if (values := getattr(self, what)) is not None:  # normalised: nft takes prefix lengths only
-                setattr(self, what, [str(cidr(value, what)) for value in values])
+            if (values := getattr(self, what)) is not None:
+                setattr(self, what, [rule_entry(value, what) for value in values])
         return self
 
     def override(self) -> dict[str, list[str]]:

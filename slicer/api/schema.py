@@ -132,13 +132,18 @@ class ConsoleLog(Answer):
 
 
 class Health(Answer):
-    """The guest agent's health (its own words, passed on)."""
+    """The guest agent's health (its own words, passed on). Uptimes are in nanoseconds, as
+    Slicer's Go agent sends a ``time.Duration``; ``*_seconds`` give them in whole seconds."""
 
     hostname: str
     agent_uptime: int
     agent_version: str
     system_uptime: int
     userdata_ran: bool = False
+    userdata_exit_code: int | None = None
+    agent_uptime_seconds: int = 0
+    system_uptime_seconds: int = 0
+    ip: str = ""
 
 
 class Tags(Answer):

@@ -1,8 +1,13 @@
-"""``/metrics``: API requests and latency by route, plus the core's VM metrics."""
+"""``/metrics``: API requests and latency by route, plus the core's VM metrics and the host's.
+
+Slicer's own names are exported (``slicer_api_requests_total{code}``, ``slicer_vm_launch_total``,
+``slicer_vm_running``, ``slicer_system_*``); ours stay beside them where they say more (VMs by
+status, starts by kind, each VM's meter)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -11,7 +16,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from slicer.core.manager import Manager
 from slicer.core.telemetry import REGISTRY
 
-REQUESTS = Counter("slicer_api_requests_total", "API requests", ["method", "route", "status"], registry=REGISTRY)
+REQUESTS = Counter("slicer_api_requests_total", "API requests by HTTP status code", ["method", "route", "code"],
+                   registry=REGISTRY)
 LATENCY = Histogram("slicer_api_request_duration_seconds", "API request duration (to the last byte)",
                     ["method", "route"], registry=REGISTRY)
 
@@ -64,13 +70,18 @@ class NodeCollector:
 
     def collect(self):
         vms = GaugeMetricFamily("slicer_vms", "VMs by host group and status", labels=["hostgroup", "status"])
+        running = GaugeMetricFamily("slicer_vm_running", "VMs running, by host group", labels=["hostgroup"])
         counts: dict[tuple[str, str], int] = {}
         for node in self.manager.list():
             key = (node.record.hostgroup, node.status)
             counts[key] = counts.get(key, 0) + 1
         for (group, status), n in sorted(counts.items()):
             vms.add_metric([group, status], n)
+        for group in sorted({g for g, _ in counts} | {g.name for g in self.manager.config.host_groups}):
+            running.add_metric([group], counts.get((group, "Running"), 0))
         yield vms
+        yield running
+        yield from system_metrics()
         families = {k: GaugeMetricFamily(name, doc, labels=["hostname", "hostgroup"])
                     for k, (name, doc) in self.GAUGES.items()}
         families |= {k: CounterMetricFamily(name, doc, labels=["hostname", "hostgroup"])
@@ -103,6 +114,42 @@ class NodeCollector:
                 family.add_metric([group], getattr(s, key))
         yield from gauges.values()
         yield from counters.values()
+
+
+def system_metrics():
+    """The host's: CPUs, load, memory and uptime (Slicer's ``slicer_system_*``)."""
+    cpus = GaugeMetricFamily("slicer_system_cpus", "CPUs of the host")
+    cpus.add_metric([], os.cpu_count() or 0)
+    yield cpus
+    for minutes, value in zip((1, 5, 15), os.getloadavg(), strict=True):
+        load = GaugeMetricFamily(f"slicer_system_load{minutes}", f"{minutes}-minute load average of the host")
+        load.add_metric([], value)
+        yield load
+    meminfo = _meminfo()
+    for key, name in (("MemTotal", "total"), ("MemAvailable", "available")):
+        if key in meminfo:
+            gauge = GaugeMetricFamily(f"slicer_system_memory_{name}_bytes", f"Host memory ({name})")
+            gauge.add_metric([], meminfo[key])
+            yield gauge
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        gauge = GaugeMetricFamily("slicer_system_uptime_seconds", "Seconds since the host booted")
+        gauge.add_metric([], uptime)
+        yield gauge
+
+
+def _meminfo() -> dict[str, int]:
+    """``/proc/meminfo`` in bytes."""
+    out = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
 
 
 def render_metrics(manager: Manager) -> tuple[bytes, str]:

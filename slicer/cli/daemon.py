@@ -176,10 +176,12 @@ def service_generate(
     name: str = "slicer", user: str = "root", data_dir: DataDir = DEFAULT_DATA_DIR,
     suspend_on_shutdown: Annotated[bool, typer.Option("--suspend-on-shutdown")] = False,
     timeout_stop_sec: Annotated[int, typer.Option(help="How long a stop may take (guests power off).")] = 120,
-    install: Annotated[bool, typer.Option("--install", help="Write it to /etc/systemd/system and reload.")] = False,
+    install: Annotated[bool, typer.Option(
+        "--install", help="Write it to /etc/systemd/system, then enable and start it, as Slicer does.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --install: replace a unit that differs.")] = False,
 ) -> None:
-    """Print (or install) a systemd unit that runs [bold]slicer up[/bold].
-    Example: [bold]slicer service generate ./vm.yaml --install && systemctl enable --now slicer[/bold]"""
+    """Print (or install, enable and start) a systemd unit that runs [bold]slicer up[/bold].
+    Example: [bold]slicer service generate ./vm.yaml --install[/bold]"""
     import shlex
     import shutil
     import subprocess
@@ -193,15 +195,24 @@ def service_generate(
     if not install:
         typer.echo(unit, nl=False)
         return
-    path = Path("/etc/systemd/system") / f"{name}.service"
+    # SLICER_SYSTEMD_DIR: another unit directory (a chroot's, or a test's)
+    path = Path(os.environ.get("SLICER_SYSTEMD_DIR", "/etc/systemd/system")) / f"{name}.service"
     try:
+        if path.exists() and path.read_text() != unit and not force:
+            err.print(f"[red]{path} exists and differs from this unit: --force replaces it[/red]")
+            raise typer.Exit(1)
         path.write_text(unit)
     except OSError as e:
         err.print(f"[red]cannot write {path}: {e.strerror} (run as root)[/red]")
         raise typer.Exit(1) from e
-    if shutil.which("systemctl"):
-        subprocess.run(["systemctl", "daemon-reload"], check=False)
-    typer.echo(f"wrote {path}; start it with: systemctl enable --now {name}")
+    systemctl = shutil.which("systemctl")
+    for step in (["daemon-reload"], ["enable", "--now", f"{name}.service"]):
+        done = subprocess.run([systemctl or "systemctl", *step], capture_output=True, text=True) if systemctl else None
+        if done is None or done.returncode != 0:
+            why = done.stderr.strip() if done is not None else "no systemctl here"
+            err.print(f"[red]wrote {path}, but systemctl {' '.join(step)} failed: {why}[/red]")
+            raise typer.Exit(1)
+    typer.echo(f"installed {path}; {name} is enabled and started (logs: journalctl -u {name} -f)")
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -81,8 +82,11 @@ def new(name: Annotated[str, typer.Argument(help="Host group name (VMs are NAME-
         net: Annotated[str | None, typer.Option(help="Network mode: bridge, isolated or passt.")] = None,
         cidr: Annotated[str | None, typer.Option(help="The group's subnet (bridge: gateway .1).")] = None,
         range_: Annotated[str | None, typer.Option("--range", help="bridge: A-B; isolated: a CIDR of /30s.")] = None,
-        allow: Annotated[list[str] | None, typer.Option(help="isolated: CIDRs VMs may reach (repeatable).")] = None,
-        drop: Annotated[list[str] | None, typer.Option(help="isolated: CIDRs VMs may not reach (repeatable).")]
+        allow: Annotated[list[str] | None, typer.Option(
+            help="isolated: CIDRs or IP:PORTs VMs may reach (repeatable), e.g. --drop 0.0.0.0/0 --allow 10.0.0.1:3128.")
+        ] = None,
+        drop: Annotated[list[str] | None, typer.Option(
+            help="isolated: CIDRs or IP:PORTs VMs may not reach (repeatable); the most specific entry wins.")]
         = None,
         tap_prefix: str | None = None,
         userdata_file: Annotated[str | None, typer.Option(help="Script run once on each VM's first boot.")] = None,
@@ -216,7 +220,9 @@ def _power(action: str):
                        "resume": "Resume a paused VM. Example: [bold]slicer vm resume vm-1[/bold]",
                        "shutdown": "Power a VM off (sandboxes are then deleted). Example: "
                                    "[bold]slicer vm shutdown vm-2[/bold]",
-                       "reboot": "Reboot a VM. Example: [bold]slicer vm reboot vm-1[/bold]"}[action]
+                       "reboot": "Reboot a VM's guest. As in Slicer, that ends a sandbox (deleted) or a "
+                                 "persistent VM (stopped; [bold]slicer vm relaunch[/bold] brings it back); a "
+                                 "service boots again. Example: [bold]slicer vm reboot vm-1[/bold]"}[action]
     return command
 
 
@@ -238,8 +244,19 @@ def vm_health(hostname: str, url: Url = None, token: Token = None, token_file: T
     """Ask the VM's agent how it is. Example: [bold]slicer vm health vm-1[/bold]"""
     with client(url, token, token_file) as c:
         h = handle(lambda: c.health(hostname))
-    dump(h) if json else table([h.model_dump()], ["hostname", "agent_version", "agent_uptime", "system_uptime",
-                                                  "userdata_ran"])
+    if json:
+        dump(h)
+        return
+    row = {**h.model_dump(), "agent_uptime": _duration(h.agent_uptime_seconds),
+           "system_uptime": _duration(h.system_uptime_seconds)}
+    table([row], ["hostname", "ip", "agent_version", "agent_uptime", "system_uptime", "userdata_ran"])
+
+
+def _duration(seconds: int) -> str:
+    """``1h2m3s``, as Go prints a duration."""
+    hours, rest = divmod(seconds, 3600)
+    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (rest // 60, "m")) if n or unit == "m" and hours) + \
+        f"{rest % 60}s"
 
 
 @vm_app.command("ready")
@@ -252,21 +269,43 @@ def vm_ready(hostname: str, agent: bool = True, userdata: bool = False, timeout:
     out.print(f"{hostname} is ready")
 
 
+TOP_COLUMNS = ["hostname", "ip", "status", "cpus", "load", "mem", "disk", "net rx/tx", "disk r/w", "conns", "uptime"]
+
+
 @vm_app.command("top")
 def vm_top(url: Url = None, token: Token = None, token_file: TokenFile = None, json: Json = False) -> None:
-    """CPU, memory and disk of every VM. Example: [bold]slicer vm top[/bold]"""
+    """What every VM uses, from its agent's meter: vCPUs, load (1/5/15 min), memory and disk (used of
+    total), network and disk bytes since boot, open connections, uptime.
+    Example: [bold]slicer vm top[/bold]"""
     with client(url, token, token_file) as c:
         rows = handle(c.stats)
     if json:
         dump(rows)
         return
-    view = []
-    for r in rows:
-        s = r.snapshot or {}
-        view.append({"hostname": r.hostname, "status": r.status, "load1": s.get("loadAvg1", ""),
-                     "mem": f"{s.get('memoryUsedPercent', 0):.0f}%" if s else r.error or "",
-                     "disk": f"{s.get('diskSpaceUsedPercent', 0):.0f}%" if s else "", "uptime": s.get("uptime", "")})
-    table(view, ["hostname", "status", "load1", "mem", "disk", "uptime"])
+    table([_top_row(r) for r in rows], TOP_COLUMNS)
+
+
+def _top_row(r) -> dict:
+    s = r.snapshot or {}
+    row = {"hostname": r.hostname, "ip": r.ip, "status": r.status, "cpus": s.get("totalCpus", r.cpus)}
+    if not s:
+        return {**row, "mem": r.error or ""}
+
+    def size(key: str) -> str:
+        value = s.get(key)
+        return human(value) if isinstance(value, int | float) and not isinstance(value, bool) else "?"
+
+    def used(used_key: str, total_key: str) -> str:
+        total = s.get(total_key)
+        percent = f" ({100 * s.get(used_key, 0) / total:.0f}%)" if isinstance(total, int | float) and total else ""
+        return f"{size(used_key)} / {size(total_key)}{percent}"
+
+    loads = [s.get(f"loadAvg{n}") for n in (1, 5, 15)]
+    return {**row, "load": " ".join(f"{x:.2f}" if isinstance(x, int | float) else "?" for x in loads),
+            "mem": used("memoryUsed", "totalMemory"), "disk": used("diskSpaceUsed", "diskSpaceTotal"),
+            "net rx/tx": f"{size('networkReadTotal')} / {size('networkWriteTotal')}",
+            "disk r/w": f"{size('diskReadTotal')} / {size('diskWriteTotal')}",
+            "conns": s.get("openConnections", ""), "uptime": s.get("uptime", "")}
 
 
 @vm_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -276,12 +315,18 @@ def vm_exec(
     uid: int | None = None, gid: int | None = None, cwd: str | None = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE (repeatable).")] = None,
     shell: Annotated[str | None, typer.Option(help="Shell to run it with; '' runs it directly.")] = None,
-    stdin: Annotated[bool, typer.Option(help="Send this terminal's stdin to the command.")] = False,
+    stdin: Annotated[bool | None, typer.Option(
+        "--stdin/--no-stdin", help="Send stdin to the command (default: when stdin is a pipe or a file, as Slicer "
+                                   "does; --no-stdin for a pipe that never ends).")] = None,
     url: Url = None, token: Token = None, token_file: TokenFile = None,
 ) -> None:
-    """Run a command in a VM; output streams, the exit status is the command's.
-    Example: [bold]slicer vm exec vm-1 -- uname -a[/bold]"""
+    """Run a command in a VM; output streams, the exit status is the command's. A pipe into it is
+    the command's stdin, sent while its output comes back.
+    Example: [bold]slicer vm exec vm-1 -- uname -a[/bold]
+    Example: [bold]tar c src | slicer vm exec vm-1 -- tar x -C /tmp[/bold]"""
     envs = dict(e.split("=", 1) for e in env or [] if "=" in e)
+    if stdin is None:
+        stdin = _piped_stdin()
     body = iter(lambda: os.read(0, 65536), b"") if stdin else None
     code = 0
     with client(url, token, token_file) as c:
@@ -302,6 +347,15 @@ def vm_exec(
 
         code = handle(run)
     raise typer.Exit(code)
+
+
+def _piped_stdin() -> bool:
+    """Whether stdin is a pipe or a file (not a terminal, /dev/null or nothing)."""
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
 def _split_remote(spec: str) -> tuple[str | None, str]:

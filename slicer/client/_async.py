@@ -18,6 +18,7 @@ import httpx
 
 from slicer.client import _models as m
 from slicer.client._base import Call, Calls, Settings, check, exec_params
+from slicer.client._duplex import async_duplex_transport
 from slicer.client._errors import APIError, ConnectionFailed, WaitTimeoutError, error_for
 from slicer.client._flavour import AsyncWebSocket, async_extract_tar, async_sleep, async_upload_body, async_ws_connect
 from slicer.client._transfer import CHUNK, Progress, Source, local_chunks, tar_stream
@@ -33,6 +34,10 @@ class AsyncSlicerClient:
         transport = httpx.AsyncHTTPTransport(uds=self.settings.uds) if self.settings.uds else None
         self._http = httpx.AsyncClient(base_url=self.settings.base_url, headers=self.settings.headers(),
                                        transport=transport, timeout=timeout)
+        # An exec whose stdin streams: the body goes on while the output comes back (see _duplex).
+        self._duplex = httpx.AsyncClient(base_url=self.settings.base_url, headers=self.settings.headers(),
+                                         transport=async_duplex_transport(self.settings.base_url, self.settings.uds),
+                                         timeout=timeout)
 
     async def __aenter__(self) -> AsyncSlicerClient:
         return self
@@ -42,6 +47,7 @@ class AsyncSlicerClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._duplex.aclose()
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _unreachable(self, e: httpx.TransportError) -> ConnectionFailed:
@@ -55,11 +61,13 @@ class AsyncSlicerClient:
             raise self._unreachable(e) from e
         return call.parse(check(resp))
 
-    async def _stream(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        """A streamed answer (the caller closes it); an error answer is read and raised."""
+    async def _stream(self, method: str, path: str, duplex: bool = False, **kw: Any) -> httpx.Response:
+        """A streamed answer (the caller closes it); an error answer is read and raised.
+        ``duplex``: the request's body keeps streaming while the answer is read."""
+        http = self._duplex if duplex else self._http
         try:
-            req = self._http.build_request(method, path, timeout=None, **kw)
-            resp = await self._http.send(req, stream=True)
+            req = http.build_request(method, path, timeout=None, **kw)
+            resp = await http.send(req, stream=True)
         except httpx.TransportError as e:
             raise self._unreachable(e) from e
         if resp.status_code >= 300:
@@ -172,11 +180,13 @@ class AsyncSlicerClient:
 
     async def exec_stream(self, hostname: str, cmd: str, *, stdin: AsyncIterable[bytes] | bytes | None = None,
                           **options: Any) -> AsyncIterator[m.ExecFrame]:
-        """Frames as the command produces them; the last one has ``type == "exit"``."""
+        """Frames as the command produces them; the last one has ``type == "exit"``. A ``stdin``
+        stream goes on being sent while the output comes back (a pipe, an endless producer)."""
         params = exec_params(cmd, **options)
         if stdin is not None:
             params.append(("stdin", "true"))
-        resp = await self._stream("POST", f"/vm/{hostname}/exec", params=params, content=stdin)
+        resp = await self._stream("POST", f"/vm/{hostname}/exec", params=params, content=stdin,
+                                  duplex=stdin is not None and not isinstance(stdin, bytes))
         async for frame in _frames(resp):
             yield frame
 

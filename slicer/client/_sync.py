@@ -16,6 +16,7 @@ import httpx
 
 from slicer.client import _models as m
 from slicer.client._base import Call, Calls, Settings, check, exec_params
+from slicer.client._duplex import duplex_transport
 from slicer.client._errors import APIError, ConnectionFailed, WaitTimeoutError, error_for
 from slicer.client._flavour import WebSocket, extract_tar, sleep, upload_body, ws_connect
 from slicer.client._transfer import CHUNK, Progress, Source, local_chunks, tar_stream
@@ -31,6 +32,10 @@ class SlicerClient:
         transport = httpx.HTTPTransport(uds=self.settings.uds) if self.settings.uds else None
         self._http = httpx.Client(base_url=self.settings.base_url, headers=self.settings.headers(),
                                        transport=transport, timeout=timeout)
+        # An exec whose stdin streams: the body goes on while the output comes back (see _duplex).
+        self._duplex = httpx.Client(base_url=self.settings.base_url, headers=self.settings.headers(),
+                                         transport=duplex_transport(self.settings.base_url, self.settings.uds),
+                                         timeout=timeout)
 
     def __enter__(self) -> SlicerClient:
         return self
@@ -40,6 +45,7 @@ class SlicerClient:
 
     def close(self) -> None:
         self._http.close()
+        self._duplex.close()
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _unreachable(self, e: httpx.TransportError) -> ConnectionFailed:
@@ -53,11 +59,13 @@ class SlicerClient:
             raise self._unreachable(e) from e
         return call.parse(check(resp))
 
-    def _stream(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        """A streamed answer (the caller closes it); an error answer is read and raised."""
+    def _stream(self, method: str, path: str, duplex: bool = False, **kw: Any) -> httpx.Response:
+        """A streamed answer (the caller closes it); an error answer is read and raised.
+        ``duplex``: the request's body keeps streaming while the answer is read."""
+        http = self._duplex if duplex else self._http
         try:
-            req = self._http.build_request(method, path, timeout=None, **kw)
-            resp = self._http.send(req, stream=True)
+            req = http.build_request(method, path, timeout=None, **kw)
+            resp = http.send(req, stream=True)
         except httpx.TransportError as e:
             raise self._unreachable(e) from e
         if resp.status_code >= 300:
@@ -170,11 +178,13 @@ class SlicerClient:
 
     def exec_stream(self, hostname: str, cmd: str, *, stdin: Iterable[bytes] | bytes | None = None,
                           **options: Any) -> Iterator[m.ExecFrame]:
-        """Frames as the command produces them; the last one has ``type == "exit"``."""
+        """Frames as the command produces them; the last one has ``type == "exit"``. A ``stdin``
+        stream goes on being sent while the output comes back (a pipe, an endless producer)."""
         params = exec_params(cmd, **options)
         if stdin is not None:
             params.append(("stdin", "true"))
-        resp = self._stream("POST", f"/vm/{hostname}/exec", params=params, content=stdin)
+        resp = self._stream("POST", f"/vm/{hostname}/exec", params=params, content=stdin,
+                                  duplex=stdin is not None and not isinstance(stdin, bytes))
         for frame in _frames(resp):
             yield frame
 

@@ -28,6 +28,7 @@ RENAMES = {
     "async_upload_body": "upload_body",
     "async_extract_tar": "extract_tar",
     "async_ws_connect": "ws_connect",
+    "async_duplex_transport": "duplex_transport",
 }
 SYNC_DOC = (
     "# GENERATED from _async.py by `python -m slicer.client._unasync`: do not edit.\n"

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from slicer.core.errors import BadRequest
 from slicer.image.kernels import check_kernel_file
 from slicer.image.oci import OCIError, source_of
-from slicer.net.config import NetworkConfig, cidr  # noqa: F401  (cidr: re-exported for slicer.api)
+from slicer.net.config import NetworkConfig, rule_entry  # noqa: F401  (rule_entry: re-exported for slicer.api)
 
 
 def _image_ref(value: str | None) -> str | None:

@@ -72,6 +72,7 @@ class Lifecycle:
         if restore_from is not None:
             telemetry.RESTORES.labels(rec.hostgroup, boot, "ok").inc()
         telemetry.VM_STARTS.labels(rec.hostgroup, rec.kind).inc()
+        telemetry.VM_LAUNCHES.labels(rec.hostgroup).inc()
         self.run(node, vm, boot, group)
 
     def _boot_spec(self, node: Node, group: HostGroup, template: Template | None,
@@ -95,6 +96,9 @@ class Lifecycle:
             restore_from, boot = template.state, BootKind.TEMPLATE
         if rec.template:  # a clone's memory is mapped from its template's: same machine, same layout
             spec.memory_file = self.templates.memory_file(rec.template)
+        # As in Slicer (Firecracker has no reboot), a guest's reboot ends a sandbox or persistent
+        # VM; a service, which the config says should run, boots again in place.
+        spec.reboot = node.is_service
         return spec, boot, restore_from
 
     async def _start(self, node: Node, spec: VMSpec, restore_from: Path | None) -> VM:
@@ -153,7 +157,7 @@ class Lifecycle:
         if node.vm is not vm or node.stopping:
             return
         if code == 0:
-            log.info("%s: guest powered off", node.hostname)
+            log.info("%s: guest powered off or rebooted (a VM ends with its guest)", node.hostname)
             if not node.is_service and not node.record.persistent:
                 await self.destroy(node)
         else:
@@ -176,20 +180,41 @@ class Lifecycle:
             await node.wait_ready(max(0.1, deadline - loop.time()), userdata=True)
 
     # -- ending -------------------------------------------------------------------------------------
-    async def stop_vm(self, node: Node, graceful: bool) -> None:
+    async def stop_vm(self, node: Node, graceful: bool, reboot: bool = False) -> None:
+        """Stop the VM: by its power button (``graceful``; killed if it does not go in time), by
+        rebooting the guest (``reboot``: a VM without ``spec.reboot`` ends with it), or killed."""
         vm = node.vm
         if vm is None or vm.state == VMState.STOPPED:
             return
         node.stopping = True
-        if graceful:
+        if reboot:
+            with contextlib.suppress(VMMError, SlicerError):
+                await self.reboot(node)
+        elif graceful:
             with contextlib.suppress(VMMError):
                 await vm.powerdown()
+        if graceful or reboot:
             try:
                 await asyncio.wait_for(asyncio.shield(vm.wait()), GRACEFUL_TIMEOUT)
                 return
             except TimeoutError:
                 log.warning("%s: guest did not power off in %gs; killing it", node.hostname, GRACEFUL_TIMEOUT)
         await vm.kill()
+
+    async def reboot(self, node: Node) -> None:
+        """Reboot the guest: orderly through its agent (processes stopped, disks synced), or by
+        resetting the machine when the agent cannot."""
+        vm = node.vm
+        assert vm is not None
+        if vm.state == VMState.PAUSED:
+            await vm.resume()
+        try:  # the agent itself, whatever the node's state: a reboot that ends the VM is Stopping
+            if node.agent is None:
+                raise SlicerError("no channel to the agent")
+            await node.agent.power("reboot")
+        except SlicerError as e:
+            log.warning("%s: agent could not reboot (%s); resetting the machine", node.hostname, e.message)
+            await vm.reset()
 
     async def destroy(self, node: Node) -> bool:
         """Stop the VM and forget a sandbox; returns whether its disk was removed. Once only:

@@ -442,5 +442,16 @@ class Manager:
         return list(await asyncio.gather(*(self.node_stats(n, timeout) for n in self.list())))
 
     async def health(self, hostname: str) -> dict:
-        """The agent's health now: never waits for a VM that boots (it is how clients find out)."""
-        return await self.registry.get(hostname).running_agent().health(timeout=10.0)
+        """The agent's health now: never waits for a VM that boots (it is how clients find out).
+        Uptimes go out in nanoseconds, as Slicer's Go agent sends a ``time.Duration`` (the Go SDK
+        reads them so), with whole seconds beside them; ``ip`` is the VM's address."""
+        node = self.registry.get(hostname)
+        answer: dict = dict(await node.running_agent().health(timeout=10.0))
+        for key in ("agent_uptime", "system_uptime"):
+            seconds = answer.get(key)
+            if isinstance(seconds, int) and not isinstance(seconds, bool) and 0 <= seconds < 1 << 33:
+                answer[key], answer[f"{key}_seconds"] = seconds * 1_000_000_000, seconds
+            else:  # the guest's word, unusable: no uptime rather than a wrong one
+                answer[key], answer[f"{key}_seconds"] = 0, 0
+        answer["ip"] = node.record.ip or ""
+        return answer

@@ -11,7 +11,7 @@ from slicer.core.errors import BadRequest, Conflict, Forbidden, NotFound, Slicer
 from slicer.core.lifecycle import Lifecycle
 from slicer.core.node import Node
 from slicer.core.registry import Registry, Tasks
-from slicer.vmm.base import VMMError, VMState, VMStateError
+from slicer.vmm.base import VMMError, VMStateError
 
 log = logging.getLogger("slicer.core.manager")
 
@@ -48,34 +48,25 @@ class Power:
                 raise SlicerError(str(e)) from e
 
     async def shutdown(self, hostname: str, action: str) -> None:
-        """Power off (ACPI, killed after a timeout) or reboot the guest; returns once started."""
+        """Power off (ACPI, killed after a timeout) or reboot the guest; returns once started.
+        As in Slicer on Linux (Firecracker has no reboot) a reboot ends a sandbox or persistent
+        VM, like a power-off; a service, which the config says should run, boots again in place."""
         if action not in ("shutdown", "reboot"):
             raise BadRequest(f"action must be shutdown or reboot, not {action!r}", ErrorCode.INVALID_ACTION)
         node = self.registry.get(hostname)
         async with node.act(NodeAction(action)):
-            if action == "reboot":
-                await self._reboot(node)
+            if action == "reboot" and node.is_service:
+                await self.lifecycle.reboot(node)
                 return
             node.stopping = True  # from here on the node is Stopping; a relaunch waits for its end
-        self.tasks.spawn(self._power_off(node))
+        self.tasks.spawn(self._power_off(node, reboot=action == "reboot"))
 
-    async def _power_off(self, node: Node) -> None:
-        await self.lifecycle.stop_vm(node, graceful=True)
+    async def _power_off(self, node: Node, reboot: bool) -> None:
+        await self.lifecycle.stop_vm(node, graceful=True, reboot=reboot)
         if not node.is_service and not node.record.persistent:
             with contextlib.suppress(SlicerError):  # deleted meanwhile
                 async with node.act(NodeAction.DELETE):
                     await self.lifecycle.destroy(node)  # a sandbox's disk goes with its shutdown
-
-    async def _reboot(self, node: Node) -> None:
-        vm = node.vm
-        assert vm is not None
-        if vm.state == VMState.PAUSED:
-            await vm.resume()
-        try:
-            await node.running_agent().power("reboot")  # orderly: processes stopped, disk synced
-        except SlicerError as e:
-            log.warning("%s: agent could not reboot (%s); resetting the machine", node.hostname, e.message)
-            await vm.reset()
 
     async def delete(self, group_name: str, hostname: str) -> bool:
         """Delete a sandbox or persistent VM (never a service); whether its disk was removed."""

@@ -26,6 +26,19 @@ def cidr(value: str, what: str) -> ipaddress.IPv4Network:
     return net
 
 
+def rule_entry(value: str, what: str) -> str:
+    """An ``allow``/``drop`` entry normalised: a CIDR (or address), optionally with ``:PORT``
+    (Slicer's proxy lock-down names ``IP:3128``); nft takes prefix lengths, not netmasks."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what}: {value!r} is not an IPv4 address or CIDR")
+    address, sep, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    if not sep:
+        return str(cidr(value, what))
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what}: {value!r}: the port must be a number from 1 to 65535")
+    return f"{cidr(address, what)}:{int(port)}"
+
+
 class NetworkConfig(BaseModel):
     """Slicer's ``network:`` block. ``mode`` unset: bridge when the daemon has CAP_NET_ADMIN
     (root), passt otherwise."""
@@ -40,8 +53,8 @@ class NetworkConfig(BaseModel):
     range: str | None = None  # bridge: "A-B" inside the gateway's subnet; isolated: a CIDR of /30s
     bridge: str | None = Field(default=None, max_length=IFNAMSIZ, pattern=r"^[A-Za-z0-9_.-]+$")
     tap_prefix: str | None = Field(default=None, max_length=IFNAMSIZ - 4, pattern=r"^[A-Za-z0-9_.-]+$")
-    allow: list[str] = []  # isolated: only these CIDRs (besides DNS)
-    drop: list[str] = []  # isolated: everything but these CIDRs
+    allow: list[str] = []  # isolated: only these CIDRs or CIDR:PORTs (besides DNS)
+    drop: list[str] = []  # isolated: everything but these (the most specific entry wins)
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -71,8 +84,8 @@ class NetworkConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> NetworkConfig:
-        for what in ("allow", "drop"):  # normalised: nft takes prefix lengths, not netmasks
-            setattr(self, what, [str(cidr(c, what)) for c in getattr(self, what)])
+        for what in ("allow", "drop"):
+            setattr(self, what, [rule_entry(c, what) for c in getattr(self, what)])
         if self.mode == "isolated":
             if self.gateway or self.addresses or self.bridge or self.tap_prefix:
                 raise ValueError("isolated mode takes range, allow and drop; gateway, addresses, bridge and "

@@ -121,34 +121,32 @@ def _group_chain(g: IsolatedGroup) -> str:
 
 def _policy_rules(g: IsolatedGroup) -> str:
     """Slicer's egress rules for an isolated group: only ``drop`` → all else allowed; only
-    ``allow`` → all else blocked; neither → everything. DNS to the group's servers always passes."""
+    ``allow`` → all else blocked; neither → everything. DNS to the group's servers always passes.
+
+    Where entries overlap, the most specific decides: the longer prefix, then an entry with a
+    port over one without, then drop over allow. So Slicer's proxy lock-down, ``drop: [0.0.0.0/0]``
+    with ``allow: ["IP:3128"]``, reaches that port only, and ``allow: [10.0.0.0/8]`` with ``drop:
+    [10.1.0.0/16]`` keeps 10.1 out. Link-local space (cloud metadata) is dropped as if by a /16
+    entry of its own that only an allow naming it, or a part of it, overrides."""
     lines = []
     if g.dns:
         servers = ", ".join(g.dns)
         lines += [f"ip daddr {{ {servers} }} udp dport 53 accept", f"ip daddr {{ {servers} }} tcp dport 53 accept"]
-    opened = _link_local_opened(g.allow)
-    if opened is None:
-        lines.append(f"ip daddr {LINK_LOCAL} drop")
-    elif opened:
-        lines.append(f"ip daddr {LINK_LOCAL} ip daddr != {{ {', '.join(opened)} }} drop")
-    if g.drop:
-        lines.append(f"ip daddr {{ {', '.join(g.drop)} }} drop")
+    entries = [(*_parse(e), "accept", 1) for e in g.allow] + [(*_parse(e), "drop", 2) for e in g.drop]
+    entries.append((LINK_LOCAL, None, "drop", 0))  # below an allow of the same size: naming it opens it
+    entries.sort(key=lambda e: (e[0].prefixlen, e[1] is not None, e[3]), reverse=True)
+    for net, port, verdict, _ in entries:
+        ports = f" meta l4proto {{ tcp, udp }} th dport {port}" if port is not None else ""
+        lines.append(f"ip daddr {net}{ports} {verdict}")
     if g.allow:
-        lines.append(f"ip daddr != {{ {', '.join(g.allow)} }} drop")
+        lines.append("drop")  # what no allow named
     return "".join(f"    {line}\n" for line in lines)
 
 
-def _link_local_opened(allow: list[str]) -> list[str] | None:
-    """The parts of link-local space an allow list names itself (None: none; []: all of it).
-    A wider entry (``0.0.0.0/0``) does not open it: metadata is opened only by naming it."""
-    parts = []
-    for entry in allow:
-        net = ipaddress.IPv4Network(entry, strict=False)
-        if net == LINK_LOCAL:
-            return []
-        if net.subnet_of(LINK_LOCAL):
-            parts.append(net)
-    return [str(n) for n in ipaddress.collapse_addresses(parts)] or None
+def _parse(entry: str) -> tuple[ipaddress.IPv4Network, int | None]:
+    """``CIDR`` or ``CIDR:PORT`` (normalised by slicer.net.config.rule_entry)."""
+    net, _, port = entry.partition(":")
+    return ipaddress.IPv4Network(net, strict=False), int(port) if port else None
 
 
 def port_elements(table: str, tap: str, mac: str, ip: str, verb: str = "add") -> str:

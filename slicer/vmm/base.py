@@ -104,6 +104,9 @@ class VMSpec:
     # The state to restore holds the RAM (a live capture) though the spec has a RAM file: it is
     # loaded into the file; the next save leaves the RAM out as usual.
     memory_in_state: bool = False
+    # False: a reset of the guest (its reboot, a panic) ends the VM, as on Firecracker, which has
+    # no reboot; True: the machine starts over in place.
+    reboot: bool = True
 
     @property
     def channel_socket(self) -> Path:

@@ -235,7 +235,11 @@ class FakeVM(VM):
         self._ended.set()
 
     def guest_reboot(self) -> None:
-        """The guest rebooted (or the machine was reset): the host's channel starts over."""
+        """The guest rebooted (or the machine was reset): the host's channel starts over, or
+        with ``spec.reboot`` off the VM ends (QEMU's ``-no-reboot``)."""
+        if not self.spec.reboot:
+            self.end(0)
+            return
         self.guest.reboot()
         if self.on_reset is not None:
             self.on_reset()

@@ -163,7 +163,8 @@ class QemuVM(VM):
             elif name == "SHUTDOWN" and isinstance(self._proc, AdoptedProcess):
                 # Not our child: its exit status is not ours to read, so the reason is kept.
                 reason = event.get("data", {}).get("reason", "")
-                self._proc.clean_exit = reason in ("guest-shutdown", "host-qmp-quit")
+                self._proc.clean_exit = reason in ("guest-shutdown", "host-qmp-quit", "guest-reset",
+                                                   "host-qmp-system-reset", "guest-panic")
 
     def _exited(self) -> None:
         if self._on_exit is not None:
@@ -451,6 +452,7 @@ class QemuDriver(Driver):
             "-smp", str(spec.cpus),
             "-m", f"{spec.ram_bytes // (1 << 20)}M",
             "-nodefaults", "-no-user-config", "-display", "none",
+            *([] if spec.reboot else ["-no-reboot"]),
             *(["-sandbox", SANDBOX] if self.jailer is not None else []),
             "-chardev", _chardev("serial0", h.socket_fd("serial"), wait=True),
             "-serial", "chardev:serial0",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -220,9 +221,9 @@ async def test_a_crashed_vmm_is_crashed_not_stopped(lab: Lab):
     assert node.status == "Running"
 
 
-async def test_reboot_goes_through_the_agent_and_sets_the_guest_up_again(lab: Lab):
+async def test_a_service_reboots_through_its_agent_and_is_set_up_again(lab: Lab):
     m = await lab.daemon()
-    node = await m.create("cold", **create_args())
+    node = m.get("svc-1")
     guest = lab.host.vm(node.hostname).guest
     assert len(guest.called("put_secrets")) == 1
     await m.power.shutdown(node.hostname, "reboot")
@@ -230,15 +231,45 @@ async def test_reboot_goes_through_the_agent_and_sets_the_guest_up_again(lab: La
         while len(guest.called("put_secrets")) < 2:
             await asyncio.sleep(0.01)
     assert guest.called("power") == [{"action": "reboot"}]
-    assert node.status == "Running"
+    assert node.status == "Running" and lab.host.vm(node.hostname).spec.reboot
+
+
+async def test_a_reboot_ends_a_sandbox_as_in_slicer(lab: Lab):
+    """Firecracker has no reboot: the API's reboot (Slicer's default action) or the guest's own
+    ends the VM; a sandbox is then reaped, record and disk."""
+    m = await lab.daemon()
+    for how in ("api", "guest"):
+        node = await m.create("cold", **create_args())
+        vm = lab.host.vm(node.hostname)
+        assert not vm.spec.reboot  # QEMU's -no-reboot
+        if how == "api":
+            await m.power.shutdown(node.hostname, "reboot")
+        else:
+            vm.guest_reboot()  # `sudo reboot` inside, or a panic
+        async with asyncio.timeout(5):
+            while node.hostname in m.nodes:
+                await asyncio.sleep(0.01)
+        assert vm.exit_code == 0 and not Path(node.record.disk).exists(), how
+        assert vm.guest.called("power") == ([{"action": "reboot"}] if how == "api" else [])
+
+
+async def test_a_reboot_stops_a_persistent_vm_and_relaunch_brings_it_back(lab: Lab):
+    m = await lab.daemon()
+    node = await m.create("cold", **create_args(persistent=True))
+    await m.power.shutdown(node.hostname, "reboot")
+    assert node.status == "Stopping"  # a relaunch now waits for the end (the TS SDK's roundtrip)
+    await m.snapshots.relaunch(node.hostname, wait="agent", timeout=5)
+    assert node.status == "Running" and Path(node.record.disk).exists()
+    lab.host.vm(node.hostname).guest_reboot()  # the guest's own reboot: stopped, kept
+    await node.exited.wait()
+    assert node.status == "Stopped" and node.hostname in m.nodes and Path(node.record.disk).exists()
 
 
 async def test_a_reboot_that_the_agent_refuses_resets_the_machine(lab: Lab):
     m = await lab.daemon()
-    node = await m.create("cold", **create_args())
-    vm = lab.host.vm(node.hostname)
+    vm = lab.host.vm("svc-1")
     vm.guest.fail["power"] = 500
-    await m.power.shutdown(node.hostname, "reboot")
+    await m.power.shutdown("svc-1", "reboot")
     assert "reset" in vm.actions
 
 
@@ -358,3 +389,28 @@ async def test_a_suspend_during_setup_waits_for_it(lab: Lab):
     node.provisioned.set()
     await suspending
     assert node.status == "Suspended"
+
+
+async def test_metrics_carry_slicers_names_and_ours(lab: Lab):
+    """``/metrics`` as rendered: Slicer's names (launches, running VMs, the host's figures) beside ours."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from slicer.api.telemetry import render_metrics
+
+    def samples() -> dict[tuple[str, tuple], float]:
+        text = render_metrics(m)[0].decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    m = await lab.daemon()
+    before = samples()
+    await m.create("sbx", **create_args())
+    after = samples()
+    launched = ("slicer_vm_launch_total", (("hostgroup", "sbx"),))
+    assert after[launched] == before.get(launched, 0) + 1
+    assert after[("slicer_vm_running", (("hostgroup", "sbx"),))] == 1
+    assert after[("slicer_vm_running", (("hostgroup", "svc"),))] == 2
+    assert after[("slicer_vm_running", (("hostgroup", "cold"),))] == 0  # every group, even an empty one
+    assert after[("slicer_system_cpus", ())] == os.cpu_count()
+    assert 0 < after[("slicer_system_memory_available_bytes", ())] < after[("slicer_system_memory_total_bytes", ())]
+    assert after[("slicer_system_uptime_seconds", ())] > 0

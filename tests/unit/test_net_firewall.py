@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from slicer.net.config import rule_entry
 from slicer.net.firewall import (
     IsolatedGroup,
-    _link_local_opened,
     _policy_rules,
     guard,
     isolated_elements,
@@ -40,7 +40,7 @@ def test_isolated_groups_get_a_set_a_jump_and_a_chain_each():
     assert 'iifname "st-*" iifname != @isolated drop' in forward  # a veth not (yet) in the sets
     assert 'iifname "st-*" drop' in chain(script, "input")
     assert "elements = { 169.254.4.0/22, 169.254.8.0/22 }" in script
-    assert "ip daddr { 10.0.0.0/8 } drop" in chain(script, "iso_db")
+    assert "ip daddr 10.0.0.0/8 drop" in chain(script, "iso_db")
 
 
 def test_passts_uid_may_reach_neither_the_host_nor_link_local():
@@ -49,20 +49,33 @@ def test_passts_uid_may_reach_neither_the_host_nor_link_local():
     assert "meta skuid 1900000123 ip daddr 169.254.0.0/16 drop" in output
 
 
-@pytest.mark.parametrize(("allow", "drop", "expected", "absent"), [
-    ([], [], ["ip daddr 169.254.0.0/16 drop"], ["!= {"]),
-    ([], ["10.0.0.0/8"], ["ip daddr { 10.0.0.0/8 } drop"], ["ip daddr != {"]),
-    (["198.51.100.0/24"], [], ["ip daddr != { 198.51.100.0/24 } drop", "ip daddr 169.254.0.0/16 drop"], []),
-    (["0.0.0.0/0"], [], ["ip daddr 169.254.0.0/16 drop"], []),  # wide allow: metadata still closed
-    (["169.254.169.254/32"], [], ["ip daddr 169.254.0.0/16 ip daddr != { 169.254.169.254/32 } drop"], []),
-    (["169.254.0.0/16"], [], ["ip daddr != { 169.254.0.0/16 } drop"], ["ip daddr 169.254.0.0/16 drop"]),
+def rules_of(allow: list[str], drop: list[str]) -> list[str]:
+    return [line.strip() for line in _policy_rules(IsolatedGroup("g", "169.254.4.0/22", allow=allow, drop=drop))
+            .splitlines()]
+
+
+LL_DROP = "ip daddr 169.254.0.0/16 drop"
+
+
+@pytest.mark.parametrize(("allow", "drop", "expected"), [
+    ([], [], [LL_DROP]),
+    ([], ["10.0.0.0/8"], [LL_DROP, "ip daddr 10.0.0.0/8 drop"]),
+    (["198.51.100.0/24"], [], ["ip daddr 198.51.100.0/24 accept", LL_DROP, "drop"]),
+    (["0.0.0.0/0"], [], [LL_DROP, "ip daddr 0.0.0.0/0 accept", "drop"]),  # wide allow: metadata still closed
+    (["169.254.169.254/32"], [], ["ip daddr 169.254.169.254/32 accept", LL_DROP, "drop"]),
+    (["169.254.0.0/16"], [], ["ip daddr 169.254.0.0/16 accept", LL_DROP, "drop"]),  # naming it opens it
+    # Slicer's proxy lock-down: the port of one address, nothing else
+    (["192.0.2.1:3128", "192.0.2.1:3129"], ["0.0.0.0/0"],
+     ["ip daddr 192.0.2.1/32 meta l4proto { tcp, udp } th dport 3128 accept",
+      "ip daddr 192.0.2.1/32 meta l4proto { tcp, udp } th dport 3129 accept", LL_DROP, "ip daddr 0.0.0.0/0 drop",
+      "drop"]),
+    # the most specific wins, drop over allow on a tie
+    (["10.0.0.0/8", "10.9.0.0/16"], ["10.1.0.0/16", "10.9.0.0/16"],
+     ["ip daddr 10.1.0.0/16 drop", "ip daddr 10.9.0.0/16 drop", "ip daddr 10.9.0.0/16 accept", LL_DROP,
+      "ip daddr 10.0.0.0/8 accept", "drop"]),
 ])
-def test_egress_policy(allow, drop, expected, absent):
-    rules = _policy_rules(IsolatedGroup("g", "169.254.4.0/22", allow=allow, drop=drop))
-    for line in expected:
-        assert line in rules
-    for text in absent:
-        assert text not in rules
+def test_egress_policy(allow, drop, expected):
+    assert rules_of(allow, drop) == expected
 
 
 def test_dns_to_the_groups_servers_comes_first():
@@ -72,9 +85,19 @@ def test_dns_to_the_groups_servers_comes_first():
                          "    ip daddr { 192.0.2.1, 192.0.2.2 } tcp dport 53 accept"]
 
 
-def test_link_local_parts_named_in_allow_are_collapsed():
-    assert _link_local_opened(["169.254.169.254/32", "169.254.169.255/32", "10.0.0.0/8"]) == ["169.254.169.254/31"]
-    assert _link_local_opened(["10.0.0.0/8"]) is None
+@pytest.mark.parametrize(("given", "normal"), [("192.0.2.1:3128", "192.0.2.1/32:3128"),
+                                               ("10.0.0.0/255.0.0.0", "10.0.0.0/8"),
+                                               ("10.1.2.3/8:443", "10.0.0.0/8:443")])
+def test_allow_and_drop_entries_are_normalised(given, normal):
+    assert rule_entry(given, "allow") == normal
+
+
+@pytest.mark.parametrize(("given", "words"), [("192.0.2.1:0", "port must be"), ("192.0.2.1:http", "port must be"),
+                                              ("nope:80", "not an IPv4"), ("2001:db8::/32", "not IPv4"),
+                                              ("192.0.2.1:99999", "port must be")])
+def test_bad_entries_are_refused_with_a_reason(given, words):
+    with pytest.raises(ValueError, match=words):
+        rule_entry(given, "allow")
 
 
 @pytest.mark.parametrize("verb", ["add", "delete"])
@@ -101,7 +124,8 @@ def test_a_vms_own_policy_replaces_whatever_it_had():
     assert given.startswith(removed)  # the old chain goes first, in the same transaction
     added = given[len(removed):].splitlines()
     assert added[0] == "add chain inet slicer_t vm_sab_x"
-    assert "add rule inet slicer_t vm_sab_x ip daddr != { 203.0.113.0/24 } drop" in added
+    assert "add rule inet slicer_t vm_sab_x ip daddr 203.0.113.0/24 accept" in added
+    assert "add rule inet slicer_t vm_sab_x drop" in added
     assert added[-1] == 'add element inet slicer_t vm_policy { "sab-x" : goto vm_sab_x }'
 
 
