@@ -7,6 +7,7 @@ import contextlib
 
 import httpx
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from slicer.channel.duplex import DuplexResponse
 
@@ -14,6 +15,17 @@ from slicer.channel.duplex import DuplexResponse
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class DuplexStreamingResponse(StreamingResponse):
+    """A streamed answer to a request whose body is still coming in (an exec's stdin): that body is
+    the route's to read, so nothing else may call ``receive``. Starlette's own StreamingResponse
+    listens there for the client's disconnect under ASGI < 2.4 (uvicorn says 2.3) and would
+    swallow the body's chunks: the command would wait for input that never comes. A client that
+    leaves ends the body with ClientDisconnect instead, which resets the agent's stream."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.stream_response(send)
 
 
 class ClientGone(Exception):

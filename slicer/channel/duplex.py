@@ -58,9 +58,15 @@ async def duplex_request(stream: Stream, method: str, target: str, body: AsyncIt
     await stream.write(conn.send(head))
 
     async def send_body() -> None:
-        async for chunk in body:
-            if chunk:
-                await stream.write(conn.send(h11.Data(data=chunk)))
+        try:
+            async for chunk in body:
+                if chunk:
+                    await stream.write(conn.send(h11.Data(data=chunk)))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            stream.reset()  # the body broke off (its client left): the guest's end is told, not left waiting
+            raise
         await stream.write(conn.send(h11.EndOfMessage()))
 
     sender = asyncio.ensure_future(send_body())

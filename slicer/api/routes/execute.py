@@ -24,7 +24,7 @@ from slicer.api.models import (
     query_doc,
 )
 from slicer.api.schema import BackgroundExec, BackgroundExit, BackgroundKilled, BackgroundReaped, ExecFrame, ExecResult
-from slicer.api.streaming import ClientGone, relay, unless_client_leaves
+from slicer.api.streaming import ClientGone, DuplexStreamingResponse, relay, unless_client_leaves
 from slicer.core.errors import TooLarge
 from slicer.core.manager import Manager
 
@@ -77,7 +77,9 @@ async def execute(m: Mgr, hostname: str, request: Request) -> Response:
         return Response(bytes(body), status_code=201 if background else 200, media_type="application/json")
     # Passed through as the agent writes it: one JSON object per line, flushed as it comes.
     # Closing the agent's response (also when our client goes away) kills the process.
-    return StreamingResponse(relay(resp, None if stdin else request), media_type="application/x-ndjson")
+    if stdin:
+        return DuplexStreamingResponse(relay(resp, None), media_type="application/x-ndjson")
+    return StreamingResponse(relay(resp, request), media_type="application/x-ndjson")
 
 
 ExecId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
