@@ -10,6 +10,7 @@ import os
 import tarfile
 import time
 
+import httpx
 import pytest
 
 from tests import chunked_copy
@@ -351,3 +352,64 @@ def test_home_relative_paths(api, vm):
     assert r.status_code == 400 and "absolute or start with ~/" in r.json()["error"]
     r = api.post(f"/vm/{vm}/cp", params={"path": "~/x", "uid": "4242"}, content=b"x")
     assert r.status_code == 400 and "uid 4242 has no home directory" in r.json()["error"], r.text
+
+
+def _copies(api, direction: str, via: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(api.get("/metrics").text):
+        for s in family.samples:
+            if s.name == "slicer_copies_total" and s.labels == {"direction": direction, "via": via}:
+                return s.value
+    return 0.0
+
+
+def test_copies_take_the_bulk_port_and_broken_ones_spoil_nothing(api, vm):
+    """A copy's bytes go on the VM's bulk port (slicer.channel.bulk), one copy per direction at a
+    time: a second one meanwhile goes through the channel. A copy broken off midway (its client
+    gone) leaves nothing at its destination and nothing that spoils the next copy."""
+    import concurrent.futures
+
+    data = os.urandom(24 << 20)
+    counts = {(d, v): _copies(api, d, v) for d in ("in", "out") for v in ("bulk", "channel")}
+    r = api.post(f"/vm/{vm}/cp", params={"path": "/tmp/bulk.bin"}, content=data)
+    assert r.status_code == 200 and r.json()["size"] == len(data), r.text
+    assert _copies(api, "in", "bulk") == counts["in", "bulk"] + 1
+    assert sh(api, vm, "sha256sum /tmp/bulk.bin").split()[0] == hashlib.sha256(data).hexdigest()
+    with api.stream("GET", f"/vm/{vm}/cp", params={"path": "/tmp/bulk.bin"}) as r:
+        assert r.status_code == 200 and int(r.headers["content-length"]) == len(data)
+        assert hashlib.sha256(b"".join(r.iter_raw())).digest() == hashlib.sha256(data).digest()
+    assert _copies(api, "out", "bulk") == counts["out", "bulk"] + 1
+
+    def slowly(blob: bytes):
+        for at in range(0, len(blob), 1 << 20):
+            time.sleep(0.15)
+            yield blob[at:at + (1 << 20)]
+
+    first, second = os.urandom(12 << 20), os.urandom(3 << 20)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(api.post, f"/vm/{vm}/cp", params={"path": "/tmp/first.bin"}, content=slowly(first))
+        time.sleep(0.6)
+        quick = api.post(f"/vm/{vm}/cp", params={"path": "/tmp/second.bin"}, content=second)
+        assert quick.status_code == 200 and slow.result().status_code == 200, (quick.text, slow.result().text)
+    assert _copies(api, "in", "channel") >= counts["in", "channel"] + 1  # the second, while the first held it
+    assert sh(api, vm, "sha256sum /tmp/first.bin /tmp/second.bin").split()[::2] == [
+        hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest()]
+
+    def broken(blob: bytes):
+        yield blob[:3 << 20]
+        raise OSError("the client goes away")
+
+    for _ in range(2):
+        with pytest.raises((httpx.HTTPError, OSError)):
+            api.post(f"/vm/{vm}/cp", params={"path": "/tmp/broken.bin"}, content=broken(data))
+        with api.stream("GET", f"/vm/{vm}/cp", params={"path": "/tmp/bulk.bin"}) as r:
+            next(r.iter_raw())  # a download left after its first chunk
+        r = api.post(f"/vm/{vm}/cp", params={"path": "/tmp/after.bin"}, content=data[:5 << 20])
+        assert r.status_code == 200, r.text
+        assert sh(api, vm, "sha256sum /tmp/after.bin").split()[0] == hashlib.sha256(data[:5 << 20]).hexdigest()
+        with api.stream("GET", f"/vm/{vm}/cp", params={"path": "/tmp/after.bin"}) as r:
+            assert hashlib.sha256(b"".join(r.iter_raw())).digest() == hashlib.sha256(data[:5 << 20]).digest()
+    assert sh(api, vm, "ls /tmp/broken.bin 2>/dev/null || echo absent").strip() == "absent"
+    # (a copy right after a broken one may find the port still held, and take the channel)
+    assert _copies(api, "in", "bulk") >= counts["in", "bulk"] + 2

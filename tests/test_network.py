@@ -252,7 +252,7 @@ def test_a_vm_with_a_policy_of_its_own(net, vms):
     assert probe(d, sibling, UP_B, 80) == "closed"  # the group's other VMs keep the group's rules
     with d.client() as c:
         network = c.get(f"/vm/{own}").json()["network"]
-        assert network == {"mode": "isolated", "policy_source": "override", "override": OWN_POLICY,
+        assert network == {"mode": "isolated", "policy_source": "vm", "override": OWN_POLICY,
                            "host_group": {"allow": [], "drop": ["198.51.100.11/32"]},
                            "effective": {"allow": ["198.51.100.11/32"], "drop": []}}, network
         assert c.get(f"/vm/{sibling}").json()["network"]["policy_source"] == "host_group"

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import tarfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
-from slicer.agent import copyv1, files, paths, upload
+from slicer.agent import bulk, copyv1, files, paths, upload
 from slicer.agent.http_util import Context, Handlers, error
 
 
-async def cp_in(request: web.Request) -> web.Response:
-    q = request.query
+async def _cp_in(q, content) -> web.Response:
+    """Copy ``content`` (the request's body, or a bulk transfer's) as ``q`` says."""
     try:
         perms = files.parse_permissions(q.get("permissions"))
         uid, gid = files.parse_id(q.get("uid"), "uid"), files.parse_id(q.get("gid"), "gid")
@@ -33,18 +34,49 @@ async def cp_in(request: web.Request) -> web.Response:
             raise files.FileError(f"invalid mode: {mode} (binary, tar, cp-v1-binary or cp-v1-tar)",
                                   "invalid_request")
         if mode == "tar":
-            reader = files.BodyReader(asyncio.get_running_loop(), request.content)
+            reader = files.BodyReader(asyncio.get_running_loop(), content)
             count = await asyncio.to_thread(files.extract_tar, reader, path, perms, uid, gid,
                                             q.getall("exclude", []))
             return web.json_response({"path": path, "mode": "tar", "entries": count})
         with upload.upload_path(path, uid, gid) as (dir_fd, target):  # an SDK's chunk goes via its session
-            size = await files.receive_file(target, request.content.iter_chunked(files.CHUNK), perms, uid, gid,
+            size = await files.receive_file(target, content.iter_chunked(files.CHUNK), perms, uid, gid,
                                             dir_fd=dir_fd)
         return web.json_response({"path": path, "mode": "binary", "size": size})
     except files.FileError as e:
         return error(str(e), e.code, e.status)
     except (OSError, tarfile.TarError) as e:
         return error(f"copy to {q.get('path')} failed: {e}", "copy_failed", 400)
+
+
+def _token(q) -> bytes | None:
+    token = q.get("bulk", "")
+    if len(token) != 32 or any(c not in "0123456789abcdef" for c in token):
+        return None
+    return bytes.fromhex(token)
+
+
+async def _cp_in_bulk(port: bulk.BulkPort | None, request: web.Request) -> web.StreamResponse:
+    """An upload whose bytes come on the bulk port: ``{"ready": true}`` once they may, then the
+    copy's own answer (see slicer.agent.protocol.CpQuery)."""
+    if port is None:
+        return error("this VM has no bulk port", "bulk_unavailable", 409)
+    if (token := _token(request.query)) is None:
+        return error("bulk must be 32 hex digits", "invalid_request", 400)
+    try:
+        async with port.source(token) as source:
+            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await resp.prepare(request)
+            await resp.write(b'{"ready": true}\n')
+            try:
+                answer = await _cp_in(request.query, source)
+            except bulk.BulkError as e:
+                answer = error(f"copy to {request.query.get('path')} failed: {e}", "copy_failed", 400)
+    except bulk.BulkBusy as e:
+        return error(str(e), "bulk_busy", 409)
+    assert isinstance(answer, web.Response) and answer.body is not None
+    await resp.write(b'{"status": %d, "answer": %s}\n' % (answer.status, bytes(answer.body)))
+    await resp.write_eof()
+    return resp
 
 
 @dataclass
@@ -55,6 +87,7 @@ class Download:
     size: int | None
     write: Callable[[web.StreamResponse], Awaitable[None]]
     close: Callable[[], None]
+    fd: int | None = None  # a regular file's descriptor (sent by sendfile on the bulk port)
 
 
 async def _tar(uid: int | None, path: str, contents: bool, excludes: list[str], meta: dict[str, str]) -> Download:
@@ -78,7 +111,8 @@ async def _file(uid: int | None, path: str, meta: dict[str, str]) -> Download:
             await resp.write(chunk)
 
     headers = {"Content-Type": "application/octet-stream", "X-Slicer-File-Mode": f"{fmode:04o}", **meta}
-    return Download(headers, size, write, f.close)
+    regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+    return Download(headers, size, write, f.close, f.fileno() if regular else None)
 
 
 async def _open_download(q) -> Download:
@@ -99,9 +133,15 @@ async def _open_download(q) -> Download:
     raise files.FileError(f"invalid mode: {mode} (binary, tar or cp-v1-binary|tar|recursive)", "invalid_request")
 
 
-async def cp_out(request: web.Request) -> web.StreamResponse:
-    """A file's bytes or a tar."""
+async def cp_out(request: web.Request, port: bulk.BulkPort | None = None) -> web.StreamResponse:
+    """A file's bytes or a tar; with ``bulk``, sent on the bulk port (``port``)."""
     q = request.query
+    token = None
+    if "bulk" in q:
+        if port is None:
+            return error("this VM has no bulk port", "bulk_unavailable", 409)
+        if (token := _token(q)) is None:
+            return error("bulk must be 32 hex digits", "invalid_request", 400)
     try:
         download = await _open_download(q)
     except files.FileError as e:
@@ -110,6 +150,9 @@ async def cp_out(request: web.Request) -> web.StreamResponse:
         return error(f"{q.get('path')}: {e.strerror}", "permission_denied", 403)
     except OSError as e:
         return error(f"copy from {q.get('path')} failed: {e}", "copy_failed", 400)
+    if token is not None:
+        assert port is not None
+        return await _cp_out_bulk(port, token, request, download)
     resp = web.StreamResponse(headers=download.headers)
     if download.size is not None:
         resp.content_length = download.size
@@ -122,5 +165,39 @@ async def cp_out(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _cp_out_bulk(port: bulk.BulkPort, token: bytes, request: web.Request,
+                       download: Download) -> web.StreamResponse:
+    """The download's headers here (its size as ``X-Slicer-Content-Length``), its bytes on the
+    bulk port; a failure midway ends the transfer with an abort frame."""
+    headers = dict(download.headers)
+    if download.size is not None:
+        headers["X-Slicer-Content-Length"] = str(download.size)
+    try:
+        if download.fd is not None and download.size is not None:  # a file: by sendfile
+            async with port.sending() as out:
+                resp = web.StreamResponse(headers=headers)
+                await resp.prepare(request)
+                await asyncio.to_thread(bulk.send_file, out, token, download.fd, download.size)
+        else:
+            async with port.sink(token) as sink:
+                resp = web.StreamResponse(headers=headers)
+                await resp.prepare(request)
+                await download.write(sink)  # type: ignore[arg-type]  (it writes as a response does)
+    except bulk.BulkBusy as e:
+        return error(str(e), "bulk_busy", 409)
+    finally:
+        download.close()
+    await resp.write_eof()
+    return resp
+
+
 def handlers(ctx: Context) -> Handlers:
-    return {"cp_in": cp_in, "cp_out": cp_out}
+    async def cp_in(request: web.Request) -> web.StreamResponse:
+        if "bulk" in request.query:
+            return await _cp_in_bulk(ctx.bulk, request)
+        return await _cp_in(request.query, request.content)
+
+    async def cp_out_(request: web.Request) -> web.StreamResponse:
+        return await cp_out(request, ctx.bulk)
+
+    return {"cp_in": cp_in, "cp_out": cp_out_}

@@ -28,6 +28,7 @@ def handlers(ctx: Context) -> Handlers:
             "system_uptime": _system_uptime(),
             "userdata_ran": ran,
             "userdata_exit_code": code,
+            "bulk": ctx.bulk is not None,
         })
 
     async def stats(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from slicer.agent import background
+from slicer.agent.bulk import BulkPort
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Handlers = dict[str, Handler]  # endpoint name (slicer.agent.protocol) -> handler
@@ -21,6 +22,7 @@ class Context:
     """What the handlers of one server share."""
     started: float  # the agent's start (time.monotonic), for its uptime
     registry: background.Registry = field(default_factory=background.Registry)
+    bulk: BulkPort | None = None  # the copies' own port, where the VM has one
 
 
 def error(message: str, code: str, status: int) -> web.Response:

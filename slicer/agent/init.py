@@ -108,6 +108,9 @@ def link_virtio_ports() -> None:
             name = f.read().strip()
         dev = os.path.basename(os.path.dirname(path))
         link = f"/dev/virtio-ports/{name}"
+        if os.path.exists(f"/dev/{dev}"):  # the channel and the bulk port: root's alone
+            os.chown(f"/dev/{dev}", 0, 0)
+            os.chmod(f"/dev/{dev}", 0o600)
         if name and not os.path.lexists(link):
             os.symlink(f"../{dev}", link)
 

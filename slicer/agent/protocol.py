@@ -27,7 +27,7 @@ Body = Literal["none", "json", "bytes"]
 ERROR_CODES = frozenset({
     "invalid_request", "copy_failed", "fs_error", "not_found", "invalid_cwd", "unsafe_tar", "exec_failed",
     "is_directory", "not_a_directory", "not_empty", "exists", "unsafe_path", "unsafe_session", "gone",
-    "too_large", "permission_denied", "budget_exhausted",
+    "too_large", "permission_denied", "budget_exhausted", "bulk_busy", "bulk_unavailable",
 })
 
 
@@ -45,6 +45,7 @@ class Health(TypedDict):
     system_uptime: int
     userdata_ran: bool
     userdata_exit_code: int | None
+    bulk: NotRequired[bool]  # the agent holds the bulk port (slicer.channel.bulk)
 
 
 class Stats(TypedDict, total=False):
@@ -164,6 +165,11 @@ class CpQuery(TypedDict, total=False):
     source_type: Literal["file", "directory"]
     copy_contents: bool
     exclude: list[str]
+    # The copy's bytes go on the bulk port, as the transfer with this token (32 hex; see
+    # slicer.channel.bulk). Upload: the answer is NDJSON, ``{"ready": true}`` once the agent reads
+    # the port, then ``{"status": N, "answer": Copied | Error}``. Download: the answer has the
+    # headers (``X-Slicer-Content-Length`` for a file's size) and no body.
+    bulk: str
 
 
 class Copied(TypedDict):

@@ -24,6 +24,7 @@ from slicer.agent import (
     http_status,
     protocol,
 )
+from slicer.agent.bulk import BulkPort
 from slicer.agent.http_util import Context, Handlers
 
 AREAS: tuple[Callable[[Context], Handlers], ...] = (
@@ -54,8 +55,8 @@ def check(handlers: Handlers, endpoints: dict[str, protocol.Endpoint] = protocol
                                f"handlers without an endpoint: {sorted(unknown)}")
 
 
-def make_app(started: float, areas=AREAS) -> web.Application:
-    handlers = collect(Context(started), areas)
+def make_app(started: float, areas=AREAS, bulk: BulkPort | None = None) -> web.Application:
+    handlers = collect(Context(started, bulk=bulk), areas)
     check(handlers)
     app = web.Application(client_max_size=1 << 20)
     for name, endpoint in protocol.ENDPOINTS.items():
@@ -67,7 +68,9 @@ def make_app(started: float, areas=AREAS) -> web.Application:
 
 
 async def serve(path: str, started: float) -> web.AppRunner:
-    runner = web.AppRunner(make_app(started), access_log=None)
+    # The copies' port, where the VM has one (a VM of an older layout has not: copies then go
+    # through the channel).
+    runner = web.AppRunner(make_app(started, bulk=BulkPort.open()), access_log=None)
     await runner.setup()
     if os.path.exists(path):
         os.unlink(path)

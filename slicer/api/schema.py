@@ -86,7 +86,7 @@ class Policy(Answer):
 
 class NetworkView(Answer):
     mode: str
-    policy_source: str  # host_group, override
+    policy_source: str  # host_group, or vm for a VM with lists of its own (as the Go SDK's tests show Slicer's)
     host_group: Policy
     override: Policy | None = None
     effective: Policy

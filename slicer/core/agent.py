@@ -6,8 +6,10 @@ its method and path from that table, so no other host code spells an agent path.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json as jsonlib
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from typing import Any, cast
 from urllib.parse import urlencode
 
@@ -15,10 +17,12 @@ import httpx
 
 from slicer.agent import protocol
 from slicer.agent.protocol import ENDPOINTS
+from slicer.channel.bulk import BulkError, BulkLink, new_token
 from slicer.channel.duplex import DuplexResponse, duplex_request
 from slicer.channel.host import Channel, ChannelError, ChannelTransport
 from slicer.channel.websocket import StreamWebSocket, WebSocketRejected
 from slicer.channel.yamux import AGENT_PORT
+from slicer.core import telemetry
 from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import AgentUnreachable, SlicerError, UpstreamUnreachable
 
@@ -95,12 +99,75 @@ def _uid(params: dict[str, str], uid: int | None) -> dict[str, str]:
     return params
 
 
+def _items(params: Query) -> list[tuple[str, str]]:
+    return list(params.items()) if isinstance(params, Mapping) else list(params)
+
+
+async def _lines(resp: httpx.Response, limit: int) -> AsyncIterator[bytes]:
+    """The answer's lines; a line past ``limit`` bytes is the guest's garbage, not an answer."""
+    pending = bytearray()
+    async for chunk in resp.aiter_raw():
+        pending += chunk
+        while (end := pending.find(b"\n")) >= 0:
+            yield bytes(pending[:end])
+            del pending[:end + 1]
+        if len(pending) > limit:
+            raise AgentUnreachable(f"the agent's answer passed {limit} bytes without a line's end")
+    if pending:
+        yield bytes(pending)
+
+
+class BulkDownload:
+    """A download whose bytes come on the bulk port: the agent's answer (its headers; no body)
+    with the transfer as its body, as the routes relay an ``httpx.Response``. The answer is read
+    to its end meanwhile: if it breaks (the agent failed midway), the download ends there rather
+    than wait for frames that will not come."""
+
+    def __init__(self, resp: httpx.Response, chunks: AsyncIterator[bytes], release) -> None:
+        self._resp = resp
+        self._chunks = chunks
+        self._release = release
+        self._answer = asyncio.ensure_future(read_capped(resp, MAX_SMALL_ANSWER))
+        self.status_code = resp.status_code
+        self.headers = {k.lower(): v for k, v in resp.headers.items() if k.lower() != "content-length"}
+        if size := resp.headers.get("x-slicer-content-length"):
+            self.headers["content-length"] = size
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        while True:
+            frame = asyncio.ensure_future(anext(self._chunks))
+            await asyncio.wait({frame, self._answer}, return_when=asyncio.FIRST_COMPLETED)
+            if not frame.done() and self._answer.exception() is not None:  # the agent's answer broke
+                frame.cancel()
+                with contextlib.suppress(BaseException):
+                    await frame
+                raise BulkError(f"the agent broke the copy off: {self._answer.exception()}")
+            try:
+                yield await frame
+            except StopAsyncIteration:
+                break
+        await self._answer  # the agent finished cleanly
+
+    async def aclose(self) -> None:
+        try:
+            self._answer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._answer
+            with contextlib.suppress(Exception):
+                await self._chunks.aclose()  # type: ignore[attr-defined]
+            await self._resp.aclose()
+        finally:
+            self._release()
+
+
 class AgentClient:
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, bulk: BulkLink | None = None) -> None:
         self.channel = channel
         self.http = httpx.AsyncClient(
             transport=ChannelTransport(channel, AGENT_PORT), base_url="http://agent", timeout=30.0
         )
+        self.bulk = bulk  # the VM's bulk port, if its machine has one
+        self._bulk_agent: bool | None = None  # whether the agent holds its end (asked once)
 
     # --- the generic layer: one request, streamed or read whole ----------------------------------
 
@@ -215,12 +282,91 @@ class AgentClient:
     # --- files -----------------------------------------------------------------------------------
 
     async def cp_in(self, params: Query, content: AsyncIterable[bytes]) -> protocol.Copied:
-        """Copy ``content`` (a file's bytes or a tar, as ``params``' mode says) into the guest."""
+        """Copy ``content`` (a file's bytes or a tar, as ``params``' mode says) into the guest:
+        its bytes on the bulk port when the VM has one free, else through the channel."""
+        link = await self._bulk_link("in")
+        if link is not None:
+            try:
+                answer = await self._cp_in_bulk(link, params, content)
+            finally:
+                link.release("in")
+            if answer is not None:
+                telemetry.COPIES.labels("in", "bulk").inc()
+                return answer
+        telemetry.COPIES.labels("in", "channel").inc()
         return await self._call("cp_in", params=params, content=content, timeout=None)
 
-    async def cp_out(self, params: Query) -> httpx.Response:
-        """A file's bytes or a tar from the guest, streamed."""
+    async def cp_out(self, params: Query) -> httpx.Response | BulkDownload:
+        """A file's bytes or a tar from the guest, streamed (on the bulk port where it can)."""
+        link = await self._bulk_link("out")
+        if link is not None:
+            token = new_token()
+            try:
+                resp = await self._stream("cp_out", params=[*_items(params), ("bulk", token.hex())])
+            except SlicerError as e:
+                link.release("out")
+                if e.code not in ("bulk_busy", "bulk_unavailable"):
+                    raise
+            else:
+                telemetry.COPIES.labels("out", "bulk").inc()
+                return BulkDownload(resp, link.receive(token), lambda: link.release("out"))
+        telemetry.COPIES.labels("out", "channel").inc()
         return await self._stream("cp_out", params=params)
+
+    async def _bulk_link(self, direction: str) -> BulkLink | None:
+        """The bulk port, claimed for one copy in ``direction``; None: use the channel (no port,
+        an agent without its end, or another copy using it: never waited for)."""
+        if self.bulk is None:
+            return None
+        if self._bulk_agent is None:
+            try:
+                self._bulk_agent = (await self.health()).get("bulk") is True
+            except SlicerError:
+                return None
+        if not self._bulk_agent or not self.bulk.claim(direction):
+            return None
+        return self.bulk
+
+    async def _cp_in_bulk(self, link: BulkLink, params: Query, content: AsyncIterable[bytes]) -> protocol.Copied | None:
+        """The upload with its bytes on the bulk port, sent once the agent says it reads them;
+        None if the agent cannot take it there (nothing of ``content`` was read yet)."""
+        token = new_token()
+        endpoint = ENDPOINTS["cp_in"]
+        try:
+            resp = await self.send(endpoint.method, endpoint.path, params=[*_items(params), ("bulk", token.hex())],
+                                   content=b"", timeout=None)
+        except SlicerError as e:
+            if e.code in ("bulk_busy", "bulk_unavailable"):
+                return None
+            raise
+        lines = _lines(resp, MAX_SMALL_ANSWER)
+        sender: asyncio.Task | None = None
+        try:
+            if jsonlib.loads(await anext(lines)).get("ready") is not True:
+                raise AgentUnreachable("the agent did not take the copy on the bulk port")
+            sender = asyncio.ensure_future(link.send(token, content))
+            answer = asyncio.ensure_future(anext(lines))
+            await asyncio.wait({sender, answer}, return_when=asyncio.FIRST_COMPLETED)
+            if sender.done() and sender.exception() is not None:
+                raise sender.exception()  # type: ignore[misc]  (the client left, or the port broke)
+            final = jsonlib.loads(await answer)
+        except (StopAsyncIteration, ValueError, AttributeError, httpx.HTTPError) as e:
+            raise AgentUnreachable(f"the agent's answer to a copy broke off: {e}") from e
+        except BulkError as e:
+            raise UpstreamUnreachable(f"the copy's bulk transfer broke off: {e}") from e
+        finally:
+            if sender is not None and not sender.done():
+                sender.cancel()
+                with contextlib.suppress(BaseException):
+                    await sender
+            await resp.aclose()
+        status, body = final.get("status"), final.get("answer")
+        if status != 200:
+            raise agent_error(httpx.Response(status if isinstance(status, int) else 502,
+                                             content=jsonlib.dumps(body).encode()))
+        if not isinstance(body, dict):
+            raise AgentUnreachable("the agent answered a copy with JSON that is not an object")
+        return cast(protocol.Copied, body)
 
     async def readdir(self, path: str, uid: int | None = None) -> list[protocol.DirEntry]:
         return await self._call("readdir", params=_uid({"path": path}, uid))
@@ -293,3 +439,5 @@ class AgentClient:
     async def aclose(self) -> None:
         await self.http.aclose()
         self.channel.disconnect()
+        if self.bulk is not None:
+            self.bulk.close()

@@ -84,6 +84,8 @@ class ErrorCode(enum.StrEnum):
     GONE = "gone"
     PERMISSION_DENIED = "permission_denied"
     BUDGET_EXHAUSTED = "budget_exhausted"
+    BULK_BUSY = "bulk_busy"
+    BULK_UNAVAILABLE = "bulk_unavailable"
     # -- the host ---------------------------------------------------------------------------------
     INTERNAL_ERROR = "internal_error"
     INSUFFICIENT_STORAGE = "insufficient_storage"
@@ -181,6 +183,8 @@ ERROR_CODES: dict[ErrorCode, tuple[tuple[int, ...], str]] = {
     C.GONE: ((410,), "a background exec that was reaped"),
     C.PERMISSION_DENIED: ((409,), "the guest user lacks the right (a state of the guest)"),
     C.BUDGET_EXHAUSTED: ((503,), "the agent's output buffers are full: retry later"),
+    C.BULK_BUSY: ((409,), "between daemon and agent only: the bulk port is taken (the copy goes through the channel)"),
+    C.BULK_UNAVAILABLE: ((409,), "between daemon and agent only: the VM has no bulk port (the channel is used)"),
     C.INTERNAL_ERROR: ((500,), "a fault of the daemon's: the message and its log say what"),
     C.INSUFFICIENT_STORAGE: ((507,), "the data directory's file system is full"),
     C.UNAVAILABLE: ((503,), "not ready yet"),

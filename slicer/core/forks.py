@@ -78,7 +78,7 @@ class Forks:
 
             try:
                 snapshot = await self.templates.from_capture(group, name, rec.cpus, rec.ram_bytes, rec.template,
-                                                             rec.spec.image, capture)
+                                                             rec.spec.image, capture, layout=rec.spec.layout or 0)
             except VMMError as e:
                 raise SlicerError(f"{hostname}: fork failed: {e}", ErrorCode.FORK_FAILED) from e
         spec = rec.spec.copy(protected=False, commit_id=None, parent_commit=None, forked_from=hostname,

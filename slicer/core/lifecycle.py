@@ -28,7 +28,7 @@ from slicer.core.state import NodeRecord
 from slicer.core.templates import Template, Templates
 from slicer.net import NetworkError
 from slicer.net.surface import Network
-from slicer.vmm.base import VM, Driver, Laps, VMMError, VMSpec, VMState
+from slicer.vmm.base import LAYOUT, VM, Driver, Laps, VMMError, VMSpec, VMState
 from slicer.vmm.disks import TamperedDisk, remove_disk
 
 log = logging.getLogger("slicer.core.manager")
@@ -79,6 +79,12 @@ class Lifecycle:
                    restore_from: Path | None) -> tuple[VMSpec, BootKind, Path | None]:
         """The VM's spec, how it boots and the state to restore."""
         rec = node.record
+        # The machine's layout: a clone's is its template's, a VM restoring its own state keeps the
+        # one it was saved with, and any other boot gets today's.
+        layout = template.layout if template is not None else LAYOUT if restore_from is None else rec.spec.layout or 0
+        if (rec.spec.layout or 0) != layout:
+            rec.spec.layout = layout
+            self.registry.store.put(rec)
         spec = vm_spec(self.images.boot(rec.spec.image), group, self.net.group(group.name),
                        name=rec.hostname, cpus=rec.cpus, ram_bytes=rec.ram_bytes,
                        ip=rec.ip, disk=Path(rec.disk), run_dir=node.run_dir)
@@ -99,6 +105,7 @@ class Lifecycle:
         # As in Slicer (Firecracker has no reboot), a guest's reboot ends a sandbox or persistent
         # VM; a service, which the config says should run, boots again in place.
         spec.reboot = node.is_service
+        spec.layout = rec.spec.layout or 0
         return spec, boot, restore_from
 
     async def _start(self, node: Node, spec: VMSpec, restore_from: Path | None) -> VM:

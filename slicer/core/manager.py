@@ -194,7 +194,7 @@ class Manager:
         return {**view, "storage": group.storage, "image": self.images.label(spec.image),
                 **({"commit_id": spec.commit_id} if spec.commit_id else {}),
                 **({"parent_commit_id": spec.parent_commit} if spec.parent_commit else {}),
-                "network": {"mode": mode, "policy_source": "override" if override else "host_group",
+                "network": {"mode": mode, "policy_source": "vm" if override else "host_group",
                             "host_group": policy, **({"override": override} if override else {}),
                             "effective": {**policy, **(override or {})}}}
 

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from slicer.channel.bulk import BulkLink
 from slicer.channel.host import Channel, ChannelError
 from slicer.core.actions import NodeAction, NodeState, check
 from slicer.core.agent import AgentClient
@@ -56,7 +57,8 @@ class Node:
 
     def attach(self, vm: VM, boot: BootKind = BootKind.BOOT) -> None:
         self.vm = vm
-        self.agent = AgentClient(Channel(str(vm.spec.channel_socket)))
+        self.agent = AgentClient(Channel(str(vm.spec.channel_socket)),
+                                 bulk=BulkLink(vm.spec.bulk_socket) if vm.spec.bulk else None)
         self.boot = boot
         self.identity_pending = boot.needs_identity
         self.setup_error = None

@@ -165,6 +165,7 @@ class Reconciler:
                            ip=rec.ip, disk=Path(rec.disk), run_dir=self.registry.run_dir(rec.hostname))
             if rec.template:
                 spec.memory_file = self.templates.memory_file(rec.template)
+            spec.layout = rec.spec.layout or 0
             vm = await self.driver.adopt(spec, pid)
         except SlicerError as e:
             return None, f"its image cannot be used: {e.message}"

@@ -64,6 +64,9 @@ class NodeSpec:
     commit_id: str | None = None  # the commit it was frozen into last
     fixups: list[str] | None = None  # what a commit's child renews at first boot
     forked_from: str | None = None  # the VM a live fork copied
+    # Its machine's layout (slicer.vmm.base.VMSpec.layout): set at each boot that is not a
+    # restore of its own saved state; None for a VM an older daemon booted (layout 0).
+    layout: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this daemon does not know
 
     @classmethod

@@ -22,6 +22,8 @@ START_PHASE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120), registry=REGISTRY,
 )
 VM_STARTS = Counter("slicer_vm_starts_total", "VMs started", ["hostgroup", "kind"], registry=REGISTRY)
+COPIES = Counter("slicer_copies_total", "Copies into (in) and out of (out) VMs, by the path their bytes took "
+                 "(bulk: the VM's bulk port; channel: the agent's channel)", ["direction", "via"], registry=REGISTRY)
 VM_LAUNCHES = Counter("slicer_vm_launch_total", "VMs launched (Slicer's name; by kind: slicer_vm_starts_total)",
                       ["hostgroup"], registry=REGISTRY)
 RESTORES = Counter(

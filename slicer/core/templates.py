@@ -32,7 +32,7 @@ from slicer.core.specs import vm_spec
 from slicer.core.state import NodeRecord, now_rfc3339
 from slicer.net import NetworkError
 from slicer.net.surface import Network
-from slicer.vmm.base import Driver, VMMError, VMSpec, VMState
+from slicer.vmm.base import LAYOUT, Driver, VMMError, VMSpec, VMState
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class Template:
     disk_size: int
     created_at: str
     base: str = ""  # a live fork's snapshot: the template its disk sits on, if any (kept while it is)
+    layout: int = 0  # its machine's (slicer.vmm.base.VMSpec.layout; 0 for one an older daemon built)
 
     @property
     def name(self) -> str:
@@ -135,6 +136,7 @@ class Templates:
         spec = vm_spec(boot, group, gnet, name=name, cpus=cpus, ram_bytes=ram, ip=ip,
                        disk=building / "disk.qcow2", run_dir=self.run_root / f".{name}")  # no VM's name
         spec.memory_file, spec.memory_shared = building / "ram", True
+        spec.layout = LAYOUT  # its clones' (and part of its fingerprint: older templates are rebuilt)
         return spec
 
     def key(self, group: HostGroup, size: Size | None = None) -> str:
@@ -261,7 +263,7 @@ class Templates:
             shutil.rmtree(spec.run_dir, ignore_errors=True)
         key = self.key(group, size)
         meta = {"group": group.name, "key": key, "cpus": spec.cpus, "ram_bytes": spec.ram_bytes,
-                "disk_size": spec.disk_size, "created_at": now_rfc3339()}
+                "disk_size": spec.disk_size, "created_at": now_rfc3339(), "layout": spec.layout}
         (building / "meta.json").write_text(json.dumps(meta))
         final = self.root / f"{group.name}-{key}-{time.time_ns() // 1_000_000}"
         building.rename(final)
@@ -271,11 +273,13 @@ class Templates:
         return tpl
 
     async def from_capture(self, group: HostGroup, name: str, cpus: int, ram_bytes: int, base: str,
-                           image: dict | None, capture: Callable[[Path, Path], Awaitable[None]]) -> Template:
+                           image: dict | None, capture: Callable[[Path, Path], Awaitable[None]],
+                           layout: int = 0) -> Template:
         """A template called ``name`` from a running VM (a live fork): ``capture(state, disk)``
         writes the VM's whole state and a copy of its disk. One VM restores that state with its
         RAM in a shared file and saves it again without the RAM, so the copies map the file
-        copy-on-write like any template's clones. ``image``: the source's (its record's choice)."""
+        copy-on-write like any template's clones. ``image``: the source's (its record's choice);
+        ``layout``: the source machine's (the state fits that layout only)."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         building = self.root / f".building-{name}"
@@ -292,6 +296,7 @@ class Templates:
                            run_dir=self.run_root / f".tpl-{name}")
             spec.base_disk, spec.base_format = building / "disk.qcow2", "qcow2"
             spec.memory_file, spec.memory_shared, spec.memory_in_state = building / "ram", True, True
+            spec.layout = layout
             spec.net = await gnet.template_device(spec.name, spec.run_dir)
             try:
                 vm = await self.driver.start(spec, restore_from=full)
@@ -309,7 +314,7 @@ class Templates:
             full.unlink()
             spec.disk.unlink(missing_ok=True)
             meta = {"group": group.name, "key": f"fork-{name}", "cpus": cpus, "ram_bytes": ram_bytes,
-                    "disk_size": spec.disk_size, "created_at": now_rfc3339(), "base": base}
+                    "disk_size": spec.disk_size, "created_at": now_rfc3339(), "base": base, "layout": layout}
             (building / "meta.json").write_text(json.dumps(meta))
             final = self.root / name
             building.rename(final)

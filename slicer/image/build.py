@@ -62,6 +62,7 @@ GUEST_FILES = [
     "slicer/__init__.py",
     "slicer/channel/__init__.py",
     "slicer/channel/yamux.py",
+    "slicer/channel/bulk.py",  # the bulk port's framing, shared by both ends
     *sorted(str(p.relative_to(_PKG_DIR.parent)) for p in (_PKG_DIR / "agent").glob("*.py")),
 ]
 

@@ -73,6 +73,9 @@ class NetDevice:
         self.fd = None
 
 
+LAYOUT = 1  # the machine layout new VMs get (see VMSpec.layout)
+
+
 @dataclass
 class VMSpec:
     """Everything a driver needs to boot one VM. Paths are on the host."""
@@ -107,10 +110,22 @@ class VMSpec:
     # False: a reset of the guest (its reboot, a panic) ends the VM, as on Firecracker, which has
     # no reboot; True: the machine starts over in place.
     reboot: bool = True
+    # The machine's devices beyond the first ones: a saved state restores only into the layout
+    # it was saved from. 0: the first; 1: a second virtio-serial port for copies' bytes
+    # (slicer.channel.bulk). New VMs get LAYOUT.
+    layout: int = 0
+
+    @property
+    def bulk(self) -> bool:
+        return self.layout >= 1
 
     @property
     def channel_socket(self) -> Path:
         return self.run_dir / "channel.sock"
+
+    @property
+    def bulk_socket(self) -> Path:
+        return self.run_dir / "bulk.sock"
 
     @property
     def serial_log(self) -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from qemu.qmp import ConnectError, QMPClient
 
+from slicer.channel.bulk import PORT_NAME as BULK_PORT
 from slicer.channel.yamux import PORT_NAME
 from slicer.vmm.accel import qemu_version, tsc_khz
 from slicer.vmm.adopted import RUN_DIR_ENV, AdoptedProcess, running_vmm, vmm_processes
@@ -466,6 +467,8 @@ class QemuDriver(Driver):
             "-device", "virtio-serial-device",
             "-chardev", _chardev("channel0", h.socket_fd("channel")),
             "-device", f"virtserialport,chardev=channel0,name={PORT_NAME}",
+            *(["-chardev", _chardev("bulk0", h.socket_fd("bulk")),
+               "-device", f"virtserialport,chardev=bulk0,name={BULK_PORT}"] if spec.bulk else []),
             "-chardev", _chardev("qmp", h.socket_fd("qmp")),
             "-mon", "chardev=qmp,mode=control",
             *(["-incoming", "defer"] if incoming else []),

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from slicer.core.errors import BadRequest, Conflict, NotFound, SlicerError
+from slicer.core.templates import Template
+from slicer.vmm.base import LAYOUT
 from tests.unit.conftest import Lab, create_args
 
 
@@ -211,3 +213,24 @@ async def test_a_pause_that_waited_for_a_delete_finds_nothing(lab: Lab):
     results = await asyncio.gather(m.power.delete("cold", node.hostname), m.power.pause(node.hostname),
                                    return_exceptions=True)
     assert results[0] is True and isinstance(results[1], NotFound)
+
+
+# -- machine layouts (the bulk port) ----------------------------------------------------------------
+async def test_a_vm_keeps_the_layout_its_saved_state_has_until_it_boots_cold(lab: Lab):
+    """A VM an older daemon booted (layout 0: no bulk port) restores its own state, and is forked
+    live, in that layout; a cold boot, a template's clone and a new VM get today's."""
+    m = await lab.daemon()
+    new = await m.create("sbx", **create_args())
+    assert new.record.spec.layout == LAYOUT and lab.host.vm(new.hostname).spec.bulk
+    old = await m.create("cold", **create_args(persistent=True))
+    old.record.spec.layout = None  # as an older daemon recorded it
+    m.store.put(old.record)
+    await m.snapshots.suspend(old.hostname)
+    await m.snapshots.restore(old.hostname, wait="agent", timeout=5)
+    assert lab.host.vm(old.hostname).spec.layout == 0 and not old.record.spec.layout
+    copies = await m.forks.fork(old.hostname, 1, [], wait="agent", timeout=10)
+    assert lab.host.vm(copies[0].hostname).spec.layout == 0  # the captured state's layout
+    assert Template.load(m.templates.root / copies[0].record.template).layout == 0
+    await m.power.shutdown(old.hostname, "shutdown")
+    await m.snapshots.relaunch(old.hostname, wait="agent", timeout=5)  # a cold boot: today's layout
+    assert lab.host.vm(old.hostname).spec.layout == LAYOUT and old.record.spec.layout == LAYOUT

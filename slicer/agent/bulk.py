@@ -1,0 +1,291 @@
+"""Guest end of the bulk port: a copy's bytes on a virtio-serial port of their own.
+
+Through the channel a copy crosses the demux, yamux, a unix socket and aiohttp's parser, which
+caps it near 18 MB/s under TCG; on a port of its own it is read and written by one thread in
+large blocks (shared/DESIGN.md measures the port at 70-90 MB/s). The copy is still asked for on
+the channel (``POST/GET /cp?...&bulk=TOKEN``, answered there as usual); only its bytes go here,
+framed as :mod:`slicer.channel.bulk` says. One copy per direction at a time; a copy that finds
+its direction taken answers ``bulk_busy`` and the host sends it through the channel instead.
+
+Reads and writes poll with a timeout so that a copy whose request went away (its handler
+cancelled) stops within a quarter second rather than blocking a thread for ever. Each read or
+write holds its direction's lock from its last look at ``cancelled`` to its end, and a new copy
+takes that lock once before it says it is ready: from then on, a cancelled copy's thread can
+no longer take the new copy's bytes (the host sends them only once told ready).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import threading
+from collections.abc import AsyncIterator
+
+from slicer.channel.bulk import ABORT, END, FRAME, MAX_FRAME, MAX_SKIP, header
+
+BULK_PATH = "/dev/virtio-ports/slicer.bulk"
+POLL_MS = 250
+READ_BUFFERS = 32
+READ_BUFFER_SIZE = 4096
+CHUNK = 1 << 20  # what a source hands out at a time
+
+
+class BulkError(Exception):
+    pass
+
+
+class BulkBusy(BulkError):
+    pass
+
+
+class _Port:
+    """Blocking-with-timeout reads and writes on the port's descriptor, for worker threads."""
+
+    def __init__(self, fd: int, cancelled: threading.Event, lock: threading.Lock) -> None:
+        self.fd = fd
+        self.cancelled = cancelled
+        self.lock = lock  # the direction's: see the module's docstring
+
+    def _wait(self, events: int) -> None:
+        poller = select.poll()
+        poller.register(self.fd, events)
+        while not self.cancelled.is_set():
+            for _, ev in poller.poll(POLL_MS):
+                if ev & events:
+                    return
+                if ev & select.POLLHUP:  # no host on the other end (yet): not an end of data
+                    self.cancelled.wait(0.05)
+        raise BulkError("the copy was cancelled")
+
+    def _checked(self) -> None:
+        if self.cancelled.is_set():
+            raise BulkError("the copy was cancelled")
+
+    def readv(self, views: list[memoryview]) -> int:
+        while True:
+            self._wait(select.POLLIN)
+            with self.lock:
+                self._checked()
+                try:
+                    n = os.readv(self.fd, views)
+                except BlockingIOError:
+                    continue
+            if n > 0:
+                return n
+            self.cancelled.wait(0.05)  # 0: the host is away for now
+
+    def sendfile(self, fd: int, offset: int, count: int) -> int:
+        while True:
+            self._wait(select.POLLOUT)
+            with self.lock:
+                self._checked()
+                try:
+                    return os.sendfile(self.fd, fd, offset, count)
+                except BlockingIOError:
+                    continue
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            self._wait(select.POLLOUT)
+            with self.lock:
+                self._checked()
+                try:
+                    view = view[os.write(self.fd, view):]
+                except BlockingIOError:
+                    continue
+
+
+def send_file(port: _Port, token: bytes, fd: int, size: int) -> None:
+    """A file's ``size`` bytes as one transfer, its frames' payloads by ``sendfile`` (no copy
+    through Python: twice as fast as writes under TCG). A file that shrinks meanwhile aborts."""
+    port.write(header(token))
+    offset = 0
+    while offset < size:
+        frame = min(MAX_FRAME, size - offset)
+        port.write(FRAME.pack(frame))
+        end = offset + frame
+        while offset < end:
+            if (n := port.sendfile(fd, offset, end - offset)) == 0:
+                port.write(FRAME.pack(ABORT))
+                raise BulkError("the file shrank while it was sent")
+            offset += n
+    port.write(FRAME.pack(END))
+
+
+class _Reader:
+    """The payload of one transfer from the host, read in worker threads straight into the
+    caller's buffer: a read never asks the port for more than the current frame still holds, so
+    payload bytes are copied once (the port's buffers to ours) and headers are read apart."""
+
+    def __init__(self, port: _Port, token: bytes) -> None:
+        self.port = port
+        self.token = token
+        self._left = -1  # of the current frame; -1: before the transfer's header; 0: between frames
+        self._spill = b""  # read past the header while looking for it: the payload's first bytes
+        self.done = False
+
+    def _read_some(self, view: memoryview) -> int:
+        if self._spill:
+            n = min(len(view), len(self._spill))
+            view[:n], self._spill = self._spill[:n], self._spill[n:]
+            return n
+        return self.port.readv([view])
+
+    def _read_exact(self, n: int) -> bytes:
+        out = bytearray(n)
+        view, got = memoryview(out), 0
+        while got < n:
+            got += self._read_some(view[got:])
+        return bytes(out)
+
+    def _skip_to_header(self) -> None:
+        """Discard what comes before this transfer's header (a cancelled copy's leftovers)."""
+        mark, seen, skipped = header(self.token), bytearray(), 0
+        block = memoryview(bytearray(READ_BUFFER_SIZE))
+        while (at := seen.find(mark)) < 0:
+            if len(seen) >= len(mark):
+                skipped += len(seen) - len(mark) + 1
+                del seen[:len(seen) - len(mark) + 1]
+            if skipped > MAX_SKIP:
+                raise BulkError("no header for this copy on the bulk port")
+            seen += block[:self.port.readv([block])]
+        self._spill = bytes(seen[at + len(mark):])
+        self._left = 0
+
+    def readinto(self, buf: memoryview) -> int:
+        """Fill ``buf`` with payload as far as the port gives; 0 at the end of the transfer."""
+        if self._left < 0:
+            self._skip_to_header()
+        got = 0
+        while got < len(buf) and not self.done:
+            if self._left == 0:
+                (length,) = FRAME.unpack(self._read_exact(FRAME.size))
+                if length == END:
+                    self.done = True
+                    break
+                if length == ABORT or length > MAX_FRAME:
+                    raise BulkError("the host broke the copy off")
+                self._left = length
+            end = got + min(self._left, len(buf) - got, READ_BUFFERS * READ_BUFFER_SIZE)
+            if self._spill:
+                n = self._read_some(buf[got:end])
+            else:
+                n = self.port.readv([buf[at:min(at + READ_BUFFER_SIZE, end)]
+                                     for at in range(got, end, READ_BUFFER_SIZE)])
+            got += n
+            self._left -= n
+        return got
+
+
+class Source:
+    """A host→guest transfer as the copy handlers read a request body: ``async for`` chunks, or
+    ``read(n)`` (what :class:`slicer.agent.files.BodyReader` calls). A chunk is a view of one
+    buffer that the next read reuses: its reader writes or copies it before asking again (as
+    ``receive_file`` and ``BodyReader`` do)."""
+
+    def __init__(self, reader: _Reader) -> None:
+        self._reader = reader
+        self._buf = memoryview(bytearray(CHUNK))
+
+    async def read(self, n: int = -1) -> memoryview:
+        view = self._buf[:CHUNK if n < 0 else min(n, CHUNK)]
+        got = await asyncio.to_thread(self._reader.readinto, view)
+        return view[:got]
+
+    def iter_chunked(self, _size: int) -> Source:
+        return self
+
+    async def __aiter__(self) -> AsyncIterator[memoryview]:
+        while chunk := await self.read(CHUNK):
+            yield chunk
+
+
+class Sink:
+    """A guest→host transfer as a copy handler writes a response: ``await write(data)``;
+    buffered into frames of up to 1 MiB, each written by a worker thread."""
+
+    def __init__(self, port: _Port, token: bytes) -> None:
+        self._port = port
+        self._buffer = bytearray(header(token))
+
+    async def write(self, data: bytes) -> None:
+        for at in range(0, len(data), MAX_FRAME):
+            part = data[at:at + MAX_FRAME]
+            self._buffer += FRAME.pack(len(part))
+            self._buffer += part
+        if len(self._buffer) >= CHUNK:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        data, self._buffer = bytes(self._buffer), bytearray()
+        if data:
+            await asyncio.to_thread(self._port.write, data)
+
+    async def close(self, ok: bool) -> None:
+        self._buffer += FRAME.pack(END if ok else ABORT)
+        await self._flush()
+
+
+def _passes(lock: threading.Lock) -> bool:
+    """Take and give back ``lock`` (in a worker thread: never left held if the caller goes)."""
+    if lock.acquire(timeout=5):
+        lock.release()
+        return True
+    return False
+
+
+class BulkPort:
+    """The port, opened once by the agent; None when the VM has none (an older VM's layout)."""
+
+    def __init__(self, path: str = BULK_PATH) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._busy = {"in": False, "out": False}
+        self._locks = {"in": threading.Lock(), "out": threading.Lock()}
+
+    @classmethod
+    def open(cls, path: str = BULK_PATH) -> BulkPort | None:
+        try:
+            return cls(path)
+        except OSError:
+            return None
+
+    @contextlib.asynccontextmanager
+    async def _transfer(self, direction: str) -> AsyncIterator[_Port]:
+        if self._busy[direction]:
+            raise BulkBusy(f"the bulk port is busy ({direction})")
+        self._busy[direction] = True
+        cancelled = threading.Event()
+        lock = self._locks[direction]
+        try:
+            if not await asyncio.to_thread(_passes, lock):  # a cancelled copy's thread is out of its last read
+                raise BulkBusy(f"the bulk port is still held ({direction})")
+            yield _Port(self.fd, cancelled, lock)
+        finally:
+            cancelled.set()  # a worker still polling sees it within POLL_MS
+            self._busy[direction] = False
+
+    @contextlib.asynccontextmanager
+    async def source(self, token: bytes) -> AsyncIterator[Source]:
+        # A copy refused before its body was read leaves the rest on the port: the host stops
+        # sending when it gets the answer, and the next copy skips to its own header.
+        async with self._transfer("in") as port:
+            yield Source(_Reader(port, token))
+
+    def sending(self) -> contextlib.AbstractAsyncContextManager[_Port]:
+        """The port's guest→host direction for one transfer (see :func:`send_file`)."""
+        return self._transfer("out")
+
+    @contextlib.asynccontextmanager
+    async def sink(self, token: bytes) -> AsyncIterator[Sink]:
+        async with self._transfer("out") as port:
+            sink = Sink(port, token)
+            try:
+                yield sink
+            except BaseException:
+                with contextlib.suppress(BulkError, OSError):
+                    await asyncio.wait_for(sink.close(ok=False), 5)
+                raise
+            await sink.close(ok=True)

@@ -1,0 +1,146 @@
+"""The bulk port: a second virtio-serial port per VM that carries only copies' bytes.
+
+A copy is asked for on the channel as ever (``POST/GET /cp``) with ``bulk=<32 hex>``, a token
+of that copy; its bytes go on this port as one *transfer*: the header ``SLBK`` + the token's 16
+bytes, then frames of a 4-byte big-endian length and that many bytes (1 to 1 MiB), ended by a
+frame of length 0, or of 0xFFFFFFFF when the sender broke off. One transfer per direction at a
+time. A reader discards whatever precedes its transfer's header (a cancelled copy's leftovers),
+up to a bound. This end (:class:`BulkLink`) is the host's: standard library and asyncio only,
+like the rest of the channel; the guest's is :mod:`slicer.agent.bulk`.
+
+The guest is not trusted: what it writes is read only during a copy the host asked for, in
+frames no larger than 1 MiB, and a reader that finds no header soon enough gives up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import struct
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+
+MAGIC = b"SLBK"
+FRAME = struct.Struct(">I")
+END, ABORT = 0, 0xFFFFFFFF
+MAX_FRAME = 1 << 20
+MAX_SKIP = 64 << 20  # leftovers a reader passes over looking for its header
+FRAMES_PER_SECOND = 2000  # a guest's frames read per second and download (small ones cost the loop)
+PORT_NAME = "slicer.bulk"
+CONNECT_TIMEOUT = 5.0
+
+
+def header(token: bytes) -> bytes:
+    return MAGIC + token
+
+
+def new_token() -> bytes:
+    return secrets.token_bytes(16)
+
+
+class BulkError(ConnectionError):
+    """The transfer broke (the guest broke it off, sent garbage, or went away)."""
+
+
+class BulkLink:
+    """The host's end of one VM's bulk port (its QEMU chardev socket), opened on first use.
+    ``claim`` hands a direction to one copy at a time, without waiting: a copy that finds it
+    taken goes through the channel instead."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._connecting = asyncio.Lock()
+        self._busy = {"in": False, "out": False}
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async with self._connecting:
+            if self._writer is None or self._writer.is_closing():
+                self._reader, self._writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(str(self.socket_path), limit=MAX_FRAME * 2), CONNECT_TIMEOUT)
+            assert self._reader is not None
+            return self._reader, self._writer
+
+    def _broken(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    def claim(self, direction: str) -> bool:
+        """Take ``direction`` ("in" or "out") for one copy; False if another copy holds it."""
+        if self._busy[direction]:
+            return False
+        self._busy[direction] = True
+        return True
+
+    def release(self, direction: str) -> None:
+        self._busy[direction] = False
+
+    async def send(self, token: bytes, chunks: AsyncIterable[bytes]) -> int:
+        """Write ``chunks`` as one transfer; returns the bytes sent. Cancelled midway, the
+        transfer is left unended (the guest's next reader skips it)."""
+        _, writer = await self._connect()
+        sent = 0
+        pending = bytearray()  # small chunks (a client's) gathered into big frames: fewer reads in the guest
+
+        async def flush() -> None:
+            writer.write(FRAME.pack(len(pending)))
+            writer.write(pending)
+            pending.clear()
+            await writer.drain()
+
+        try:
+            writer.write(header(token))
+            async for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    room = MAX_FRAME - len(pending)
+                    pending += view[:room]
+                    sent += min(room, len(view))
+                    view = view[room:]
+                    if len(pending) >= MAX_FRAME:
+                        await flush()
+            if pending:
+                await flush()
+            writer.write(FRAME.pack(END))
+            await writer.drain()
+        except (ConnectionError, OSError) as e:
+            self._broken()
+            raise BulkError(f"bulk port: {e}") from e
+        return sent
+
+    async def receive(self, token: bytes) -> AsyncIterator[bytes]:
+        """The payload of the guest's transfer with ``token``, frame by frame."""
+        reader, _ = await self._connect()
+        mark = header(token)
+        try:
+            skipped = 0
+            while True:  # up to the header: what came before is a cancelled copy's
+                try:
+                    await reader.readuntil(mark)
+                    break
+                except asyncio.LimitOverrunError as e:
+                    skipped += e.consumed
+                    if skipped > MAX_SKIP:
+                        raise BulkError("no header for this copy on the bulk port") from None
+                    await reader.readexactly(e.consumed)
+            loop, started, frames = asyncio.get_running_loop(), asyncio.get_running_loop().time(), 0
+            while True:
+                frames += 1
+                if frames > FRAMES_PER_SECOND * (loop.time() - started + 1):  # tiny frames: paced
+                    await asyncio.sleep(1 / FRAMES_PER_SECOND)
+                (length,) = FRAME.unpack(await reader.readexactly(FRAME.size))
+                if length == END:
+                    return
+                if length == ABORT:
+                    raise BulkError("the guest broke the copy off")
+                if length > MAX_FRAME:
+                    raise BulkError(f"bulk port: a frame of {length} bytes")
+                yield await reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+            self._broken()
+            raise BulkError(f"bulk port: {e}") from e
+
+    def close(self) -> None:
+        self._broken()
