@@ -227,6 +227,15 @@ def test_client_disconnect_kills_the_foreground_process(api, vm):
                 break
     # the client is gone: the agent must kill the process group
     assert not still_running(api, vm, tag), "the process outlived its client"
+    # the same with a stdin that has ended (the piped `slicer vm exec < file` form): the daemon
+    # watches for the client only once the body is read, and the command goes with it
+    tag = f"disconnect-stdin-{time.time_ns()}"
+    with api.stream("POST", f"/vm/{vm}/exec", params={"cmd": f"cat; echo started; exec -a {tag} sleep 600",
+                                                       "stdin": "true"}, content=b"input\n") as r:
+        for line in r.iter_lines():
+            if line and json.loads(line).get("stdout") == "started\n":
+                break
+    assert not still_running(api, vm, tag), "the process outlived its client"
 
 
 def test_stdin_is_full_duplex(daemon, vm):

@@ -21,12 +21,15 @@ import contextlib
 import os
 import select
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from slicer.channel.bulk import ABORT, END, FRAME, MAX_FRAME, MAX_SKIP, header
 
 BULK_PATH = "/dev/virtio-ports/slicer.bulk"
 POLL_MS = 250
+IDLE_TIMEOUT = 60.0  # seconds a transfer may wait for the host without a byte moving
+WATCH_INTERVAL = 0.5  # how often a transfer looks whether its request went away
 READ_BUFFERS = 32
 READ_BUFFER_SIZE = 4096
 CHUNK = 1 << 20  # what a source hands out at a time
@@ -51,12 +54,15 @@ class _Port:
     def _wait(self, events: int) -> None:
         poller = select.poll()
         poller.register(self.fd, events)
+        deadline = time.monotonic() + IDLE_TIMEOUT
         while not self.cancelled.is_set():
             for _, ev in poller.poll(POLL_MS):
                 if ev & events:
                     return
                 if ev & select.POLLHUP:  # no host on the other end (yet): not an end of data
                     self.cancelled.wait(0.05)
+            if time.monotonic() > deadline:
+                raise BulkError(f"the host moved nothing for {IDLE_TIMEOUT:g}s")
         raise BulkError("the copy was cancelled")
 
     def _checked(self) -> None:
@@ -253,34 +259,45 @@ class BulkPort:
             return None
 
     @contextlib.asynccontextmanager
-    async def _transfer(self, direction: str) -> AsyncIterator[_Port]:
+    async def _transfer(self, direction: str, gone: Callable[[], bool]) -> AsyncIterator[_Port]:
+        """One transfer in ``direction``; cancelled (its worker stops) when ``gone()`` says the
+        request went away: aiohttp does not cancel a handler whose client left."""
         if self._busy[direction]:
             raise BulkBusy(f"the bulk port is busy ({direction})")
         self._busy[direction] = True
         cancelled = threading.Event()
         lock = self._locks[direction]
+
+        async def watch() -> None:
+            while not cancelled.is_set():
+                await asyncio.sleep(WATCH_INTERVAL)
+                if gone():
+                    cancelled.set()
+
+        watcher = asyncio.ensure_future(watch())
         try:
             if not await asyncio.to_thread(_passes, lock):  # a cancelled copy's thread is out of its last read
                 raise BulkBusy(f"the bulk port is still held ({direction})")
             yield _Port(self.fd, cancelled, lock)
         finally:
             cancelled.set()  # a worker still polling sees it within POLL_MS
+            watcher.cancel()
             self._busy[direction] = False
 
     @contextlib.asynccontextmanager
-    async def source(self, token: bytes) -> AsyncIterator[Source]:
+    async def source(self, token: bytes, gone: Callable[[], bool]) -> AsyncIterator[Source]:
         # A copy refused before its body was read leaves the rest on the port: the host stops
         # sending when it gets the answer, and the next copy skips to its own header.
-        async with self._transfer("in") as port:
+        async with self._transfer("in", gone) as port:
             yield Source(_Reader(port, token))
 
-    def sending(self) -> contextlib.AbstractAsyncContextManager[_Port]:
+    def sending(self, gone: Callable[[], bool]) -> contextlib.AbstractAsyncContextManager[_Port]:
         """The port's guest→host direction for one transfer (see :func:`send_file`)."""
-        return self._transfer("out")
+        return self._transfer("out", gone)
 
     @contextlib.asynccontextmanager
-    async def sink(self, token: bytes) -> AsyncIterator[Sink]:
-        async with self._transfer("out") as port:
+    async def sink(self, token: bytes, gone: Callable[[], bool]) -> AsyncIterator[Sink]:
+        async with self._transfer("out", gone) as port:
             sink = Sink(port, token)
             try:
                 yield sink

@@ -48,6 +48,10 @@ async def _cp_in(q, content) -> web.Response:
         return error(f"copy to {q.get('path')} failed: {e}", "copy_failed", 400)
 
 
+def _gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
 def _token(q) -> bytes | None:
     token = q.get("bulk", "")
     if len(token) != 32 or any(c not in "0123456789abcdef" for c in token):
@@ -63,7 +67,7 @@ async def _cp_in_bulk(port: bulk.BulkPort | None, request: web.Request) -> web.S
     if (token := _token(request.query)) is None:
         return error("bulk must be 32 hex digits", "invalid_request", 400)
     try:
-        async with port.source(token) as source:
+        async with port.source(token, lambda: _gone(request)) as source:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
             await resp.write(b'{"ready": true}\n')
@@ -170,16 +174,16 @@ async def _cp_out_bulk(port: bulk.BulkPort, token: bytes, request: web.Request,
     """The download's headers here (its size as ``X-Slicer-Content-Length``), its bytes on the
     bulk port; a failure midway ends the transfer with an abort frame."""
     headers = dict(download.headers)
-    if download.size is not None:
+    if download.fd is not None and download.size is not None:  # a regular file's (a device has none)
         headers["X-Slicer-Content-Length"] = str(download.size)
     try:
         if download.fd is not None and download.size is not None:  # a file: by sendfile
-            async with port.sending() as out:
+            async with port.sending(lambda: _gone(request)) as out:
                 resp = web.StreamResponse(headers=headers)
                 await resp.prepare(request)
                 await asyncio.to_thread(bulk.send_file, out, token, download.fd, download.size)
         else:
-            async with port.sink(token) as sink:
+            async with port.sink(token, lambda: _gone(request)) as sink:
                 resp = web.StreamResponse(headers=headers)
                 await resp.prepare(request)
                 await download.write(sink)  # type: ignore[arg-type]  (it writes as a response does)

@@ -17,15 +17,50 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+class BodyThenDisconnect:
+    """A request body read as it comes (an exec's stdin), then its client's disconnect watched:
+    while the body streams, nothing but it may call ``receive`` (its chunks would be lost)."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.ended = asyncio.Event()
+
+    async def chunks(self):
+        async for chunk in self.request.stream():  # ClientDisconnect if the client leaves meanwhile
+            yield chunk
+        self.ended.set()
+
+    async def disconnected(self) -> None:
+        """Returns once the body has ended and then the client went away."""
+        await self.ended.wait()
+        await _disconnected(self.request)
+
+
 class DuplexStreamingResponse(StreamingResponse):
-    """A streamed answer to a request whose body is still coming in (an exec's stdin): that body is
-    the route's to read, so nothing else may call ``receive``. Starlette's own StreamingResponse
-    listens there for the client's disconnect under ASGI < 2.4 (uvicorn says 2.3) and would
-    swallow the body's chunks: the command would wait for input that never comes. A client that
-    leaves ends the body with ClientDisconnect instead, which resets the agent's stream."""
+    """A streamed answer to a request whose body is still coming in (an exec's stdin).
+    Starlette's own StreamingResponse listens on ``receive`` for the client's disconnect under
+    ASGI < 2.4 (uvicorn says 2.3) and would swallow the body's chunks: the command would wait
+    for input that never comes. Here the disconnect is watched only once the body has ended; a
+    client that leaves before ends the body with ClientDisconnect, which resets the agent's
+    stream. Either way the answer stops and closing it ends the command."""
+
+    def __init__(self, content, body: BodyThenDisconnect, **kw) -> None:
+        super().__init__(content, **kw)
+        self.body = body
 
     async def __call__(self, scope, receive, send) -> None:
-        await self.stream_response(send)
+        answer = asyncio.ensure_future(self.stream_response(send))
+        gone = asyncio.ensure_future(self.body.disconnected())
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (answer, gone):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+        if answer.done() and not answer.cancelled() and answer.exception() is not None:
+            raise answer.exception()  # type: ignore[misc]
 
 
 class ClientGone(Exception):

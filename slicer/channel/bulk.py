@@ -57,12 +57,19 @@ class BulkLink:
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         async with self._connecting:
             if self._writer is None or self._writer.is_closing():
-                self._reader, self._writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(str(self.socket_path), limit=MAX_FRAME * 2), CONNECT_TIMEOUT)
-            assert self._reader is not None
+                try:
+                    self._reader, self._writer = await asyncio.wait_for(
+                        asyncio.open_unix_connection(str(self.socket_path), limit=MAX_FRAME * 2), CONNECT_TIMEOUT)
+                except (OSError, TimeoutError) as e:
+                    raise BulkError(f"bulk port: cannot connect: {e}") from e
+            assert self._reader is not None and self._writer is not None
             return self._reader, self._writer
 
-    def _broken(self) -> None:
+    def _broken(self, writer: asyncio.StreamWriter | None = None) -> None:
+        """Drop the connection (``writer``'s only, if it is still the current one: the other
+        direction may have made a new one meanwhile)."""
+        if writer is not None and writer is not self._writer:
+            return
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
@@ -78,8 +85,8 @@ class BulkLink:
         self._busy[direction] = False
 
     async def send(self, token: bytes, chunks: AsyncIterable[bytes]) -> int:
-        """Write ``chunks`` as one transfer; returns the bytes sent. Cancelled midway, the
-        transfer is left unended (the guest's next reader skips it)."""
+        """Write ``chunks`` as one transfer; returns the bytes sent. Broken off (cancelled, or
+        ``chunks`` failing: its client left), it ends with an abort frame, so the guest stops."""
         _, writer = await self._connect()
         sent = 0
         pending = bytearray()  # small chunks (a client's) gathered into big frames: fewer reads in the guest
@@ -106,13 +113,18 @@ class BulkLink:
             writer.write(FRAME.pack(END))
             await writer.drain()
         except (ConnectionError, OSError) as e:
-            self._broken()
+            self._broken(writer)
             raise BulkError(f"bulk port: {e}") from e
+        except BaseException:
+            # Frames are written whole before each drain, so an abort frame follows a whole one.
+            if not writer.is_closing():
+                writer.write(FRAME.pack(ABORT))
+            raise
         return sent
 
     async def receive(self, token: bytes) -> AsyncIterator[bytes]:
         """The payload of the guest's transfer with ``token``, frame by frame."""
-        reader, _ = await self._connect()
+        reader, writer = await self._connect()
         mark = header(token)
         try:
             skipped = 0
@@ -138,8 +150,10 @@ class BulkLink:
                 if length > MAX_FRAME:
                     raise BulkError(f"bulk port: a frame of {length} bytes")
                 yield await reader.readexactly(length)
+        except BulkError:
+            raise
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
-            self._broken()
+            self._broken(writer)
             raise BulkError(f"bulk port: {e}") from e
 
     def close(self) -> None:

@@ -128,6 +128,7 @@ class BulkDownload:
         self._chunks = chunks
         self._release = release
         self._answer = asyncio.ensure_future(read_capped(resp, MAX_SMALL_ANSWER))
+        self._frame: asyncio.Future | None = None
         self.status_code = resp.status_code
         self.headers = {k.lower(): v for k, v in resp.headers.items() if k.lower() != "content-length"}
         if size := resp.headers.get("x-slicer-content-length"):
@@ -135,21 +136,30 @@ class BulkDownload:
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         while True:
-            frame = asyncio.ensure_future(anext(self._chunks))
-            await asyncio.wait({frame, self._answer}, return_when=asyncio.FIRST_COMPLETED)
-            if not frame.done() and self._answer.exception() is not None:  # the agent's answer broke
-                frame.cancel()
-                with contextlib.suppress(BaseException):
-                    await frame
+            self._frame = frame = asyncio.ensure_future(anext(self._chunks))
+            try:
+                await asyncio.wait({frame, self._answer}, return_when=asyncio.FIRST_COMPLETED)
+                if not frame.done() and self._answer.exception() is None:
+                    await asyncio.wait({frame})  # a clean answer may end before its last frames arrive
+            finally:  # a reader that stops waiting (its client left) leaves no read behind on the port
+                if not frame.done():
+                    frame.cancel()
+                    with contextlib.suppress(BaseException):
+                        await frame
+            if frame.cancelled():  # the agent's answer broke before the transfer ended
                 raise BulkError(f"the agent broke the copy off: {self._answer.exception()}")
             try:
-                yield await frame
+                yield frame.result()
             except StopAsyncIteration:
                 break
         await self._answer  # the agent finished cleanly
 
     async def aclose(self) -> None:
         try:
+            if self._frame is not None and not self._frame.done():
+                self._frame.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._frame
             self._answer.cancel()
             with contextlib.suppress(BaseException):
                 await self._answer
@@ -303,9 +313,9 @@ class AgentClient:
             token = new_token()
             try:
                 resp = await self._stream("cp_out", params=[*_items(params), ("bulk", token.hex())])
-            except SlicerError as e:
+            except BaseException as e:
                 link.release("out")
-                if e.code not in ("bulk_busy", "bulk_unavailable"):
+                if not isinstance(e, SlicerError) or e.code not in ("bulk_busy", "bulk_unavailable"):
                     raise
             else:
                 telemetry.COPIES.labels("out", "bulk").inc()
@@ -341,6 +351,7 @@ class AgentClient:
             raise
         lines = _lines(resp, MAX_SMALL_ANSWER)
         sender: asyncio.Task | None = None
+        answer: asyncio.Future | None = None
         try:
             if jsonlib.loads(await anext(lines)).get("ready") is not True:
                 raise AgentUnreachable("the agent did not take the copy on the bulk port")
@@ -350,17 +361,18 @@ class AgentClient:
             if sender.done() and sender.exception() is not None:
                 raise sender.exception()  # type: ignore[misc]  (the client left, or the port broke)
             final = jsonlib.loads(await answer)
+            status, body = final.get("status"), final.get("answer")
         except (StopAsyncIteration, ValueError, AttributeError, httpx.HTTPError) as e:
             raise AgentUnreachable(f"the agent's answer to a copy broke off: {e}") from e
         except BulkError as e:
             raise UpstreamUnreachable(f"the copy's bulk transfer broke off: {e}") from e
         finally:
-            if sender is not None and not sender.done():
-                sender.cancel()
-                with contextlib.suppress(BaseException):
-                    await sender
+            for task in (sender, answer):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
             await resp.aclose()
-        status, body = final.get("status"), final.get("answer")
         if status != 200:
             raise agent_error(httpx.Response(status if isinstance(status, int) else 502,
                                              content=jsonlib.dumps(body).encode()))

@@ -166,6 +166,7 @@ class Reconciler:
             if rec.template:
                 spec.memory_file = self.templates.memory_file(rec.template)
             spec.layout = rec.spec.layout or 0
+            spec.reboot = rec.kind == NodeKind.SERVICE  # as it was started (slicer.core.lifecycle)
             vm = await self.driver.adopt(spec, pid)
         except SlicerError as e:
             return None, f"its image cannot be used: {e.message}"

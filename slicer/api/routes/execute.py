@@ -24,7 +24,13 @@ from slicer.api.models import (
     query_doc,
 )
 from slicer.api.schema import BackgroundExec, BackgroundExit, BackgroundKilled, BackgroundReaped, ExecFrame, ExecResult
-from slicer.api.streaming import ClientGone, DuplexStreamingResponse, relay, unless_client_leaves
+from slicer.api.streaming import (
+    BodyThenDisconnect,
+    ClientGone,
+    DuplexStreamingResponse,
+    relay,
+    unless_client_leaves,
+)
 from slicer.core.errors import TooLarge
 from slicer.core.manager import Manager
 
@@ -58,7 +64,8 @@ async def execute(m: Mgr, hostname: str, request: Request) -> Response:
     stdout, stderr, stdio=text|base64, buffered. With stdin=true the body is the process's stdin."""
     params = list(request.query_params.multi_items())
     query = request.query_params
-    stdin = request.stream() if query.get("stdin", "").lower() in TRUE else None
+    body = BodyThenDisconnect(request) if query.get("stdin", "").lower() in TRUE else None
+    stdin = body.chunks() if body is not None else None
     opening = m.open_exec(hostname, params, stdin)
     try:  # a buffered answer's headers come only at the end: a client that leaves first cancels it
         resp = await (opening if stdin else unless_client_leaves(request, opening))
@@ -77,8 +84,8 @@ async def execute(m: Mgr, hostname: str, request: Request) -> Response:
         return Response(bytes(body), status_code=201 if background else 200, media_type="application/json")
     # Passed through as the agent writes it: one JSON object per line, flushed as it comes.
     # Closing the agent's response (also when our client goes away) kills the process.
-    if stdin:
-        return DuplexStreamingResponse(relay(resp, None), media_type="application/x-ndjson")
+    if body is not None:
+        return DuplexStreamingResponse(relay(resp, None), body, media_type="application/x-ndjson")
     return StreamingResponse(relay(resp, request), media_type="application/x-ndjson")
 
 
