@@ -7,8 +7,8 @@ the channel (``POST/GET /cp?...&bulk=TOKEN``, answered there as usual); only its
 framed as :mod:`slicer.channel.bulk` says. One copy per direction at a time; a copy that finds
 its direction taken answers ``bulk_busy`` and the host sends it through the channel instead.
 
-Reads and writes poll with a timeout so that a copy whose request went away (its handler
-cancelled) stops within a quarter second rather than blocking a thread for ever. Each read or
+Reads and writes poll with a timeout so that a copy whose request went away (watched by
+``_transfer``) stops within a second rather than blocking a thread for ever. Each read or
 write holds its direction's lock from its last look at ``cancelled`` to its end, and a new copy
 takes that lock once before it says it is ready: from then on, a cancelled copy's thread can
 no longer take the new copy's bytes (the host sends them only once told ready).
@@ -65,43 +65,30 @@ class _Port:
                 raise BulkError(f"the host moved nothing for {IDLE_TIMEOUT:g}s")
         raise BulkError("the copy was cancelled")
 
-    def _checked(self) -> None:
-        if self.cancelled.is_set():
-            raise BulkError("the copy was cancelled")
+    def _do(self, events: int, op: Callable[[], int]) -> int:
+        """``op()`` once the port is ready for ``events``, under the direction's lock."""
+        while True:
+            self._wait(events)
+            with self.lock:
+                if self.cancelled.is_set():
+                    raise BulkError("the copy was cancelled")
+                try:
+                    return op()
+                except BlockingIOError:
+                    continue
 
     def readv(self, views: list[memoryview]) -> int:
-        while True:
-            self._wait(select.POLLIN)
-            with self.lock:
-                self._checked()
-                try:
-                    n = os.readv(self.fd, views)
-                except BlockingIOError:
-                    continue
-            if n > 0:
-                return n
+        while (n := self._do(select.POLLIN, lambda: os.readv(self.fd, views))) == 0:
             self.cancelled.wait(0.05)  # 0: the host is away for now
+        return n
 
     def sendfile(self, fd: int, offset: int, count: int) -> int:
-        while True:
-            self._wait(select.POLLOUT)
-            with self.lock:
-                self._checked()
-                try:
-                    return os.sendfile(self.fd, fd, offset, count)
-                except BlockingIOError:
-                    continue
+        return self._do(select.POLLOUT, lambda: os.sendfile(self.fd, fd, offset, count))
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
-            self._wait(select.POLLOUT)
-            with self.lock:
-                self._checked()
-                try:
-                    view = view[os.write(self.fd, view):]
-                except BlockingIOError:
-                    continue
+            view = view[self._do(select.POLLOUT, lambda v=view: os.write(self.fd, v)):]
 
 
 def send_file(port: _Port, token: bytes, fd: int, size: int) -> None:

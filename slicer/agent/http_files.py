@@ -52,20 +52,22 @@ def _gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
-def _token(q) -> bytes | None:
+def _bulk_token(port: bulk.BulkPort | None, q) -> bytes | web.Response:
+    """The transfer's token a ``bulk=`` copy names, or the error answer why it cannot be one."""
+    if port is None:
+        return error("this VM has no bulk port", "bulk_unavailable", 409)
     token = q.get("bulk", "")
     if len(token) != 32 or any(c not in "0123456789abcdef" for c in token):
-        return None
+        return error("bulk must be 32 hex digits", "invalid_request", 400)
     return bytes.fromhex(token)
 
 
 async def _cp_in_bulk(port: bulk.BulkPort | None, request: web.Request) -> web.StreamResponse:
     """An upload whose bytes come on the bulk port: ``{"ready": true}`` once they may, then the
     copy's own answer (see slicer.agent.protocol.CpQuery)."""
-    if port is None:
-        return error("this VM has no bulk port", "bulk_unavailable", 409)
-    if (token := _token(request.query)) is None:
-        return error("bulk must be 32 hex digits", "invalid_request", 400)
+    if isinstance(token := _bulk_token(port, request.query), web.Response):
+        return token
+    assert port is not None
     try:
         async with port.source(token, lambda: _gone(request)) as source:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -140,12 +142,9 @@ async def _open_download(q) -> Download:
 async def cp_out(request: web.Request, port: bulk.BulkPort | None = None) -> web.StreamResponse:
     """A file's bytes or a tar; with ``bulk``, sent on the bulk port (``port``)."""
     q = request.query
-    token = None
-    if "bulk" in q:
-        if port is None:
-            return error("this VM has no bulk port", "bulk_unavailable", 409)
-        if (token := _token(q)) is None:
-            return error("bulk must be 32 hex digits", "invalid_request", 400)
+    token = _bulk_token(port, q) if "bulk" in q else None
+    if isinstance(token, web.Response):
+        return token
     try:
         download = await _open_download(q)
     except files.FileError as e:
@@ -173,18 +172,17 @@ async def _cp_out_bulk(port: bulk.BulkPort, token: bytes, request: web.Request,
                        download: Download) -> web.StreamResponse:
     """The download's headers here (its size as ``X-Slicer-Content-Length``), its bytes on the
     bulk port; a failure midway ends the transfer with an abort frame."""
-    headers = dict(download.headers)
-    if download.fd is not None and download.size is not None:  # a regular file's (a device has none)
-        headers["X-Slicer-Content-Length"] = str(download.size)
+    regular = download.fd is not None and download.size is not None  # sent by sendfile, its size known
+    resp = web.StreamResponse(headers=download.headers)
+    if regular:
+        resp.headers["X-Slicer-Content-Length"] = str(download.size)
     try:
-        if download.fd is not None and download.size is not None:  # a file: by sendfile
+        if regular:
             async with port.sending(lambda: _gone(request)) as out:
-                resp = web.StreamResponse(headers=headers)
                 await resp.prepare(request)
                 await asyncio.to_thread(bulk.send_file, out, token, download.fd, download.size)
         else:
             async with port.sink(token, lambda: _gone(request)) as sink:
-                resp = web.StreamResponse(headers=headers)
                 await resp.prepare(request)
                 await download.write(sink)  # type: ignore[arg-type]  (it writes as a response does)
     except bulk.BulkBusy as e:

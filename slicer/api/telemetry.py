@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from slicer.core.manager import Manager
-from slicer.core.telemetry import REGISTRY
+from slicer.core.telemetry import REGISTRY, host_meminfo
 
 REQUESTS = Counter("slicer_api_requests_total", "API requests by HTTP status code", ["method", "route", "code"],
                    registry=REGISTRY)
@@ -125,7 +125,7 @@ def system_metrics():
         load = GaugeMetricFamily(f"slicer_system_load{minutes}", f"{minutes}-minute load average of the host")
         load.add_metric([], value)
         yield load
-    meminfo = _meminfo()
+    meminfo = host_meminfo()
     for key, name in (("MemTotal", "total"), ("MemAvailable", "available")):
         if key in meminfo:
             gauge = GaugeMetricFamily(f"slicer_system_memory_{name}_bytes", f"Host memory ({name})")
@@ -137,19 +137,6 @@ def system_metrics():
         gauge = GaugeMetricFamily("slicer_system_uptime_seconds", "Seconds since the host booted")
         gauge.add_metric([], uptime)
         yield gauge
-
-
-def _meminfo() -> dict[str, int]:
-    """``/proc/meminfo`` in bytes."""
-    out = {}
-    with contextlib.suppress(OSError):
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if parts and parts[0].isdigit():
-                    out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    return out
 
 
 def render_metrics(manager: Manager) -> tuple[bytes, str]:

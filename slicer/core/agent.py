@@ -35,6 +35,8 @@ PASSED_STATUSES = {400, 404, 409, 410, 413}
 MAPPED = {(403, "permission_denied"): 409, (503, "budget_exhausted"): 503}
 AGENT_CODES = protocol.ERROR_CODES - {code for _, code in MAPPED}
 MAX_MESSAGE = 1000
+# The agent's answers that send a copy through the channel instead of the bulk port.
+BULK_FALLBACK = (ErrorCode.BULK_BUSY, ErrorCode.BULK_UNAVAILABLE)
 
 
 def agent_error(resp: httpx.Response) -> SlicerError:
@@ -315,7 +317,7 @@ class AgentClient:
                 resp = await self._stream("cp_out", params=[*_items(params), ("bulk", token.hex())])
             except BaseException as e:
                 link.release("out")
-                if not isinstance(e, SlicerError) or e.code not in ("bulk_busy", "bulk_unavailable"):
+                if not isinstance(e, SlicerError) or e.code not in BULK_FALLBACK:
                     raise
             else:
                 telemetry.COPIES.labels("out", "bulk").inc()
@@ -346,7 +348,7 @@ class AgentClient:
             resp = await self.send(endpoint.method, endpoint.path, params=[*_items(params), ("bulk", token.hex())],
                                    content=b"", timeout=None)
         except SlicerError as e:
-            if e.code in ("bulk_busy", "bulk_unavailable"):
+            if e.code in BULK_FALLBACK:
                 return None
             raise
         lines = _lines(resp, MAX_SMALL_ANSWER)

@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from slicer.core import telemetry
 from slicer.core.actions import NodeAction
 from slicer.core.commits import CreateVM
 from slicer.core.error_codes import ErrorCode
@@ -34,11 +35,7 @@ COPY_OVERHEAD = 160 << 20  # a restored copy's QEMU, TCG cache and first dirty p
 
 def available_memory() -> int:
     """MemAvailable of the host, in bytes."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return telemetry.host_meminfo().get("MemAvailable", 0)
 
 
 class Forks:

@@ -23,7 +23,7 @@ from slicer.core.node import Node
 from slicer.core.provision import Provisioner
 from slicer.core.records import BootKind
 from slicer.core.registry import Registry, Tasks
-from slicer.core.specs import vm_spec
+from slicer.core.specs import as_recorded, vm_spec
 from slicer.core.state import NodeRecord
 from slicer.core.templates import Template, Templates
 from slicer.net import NetworkError
@@ -102,11 +102,7 @@ class Lifecycle:
             restore_from, boot = template.state, BootKind.TEMPLATE
         if rec.template:  # a clone's memory is mapped from its template's: same machine, same layout
             spec.memory_file = self.templates.memory_file(rec.template)
-        # As in Slicer (Firecracker has no reboot), a guest's reboot ends a sandbox or persistent
-        # VM; a service, which the config says should run, boots again in place.
-        spec.reboot = node.is_service
-        spec.layout = rec.spec.layout or 0
-        return spec, boot, restore_from
+        return as_recorded(spec, rec), boot, restore_from
 
     async def _start(self, node: Node, spec: VMSpec, restore_from: Path | None) -> VM:
         """Attach the NIC and start the VMM, running; on any failure nothing of it is left."""

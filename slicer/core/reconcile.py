@@ -19,7 +19,7 @@ from slicer.core.node import Node, host_index
 from slicer.core.records import BootKind, NodeKind, NodeSpec, Suspended
 from slicer.core.registry import Registry, Tasks
 from slicer.core.snapshots import Snapshots
-from slicer.core.specs import vm_spec
+from slicer.core.specs import as_recorded, vm_spec
 from slicer.core.state import NodeRecord, now_rfc3339
 from slicer.core.templates import Templates
 from slicer.net import NetworkError
@@ -165,8 +165,7 @@ class Reconciler:
                            ip=rec.ip, disk=Path(rec.disk), run_dir=self.registry.run_dir(rec.hostname))
             if rec.template:
                 spec.memory_file = self.templates.memory_file(rec.template)
-            spec.layout = rec.spec.layout or 0
-            spec.reboot = rec.kind == NodeKind.SERVICE  # as it was started (slicer.core.lifecycle)
+            as_recorded(spec, rec)  # as it was started
             vm = await self.driver.adopt(spec, pid)
         except SlicerError as e:
             return None, f"its image cannot be used: {e.message}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from slicer.core.config import HostGroup
+from slicer.core.records import NodeKind
+from slicer.core.state import NodeRecord
 from slicer.image.build import GuestImage
 from slicer.net.surface import GroupNet
 from slicer.vmm.base import VMSpec
@@ -24,3 +26,12 @@ def vm_spec(image: GuestImage, group: HostGroup, net: GroupNet, *, name: str, cp
         # the image's own init (systemd), our agent beside it: only with a user's image
         kernel_args=["slicer.init=image"] if group.init == "image" and image.runtime is not None else [],
     )
+
+
+def as_recorded(spec: VMSpec, rec: NodeRecord) -> VMSpec:
+    """What of the machine the node's record decides: its layout (the one its saved state fits),
+    and what a guest reset does. As in Slicer (Firecracker has no reboot), a reboot ends a
+    sandbox or persistent VM; a service, which the config says should run, boots again in place."""
+    spec.layout = rec.spec.layout or 0
+    spec.reboot = rec.kind == NodeKind.SERVICE
+    return spec

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+def host_meminfo() -> dict[str, int]:
+    """The host's ``/proc/meminfo`` in bytes (for /metrics and a fork's memory check)."""
+    out = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
 
 BOOT_SECONDS = Histogram(
     "slicer_vm_boot_seconds", "Seconds from starting QEMU to an answering agent", ["hostgroup"],
