@@ -19,7 +19,7 @@ import signal
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from slicer.agent import paths, runtime
+from slicer.agent import catrust, paths, runtime
 
 READ_CHUNK = 65536
 BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -164,7 +164,8 @@ async def spawn(req: ExecRequest) -> asyncio.subprocess.Process:
 
 async def _spawn(req: ExecRequest, cwd_fd: int | None) -> asyncio.subprocess.Process:
     u = paths.user(req.uid, req.gid)
-    env = {**BASE_ENV, **identity_env(u), **req.env}
+    # The group's CAs for runtimes with trust stores of their own (catrust.CA_ENV); the request's env wins.
+    env = {**BASE_ENV, **catrust.ca_env(), **identity_env(u), **req.env}
     if req.uid:
         ids = {"user": req.uid, "group": u.gid, "extra_groups": u.groups}
     elif req.gid is not None:

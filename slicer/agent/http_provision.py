@@ -1,4 +1,5 @@
-"""The agent's provisioning endpoints: identity, settle, secrets, SSH keys, userdata and power."""
+"""The agent's provisioning endpoints: identity, settle, secrets, SSH keys, CA
+certificates, userdata and power."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 
 from aiohttp import web
 
-from slicer.agent import files, identity, provision, runtime
+from slicer.agent import catrust, files, identity, provision, runtime
 from slicer.agent.http_util import Context, Handlers, error, json_body
 
 POWER_ACTIONS = ("shutdown", "reboot")
@@ -41,6 +42,20 @@ async def userdata(request: web.Request) -> web.Response:
     return web.json_response({"status": provision.start_userdata(script)})
 
 
+async def put_ca(request: web.Request) -> web.Response:
+    if (request.content_length or 0) > catrust.MAX_BUNDLE:
+        return error(f"the CA bundle is larger than {catrust.MAX_BUNDLE} bytes", "too_large", 413)
+    body = await request.read()  # the server's client_max_size (1 MiB) bounds it too
+    try:
+        return web.json_response(await asyncio.to_thread(catrust.install, body))
+    except catrust.CATrustError as e:
+        return error(f"cannot install the CA certificates: {e}", "invalid_request", 400)
+    except files.FileError as e:
+        return error(f"cannot install the CA certificates: {e}", e.code, e.status)
+    except OSError as e:
+        return error(f"cannot install the CA certificates: {e}", "fs_error", 409)
+
+
 async def reset_identity(request: web.Request) -> web.Response:
     body = await json_body(request)
     try:
@@ -65,4 +80,4 @@ async def power(request: web.Request) -> web.Response:
 
 def handlers(ctx: Context) -> Handlers:
     return {"identity": reset_identity, "settle": settle, "put_secrets": put_secrets, "put_ssh_keys": put_ssh_keys,
-            "userdata": userdata, "power": power}
+            "userdata": userdata, "power": power, "put_ca": put_ca}

@@ -263,6 +263,13 @@ class UserdataStatus(TypedDict):
     status: str
 
 
+class CAInstalled(TypedDict):
+    """``PUT /ca`` (the body: PEM certificate blocks, at most 1 MiB): the short ids (12 hex of
+    each block's SHA-256) of the bundle, and whether anything was written (false: it was there)."""
+    certificates: list[str]
+    changed: bool
+
+
 class Identity(TypedDict, total=False):
     """A restored or forked guest's new self (built by slicer.core.identity)."""
     seed: str  # base64, mixed into the guest's entropy
@@ -345,4 +352,5 @@ ENDPOINTS: dict[str, Endpoint] = _table(
     Endpoint("put_secrets", "PUT", "/secrets", "json", SecretsSynced, body="json", request=dict[str, Secret]),
     Endpoint("put_ssh_keys", "PUT", "/ssh-keys", "json", KeysInstalled, body="json", request=SshKeys),
     Endpoint("userdata", "POST", "/userdata", "json", UserdataStatus, body="json", request=Userdata),
+    Endpoint("put_ca", "PUT", "/ca", "json", CAInstalled, body="bytes"),
 )

@@ -16,7 +16,7 @@ import signal
 import struct
 import termios
 
-from slicer.agent import paths, runtime
+from slicer.agent import catrust, paths, runtime
 
 FRAME = struct.Struct(">BI")
 DATA, WINDOW_SIZE, SHUTDOWN, HEARTBEAT, SESSION_CLOSE = 1, 2, 3, 4, 5
@@ -64,7 +64,7 @@ class ShellSession:
             raise FileNotFoundError(f"shell {shell!r} not found")
         self.master, slave = os.openpty()
         env = {"TERM": "xterm-256color", "HOME": home, "USER": user, "LOGNAME": user, "SHELL": shell,
-               "PATH": PATH, "LANG": "C.UTF-8"}
+               "PATH": PATH, "LANG": "C.UTF-8", **catrust.ca_env()}  # the group's CAs (slicer.agent.catrust)
 
         def child_setup() -> None:
             os.setsid()

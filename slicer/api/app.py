@@ -10,10 +10,11 @@ from fastapi import FastAPI
 from slicer import __version__
 from slicer.api import errors
 from slicer.api.guard import HostRule, RequestGuard
-from slicer.api.routes import commits, execute, files, nodes, secrets, stats, storage, system, tunnels, vm
+from slicer.api.routes import commits, execute, files, nodes, proxy, secrets, stats, storage, system, tunnels, vm
 from slicer.api.telemetry import MetricsMiddleware
 from slicer.core.errors import SlicerError
 from slicer.core.manager import Manager
+from slicer.proxy.store import ProxyStore
 
 
 def create_app(manager: Manager, token: str | None, git_commit: str = "unknown") -> FastAPI:
@@ -33,6 +34,7 @@ def create_app(manager: Manager, token: str | None, git_commit: str = "unknown")
     app.state.manager = manager
     app.state.token = token
     app.state.git_commit = git_commit
+    app.state.proxy = ProxyStore(manager.data_dir)
     errors.install(app)
     app.include_router(system.public)
     app.include_router(system.router)
@@ -45,6 +47,7 @@ def create_app(manager: Manager, token: str | None, git_commit: str = "unknown")
     app.include_router(stats.router)
     app.include_router(secrets.router)
     app.include_router(storage.router)
+    app.include_router(proxy.router)
     app.add_middleware(MetricsMiddleware)
     api = manager.config.api
     hosts = HostRule(api.bind_address, api.allowed_hosts, unix_socket=api.unix_socket is not None)

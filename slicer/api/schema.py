@@ -339,3 +339,53 @@ class FsChanged(Answer):
     path: str
     created: bool | None = None
     removed: bool | None = None
+
+
+# -- Slicer Proxy (/proxy/v1) --------------------------------------------------------------------
+class ProxyClient(Answer):
+    name: str
+    created_at: str = ""
+
+
+class ProxyClientToken(ProxyClient):
+    """A new client; its token is shown this once (the daemon keeps only a digest)."""
+
+    token: str
+
+
+class ProxySecret(Answer):
+    """A proxy secret's metadata; its value never leaves the host, nor enters a VM."""
+
+    name: str
+    host: str
+    type: str = "bearer"
+    created_at: str = ""
+    updated_at: str | None = None
+
+
+class ProxyAllowRule(Answer):
+    host: str
+    secret: str | None = None
+    methods: list[str] | None = None
+    paths: list[str] | None = None
+    ports: list[int] | None = None
+    expires: str | None = None
+    passthrough: bool | None = None
+
+
+class ProxyAuditEntry(Answer):
+    """One decision of a proxy (``slicer proxy up``), as its audit line says it."""
+
+    time: str
+    msg: str  # allow, deny, close (a passthrough tunnel's end)
+    client: str | None = None
+    method: str | None = None
+    scheme: str | None = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    inject: str | None = None
+    status: int | None = None
+    mode: str | None = None
+    reason: str | None = None
+    duration_ms: int | None = None

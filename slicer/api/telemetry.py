@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from slicer.core.manager import Manager
 from slicer.core.telemetry import REGISTRY, host_meminfo
+from slicer.proxy.audit import read_counters
 
 REQUESTS = Counter("slicer_api_requests_total", "API requests by HTTP status code", ["method", "route", "code"],
                    registry=REGISTRY)
@@ -97,6 +98,15 @@ class NodeCollector:
                         family.add_metric([node.hostname, node.record.hostgroup], float(value))
         yield from families.values()
         yield from self._pools()
+        yield self._proxy()
+
+    def _proxy(self) -> CounterMetricFamily:
+        """What the proxies (``slicer proxy up``) decided, from the counts they leave in the data dir."""
+        family = CounterMetricFamily("slicer_proxy_decisions", "Egress proxy decisions by client: allow, deny, close",
+                                     labels=["decision", "client"])
+        for (decision, client), n in sorted(read_counters(self.manager.data_dir).items()):
+            family.add_metric([decision, client], n)
+        return family
 
     def _pools(self):
         stats = self.manager.pool.stats()

@@ -6,7 +6,7 @@ import re
 
 import typer
 
-from slicer.cli import background, forks, images, snapshots, vm  # noqa: F401  (register their commands)
+from slicer.cli import background, ca, forks, images, proxy, snapshots, vm  # noqa: F401  (register their commands)
 from slicer.cli.daemon import app
 
 __all__ = ["app"]

@@ -98,6 +98,8 @@ def new(name: Annotated[str, typer.Argument(help="Host group name (VMs are NAME-
         api_bind: str = "127.0.0.1", api_port: int = 8080,
         api_auth: Annotated[str, typer.Option(help="true or false (false only on loopback).")] = "true",
         socket: Annotated[str | None, typer.Option(help="Serve the API on this unix socket instead.")] = None,
+        ca: Annotated[bool, typer.Option("--ca", help="VMs trust a CA of the group's own (ca: {generate: true}), "
+                                         "made at start; the egress proxy signs with it.")] = False,
         ) -> None:
     """Print a config for [bold]slicer up[/bold] (Slicer's flags).
     Examples: [bold]slicer new api --count 3 > api.yaml[/bold],
@@ -115,6 +117,8 @@ def new(name: Annotated[str, typer.Argument(help="Host group name (VMs are NAME-
     network = _network_section(net, cidr, range_, allow, drop, tap_prefix)
     if network:
         group["network"] = network
+    if ca:
+        group["ca"] = {"generate": True}
     config: dict = {"host_groups": [group]}
     if github:
         config["github_user"] = github

@@ -45,6 +45,11 @@ from slicer.client._models import (
     Info,
     Node,
     NodeStats,
+    ProxyAllowRule,
+    ProxyAuditEntry,
+    ProxyClient,
+    ProxyClientToken,
+    ProxySecret,
     Secret,
     Tags,
 )
@@ -55,5 +60,6 @@ __all__ = [
     "APIError", "AsyncSlicerClient", "AuthenticationError", "BackgroundExec", "BadRequestError", "ConflictError",
     "ConnectionFailed", "CreatedNode", "ExecFrame", "ExecResult", "ForbiddenError", "GoneError", "Health",
     "HostGroup", "Info", "Node", "NodeStats", "NotFoundError", "Secret", "ServerError", "SlicerClient",
-    "SlicerClientError", "SlicerError", "WaitTimeoutError", "Commit", "Fork", "Tags",
+    "SlicerClientError", "SlicerError", "WaitTimeoutError", "Commit", "Fork", "Tags", "ProxyAllowRule",
+    "ProxyAuditEntry", "ProxyClient", "ProxyClientToken", "ProxySecret",
 ]

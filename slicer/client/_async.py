@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterable, AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -300,6 +301,61 @@ class AsyncSlicerClient:
     async def delete_secret(self, name: str) -> None:
         await self._call(Calls.delete_secret(name))
 
+    # -- Slicer Proxy (/proxy/v1) -----------------------------------------------------------------
+    async def proxy_clients(self) -> list[m.ProxyClient]:
+        """The proxy's clients (never their tokens)."""
+        return await self._call(Calls.proxy_clients())
+
+    async def create_proxy_client(self, name: str, token: str | None = None) -> m.ProxyClientToken:
+        """A client of the proxy; ``.token`` (made as ``spt_…`` unless given) is in this answer only."""
+        return await self._call(Calls.create_proxy_client(name, token))
+
+    async def delete_proxy_client(self, name: str) -> None:
+        """Drop the client's token and every rule of it."""
+        await self._call(Calls.delete_proxy_client(name))
+
+    async def proxy_rules(self, client: str) -> list[m.ProxyAllowRule]:
+        """The client's allow rules, in the order they are tried (first match wins)."""
+        return await self._call(Calls.proxy_rules(client))
+
+    async def proxy_secrets(self) -> list[m.ProxySecret]:
+        """The proxy's secrets: name, host, type and times, never the value."""
+        return await self._call(Calls.proxy_secrets())
+
+    async def create_proxy_secret(self, name: str, host: str, value: str, type: str | None = None,
+                                  force: bool = False, source_file: str | None = None) -> m.ProxySecret:
+        """A credential the proxy adds for ``host`` (``type`` bearer, the default, or basic with
+        ``user:password``); ``force`` replaces one of that name."""
+        return await self._call(Calls.create_proxy_secret(name, host, value, type, force, source_file))
+
+    async def delete_proxy_secret(self, name: str) -> None:
+        """Rules naming the secret stop matching (they never become plain allows)."""
+        await self._call(Calls.delete_proxy_secret(name))
+
+    async def add_proxy_allow(self, client: str, host: str, secret: str | None = None,
+                              methods: list[str] | None = None, paths: list[str] | None = None,
+                              ports: list[int] | None = None, ttl_seconds: int | None = None,
+                              passthrough: bool = False) -> m.ProxyAllowRule:
+        """Append a rule to the client's list; ``ttl_seconds`` gives it an ``expires``."""
+        return await self._call(Calls.add_proxy_allow(client, host, secret, methods, paths, ports, ttl_seconds,
+                                                      passthrough))
+
+    async def remove_proxy_allow(self, client: str, host: str) -> None:
+        """Remove every rule of the client for ``host`` (``*.example.com`` and ``*`` too)."""
+        await self._call(Calls.remove_proxy_allow(client, host))
+
+    async def revoke_proxy_allow(self, client: str, host: str, methods: list[str] | None = None,
+                                 paths: list[str] | None = None, ports: list[int] | None = None,
+                                 passthrough: bool = False) -> None:
+        """Remove the one rule with this host, methods, paths, ports and passthrough."""
+        await self._call(Calls.revoke_proxy_allow(client, host, methods, paths, ports, passthrough))
+
+    async def proxy_audit(self, client: str | None = None, since: str | datetime | None = None,
+                          limit: int = 100) -> list[m.ProxyAuditEntry]:
+        """The proxies' decisions, oldest first: the newest ``limit``, of ``client``, from ``since``
+        (RFC 3339 text, or a datetime; a naive one is taken as UTC)."""
+        return await self._call(Calls.proxy_audit(client, _rfc3339(since), limit))
+
     # -- WebSockets -------------------------------------------------------------------------------
     def shell(self, hostname: str, **query: Any) -> AsyncWebSocket:
         """A ``websockets`` connection speaking Slicer's shell frames (see docs/api.md)."""
@@ -311,6 +367,14 @@ class AsyncSlicerClient:
         headers = {**self.settings.headers(), "X-Inlets-Upstream": upstream}
         url = self.settings.ws_url(f"/vm/{hostname}/forward")
         return async_ws_connect(url, self.settings.uds, headers, max_size=None)
+
+
+def _rfc3339(when: str | datetime | None) -> str | None:
+    if not isinstance(when, datetime):
+        return when
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 async def _frames(resp: httpx.Response) -> AsyncIterator[m.ExecFrame]:

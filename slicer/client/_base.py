@@ -261,6 +261,73 @@ class Calls:
     def delete_secret(name: str) -> Call:
         return Call("DELETE", f"/secrets/{quote(name, safe='')}", parse=_none)
 
+    # -- Slicer Proxy (/proxy/v1) -----------------------------------------------------------------
+    @staticmethod
+    def proxy_clients() -> Call:
+        return Call("GET", "/proxy/v1/clients", parse=_list(m.ProxyClient))
+
+    @staticmethod
+    def create_proxy_client(name: str, token: str | None = None) -> Call:
+        body = {"name": name, **({"token": token} if token else {})}
+        return Call("POST", "/proxy/v1/clients", json=body, parse=_one(m.ProxyClientToken))
+
+    @staticmethod
+    def delete_proxy_client(name: str) -> Call:
+        return Call("DELETE", f"/proxy/v1/clients/{quote(name, safe='')}", parse=_none)
+
+    @staticmethod
+    def proxy_rules(client: str) -> Call:
+        return Call("GET", f"/proxy/v1/clients/{quote(client, safe='')}", parse=_list(m.ProxyAllowRule))
+
+    @staticmethod
+    def proxy_secrets() -> Call:
+        return Call("GET", "/proxy/v1/secrets", parse=_list(m.ProxySecret))
+
+    @staticmethod
+    def create_proxy_secret(name: str, host: str, value: str, type: str | None = None, force: bool = False,
+                            source_file: str | None = None) -> Call:
+        body: dict[str, Any] = {"name": name, "host": host, "value": value}
+        body.update({k: v for k, v in (("type", type), ("source_file", source_file), ("force", force)) if v})
+        return Call("POST", "/proxy/v1/secrets", json=body, parse=_one(m.ProxySecret))
+
+    @staticmethod
+    def delete_proxy_secret(name: str) -> Call:
+        return Call("DELETE", f"/proxy/v1/secrets/{quote(name, safe='')}", parse=_none)
+
+    @staticmethod
+    def add_proxy_allow(client: str, host: str, secret: str | None = None, methods: list[str] | None = None,
+                        paths: list[str] | None = None, ports: list[int] | None = None,
+                        ttl_seconds: int | None = None, passthrough: bool = False) -> Call:
+        body = _rule_body(client, host, methods, paths, ports, passthrough)
+        body.update({k: v for k, v in (("secret", secret), ("ttl_seconds", ttl_seconds)) if v})
+        return Call("POST", "/proxy/v1/allows", json=body, parse=_one(m.ProxyAllowRule))
+
+    @staticmethod
+    def remove_proxy_allow(client: str, host: str) -> Call:
+        # every segment escaped: "*" goes as %2A, which the daemon decodes (as Go's client sends it)
+        return Call("DELETE", f"/proxy/v1/allows/{quote(client, safe='')}/{quote(host, safe='')}", parse=_none)
+
+    @staticmethod
+    def revoke_proxy_allow(client: str, host: str, methods: list[str] | None = None, paths: list[str] | None = None,
+                           ports: list[int] | None = None, passthrough: bool = False) -> Call:
+        body = _rule_body(client, host, methods, paths, ports, passthrough)
+        return Call("POST", "/proxy/v1/allows/revoke", json=body, parse=_none)
+
+    @staticmethod
+    def proxy_audit(client: str | None = None, since: str | None = None, limit: int = 100) -> Call:
+        params = {"limit": limit, **{k: v for k, v in (("client", client), ("since", since)) if v}}
+        return Call("GET", "/proxy/v1/audit", params=params, parse=_list(m.ProxyAuditEntry))
+
+
+def _rule_body(client: str, host: str, methods: list[str] | None, paths: list[str] | None,
+               ports: list[int] | None, passthrough: bool) -> dict[str, Any]:
+    """An allow rule's tuple as Slicer's SDKs send it: empty filters left out."""
+    body: dict[str, Any] = {"client": client, "host": host}
+    body.update({k: list(v) for k, v in (("methods", methods), ("paths", paths), ("ports", ports)) if v})
+    if passthrough:
+        body["passthrough"] = True
+    return body
+
 
 def exec_params(cmd: str, args: list[str] | None = None, env: dict[str, str] | None = None, uid: int | None = None,
                 gid: int | None = None, cwd: str | None = None, shell: str | None = None,

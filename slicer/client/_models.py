@@ -24,6 +24,11 @@ from slicer.api.schema import (
     Node,
     NodeStats,
     NodeUsage,
+    ProxyAllowRule,
+    ProxyAuditEntry,
+    ProxyClient,
+    ProxyClientToken,
+    ProxySecret,
     Secret,
     Tags,
     TemplateUsage,
@@ -31,7 +36,8 @@ from slicer.api.schema import (
 
 __all__ = [
     "BackgroundExec", "Commit", "CreatedNode", "ExecFrame", "ExecResult", "Fork", "Health", "HostGroup", "Info",
-    "KeptDisk", "Node", "NodeStats", "NodeUsage", "Secret", "Storage", "Tags", "TemplateUsage",
+    "KeptDisk", "Node", "NodeStats", "NodeUsage", "ProxyAllowRule", "ProxyAuditEntry", "ProxyClient",
+    "ProxyClientToken", "ProxySecret", "Secret", "Storage", "Tags", "TemplateUsage",
 ]
 
 

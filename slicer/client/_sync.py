@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -298,6 +299,61 @@ class SlicerClient:
     def delete_secret(self, name: str) -> None:
         self._call(Calls.delete_secret(name))
 
+    # -- Slicer Proxy (/proxy/v1) -----------------------------------------------------------------
+    def proxy_clients(self) -> list[m.ProxyClient]:
+        """The proxy's clients (never their tokens)."""
+        return self._call(Calls.proxy_clients())
+
+    def create_proxy_client(self, name: str, token: str | None = None) -> m.ProxyClientToken:
+        """A client of the proxy; ``.token`` (made as ``spt_…`` unless given) is in this answer only."""
+        return self._call(Calls.create_proxy_client(name, token))
+
+    def delete_proxy_client(self, name: str) -> None:
+        """Drop the client's token and every rule of it."""
+        self._call(Calls.delete_proxy_client(name))
+
+    def proxy_rules(self, client: str) -> list[m.ProxyAllowRule]:
+        """The client's allow rules, in the order they are tried (first match wins)."""
+        return self._call(Calls.proxy_rules(client))
+
+    def proxy_secrets(self) -> list[m.ProxySecret]:
+        """The proxy's secrets: name, host, type and times, never the value."""
+        return self._call(Calls.proxy_secrets())
+
+    def create_proxy_secret(self, name: str, host: str, value: str, type: str | None = None,
+                                  force: bool = False, source_file: str | None = None) -> m.ProxySecret:
+        """A credential the proxy adds for ``host`` (``type`` bearer, the default, or basic with
+        ``user:password``); ``force`` replaces one of that name."""
+        return self._call(Calls.create_proxy_secret(name, host, value, type, force, source_file))
+
+    def delete_proxy_secret(self, name: str) -> None:
+        """Rules naming the secret stop matching (they never become plain allows)."""
+        self._call(Calls.delete_proxy_secret(name))
+
+    def add_proxy_allow(self, client: str, host: str, secret: str | None = None,
+                              methods: list[str] | None = None, paths: list[str] | None = None,
+                              ports: list[int] | None = None, ttl_seconds: int | None = None,
+                              passthrough: bool = False) -> m.ProxyAllowRule:
+        """Append a rule to the client's list; ``ttl_seconds`` gives it an ``expires``."""
+        return self._call(Calls.add_proxy_allow(client, host, secret, methods, paths, ports, ttl_seconds,
+                                                      passthrough))
+
+    def remove_proxy_allow(self, client: str, host: str) -> None:
+        """Remove every rule of the client for ``host`` (``*.example.com`` and ``*`` too)."""
+        self._call(Calls.remove_proxy_allow(client, host))
+
+    def revoke_proxy_allow(self, client: str, host: str, methods: list[str] | None = None,
+                                 paths: list[str] | None = None, ports: list[int] | None = None,
+                                 passthrough: bool = False) -> None:
+        """Remove the one rule with this host, methods, paths, ports and passthrough."""
+        self._call(Calls.revoke_proxy_allow(client, host, methods, paths, ports, passthrough))
+
+    def proxy_audit(self, client: str | None = None, since: str | datetime | None = None,
+                          limit: int = 100) -> list[m.ProxyAuditEntry]:
+        """The proxies' decisions, oldest first: the newest ``limit``, of ``client``, from ``since``
+        (RFC 3339 text, or a datetime; a naive one is taken as UTC)."""
+        return self._call(Calls.proxy_audit(client, _rfc3339(since), limit))
+
     # -- WebSockets -------------------------------------------------------------------------------
     def shell(self, hostname: str, **query: Any) -> WebSocket:
         """A ``websockets`` connection speaking Slicer's shell frames (see docs/api.md)."""
@@ -309,6 +365,14 @@ class SlicerClient:
         headers = {**self.settings.headers(), "X-Inlets-Upstream": upstream}
         url = self.settings.ws_url(f"/vm/{hostname}/forward")
         return ws_connect(url, self.settings.uds, headers, max_size=None)
+
+
+def _rfc3339(when: str | datetime | None) -> str | None:
+    if not isinstance(when, datetime):
+        return when
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _frames(resp: httpx.Response) -> Iterator[m.ExecFrame]:

@@ -450,6 +450,11 @@ class AgentClient:
         """Run ``script`` once per disk, as root, in the background."""
         return await self._call("userdata", json={"script": script})
 
+    async def put_ca(self, pem: str, timeout: float = 60.0) -> protocol.CAInstalled:
+        """Make the guest trust the certificates of ``pem`` (its group's bundle, slicer.core.ca):
+        /runner/ca.crt and the system's trust store; nothing is written when it already holds them."""
+        return await self._call("put_ca", content=pem.encode(), timeout=timeout)
+
     async def aclose(self) -> None:
         await self.http.aclose()
         self.channel.disconnect()

@@ -63,6 +63,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class CAConfig(_Strict):
+    """Certificates this group's guests trust besides the public ones (slicer.core.ca)."""
+    # A CA of the group's own, made once under <data_dir>/ca/<group>/ (the egress proxy signs with it).
+    generate: bool = False
+    # PEM files of more CAs (several per file allowed); relative paths: from the config's directory.
+    files: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(default=[], max_length=64)
+
+
 class HostGroup(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     count: int = Field(default=1, ge=0, le=200)
@@ -83,6 +91,7 @@ class HostGroup(_Strict):
     # our agent as one of its services. Only for a group with an image.
     init: Literal["slicer", "image"] = "slicer"
     network: NetworkConfig = NetworkConfig()
+    ca: CAConfig | None = None
 
     _image = field_validator("image")(_image_ref)
     # "snapshot": sandboxes restore from a template of the group and their size (a saved,
@@ -226,7 +235,6 @@ class Config(_Strict):
 # Keys of Slicer's config (or its docs' examples) this daemon does not have, and what to do instead.
 UNSUPPORTED_KEYS = {
     "pci": "PCI passthrough needs KVM, which this daemon does not do; remove it",
-    "ca": "a custom CA for the guests is not supported yet; remove it, or add the CA with userdata",
     "parent": "macvtap mode is not supported yet; use network.mode bridge or isolated",
 }
 
@@ -236,7 +244,7 @@ def unknown_key(key: str) -> str:
     if key in UNSUPPORTED_KEYS:
         return f"not supported: {UNSUPPORTED_KEYS[key]}"
     known = set(Config.model_fields) | set(HostGroup.model_fields) | set(NetworkConfig.model_fields)
-    known |= set(ApiConfig.model_fields)
+    known |= set(ApiConfig.model_fields) | set(CAConfig.model_fields)
     close = difflib.get_close_matches(key, sorted(known), n=1)
     return f"unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else " (see docs/config.md)")
 
@@ -269,4 +277,7 @@ def load_config(text: str, base_dir: Path | None = None) -> Config:
                 g.userdata, g.userdata_file = path.read_text(), None
             except OSError as e:
                 raise BadRequest(f"config: {g.name}.userdata_file: {e}") from e
+        if g.ca is not None:  # read at daemon start (slicer.core.ca.group_bundle), wherever it runs from
+            g.ca.files = [str(Path(f) if Path(f).is_absolute() else ((base_dir or Path.cwd()) / f).resolve())
+                          for f in g.ca.files]
     return cfg

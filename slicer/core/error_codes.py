@@ -43,6 +43,9 @@ class ErrorCode(enum.StrEnum):
     HOSTGROUP_NOT_FOUND = "hostgroup_not_found"
     COMMIT_NOT_FOUND = "commit_not_found"
     SECRET_NOT_FOUND = "secret_not_found"
+    PROXY_CLIENT_NOT_FOUND = "proxy_client_not_found"
+    PROXY_SECRET_NOT_FOUND = "proxy_secret_not_found"
+    PROXY_RULE_NOT_FOUND = "proxy_rule_not_found"
     LOG_NOT_FOUND = "log_not_found"
     # -- a VM's state (slicer/core/actions.py) ----------------------------------------------------
     CONFLICT = "conflict"
@@ -144,6 +147,9 @@ ERROR_CODES: dict[ErrorCode, tuple[tuple[int, ...], str]] = {
     C.HOSTGROUP_NOT_FOUND: ((404,), "no host group of that name"),
     C.COMMIT_NOT_FOUND: ((404,), "no commit of that id"),
     C.SECRET_NOT_FOUND: ((404,), "no secret of that name"),
+    C.PROXY_CLIENT_NOT_FOUND: ((404, 400), "no proxy client of that name (400 where a rule names one)"),
+    C.PROXY_SECRET_NOT_FOUND: ((404, 400), "no proxy secret of that name (400 where a rule names one)"),
+    C.PROXY_RULE_NOT_FOUND: ((404,), "the client has no rule for that host, or none with that tuple"),
     C.LOG_NOT_FOUND: ((404,), "the VM has written no console log yet"),
     C.CONFLICT: ((409,), "the request conflicts with the state of things"),
     C.STARTING: ((409,), "the VM is starting (or being restored and not yet itself)"),

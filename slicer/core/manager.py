@@ -39,7 +39,7 @@ from slicer.core.lifecycle import Lifecycle
 from slicer.core.node import Node, host_index
 from slicer.core.pool import Pool
 from slicer.core.power import Power
-from slicer.core.provision import Provisioner
+from slicer.core.provision import Provisioner, ca_bundles
 from slicer.core.reconcile import Reconciler
 from slicer.core.records import NodeKind, NodeSpec
 from slicer.core.registry import HOSTNAME_RE, Registry, Tasks
@@ -100,7 +100,7 @@ class Manager:
         self.registry = Registry(config, data_dir, short_root, self.store)
         self.tasks = Tasks()
         self.templates = Templates(data_dir / "templates", short_root, driver, images, self.net)
-        self.provisioner = Provisioner(config, self.registry, self.secrets, self.tasks)
+        self.provisioner = Provisioner(config, self.registry, self.secrets, self.tasks, ca_bundles(config, data_dir))
         self.lifecycle = Lifecycle(config, self.registry, driver, self.net, images, self.templates,
                                    self.provisioner, self.tasks)
         self.power = Power(self.registry, self.lifecycle, self.tasks)

@@ -1,17 +1,19 @@
-"""What the host hands a guest after every boot: identity (after a restore), secrets, SSH keys
-and, once per disk, userdata; and secrets again whenever they change."""
+"""What the host hands a guest after every boot: identity (after a restore), the group's CA
+certificates, secrets, SSH keys and, once per disk, userdata; and secrets again whenever they change."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 
 import httpx
 
 from slicer.core import telemetry
+from slicer.core.ca import CAError, group_bundle
 from slicer.core.config import Config
-from slicer.core.errors import AgentUnreachable, SlicerError
+from slicer.core.errors import AgentUnreachable, BadRequest, SlicerError
 from slicer.core.identity import identity_body
 from slicer.core.node import Node
 from slicer.core.registry import Registry, Tasks
@@ -26,12 +28,33 @@ SETUP_RETRIES = 20
 SETUP_RETRY_DELAY = 0.5
 
 
+def ca_bundles(config: Config, data_dir: Path) -> dict[str, str]:
+    """The PEM each host group with ``ca:`` hands its guests, made once at daemon start (its CA
+    generated if need be), so that a missing or broken file stops the start, not a boot."""
+    bundles: dict[str, str] = {}
+    for g in config.host_groups:
+        if g.ca is None:
+            continue
+        try:
+            pem = group_bundle(data_dir, g.name, g.ca.generate, [Path(f) for f in g.ca.files])
+        except CAError as e:
+            raise BadRequest(f"config: {g.name}.ca: {e}") from e
+        except OSError as e:
+            raise SlicerError(f"host group {g.name}: cannot make its CA in {data_dir / 'ca'}: {e}") from e
+        if pem:
+            bundles[g.name] = pem
+    return bundles
+
+
 class Provisioner:
-    def __init__(self, config: Config, registry: Registry, secrets: SecretStore, tasks: Tasks) -> None:
+    def __init__(self, config: Config, registry: Registry, secrets: SecretStore, tasks: Tasks,
+                 ca: dict[str, str] | None = None) -> None:
+        """``ca``: host group -> the PEM its guests trust (:func:`ca_bundles`)."""
         self.config = config
         self.registry = registry
         self.secrets = secrets
         self.tasks = tasks
+        self.ca = ca or {}
 
     async def run(self, node: Node, vm: VM, group_name: str) -> None:
         """After every boot of ``vm``: wait for its agent, set the guest up; then wait for the
@@ -94,8 +117,15 @@ class Provisioner:
                 found += await self._github_keys(node, user)
             await agent.put_ssh_keys(found)
 
-        # Secrets and keys are independent (two streams on the channel); userdata comes after both.
-        for outcome in await asyncio.gather(self.push_secrets(node), keys(), return_exceptions=True):
+        async def ca() -> None:
+            # Every boot: a disk restored from a template or an older bundle may lack it; the
+            # agent does nothing when /runner/ca.crt already holds exactly this.
+            if (pem := self.ca.get(node.record.hostgroup)) is not None:
+                await agent.put_ca(pem)
+
+        # Secrets, keys and CAs are independent (streams on the channel); userdata comes after all,
+        # so that a script fetching over TLS already trusts the group's CA.
+        for outcome in await asyncio.gather(self.push_secrets(node), keys(), ca(), return_exceptions=True):
             if isinstance(outcome, BaseException):
                 raise outcome
         if spec.userdata:

@@ -41,6 +41,8 @@ GUEST_PACKAGES = [
     "less",
     "inotify-tools",
     "iperf3",  # bench/net.py
+    "ca-certificates",  # the system trust store the host group's CAs join (slicer.agent.catrust)
+    "curl",  # HTTPS in the guest through the egress proxy (tests, users)
 ]
 # Loaded in this order by the initramfs; dependencies found in each module are loaded first.
 GUEST_MODULES = [

@@ -56,6 +56,7 @@ def ruleset(table: str, bridges: list[str], bridge_nets: list[str], isolated: li
     group_sets = "".join(f"  set {g.set_name} {{ type ifname; }}\n" for g in isolated)
     jumps = "".join(f"    iifname @{g.set_name} jump {g.set_name}\n" for g in isolated)
     chains = "".join(_group_chain(g) for g in isolated)
+    host_ports = "".join(_host_port_rules(g) for g in isolated)
     return f"""\
 add table bridge {table}
 delete table bridge {table}
@@ -86,9 +87,10 @@ table inet {table} {{
   map vm_policy {{ type ifname : verdict; }}
   chain input {{
     type filter hook input priority -10; policy accept;
-    # An isolated VM reaches nothing on the host (replies to the host's own connections pass).
+    # An isolated VM reaches nothing on the host (replies to the host's own connections pass) but a
+    # port its group allows as IP:PORT there (the proxy lock-down).
     iifname @isolated ct state established,related accept
-    iifname @isolated drop
+{host_ports}    iifname @isolated drop
 {unknown_in}    # Never the host's loopback, whatever route_localnet says.
     iifname @bridges ip daddr 127.0.0.0/8 drop
     # A bridge VM reaches the host at its gateway only: not at the host's other addresses, nor by
@@ -113,6 +115,18 @@ table inet {table} {{
   }}
 }}
 """
+
+
+def _host_port_rules(g: IsolatedGroup) -> str:
+    """Slicer's proxy lock-down reaches the proxy on the host itself: an ``allow`` of one address
+    and port (``IP:PORT``, a /32) also admits that TCP port when the address is one of the host's
+    (the proxy's ``--bind``). Nothing else of the host is reachable from an isolated VM."""
+    lines = []
+    for entry in g.allow:
+        net, port = _parse(entry)
+        if port is not None and net.prefixlen == 32:
+            lines.append(f"    iifname @{g.set_name} ip daddr {net.network_address} tcp dport {port} accept\n")
+    return "".join(lines)
 
 
 def _group_chain(g: IsolatedGroup) -> str:

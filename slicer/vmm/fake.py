@@ -134,7 +134,12 @@ class FakeGuest:
 
     def _handler(self, endpoint: protocol.Endpoint):
         async def handle(request: web.Request) -> web.StreamResponse:
-            body = await request.json() if endpoint.body == "json" else dict(request.query)
+            if endpoint.body == "json":
+                body = await request.json()
+            elif endpoint.name == "put_ca":
+                body = await request.text()  # the PEM bundle itself
+            else:
+                body = dict(request.query)
             self.calls.append((endpoint.method, endpoint.name, body))
             if status := self.fail.get(endpoint.name):
                 return web.json_response({"error": f"fake failure of {endpoint.name}", "code": "fake"}, status=status)

@@ -77,6 +77,7 @@ CASES: list[tuple[str, Callable[[AgentClient], Any], dict | list, dict | None]] 
      {"k": {"data": "", "permissions": "0600", "uid": 0, "gid": 0}}),
     ("put_ssh_keys", lambda c: c.put_ssh_keys(["ssh-ed25519 AAAA"]), {}, {"keys": ["ssh-ed25519 AAAA"]}),
     ("userdata", lambda c: c.userdata("#!/bin/sh\ntrue\n"), {}, {"script": "#!/bin/sh\ntrue\n"}),
+    ("put_ca", lambda c: c.put_ca("-----BEGIN CERTIFICATE-----\n"), {}, None),  # a PEM body, not JSON
 ]
 
 

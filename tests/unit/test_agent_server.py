@@ -137,6 +137,11 @@ def test_provisioning_bodies_are_checked_before_anything_is_done():
         await expect_error(await client.post("/userdata", data=b"{not json"), 400, "invalid_request")
         await expect_error(await client.post("/identity", data=b"\xff"), 400, "invalid_request")
         await expect_error(await client.put("/ssh-keys", json=["a list, not an object"]), 400, "invalid_request")
+        await expect_error(await client.put("/ca", data=b"not a certificate"), 400, "invalid_request")
+        key = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+        await expect_error(await client.put("/ca", data=key), 400, "invalid_request")
+        resp = await client.put("/ca", data=b"x" * ((1 << 20) + 1))
+        assert resp.status == 413
     answer(check)
 
 

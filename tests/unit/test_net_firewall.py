@@ -43,6 +43,18 @@ def test_isolated_groups_get_a_set_a_jump_and_a_chain_each():
     assert "ip daddr 10.0.0.0/8 drop" in chain(script, "iso_db")
 
 
+def test_an_isolated_group_reaches_the_host_only_at_an_allowed_ip_and_port():
+    """Slicer's proxy lock-down: ``allow: [IP:3128]`` opens that port of the host (the proxy's bind
+    address), before the drop of everything else; wider entries or ones without a port open nothing."""
+    group = IsolatedGroup("px", "169.254.4.0/22", allow=["192.168.222.1/32:3128", "10.0.0.0/8:80", "10.9.9.9/32"],
+                          drop=["0.0.0.0/0"])
+    inp = chain(ruleset("slicer_t", [], [], [group], "st-"), "input")
+    opened = "iifname @iso_px ip daddr 192.168.222.1 tcp dport 3128 accept"
+    assert opened in inp and inp.index(opened) < inp.index("iifname @isolated drop")
+    assert inp.count("iifname @iso_px") == 1  # 10.0.0.0/8:80 and a portless /32 reach no host port
+    assert "@iso_" not in chain(ruleset("slicer_t", [], [], [IsolatedGroup("x", "169.254.8.0/22")], "st-"), "input")
+
+
 def test_passts_uid_may_reach_neither_the_host_nor_link_local():
     output = chain(ruleset("slicer_t", [], [], [], helper_uid=1900000123), "output")
     assert 'meta skuid 1900000123 oifname "lo" drop' in output

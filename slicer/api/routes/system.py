@@ -57,14 +57,3 @@ async def info(request: Request) -> dict:
         "confinement": m.driver.confinement(),  # VMMs' uids, seccomp filter, cgroups
         "warm_pools": {g: dataclasses.asdict(s) for g, s in m.pool.stats().items()},
     }
-
-
-@router.api_route("/proxy/v1", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
-@router.api_route("/proxy/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-                  include_in_schema=False)
-async def proxy_api() -> JSONResponse:
-    """Slicer's egress proxy (the Go SDK's ``*Proxy*`` calls) is not part of this daemon: say so
-    plainly rather than 404, so a client knows the feature, not the name, is missing."""
-    return JSONResponse({"error": "the slicer-proxy API (/proxy/v1: clients, secrets, allow rules) is not "
-                                  "implemented by this daemon; restrict egress with an isolated host group's "
-                                  "allow/drop (or a VM's own network lists)", "code": "not_implemented"}, 501)
