@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import ssl
@@ -34,18 +35,27 @@ sys.path.insert(0, str(ROOT))
 from slicer.core.ca import ensure_group_ca, issue_leaf  # noqa: E402
 from slicer.proxy.store import ProxyStore  # noqa: E402
 
-UPSTREAM, PROXY, NAME, TOKEN = "10.77.0.1", "10.77.0.2", "api.bench.test", "bench-token-1"
+UPSTREAM, HOST_SIDE, PROXY = "10.77.0.10", "10.77.0.1", "10.77.1.1"
+NAME, TOKEN = "api.bench.test", "bench-token-1"
+UP_NS = f"slbench-up-{os.getpid()}"
 
 
 def namespaces(hosts: Path) -> None:
+    """This process in network and mount namespaces of its own (names from ``hosts``); the upstream
+    in one more, behind a veth (the proxy refuses the host's own addresses as upstreams)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(0x40000000 | 0x00020000) != 0:  # CLONE_NEWNET | CLONE_NEWNS
         sys.exit("unshare failed: run as root")
-    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-    subprocess.run(["mount", "--bind", str(hosts), "/etc/hosts"], check=True)
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    for address in (UPSTREAM, PROXY):
-        subprocess.run(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+    run = functools.partial(subprocess.run, check=True)
+    run(["mount", "--make-rprivate", "/"])
+    run(["mount", "--bind", str(hosts), "/etc/hosts"])
+    run(["ip", "link", "set", "lo", "up"])
+    run(["ip", "netns", "add", UP_NS])
+    run(["ip", "link", "add", "bench0", "type", "veth", "peer", "name", "eth0", "netns", UP_NS])
+    run(["ip", "addr", "add", f"{HOST_SIDE}/24", "dev", "bench0"])
+    run(["ip", "link", "set", "bench0", "up"])
+    for cmd in (f"addr add {UPSTREAM}/24 dev eth0", "link set eth0 up", "link set lo up"):
+        run(["ip", "-n", UP_NS, *cmd.split()])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -93,7 +103,8 @@ def main() -> None:
     store.create_client({"name": "bench", "token": TOKEN})
     store.create_secret({"name": "key", "host": NAME, "value": "sk-bench"})
     store.add_allow({"client": "bench", "host": NAME, "secret": "key", "paths": ["/v1/*"]})
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.proxy_upstream", str(cert), str(key), UPSTREAM, "443"],
+    procs = [subprocess.Popen(["ip", "netns", "exec", UP_NS, sys.executable, "-m", "tests.proxy_upstream", str(cert),
+                               str(key), UPSTREAM, "443"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)]
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "slicer", "proxy", "up", "--hostgroup", "bench", "--bind", PROXY, "--data-dir",
@@ -126,6 +137,7 @@ def main() -> None:
         for p in procs:
             p.terminate()
             p.wait(20)
+        subprocess.run(["ip", "netns", "del", UP_NS], check=False)
 
 
 if __name__ == "__main__":

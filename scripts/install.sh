@@ -16,6 +16,8 @@ if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.jo
     pip_flags+=(--break-system-packages)
 fi
 python3 -m pip install -q "${pip_flags[@]}" -e '.[test,dev]'
+# The web console's xterm.js and /docs' Swagger UI, from npm, checked against pinned digests
+python3 -m slicer.console.assets
 # Slicer Proxy (`slicer proxy up`) runs mitmproxy, whose pinned dependencies (h11, cryptography, ...)
 # clash with the daemon's: it gets a virtualenv of its own (slicer/proxy/launch.py finds it there).
 proxy_venv=/opt/slicer/proxy-venv

@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -299,3 +300,50 @@ def test_denied_networks_hold_after_dns_and_audit_mode_refuses_what_no_rule_name
             assert f"msg=deny client=agent host={name} port=443 status=403 reason=denied-network" in log
     finally:
         audit_proxy.close()
+
+
+def tunnel_bytes(token: str, payload: bytes, target: str = "api.upstream.test:443") -> tuple[bytes, bytes]:
+    """CONNECT through the proxy from the host, then raw bytes: (the CONNECT's answer, what follows)."""
+    auth = base64.b64encode(f"x:{token}".encode()).decode()
+    with socket.create_connection((PROXY, 3128), timeout=10) as s:
+        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
+        head = s.recv(200)
+        s.sendall(payload)
+        try:
+            rest = s.recv(400)
+        except (TimeoutError, ConnectionResetError):
+            rest = b""
+    return head, rest
+
+
+def test_what_a_hostile_client_tries_is_refused(lab):
+    """The review's attacks, from the host side: a malformed token, raw TCP or a fronted request
+    in an intercepted tunnel, a fronted plain-HTTP request, a secret over plain HTTP."""
+    d, _, token, *_ = lab
+    weird = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://{PROXY}:3128",
+                            "-H", "Proxy-Authorization: Basic \u00e9", "http://other.upstream.test/plain/x"],
+                           capture_output=True, text=True)
+    assert weird.stdout == "407", weird
+    # not TLS, not quite HTTP: parsed as HTTP or dropped, never relayed raw past the filters
+    head, rest = tunnel_bytes(token, b"\r\nDELETE /admin HTTP/1.1\r\nHost: api.upstream.test\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and (rest == b"" or rest.startswith(b"HTTP/1.1 4")), rest
+    assert b'"method"' not in rest  # the upstream's echo never came back
+    head, rest = tunnel_bytes(token, b"GET https://evil.upstream.test/v1/x HTTP/1.1\r\nHost: api.upstream.test\r\n\r\n")
+    assert b"403" in rest.split(b"\r\n")[0], rest  # an absolute URI naming another host
+    head, rest = tunnel_bytes(token, b"SSH-2.0-OpenSSH_9.2\r\n")  # not TLS, not HTTP: never relayed raw
+    assert b"upstream" not in rest and not rest.startswith(b"SSH"), rest
+    fronted = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x",
+                              f"http://x:{token}@{PROXY}:3128", "-H", "Host: evil.upstream.test",
+                              "http://other.upstream.test/plain/x"], capture_output=True, text=True)
+    assert fronted.stdout == "403", fronted
+    with d.client() as c:  # a secret's rule on plain HTTP: refused rather than sent in the clear
+        assert c.post("/proxy/v1/allows", json={"client": "agent", "host": "api.upstream.test", "secret": "api",
+                                                "paths": ["/clear/*"]}).status_code == 201
+    clear = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x",
+                            f"http://x:{token}@{PROXY}:3128", "http://api.upstream.test/clear/x"],
+                           capture_output=True, text=True)
+    assert clear.stdout == "403", clear
+    with d.client() as c:
+        entries = c.get("/proxy/v1/audit", params={"limit": 50}).json()
+    reasons = {e.get("reason") for e in entries}
+    assert {"host-mismatch", "secret-needs-tls", "bad-token"} <= reasons, reasons

@@ -18,7 +18,14 @@ def require_auth(request: HTTPConnection) -> None:
     token: str | None = request.app.state.token
     if token is None:
         return
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if token_matches(request.headers.get("authorization", ""), token):
+        return
+    if request.app.state.sessions.authenticates(request):  # the web console's own calls (slicer.api.sessions)
+        return
+    raise Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")
+
+
+def token_matches(header: str, token: str) -> bool:
+    scheme, _, value = header.partition(" ")
     # compare_digest: the time taken must not reveal how much of the token matched
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-        raise Unauthorized("missing or invalid bearer token (Authorization: Bearer <token>)")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())

@@ -64,8 +64,9 @@ def table(rows: list[dict], columns: list[str], title: str | None = None) -> Non
     t = Table(title=title)
     for c in columns:
         t.add_column(c.upper())
-    for row in rows:
-        t.add_row(*(str(row.get(c, "")) if not isinstance(row.get(c), list) else ",".join(row[c]) for c in columns))
+    for row in rows:  # cells are data (names, paths a guest chose), never Rich markup
+        t.add_row(*(escape(",".join(map(str, v)) if isinstance(v := row.get(c, ""), list) else str(v))
+                    for c in columns))
     out.print(t)
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,11 @@ from slicer.proxy.state import proxy_dir
 ROTATE_BYTES = 4 << 20
 FIELD_LIMIT = 512  # paths and hosts come from guests: bounded, and never a line break
 KEYS = ("msg", "client", "method", "scheme", "host", "port", "path", "inject", "status", "mode", "reason",
-        "bytes", "duration_ms")
+        "bytes", "duration_ms", "suppressed")
+# Denials are written at most this often per client (a guest looping on refused requests would
+# otherwise push everyone's lines out of the rotated file); the next line written says how many
+# were left out, and /metrics counts them all.
+DENY_RATE, DENY_BURST = 20.0, 200.0
 
 
 def _clean(value: object) -> object:
@@ -57,11 +62,29 @@ class AuditLog:
         self.counts: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         self._dirty = False
+        self._buckets: dict[str, tuple[float, float]] = {}  # client → (allowance, when)
+        self._suppressed: Counter[str] = Counter()
+
+    def _admit(self, client: str) -> bool:
+        now = time.monotonic()
+        allowance, then = self._buckets.get(client, (DENY_BURST, now))
+        allowance = min(DENY_BURST, allowance + (now - then) * DENY_RATE)
+        admitted = allowance >= 1
+        self._buckets[client] = (allowance - 1 if admitted else allowance, now)
+        return admitted
 
     def write(self, **entry: object) -> None:
         entry = {k: _clean(v) for k, v in entry.items() if v not in (None, "")}
         entry["time"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        client = str(entry.get("client", ""))
         with self._lock:
+            self.counts[(str(entry.get("msg")), client)] += 1
+            self._dirty = True
+            if entry.get("msg") == "deny" and not self._admit(client):
+                self._suppressed[client] += 1
+                return
+            if self._suppressed[client]:
+                entry["suppressed"] = self._suppressed.pop(client)
             print(logfmt(entry), file=self.stream, flush=True)
             line = json.dumps(entry, separators=(",", ":")) + "\n"
             try:
@@ -72,8 +95,6 @@ class AuditLog:
                     f.write(line)
             except OSError as e:
                 print(f"audit file {self.path}: {e}", file=sys.stderr)
-            self.counts[(str(entry.get("msg")), str(entry.get("client", "")))] += 1
-            self._dirty = True
 
     def flush_counters(self) -> None:
         """Write the counts for the daemon's /metrics (called about once a second)."""

@@ -40,7 +40,7 @@ def proxy_password(header: str) -> str | None:
         return None
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII input (UnicodeDecodeError is one too)
         return None
     user, sep, password = decoded.partition(":")
     return password if sep else None
@@ -68,7 +68,8 @@ class Policy:
         except (OSError, ValueError, KeyError, TypeError) as e:  # keep the last good rules
             log.error("proxy state %s unreadable, keeping the previous rules: %s", self.path, e)
 
-    def client(self, proxy_authorization: str) -> str | None:
+    def client(self, proxy_authorization: str) -> tuple[str, str] | None:
+        """The client whose token is the header's password, and that token's digest."""
         password = proxy_password(proxy_authorization)
         if not password:
             return None
@@ -76,8 +77,14 @@ class Policy:
         self.refresh()
         for c in self.state.clients.values():
             if hmac.compare_digest(digest, c.token_sha256):
-                return c.name
+                return c.name, digest
         return None
+
+    def holds(self, client: str, digest: str) -> bool:
+        """Whether ``client`` still exists with the token a tunnel was opened with."""
+        self.refresh()
+        c = self.state.clients.get(client)
+        return c is not None and hmac.compare_digest(digest, c.token_sha256)
 
     def _usable(self, client: str, host: str, port: int) -> list[tuple[Rule, st.Secret | None]]:
         """The client's rules that admit host:port, in order: unexpired, and whose secret (if any)

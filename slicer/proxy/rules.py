@@ -66,15 +66,15 @@ class Rule:
         return d
 
     def same_tuple(self, other: Rule) -> bool:
-        """Revoke's identity: host, methods, paths, ports and passthrough, ignoring case."""
+        """Revoke's identity: host, methods, paths, ports and passthrough, ignoring case (as Slicer's)."""
         return (self.host.lower() == other.host.lower() and _fold(self.methods) == _fold(other.methods)
-                and _fold(self.paths, case=False) == _fold(other.paths, case=False)
+                and _fold(self.paths) == _fold(other.paths)
                 and sorted(self.ports) == sorted(other.ports) and self.passthrough == other.passthrough)
 
     def duplicates(self, other: Rule) -> bool:
         """Slicer's duplicate: the same host, methods and paths."""
         return (self.host.lower() == other.host.lower() and _fold(self.methods) == _fold(other.methods)
-                and _fold(self.paths, case=False) == _fold(other.paths, case=False))
+                and _fold(self.paths) == _fold(other.paths))
 
     def expired(self, now: float | None = None) -> bool:
         return bool(self.expires) and self.expires <= (time.time() if now is None else now)
@@ -90,8 +90,8 @@ class Rule:
         return not self.paths or any(path_matches(p, path) for p in self.paths)
 
 
-def _fold(items: tuple[str, ...], case: bool = True) -> list[str]:
-    return sorted(i.upper() for i in items) if case else sorted(items)
+def _fold(items: tuple[str, ...]) -> list[str]:
+    return sorted(i.upper() for i in items)
 
 
 def normal_host(host: str) -> str:
@@ -108,10 +108,11 @@ def host_matches(pattern: str, host: str) -> bool:
 
 
 def path_matches(pattern: str, path: str) -> bool:
-    path = path.split("?", 1)[0].split("#", 1)[0]
+    path = path.split("?", 1)[0]
     if pattern == "*":
         return True
-    if _SNEAKY.search(path) or any(seg in (".", "..") for seg in path.split("/")):
+    # "#" never belongs in a request; ";" parameters make "..;" a dot segment to some servers
+    if "#" in path or _SNEAKY.search(path) or any(seg.split(";", 1)[0] in (".", "..") for seg in path.split("/")):
         return False
     if pattern.endswith("/*"):
         prefix = pattern[:-1]  # keeps the slash

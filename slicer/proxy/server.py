@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -60,6 +61,18 @@ def mitm_confdir(data_dir: Path, group: str, cert: Path, key: Path) -> Path:
     return confdir
 
 
+def local_addresses() -> tuple[str, ...]:
+    """The host's own addresses (as /32 or /128): never an upstream, whatever DNS says (its
+    services listen there: the API on a bridge gateway, the proxy itself)."""
+    shown = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for link in json.loads(shown or "[]"):
+        for info in link.get("addr_info", []):
+            if "local" in info:
+                found.append(str(ipaddress.ip_network(info["local"].split("%", 1)[0])))
+    return tuple(found)
+
+
 def ensure_address(bind: str) -> list[str] | None:
     """Slicer's proxy on Linux: a dummy adapter carries the bind address if no interface has it
     (the loopback, where the kernel has no dummy driver). Returns how to undo it, if anything was made."""
@@ -92,9 +105,11 @@ async def run(args: argparse.Namespace) -> None:
     master = DumpMaster(opts, with_termlog=False, with_dumper=False)
     # Guests are the clients; their addresses may be anything the config gives (the token decides).
     # Bodies over 1 MiB stream through instead of being held whole.
-    master.options.update(block_global=False, stream_large_bodies="1m")
+    # rawtcp off: what is neither TLS nor HTTP is not relayed (the addon also forces HTTP parsing).
+    master.options.update(block_global=False, stream_large_bodies="1m", rawtcp=False)
     audit = AuditLog(args.data_dir, host)
-    master.addons.add(SlicerProxy(Policy(state_path(args.data_dir)), audit, args.mode, tuple(args.deny_cidr)))
+    denied = (*local_addresses(), *args.deny_cidr)
+    master.addons.add(SlicerProxy(Policy(state_path(args.data_dir)), audit, args.mode, denied))
 
     async def counters() -> None:
         while True:

@@ -36,7 +36,7 @@ def test_host_patterns(pattern: str, host: str, ok: bool) -> None:
     ("/v1/models", "/v1/models", True), ("/v1/models", "/v1/models?x=1", True), ("/v1/models", "/v1/models/", False),
     ("/v1/*", "/v1/chat", True), ("/v1/*", "/v1/", False), ("/v1/*", "/v1", False), ("/v1/*", "/v2/x", False),
     ("/v1/*", "/v1/../admin", False), ("/v1/*", "/v1/%2e%2e/admin", False), ("/v1/*", "/v1/a%2Fb", False),
-    ("*", "/v1/../anything", True),
+    ("*", "/v1/../anything", True), ("/v1/*", "/v1/x#/../../admin", False), ("/v1/*", "/v1/..;/admin", False),
 ])
 def test_path_patterns(pattern: str, path: str, ok: bool) -> None:
     assert path_matches(pattern, path) is ok
@@ -134,8 +134,10 @@ def test_the_proxys_policy_follows_the_file_and_matches_first(tmp_path: Path) ->
     store = ProxyStore(tmp_path)
     store.create_client({"name": "c", "token": "token-of-c"})
     policy = Policy(st.state_path(tmp_path))
-    assert policy.client(_auth("token-of-c")) == "c" and policy.client(_auth("wrong-token")) is None
-    assert policy.client("Bearer token-of-c") is None and proxy_password("Basic !!!") is None
+    found = policy.client(_auth("token-of-c"))
+    assert found is not None and found[0] == "c" and policy.holds("c", found[1])
+    assert policy.client(_auth("wrong-token")) is None and policy.client("Bearer token-of-c") is None
+    assert proxy_password("Basic !!!") is None and proxy_password("Basic \u00e9") is None  # never an exception
     assert not policy.connect("c", "api.x.com", 443).allow
     store.create_secret({"name": "s", "host": "api.x.com", "value": "sk-1"})
     store.create_secret({"name": "b", "host": "*.x.com", "type": "basic", "value": "u:p"})
@@ -152,7 +154,9 @@ def test_the_proxys_policy_follows_the_file_and_matches_first(tmp_path: Path) ->
     store.delete_secret("s")  # its rule stops matching; the next decides
     assert policy.request("c", "api.x.com", 443, "GET", "/v1/models").secret == "b"
     store.delete_client("c")
-    assert policy.client(_auth("token-of-c")) is None
+    assert policy.client(_auth("token-of-c")) is None and not policy.holds("c", found[1])
+    store.create_client({"name": "c", "token": "new-token-of-c"})
+    assert not policy.holds("c", found[1])  # a tunnel of the old token is not the new client's
 
 
 def test_audit_lines_and_counts(tmp_path: Path) -> None:
@@ -200,3 +204,18 @@ async def test_the_routes_answer_in_slicers_shapes(lab: Lab) -> None:
         assert (await api.get("/proxy/v1/audit", params={"since": "yesterday"})).status_code == 400
         assert (await api.get("/proxy/v1/audit")).json() == []
         assert (await api.delete("/proxy/v1/clients/c")).status_code == 204
+
+
+def test_a_client_flooding_denials_cannot_flush_the_audit_log(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, "10.0.0.1", stream=open(os.devnull, "w"))
+    for _ in range(1000):
+        log.write(msg="deny", client="noisy", host="x.test", port=443, status=403, reason="host-not-allowed")
+    log.write(msg="deny", client="quiet", host="y.test", port=443, status=403, reason="host-not-allowed")
+    entries = read_audit(tmp_path, limit=10000)
+    noisy = [e for e in entries if e["client"] == "noisy"]
+    assert 100 <= len(noisy) < 400 and [e["client"] for e in entries][-1] == "quiet"
+    log.flush_counters()
+    assert read_counters(tmp_path)[("deny", "noisy")] == 1000  # /metrics counts every one
+    time.sleep(0.1)
+    log.write(msg="deny", client="noisy", host="x.test", port=443, status=403)
+    assert read_audit(tmp_path, client="noisy", limit=1)[0]["suppressed"] > 500

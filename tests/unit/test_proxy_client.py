@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from typer.testing import CliRunner
 
 from slicer.api.app import create_app
+from slicer.cli import _common as cli_common
 from slicer.cli import app as cli_app
 from slicer.cli import proxy as proxy_cli
 from slicer.client import (
@@ -222,6 +223,8 @@ def cli(daemon: tuple[FastAPI, Path], monkeypatch: pytest.MonkeyPatch):
         return sync_client(app)
 
     monkeypatch.setattr(proxy_cli, "client", wired)
+    # wide tables, whatever COLUMNS the console saw when slicer.cli was first imported (pytest-xdist)
+    monkeypatch.setattr(cli_common.out, "_width", 200)
     runner = CliRunner()
 
     def invoke(*args: str, stdin: str | None = None):
