@@ -47,6 +47,12 @@ MIGRATE_BANDWIDTH = 64 << 30
 FINAL_MIGRATION_STATES = ("completed", "failed", "cancelled")
 
 
+# The guest's clock: under TCG the kernel's watchdog finds the TSC "unstable" (its vCPU is a host
+# thread that waits its turn) and falls back to jiffies, which lose ticks whenever the host is busy:
+# a guest's clock then drifts behind by seconds a minute. QEMU's TSC follows the host's clock, so
+# it is kept.
+GUEST_CLOCK = "tsc=reliable"
+
 class SerialLog:
     """Appends console output to a file, rotating it so it never exceeds twice the limit."""
 
@@ -427,6 +433,7 @@ class QemuDriver(Driver):
             args.append(f"slicer.mac={spec.mac}")
         if self.accelerator == "tcg" and (khz := tsc_khz()):
             args.append(f"tsc_early_khz={khz}")  # without it, 2 boots in 3 hang calibrating
+        args.append(GUEST_CLOCK)
         if spec.runtime_disk is not None:
             args.append("slicer.runtime=vdb")
         args += spec.kernel_args
@@ -481,6 +488,7 @@ class QemuDriver(Driver):
         # The kernel command line only matters to the boot a state was saved after, and it holds
         # values that may vary from call to call (the host's TSC frequency): left out.
         del command[command.index("-append") + 1]
+        h.update(GUEST_CLOCK.encode())  # states saved before it (on jiffies, whose clocks drift) are rebuilt
         for arg in command:
             arg = re.sub(r"\b(fd|addr\.str)=-?\d+", r"\1=FD", arg)
             h.update(re.sub(r"/proc/self/fd/-?\d+", "FD", arg).encode() + b"\0")
