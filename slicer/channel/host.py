@@ -226,11 +226,16 @@ class _StreamAdapter(httpcore.AsyncNetworkStream):
         self._stream = stream
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await asyncio.wait_for(self._stream.read(max_bytes), timeout)
+        try:
+            return await asyncio.wait_for(self._stream.read(max_bytes), timeout)
+        except TimeoutError:  # httpcore's own, so that httpx (and our callers) see a timeout, not a crash
+            raise httpcore.ReadTimeout(f"the guest sent nothing for {timeout}s") from None
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         try:
             await asyncio.wait_for(self._stream.write(buffer), timeout)
+        except TimeoutError:
+            raise httpcore.WriteTimeout(f"the guest took nothing for {timeout}s") from None
         except StreamClosed as e:
             raise httpcore.WriteError(f"the guest closed the stream while we were sending: {e}") from e
 

@@ -446,7 +446,8 @@ class Manager:
         Uptimes go out in nanoseconds, as Slicer's Go agent sends a ``time.Duration`` (the Go SDK
         reads them so), with whole seconds beside them; ``ip`` is the VM's address."""
         node = self.registry.get(hostname)
-        answer: dict = dict(await node.running_agent().health(timeout=10.0))
+        # 30 s: a running agent that is busy (dozens of execs starting under TCG) still answers
+        answer: dict = dict(await node.running_agent().health(timeout=30.0))
         for key in ("agent_uptime", "system_uptime"):
             seconds = answer.get(key)
             if isinstance(seconds, int) and not isinstance(seconds, bool) and 0 <= seconds < 1 << 33:
