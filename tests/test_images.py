@@ -632,8 +632,8 @@ RUN echo "@comm=$(cat /proc/1/comm)@"; echo "@pids=$(cd /proc && echo [0-9]*)@";
     echo "@capeff=$(grep CapEff /proc/self/status | cut -f2)@"; \\
     echo "@seccomp=$(grep '^Seccomp:' /proc/self/status | cut -f2)@"
 RUN {PROBE}; gw=$(ip route show default | cut -d' ' -f3); \\
-    probe loopback 127.0.0.1 {port}; probe gateway "$gw" {port}; probe host {BUILD_HOST} {port}; \\
-    probe metadata {METADATA} 8080; probe egress {BUILD_UP} 8080; probe byname upstream.test 8080
+    probe loopback 127.0.0.1 {port} & probe gateway "$gw" {port} & probe host {BUILD_HOST} {port} & \\
+    probe metadata {METADATA} 8080 & probe egress {BUILD_UP} 8080 & probe byname upstream.test 8080 & wait
 """)
         build = subprocess.run([*cli, "build", "-f", str(ctx / "Dockerfile"), "--dns", BUILD_UP, "-t", "isolated:1",
                                 str(ctx)], env=env, capture_output=True, text=True)

@@ -7,6 +7,7 @@ namespace made here, joined by a veth, serving HTTP on 198.51.100.10 and .11 and
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import json
 import os
@@ -157,6 +158,30 @@ def probe(d: Daemon, vm: str, ip: str, port: int) -> str:
     return guest(d, vm, PROBE + f"probe {ip} {port}").strip()
 
 
+def probe_all(d: Daemon, targets: list[tuple[str, str, int]]) -> list[str]:
+    """``probe`` for every (vm, ip, port) at once: one exec per VM runs its probes in parallel,
+    and the VMs' execs run side by side (a dropped one waits out its 6 s; run one by one, those
+    waits were most of this file's time). The answers come back in the order asked."""
+    by_vm: dict[str, list[int]] = {}
+    for i, (vm, _, _) in enumerate(targets):
+        by_vm.setdefault(vm, []).append(i)
+
+    def batch(vm: str) -> list[str]:
+        script = PROBE + "d=$(mktemp -d); " + " ".join(
+            f"probe {targets[i][1]} {targets[i][2]} > $d/{n} & " for n, i in enumerate(by_vm[vm]))
+        script += "wait; " + " ".join(f"cat $d/{n}; echo '@@END@@'; " for n in range(len(by_vm[vm])))
+        answers = guest(d, vm, script).split("@@END@@\n")[:-1]
+        assert len(answers) == len(by_vm[vm]), answers
+        return [a.strip() for a in answers]
+
+    found: list[str] = [""] * len(targets)
+    with concurrent.futures.ThreadPoolExecutor(len(by_vm)) as pool:
+        for vm, answers in zip(by_vm, pool.map(batch, by_vm), strict=True):
+            for i, answer in zip(by_vm[vm], answers, strict=True):
+                found[i] = answer
+    return found
+
+
 def test_bridge_vms_reach_each_other_the_host_and_the_outside(net, vms):
     d, up, host = net
     (b1, b2) = vms["br"]
@@ -175,24 +200,29 @@ def test_bridge_vms_reach_each_other_the_host_and_the_outside(net, vms):
 def test_no_guest_reaches_host_loopback_services(net, vms):
     """The API listens on 127.0.0.1: reachable from no guest, whatever address it tries."""
     d, _, _ = net
+    targets = []
     for group in ("br", "iso", "pst"):
         vm = vms[group][0]["hostname"]
         gw = guest(d, vm, "ip route show default").split()[2]
-        for target in (gw, "127.0.0.1", HOST_UP):
-            answer = probe(d, vm, target, d.port)
-            assert "closed" in answer and "status" not in answer, (group, target, answer)
+        targets += [(vm, target, d.port) for target in (gw, "127.0.0.1", HOST_UP)]
+    for target, answer in zip(targets, probe_all(d, targets), strict=True):
+        assert "closed" in answer and "status" not in answer, (target, answer)
 
 
 def test_no_guest_reaches_cloud_metadata_or_the_hosts_other_addresses(net, vms):
     """169.254.169.254 (on a cloud host: the instance's credentials) and the host's addresses but
     the gateway are closed in every mode; an isolated group's ``allow`` can open the former."""
     d, up, host = net
+    targets = []
     for group in ("br", "iso", "pst"):
         vm = vms[group][0]["hostname"]
-        assert probe(d, vm, METADATA, 80) == "closed", group
-        assert probe(d, vm, HOST_UP, host.port) == "closed", group  # the host, on an address of its own
-        assert "upstream-ok" in probe(d, vm, UP_A, 80), group  # egress itself still works
-    assert "upstream-ok" in probe(d, vms["isoa"][0]["hostname"], METADATA, 80)  # allow opens it
+        # the host, on an address of its own; then egress itself, which still works
+        targets += [(vm, METADATA, 80), (vm, HOST_UP, host.port), (vm, UP_A, 80)]
+    answers = probe_all(d, targets + [(vms["isoa"][0]["hostname"], METADATA, 80)])
+    for n in range(3):
+        assert answers[3 * n:3 * n + 2] == ["closed", "closed"], (targets[3 * n], answers)
+        assert "upstream-ok" in answers[3 * n + 2], (targets[3 * n], answers)
+    assert "upstream-ok" in answers[-1]  # allow opens it
 
 
 UDP_SEND = ("python3 -c \"import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
@@ -225,19 +255,21 @@ def test_a_bridge_vm_reaches_no_host_service_by_broadcast(net, vms):
 def test_isolated_vms_reach_only_what_they_may(net, vms):
     d, _, host = net
     (i1, i2), (a1,) = vms["iso"], vms["isoa"]
-    vm = i1["hostname"]
-    assert "upstream-ok" in probe(d, vm, UP_A, 80)  # neither rule: allowed
-    assert "upstream-ok" in probe(d, vm, UP_A, 8080)  # the upstream answers on its second port too
-    assert probe(d, vm, UP_B, 80) == "closed"  # drop
-    assert probe(d, vm, i2["ip"], 22) == "closed"  # no VM to VM
-    assert probe(d, vm, vms["br"][0]["ip"], 22) == "closed"  # not even a bridge group's VM
-    assert probe(d, vm, HOST_UP, host.port) == "closed"  # not the host
+    vm, only = i1["hostname"], a1["hostname"]
+    (a_80, a_8080, b_80, to_i2, to_br, to_host, only_b_80, only_b_8080, only_a_80) = probe_all(d, [
+        (vm, UP_A, 80), (vm, UP_A, 8080), (vm, UP_B, 80), (vm, i2["ip"], 22), (vm, vms["br"][0]["ip"], 22),
+        (vm, HOST_UP, host.port), (only, UP_B, 80), (only, UP_B, 8080), (only, UP_A, 80)])
+    assert "upstream-ok" in a_80  # neither rule: allowed
+    assert "upstream-ok" in a_8080  # the upstream answers on its second port too
+    assert b_80 == "closed"  # drop
+    assert to_i2 == "closed"  # no VM to VM
+    assert to_br == "closed"  # not even a bridge group's VM
+    assert to_host == "closed"  # not the host
     assert UP_B in guest(d, vm, "getent hosts upstream.test")  # DNS works
     assert i1["ip"] != i2["ip"] and guest(d, vm, "ip -4 -o addr show eth0").split()[3].endswith("/30")
-    only = a1["hostname"]
-    assert "upstream-ok" in probe(d, only, UP_B, 80)  # allow: UP_B's port 80
-    assert probe(d, only, UP_B, 8080) == "closed"  # not its other ports
-    assert probe(d, only, UP_A, 80) == "closed"  # everything else blocked
+    assert "upstream-ok" in only_b_80  # allow: UP_B's port 80
+    assert only_b_8080 == "closed"  # not its other ports
+    assert only_a_80 == "closed"  # everything else blocked
     assert UP_B in guest(d, only, "getent hosts upstream.test")  # but DNS still passes
 
 
@@ -246,10 +278,11 @@ def test_a_vm_with_a_policy_of_its_own(net, vms):
     for that VM only; fork of a commit takes one too (the SDK's cold-fork example: ``allow: []``)."""
     d, _, _ = net
     own, sibling = vms["iso-own"][0]["hostname"], vms["iso"][0]["hostname"]
-    assert "upstream-ok" in probe(d, own, UP_B, 80)  # its own allow, though the group drops UP_B
-    assert probe(d, own, UP_A, 80) == "closed"  # its allow list blocks the rest
+    own_b, own_a, sibling_b = probe_all(d, [(own, UP_B, 80), (own, UP_A, 80), (sibling, UP_B, 80)])
+    assert "upstream-ok" in own_b  # its own allow, though the group drops UP_B
+    assert own_a == "closed"  # its allow list blocks the rest
     assert UP_B in guest(d, own, "getent hosts upstream.test")  # DNS still passes
-    assert probe(d, sibling, UP_B, 80) == "closed"  # the group's other VMs keep the group's rules
+    assert sibling_b == "closed"  # the group's other VMs keep the group's rules
     with d.client() as c:
         network = c.get(f"/vm/{own}").json()["network"]
         assert network == {"mode": "isolated", "policy_source": "vm", "override": OWN_POLICY,
@@ -345,16 +378,15 @@ def test_restart_after_sigkill_adopts_every_vm_and_stop_removes_everything(net, 
             assert view["boot"] == "adopted" and view["vmm"]["pid"] == pids[h], view
     # Every mode's link works as before, its rules included.
     (b1, b2), (i1, _), (a1,), (p1,) = vms["br"], vms["iso"], vms["isoa"], vms["pst"]
-    assert "SSH-2.0" in probe(d, b1["hostname"], b2["ip"], 22)
-    gw = guest(d, b1["hostname"], "ip route show default").split()[2]
-    assert "host-ok" in probe(d, b1["hostname"], gw, host.port)
-    assert probe(d, b1["hostname"], METADATA, 80) == "closed"
-    assert "upstream-ok" in probe(d, i1["hostname"], UP_A, 80)
-    assert probe(d, i1["hostname"], UP_B, 80) == "closed"
-    assert probe(d, a1["hostname"], UP_A, 80) == "closed" and "upstream-ok" in probe(d, a1["hostname"], UP_B, 80)
-    assert "upstream-ok" in probe(d, p1["hostname"], UP_A, 80)
+    b1, i1, a1, p1 = b1["hostname"], i1["hostname"], a1["hostname"], p1["hostname"]
     own = vms["iso-own"][0]["hostname"]  # its own policy too
-    assert "upstream-ok" in probe(d, own, UP_B, 80) and probe(d, own, UP_A, 80) == "closed"
+    gw = guest(d, b1, "ip route show default").split()[2]
+    answers = probe_all(d, [(b1, b2["ip"], 22), (b1, gw, host.port), (b1, METADATA, 80), (i1, UP_A, 80),
+                            (i1, UP_B, 80), (a1, UP_A, 80), (a1, UP_B, 80), (p1, UP_A, 80), (own, UP_B, 80),
+                            (own, UP_A, 80)])
+    for answer, expected in zip(answers, ("SSH-2.0", "host-ok", "closed", "upstream-ok", "closed", "closed",
+                                          "upstream-ok", "upstream-ok", "upstream-ok", "closed"), strict=True):
+        assert answer == "closed" if expected == "closed" else expected in answer, answers
     with d.client() as c:
         r = c.post("/hostgroup/iso/nodes?wait=agent&timeout=300s", json={})
         assert r.status_code == 201, r.text

@@ -1122,104 +1122,95 @@ function dataTable(label, columns, items) {
     }))))));
 }
 
-const groupsView = {
-  async enter() {
-    showView("view-groups");
-    try {
-      const [groups, nodes] = await Promise.all([api("/hostgroup"), api("/nodes")]);
-      const count = (g) => nodes.filter((n) => n.hostgroup === g).length;
-      $("groups-body").replaceChildren(...groups.map((g) => el("tr", {},
-        el("td", { class: "mono", dataset: { label: "Name" }, text: g.name }),
-        el("td", { class: "num", dataset: { label: "Services" }, text: g.count }),
-        el("td", { class: "num", dataset: { label: "VMs now" }, text: count(g.name) }),
-        el("td", { class: "num", dataset: { label: "vCPUs" }, text: g.cpus }),
-        el("td", { class: "num", dataset: { label: "Memory" }, text: fmtBytes(g.ram_bytes) }),
-        el("td", { dataset: { label: "Arch" }, text: g.arch }),
-        el("td", { class: "actions-cell", dataset: { label: "Actions" } }, el("div", { class: "row-actions" },
-          el("a", { class: "btn small", href: "#/vms", text: "VMs" }),
-          el("button", { type: "button", class: "btn small", "aria-label": `Build template ${g.name}`, text: "Build template",
-            onclick: (ev) => run(ev.currentTarget, `Building the template of ${g.name}`, () =>
-              api(`/hostgroup/${enc(g.name)}/template`, { method: "POST" }),
-            { context: `Build template of ${g.name}`, done: (t) => `Template ${t.name} ready` }) }))))));
-      setConn(true);
-    } catch (e) {
-      if (e.status !== 401) showError("Loading host groups", e);
-    }
-  },
-};
+// A page of its own: show it, fill it, and say what failed (a 401 has already sent the user to sign in).
+function pageView(id, what, fill) {
+  return {
+    async enter() {
+      showView(id);
+      try {
+        await fill();
+        setConn(true);
+      } catch (e) {
+        if (e.status !== 401) showError(what, e);
+      }
+    },
+  };
+}
 
-const storageView = {
-  async enter() {
-    showView("view-storage");
-    try {
-      const s = await api("/storage");
-      setText($("storage-total"), `${fmtBytes(s.total_bytes)} in use`);
-      const sections = [];
-      const section = (title, table) => sections.push(el("section", { class: "sub" }, el("h2", { text: title }), table));
-      section("VM disks", dataTable("VM disks", [
-        { title: "Hostname", value: (n) => el("a", { href: `#/vm/${enc(n.hostname)}`, text: n.hostname }) },
-        { title: "Group", value: (n) => n.hostgroup },
-        { title: "Status", value: (n) => el("span", { class: statusClass(n.status), text: n.status || "—" }) },
-        { title: "Template", value: (n) => n.template || "—", mono: true },
-        { title: "Disk", value: (n) => fmtBytes(n.disk_bytes), num: true },
-        { title: "Saved state", value: (n) => (n.state_bytes ? fmtBytes(n.state_bytes) : "—"), num: true },
-      ], s.nodes || []));
-      section("Templates", dataTable("Templates", [
-        { title: "Name", value: (t) => t.name, mono: true },
-        { title: "Group", value: (t) => t.hostgroup },
-        { title: "Size", value: (t) => `${t.cpus} vCPU · ${fmtBytes(t.ram_bytes)}` },
-        { title: "Clones", value: (t) => t.clones, num: true },
-        { title: "Memory + state", value: (t) => fmtBytes(t.state_bytes), num: true },
-        { title: "Disk", value: (t) => fmtBytes(t.disk_bytes), num: true },
-        { title: "Created", value: (t) => `${fmtDate(t.created_at)}${t.retired ? " · retired" : ""}` },
-      ], s.templates || []));
-      if ((s.commits || []).length) {
-        section("Commits", dataTable("Commits", [
-          { title: "Commit", value: (c) => c.commit_id, mono: true },
-          { title: "Source", value: (c) => c.source_hostname },
-          { title: "Disk", value: (c) => fmtBytes(c.disk_bytes), num: true },
-        ], s.commits));
-      }
-      if ((s.kept_disks || []).length) {
-        section("Kept disks", dataTable("Kept disks", [
-          { title: "Disk", value: (d) => d.disk, mono: true },
-          { title: "Size", value: (d) => fmtBytes(d.disk_bytes), num: true },
-        ], s.kept_disks));
-      }
-      $("storage-content").replaceChildren(...sections);
-      setConn(true);
-    } catch (e) {
-      if (e.status !== 401) showError("Loading storage", e);
-    }
-  },
-};
+const groupsView = pageView("view-groups", "Loading host groups", async () => {
+  const [groups, nodes] = await Promise.all([api("/hostgroup"), api("/nodes")]);
+  const count = (g) => nodes.filter((n) => n.hostgroup === g).length;
+  $("groups-body").replaceChildren(...groups.map((g) => el("tr", {},
+    el("td", { class: "mono", dataset: { label: "Name" }, text: g.name }),
+    el("td", { class: "num", dataset: { label: "Services" }, text: g.count }),
+    el("td", { class: "num", dataset: { label: "VMs now" }, text: count(g.name) }),
+    el("td", { class: "num", dataset: { label: "vCPUs" }, text: g.cpus }),
+    el("td", { class: "num", dataset: { label: "Memory" }, text: fmtBytes(g.ram_bytes) }),
+    el("td", { dataset: { label: "Arch" }, text: g.arch }),
+    el("td", { class: "actions-cell", dataset: { label: "Actions" } }, el("div", { class: "row-actions" },
+      el("a", { class: "btn small", href: "#/vms", text: "VMs" }),
+      el("button", { type: "button", class: "btn small", "aria-label": `Build template ${g.name}`, text: "Build template",
+        onclick: (ev) => run(ev.currentTarget, `Building the template of ${g.name}`, () =>
+          api(`/hostgroup/${enc(g.name)}/template`, { method: "POST" }),
+        { context: `Build template of ${g.name}`, done: (t) => `Template ${t.name} ready` }) }))))));
+});
 
-const infoView = {
-  async enter() {
-    showView("view-info");
-    try {
-      const info = await api("/info");
-      const facts = [], more = [];
-      for (const [key, value] of Object.entries(info)) {
-        const title = key.replace(/_/g, " ");
-        if (value !== null && typeof value === "object") {
-          if (Object.keys(value).length) {
-            more.push(el("section", { class: "sub" }, el("h2", { text: title }),
-              el("pre", { class: "log json", tabindex: "0", text: JSON.stringify(value, null, 2) })));
-          }
-        } else {
-          facts.push(el("div", { class: "fact" }, el("dt", { text: title }),
-            el("dd", { class: "mono", text: value === "" ? "—" : String(value) })));
-        }
+const storageView = pageView("view-storage", "Loading storage", async () => {
+  const s = await api("/storage");
+  setText($("storage-total"), `${fmtBytes(s.total_bytes)} in use`);
+  const sections = [];
+  const section = (title, table) => sections.push(el("section", { class: "sub" }, el("h2", { text: title }), table));
+  section("VM disks", dataTable("VM disks", [
+    { title: "Hostname", value: (n) => el("a", { href: `#/vm/${enc(n.hostname)}`, text: n.hostname }) },
+    { title: "Group", value: (n) => n.hostgroup },
+    { title: "Status", value: (n) => el("span", { class: statusClass(n.status), text: n.status || "—" }) },
+    { title: "Template", value: (n) => n.template || "—", mono: true },
+    { title: "Disk", value: (n) => fmtBytes(n.disk_bytes), num: true },
+    { title: "Saved state", value: (n) => (n.state_bytes ? fmtBytes(n.state_bytes) : "—"), num: true },
+  ], s.nodes || []));
+  section("Templates", dataTable("Templates", [
+    { title: "Name", value: (t) => t.name, mono: true },
+    { title: "Group", value: (t) => t.hostgroup },
+    { title: "Size", value: (t) => `${t.cpus} vCPU · ${fmtBytes(t.ram_bytes)}` },
+    { title: "Clones", value: (t) => t.clones, num: true },
+    { title: "Memory + state", value: (t) => fmtBytes(t.state_bytes), num: true },
+    { title: "Disk", value: (t) => fmtBytes(t.disk_bytes), num: true },
+    { title: "Created", value: (t) => `${fmtDate(t.created_at)}${t.retired ? " · retired" : ""}` },
+  ], s.templates || []));
+  if ((s.commits || []).length) {
+    section("Commits", dataTable("Commits", [
+      { title: "Commit", value: (c) => c.commit_id, mono: true },
+      { title: "Source", value: (c) => c.source_hostname },
+      { title: "Disk", value: (c) => fmtBytes(c.disk_bytes), num: true },
+    ], s.commits));
+  }
+  if ((s.kept_disks || []).length) {
+    section("Kept disks", dataTable("Kept disks", [
+      { title: "Disk", value: (d) => d.disk, mono: true },
+      { title: "Size", value: (d) => fmtBytes(d.disk_bytes), num: true },
+    ], s.kept_disks));
+  }
+  $("storage-content").replaceChildren(...sections);
+});
+
+const infoView = pageView("view-info", "Loading daemon info", async () => {
+  const info = await api("/info");
+  const facts = [], more = [];
+  for (const [key, value] of Object.entries(info)) {
+    const title = key.replace(/_/g, " ");
+    if (value !== null && typeof value === "object") {
+      if (Object.keys(value).length) {
+        more.push(el("section", { class: "sub" }, el("h2", { text: title }),
+          el("pre", { class: "log json", tabindex: "0", text: JSON.stringify(value, null, 2) })));
       }
-      $("info-facts").replaceChildren(...facts);
-      $("info-more").replaceChildren(...more);
-      setConn(true);
-    } catch (e) {
-      if (e.status !== 401) showError("Loading daemon info", e);
+    } else {
+      facts.push(el("div", { class: "fact" }, el("dt", { text: title }),
+        el("dd", { class: "mono", text: value === "" ? "—" : String(value) })));
     }
-  },
-};
+  }
+  $("info-facts").replaceChildren(...facts);
+  $("info-more").replaceChildren(...more);
+});
 
 // -- start ----------------------------------------------------------------------------------------------
 async function boot() {
