@@ -11,6 +11,7 @@ import hashlib
 import json
 import posixpath
 import secrets
+from collections.abc import Callable
 
 import httpx
 
@@ -34,11 +35,13 @@ def post_chunk(api: httpx.Client, vm: str, path: str, data: bytes, uid: int = 0)
 def upload(api: httpx.Client, vm: str, data: bytes, dest: str, mode: str = "binary", chunk_size: int = 1 << 20,
            uid: int = 0, permissions: str = "", corrupt: int | None = None,
            manifest: dict | None = None, finalise_gid: int | None = None,
-           source: tuple[str, str, bool] | None = None) -> tuple[dict, str]:
+           source: tuple[str, str, bool] | None = None,
+           before_finalise: Callable[[str], None] | None = None) -> tuple[dict, str]:
     """Send ``data`` to ``dest`` in chunks; returns (finalise's exec result, the session dir).
     ``corrupt``: the index of a chunk whose uploaded bytes differ from the manifest's hash;
     ``manifest``: fields that replace the manifest's own (a tampered one); ``source``: a version 2
-    manifest (the newest SDKs') for a source of this (type, name, copy_contents)."""
+    manifest (the newest SDKs') for a source of this (type, name, copy_contents);
+    ``before_finalise(session)``: called once everything is sent."""
     session = posixpath.join(posixpath.dirname(posixpath.normpath(dest)), ".slicer-upload-" + secrets.token_hex(16))
     chunks = []
     for index, offset in enumerate(range(0, len(data), chunk_size)):
@@ -55,6 +58,8 @@ def upload(api: httpx.Client, vm: str, data: bytes, dest: str, mode: str = "bina
     body.update(manifest or {})
     r = post_chunk(api, vm, f"{session}/manifest.json", json.dumps(body).encode(), uid)
     assert r.status_code == 200, r.text
+    if before_finalise is not None:
+        before_finalise(session)
     gid = uid if finalise_gid is None else finalise_gid
     return helper(api, vm, "upload", "finalise", "--manifest", f"{session}/manifest.json",
                   "--uid", str(uid), "--gid", str(gid)), session

@@ -248,6 +248,20 @@ def test_chunked_copy_as_the_official_sdks_do_it(api, vm, tmp_path):
                                       "--uid", "0", "--gid", "0")
         assert aborted["exit_code"] == 0, aborted
         assert sh(api, vm, f"ls -d {session} 2>/dev/null || echo gone").strip() == "gone"
+    # A chunk sent alone goes on the bulk port with the host's SHA-256, kept beside it: finalise
+    # copies it without reading it. One changed in the guest after it landed (same size, its mtime
+    # set back) loses that: it is read, and refused.
+    def tamper(session: str) -> None:
+        assert sh(api, vm, f"ls {session}/chunks").split() == [
+            f"{i:06d}.chunk{suffix}" for i in range(3) for suffix in ("", ".sha256")]
+        sh(api, vm, f"f={session}/chunks/000001.chunk; t=$(stat -c %y $f); printf X | "
+                    f"dd of=$f bs=1 seek=7 conv=notrunc status=none; touch -d \"$t\" $f")
+    result, _ = chunked_copy.upload(api, vm, data[:3 * 65536], "/tmp/tampered.bin", chunk_size=65536,
+                                    before_finalise=tamper)
+    assert result["exit_code"] == 1 and "chunk 1 does not match its SHA-256" in result["stderr"], result
+    result, _ = chunked_copy.upload(api, vm, data[:3 * 65536], "/tmp/untampered.bin", chunk_size=65536)
+    assert result["exit_code"] == 0, result
+    assert sh(api, vm, "sha256sum /tmp/untampered.bin").split()[0] == hashlib.sha256(data[:3 * 65536]).hexdigest()
     # a manifest outside a session, or a hostile one, is refused with a reason
     result = chunked_copy.helper(api, vm, "upload", "finalise", "--manifest", "/etc/passwd")
     assert result["exit_code"] == 1 and "not a chunked-copy manifest" in result["stderr"], result

@@ -35,38 +35,44 @@ config:
 """
 
 
-def test_stop_removes_sandboxes_and_restart_brings_the_service_back(guest_image):
+@pytest.fixture(scope="module")
+def persistent_daemon(guest_image):
+    """A daemon with the persistent service svc-1, shared by the tests that stop and restart it
+    (each leaves it running with svc-1 alone, as it found it: one service boot, not one each)."""
     d = Daemon(PERSISTENT_CONFIG).start()
-    try:
-        api = d.client()
-        wait_agent(api, "svc-1")
-        r = api.post("/hostgroup/svc/nodes", params={"wait": "agent", "timeout": "4m"}, json={})
-        assert r.status_code == 201, r.text
-        sandbox = r.json()["hostname"]
-        sandbox_disk = d.data_dir / "run" / sandbox / "disk.qcow2"
-        assert sandbox_disk.exists()
-        marker = os.urandom(8).hex()
-        r = api.post("/vm/svc-1/exec", params={"cmd": f"echo {marker} > /root/marker && sync", "buffered": "true"})
-        assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
-        first = api.get("/vm/svc-1").json()
+    yield d
+    d.cleanup()
 
-        assert d.stop(signal.SIGTERM) == 0
-        assert qemu_pids(str(d.data_dir)) == [], "no QEMU may outlive the daemon"
-        assert not sandbox_disk.exists() and not (d.data_dir / "run" / sandbox).exists()
-        service_disk = d.data_dir / "disks" / "svc-1.qcow2"
-        assert service_disk.exists(), "a persistent service keeps its disk"
-        assert "svc-1: guest did not power off" not in d.log(), "the service powered off gracefully"
 
-        d.start()
-        api = d.client()
-        wait_agent(api, "svc-1")
-        nodes = api.get("/nodes").json()
-        assert [n["hostname"] for n in nodes] == ["svc-1"], "sandboxes do not come back"
-        assert nodes[0]["ip"] == first["ip"] and nodes[0]["created_at"] == first["created_at"]
-        r = api.post("/vm/svc-1/exec", params={"cmd": "cat /root/marker", "buffered": "true"})
-        assert r.json()["stdout"].strip() == marker, "the file written before the restart is still there"
-    finally:
-        d.cleanup()
+def test_stop_removes_sandboxes_and_restart_brings_the_service_back(persistent_daemon):
+    d = persistent_daemon
+    api = d.client()
+    wait_agent(api, "svc-1")
+    r = api.post("/hostgroup/svc/nodes", params={"wait": "agent", "timeout": "4m"}, json={})
+    assert r.status_code == 201, r.text
+    sandbox = r.json()["hostname"]
+    sandbox_disk = d.data_dir / "run" / sandbox / "disk.qcow2"
+    assert sandbox_disk.exists()
+    marker = os.urandom(8).hex()
+    r = api.post("/vm/svc-1/exec", params={"cmd": f"echo {marker} > /root/marker && sync", "buffered": "true"})
+    assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
+    first = api.get("/vm/svc-1").json()
+
+    assert d.stop(signal.SIGTERM) == 0
+    assert qemu_pids(str(d.data_dir)) == [], "no QEMU may outlive the daemon"
+    assert not sandbox_disk.exists() and not (d.data_dir / "run" / sandbox).exists()
+    service_disk = d.data_dir / "disks" / "svc-1.qcow2"
+    assert service_disk.exists(), "a persistent service keeps its disk"
+    assert "svc-1: guest did not power off" not in d.log(), "the service powered off gracefully"
+
+    d.start()
+    api = d.client()
+    wait_agent(api, "svc-1")
+    nodes = api.get("/nodes").json()
+    assert [n["hostname"] for n in nodes] == ["svc-1"], "sandboxes do not come back"
+    assert nodes[0]["ip"] == first["ip"] and nodes[0]["created_at"] == first["created_at"]
+    r = api.post("/vm/svc-1/exec", params={"cmd": "cat /root/marker", "buffered": "true"})
+    assert r.json()["stdout"].strip() == marker, "the file written before the restart is still there"
 
 
 def sh(api, vm: str, command: str) -> str:
@@ -100,102 +106,99 @@ def qmp_stop(sock: Path) -> None:
                 assert line and b'"error"' not in line, line
 
 
-def test_a_crashed_daemon_leaves_guests_running_and_the_next_one_adopts_them(guest_image):
-    d = Daemon(PERSISTENT_CONFIG).start()
+def test_a_crashed_daemon_leaves_guests_running_and_the_next_one_adopts_them(persistent_daemon):
+    d = persistent_daemon
+    api = d.client()
+    wait_agent(api, "svc-1")
+    made = [api.post("/hostgroup/svc/nodes", params={"wait": "agent", "timeout": "4m"}, json={})
+            for _ in range(3)]
+    assert all(r.status_code == 201 for r in made), [r.text for r in made]
+    sandbox, dies, orphan = (r.json()["hostname"] for r in made)
+    marker = os.urandom(8).hex()
+    sh(api, sandbox, f"echo {marker} > /dev/shm/marker")  # memory only: survives only in the same guest
+    bg = api.post(f"/vm/{sandbox}/exec", params={
+        "cmd": "while true; do date +%s%N >> /dev/shm/ticks; sleep 0.2; done", "background": "true"})
+    assert bg.status_code == 201, bg.text
+    exec_id = bg.json()["exec_id"]
+    web = api.post(f"/vm/{sandbox}/exec", params={
+        "cmd": "cd /dev/shm && exec python3 -m http.server 8000", "background": "true"})
+    assert web.status_code == 201, web.text
+    guest_url = f"http://{api.get(f'/vm/{sandbox}').json()['ip']}:8000/marker"
+    assert wait_http(guest_url).strip() == marker, "the host reaches the guest over its network"
+    pids = {h: api.get(f"/vm/{h}").json()["vmm"]["pid"] for h in ("svc-1", sandbox, dies, orphan)}
+    assert api.post("/vm/svc-1/pause").status_code == 200  # a pause someone asked for survives
+
+    d.proc.kill()  # a crash: no graceful stop
+    d.proc.wait()
+    qmp_stop((d.data_dir / "run").resolve() / sandbox / "qmp.sock")  # a pause nobody asked for does not
+    os.kill(pids[dies], signal.SIGKILL)  # a QEMU that ends while no daemon watches
+    with sqlite3.connect(d.data_dir / "state.db") as db:  # a QEMU no record names
+        db.execute("DELETE FROM nodes WHERE hostname = ?", (orphan,))
+    assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox], pids[orphan]}
+    fifo = d.data_dir / "run" / sandbox / "qemu.log.pipe"  # QEMU's stderr (slicer.vmm.stderr_log)
     try:
-        api = d.client()
-        wait_agent(api, "svc-1")
-        made = [api.post("/hostgroup/svc/nodes", params={"wait": "agent", "timeout": "4m"}, json={})
-                for _ in range(3)]
-        assert all(r.status_code == 201 for r in made), [r.text for r in made]
-        sandbox, dies, orphan = (r.json()["hostname"] for r in made)
-        marker = os.urandom(8).hex()
-        sh(api, sandbox, f"echo {marker} > /dev/shm/marker")  # memory only: survives only in the same guest
-        bg = api.post(f"/vm/{sandbox}/exec", params={
-            "cmd": "while true; do date +%s%N >> /dev/shm/ticks; sleep 0.2; done", "background": "true"})
-        assert bg.status_code == 201, bg.text
-        exec_id = bg.json()["exec_id"]
-        web = api.post(f"/vm/{sandbox}/exec", params={
-            "cmd": "cd /dev/shm && exec python3 -m http.server 8000", "background": "true"})
-        assert web.status_code == 201, web.text
-        guest_url = f"http://{api.get(f'/vm/{sandbox}').json()['ip']}:8000/marker"
-        assert wait_http(guest_url).strip() == marker, "the host reaches the guest over its network"
-        pids = {h: api.get(f"/vm/{h}").json()["vmm"]["pid"] for h in ("svc-1", sandbox, dies, orphan)}
-        assert api.post("/vm/svc-1/pause").status_code == 200  # a pause someone asked for survives
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        raise AssertionError("someone still reads QEMU's output with no daemon running")
+    except OSError as e:
+        assert e.errno == errno.ENXIO  # no reader: QEMU's writes fail (EPIPE, ignored) and it runs on
 
-        d.proc.kill()  # a crash: no graceful stop
-        d.proc.wait()
-        qmp_stop((d.data_dir / "run").resolve() / sandbox / "qmp.sock")  # a pause nobody asked for does not
-        os.kill(pids[dies], signal.SIGKILL)  # a QEMU that ends while no daemon watches
-        with sqlite3.connect(d.data_dir / "state.db") as db:  # a QEMU no record names
-            db.execute("DELETE FROM nodes WHERE hostname = ?", (orphan,))
-        assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox], pids[orphan]}
-        fifo = d.data_dir / "run" / sandbox / "qemu.log.pipe"  # QEMU's stderr (slicer.vmm.stderr_log)
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            raise AssertionError("someone still reads QEMU's output with no daemon running")
-        except OSError as e:
-            assert e.errno == errno.ENXIO  # no reader: QEMU's writes fail (EPIPE, ignored) and it runs on
+    d.start()
+    api = d.client()
+    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # the new daemon reads it again
+    os.write(fd, f"after adoption {marker}\n".encode())
+    os.close(fd)
+    deadline = time.monotonic() + 30
+    while marker not in (d.data_dir / "run" / sandbox / "qemu.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker in (d.data_dir / "run" / sandbox / "qemu.log").read_text()
+    nodes = {n["hostname"]: n for n in api.get("/nodes").json()}
+    assert set(nodes) == {"svc-1", sandbox}, "the sandbox whose QEMU died is removed, the orphan not adopted"
+    assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox]}, "the orphan QEMU is stopped"
+    assert nodes["svc-1"]["status"] == "Paused" and nodes[sandbox]["status"] == "Running", nodes
+    assert api.post("/vm/svc-1/resume").status_code == 200
+    for hostname in ("svc-1", sandbox):
+        view = api.get(f"/vm/{hostname}").json()
+        assert view["status"] == "Running" and view["boot"] == "adopted", view
+        assert view["vmm"]["pid"] == pids[hostname], "the same QEMU goes on"
+        wait_agent(api, hostname)
+    assert sh(api, sandbox, "cat /dev/shm/marker").strip() == marker, "the same guest goes on"
+    assert wait_http(guest_url).strip() == marker, "its network link (and its firewall entries) came back"
+    info = api.get(f"/vm/{sandbox}/exec/{exec_id}").json()
+    assert info["running"] is True, info
+    ticks = int(sh(api, sandbox, "wc -l < /dev/shm/ticks"))
+    time.sleep(1)
+    assert int(sh(api, sandbox, "wc -l < /dev/shm/ticks")) > ticks, "its background command still runs"
+    assert not (d.data_dir / "run" / dies).exists() and not (d.data_dir / "run" / orphan).exists()
 
-        d.start()
-        api = d.client()
-        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # the new daemon reads it again
-        os.write(fd, f"after adoption {marker}\n".encode())
-        os.close(fd)
-        deadline = time.monotonic() + 30
-        while marker not in (d.data_dir / "run" / sandbox / "qemu.log").read_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert marker in (d.data_dir / "run" / sandbox / "qemu.log").read_text()
-        nodes = {n["hostname"]: n for n in api.get("/nodes").json()}
-        assert set(nodes) == {"svc-1", sandbox}, "the sandbox whose QEMU died is removed, the orphan not adopted"
-        assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox]}, "the orphan QEMU is stopped"
-        assert nodes["svc-1"]["status"] == "Paused" and nodes[sandbox]["status"] == "Running", nodes
-        assert api.post("/vm/svc-1/resume").status_code == 200
-        for hostname in ("svc-1", sandbox):
-            view = api.get(f"/vm/{hostname}").json()
-            assert view["status"] == "Running" and view["boot"] == "adopted", view
-            assert view["vmm"]["pid"] == pids[hostname], "the same QEMU goes on"
-            wait_agent(api, hostname)
-        assert sh(api, sandbox, "cat /dev/shm/marker").strip() == marker, "the same guest goes on"
-        assert wait_http(guest_url).strip() == marker, "its network link (and its firewall entries) came back"
-        info = api.get(f"/vm/{sandbox}/exec/{exec_id}").json()
-        assert info["running"] is True, info
-        ticks = int(sh(api, sandbox, "wc -l < /dev/shm/ticks"))
-        time.sleep(1)
-        assert int(sh(api, sandbox, "wc -l < /dev/shm/ticks")) > ticks, "its background command still runs"
-        assert not (d.data_dir / "run" / dies).exists() and not (d.data_dir / "run" / orphan).exists()
+    # An upgrade: SIGQUIT ends the daemon and nothing else; the next one adopts every VM again.
+    assert d.stop(signal.SIGQUIT) == 0
+    assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox]}
+    d.start()
+    api = d.client()
+    assert {n["hostname"]: n["boot"] for n in api.get("/nodes").json()} == {"svc-1": "adopted", sandbox: "adopted"}
+    assert sh(api, sandbox, "cat /dev/shm/marker").strip() == marker
+    sh(api, "svc-1", "echo kept > /root/kept && sync")
 
-        # An upgrade: SIGQUIT ends the daemon and nothing else; the next one adopts every VM again.
-        assert d.stop(signal.SIGQUIT) == 0
-        assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox]}
-        d.start()
-        api = d.client()
-        assert {n["hostname"]: n["boot"] for n in api.get("/nodes").json()} == {"svc-1": "adopted", sandbox: "adopted"}
-        assert sh(api, sandbox, "cat /dev/shm/marker").strip() == marker
-        sh(api, "svc-1", "echo kept > /root/kept && sync")
+    # The config's count goes down across an upgrade: the service retires, the sandbox runs on.
+    assert d.stop(signal.SIGQUIT) == 0
+    d.config_path.write_text(d.config_text.replace("count: 1", "count: 0"))
+    d.start()
+    api = d.client()
+    assert [n["hostname"] for n in api.get("/nodes").json()] == [sandbox]
+    deadline = time.monotonic() + 90
+    while pids["svc-1"] in qemu_pids(str(d.data_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert qemu_pids(str(d.data_dir)) == [pids[sandbox]], "the retired service was shut down"
+    assert (d.data_dir / "disks" / "svc-1.qcow2").exists(), "its disk is kept"
 
-        # The config's count goes down across an upgrade: the service retires, the sandbox runs on.
-        assert d.stop(signal.SIGQUIT) == 0
-        d.config_path.write_text(d.config_text.replace("count: 1", "count: 0"))
-        d.start()
-        api = d.client()
-        assert [n["hostname"] for n in api.get("/nodes").json()] == [sandbox]
-        deadline = time.monotonic() + 90
-        while pids["svc-1"] in qemu_pids(str(d.data_dir)) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert qemu_pids(str(d.data_dir)) == [pids[sandbox]], "the retired service was shut down"
-        assert (d.data_dir / "disks" / "svc-1.qcow2").exists(), "its disk is kept"
-
-        assert d.stop(signal.SIGINT) == 0  # a graceful stop: the adopted sandbox goes
-        assert qemu_pids(str(d.data_dir)) == []
-        d.config_path.write_text(d.config_text)  # the count comes back: the service boots on its disk
-        d.start()
-        api = d.client()
-        assert [n["hostname"] for n in api.get("/nodes").json()] == ["svc-1"]
-        wait_agent(api, "svc-1")
-        assert sh(api, "svc-1", "cat /root/kept").strip() == "kept"
-    finally:
-        d.cleanup()
+    assert d.stop(signal.SIGINT) == 0  # a graceful stop: the adopted sandbox goes
+    assert qemu_pids(str(d.data_dir)) == []
+    d.config_path.write_text(d.config_text)  # the count comes back: the service boots on its disk
+    d.start()
+    api = d.client()
+    assert [n["hostname"] for n in api.get("/nodes").json()] == ["svc-1"]
+    wait_agent(api, "svc-1")
+    assert sh(api, "svc-1", "cat /root/kept").strip() == "kept"
 
 
 @pytest.mark.parametrize("address", ["SOCKET", "./api.sock"])  # absolute; relative to the config (Slicer's docs)

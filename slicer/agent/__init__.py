@@ -4,7 +4,7 @@ Guest-side code: imports the standard library, ``slicer.channel.yamux`` and Debi
 python3-aiohttp, never host-side modules.
 """
 
-from slicer.channel.yamux import PORT_NAME
+from slicer.channel import PORT_NAME  # not yamux: the helpers must not import asyncio
 
 AGENT_VERSION = "0.1.0"
 PORT_PATH = f"/dev/virtio-ports/{PORT_NAME}"

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from slicer.channel.bulk import ABORT, END, FRAME, MAX_FRAME, MAX_SKIP, header
+from slicer.channel.bulk import ABORT, DIGEST, DIGEST_SIZE, END, FRAME, MAX_FRAME, MAX_SKIP, header
 
 BULK_PATH = "/dev/virtio-ports/slicer.bulk"
 POLL_MS = 250
@@ -119,6 +119,7 @@ class _Reader:
         self._left = -1  # of the current frame; -1: before the transfer's header; 0: between frames
         self._spill = b""  # read past the header while looking for it: the payload's first bytes
         self.done = False
+        self.digest: str | None = None  # the payload's SHA-256 (hex), if the host sent it
 
     def _read_some(self, view: memoryview) -> int:
         if self._spill:
@@ -159,6 +160,9 @@ class _Reader:
                 if length == END:
                     self.done = True
                     break
+                if length == DIGEST:
+                    self.digest = self._read_exact(DIGEST_SIZE).hex()
+                    continue
                 if length == ABORT or length > MAX_FRAME:
                     raise BulkError("the host broke the copy off")
                 self._left = length
@@ -175,7 +179,7 @@ class _Reader:
 
 class Source:
     """A host→guest transfer as the copy handlers read a request body: ``async for`` chunks, or
-    ``read(n)`` (what :class:`slicer.agent.files.BodyReader` calls). A chunk is a view of one
+    ``read(n)`` (what :class:`slicer.agent.http_util.BodyReader` calls). A chunk is a view of one
     buffer that the next read reuses: its reader writes or copies it before asking again (as
     ``receive_file`` and ``BodyReader`` do)."""
 
@@ -190,6 +194,11 @@ class Source:
 
     def iter_chunked(self, _size: int) -> Source:
         return self
+
+    @property
+    def digest(self) -> str | None:
+        """The SHA-256 the host sent of everything read (once read to its end), if it did."""
+        return self._reader.digest if self._reader.done else None
 
     async def __aiter__(self) -> AsyncIterator[memoryview]:
         while chunk := await self.read(CHUNK):

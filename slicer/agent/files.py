@@ -8,7 +8,6 @@ no path that leads out through a symlink, no link pointing out, no device files.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fnmatch
@@ -153,38 +152,6 @@ def open_for_sending(path: str) -> tuple[io.BufferedReader, int, int]:
 
 
 # -- tar ----------------------------------------------------------------------------------------
-class BodyReader(io.RawIOBase):
-    """A blocking file over an aiohttp request body, for use from a worker thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, content) -> None:
-        self._loop = loop
-        self._content = content
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = asyncio.run_coroutine_threadsafe(self._content.read(len(b)), self._loop).result()
-        b[: len(data)] = data
-        return len(data)
-
-
-class ResponseWriter(io.RawIOBase):
-    """A blocking file over an aiohttp StreamResponse, for use from a worker thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, response) -> None:
-        self._loop = loop
-        self._response = response
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        data = bytes(b)
-        asyncio.run_coroutine_threadsafe(self._response.write(data), self._loop).result()
-        return len(data)
-
-
 def excluded(rel: str, patterns: list[str]) -> bool:
     """Whether the entry at ``rel`` (relative, ``/``-separated) matches an ``exclude`` pattern
     (globs; ``**`` spans directories; a pattern without ``/`` also matches any base name)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from slicer.agent import bulk, copyv1, files, paths, upload
-from slicer.agent.http_util import Context, Handlers, error
+from slicer.agent.http_util import BodyReader, Context, Handlers, ResponseWriter, error
 
 
 async def _cp_in(q, content) -> web.Response:
@@ -34,13 +34,15 @@ async def _cp_in(q, content) -> web.Response:
             raise files.FileError(f"invalid mode: {mode} (binary, tar, cp-v1-binary or cp-v1-tar)",
                                   "invalid_request")
         if mode == "tar":
-            reader = files.BodyReader(asyncio.get_running_loop(), content)
+            reader = BodyReader(asyncio.get_running_loop(), content)
             count = await asyncio.to_thread(files.extract_tar, reader, path, perms, uid, gid,
                                             q.getall("exclude", []))
             return web.json_response({"path": path, "mode": "tar", "entries": count})
         with upload.upload_path(path, uid, gid) as (dir_fd, target):  # an SDK's chunk goes via its session
             size = await files.receive_file(target, content.iter_chunked(files.CHUNK), perms, uid, gid,
                                             dir_fd=dir_fd)
+            if dir_fd is not None and (digest := getattr(content, "digest", None)):
+                upload.record_digest(dir_fd, target, digest, size, uid, gid)
         return web.json_response({"path": path, "mode": "binary", "size": size})
     except files.FileError as e:
         return error(str(e), e.code, e.status)
@@ -72,7 +74,9 @@ async def _cp_in_bulk(port: bulk.BulkPort | None, request: web.Request) -> web.S
         async with port.source(token, lambda: _gone(request)) as source:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
-            await resp.write(b'{"ready": true}\n')
+            # a chunk of an SDK's chunked copy: the host sends its digest too (see upload.record_digest)
+            chunk = upload.is_chunk(str(request.query.get("path", "")))
+            await resp.write(b'{"ready": true, "digest": true}\n' if chunk else b'{"ready": true}\n')
             try:
                 answer = await _cp_in(request.query, source)
             except bulk.BulkError as e:
@@ -103,7 +107,7 @@ async def _tar(uid: int | None, path: str, contents: bool, excludes: list[str], 
     base = "." if contents else os.path.basename(path) or "."
 
     async def write(resp: web.StreamResponse) -> None:
-        writer = files.ResponseWriter(asyncio.get_running_loop(), resp)
+        writer = ResponseWriter(asyncio.get_running_loop(), resp)
         await paths.run_as(uid, files.write_tar, writer, tree, base, excludes if contents else [], contents)
 
     return Download({"Content-Type": "application/x-tar", **meta}, None, write, tree.close)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -85,3 +86,36 @@ async def stream(request: web.Request, items, headers: dict[str, str]) -> web.St
             await resp.write(chunk.encode() if isinstance(chunk, str) else chunk)
     await resp.write_eof()
     return resp
+
+
+# -- blocking files over a request or a response, for worker threads (tarfile) -------------------
+class BodyReader(io.RawIOBase):
+    """A blocking file over an aiohttp request body, for use from a worker thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, content) -> None:
+        self._loop = loop
+        self._content = content
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = asyncio.run_coroutine_threadsafe(self._content.read(len(b)), self._loop).result()
+        b[: len(data)] = data
+        return len(data)
+
+
+class ResponseWriter(io.RawIOBase):
+    """A blocking file over an aiohttp StreamResponse, for use from a worker thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, response) -> None:
+        self._loop = loop
+        self._response = response
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        data = bytes(b)
+        asyncio.run_coroutine_threadsafe(self._response.write(data), self._loop).result()
+        return len(data)

@@ -19,8 +19,6 @@ credentials per thread), so the kernel checks every access as it would for the u
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
 import platform
 import pwd
@@ -100,6 +98,11 @@ async def run_as(uid: int | None, fn, *args):
     """``fn(*args)`` in a worker thread: as root when ``uid`` is None or 0, else in a thread of its
     own that works as ``uid`` (its user's gid and groups) and ends with the call, so no other
     work ever runs with its credentials."""
+    # Imported here: ``slicer-agent upload`` (a process of its own per chunked copy) uses this
+    # module too, and asyncio alone takes a second to import under TCG.
+    import asyncio
+    import concurrent.futures
+
     if not uid:
         return await asyncio.to_thread(fn, *args)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, initializer=_become, initargs=(user(uid),))

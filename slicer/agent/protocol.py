@@ -167,8 +167,9 @@ class CpQuery(TypedDict, total=False):
     exclude: list[str]
     # The copy's bytes go on the bulk port, as the transfer with this token (32 hex; see
     # slicer.channel.bulk). Upload: the answer is NDJSON, ``{"ready": true}`` once the agent reads
-    # the port, then ``{"status": N, "answer": Copied | Error}``. Download: the answer has the
-    # headers (``X-Slicer-Content-Length`` for a file's size) and no body.
+    # the port (with ``"digest": true`` for a chunked copy's chunk: the host sends the payload's
+    # SHA-256 before the transfer's end), then ``{"status": N, "answer": Copied | Error}``.
+    # Download: the answer has the headers (``X-Slicer-Content-Length`` for a file's size) and no body.
     bulk: str
 
 

@@ -15,6 +15,13 @@ cannot be entered by anyone else) and read through descriptors opened without fo
 symlinks, so renaming or replacing them midway changes nothing. The destination must sit
 beside the session, where the SDKs put it.
 
+A chunk that came on the bulk port comes with its SHA-256, hashed by the host as it sent it; the
+agent keeps it beside the chunk (``NNNNNN.chunk.sha256``) with the chunk's inode, size, mtime
+and ctime, and finalise believes it only while all four still hold (a write or a utime changes
+the ctime, which nobody can set back), copying the chunk with ``copy_file_range`` instead of
+reading it to hash it: under TCG that reading was most of finalise's time. Only the session's
+owner (or root) can change the record, and what finalise writes, that owner could write anyway.
+
 Manifest versions 1 and 2 are spoken (``check`` prints ``chunked-copy-v1 chunked-copy-v2``; the
 newest SDKs then send v2). Version 1 writes the file to, or extracts the tar into, the
 destination itself. Version 2 adds the "cp-v1" semantics of ``POST /cp`` (slicer.agent.copyv1):
@@ -45,6 +52,8 @@ MAX_CHUNK = 64 << 20  # the SDKs' own limit
 VERSIONS = (1, 2)
 READ = 1 << 20
 NON_ROOT_USER = 2**32 - 1  # the Go SDK's NonRootUser
+DIGEST_SUFFIX = ".sha256"  # beside a chunk: the digest the host sent of it
+MAX_RECORD = 4096
 
 
 def real_ids(uid: int, gid: int) -> tuple[int, int]:
@@ -71,6 +80,23 @@ def session_of(path: str) -> str | None:
         if i > 0 and SESSION_RE.fullmatch(parts[i]):
             return "/".join(parts[: i + 1])
     return None
+
+
+def is_chunk(path: str) -> bool:
+    """Whether ``path`` is a chunk of a chunked-copy session (``<session>/chunks/NNNNNN.chunk``)."""
+    return path.endswith(".chunk") and session_of(path) is not None
+
+
+def record_digest(dir_fd: int, name: str, sha256: str, size: int, uid: int | None, gid: int | None) -> None:
+    """Keep the SHA-256 the host sent of chunk ``name`` (just written in ``dir_fd``) beside it,
+    with what says it is still that file (see the module's docstring)."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        return
+    record = {"sha256": sha256, "size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns,
+              "ctime_ns": st.st_ctime_ns}
+    with files.atomic_file(name + DIGEST_SUFFIX, 0o600, uid, gid, dir_fd=dir_fd) as f:
+        f.write(json.dumps(record).encode())
 
 
 def _owned_dir(name: str, dir_fd: int | None, uid: int, gid: int, make: bool) -> int:
@@ -263,18 +289,33 @@ def _check_semantics(m: dict) -> None:
         raise UploadError("directory copy semantics require tar mode")
 
 
-def _chunk_file(session: Session, chunks_fd: int, chunk: dict) -> io.BufferedReader:
-    """The chunk's file: ``NNNNNN.chunk``, or the older SDKs' ``NNNNNN-<sha256>.chunk``."""
+def _chunk_file(session: Session, chunks_fd: int, chunk: dict) -> tuple[str, io.BufferedReader]:
+    """The chunk's name and file: ``NNNNNN.chunk``, or the older SDKs' ``NNNNNN-<sha256>.chunk``."""
     name = f"{chunk['index']:06d}.chunk"
     try:
-        return session.open(name, chunks_fd)
+        return name, session.open(name, chunks_fd)
     except UploadError:
-        return session.open(f"{chunk['index']:06d}-{chunk['sha256']}.chunk", chunks_fd)
+        name = f"{chunk['index']:06d}-{chunk['sha256']}.chunk"
+        return name, session.open(name, chunks_fd)
 
 
-def stream(session: Session, manifest: dict) -> Iterator[bytes]:
-    """The chunks' bytes in order, each checked for size and SHA-256 as it is read; a chunk that
-    does not match raises UploadError after its last byte (before the next is read)."""
+def _vouched(session: Session, chunks_fd: int, chunk: dict, name: str, f: io.BufferedReader) -> bool:
+    """Whether the digest recorded when chunk ``f`` (called ``name``) landed still stands for it
+    and matches the manifest's: then it needs no reading to be checked."""
+    try:
+        with session.open(name + DIGEST_SUFFIX, chunks_fd) as r:
+            record = json.loads(r.read(MAX_RECORD + 1))
+    except (UploadError, ValueError):
+        return False
+    st = os.fstat(f.fileno())
+    return (isinstance(record, dict) and record.get("sha256") == chunk["sha256"] and st.st_size == chunk["size"]
+            and [record.get(k) for k in ("size", "ino", "mtime_ns", "ctime_ns")]
+            == [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
+
+
+def chunks(session: Session, manifest: dict) -> Iterator[tuple[dict, io.BufferedReader, bool]]:
+    """Each chunk of the manifest in order: its entry, its file (open; closed once the next is
+    asked for) and whether its recorded digest vouches for it."""
     try:
         chunks_fd = os.open("chunks", files.DIR_FLAGS, dir_fd=session.fd)
     except OSError as e:
@@ -283,20 +324,47 @@ def stream(session: Session, manifest: dict) -> Iterator[bytes]:
         return
     try:
         for chunk in manifest["chunks"]:
-            digest, seen = hashlib.sha256(), 0
-            with _chunk_file(session, chunks_fd, chunk) as f:
-                while block := f.read(min(READ, chunk["size"] + 1 - seen)):
-                    seen += len(block)
-                    if seen > chunk["size"]:
-                        raise UploadError(f"chunk {chunk['index']} is larger than {chunk['size']} bytes")
-                    digest.update(block)
-                    yield block
-            if seen != chunk["size"]:
-                raise UploadError(f"chunk {chunk['index']} has {seen} bytes, expected {chunk['size']}")
-            if digest.hexdigest() != chunk["sha256"]:
-                raise UploadError(f"chunk {chunk['index']} does not match its SHA-256")
+            name, f = _chunk_file(session, chunks_fd, chunk)
+            with f:
+                yield chunk, f, _vouched(session, chunks_fd, chunk, name, f)
     finally:
         os.close(chunks_fd)
+
+
+def _blocks(chunk: dict, f: io.BufferedReader, check: bool) -> Iterator[bytes]:
+    """Chunk ``f``'s bytes; with ``check``, its size and SHA-256 are checked as they are read (a
+    mismatch raises UploadError after its last byte)."""
+    digest, seen = hashlib.sha256() if check else None, 0
+    while block := f.read(min(READ, chunk["size"] + 1 - seen)):
+        seen += len(block)
+        if seen > chunk["size"]:
+            raise UploadError(f"chunk {chunk['index']} is larger than {chunk['size']} bytes")
+        if digest is not None:
+            digest.update(block)
+        yield block
+    if seen != chunk["size"]:
+        raise UploadError(f"chunk {chunk['index']} has {seen} bytes, expected {chunk['size']}")
+    if digest is not None and digest.hexdigest() != chunk["sha256"]:
+        raise UploadError(f"chunk {chunk['index']} does not match its SHA-256")
+
+
+def stream(session: Session, manifest: dict) -> Iterator[bytes]:
+    """The chunks' bytes in order, each checked for size and SHA-256 as it is read (unless its
+    recorded digest vouches for it); a chunk that does not match raises UploadError after its
+    last byte (before the next is read)."""
+    for chunk, f, vouched in chunks(session, manifest):
+        yield from _blocks(chunk, f, check=not vouched)
+
+
+def _copy_range(src: io.BufferedReader, dst: io.BufferedWriter, size: int) -> None:
+    """``size`` bytes of ``src`` appended to ``dst`` inside the kernel (no copy through Python)."""
+    dst.flush()
+    left = size
+    while left:
+        n = os.copy_file_range(src.fileno(), dst.fileno(), left)
+        if n == 0:
+            raise UploadError(f"{src.name}: shorter than {size} bytes")
+        left -= n
 
 
 class _StreamReader(io.RawIOBase):
@@ -321,14 +389,20 @@ class _StreamReader(io.RawIOBase):
 
 def _write_binary(session: Session, m: dict, dest: str, perms: int | None) -> dict:
     with files.atomic_file(dest, perms, m["uid"], m["gid"], fsync=True) as f:
-        for block in stream(session, m):
-            f.write(block)
+        for chunk, src, vouched in chunks(session, m):
+            if vouched:
+                _copy_range(src, f, chunk["size"])
+            else:
+                for block in _blocks(chunk, src, check=True):
+                    f.write(block)
     return {"path": dest, "mode": "binary", "size": m["size"]}
 
 
 def _extract(session: Session, m: dict, dest: str, perms: int | None) -> dict:
-    for _ in stream(session, m):  # every chunk checked before anything is extracted
-        pass
+    for chunk, f, vouched in chunks(session, m):  # every chunk checked before anything is extracted
+        if not vouched:
+            for _ in _blocks(chunk, f, check=True):
+                pass
     count = files.extract_tar(io.BufferedReader(_StreamReader(stream(session, m)), READ), dest, perms,
                               m["uid"], m["gid"])
     return {"path": dest, "mode": "tar", "entries": count}

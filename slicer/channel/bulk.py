@@ -3,9 +3,12 @@
 A copy is asked for on the channel as ever (``POST/GET /cp``) with ``bulk=<32 hex>``, a token
 of that copy; its bytes go on this port as one *transfer*: the header ``SLBK`` + the token's 16
 bytes, then frames of a 4-byte big-endian length and that many bytes (1 to 1 MiB), ended by a
-frame of length 0, or of 0xFFFFFFFF when the sender broke off. One transfer per direction at a
-time. A reader discards whatever precedes its transfer's header (a cancelled copy's leftovers),
-up to a bound. This end (:class:`BulkLink`) is the host's: standard library and asyncio only,
+frame of length 0, or of 0xFFFFFFFF when the sender broke off. An upload the agent asked a digest
+of (a chunk of the SDKs' chunked copy) has, just before its end, a frame of length 0xFFFFFFFE and
+the payload's 32-byte SHA-256: hashed here at the host's speed, it spares the guest reading the
+chunk again to check it (slicer.agent.upload). One transfer per direction at a time. A reader
+discards whatever precedes its transfer's header (a cancelled copy's leftovers), up to a bound.
+This end (:class:`BulkLink`) is the host's: standard library and asyncio only,
 like the rest of the channel; the guest's is :mod:`slicer.agent.bulk`.
 
 The guest is not trusted: what it writes is read only during a copy the host asked for, in
@@ -15,6 +18,7 @@ frames no larger than 1 MiB, and a reader that finds no header soon enough gives
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import struct
 from collections.abc import AsyncIterable, AsyncIterator
@@ -22,7 +26,8 @@ from pathlib import Path
 
 MAGIC = b"SLBK"
 FRAME = struct.Struct(">I")
-END, ABORT = 0, 0xFFFFFFFF
+END, ABORT, DIGEST = 0, 0xFFFFFFFF, 0xFFFFFFFE
+DIGEST_SIZE = 32  # a SHA-256
 MAX_FRAME = 1 << 20
 MAX_SKIP = 64 << 20  # leftovers a reader passes over looking for its header
 FRAMES_PER_SECOND = 2000  # a guest's frames read per second and download (small ones cost the loop)
@@ -84,16 +89,20 @@ class BulkLink:
     def release(self, direction: str) -> None:
         self._busy[direction] = False
 
-    async def send(self, token: bytes, chunks: AsyncIterable[bytes]) -> int:
-        """Write ``chunks`` as one transfer; returns the bytes sent. Broken off (cancelled, or
-        ``chunks`` failing: its client left), it ends with an abort frame, so the guest stops."""
+    async def send(self, token: bytes, chunks: AsyncIterable[bytes], digest: bool = False) -> int:
+        """Write ``chunks`` as one transfer (with ``digest``, their SHA-256 before its end);
+        returns the bytes sent. Broken off (cancelled, or ``chunks`` failing: its client left), it
+        ends with an abort frame, so the guest stops."""
         _, writer = await self._connect()
         sent = 0
         pending = bytearray()  # small chunks (a client's) gathered into big frames: fewer reads in the guest
+        hasher = hashlib.sha256() if digest else None
 
         async def flush() -> None:
             writer.write(FRAME.pack(len(pending)))
             writer.write(pending)
+            if hasher is not None:
+                hasher.update(pending)
             pending.clear()
             await writer.drain()
 
@@ -110,6 +119,8 @@ class BulkLink:
                         await flush()
             if pending:
                 await flush()
+            if hasher is not None:
+                writer.write(FRAME.pack(DIGEST) + hasher.digest())
             writer.write(FRAME.pack(END))
             await writer.drain()
         except (ConnectionError, OSError) as e:

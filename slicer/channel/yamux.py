@@ -40,7 +40,6 @@ MAX_DATA_FRAME = 64 * 1024
 
 HELLO = b"SLICER-HELLO "
 READY = b"SLICER-READY "
-PORT_NAME = "slicer.0"  # the virtserialport name; the guest sees /dev/virtio-ports/slicer.0
 AGENT_PORT = 0  # CONNECT 0 reaches the agent itself; no TCP service can listen on port 0.
 # Frames a peer may send per second that make us answer (a ping, or a SYN we refuse); more is
 # a flood (a peer that never reads our answers would have them pile up), and ends the session.

@@ -355,9 +355,10 @@ class AgentClient:
         sender: asyncio.Task | None = None
         answer: asyncio.Future | None = None
         try:
-            if jsonlib.loads(await anext(lines)).get("ready") is not True:
+            ready = jsonlib.loads(await anext(lines))
+            if ready.get("ready") is not True:
                 raise AgentUnreachable("the agent did not take the copy on the bulk port")
-            sender = asyncio.ensure_future(link.send(token, content))
+            sender = asyncio.ensure_future(link.send(token, content, digest=ready.get("digest") is True))
             answer = asyncio.ensure_future(anext(lines))
             await asyncio.wait({sender, answer}, return_when=asyncio.FIRST_COMPLETED)
             if sender.done() and sender.exception() is not None:

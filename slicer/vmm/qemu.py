@@ -26,8 +26,8 @@ from pathlib import Path
 
 from qemu.qmp import ConnectError, QMPClient
 
+from slicer.channel import PORT_NAME
 from slicer.channel.bulk import PORT_NAME as BULK_PORT
-from slicer.channel.yamux import PORT_NAME
 from slicer.vmm.accel import qemu_version, tsc_khz
 from slicer.vmm.adopted import RUN_DIR_ENV, AdoptedProcess, running_vmm, vmm_processes
 from slicer.vmm.base import VM, Driver, Laps, VMMError, VMSpec, VMState, VMStateError
