@@ -283,6 +283,11 @@ def test_chunked_copy_v2_puts_things_where_cp_would(api, vm):
                                     source=("file", "tool.bin", False))
     assert result["exit_code"] == 0, result
     assert sh(api, vm, "sha256sum /tmp/v2/into/tool.bin").split()[0] == hashlib.sha256(data).hexdigest()
+    # into /tmp itself, a tmpfs: the session sits at / on the disk, so its chunks cross filesystems
+    result, _ = chunked_copy.upload(api, vm, data, "/tmp", chunk_size=128 * 1024, source=("file", "across.bin", False))
+    assert result["exit_code"] == 0, result
+    assert sh(api, vm, "sha256sum /tmp/across.bin").split()[0] == hashlib.sha256(data).hexdigest()
+    assert sh(api, vm, "ls -a / | grep -c slicer-upload || true").strip() == "0", "session left behind"
     result, _ = chunked_copy.upload(api, vm, b"renamed", "/tmp/v2/new-name", source=("file", "tool.bin", False))
     assert result["exit_code"] == 0 and sh(api, vm, "cat /tmp/v2/new-name") == "renamed", result
     tree = make_tar([file_member("a.txt", b"alpha"), file_member("sub/b.txt", b"beta")])

@@ -39,6 +39,8 @@ async def _cp_in(q, content) -> web.Response:
                                             q.getall("exclude", []))
             return web.json_response({"path": path, "mode": "tar", "entries": count})
         with upload.upload_path(path, uid, gid) as (dir_fd, target):  # an SDK's chunk goes via its session
+            if dir_fd is not None:
+                upload.forget_digest(dir_fd, target)
             size = await files.receive_file(target, content.iter_chunked(files.CHUNK), perms, uid, gid,
                                             dir_fd=dir_fd)
             if dir_fd is not None and (digest := getattr(content, "digest", None)):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -87,16 +88,25 @@ def is_chunk(path: str) -> bool:
     return path.endswith(".chunk") and session_of(path) is not None
 
 
+def forget_digest(dir_fd: int, name: str) -> None:
+    """Drop chunk ``name``'s record before the chunk is written again (a retry through the
+    channel brings none: an old record must not outlive the bytes it was made for)."""
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+        os.unlink(name + DIGEST_SUFFIX, dir_fd=dir_fd)
+
+
 def record_digest(dir_fd: int, name: str, sha256: str, size: int, uid: int | None, gid: int | None) -> None:
     """Keep the SHA-256 the host sent of chunk ``name`` (just written in ``dir_fd``) beside it,
-    with what says it is still that file (see the module's docstring)."""
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-        return
-    record = {"sha256": sha256, "size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns,
-              "ctime_ns": st.st_ctime_ns}
-    with files.atomic_file(name + DIGEST_SUFFIX, 0o600, uid, gid, dir_fd=dir_fd) as f:
-        f.write(json.dumps(record).encode())
+    with what says it is still that file (see the module's docstring). Best effort: without a
+    record, finalise reads and hashes the chunk, as it always could."""
+    with contextlib.suppress(OSError, files.FileError):
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return
+        record = {"sha256": sha256, "size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns,
+                  "ctime_ns": st.st_ctime_ns}
+        with files.atomic_file(name + DIGEST_SUFFIX, 0o600, uid, gid, dir_fd=dir_fd) as f:
+            f.write(json.dumps(record).encode())
 
 
 def _owned_dir(name: str, dir_fd: int | None, uid: int, gid: int, make: bool) -> int:
@@ -357,14 +367,24 @@ def stream(session: Session, manifest: dict) -> Iterator[bytes]:
 
 
 def _copy_range(src: io.BufferedReader, dst: io.BufferedWriter, size: int) -> None:
-    """``size`` bytes of ``src`` appended to ``dst`` inside the kernel (no copy through Python)."""
+    """``size`` bytes of ``src`` appended to ``dst`` inside the kernel (no copy through Python);
+    through Python where the kernel cannot (another filesystem: the destination on the guest's
+    tmpfs, the session on its disk), from where it stopped (it moves both offsets by what it copied)."""
     dst.flush()
     left = size
-    while left:
-        n = os.copy_file_range(src.fileno(), dst.fileno(), left)
-        if n == 0:
-            raise UploadError(f"{src.name}: shorter than {size} bytes")
-        left -= n
+    try:
+        while left:
+            if (n := os.copy_file_range(src.fileno(), dst.fileno(), left)) == 0:
+                break
+            left -= n
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+        while left and (block := os.read(src.fileno(), min(READ, left))):
+            dst.write(block)
+            left -= len(block)
+    if left:
+        raise UploadError(f"a chunk is {left} bytes shorter than its {size}")
 
 
 class _StreamReader(io.RawIOBase):

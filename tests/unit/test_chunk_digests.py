@@ -177,3 +177,39 @@ def test_the_guest_helper_imports_no_asyncio():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('asyncio', 'concurrent', 'aiohttp')))")
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("after", [0, 1000])
+def test_a_destination_on_another_filesystem_is_written_through_python(session, monkeypatch, after):
+    """copy_file_range says EXDEV across filesystems (the guest's /tmp is a tmpfs): the copy goes
+    on from where the kernel stopped, and the file is whole."""
+    import errno
+    tmp_path, name, parts = session
+    real, calls = os.copy_file_range, []
+
+    def cross_device(src: int, dst: int, count: int, *a) -> int:
+        calls.append(count)
+        if len(calls) == 1 and after:
+            return real(src, dst, after)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    _finalise(tmp_path, name)
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(parts) and calls
+
+
+def test_a_record_is_dropped_when_its_chunk_comes_again_and_never_fails_a_chunk(tmp_path):
+    tmp_path.chmod(0o755)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        (tmp_path / "000000.chunk").write_bytes(b"abc")
+        upload.record_digest(fd, "000000.chunk", hashlib.sha256(b"abc").hexdigest(), 3, None, None)
+        assert (tmp_path / "000000.chunk.sha256").exists()
+        upload.forget_digest(fd, "000000.chunk")
+        assert not (tmp_path / "000000.chunk.sha256").exists()
+        upload.forget_digest(fd, "000000.chunk")  # none: nothing to do
+        (tmp_path / "000000.chunk.sha256").mkdir()  # in its place, a directory: no record, no error
+        upload.record_digest(fd, "000000.chunk", hashlib.sha256(b"abc").hexdigest(), 3, None, None)
+        upload.record_digest(fd, "missing.chunk", "0" * 64, 3, None, None)
+    finally:
+        os.close(fd)
