@@ -160,7 +160,7 @@ PROBE = ("probe() { timeout 6 bash -c \"exec 3<>/dev/tcp/$1/$2 && printf 'GET / 
 
 
 def probe(d: Daemon, vm: str, ip: str, port: int) -> str:
-    return guest(d, vm, PROBE + f"probe {ip} {port}").strip()
+    return probe_all(d, [(vm, ip, port)])[0]
 
 
 def probe_all(d: Daemon, targets: list[tuple[str, str, int]]) -> list[str]:
@@ -174,7 +174,7 @@ def probe_all(d: Daemon, targets: list[tuple[str, str, int]]) -> list[str]:
     def batch(vm: str) -> list[str]:
         script = PROBE + "d=$(mktemp -d); " + " ".join(
             f"probe {targets[i][1]} {targets[i][2]} > $d/{n} & " for n, i in enumerate(by_vm[vm]))
-        script += "wait; " + " ".join(f"cat $d/{n}; echo '@@END@@'; " for n in range(len(by_vm[vm])))
+        script += "wait; " + " ".join(f"cat $d/{n}; echo '@@END@@'; " for n in range(len(by_vm[vm]))) + "rm -rf $d"
         answers = guest(d, vm, script).split("@@END@@\n")[:-1]
         assert len(answers) == len(by_vm[vm]), answers
         return [a.strip() for a in answers]

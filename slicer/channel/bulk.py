@@ -8,8 +8,8 @@ of (a chunk of the SDKs' chunked copy) has, just before its end, a frame of leng
 the payload's 32-byte SHA-256: hashed here at the host's speed, it spares the guest reading the
 chunk again to check it (slicer.agent.upload). One transfer per direction at a time. A reader
 discards whatever precedes its transfer's header (a cancelled copy's leftovers), up to a bound.
-This end (:class:`BulkLink`) is the host's: standard library and asyncio only,
-like the rest of the channel; the guest's is :mod:`slicer.agent.bulk`.
+This end (:class:`BulkLink`) is the host's: standard library and asyncio only, like the rest of
+the channel; the guest's is :mod:`slicer.agent.bulk`.
 
 The guest is not trusted: what it writes is read only during a copy the host asked for, in
 frames no larger than 1 MiB, and a reader that finds no header soon enough gives up.
