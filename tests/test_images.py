@@ -247,6 +247,9 @@ def test_busybox_image_boots_and_is_managed(client, daemon_, refs, tmp_path):
     check_managed(client, "bb-1", tmp_path)
     assert run(client, "bb-1", "cat /etc/motd") == "busybox test image\n"
     assert run(client, "bb-1", "readlink /bin/sh") == "busybox\n"
+    # the runtime disk (read-only) carries the agent byte-compiled for the guest's paths: flags 3, checked-hash
+    pyc = "/run/slicer/rt/opt/slicer/slicer/agent/__pycache__/demux.cpython-3*.pyc"
+    assert run(client, "bb-1", f"od -An -tu4 -N8 {pyc}").split()[1] == "3"
     # the SDKs' chunked copy: the image has no /usr/local/bin/slicer-agent; the runtime's answers
     payload = os.urandom(250_000)
     with daemon_.client() as api:

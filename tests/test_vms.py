@@ -66,6 +66,24 @@ def test_service_from_yaml_boots_with_its_address(api):
     assert node["cpus"] == 2 and node["ram_bytes"] == 512 << 20 and node["arch"] == "x86_64"
 
 
+def test_the_agent_starts_from_the_images_compiled_code(api, vm):
+    """The image ships the agent byte-compiled by the guest's own Python (the initramfs lays the
+    code down afresh at every boot, so without it every start compiled every module): its
+    modules load from those .pyc files, which name the guest's paths."""
+    r = api.post(f"/vm/{vm}/exec", params=[
+        ("cmd", "PYTHONPATH=/opt/slicer python3 -v -c 'import slicer.agent.server' 2>&1 "
+                "| grep 'slicer/agent/.*server'"),
+        ("buffered", "true")])
+    out = r.json()["stdout"]
+    pyc = "/opt/slicer/slicer/agent/__pycache__/server.cpython-3"
+    assert f"# {pyc}" in out and "matches /opt/slicer/slicer/agent/server.py" in out, out
+    assert f"code object from '{pyc}" in out and "wrote" not in out, out
+    header = api.post(f"/vm/{vm}/exec", params=[
+        ("cmd", "od -An -tu4 -N8 /opt/slicer/slicer/agent/__pycache__/demux.cpython-3*.pyc"),
+        ("buffered", "true")]).json()["stdout"].split()
+    assert header[1] == "3", f"a checked-hash .pyc (flags 3), as built; got {header}"
+
+
 def test_info_and_host_groups(api):
     info = api.get("/info").json()
     assert info["version"] and info["git_commit"] and info["accelerator"] in ("tcg", "kvm")

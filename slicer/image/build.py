@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from slicer.agent.runtime import ROOT as RUNTIME_ROOT
 from slicer.image import runtime
 
 SUITE = "bookworm"
@@ -133,9 +134,10 @@ def _kernel_package() -> str:
 
 
 def _guest_sources() -> bytes:
+    """What an image is made of besides its base: the guest code and how it is put together."""
     here = Path(__file__).parent
     return b"".join((_PKG_DIR.parent / f).read_bytes() for f in GUEST_FILES) + b"".join(
-        (here / f).read_bytes() for f in ("initramfs-init.sh", "runtime.py")
+        (here / f).read_bytes() for f in ("initramfs-init.sh", "runtime.py", "build.py")
     )
 
 
@@ -215,10 +217,12 @@ def _builtin_modules(kernel_tree: Path, version: str = "*") -> set[str]:
     return names
 
 
-def build_initramfs(kernel_tree: Path, out: Path, work: Path, version: str = "*") -> None:
+def build_initramfs(kernel_tree: Path, out: Path, work: Path, version: str = "*",
+                    guest_code: Path | None = None) -> None:
     """The initramfs for the kernel whose ``lib/modules/<version>`` is in ``kernel_tree``:
     busybox, the modules of :data:`GUEST_MODULES` it does not have built in, our init and the
-    agent. Only regular files inside the tree are read (it may come from a user's image)."""
+    agent (``guest_code``: an image's compiled copy, see :func:`_build_rootfs`; else the
+    sources). Only regular files inside the tree are read (it may come from a user's image)."""
     top = kernel_tree.resolve()
     mods = {p.stem: p for p in kernel_tree.glob(f"lib/modules/{version}/kernel/**/*.ko")
             if p.is_file() and p.resolve().is_relative_to(top)}
@@ -250,7 +254,10 @@ def build_initramfs(kernel_tree: Path, out: Path, work: Path, version: str = "*"
     init = root / "init"
     shutil.copy2(Path(__file__).parent / "initramfs-init.sh", init)
     init.chmod(0o755)
-    _install_guest_files(root / "slicer")
+    if guest_code is not None and guest_code.is_dir():
+        shutil.copytree(guest_code, root / "slicer", symlinks=True)
+    else:
+        _install_guest_files(root / "slicer")
     files = subprocess.run(
         ["find", ".", "-mindepth", "1"], cwd=root, check=True, capture_output=True
     ).stdout
@@ -281,12 +288,32 @@ def _install_guest_files(dest: Path) -> None:
     helper.chmod(0o755)
 
 
-def _build_rootfs(base_tar: Path, out: Path, work: Path) -> None:
+def _compile_guest_code(tree: Path, code: Path, shown_as: str) -> None:
+    """Byte-compile the guest code at ``code`` with the Python of the Debian tree ``tree`` it
+    is in (the guest's own: the host's may be another version), naming its files ``shown_as``
+    in tracebacks. The initramfs reinstalls the code at every boot and the runtime disk is
+    read-only, so without this every agent start compiled every module again (seconds under
+    TCG). ``checked-hash``: a source that differs from its .pyc is compiled again."""
+    inner = "/" + str(code.relative_to(tree))
+    _run(["chroot", str(tree), "/usr/bin/python3", "-m", "compileall", "-q", "--invalidation-mode",
+          "checked-hash", "-s", inner, "-p", shown_as, inner])
+
+
+def _build_rootfs(base_tar: Path, out: Path, work: Path) -> tuple[Path, Path]:
+    """The root filesystem at ``out``, and two compiled copies of the guest code in ``work``:
+    the initramfs's (``slicer-init``, ``slicer-agent`` and ``opt/slicer``) and the runtime
+    disk's ``opt/slicer``."""
     root = work / "rootfs"
     root.mkdir()
     with tarfile.open(base_tar) as tf:
         tf.extractall(root, filter="fully_trusted")  # our own mmdebstrap output
     _install_guest_files(root / "slicer")  # the initramfs installs them again at every boot
+    shutil.copytree(root / "slicer/opt/slicer", root / "slicer-rt")
+    _compile_guest_code(root, root / "slicer/opt/slicer", "/opt/slicer")
+    _compile_guest_code(root, root / "slicer-rt", RUNTIME_ROOT + "/opt/slicer")
+    guest_code, runtime_code = work / "guest-code", work / "runtime-code"
+    shutil.copytree(root / "slicer", guest_code, symlinks=True)
+    shutil.move(root / "slicer-rt", runtime_code)
     shutil.copytree(root / "slicer/opt/slicer", root / "opt/slicer")
     shutil.copy2(root / "slicer/slicer-init", root / "sbin/slicer-init")
     (root / "usr/local/bin").mkdir(parents=True, exist_ok=True)
@@ -298,14 +325,15 @@ def _build_rootfs(base_tar: Path, out: Path, work: Path) -> None:
     used = int(_run(["du", "-sb", str(root)]).stdout.split()[0])
     size_mb = used * 3 // 2 // (1 << 20) + 256
     _run(["mkfs.ext4", "-q", "-F", "-L", "slicer-root", "-d", str(root), str(out), f"{size_mb}M"])
+    return guest_code, runtime_code
 
 
-def _build_runtime(base_tar: Path, out: Path, work: Path, progress: Progress) -> None:
+def _build_runtime(base_tar: Path, out: Path, work: Path, code: Path, progress: Progress) -> None:
     root = work / "runtime"
     root.mkdir()
     with tarfile.open(base_tar) as tf:
         tf.extractall(root, filter="fully_trusted")  # our own mmdebstrap output
-    runtime.populate(root, _copy_guest_files, progress)
+    runtime.populate(root, lambda dest: shutil.copytree(code, dest, symlinks=True, dirs_exist_ok=True), progress)
     used = int(_run(["du", "-sb", str(root)]).stdout.split()[0])
     size_mb = used * 6 // 5 // (1 << 20) + 32  # read-only in the guest: little room needed
     _run(["mkfs.ext4", "-q", "-F", "-L", "slicer-runtime", "-d", str(root), str(out), f"{size_mb}M"])
@@ -335,13 +363,14 @@ def build_image(data_dir: Path, progress: Progress = print, force: bool = False)
         staging = work / "image"
         staging.mkdir()
         shutil.copy2(next(kernel_tree.glob("boot/vmlinuz-*")), staging / "vmlinuz")
-        progress("building initramfs")
-        build_initramfs(kernel_tree, staging / "initrd.img", work)
         progress("building rootfs.ext4")
-        _build_rootfs(base_tar, staging / "rootfs.ext4", work)
+        guest_code, runtime_code = _build_rootfs(base_tar, staging / "rootfs.ext4", work)
         (staging / "rootfs.ext4").chmod(0o444)
+        shutil.copytree(guest_code, staging / "guest-code", symlinks=True)  # for kernels from images
+        progress("building initramfs")
+        build_initramfs(kernel_tree, staging / "initrd.img", work, guest_code=guest_code)
         progress("building runtime.ext4 (the agent for users' images)")
-        _build_runtime(base_tar, staging / "runtime.ext4", work, progress)
+        _build_runtime(base_tar, staging / "runtime.ext4", work, runtime_code, progress)
         (staging / "runtime.ext4").chmod(0o444)
         manifest = {"build_id": key, "base": bkey, "kernel_package": kernel_pkg, "suite": SUITE}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -73,7 +73,8 @@ def kernel_image(store: ImageStore, ref: str, base: GuestImage, insecure: bool, 
             try:
                 check_kernel_file(out / "vmlinuz")
                 progress(f"building an initramfs with the modules of {ref} ({versions[-1]})")
-                build_initramfs(root, out / "initrd.img", work, version=versions[-1])
+                build_initramfs(root, out / "initrd.img", work, version=versions[-1],
+                                guest_code=base.directory / "guest-code")
             except (ValueError, ImageError) as e:
                 raise OCIError(f"kernel_image {ref}: {e}", "invalid_image") from None
             (out / "meta.json").write_text(json.dumps({"ref": ref, "digest": digest, "build": base.build_id}))
