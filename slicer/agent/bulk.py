@@ -33,6 +33,7 @@ WATCH_INTERVAL = 0.5  # how often a transfer looks whether its request went away
 READ_BUFFERS = 32
 READ_BUFFER_SIZE = 4096
 CHUNK = 1 << 20  # what a source hands out at a time
+MAX_LANES = 2  # ports an upload may be striped over (slicer.channel.bulk.BulkLink.send)
 
 
 class BulkError(Exception):
@@ -108,36 +109,38 @@ def send_file(port: _Port, token: bytes, fd: int, size: int) -> None:
     port.write(FRAME.pack(END))
 
 
-class _Reader:
-    """The payload of one transfer from the host, read in worker threads straight into the
-    caller's buffer: a read never asks the port for more than the current frame still holds, so
-    payload bytes are copied once (the port's buffers to ours) and headers are read apart."""
+class _Lane:
+    """One port of a transfer from the host: its header found once, the bytes read past it
+    while looking for it handed out first."""
 
-    def __init__(self, port: _Port, token: bytes) -> None:
+    def __init__(self, port: _Port) -> None:
         self.port = port
-        self.token = token
-        self._left = -1  # of the current frame; -1: before the transfer's header; 0: between frames
+        self.found = False  # this transfer's header read
         self._spill = b""  # read past the header while looking for it: the payload's first bytes
-        self.done = False
-        self.digest: str | None = None  # the payload's SHA-256 (hex), if the host sent it
 
-    def _read_some(self, view: memoryview) -> int:
+    def read_some(self, view: memoryview) -> int:
         if self._spill:
             n = min(len(view), len(self._spill))
             view[:n], self._spill = self._spill[:n], self._spill[n:]
             return n
         return self.port.readv([view])
 
-    def _read_exact(self, n: int) -> bytes:
+    def read_payload(self, view: memoryview) -> int:
+        """Into ``view`` (payload only: never past the current frame), in port-sized pieces."""
+        if self._spill:
+            return self.read_some(view)
+        return self.port.readv([view[at:at + READ_BUFFER_SIZE] for at in range(0, len(view), READ_BUFFER_SIZE)])
+
+    def read_exact(self, n: int) -> bytes:
         out = bytearray(n)
         view, got = memoryview(out), 0
         while got < n:
-            got += self._read_some(view[got:])
+            got += self.read_some(view[got:])
         return bytes(out)
 
-    def _skip_to_header(self) -> None:
+    def skip_to_header(self, token: bytes) -> None:
         """Discard what comes before this transfer's header (a cancelled copy's leftovers)."""
-        mark, seen, skipped = header(self.token), bytearray(), 0
+        mark, seen, skipped = header(token), bytearray(), 0
         block = memoryview(bytearray(READ_BUFFER_SIZE))
         while (at := seen.find(mark)) < 0:
             if len(seen) >= len(mark):
@@ -147,31 +150,53 @@ class _Reader:
                 raise BulkError("no header for this copy on the bulk port")
             seen += block[:self.port.readv([block])]
         self._spill = bytes(seen[at + len(mark):])
-        self._left = 0
+        self.found = True
+
+
+class _Reader:
+    """The payload of one transfer from the host, read in worker threads straight into the
+    caller's buffer: a read never asks a port for more than the current frame still holds, so
+    payload bytes are copied once (the port's buffers to ours) and headers are read apart.
+    Striped over several lanes (slicer.channel.bulk.BulkLink.send), frame k is read from lane
+    k % lanes, and so are the digest and end frames that follow the last one."""
+
+    def __init__(self, ports: _Port | list[_Port], token: bytes) -> None:
+        self.lanes = [_Lane(p) for p in (ports if isinstance(ports, list) else [ports])]
+        self.token = token
+        self._turn = 0  # the frame to read next (its lane: _turn % lanes)
+        self._lane = self.lanes[0]  # the current frame's
+        self._left = 0  # of the current frame; 0: between frames
+        self.done = False
+        self.digest: str | None = None  # the payload's SHA-256 (hex), if the host sent it
+
+    def _next_frame(self) -> int:
+        """The length of the next frame (its lane's turn), or 0 at the transfer's end."""
+        lane = self.lanes[self._turn % len(self.lanes)]
+        if not lane.found:
+            lane.skip_to_header(self.token)
+        while True:
+            (length,) = FRAME.unpack(lane.read_exact(FRAME.size))
+            if length == END:
+                return 0
+            if length == DIGEST:
+                self.digest = lane.read_exact(DIGEST_SIZE).hex()
+                continue
+            if length == ABORT or length > MAX_FRAME:
+                raise BulkError("the host broke the copy off")
+            self._lane, self._turn = lane, self._turn + 1
+            return length
 
     def readinto(self, buf: memoryview) -> int:
-        """Fill ``buf`` with payload as far as the port gives; 0 at the end of the transfer."""
-        if self._left < 0:
-            self._skip_to_header()
+        """Fill ``buf`` with payload as far as the ports give; 0 at the end of the transfer."""
         got = 0
         while got < len(buf) and not self.done:
             if self._left == 0:
-                (length,) = FRAME.unpack(self._read_exact(FRAME.size))
-                if length == END:
+                self._left = self._next_frame()
+                if self._left == 0:
                     self.done = True
                     break
-                if length == DIGEST:
-                    self.digest = self._read_exact(DIGEST_SIZE).hex()
-                    continue
-                if length == ABORT or length > MAX_FRAME:
-                    raise BulkError("the host broke the copy off")
-                self._left = length
             end = got + min(self._left, len(buf) - got, READ_BUFFERS * READ_BUFFER_SIZE)
-            if self._spill:
-                n = self._read_some(buf[got:end])
-            else:
-                n = self.port.readv([buf[at:min(at + READ_BUFFER_SIZE, end)]
-                                     for at in range(got, end, READ_BUFFER_SIZE)])
+            n = self._lane.read_payload(buf[got:end])
             got += n
             self._left -= n
         return got
@@ -240,10 +265,16 @@ def _passes(lock: threading.Lock) -> bool:
 
 
 class BulkPort:
-    """The port, opened once by the agent; None when the VM has none (an older VM's layout)."""
+    """The port, opened once by the agent with its further lanes (``<path>1``, where the VM's
+    layout has them); None when the VM has none (an older VM's layout)."""
 
     def __init__(self, path: str = BULK_PATH) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fds = [os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)]
+        for lane in range(1, MAX_LANES):
+            try:
+                self.fds.append(os.open(f"{path}{lane}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
+            except FileNotFoundError:
+                break
         self._busy = {"in": False, "out": False}
         self._locks = {"in": threading.Lock(), "out": threading.Lock()}
 
@@ -255,7 +286,7 @@ class BulkPort:
             return None
 
     @contextlib.asynccontextmanager
-    async def _transfer(self, direction: str, gone: Callable[[], bool]) -> AsyncIterator[_Port]:
+    async def _transfer(self, direction: str, gone: Callable[[], bool]) -> AsyncIterator[list[_Port]]:
         """One transfer in ``direction``; cancelled (its worker stops) when ``gone()`` says the
         request went away: aiohttp does not cancel a handler whose client left."""
         if self._busy[direction]:
@@ -274,7 +305,7 @@ class BulkPort:
         try:
             if not await asyncio.to_thread(_passes, lock):  # a cancelled copy's thread is out of its last read
                 raise BulkBusy(f"the bulk port is still held ({direction})")
-            yield _Port(self.fd, cancelled, lock)
+            yield [_Port(fd, cancelled, lock) for fd in self.fds]
         finally:
             cancelled.set()  # a worker still polling sees it within POLL_MS
             watcher.cancel()
@@ -284,17 +315,23 @@ class BulkPort:
     async def source(self, token: bytes, gone: Callable[[], bool]) -> AsyncIterator[Source]:
         # A copy refused before its body was read leaves the rest on the port: the host stops
         # sending when it gets the answer, and the next copy skips to its own header.
-        async with self._transfer("in", gone) as port:
-            yield Source(_Reader(port, token))
+        async with self._transfer("in", gone) as lanes:
+            yield Source(_Reader(lanes, token))
 
-    def sending(self, gone: Callable[[], bool]) -> contextlib.AbstractAsyncContextManager[_Port]:
+    @property
+    def lanes(self) -> int:
+        return len(self.fds)
+
+    @contextlib.asynccontextmanager
+    async def sending(self, gone: Callable[[], bool]) -> AsyncIterator[_Port]:
         """The port's guest→host direction for one transfer (see :func:`send_file`)."""
-        return self._transfer("out", gone)
+        async with self._transfer("out", gone) as lanes:
+            yield lanes[0]
 
     @contextlib.asynccontextmanager
     async def sink(self, token: bytes, gone: Callable[[], bool]) -> AsyncIterator[Sink]:
-        async with self._transfer("out", gone) as port:
-            sink = Sink(port, token)
+        async with self._transfer("out", gone) as lanes:
+            sink = Sink(lanes[0], token)
             try:
                 yield sink
             except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import tarfile
@@ -78,7 +79,9 @@ async def _cp_in_bulk(port: bulk.BulkPort | None, request: web.Request) -> web.S
             await resp.prepare(request)
             # a chunk of an SDK's chunked copy: the host sends its digest too (see upload.record_digest)
             chunk = upload.is_chunk(str(request.query.get("path", "")))
-            await resp.write(b'{"ready": true, "digest": true}\n' if chunk else b'{"ready": true}\n')
+            ready = {"ready": True, **({"digest": True} if chunk else {}),
+                     **({"lanes": port.lanes} if port.lanes > 1 else {})}  # an upload may be striped over them
+            await resp.write(json.dumps(ready).encode() + b"\n")
             try:
                 answer = await _cp_in(request.query, source)
             except bulk.BulkError as e:

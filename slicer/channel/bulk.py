@@ -32,6 +32,12 @@ MAX_FRAME = 1 << 20
 MAX_SKIP = 64 << 20  # leftovers a reader passes over looking for its header
 FRAMES_PER_SECOND = 2000  # a guest's frames read per second and download (small ones cost the loop)
 PORT_NAME = "slicer.bulk"
+STRIPE_FRAME = 256 << 10  # an upload's frame when striped: lanes take turns often enough to both be filling
+
+
+def port_name(lane: int) -> str:
+    """The virtio-serial name of the bulk port's ``lane`` (0: the port itself)."""
+    return PORT_NAME if lane == 0 else f"{PORT_NAME}{lane}"
 CONNECT_TIMEOUT = 5.0
 
 
@@ -48,36 +54,41 @@ class BulkError(ConnectionError):
 
 
 class BulkLink:
-    """The host's end of one VM's bulk port (its QEMU chardev socket), opened on first use.
-    ``claim`` hands a direction to one copy at a time, without waiting: a copy that finds it
-    taken goes through the channel instead."""
+    """The host's end of one VM's bulk port (its QEMU chardev sockets, one per lane), opened on
+    first use. ``claim`` hands a direction to one copy at a time, without waiting: a copy that
+    finds it taken goes through the channel instead. Downloads use lane 0; an upload may be
+    striped over every lane the agent reads (:meth:`send`)."""
 
-    def __init__(self, socket_path: Path) -> None:
-        self.socket_path = socket_path
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+    def __init__(self, socket_paths: Path | list[Path]) -> None:
+        self.socket_paths = socket_paths if isinstance(socket_paths, list) else [socket_paths]
+        self._streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = [None] * len(self.socket_paths)
         self._connecting = asyncio.Lock()
         self._busy = {"in": False, "out": False}
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    @property
+    def lanes(self) -> int:
+        return len(self.socket_paths)
+
+    async def _connect(self, lane: int = 0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         async with self._connecting:
-            if self._writer is None or self._writer.is_closing():
+            stream = self._streams[lane]
+            if stream is None or stream[1].is_closing():
                 try:
-                    self._reader, self._writer = await asyncio.wait_for(
-                        asyncio.open_unix_connection(str(self.socket_path), limit=MAX_FRAME * 2), CONNECT_TIMEOUT)
+                    stream = await asyncio.wait_for(
+                        asyncio.open_unix_connection(str(self.socket_paths[lane]), limit=MAX_FRAME * 2),
+                        CONNECT_TIMEOUT)
                 except (OSError, TimeoutError) as e:
                     raise BulkError(f"bulk port: cannot connect: {e}") from e
-            assert self._reader is not None and self._writer is not None
-            return self._reader, self._writer
+                self._streams[lane] = stream
+            return stream
 
     def _broken(self, writer: asyncio.StreamWriter | None = None) -> None:
-        """Drop the connection (``writer``'s only, if it is still the current one: the other
+        """Drop the connections (``writer``'s only, if it is still a current one: the other
         direction may have made a new one meanwhile)."""
-        if writer is not None and writer is not self._writer:
-            return
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
+        for lane, stream in enumerate(self._streams):
+            if stream is not None and (writer is None or stream[1] is writer):
+                stream[1].close()
+                self._streams[lane] = None
 
     def claim(self, direction: str) -> bool:
         """Take ``direction`` ("in" or "out") for one copy; False if another copy holds it."""
@@ -89,53 +100,69 @@ class BulkLink:
     def release(self, direction: str) -> None:
         self._busy[direction] = False
 
-    async def send(self, token: bytes, chunks: AsyncIterable[bytes], digest: bool = False) -> int:
+    async def send(self, token: bytes, chunks: AsyncIterable[bytes], digest: bool = False, lanes: int = 1) -> int:
         """Write ``chunks`` as one transfer (with ``digest``, their SHA-256 before its end);
         returns the bytes sent. Broken off (cancelled, or ``chunks`` failing: its client left), it
-        ends with an abort frame, so the guest stops."""
-        _, writer = await self._connect()
-        sent = 0
+        ends with an abort frame, so the guest stops.
+
+        Over ``lanes`` > 1 ports (as many as the agent said it reads), each lane carries the
+        transfer's header, frames take turns (frame k on lane k % lanes, STRIPE_FRAME bytes
+        each), the digest follows the last frame on the next lane's turn, and every lane ends
+        with its own end frame: the guest reads the lanes in turn, and one reader's wait for a
+        lane no longer stalls the other lanes' filling."""
+        lanes = max(1, min(lanes, self.lanes))
+        writers = [(await self._connect(lane))[1] for lane in range(lanes)]
+        frame_size = MAX_FRAME if lanes == 1 else STRIPE_FRAME
+        sent, turn = 0, 0
         pending = bytearray()  # small chunks (a client's) gathered into big frames: fewer reads in the guest
         hasher = hashlib.sha256() if digest else None
 
         async def flush() -> None:
+            nonlocal turn
+            writer = writers[turn % lanes]
             writer.write(FRAME.pack(len(pending)))
             writer.write(pending)
             if hasher is not None:
                 hasher.update(pending)
             pending.clear()
+            turn += 1
             await writer.drain()
 
         try:
-            writer.write(header(token))
+            for writer in writers:
+                writer.write(header(token))
             async for chunk in chunks:
                 view = memoryview(chunk)
                 while view:
-                    room = MAX_FRAME - len(pending)
+                    room = frame_size - len(pending)
                     pending += view[:room]
                     sent += min(room, len(view))
                     view = view[room:]
-                    if len(pending) >= MAX_FRAME:
+                    if len(pending) >= frame_size:
                         await flush()
             if pending:
                 await flush()
             if hasher is not None:
-                writer.write(FRAME.pack(DIGEST) + hasher.digest())
-            writer.write(FRAME.pack(END))
-            await writer.drain()
+                writers[turn % lanes].write(FRAME.pack(DIGEST) + hasher.digest())
+            for writer in writers:
+                writer.write(FRAME.pack(END))
+            for writer in writers:
+                await writer.drain()
         except (ConnectionError, OSError) as e:
-            self._broken(writer)
+            for writer in writers:
+                self._broken(writer)
             raise BulkError(f"bulk port: {e}") from e
         except BaseException:
             # Frames are written whole before each drain, so an abort frame follows a whole one.
-            if not writer.is_closing():
-                writer.write(FRAME.pack(ABORT))
+            for writer in writers:
+                if not writer.is_closing():
+                    writer.write(FRAME.pack(ABORT))
             raise
         return sent
 
     async def receive(self, token: bytes) -> AsyncIterator[bytes]:
         """The payload of the guest's transfer with ``token``, frame by frame."""
-        reader, writer = await self._connect()
+        reader, writer = await self._connect(0)
         mark = header(token)
         try:
             skipped = 0

@@ -358,7 +358,9 @@ class AgentClient:
             ready = jsonlib.loads(await anext(lines))
             if ready.get("ready") is not True:
                 raise AgentUnreachable("the agent did not take the copy on the bulk port")
-            sender = asyncio.ensure_future(link.send(token, content, digest=ready.get("digest") is True))
+            lanes = ready.get("lanes", 1)  # the ports the agent reads this upload from (striped)
+            sender = asyncio.ensure_future(link.send(token, content, digest=ready.get("digest") is True,
+                                                     lanes=lanes if isinstance(lanes, int) else 1))
             answer = asyncio.ensure_future(anext(lines))
             await asyncio.wait({sender, answer}, return_when=asyncio.FIRST_COMPLETED)
             if sender.done() and sender.exception() is not None:

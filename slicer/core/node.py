@@ -58,7 +58,7 @@ class Node:
     def attach(self, vm: VM, boot: BootKind = BootKind.BOOT) -> None:
         self.vm = vm
         self.agent = AgentClient(Channel(str(vm.spec.channel_socket)),
-                                 bulk=BulkLink(vm.spec.bulk_socket) if vm.spec.bulk else None)
+                                 bulk=BulkLink(vm.spec.bulk_sockets) if vm.spec.bulk else None)
         self.boot = boot
         self.identity_pending = boot.needs_identity
         self.setup_error = None

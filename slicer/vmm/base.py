@@ -73,7 +73,7 @@ class NetDevice:
         self.fd = None
 
 
-LAYOUT = 1  # the machine layout new VMs get (see VMSpec.layout)
+LAYOUT = 2  # the machine layout new VMs get (see VMSpec.layout)
 
 
 @dataclass
@@ -112,7 +112,8 @@ class VMSpec:
     reboot: bool = True
     # The machine's devices beyond the first ones: a saved state restores only into the layout
     # it was saved from. 0: the first; 1: a second virtio-serial port for copies' bytes
-    # (slicer.channel.bulk). New VMs get LAYOUT.
+    # (slicer.channel.bulk); 2: a third, the bulk port's second lane (uploads are striped over
+    # both). New VMs get LAYOUT.
     layout: int = 0
 
     @property
@@ -120,12 +121,17 @@ class VMSpec:
         return self.layout >= 1
 
     @property
-    def channel_socket(self) -> Path:
-        return self.run_dir / "channel.sock"
+    def bulk_lanes(self) -> int:
+        """How many ports the bulk port's transfers may be striped over (0: no bulk port)."""
+        return min(self.layout, 2)
 
     @property
-    def bulk_socket(self) -> Path:
-        return self.run_dir / "bulk.sock"
+    def bulk_sockets(self) -> list[Path]:
+        return [self.run_dir / ("bulk.sock" if lane == 0 else f"bulk{lane}.sock") for lane in range(self.bulk_lanes)]
+
+    @property
+    def channel_socket(self) -> Path:
+        return self.run_dir / "channel.sock"
 
     @property
     def serial_log(self) -> Path:

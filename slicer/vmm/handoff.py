@@ -104,8 +104,8 @@ def open_handoff(spec: VMSpec, chain: list[Layer], jail: Jail | None, sealed: Se
                 jail.own(spec.memory_file)
         elif spec.memory_file is not None:
             h.memory = sealed.get(spec.memory_file)
-        for name in SOCKETS + (("bulk",) if spec.bulk else ()):
-            h._listen(spec.run_dir / f"{name}.sock")
+        for path in [spec.run_dir / f"{name}.sock" for name in SOCKETS] + spec.bulk_sockets:
+            h._listen(path)
     except BaseException:
         h.close()
         raise

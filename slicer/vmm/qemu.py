@@ -27,7 +27,7 @@ from pathlib import Path
 from qemu.qmp import ConnectError, QMPClient
 
 from slicer.channel import PORT_NAME
-from slicer.channel.bulk import PORT_NAME as BULK_PORT
+from slicer.channel.bulk import port_name as bulk_port_name
 from slicer.vmm.accel import qemu_version, tsc_khz
 from slicer.vmm.adopted import RUN_DIR_ENV, AdoptedProcess, running_vmm, vmm_processes
 from slicer.vmm.base import VM, Driver, Laps, VMMError, VMSpec, VMState, VMStateError
@@ -392,6 +392,15 @@ def _runtime_disk(h: Handoff) -> list[str]:
             "-device", "virtio-blk-device,drive=rt"]
 
 
+def _bulk_ports(spec: VMSpec, h: Handoff) -> list[str]:
+    """The bulk port's lanes: one virtio-serial port each, on the channel's device."""
+    args = []
+    for lane, path in enumerate(spec.bulk_sockets):
+        args += ["-chardev", _chardev(f"bulk{lane}", h.socket_fd(path.stem)),
+                 "-device", f"virtserialport,chardev=bulk{lane},name={bulk_port_name(lane)}"]
+    return args
+
+
 def _chardev(name: str, fd: int, wait: bool = False) -> str:
     return f"socket,id={name},fd={fd},server=on,wait={'on' if wait else 'off'}"
 
@@ -474,8 +483,7 @@ class QemuDriver(Driver):
             "-device", "virtio-serial-device",
             "-chardev", _chardev("channel0", h.socket_fd("channel")),
             "-device", f"virtserialport,chardev=channel0,name={PORT_NAME}",
-            *(["-chardev", _chardev("bulk0", h.socket_fd("bulk")),
-               "-device", f"virtserialport,chardev=bulk0,name={BULK_PORT}"] if spec.bulk else []),
+            *_bulk_ports(spec, h),
             "-chardev", _chardev("qmp", h.socket_fd("qmp")),
             "-mon", "chardev=qmp,mode=control",
             *(["-incoming", "defer"] if incoming else []),

@@ -303,7 +303,7 @@ async def test_every_boot_hands_the_group_its_bundle_before_userdata(lab: Lab, t
 
     sbx_pem = ca.group_bundle(lab.data_dir, "sbx", True, [])
     async with asyncio.timeout(10):  # the pooled VM is set up when filled, and again when handed out
-        while not [n for n in m.nodes.values() if n.record.kind == NodeKind.POOL and n.provisioned.is_set()]:
+        while m.pool.stats()["sbx"].ready < 1:  # set up, paused and in the pool (not only provisioned)
             await asyncio.sleep(0.01)
     pooled = next(n for n in m.nodes.values() if n.record.kind == NodeKind.POOL)
     assert lab.host.vm(pooled.hostname).guest.called("put_ca") == [sbx_pem]
