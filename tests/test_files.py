@@ -385,8 +385,9 @@ def _copies(api, direction: str, via: str) -> float:
 
 def test_copies_take_the_bulk_port_and_broken_ones_spoil_nothing(api, vm):
     """A copy's bytes go on the VM's bulk port (slicer.channel.bulk), one copy per direction at a
-    time: a second one meanwhile goes through the channel. A copy broken off midway (its client
-    gone) leaves nothing at its destination and nothing that spoils the next copy."""
+    time: a second one meanwhile waits for it a little (BULK_WAIT), then goes through the
+    channel. A copy broken off midway (its client gone) leaves nothing at its destination and
+    nothing that spoils the next copy."""
     import concurrent.futures
 
     data = os.urandom(24 << 20)
@@ -400,20 +401,29 @@ def test_copies_take_the_bulk_port_and_broken_ones_spoil_nothing(api, vm):
         assert hashlib.sha256(b"".join(r.iter_raw())).digest() == hashlib.sha256(data).digest()
     assert _copies(api, "out", "bulk") == counts["out", "bulk"] + 1
 
-    def slowly(blob: bytes):
+    def slowly(blob: bytes, pause: float):
         for at in range(0, len(blob), 1 << 20):
-            time.sleep(0.15)
+            time.sleep(pause)
             yield blob[at:at + (1 << 20)]
 
-    first, second = os.urandom(12 << 20), os.urandom(3 << 20)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        slow = pool.submit(api.post, f"/vm/{vm}/cp", params={"path": "/tmp/first.bin"}, content=slowly(first))
-        time.sleep(0.6)
-        quick = api.post(f"/vm/{vm}/cp", params={"path": "/tmp/second.bin"}, content=second)
-        assert quick.status_code == 200 and slow.result().status_code == 200, (quick.text, slow.result().text)
-    assert _copies(api, "in", "channel") >= counts["in", "channel"] + 1  # the second, while the first held it
-    assert sh(api, vm, "sha256sum /tmp/first.bin /tmp/second.bin").split()[::2] == [
-        hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest()]
+    def overlapping(first: bytes, pause: float, second: bytes) -> None:
+        """``first`` sent slowly, and ``second`` while it is under way; both land whole."""
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(api.post, f"/vm/{vm}/cp", params={"path": "/tmp/first.bin"},
+                               content=slowly(first, pause))
+            time.sleep(0.3)
+            quick = api.post(f"/vm/{vm}/cp", params={"path": "/tmp/second.bin"}, content=second)
+            assert quick.status_code == 200 and slow.result().status_code == 200, (quick.text, slow.result().text)
+        assert sh(api, vm, "sha256sum /tmp/first.bin /tmp/second.bin").split()[::2] == [
+            hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest()]
+
+    # held about 1 s (BULK_WAIT is 3 s): the second waits for the port and takes it after the first
+    before = {v: _copies(api, "in", v) for v in ("bulk", "channel")}
+    overlapping(os.urandom(4 << 20), 0.25, os.urandom(3 << 20))
+    assert (_copies(api, "in", "bulk"), _copies(api, "in", "channel")) == (before["bulk"] + 2, before["channel"])
+    # held about 6 s: the second gives up waiting and goes through the channel
+    overlapping(os.urandom(12 << 20), 0.5, os.urandom(3 << 20))
+    assert _copies(api, "in", "channel") == before["channel"] + 1
 
     def broken(blob: bytes):
         yield blob[:3 << 20]

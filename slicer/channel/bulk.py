@@ -55,8 +55,9 @@ class BulkError(ConnectionError):
 
 class BulkLink:
     """The host's end of one VM's bulk port (its QEMU chardev sockets, one per lane), opened on
-    first use. ``claim`` hands a direction to one copy at a time, without waiting: a copy that
-    finds it taken goes through the channel instead. Downloads use lane 0; an upload may be
+    first use. ``claim`` hands a direction to one copy at a time: a copy that finds it taken
+    waits a little (the port is several times faster than the channel), then goes through the
+    channel instead. Downloads use lane 0; an upload may be
     striped over every lane the agent reads (:meth:`send`)."""
 
     def __init__(self, socket_paths: Path | list[Path]) -> None:
@@ -64,6 +65,7 @@ class BulkLink:
         self._streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = [None] * len(self.socket_paths)
         self._connecting = asyncio.Lock()
         self._busy = {"in": False, "out": False}
+        self._freed: dict[str, asyncio.Event] = {}  # set when a direction is released
 
     @property
     def lanes(self) -> int:
@@ -90,15 +92,25 @@ class BulkLink:
                 stream[1].close()
                 self._streams[lane] = None
 
-    def claim(self, direction: str) -> bool:
-        """Take ``direction`` ("in" or "out") for one copy; False if another copy holds it."""
-        if self._busy[direction]:
-            return False
+    async def claim(self, direction: str, wait: float = 0.0) -> bool:
+        """Take ``direction`` ("in" or "out") for one copy; False if another copy still holds it
+        after ``wait`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while self._busy[direction]:
+            freed = self._freed.setdefault(direction, asyncio.Event())
+            freed.clear()
+            try:
+                await asyncio.wait_for(freed.wait(), deadline - loop.time())
+            except TimeoutError:
+                return False
         self._busy[direction] = True
         return True
 
     def release(self, direction: str) -> None:
         self._busy[direction] = False
+        if (freed := self._freed.get(direction)) is not None:
+            freed.set()
 
     async def send(self, token: bytes, chunks: AsyncIterable[bytes], digest: bool = False, lanes: int = 1) -> int:
         """Write ``chunks`` as one transfer (with ``digest``, their SHA-256 before its end);

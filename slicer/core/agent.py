@@ -37,6 +37,7 @@ AGENT_CODES = protocol.ERROR_CODES - {code for _, code in MAPPED}
 MAX_MESSAGE = 1000
 # The agent's answers that send a copy through the channel instead of the bulk port.
 BULK_FALLBACK = (ErrorCode.BULK_BUSY, ErrorCode.BULK_UNAVAILABLE)
+BULK_WAIT = 3.0  # seconds a copy waits for the bulk port another copy holds (then: the channel)
 
 
 def agent_error(resp: httpx.Response) -> SlicerError:
@@ -327,7 +328,9 @@ class AgentClient:
 
     async def _bulk_link(self, direction: str) -> BulkLink | None:
         """The bulk port, claimed for one copy in ``direction``; None: use the channel (no port,
-        an agent without its end, or another copy using it: never waited for)."""
+        an agent without its end, or another copy still using it after BULK_WAIT seconds: the
+        chunks of an SDK's chunked copy, sent four at once, take turns on the port, where each
+        also gets its digest, rather than crawl through the channel)."""
         if self.bulk is None:
             return None
         if self._bulk_agent is None:
@@ -335,7 +338,7 @@ class AgentClient:
                 self._bulk_agent = (await self.health()).get("bulk") is True
             except SlicerError:
                 return None
-        if not self._bulk_agent or not self.bulk.claim(direction):
+        if not self._bulk_agent or not await self.bulk.claim(direction, BULK_WAIT):
             return None
         return self.bulk
 

@@ -144,3 +144,16 @@ def test_layout_2_gives_the_bulk_port_a_second_lane_and_layout_1_keeps_its_machi
                          "virtserialport,chardev=bulk1,name=slicer.bulk1"]
     spec.layout = 0
     assert [a for a in driver.command(spec) if a.startswith("virtserialport")] == ports[:1]
+
+
+async def test_a_copy_waits_a_little_for_a_held_port_and_then_does_without():
+    link = BulkLink([Path("/nonexistent/bulk.sock")])
+    assert await link.claim("in") and not await link.claim("in")  # no wait: taken
+    assert await link.claim("out")  # the other direction is its own
+    waiter = asyncio.ensure_future(link.claim("in", wait=5))
+    other = asyncio.ensure_future(link.claim("in", wait=0.2))
+    await asyncio.sleep(0.3)
+    assert other.done() and other.result() is False  # gave up: the channel, then
+    link.release("in")
+    assert await asyncio.wait_for(waiter, 1) is True  # took it when the first let go
+    assert not await link.claim("in", wait=0.05)
