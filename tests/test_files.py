@@ -385,9 +385,9 @@ def _copies(api, direction: str, via: str) -> float:
 
 def test_copies_take_the_bulk_port_and_broken_ones_spoil_nothing(api, vm):
     """A copy's bytes go on the VM's bulk port (slicer.channel.bulk), one copy per direction at a
-    time: a second one meanwhile waits for it a little (BULK_WAIT), then goes through the
-    channel. A copy broken off midway (its client gone) leaves nothing at its destination and
-    nothing that spoils the next copy."""
+    time: a second one meanwhile goes through the channel, but a chunk of the SDKs' chunked copy
+    waits for the port a little first (BULK_WAIT). A copy broken off midway (its client gone)
+    leaves nothing at its destination and nothing that spoils the next copy."""
     import concurrent.futures
 
     data = os.urandom(24 << 20)
@@ -406,24 +406,26 @@ def test_copies_take_the_bulk_port_and_broken_ones_spoil_nothing(api, vm):
             time.sleep(pause)
             yield blob[at:at + (1 << 20)]
 
-    def overlapping(first: bytes, pause: float, second: bytes) -> None:
+    def overlapping(first: bytes, pause: float, second: bytes, second_path: str) -> None:
         """``first`` sent slowly, and ``second`` while it is under way; both land whole."""
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             slow = pool.submit(api.post, f"/vm/{vm}/cp", params={"path": "/tmp/first.bin"},
                                content=slowly(first, pause))
             time.sleep(0.3)
-            quick = api.post(f"/vm/{vm}/cp", params={"path": "/tmp/second.bin"}, content=second)
+            quick = api.post(f"/vm/{vm}/cp", params={"path": second_path}, content=second)
             assert quick.status_code == 200 and slow.result().status_code == 200, (quick.text, slow.result().text)
-        assert sh(api, vm, "sha256sum /tmp/first.bin /tmp/second.bin").split()[::2] == [
+        assert sh(api, vm, f"sha256sum /tmp/first.bin {second_path}").split()[::2] == [
             hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest()]
 
-    # held about 1 s (BULK_WAIT is 3 s): the second waits for the port and takes it after the first
+    # held about 1 s: a plain copy meanwhile takes the channel at once; a chunk (BULK_WAIT is 3 s)
+    # waits for the port and takes it after the first
     before = {v: _copies(api, "in", v) for v in ("bulk", "channel")}
-    overlapping(os.urandom(4 << 20), 0.25, os.urandom(3 << 20))
-    assert (_copies(api, "in", "bulk"), _copies(api, "in", "channel")) == (before["bulk"] + 2, before["channel"])
-    # held about 6 s: the second gives up waiting and goes through the channel
-    overlapping(os.urandom(12 << 20), 0.5, os.urandom(3 << 20))
-    assert _copies(api, "in", "channel") == before["channel"] + 1
+    overlapping(os.urandom(4 << 20), 0.25, os.urandom(3 << 20), "/tmp/second.bin")
+    assert (_copies(api, "in", "bulk"), _copies(api, "in", "channel")) == (before["bulk"] + 1, before["channel"] + 1)
+    session = "/root/.slicer-upload-" + "ab" * 16
+    overlapping(os.urandom(4 << 20), 0.25, os.urandom(3 << 20), f"{session}/chunks/000000.chunk")
+    assert (_copies(api, "in", "bulk"), _copies(api, "in", "channel")) == (before["bulk"] + 3, before["channel"] + 1)
+    sh(api, vm, f"rm -rf {session}")
 
     def broken(blob: bytes):
         yield blob[:3 << 20]

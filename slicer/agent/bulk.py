@@ -273,7 +273,7 @@ class BulkPort:
         for lane in range(1, MAX_LANES):
             try:
                 self.fds.append(os.open(f"{path}{lane}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
-            except FileNotFoundError:
+            except OSError:  # none (an older layout), or held: the lanes so far still serve
                 break
         self._busy = {"in": False, "out": False}
         self._locks = {"in": threading.Lock(), "out": threading.Lock()}

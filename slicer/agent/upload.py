@@ -46,8 +46,8 @@ import sys
 from collections.abc import Iterator
 
 from slicer.agent import copyv1, files
+from slicer.agent.protocol import SESSION_RE, session_of
 
-SESSION_RE = re.compile(r"\.slicer-upload-[0-9a-f]{32}")
 MAX_MANIFEST = 16 << 20  # ~170k chunk entries (11 TB in the SDKs' 64 MiB chunks); a hostile one is refused
 MAX_CHUNK = 64 << 20  # the SDKs' own limit
 VERSIONS = (1, 2)
@@ -73,21 +73,6 @@ class SessionMissing(UploadError):
 
 
 # -- the agent's side: chunk uploads into a session ---------------------------------------------
-def session_of(path: str) -> str | None:
-    """The chunked-copy session directory ``path``'s file lies in (``<session>/manifest.json``,
-    ``<session>/chunks/NNNNNN.chunk``), if any."""
-    parts = path.split("/")
-    for i in (len(parts) - 2, len(parts) - 3):
-        if i > 0 and SESSION_RE.fullmatch(parts[i]):
-            return "/".join(parts[: i + 1])
-    return None
-
-
-def is_chunk(path: str) -> bool:
-    """Whether ``path`` is a chunk of a chunked-copy session (``<session>/chunks/NNNNNN.chunk``)."""
-    return path.endswith(".chunk") and session_of(path) is not None
-
-
 def forget_digest(dir_fd: int, name: str) -> None:
     """Drop chunk ``name``'s record before the chunk is written again (a retry through the
     channel brings none: an old record must not outlive the bytes it was made for)."""

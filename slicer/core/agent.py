@@ -37,7 +37,11 @@ AGENT_CODES = protocol.ERROR_CODES - {code for _, code in MAPPED}
 MAX_MESSAGE = 1000
 # The agent's answers that send a copy through the channel instead of the bulk port.
 BULK_FALLBACK = (ErrorCode.BULK_BUSY, ErrorCode.BULK_UNAVAILABLE)
-BULK_WAIT = 3.0  # seconds a copy waits for the bulk port another copy holds (then: the channel)
+# Seconds a chunk of an SDK's chunked copy waits for the bulk port another copy holds (then: the
+# channel). The SDKs send four chunks at once: each is faster waiting its turn on the port, where
+# it also gets its digest, than crawling through the channel. Other copies never wait (a slow
+# download would hold up every other).
+BULK_WAIT = 3.0
 
 
 def agent_error(resp: httpx.Response) -> SlicerError:
@@ -170,7 +174,8 @@ class BulkDownload:
                 await self._chunks.aclose()  # type: ignore[attr-defined]
             await self._resp.aclose()
         finally:
-            self._release()
+            release, self._release = self._release, lambda: None  # once: a second would free another copy's claim
+            release()
 
 
 class AgentClient:
@@ -297,7 +302,8 @@ class AgentClient:
     async def cp_in(self, params: Query, content: AsyncIterable[bytes]) -> protocol.Copied:
         """Copy ``content`` (a file's bytes or a tar, as ``params``' mode says) into the guest:
         its bytes on the bulk port when the VM has one free, else through the channel."""
-        link = await self._bulk_link("in")
+        chunk = any(k == "path" and protocol.is_chunk(v) for k, v in _items(params))
+        link = await self._bulk_link("in", wait=BULK_WAIT if chunk else 0.0)
         if link is not None:
             try:
                 answer = await self._cp_in_bulk(link, params, content)
@@ -326,11 +332,9 @@ class AgentClient:
         telemetry.COPIES.labels("out", "channel").inc()
         return await self._stream("cp_out", params=params)
 
-    async def _bulk_link(self, direction: str) -> BulkLink | None:
+    async def _bulk_link(self, direction: str, wait: float = 0.0) -> BulkLink | None:
         """The bulk port, claimed for one copy in ``direction``; None: use the channel (no port,
-        an agent without its end, or another copy still using it after BULK_WAIT seconds: the
-        chunks of an SDK's chunked copy, sent four at once, take turns on the port, where each
-        also gets its digest, rather than crawl through the channel)."""
+        an agent without its end, or another copy still using it after ``wait`` seconds)."""
         if self.bulk is None:
             return None
         if self._bulk_agent is None:
@@ -338,7 +342,7 @@ class AgentClient:
                 self._bulk_agent = (await self.health()).get("bulk") is True
             except SlicerError:
                 return None
-        if not self._bulk_agent or not await self.bulk.claim(direction, BULK_WAIT):
+        if not self._bulk_agent or not await self.bulk.claim(direction, wait):
             return None
         return self.bulk
 

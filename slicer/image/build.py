@@ -295,8 +295,13 @@ def _compile_guest_code(tree: Path, code: Path, shown_as: str) -> None:
     read-only, so without this every agent start compiled every module again (seconds under
     TCG). ``checked-hash``: a source that differs from its .pyc is compiled again."""
     inner = "/" + str(code.relative_to(tree))
-    _run(["chroot", str(tree), "/usr/bin/python3", "-m", "compileall", "-q", "--invalidation-mode",
-          "checked-hash", "-s", inner, "-p", shown_as, inner])
+    # -I and a bare environment: no PYTHONPYCACHEPREFIX or PYTHONHOME of ours reaches it
+    _run(["chroot", str(tree), "/usr/bin/python3", "-I", "-m", "compileall", "-q", "--invalidation-mode",
+          "checked-hash", "-s", inner, "-p", shown_as, inner],
+         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"})
+    missing = [p for p in code.rglob("*.py") if not list(p.parent.glob(f"__pycache__/{p.stem}.*.pyc"))]
+    if missing:
+        raise ImageError(f"the guest code did not compile: {missing[0]} has no .pyc")
 
 
 def _build_rootfs(base_tar: Path, out: Path, work: Path) -> tuple[Path, Path]:
