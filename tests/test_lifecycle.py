@@ -134,6 +134,9 @@ def test_a_crashed_daemon_leaves_guests_running_and_the_next_one_adopts_them(per
     os.kill(pids[dies], signal.SIGKILL)  # a QEMU that ends while no daemon watches
     with sqlite3.connect(d.data_dir / "state.db") as db:  # a QEMU no record names
         db.execute("DELETE FROM nodes WHERE hostname = ?", (orphan,))
+    deadline = time.monotonic() + 30  # SIGKILL is delivered, not awaited: the process may still be exiting
+    while pids[dies] in qemu_pids(str(d.data_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert set(qemu_pids(str(d.data_dir))) == {pids["svc-1"], pids[sandbox], pids[orphan]}
     fifo = d.data_dir / "run" / sandbox / "qemu.log.pipe"  # QEMU's stderr (slicer.vmm.stderr_log)
     try:
