@@ -24,9 +24,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from slicer.channel.bulk import ABORT, DIGEST, DIGEST_SIZE, END, FRAME, MAX_FRAME, MAX_SKIP, header
+from slicer.channel.bulk import ABORT, DIGEST, DIGEST_SIZE, END, FRAME, MAX_FRAME, MAX_SKIP, header, port_name
 
-BULK_PATH = "/dev/virtio-ports/slicer.bulk"
+PORTS_DIR = "/dev/virtio-ports"
 POLL_MS = 250
 IDLE_TIMEOUT = 60.0  # seconds a transfer may wait for the host without a byte moving
 WATCH_INTERVAL = 0.5  # how often a transfer looks whether its request went away
@@ -160,8 +160,8 @@ class _Reader:
     Striped over several lanes (slicer.channel.bulk.BulkLink.send), frame k is read from lane
     k % lanes, and so are the digest and end frames that follow the last one."""
 
-    def __init__(self, ports: _Port | list[_Port], token: bytes) -> None:
-        self.lanes = [_Lane(p) for p in (ports if isinstance(ports, list) else [ports])]
+    def __init__(self, ports: list[_Port], token: bytes) -> None:
+        self.lanes = [_Lane(p) for p in ports]
         self.token = token
         self._turn = 0  # the frame to read next (its lane: _turn % lanes)
         self._lane = self.lanes[0]  # the current frame's
@@ -265,23 +265,26 @@ def _passes(lock: threading.Lock) -> bool:
 
 
 class BulkPort:
-    """The port, opened once by the agent with its further lanes (``<path>1``, where the VM's
-    layout has them); None when the VM has none (an older VM's layout)."""
+    """The port, opened once by the agent with its further lanes (slicer.channel.bulk.port_name,
+    where the VM's layout has them); None when the VM has none (an older VM's layout)."""
 
-    def __init__(self, path: str = BULK_PATH) -> None:
-        self.fds = [os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)]
+    def __init__(self, ports_dir: str = PORTS_DIR) -> None:
+        def open_lane(lane: int) -> int:
+            return os.open(os.path.join(ports_dir, port_name(lane)), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+        self.fds = [open_lane(0)]
         for lane in range(1, MAX_LANES):
             try:
-                self.fds.append(os.open(f"{path}{lane}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
+                self.fds.append(open_lane(lane))
             except OSError:  # none (an older layout), or held: the lanes so far still serve
                 break
         self._busy = {"in": False, "out": False}
         self._locks = {"in": threading.Lock(), "out": threading.Lock()}
 
     @classmethod
-    def open(cls, path: str = BULK_PATH) -> BulkPort | None:
+    def open(cls, ports_dir: str = PORTS_DIR) -> BulkPort | None:
         try:
-            return cls(path)
+            return cls(ports_dir)
         except OSError:
             return None
 

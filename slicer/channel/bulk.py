@@ -55,13 +55,12 @@ class BulkError(ConnectionError):
 
 class BulkLink:
     """The host's end of one VM's bulk port (its QEMU chardev sockets, one per lane), opened on
-    first use. ``claim`` hands a direction to one copy at a time: a copy that finds it taken
-    waits a little (the port is several times faster than the channel), then goes through the
-    channel instead. Downloads use lane 0; an upload may be
-    striped over every lane the agent reads (:meth:`send`)."""
+    first use. ``claim`` hands a direction to one copy at a time; a copy that finds it taken
+    may wait for it a while, then goes through the channel instead. Downloads use lane 0; an
+    upload may be striped over every lane the agent reads (:meth:`send`)."""
 
-    def __init__(self, socket_paths: Path | list[Path]) -> None:
-        self.socket_paths = socket_paths if isinstance(socket_paths, list) else [socket_paths]
+    def __init__(self, socket_paths: list[Path]) -> None:
+        self.socket_paths = socket_paths
         self._streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = [None] * len(self.socket_paths)
         self._connecting = asyncio.Lock()
         self._busy = {"in": False, "out": False}

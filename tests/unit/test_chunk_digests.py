@@ -33,7 +33,7 @@ async def _sent(payload: list[bytes], digest: bool) -> tuple[bytes, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bulk.sock"
         server = await asyncio.start_unix_server(serve, str(path))
-        link = BulkLink(path)
+        link = BulkLink([path])
         token = new_token()
 
         async def chunks():
@@ -52,7 +52,7 @@ def _received(token: bytes, wire: bytes) -> tuple[bytes, guest_bulk._Reader]:
     r, w = os.pipe()
     feeder = threading.Thread(target=_write_all, args=(w, wire))
     feeder.start()
-    reader = guest_bulk._Reader(guest_bulk._Port(r, threading.Event(), threading.Lock()), token)
+    reader = guest_bulk._Reader([guest_bulk._Port(r, threading.Event(), threading.Lock())], token)
     out, buf = bytearray(), memoryview(bytearray(1 << 20))
     while n := reader.readinto(buf):
         out += buf[:n]
