@@ -135,8 +135,8 @@ class Daemon:
             return httpx.Client(transport=transport, base_url="http://slicer", headers=headers, timeout=300)
         return httpx.Client(base_url=self.url, headers=headers, timeout=300)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
+    def log(self, tail: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 120) -> int:
         assert self.proc is not None

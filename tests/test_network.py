@@ -139,9 +139,13 @@ def vms(net):
             return made
 
     order = ["br", "iso", "isoa", "pst"]  # the groups side by side; iso-own once iso has its template
-    with concurrent.futures.ThreadPoolExecutor(len(order)) as pool:
-        made = dict(zip(order, pool.map(create, order), strict=True))
-    made["iso-own"] = create("iso-own")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(order)) as pool:
+            made = dict(zip(order, pool.map(create, order), strict=True))
+        made["iso-own"] = create("iso-own")
+    except BaseException:
+        print(d.log(tail=30000))  # the daemon's last words: its data dir goes with the module's fixture
+        raise
     return made
 
 
