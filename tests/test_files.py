@@ -226,11 +226,15 @@ def test_chunked_copy_as_the_official_sdks_do_it(api, vm, tmp_path):
     assert check["exit_code"] == 0 and {"chunked-copy-v1", "chunked-copy-v2"} <= set(check["stdout"].split()), check
     # a file, to a home-relative path (the SDK's ~ forms), in uneven chunks, owned by a user
     data = os.urandom(5 * 1024 * 1024 + 123)
-    result, session = chunked_copy.upload(api, vm, data, "~/chunked.bin", chunk_size=2 * 1024 * 1024,
-                                          uid=1000, permissions="0640")
-    assert result["exit_code"] == 0, result
     home = sh(api, vm, "getent passwd 1000 | cut -d: -f6").strip()
+    first: list[str] = []  # the first chunk's inode: it becomes the file (the rest are appended, not copied)
+    result, session = chunked_copy.upload(
+        api, vm, data, "~/chunked.bin", chunk_size=2 * 1024 * 1024, uid=1000, permissions="0640",
+        before_finalise=lambda s: first.append(
+            sh(api, vm, f"stat -c %i {s.replace('~', home, 1)}/chunks/000000.chunk").strip()))
+    assert result["exit_code"] == 0, result
     assert sh(api, vm, f"sha256sum {home}/chunked.bin").split()[0] == hashlib.sha256(data).hexdigest()
+    assert first[0] and sh(api, vm, f"stat -c %i {home}/chunked.bin").strip() == first[0]
     assert sh(api, vm, f"stat -c '%a %u %g' {home}/chunked.bin").split() == ["640", "1000", "1000"]
     assert sh(api, vm, f"ls -a {home} | grep -c slicer-upload || true").strip() == "0", "session left behind"
     # a directory as a tar, extracted only after every chunk checked out
@@ -244,6 +248,9 @@ def test_chunked_copy_as_the_official_sdks_do_it(api, vm, tmp_path):
         result, session = chunked_copy.upload(api, vm, payload, dest, mode=mode, chunk_size=64 * 1024, corrupt=1)
         assert result["exit_code"] == 1 and "chunk 1 does not match its SHA-256" in result["stderr"], result
         assert sh(api, vm, f"ls -d {dest} 2>/dev/null || echo absent").strip() == "absent"
+        # the first chunk, taken as the file before chunk 1 failed, is given back as it came
+        assert sh(api, vm, f"sha256sum {session}/chunks/000000.chunk").split()[0] == \
+            hashlib.sha256(payload[:64 * 1024]).hexdigest()
         aborted = chunked_copy.helper(api, vm, "upload", "abort", "--manifest", f"{session}/manifest.json",
                                       "--uid", "0", "--gid", "0")
         assert aborted["exit_code"] == 0, aborted

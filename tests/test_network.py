@@ -133,7 +133,8 @@ def vms(net):
         with d.client() as c:
             made = []
             for body in wanted[key]:
-                r = c.post(f"/hostgroup/{key.split('-')[0]}/nodes?wait=agent&timeout=300s", json=body)
+                r = c.post(f"/hostgroup/{key.split('-')[0]}/nodes?wait=agent&timeout=300s", json=body,
+                           timeout=330)  # past the daemon's own: its answer, not ours, says what failed
                 assert r.status_code == 201, r.text
                 made.append(r.json())
             return made

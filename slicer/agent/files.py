@@ -21,7 +21,7 @@ import shutil
 import stat
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from slicer.agent.paths import DIR_FLAGS, FileError, locate, lstat, make_dirs, not_found, open_at, open_dir
@@ -75,12 +75,17 @@ def require_path(value: str | None, uid: int | None = None) -> str:
 # -- binary -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_file(path: str, permissions: int | None, uid: int | None, gid: int | None,
-                fsync: bool = False, dir_fd: int | None = None) -> Iterator[io.BufferedWriter]:
+                fsync: bool = False, dir_fd: int | None = None,
+                adopt: Callable[[int, str], int | None] | None = None) -> Iterator[io.BufferedWriter]:
     """A file to write ``path``'s new content into: a temp file beside it, renamed into place
     when the block ends (removed if it fails). Its directory is reached under the rule of
     :mod:`slicer.agent.paths` (or is ``dir_fd``, ``path`` then a name in it) and everything after
     goes through that descriptor; mode and owner are set on the file's own. Without
-    ``permissions`` it keeps those of the file it replaces (:func:`kept_mode`)."""
+    ``permissions`` it keeps those of the file it replaces (:func:`kept_mode`).
+
+    ``adopt(dir_fd, temp_name)`` may put an existing file at the temp name instead (a hard link: the
+    content is not copied) and return its descriptor, open for writing where the new content
+    goes on; ``None`` when it cannot, and an empty file is made as usual."""
     if dir_fd is None:
         pfd, name = locate(path, follow=False)
     else:
@@ -95,16 +100,7 @@ def atomic_file(path: str, permissions: int | None, uid: int | None, gid: int | 
         if name == "." or (st is not None and stat.S_ISDIR(st.st_mode)):
             raise FileError(f"{path} is a directory; send a tar (mode=tar) or name the file", "is_directory")
         mode = permissions if permissions is not None else kept_mode(st)
-        for _ in range(100):
-            tmp = f".slicer-cp-{secrets.token_hex(6)}"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                             dir_fd=pfd)
-                break
-            except FileExistsError:
-                continue
-        else:
-            raise FileError(f"no temporary name free beside {path}", "copy_failed")
+        tmp, fd = _temp_file(pfd, path, adopt)
         try:
             with os.fdopen(fd, "wb") as f:
                 yield f
@@ -121,6 +117,22 @@ def atomic_file(path: str, permissions: int | None, uid: int | None, gid: int | 
             raise
     finally:
         os.close(pfd)
+
+
+def _temp_file(pfd: int, path: str, adopt: Callable[[int, str], int | None] | None) -> tuple[str, int]:
+    """A free temp name in ``pfd`` and the new file's descriptor (adopted, or made empty). An
+    adopter must not replace what it finds at the name (a link fails with EEXIST: a new name is tried)."""
+    for _ in range(100):
+        tmp = f".slicer-cp-{secrets.token_hex(6)}"
+        try:
+            if adopt is not None and (fd := adopt(pfd, tmp)) is not None:
+                return tmp, fd
+            adopt = None  # it could not: the content is written afresh
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                                dir_fd=pfd)
+        except FileExistsError:
+            continue
+    raise FileError(f"no temporary name free beside {path}", "copy_failed")
 
 
 async def receive_file(path: str, chunks, permissions: int | None, uid: int | None, gid: int | None,

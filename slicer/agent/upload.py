@@ -308,9 +308,18 @@ def _vouched(session: Session, chunks_fd: int, chunk: dict, name: str, f: io.Buf
             == [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
 
 
-def chunks(session: Session, manifest: dict) -> Iterator[tuple[dict, io.BufferedReader, bool]]:
-    """Each chunk of the manifest in order: its entry, its file (open; closed once the next is
-    asked for) and whether its recorded digest vouches for it."""
+class Part:
+    """One chunk of a manifest: its entry, its file (open for reading), whether its recorded
+    digest vouches for it, and its name in the directory ``dir_fd``."""
+
+    __slots__ = ("entry", "file", "vouched", "name", "dir_fd")
+
+    def __init__(self, entry: dict, file: io.BufferedReader, vouched: bool, name: str, dir_fd: int) -> None:
+        self.entry, self.file, self.vouched, self.name, self.dir_fd = entry, file, vouched, name, dir_fd
+
+
+def chunks(session: Session, manifest: dict) -> Iterator[Part]:
+    """Each chunk of the manifest in order (its file is closed once the next is asked for)."""
     try:
         chunks_fd = os.open("chunks", files.DIR_FLAGS, dir_fd=session.fd)
     except OSError as e:
@@ -321,7 +330,7 @@ def chunks(session: Session, manifest: dict) -> Iterator[tuple[dict, io.Buffered
         for chunk in manifest["chunks"]:
             name, f = _chunk_file(session, chunks_fd, chunk)
             with f:
-                yield chunk, f, _vouched(session, chunks_fd, chunk, name, f)
+                yield Part(chunk, f, _vouched(session, chunks_fd, chunk, name, f), name, chunks_fd)
     finally:
         os.close(chunks_fd)
 
@@ -347,8 +356,8 @@ def stream(session: Session, manifest: dict) -> Iterator[bytes]:
     """The chunks' bytes in order, each checked for size and SHA-256 as it is read (unless its
     recorded digest vouches for it); a chunk that does not match raises UploadError after its
     last byte (before the next is read)."""
-    for chunk, f, vouched in chunks(session, manifest):
-        yield from _blocks(chunk, f, check=not vouched)
+    for part in chunks(session, manifest):
+        yield from _blocks(part.entry, part.file, check=not part.vouched)
 
 
 def _copy_range(src: io.BufferedReader, dst: io.BufferedWriter, size: int) -> None:
@@ -392,21 +401,90 @@ class _StreamReader(io.RawIOBase):
         return n
 
 
+def _take(part: Part, dir_fd: int, tmp: str) -> int | None:
+    """For :func:`files.atomic_file`: the first chunk, checked, becomes the new file itself (a hard
+    link, not a copy; the other chunks are appended to it; its name in the session goes with the
+    session); its descriptor, at its end. ``None`` for one with another name already (its links
+    would see what is appended) or on another filesystem: that one is copied as the rest."""
+    st = os.fstat(part.file.fileno())
+    if st.st_nlink != 1:
+        return None
+    try:
+        os.link(part.name, tmp, src_dir_fd=part.dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except FileExistsError:
+        raise  # the temp name is taken: atomic_file tries another
+    except OSError:
+        return None
+    fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):  # the name was changed under us: not the chunk checked
+        os.close(fd)
+        os.unlink(tmp, dir_fd=dir_fd)
+        raise UploadError(f"chunk {part.entry['index']} changed while the file was assembled")
+    os.ftruncate(fd, part.entry["size"])  # nothing written to it since it was checked stays
+    os.lseek(fd, part.entry["size"], os.SEEK_SET)
+    return fd
+
+
+def _untake(part: Part, dir_fd: int, inode: tuple[int, int]) -> None:
+    """A finalise that failed after taking the first chunk gives it back as it came (what was
+    appended is cut off), so that the session can still be finalised or aborted."""
+    fd = os.open(part.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) == inode:
+            os.ftruncate(fd, part.entry["size"])
+    finally:
+        os.close(fd)
+
+
+def _append(part: Part, dst: io.BufferedWriter, checked: bool = False) -> None:
+    if part.vouched or checked:
+        _copy_range(part.file, dst, part.entry["size"])
+    else:
+        for block in _blocks(part.entry, part.file, check=True):
+            dst.write(block)
+
+
 def _write_binary(session: Session, m: dict, dest: str, perms: int | None) -> dict:
-    with files.atomic_file(dest, perms, m["uid"], m["gid"], fsync=True) as f:
-        for chunk, src, vouched in chunks(session, m):
-            if vouched:
-                _copy_range(src, f, chunk["size"])
-            else:
-                for block in _blocks(chunk, src, check=True):
-                    f.write(block)
+    parts = chunks(session, m)
+    first = next(parts, None)
+    if first is None:
+        with files.atomic_file(dest, perms, m["uid"], m["gid"], fsync=True):
+            pass
+        return {"path": dest, "mode": "binary", "size": m["size"]}
+    if not first.vouched:  # checked before it is taken
+        for _ in _blocks(first.entry, first.file, check=True):
+            pass
+        first.file.seek(0)
+    st = os.fstat(first.file.fileno())
+    taken, chunks_dir = False, os.dup(first.dir_fd)  # its own: the iteration closes the chunks' when it ends
+
+    def adopt(dir_fd: int, tmp: str) -> int | None:
+        nonlocal taken
+        fd = _take(first, dir_fd, tmp)
+        taken = fd is not None
+        return fd
+
+    try:
+        with files.atomic_file(dest, perms, m["uid"], m["gid"], fsync=True, adopt=adopt) as f:
+            if not taken:
+                _append(first, f, checked=True)
+            for part in parts:
+                _append(part, f)
+    except BaseException:
+        if taken:
+            _untake(first, chunks_dir, (st.st_dev, st.st_ino))
+        raise
+    finally:
+        os.close(chunks_dir)
     return {"path": dest, "mode": "binary", "size": m["size"]}
 
 
 def _extract(session: Session, m: dict, dest: str, perms: int | None) -> dict:
-    for chunk, f, vouched in chunks(session, m):  # every chunk checked before anything is extracted
-        if not vouched:
-            for _ in _blocks(chunk, f, check=True):
+    for part in chunks(session, m):  # every chunk checked before anything is extracted
+        if not part.vouched:
+            for _ in _blocks(part.entry, part.file, check=True):
                 pass
     count = files.extract_tar(io.BufferedReader(_StreamReader(stream(session, m)), READ), dest, perms,
                               m["uid"], m["gid"])

@@ -103,7 +103,7 @@ def session(tmp_path):
 def _vouched(tmp_path: Path, name: str) -> list[bool]:
     s = upload.Session(str(tmp_path / name / "manifest.json"), 0)
     try:
-        return [v for _, _, v in upload.chunks(s, upload.load_manifest(s))]
+        return [part.vouched for part in upload.chunks(s, upload.load_manifest(s))]
     finally:
         s.close()
 
@@ -125,6 +125,59 @@ def test_recorded_digests_spare_reading_and_the_file_is_whole(session, monkeypat
     assert _finalise(tmp_path, name)["size"] == sum(map(len, parts))
     assert (tmp_path / "out.bin").read_bytes() == b"".join(parts) and read == []
     assert not (tmp_path / name).exists()
+
+
+def _inode(path: Path) -> int:
+    return path.stat().st_ino
+
+
+@pytest.mark.parametrize("vouched", [True, False])
+def test_the_first_chunk_becomes_the_file_and_is_not_copied(session, vouched):
+    """Finalise takes the first chunk as the new file (a link, not a copy) and appends the rest
+    (read and checked first when no record vouches for it)."""
+    tmp_path, name, parts = session
+    first = tmp_path / name / "chunks" / "000000.chunk"
+    if not vouched:
+        Path(str(first) + upload.DIGEST_SUFFIX).unlink()
+    inode = _inode(first)
+    _finalise(tmp_path, name)
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(parts)
+    assert _inode(tmp_path / "out.bin") == inode and (tmp_path / "out.bin").stat().st_nlink == 1
+    assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("bad", [0, 2])
+def test_a_failed_finalise_gives_the_first_chunk_back_whole(session, bad):
+    """A damaged chunk after the first is found once the first has become the new file: the
+    destination is not made, no temp file is left beside it, and the session is as it came, the
+    first chunk cut back to its own bytes (to be finalised again or aborted)."""
+    tmp_path, name, parts = session
+    chunk = tmp_path / name / "chunks" / f"{bad:06d}.chunk"
+    first = tmp_path / name / "chunks" / "000000.chunk"
+    inode = _inode(first)
+    with open(chunk, "r+b") as f:
+        f.write(bytes([parts[bad][0] ^ 1]))
+    held = first.read_bytes()  # what the session holds as its first chunk (the damaged one, or whole)
+    with pytest.raises(upload.UploadError, match=f"chunk {bad} does not match its SHA-256"):
+        _finalise(tmp_path, name)
+    assert not (tmp_path / "out.bin").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".slicer-cp-")] == []
+    assert _inode(first) == inode and first.stat().st_nlink == 1
+    assert first.read_bytes() == held and (bad == 0 or held == parts[0])
+    chunk.write_bytes(parts[bad])  # mended: the same session goes through
+    _finalise(tmp_path, name)
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(parts)
+
+
+def test_a_first_chunk_with_another_name_is_copied_not_taken(session):
+    """A chunk linked elsewhere (its owner may have) would show that name what is appended: it is copied."""
+    tmp_path, name, parts = session
+    first = tmp_path / name / "chunks" / "000000.chunk"
+    os.link(first, tmp_path / "elsewhere")
+    _finalise(tmp_path, name)
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(parts)
+    assert _inode(tmp_path / "out.bin") != _inode(tmp_path / "elsewhere")
+    assert (tmp_path / "elsewhere").read_bytes() == parts[0]
 
 
 @pytest.mark.parametrize("change", ["rewrite", "same-mtime", "record", "no-record", "replace"])
