@@ -22,7 +22,6 @@ import stat
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from slicer.agent.paths import DIR_FLAGS, FileError, locate, lstat, make_dirs, not_found, open_at, open_dir
 
@@ -301,13 +300,14 @@ def extract_tar(fileobj, root: str, permissions: int | None, uid: int | None, gi
     return count
 
 
-@dataclass
 class Entry:
     """One thing to put in a tar, held open: ``fd`` for a directory or regular file (-1 else),
     its status, and a symlink's target."""
-    st: os.stat_result
-    fd: int = -1
-    link: str = ""
+
+    __slots__ = ("st", "fd", "link")
+
+    def __init__(self, st: os.stat_result, fd: int = -1, link: str = "") -> None:
+        self.st, self.fd, self.link = st, fd, link
 
     def close(self) -> None:
         if self.fd >= 0:

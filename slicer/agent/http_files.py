@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from slicer.agent import bulk, copyv1, files, paths, protocol, upload
+from slicer.agent import bulk, copyv1, files, paths, sessions, upload
 from slicer.agent.http_util import BodyReader, Context, Handlers, ResponseWriter, error
 
 
@@ -78,7 +78,7 @@ async def _cp_in_bulk(port: bulk.BulkPort | None, request: web.Request) -> web.S
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
             # a chunk of an SDK's chunked copy: the host sends its digest too (see upload.record_digest)
-            chunk = protocol.is_chunk(str(request.query.get("path", "")))
+            chunk = sessions.is_chunk(str(request.query.get("path", "")))
             ready = {"ready": True, **({"digest": True} if chunk else {}),
                      **({"lanes": port.lanes} if port.lanes > 1 else {})}  # an upload may be striped over them
             await resp.write(json.dumps(ready).encode() + b"\n")

@@ -13,7 +13,6 @@ Errors are ``{"error": "...", "code": "..."}`` with the codes listed in ``ERROR_
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, TypedDict
 from urllib.parse import quote
@@ -357,22 +356,3 @@ ENDPOINTS: dict[str, Endpoint] = _table(
     Endpoint("put_ca", "PUT", "/ca", "json", CAInstalled, body="bytes"),
 )
 
-
-# The SDKs' chunked copy (slicer.agent.upload): where its sessions and chunks are. The host
-# reads it too: a chunk's upload waits its turn on the bulk port (slicer.core.agent).
-SESSION_RE = re.compile(r"\.slicer-upload-[0-9a-f]{32}")
-
-
-def session_of(path: str) -> str | None:
-    """The chunked-copy session directory ``path``'s file lies in (``<session>/manifest.json``,
-    ``<session>/chunks/NNNNNN.chunk``), if any."""
-    parts = path.split("/")
-    for i in (len(parts) - 2, len(parts) - 3):
-        if i > 0 and SESSION_RE.fullmatch(parts[i]):
-            return "/".join(parts[: i + 1])
-    return None
-
-
-def is_chunk(path: str) -> bool:
-    """Whether ``path`` is a chunk of a chunked-copy session (``<session>/chunks/NNNNNN.chunk``)."""
-    return path.endswith(".chunk") and session_of(path) is not None

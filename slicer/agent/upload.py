@@ -46,7 +46,7 @@ import sys
 from collections.abc import Iterator
 
 from slicer.agent import copyv1, files
-from slicer.agent.protocol import SESSION_RE, session_of
+from slicer.agent.sessions import SESSION_RE, session_of
 
 MAX_MANIFEST = 16 << 20  # ~170k chunk entries (11 TB in the SDKs' 64 MiB chunks); a hostile one is refused
 MAX_CHUNK = 64 << 20  # the SDKs' own limit

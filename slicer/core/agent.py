@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 
 import httpx
 
-from slicer.agent import protocol
+from slicer.agent import protocol, sessions
 from slicer.agent.protocol import ENDPOINTS
 from slicer.channel.bulk import BulkError, BulkLink, new_token
 from slicer.channel.duplex import DuplexResponse, duplex_request
@@ -302,7 +302,7 @@ class AgentClient:
     async def cp_in(self, params: Query, content: AsyncIterable[bytes]) -> protocol.Copied:
         """Copy ``content`` (a file's bytes or a tar, as ``params``' mode says) into the guest:
         its bytes on the bulk port when the VM has one free, else through the channel."""
-        chunk = any(k == "path" and protocol.is_chunk(v) for k, v in _items(params))
+        chunk = any(k == "path" and sessions.is_chunk(v) for k, v in _items(params))
         link = await self._bulk_link("in", wait=BULK_WAIT if chunk else 0.0)
         if link is not None:
             try:

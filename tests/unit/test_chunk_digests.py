@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from slicer.agent import bulk as guest_bulk
-from slicer.agent import protocol, upload
+from slicer.agent import sessions, upload
 from slicer.channel.bulk import BulkLink, new_token
 
 
@@ -215,8 +215,8 @@ def test_a_chunk_changed_after_it_landed_is_read_and_checked_again(session, chan
 
 def test_only_a_sessions_chunks_ask_for_a_digest():
     s = f"/root/.slicer-upload-{'a' * 32}"
-    assert protocol.is_chunk(f"{s}/chunks/000000.chunk")
-    assert not protocol.is_chunk(f"{s}/manifest.json") and not protocol.is_chunk("/root/file.chunk")
+    assert sessions.is_chunk(f"{s}/chunks/000000.chunk")
+    assert not sessions.is_chunk(f"{s}/manifest.json") and not sessions.is_chunk("/root/file.chunk")
 
 
 def test_the_guest_helper_imports_no_asyncio():
