@@ -157,6 +157,15 @@ class Daemon:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+def ticker(path: str, every: float = 0.1) -> str:
+    """A guest command (for a background exec) appending a line to ``path`` every ``every`` seconds
+    on bash's builtins alone. A loop forking ``sleep`` (and ``mv``) each tick kept a guest 30 % busy
+    under TCG, against 3 % for this, and slowed every test running beside it. Readers count lines
+    (``wc -l``): an append is never seen half-written."""
+    return (f"mkfifo /tmp/.tick-$$ && exec 3<>/tmp/.tick-$$ && rm /tmp/.tick-$$; i=0; "
+            f"while true; do echo $i >> {path}; i=$((i+1)); read -t {every} -u 3; done")
+
+
 def wait_agent(client: httpx.Client, hostname: str, timeout: float = BOOT_TIMEOUT) -> dict:
     deadline = time.monotonic() + timeout
     last = None

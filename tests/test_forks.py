@@ -10,7 +10,7 @@ import time
 import pytest
 
 from slicer.client import SlicerClient
-from tests.conftest import Daemon, qemu_pids
+from tests.conftest import Daemon, qemu_pids, ticker
 from tests.test_snapshots import IDENTITY, create, run
 
 pytestmark = pytest.mark.vm
@@ -33,8 +33,7 @@ config:
     bind_address: 127.0.0.1
     port: PORT
 """
-# Written whole (a rename): a reader never sees the file truncated between two counts.
-COUNTER = "i=0; while true; do echo $i > /tmp/c.new; mv /tmp/c.new /tmp/counter; i=$((i+1)); sleep 0.1; done"
+COUNTER = ticker("/tmp/counter")  # a line a tick: count them
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +174,9 @@ def test_live_fork_copies_processes_memory_and_files(fork_daemon):
             assert len({ident[i] for ident in identities}) == 4, (field, identities)
         for h in [src, *copies]:
             assert run(api, h, "cat /dev/shm/marker /root/marker") == "in-memory\non-disk\n", h
-            first = int(run(api, h, "cat /tmp/counter"))
+            first = int(run(api, h, "wc -l < /tmp/counter"))
             time.sleep(0.6)
-            assert int(run(api, h, "cat /tmp/counter")) > first, f"{h}: the counting process runs on"
+            assert int(run(api, h, "wc -l < /tmp/counter")) > first, f"{h}: the counting process runs on"
             assert abs(float(run(api, h, "date +%s.%N")) - time.time()) < 30, f"{h}: its clock is right"
         # Each is its own machine from here on.
         run(api, copies[0], "echo only-here > /root/mine && sync")

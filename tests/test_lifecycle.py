@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Daemon, qemu_pids, wait_agent
+from tests.conftest import Daemon, qemu_pids, ticker, wait_agent
 
 pytestmark = pytest.mark.vm
 
@@ -117,7 +117,7 @@ def test_a_crashed_daemon_leaves_guests_running_and_the_next_one_adopts_them(per
     marker = os.urandom(8).hex()
     sh(api, sandbox, f"echo {marker} > /dev/shm/marker")  # memory only: survives only in the same guest
     bg = api.post(f"/vm/{sandbox}/exec", params={
-        "cmd": "while true; do date +%s%N >> /dev/shm/ticks; sleep 0.2; done", "background": "true"})
+        "cmd": ticker("/dev/shm/ticks", 0.2), "background": "true"})
     assert bg.status_code == 201, bg.text
     exec_id = bg.json()["exec_id"]
     web = api.post(f"/vm/{sandbox}/exec", params={

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import IMAGE_DATA_DIR, Daemon, wait_agent
+from tests.conftest import IMAGE_DATA_DIR, Daemon, ticker, wait_agent
 
 pytestmark = pytest.mark.vm
 
@@ -98,7 +98,7 @@ def test_cold_boot_on_request(api):
     assert api.post("/hostgroup/ghost/template").status_code == 404
 
 
-COUNTER = "i=0; while true; do echo $i > /tmp/counter; i=$((i+1)); sleep 0.1; done"
+COUNTER = ticker("/tmp/counter")  # a line a tick: count them
 
 
 def test_suspend_and_restore_keep_a_running_process(api, daemon):
@@ -108,7 +108,7 @@ def test_suspend_and_restore_keep_a_running_process(api, daemon):
         assert r.status_code == 201, r.text
         pid = r.json()["pid"]
         time.sleep(1.5)
-        before = int(run(api, h, "cat /tmp/counter"))
+        before = int(run(api, h, "wc -l < /tmp/counter"))
         assert before > 0
         r = api.post(f"/vm/{h}/suspend")
         assert r.status_code == 200, r.text
@@ -124,11 +124,11 @@ def test_suspend_and_restore_keep_a_running_process(api, daemon):
         r = api.post(f"/vm/{h}/restore", params={"wait": "agent"})
         assert r.status_code == 200, r.text
         assert api.get(f"/vm/{h}").json()["status"] == "Running"
-        after = int(run(api, h, "cat /tmp/counter"))
+        after = int(run(api, h, "wc -l < /tmp/counter"))
         assert before <= after < before + 60, (before, after)
         assert run(api, h, f"cat /proc/{pid}/comm").strip() == "bash", "the same process runs on"
         time.sleep(0.5)
-        assert int(run(api, h, "cat /tmp/counter")) > after, "and keeps counting"
+        assert int(run(api, h, "wc -l < /tmp/counter")) > after, "and keeps counting"
         assert abs(float(run(api, h, "date +%s.%N")) - time.time()) < 30
         again = api.post(f"/vm/{h}/restore")
         assert again.status_code == 409 and again.json()["code"] == "not_suspended"
@@ -270,7 +270,7 @@ def test_suspend_on_shutdown_brings_services_back_where_they_were(guest_image):
         api.post(f"/vm/{sandbox}/suspend").raise_for_status()
         api.post("/vm/svc-1/exec", params={"cmd": COUNTER, "background": "true"}).raise_for_status()
         time.sleep(1.5)
-        before = int(run(api, "svc-1", "cat /tmp/counter"))
+        before = int(run(api, "svc-1", "wc -l < /tmp/counter"))
 
         assert d.stop(signal.SIGTERM) == 0
         assert (data / "snapshots" / "svc-1.state").exists(), "the service was suspended"
@@ -282,7 +282,7 @@ def test_suspend_on_shutdown_brings_services_back_where_they_were(guest_image):
         wait_agent(api, "svc-1")
         nodes = api.get("/nodes").json()
         assert [n["hostname"] for n in nodes] == ["svc-1"] and nodes[0]["boot"] == "suspend"
-        after = int(run(api, "svc-1", "cat /tmp/counter"))
+        after = int(run(api, "svc-1", "wc -l < /tmp/counter"))
         assert before <= after < before + 100, "the counter went on from where it was"
         assert not (data / "snapshots" / "svc-1.state").exists(), "a restored state is removed"
     finally:
