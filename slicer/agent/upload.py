@@ -335,11 +335,12 @@ def chunks(session: Session, manifest: dict) -> Iterator[Part]:
         os.close(chunks_fd)
 
 
-def _blocks(chunk: dict, f: io.BufferedReader, check: bool) -> Iterator[bytes]:
+def _blocks(chunk: dict, f: io.BufferedReader, check: bool, longer: bool = False) -> Iterator[bytes]:
     """Chunk ``f``'s bytes; with ``check``, its size and SHA-256 are checked as they are read (a
-    mismatch raises UploadError after its last byte)."""
+    mismatch raises UploadError after its last byte). ``longer``: bytes past its size are left
+    unread, not refused (a first chunk a killed finalise had begun appending to)."""
     digest, seen = hashlib.sha256() if check else None, 0
-    while block := f.read(min(READ, chunk["size"] + 1 - seen)):
+    while block := f.read(min(READ, chunk["size"] + (0 if longer else 1) - seen)):
         seen += len(block)
         if seen > chunk["size"]:
             raise UploadError(f"chunk {chunk['index']} is larger than {chunk['size']} bytes")
@@ -405,35 +406,56 @@ def _take(part: Part, dir_fd: int, tmp: str) -> int | None:
     """For :func:`files.atomic_file`: the first chunk, checked, becomes the new file itself (a hard
     link, not a copy; the other chunks are appended to it; its name in the session goes with the
     session); its descriptor, at its end. ``None`` for one with another name already (its links
-    would see what is appended) or on another filesystem: that one is copied as the rest."""
+    would see what is appended) or on another filesystem: that one is copied as the rest.
+
+    It is opened for writing in the session (the owner's alone, where nothing can be swapped in
+    under it) and made 0600 before it is linked beside the destination, where others may look."""
     st = os.fstat(part.file.fileno())
     if st.st_nlink != 1:
         return None
     try:
-        os.link(part.name, tmp, src_dir_fd=part.dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-    except FileExistsError:
-        raise  # the temp name is taken: atomic_file tries another
+        fd = os.open(part.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=part.dir_fd)
     except OSError:
-        return None
-    fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    now = os.fstat(fd)
-    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):  # the name was changed under us: not the chunk checked
+        return None  # not writable by its owner (0444, say): copied
+    linked = False
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):  # the name was changed under us
+            raise UploadError(f"chunk {part.entry['index']} changed while the file was assembled")
+        os.fchmod(fd, 0o600)  # atomic_file sets the mode asked for once the file is whole
+        try:
+            os.link(part.name, tmp, src_dir_fd=part.dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            raise  # the temp name is taken: atomic_file tries another
+        except OSError:
+            os.close(fd)
+            return None
+        linked = True
+        os.ftruncate(fd, part.entry["size"])  # nothing written to it since it was checked stays
+        os.lseek(fd, part.entry["size"], os.SEEK_SET)
+        return fd
+    except BaseException:
         os.close(fd)
-        os.unlink(tmp, dir_fd=dir_fd)
-        raise UploadError(f"chunk {part.entry['index']} changed while the file was assembled")
-    os.ftruncate(fd, part.entry["size"])  # nothing written to it since it was checked stays
-    os.lseek(fd, part.entry["size"], os.SEEK_SET)
-    return fd
+        if linked:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+        raise
 
 
 def _untake(part: Part, dir_fd: int, inode: tuple[int, int]) -> None:
     """A finalise that failed after taking the first chunk gives it back as it came (what was
-    appended is cut off), so that the session can still be finalised or aborted."""
-    fd = os.open(part.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    appended is cut off), so that the session can still be finalised or aborted. (After a killed
+    one, the next finalise reads the first chunk only up to its size.)"""
+    try:
+        fd = os.open(part.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) == inode:
             os.ftruncate(fd, part.entry["size"])
+    except OSError:
+        pass  # the error that brought us here is the one to tell
     finally:
         os.close(fd)
 
@@ -453,8 +475,8 @@ def _write_binary(session: Session, m: dict, dest: str, perms: int | None) -> di
         with files.atomic_file(dest, perms, m["uid"], m["gid"], fsync=True):
             pass
         return {"path": dest, "mode": "binary", "size": m["size"]}
-    if not first.vouched:  # checked before it is taken
-        for _ in _blocks(first.entry, first.file, check=True):
+    if not first.vouched:  # checked before it is taken (up to its size: a killed finalise may have appended)
+        for _ in _blocks(first.entry, first.file, check=True, longer=True):
             pass
         first.file.seek(0)
     st = os.fstat(first.file.fileno())

@@ -169,6 +169,38 @@ def test_a_failed_finalise_gives_the_first_chunk_back_whole(session, bad):
     assert (tmp_path / "out.bin").read_bytes() == b"".join(parts)
 
 
+def test_the_taken_chunk_is_private_while_the_file_is_assembled(session, monkeypatch):
+    """Beside the destination (a directory others may read), the file being assembled is 0600
+    until it is whole, whatever mode its chunk had in the session."""
+    tmp_path, name, parts = session
+    (tmp_path / name / "chunks" / "000000.chunk").chmod(0o644)
+    seen = []
+    real = upload._append
+
+    def append(part, dst, checked=False):
+        seen.append(oct(os.fstat(dst.fileno()).st_mode & 0o777))
+        return real(part, dst, checked)
+
+    monkeypatch.setattr(upload, "_append", append)
+    _finalise(tmp_path, name)
+    assert seen and set(seen) == {"0o600"}
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(parts)
+
+
+@pytest.mark.parametrize("stray", [True, False])
+def test_a_session_left_by_a_killed_finalise_still_goes_through(session, stray):
+    """A finalise killed while appending leaves the first chunk longer than its size (and, with
+    ``stray``, still linked beside the destination): the next reads it up to its size."""
+    tmp_path, name, parts = session
+    first = tmp_path / name / "chunks" / "000000.chunk"
+    with open(first, "ab") as f:
+        f.write(parts[1][:1000])
+    if stray:
+        os.link(first, tmp_path / ".slicer-cp-000000000000")
+    _finalise(tmp_path, name)
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(parts)
+
+
 def test_a_first_chunk_with_another_name_is_copied_not_taken(session):
     """A chunk linked elsewhere (its owner may have) would show that name what is appended: it is copied."""
     tmp_path, name, parts = session
