@@ -110,7 +110,8 @@ class Lifecycle:
         gnet = self.net.group(rec.hostgroup)
         lap = Laps()
         try:
-            spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir, policy=rec.spec.network)
+            async with node.link:
+                spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir, policy=rec.spec.network)
         except NetworkError as e:
             raise SlicerError(f"{rec.hostname}: network setup failed: {e}", ErrorCode.NETWORK_FAILED) from e
         lap("attach")
@@ -127,7 +128,8 @@ class Lifecycle:
             spec.net.close()
             if vm is not None:
                 await vm.kill()
-            await gnet.detach(rec.hostname, rec.ip, node.run_dir)
+            async with node.link:
+                await gnet.detach(rec.hostname, rec.ip, node.run_dir)
             raise
         spec.net.close()  # the VMM holds the TAP now; it goes away with the VMM
         return vm
@@ -155,7 +157,7 @@ class Lifecycle:
         code = await vm.wait()
         node.rebooted.set()  # wakes the provisioner of this VM, which then sees it stopped and ends
         if node.vm is vm and not node.deleted:  # not yet relaunched (nor destroyed): its link goes with it
-            await self.detach(node)
+            await self.detach(node, vm)
             node.exited.set()
         if node.vm is not vm or node.stopping:
             return
@@ -245,11 +247,18 @@ class Lifecycle:
             await node.agent.aclose()
         self.remove_files(node.record, disk=False)
 
-    async def detach(self, node: Node) -> None:
-        try:
-            await self.net.group(node.record.hostgroup).detach(node.hostname, node.record.ip, node.run_dir)
-        except (NetworkError, KeyError) as e:
-            log.warning("%s: network cleanup: %s", node.hostname, e)
+    async def detach(self, node: Node, vm: VM | None = None) -> None:
+        """Remove the node's network link. It returns once any removal under way has ended: a
+        bridge deletes the TAP by name a moment after forgetting it, so a restore right after a
+        suspend would lose the new TAP of that name. ``vm`` (its watcher): only while that VM
+        is still the node's; a VM started since has a link of its own."""
+        async with node.link:
+            if vm is not None and node.vm is not vm:
+                return
+            try:
+                await self.net.group(node.record.hostgroup).detach(node.hostname, node.record.ip, node.run_dir)
+            except (NetworkError, KeyError) as e:
+                log.warning("%s: network cleanup: %s", node.hostname, e)
 
     def remove_files(self, rec: NodeRecord, disk: bool) -> None:
         if disk:

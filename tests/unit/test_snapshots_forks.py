@@ -234,3 +234,35 @@ async def test_a_vm_keeps_the_layout_its_saved_state_has_until_it_boots_cold(lab
     await m.power.shutdown(old.hostname, "shutdown")
     await m.snapshots.relaunch(old.hostname, wait="agent", timeout=5)  # a cold boot: today's layout
     assert lab.host.vm(old.hostname).spec.layout == LAYOUT and old.record.spec.layout == LAYOUT
+
+
+async def test_a_restore_right_after_a_suspend_keeps_its_network_link(lab: Lab, monkeypatch):
+    """The watcher of the saved VM removes its link too. A bridge's detach forgets the TAP at once
+    and deletes the device (by name) a moment later: a restore that came in meanwhile got the same
+    name and lost its new TAP to that late deletion (a 500, network_failed)."""
+    m = await lab.daemon()
+    node = await m.create("cold", **create_args())
+    gnet = m.net.group("cold")
+    detach = gnet.detach
+
+    async def late_delete(name: str, ip: str, run_dir: Path) -> None:
+        linked = name in gnet.links
+        await detach(name, ip, run_dir)
+        if linked:
+            await asyncio.sleep(0.1)  # `ip link del`, spawned on a busy host
+            gnet.links.pop(name, None)
+
+    vm = lab.host.vm(node.hostname)
+    save = vm.save
+
+    async def save_and_quit(path: Path) -> None:  # as QEMU's: the watcher sees the exit before it returns
+        await save(path)
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(gnet, "detach", late_delete)
+    monkeypatch.setattr(vm, "save", save_and_quit)
+    await m.snapshots.suspend(node.hostname)
+    await m.snapshots.restore(node.hostname, wait="agent", timeout=5)
+    await asyncio.sleep(0.3)
+    assert node.hostname in gnet.links and node.status == "Running"
