@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from slicer.agent import bulk, copyv1, files, paths, sessions, upload
+from slicer.agent import bulk, copyv1, files, paths, sessions, tars, upload
 from slicer.agent.http_util import BodyReader, Context, Handlers, ResponseWriter, error
 
 
@@ -36,7 +36,7 @@ async def _cp_in(q, content) -> web.Response:
                                   "invalid_request")
         if mode == "tar":
             reader = BodyReader(asyncio.get_running_loop(), content)
-            count = await asyncio.to_thread(files.extract_tar, reader, path, perms, uid, gid,
+            count = await asyncio.to_thread(tars.extract_tar, reader, path, perms, uid, gid,
                                             q.getall("exclude", []))
             return web.json_response({"path": path, "mode": "tar", "entries": count})
         with upload.upload_path(path, uid, gid) as (dir_fd, target):  # an SDK's chunk goes via its session
@@ -113,7 +113,7 @@ async def _tar(uid: int | None, path: str, contents: bool, excludes: list[str], 
 
     async def write(resp: web.StreamResponse) -> None:
         writer = ResponseWriter(asyncio.get_running_loop(), resp)
-        await paths.run_as(uid, files.write_tar, writer, tree, base, excludes if contents else [], contents)
+        await paths.run_as(uid, tars.write_tar, writer, tree, base, excludes if contents else [], contents)
 
     return Download({"Content-Type": "application/x-tar", **meta}, None, write, tree.close)
 

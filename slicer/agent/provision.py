@@ -66,7 +66,7 @@ def install_keys(keys: list[str], user: str = DEFAULT_USER) -> dict:
         with contextlib.suppress(FileExistsError):
             os.mkdir(".ssh", 0o700, dir_fd=home)
         try:
-            ssh = os.open(".ssh", files.DIR_FLAGS, dir_fd=home)
+            ssh = os.open(".ssh", paths.DIR_FLAGS, dir_fd=home)
         except OSError as e:
             raise files.FileError(f"{pw.pw_dir}/.ssh is not a directory ({e.strerror}): not written",
                                   "unsafe_path", 409) from None

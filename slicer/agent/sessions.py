@@ -1,15 +1,19 @@
 """Where the SDKs' chunked copy keeps its sessions and chunks (``slicer.agent.upload``).
 
 The guest's helper, the agent's file routes and the host (a chunk's upload waits its turn on the
-bulk port: ``slicer.core.agent``) all read it from here. Standard library ``re`` only: the helper
-starts once per chunked copy, and under TCG every import is felt.
+bulk port: ``slicer.core.agent``) all read it from here. No imports: the helper starts once per
+chunked copy, and under TCG every import is felt (``re`` alone took ~0.1 s).
 """
 
 from __future__ import annotations
 
-import re
+SESSION_PREFIX = ".slicer-upload-"
+_HEX = frozenset("0123456789abcdef")
 
-SESSION_RE = re.compile(r"\.slicer-upload-[0-9a-f]{32}")
+
+def is_session_name(name: str) -> bool:
+    """Whether ``name`` is a session directory's: ``.slicer-upload-`` and 32 lowercase hex digits."""
+    return len(name) == len(SESSION_PREFIX) + 32 and name.startswith(SESSION_PREFIX) and _HEX.issuperset(name[-32:])
 
 
 def session_of(path: str) -> str | None:
@@ -17,7 +21,7 @@ def session_of(path: str) -> str | None:
     ``<session>/chunks/NNNNNN.chunk``), if any."""
     parts = path.split("/")
     for i in (len(parts) - 2, len(parts) - 3):
-        if i > 0 and SESSION_RE.fullmatch(parts[i]):
+        if i > 0 and is_session_name(parts[i]):
             return "/".join(parts[: i + 1])
     return None
 

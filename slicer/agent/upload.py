@@ -31,22 +31,21 @@ put the source — into an existing directory under its own name, or at the dest
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import os
 import pwd
-import re
-import shutil
 import stat
 import sys
 from collections.abc import Iterator
 
-from slicer.agent import copyv1, files
-from slicer.agent.sessions import SESSION_RE, session_of
+from slicer.agent import copyv1, files, paths
+from slicer.agent.sessions import is_session_name, session_of
+
+# The helper starts once or twice per chunked copy, and under TCG each import is felt (argparse,
+# hashlib and shutil took ~0.25 s of its ~0.5 s start): what only some runs need is imported there.
 
 MAX_MANIFEST = 16 << 20  # ~170k chunk entries (11 TB in the SDKs' 64 MiB chunks); a hostile one is refused
 MAX_CHUNK = 64 << 20  # the SDKs' own limit
@@ -100,13 +99,13 @@ def _owned_dir(name: str, dir_fd: int | None, uid: int, gid: int, make: bool) ->
     if make:
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o700, dir_fd=dir_fd)
-            fd = os.open(name, files.DIR_FLAGS, dir_fd=dir_fd)
+            fd = os.open(name, paths.DIR_FLAGS, dir_fd=dir_fd)
             try:
                 os.fchown(fd, uid, gid)
             finally:
                 os.close(fd)
     try:
-        fd = os.open(name, files.DIR_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, paths.DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         raise files.not_found(name) from None
     except OSError as e:  # ELOOP: a symlink in its place
@@ -174,7 +173,7 @@ class Session:
             raise UploadError(str(e)) from None
         self.path = os.path.dirname(manifest)
         self.name = os.path.basename(self.path)
-        if os.path.basename(manifest) != "manifest.json" or not SESSION_RE.fullmatch(self.name):
+        if os.path.basename(manifest) != "manifest.json" or not is_session_name(self.name):
             raise UploadError(f"{raw_manifest}: not a chunked-copy manifest (<dir>/.slicer-upload-<id>/manifest.json)")
         try:
             self.beside = files.open_dir(os.path.dirname(self.path))  # the agent's rule (slicer.agent.paths)
@@ -207,6 +206,8 @@ class Session:
 
     def remove(self) -> bool:
         """Remove the session; whether it is gone."""
+        import shutil
+
         shutil.rmtree(self.name, ignore_errors=True, dir_fd=self.beside)  # by descriptor: never through a symlink
         try:
             os.stat(self.name, dir_fd=self.beside, follow_symlinks=False)
@@ -219,8 +220,11 @@ def _is_int(value: object, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
 def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{64}", value) is not None
+    return isinstance(value, str) and len(value) == 64 and _HEX.issuperset(value)
 
 
 def load_manifest(session: Session) -> dict:
@@ -321,7 +325,7 @@ class Part:
 def chunks(session: Session, manifest: dict) -> Iterator[Part]:
     """Each chunk of the manifest in order (its file is closed once the next is asked for)."""
     try:
-        chunks_fd = os.open("chunks", files.DIR_FLAGS, dir_fd=session.fd)
+        chunks_fd = os.open("chunks", paths.DIR_FLAGS, dir_fd=session.fd)
     except OSError as e:
         if manifest["chunks"]:
             raise UploadError(f"{session.path}: no chunks directory ({e.strerror})") from None
@@ -335,11 +339,17 @@ def chunks(session: Session, manifest: dict) -> Iterator[Part]:
         os.close(chunks_fd)
 
 
+def _sha256():  # hashlib (OpenSSL) only for a chunk no record vouches for
+    import hashlib
+
+    return hashlib.sha256()
+
+
 def _blocks(chunk: dict, f: io.BufferedReader, check: bool, longer: bool = False) -> Iterator[bytes]:
     """Chunk ``f``'s bytes; with ``check``, its size and SHA-256 are checked as they are read (a
     mismatch raises UploadError after its last byte). ``longer``: bytes past its size are left
     unread, not refused (a first chunk a killed finalise had begun appending to)."""
-    digest, seen = hashlib.sha256() if check else None, 0
+    digest, seen = _sha256() if check else None, 0
     while block := f.read(min(READ, chunk["size"] + (0 if longer else 1) - seen)):
         seen += len(block)
         if seen > chunk["size"]:
@@ -508,7 +518,9 @@ def _extract(session: Session, m: dict, dest: str, perms: int | None) -> dict:
         if not part.vouched:
             for _ in _blocks(part.entry, part.file, check=True):
                 pass
-    count = files.extract_tar(io.BufferedReader(_StreamReader(stream(session, m)), READ), dest, perms,
+    from slicer.agent import tars  # tarfile and shutil: only for a tar
+
+    count = tars.extract_tar(io.BufferedReader(_StreamReader(stream(session, m)), READ), dest, perms,
                               m["uid"], m["gid"])
     return {"path": dest, "mode": "tar", "entries": count}
 
@@ -551,6 +563,11 @@ def _become(uid: int, gid: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["upload", "check"]:  # what every chunked copy asks first: at once, without argparse
+        print(" ".join(f"chunked-copy-v{v}" for v in VERSIONS))
+        return 0
+    import argparse
+
     parser = argparse.ArgumentParser(prog="slicer-agent", description="Guest helpers of the Slicer agent.")
     sub = parser.add_subparsers(dest="command", required=True)
     upload = sub.add_parser("upload", help="assemble a chunked copy (the SDKs' CpToVMChunked)")
