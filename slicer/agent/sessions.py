@@ -7,6 +7,7 @@ chunked copy, and under TCG every import is felt (``re`` alone took ~0.1 s).
 
 from __future__ import annotations
 
+VERSIONS = (1, 2)  # the manifest versions spoken (``slicer-agent upload check``)
 SESSION_PREFIX = ".slicer-upload-"
 _HEX = frozenset("0123456789abcdef")
 

@@ -42,14 +42,13 @@ import sys
 from collections.abc import Iterator
 
 from slicer.agent import copyv1, files, paths
-from slicer.agent.sessions import is_session_name, session_of
+from slicer.agent.sessions import VERSIONS, is_session_name, session_of
 
 # The helper starts once or twice per chunked copy, and under TCG each import is felt (argparse,
 # hashlib and shutil took ~0.25 s of its ~0.5 s start): what only some runs need is imported there.
 
 MAX_MANIFEST = 16 << 20  # ~170k chunk entries (11 TB in the SDKs' 64 MiB chunks); a hostile one is refused
 MAX_CHUNK = 64 << 20  # the SDKs' own limit
-VERSIONS = (1, 2)
 READ = 1 << 20
 NON_ROOT_USER = 2**32 - 1  # the Go SDK's NonRootUser
 DIGEST_SUFFIX = ".sha256"  # beside a chunk: the digest the host sent of it
@@ -563,10 +562,7 @@ def _become(uid: int, gid: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if argv == ["upload", "check"]:  # what every chunked copy asks first: at once, without argparse
-        print(" ".join(f"chunked-copy-v{v}" for v in VERSIONS))
-        return 0
-    import argparse
+    import argparse  # here: ``upload check`` is answered before this module is imported (slicer.agent.helper)
 
     parser = argparse.ArgumentParser(prog="slicer-agent", description="Guest helpers of the Slicer agent.")
     sub = parser.add_subparsers(dest="command", required=True)

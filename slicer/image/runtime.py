@@ -39,7 +39,7 @@ entry()
 def helper_script(python: str, agent_home: str) -> str:
     """``slicer-agent``, the agent's command-line helpers (``upload``: the SDKs' chunked copy)."""
     return (f"#!{python} -IS\nimport sys\nsys.path.insert(0, {agent_home!r})\n"
-            "from slicer.agent.upload import main\nsys.exit(main(sys.argv[1:]))\n")
+            "from slicer.agent.helper import main\nsys.exit(main(sys.argv[1:]))\n")
 
 
 def relativize_links(root: Path) -> int:

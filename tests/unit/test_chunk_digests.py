@@ -302,15 +302,16 @@ def test_a_record_is_dropped_when_its_chunk_comes_again_and_never_fails_a_chunk(
 
 def test_the_helper_starts_on_what_a_file_needs():
     """The guest starts the helper once or twice per chunked copy, under TCG, where each import
-    is felt: ``check`` needs no argparse, and a file's finalise neither tarfile, shutil, secrets
-    nor OpenSSL's hashlib (a tar or an unvouched chunk imports what it needs)."""
+    is felt: ``check`` needs nothing of the upload's, and a file's finalise neither argparse's help,
+    tarfile, shutil, secrets nor OpenSSL's hashlib (a tar or an unvouched chunk imports them)."""
     import subprocess
     import sys
 
     root = str(Path(__file__).resolve().parents[2])
-    heavy = ["argparse", "hashlib", "shutil", "tarfile", "secrets"]
-    probe = (f"import sys; sys.path.insert(0, {root!r}); from slicer.agent import upload; "
-             f"print([m for m in {heavy!r} if m in sys.modules]); "
-             "upload.main(['upload', 'check']); print('argparse' in sys.modules)")
+    heavy = ["hashlib", "shutil", "tarfile", "secrets"]
+    probe = (f"import sys; sys.path.insert(0, {root!r}); from slicer.agent import helper; "
+             "helper.main(['upload', 'check']); print('slicer.agent.upload' in sys.modules); "
+             "from slicer.agent import upload; "
+             f"print([m for m in {heavy!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.splitlines() == ["[]", "chunked-copy-v1 chunked-copy-v2", "False"]
+    assert out.stdout.splitlines() == ["chunked-copy-v1 chunked-copy-v2", "False", "[]"]
