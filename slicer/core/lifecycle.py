@@ -111,6 +111,7 @@ class Lifecycle:
         lap = Laps()
         try:
             async with node.link:
+                node.link_serial += 1
                 spec.net = await gnet.attach(rec.hostname, rec.ip, node.run_dir, policy=rec.spec.network)
         except NetworkError as e:
             raise SlicerError(f"{rec.hostname}: network setup failed: {e}", ErrorCode.NETWORK_FAILED) from e
@@ -128,8 +129,7 @@ class Lifecycle:
             spec.net.close()
             if vm is not None:
                 await vm.kill()
-            async with node.link:
-                await gnet.detach(rec.hostname, rec.ip, node.run_dir)
+            await self.detach(node)
             raise
         spec.net.close()  # the VMM holds the TAP now; it goes away with the VMM
         return vm
@@ -147,17 +147,18 @@ class Lifecycle:
     def run(self, node: Node, vm: VM, boot: BootKind, group: HostGroup) -> None:
         """``vm`` is the node's from now on: watch its end, set its guest up after each boot."""
         node.attach(vm, boot)
-        self.tasks.spawn(self.watch(node))
+        self.tasks.spawn(self.watch(node, node.link_serial))
         self.tasks.spawn(self.provisioner.run(node, vm, group.name))
 
-    async def watch(self, node: Node) -> None:
-        """React to the VM's process ending: a powered-off sandbox is deleted."""
+    async def watch(self, node: Node, link: int) -> None:
+        """React to the VM's process ending: a powered-off sandbox is deleted. ``link``: the
+        node's link serial while this VM holds the link."""
         vm = node.vm
         assert vm is not None
         code = await vm.wait()
         node.rebooted.set()  # wakes the provisioner of this VM, which then sees it stopped and ends
         if node.vm is vm and not node.deleted:  # not yet relaunched (nor destroyed): its link goes with it
-            await self.detach(node, vm)
+            await self.detach(node, link)
             node.exited.set()
         if node.vm is not vm or node.stopping:
             return
@@ -247,14 +248,16 @@ class Lifecycle:
             await node.agent.aclose()
         self.remove_files(node.record, disk=False)
 
-    async def detach(self, node: Node, vm: VM | None = None) -> None:
+    async def detach(self, node: Node, link: int | None = None) -> None:
         """Remove the node's network link. It returns once any removal under way has ended: a
         bridge deletes the TAP by name a moment after forgetting it, so a restore right after a
-        suspend would lose the new TAP of that name. ``vm`` (its watcher): only while that VM
-        is still the node's; a VM started since has a link of its own."""
+        suspend would lose the new TAP of that name. ``link`` (a VM's watcher): only if the link
+        serial is still that, i.e. nobody removed the link since and no VM being started (a
+        relaunch, whose ``node.vm`` is still the old one) attached its own."""
         async with node.link:
-            if vm is not None and node.vm is not vm:
+            if link is not None and link != node.link_serial:
                 return
+            node.link_serial += 1
             try:
                 await self.net.group(node.record.hostgroup).detach(node.hostname, node.record.ip, node.run_dir)
             except (NetworkError, KeyError) as e:

@@ -35,6 +35,7 @@ class Node:
         self.stopping = False  # a stop we asked for: its exit is not a crash
         self.busy = asyncio.Lock()  # serialises lifecycle actions on this node (see act)
         self.link = asyncio.Lock()  # serialises attaching and removing its network link
+        self.link_serial = 0  # counts its link's attaches and removals (see Lifecycle.detach)
         self.operation: NodeAction | None = None  # the action holding ``busy``
         self.deleted = False
         self.last_snapshot: dict | None = None  # the meter's latest, for /metrics

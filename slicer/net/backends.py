@@ -184,13 +184,20 @@ class BridgeNetwork(GroupNetwork):
         await nft(port_elements(self.names.table, tap, self.addressing.guest(ip).mac, ip))
 
     async def detach(self, name: str, ip: str, run_dir: Path) -> None:
-        tap = self.taps.pop(name, None)
-        if tap is not None:
+        tap = self.taps.get(name)
+        if tap is None:
+            return
+        try:
             # Deleted, not left to go with QEMU's descriptor: QEMU may have made it persistent.
             await delete_tap(tap)
             mac = self.addressing.guest(ip).mac
             table = self.names.table
             await nft(port_elements(table, tap, mac, ip) + port_elements(table, tap, mac, ip, "delete"))
+        finally:
+            # The name is free only now: another VM's attach given it meanwhile (its QEMU gone, the
+            # device no longer busy) would have lost its TAP and its port to this removal.
+            if self.taps.get(name) == tap:
+                del self.taps[name]
 
     def describe(self) -> dict:
         return {**super().describe(), "bridge": self.bridge, "tap_prefix": self.tap_prefix}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,43 @@ def test_an_isolated_groups_firewall_comes_from_its_config(host):
 def test_placeholders_are_of_the_kind_each_backend_hands_out(host):
     kinds = {name: (g.placeholder().kind, g.placeholder().fd) for name, g in host.groups.items()}
     assert kinds == {"br": ("tap", -1), "own": ("tap", -1), "iso": ("tap", -1), "pt": ("stream", -1)}
+
+
+def test_a_tap_name_stays_taken_until_its_removal_has_ended(host, monkeypatch, tmp_path):
+    """A bridge removes a VM's TAP by name, a moment after the VM's end; a VM attached meanwhile
+    must not get that name (its QEMU gone, the device is no longer busy), or the late removal
+    takes its TAP and its port."""
+    from slicer.net import backends
+
+    created, deleted = [], []
+
+    def open_tap(name: str) -> int:
+        created.append(name)
+        return os.open(os.devnull, os.O_RDONLY)
+
+    async def delete_tap(name: str) -> None:
+        await asyncio.sleep(0.05)
+        deleted.append(name)
+
+    async def nothing(*args, **kwargs) -> None:
+        pass
+
+    monkeypatch.setattr(backends, "open_tap", open_tap)
+    monkeypatch.setattr(backends, "delete_tap", delete_tap)
+    monkeypatch.setattr(backends, "nft", nothing)
+    monkeypatch.setattr(backends, "ip_batch", nothing)
+    from slicer.net.addressing import Addressing
+
+    group = host.group("own")  # its own gateway: no plan around the host's networks needed
+    group.addressing = Addressing(group.group, "own", [])
+    ip_a, ip_b = (str(a) for a in list(group.addressing.network.hosts())[10:12])
+
+    async def scenario() -> None:
+        (await group.attach("a", ip_a, tmp_path)).close()
+        leaving = asyncio.create_task(group.detach("a", ip_a, tmp_path))
+        await asyncio.sleep(0.01)
+        (await group.attach("b", ip_b, tmp_path)).close()
+        await leaving
+
+    asyncio.run(scenario())
+    assert created[0] != created[1] and deleted == [created[0]] and group.taps == {"b": created[1]}

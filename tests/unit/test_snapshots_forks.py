@@ -266,3 +266,32 @@ async def test_a_restore_right_after_a_suspend_keeps_its_network_link(lab: Lab, 
     await m.snapshots.restore(node.hostname, wait="agent", timeout=5)
     await asyncio.sleep(0.3)
     assert node.hostname in gnet.links and node.status == "Running"
+
+
+async def test_a_relaunch_keeps_its_link_from_the_crashed_vms_late_watcher(lab: Lab, monkeypatch):
+    """A crashed VM's watcher can wake while a relaunch is starting the new VM (the node's VM is
+    still the old one until it runs): it must leave the link the relaunch attached."""
+    from slicer.vmm.fake import FakeDriver, FakeVM
+
+    m = await lab.daemon()
+    m.net.strict = False  # as a bridge: an attach first removes what is left of the old link
+    node = await m.create("cold", **create_args(persistent=True))
+    gnet = m.net.group("cold")
+    wait, start = FakeVM.wait, FakeDriver.start
+
+    async def late_wait(self: FakeVM) -> int:  # QEMU's: the QMP and console tasks end first
+        code = await wait(self)
+        await asyncio.sleep(0.1)
+        return code
+
+    async def slow_start(self: FakeDriver, spec, restore_from=None):
+        vm = await start(self, spec, restore_from)
+        await asyncio.sleep(0.3)  # the old watcher wakes meanwhile
+        return vm
+
+    monkeypatch.setattr(FakeVM, "wait", late_wait)
+    lab.host.vm(node.hostname).end(1)  # a crash
+    monkeypatch.setattr(FakeDriver, "start", slow_start)
+    await m.snapshots.relaunch(node.hostname, wait="agent", timeout=5)
+    await asyncio.sleep(0.2)
+    assert node.status == "Running" and node.hostname in gnet.links
