@@ -75,6 +75,10 @@ class Reconciler:
         for part in (self.registry.data_dir / "snapshots").glob("*.part"):
             log.warning("removing %s, left by a suspend that did not finish", part.name)
             part.unlink(missing_ok=True)
+        for rec in records.values():  # a suspend that saved the state but died before its record said so
+            if not rec.suspended and (state := self.registry.state_file(rec.hostname)).exists():
+                log.warning("%s: removing %s: its record does not say it was suspended", rec.hostname, state.name)
+                state.unlink(missing_ok=True)
         run_root = self.registry.run_root
         for rundir in run_root.iterdir() if run_root.is_dir() else ():
             if rundir.is_dir() and rundir.name not in records and not rundir.name.startswith("."):

@@ -180,3 +180,16 @@ async def test_a_graceful_stop_kills_a_guest_that_ignores_the_power_button(lab: 
     vm = lab.host.vm("svc-1")
     await m.stop()
     assert vm.actions[-2:] == ["powerdown", "kill"] and vm.exit_code == -9
+
+
+async def test_a_state_saved_by_a_suspend_that_died_before_its_record_is_removed(lab: Lab):
+    """Killed between the state's rename into place and the record's ``suspended``: the VM is
+    not suspended (stopped, or adopted if its QEMU lived), and the state is nobody's."""
+    m = await lab.daemon()
+    node = await m.create("sbx", **create_args(persistent=True))
+    await lab.crash(m)
+    lab.host.vm(node.hostname).end(-9)  # save's end: its QEMU quit
+    state = lab.data_dir / "snapshots" / f"{node.hostname}.state"
+    state.write_text("a whole state")
+    m2 = await lab.daemon()
+    assert not state.exists() and m2.get(node.hostname).status == "Stopped"
