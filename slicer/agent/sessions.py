@@ -9,12 +9,13 @@ from __future__ import annotations
 
 VERSIONS = (1, 2)  # the manifest versions spoken (``slicer-agent upload check``)
 SESSION_PREFIX = ".slicer-upload-"
-_HEX = frozenset("0123456789abcdef")
+HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 def is_session_name(name: str) -> bool:
     """Whether ``name`` is a session directory's: ``.slicer-upload-`` and 32 lowercase hex digits."""
-    return len(name) == len(SESSION_PREFIX) + 32 and name.startswith(SESSION_PREFIX) and _HEX.issuperset(name[-32:])
+    return (len(name) == len(SESSION_PREFIX) + 32 and name.startswith(SESSION_PREFIX)
+            and HEX_DIGITS.issuperset(name[-32:]))
 
 
 def session_of(path: str) -> str | None:

@@ -42,7 +42,7 @@ import sys
 from collections.abc import Iterator
 
 from slicer.agent import copyv1, files, paths
-from slicer.agent.sessions import VERSIONS, is_session_name, session_of
+from slicer.agent.sessions import HEX_DIGITS, VERSIONS, is_session_name, session_of
 
 # The helper starts once or twice per chunked copy, and under TCG each import is felt (argparse,
 # hashlib and shutil took ~0.25 s of its ~0.5 s start): what only some runs need is imported there.
@@ -219,11 +219,8 @@ def _is_int(value: object, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
 
 
-_HEX = frozenset("0123456789abcdefABCDEF")
-
-
 def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and _HEX.issuperset(value)
+    return isinstance(value, str) and len(value) == 64 and HEX_DIGITS.issuperset(value.lower())
 
 
 def load_manifest(session: Session) -> dict:

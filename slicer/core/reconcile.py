@@ -145,7 +145,6 @@ class Reconciler:
             self.driver.kill_stale(run_dir)
             return False
         assert vm is not None and group is not None
-        self.registry.state_file(rec.hostname).unlink(missing_ok=True)  # a suspend it outlived: not its state
         node = self.registry.add(Node(rec, run_dir))
         self.lifecycle.run(node, vm, BootKind.ADOPTED, group)
         log.info("%s: adopted its running QEMU (pid %d)", rec.hostname, pid)
