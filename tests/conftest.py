@@ -24,19 +24,32 @@ from slicer.image.build import build_image
 
 IMAGE_DATA_DIR = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer"))
 BOOT_TIMEOUT = 240.0
+# The session's template cache (``slicer up --template-cache``): a template one test's daemon
+# built (a cold boot, 10-20 s of a core under TCG) is copied by the next daemon that needs one of
+# the same machine, whatever its group. Set it to share one across sessions; "" for none.
+TEMPLATE_CACHE_ENV = "SLICER_TEST_TEMPLATE_CACHE"
 CLONE_NEWNET = 0x40000000
 
 
 def pytest_configure(config) -> None:
     """Run the whole session in a network namespace of its own: the test daemons' bridges,
     TAPs, namespaces and nftables tables live there and vanish with it, and no guest can reach
-    anything but loopback and the test's own hosts."""
+    anything but loopback and the test's own hosts. The controller (xdist's, or the only
+    process) makes the session's template cache; its workers inherit its environment."""
+    if not hasattr(config, "workerinput") and TEMPLATE_CACHE_ENV not in os.environ:
+        os.environ[TEMPLATE_CACHE_ENV] = tempfile.mkdtemp(prefix="slt-templates-", dir="/tmp")
+        config.made_template_cache = os.environ[TEMPLATE_CACHE_ENV]
     if os.environ.get("SLICER_TEST_HOST_NETNS") == "1":
         return  # debugging: stay in the host's namespace
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNET) != 0:
         raise pytest.UsageError(f"unshare(CLONE_NEWNET) failed ({os.strerror(ctypes.get_errno())}): run as root")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+def pytest_unconfigure(config) -> None:
+    if made := getattr(config, "made_template_cache", None):
+        shutil.rmtree(made, ignore_errors=True)
 
 
 # No order of our own: pytest-xdist (3.6+, --dist loadfile) hands files out by their number of tests,
@@ -72,7 +85,9 @@ def qemu_pids(marker: str) -> list[int]:
 class Daemon:
     """One ``slicer up`` process with its own data directory and config."""
 
-    def __init__(self, config: str, data_dir: Path | None = None) -> None:
+    def __init__(self, config: str, data_dir: Path | None = None, template_cache: bool = True) -> None:
+        """``template_cache``: share the session's (tests of template builds themselves: False)."""
+        self.template_cache = os.environ.get(TEMPLATE_CACHE_ENV, "") if template_cache else ""
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp"))
         images = self.data_dir / "images"
         if not images.exists():
@@ -98,7 +113,7 @@ class Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "slicer", "up", str(self.config_path), "--data-dir", str(self.data_dir),
-             "--no-build"],
+             "--no-build", *(["--template-cache", self.template_cache] if self.template_cache else [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 120

@@ -56,6 +56,11 @@ def up(
     warm: Annotated[bool, typer.Option(
         "--warm", help="Build each host group's template at start, so even the first sandbox restores in a second.",
     )] = False,
+    template_cache: Annotated[Path | None, typer.Option(
+        "--template-cache", envvar="SLICER_TEMPLATE_CACHE",
+        help="A directory of templates shared by the daemons of this host: a template another daemon built is "
+             "copied from there instead of booted cold (root's alone: chmod 700).",
+    )] = None,
 ) -> None:
     """Run the daemon: boot the config's VMs and serve the API until Ctrl-C.
 
@@ -68,6 +73,8 @@ def up(
         cfg = load_config(text, config.parent if config else None)
         cfg.suspend_on_shutdown |= suspend_on_shutdown
         cfg.warm |= warm
+        if template_cache is not None:
+            cfg.template_cache = str(template_cache)
     except OSError as e:
         err.print(f"[red]cannot read {config}: {e}[/red]")
         raise typer.Exit(2) from e

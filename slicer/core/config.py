@@ -199,6 +199,8 @@ class Config(_Strict):
     # On stop, save services' memory to disk instead of shutting them down; restore them at start.
     suspend_on_shutdown: bool = False
     warm: bool = False  # build the templates of snapshot groups at start, not at the first create
+    # A directory of templates shared by the daemons of this host (slicer.core.template_cache).
+    template_cache: str | None = Field(default=None, min_length=1, max_length=4096)
     # Each VM's QEMU under a uid of its own, QEMU's seccomp filter and a cgroup (slicer.vmm.jail).
     # Unset: when the daemon runs as root; true: required (the daemon refuses to start without).
     confine: bool | None = None

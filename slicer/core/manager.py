@@ -47,6 +47,7 @@ from slicer.core.rundir import RunDirError, run_root
 from slicer.core.secrets import SecretStore
 from slicer.core.snapshots import Snapshots
 from slicer.core.state import NodeRecord, StateStore, now_rfc3339
+from slicer.core.template_cache import TemplateCache
 from slicer.core.templates import Template, Templates
 from slicer.net import HostNetwork, NetworkError
 from slicer.net.surface import Network
@@ -99,7 +100,8 @@ class Manager:
         self.store = StateStore(data_dir / "state.db")
         self.registry = Registry(config, data_dir, short_root, self.store)
         self.tasks = Tasks()
-        self.templates = Templates(data_dir / "templates", short_root, driver, images, self.net)
+        cache = TemplateCache.open(Path(config.template_cache)) if config.template_cache else None
+        self.templates = Templates(data_dir / "templates", short_root, driver, images, self.net, cache)
         self.provisioner = Provisioner(config, self.registry, self.secrets, self.tasks, ca_bundles(config, data_dir))
         self.lifecycle = Lifecycle(config, self.registry, driver, self.net, images, self.templates,
                                    self.provisioner, self.tasks)

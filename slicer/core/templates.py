@@ -7,7 +7,9 @@ at that instant, frozen: every clone's overlay is backed by it) and ``meta.json`
 last: a template without it is incomplete). The key digests everything the saved state
 depends on (hypervisor version, accelerator, devices, sizes, kernel, initrd, image), so a
 change to any of them makes a new template. A template whose restore failed is retired
-(marker file); templates neither current nor used by a node's disk are removed.
+(marker file); templates neither current nor used by a node's disk are removed. With a
+``template_cache`` (:mod:`slicer.core.template_cache`), a template another daemon built is
+copied from there rather than built, and every template built here is stored there.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from slicer.core.node import Node
 from slicer.core.records import NodeKind
 from slicer.core.specs import vm_spec
 from slicer.core.state import NodeRecord, now_rfc3339
+from slicer.core.template_cache import TemplateCache
 from slicer.net import NetworkError
 from slicer.net.surface import Network
 from slicer.vmm.base import LAYOUT, Driver, VMMError, VMSpec, VMState
@@ -113,8 +116,11 @@ class Templates:
     """The templates of every host group, one per VM size (cpus, RAM) asked for, at most
     ``MAX_SIZES`` sizes per group (further sizes boot cold)."""
 
-    def __init__(self, root: Path, run_root: Path, driver: Driver, images: BootImages, net: Network) -> None:
+    def __init__(self, root: Path, run_root: Path, driver: Driver, images: BootImages, net: Network,
+                 cache: TemplateCache | None = None) -> None:
         self.root = root
+        self.cache = cache
+        self._spoiled: set[str] = set()  # keys whose cached template failed to restore here: built anew
         self.net = net
         self.run_root = run_root
         self.driver = driver
@@ -133,6 +139,10 @@ class Templates:
         ip = str(gnet.addressing.pool[0])  # its NIC is connected to nothing: no clash with a VM's
         building = self.root / f".building-{name}"
         boot = self.images.boot(self.images.group_choice(group.name))
+        # The image's real paths, not a link to them: its key and its disk's backing file then name
+        # nothing of this data directory, and a copy serves another daemon (template_cache).
+        boot = dataclasses.replace(boot, kernel=boot.kernel.resolve(), initrd=boot.initrd.resolve(),
+                                   rootfs=boot.rootfs.resolve(), runtime=boot.runtime and boot.runtime.resolve())
         spec = vm_spec(boot, group, gnet, name=name, cpus=cpus, ram_bytes=ram, ip=ip,
                        disk=building / "disk.qcow2", run_dir=self.run_root / f".{name}")  # no VM's name
         spec.memory_file, spec.memory_shared = building / "ram", True
@@ -197,7 +207,11 @@ class Templates:
                          len(sizes), f"{size[0]} vCPU / {size[1] >> 20} MiB")
                 return None
             try:
-                return await self._build(group, size)
+                if (tpl := await self._from_cache(group, size)) is not None:
+                    return tpl
+                tpl = await self._build(group, size)
+                await self._share(tpl)
+                return tpl
             except (SlicerError, VMMError, NetworkError, OSError, TimeoutError) as e:
                 self._failed_at[(group.name, size)] = time.monotonic()
                 log.error("template for host group %s could not be built: %s", group.name, e)
@@ -261,16 +275,55 @@ class Templates:
                 with contextlib.suppress(Exception):
                     await node.agent.aclose()
             shutil.rmtree(spec.run_dir, ignore_errors=True)
-        key = self.key(group, size)
-        meta = {"group": group.name, "key": key, "cpus": spec.cpus, "ram_bytes": spec.ram_bytes,
-                "disk_size": spec.disk_size, "created_at": now_rfc3339(), "layout": spec.layout}
-        (building / "meta.json").write_text(json.dumps(meta))
-        final = self.root / f"{group.name}-{key}-{time.time_ns() // 1_000_000}"
-        building.rename(final)
-        tpl = Template(path=final, **meta)
+        tpl = self._finish(building, group, spec.cpus, spec.ram_bytes, spec.disk_size, spec.layout)
         log.info("host group %s: template %s built: boot %.1fs, save %.1fs, memory %d MiB",
                  group.name, tpl.name, t1 - t0, loop.time() - t1, allocated_bytes(tpl.ram) >> 20)
         return tpl
+
+    def _finish(self, building: Path, group: HostGroup, cpus: int, ram_bytes: int, disk_size: int,
+                layout: int) -> Template:
+        """The template in ``building`` (its files complete) put in place as ``group``'s."""
+        key = self.key(group, (cpus, ram_bytes))
+        meta = {"group": group.name, "key": key, "cpus": cpus, "ram_bytes": ram_bytes,
+                "disk_size": disk_size, "created_at": now_rfc3339(), "layout": layout}
+        (building / "meta.json").write_text(json.dumps(meta))  # last: a template without it is unfinished
+        final = self.root / f"{group.name}-{key}-{time.time_ns() // 1_000_000}"
+        building.rename(final)
+        return Template(path=final, **meta)
+
+    async def _from_cache(self, group: HostGroup, size: Size) -> Template | None:
+        """A copy of the cache's template of this key, if it has one (and none failed here)."""
+        key = self.key(group, size)
+        if self.cache is None or key in self._spoiled or not self.cache.has(key):
+            return None
+        t0 = asyncio.get_running_loop().time()
+        building = self.spec(group, size).disk.parent
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(parents=True)
+        try:
+            meta = await self.cache.fetch(key, building)
+            if meta is None or (meta.get("cpus"), meta.get("ram_bytes")) != size:
+                shutil.rmtree(building, ignore_errors=True)
+                return None
+            tpl = self._finish(building, group, *size, int(meta["disk_size"]), int(meta.get("layout", 0)))
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            log.warning("host group %s: the cached template %s could not be copied (%s); building one", group.name,
+                        key, e)
+            shutil.rmtree(building, ignore_errors=True)
+            return None
+        log.info("host group %s: template %s copied from the template cache in %.2fs", group.name, tpl.name,
+                 asyncio.get_running_loop().time() - t0)
+        return tpl
+
+    async def _share(self, tpl: Template) -> None:
+        """Store a template built here in the cache (replacing one that failed here)."""
+        if self.cache is None:
+            return
+        try:
+            await self.cache.store(tpl.key, tpl.path, replace=tpl.key in self._spoiled)
+        except OSError as e:
+            log.warning("template %s could not be stored in the template cache: %s", tpl.name, e)
+        self._spoiled.discard(tpl.key)
 
     async def from_capture(self, group: HostGroup, name: str, cpus: int, ram_bytes: int, base: str,
                            image: dict | None, capture: Callable[[Path, Path], Awaitable[None]],
@@ -329,6 +382,7 @@ class Templates:
     def retire(self, tpl: Template, why: str) -> None:
         """Stop using ``tpl`` (its disk stays while clones use it); the next create rebuilds."""
         log.warning("template %s retired: %s", tpl.name, why)
+        self._spoiled.add(tpl.key)  # and the cache's copy of it, for this daemon: the next one is built
         with contextlib.suppress(OSError):
             (tpl.path / "retired").write_text(why + "\n")
 

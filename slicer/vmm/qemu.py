@@ -52,6 +52,9 @@ FINAL_MIGRATION_STATES = ("completed", "failed", "cancelled")
 # a guest's clock then drifts behind by seconds a minute. QEMU's TSC follows the host's clock, so
 # it is kept.
 GUEST_CLOCK = "tsc=reliable"
+# Kernel arguments of one VM's own (its identity: a restored guest gets its clone's from the
+# agent) or of the moment (the host's TSC frequency): not part of what a saved state fits.
+PER_VM_KERNEL_ARGS = ("slicer.hostname=", "slicer.ip=", "slicer.gw=", "slicer.dns=", "slicer.mac=", "tsc_early_khz=")
 
 class SerialLog:
     """Appends console output to a file, rotating it so it never exceeds twice the limit."""
@@ -493,9 +496,12 @@ class QemuDriver(Driver):
         h = hashlib.sha256(_cached_version(self.binary).encode())
         h.update(self.accelerator.encode())
         command = self.command(spec)
-        # The kernel command line only matters to the boot a state was saved after, and it holds
-        # values that may vary from call to call (the host's TSC frequency): left out.
-        del command[command.index("-append") + 1]
+        # Left out: the VM's name, and what of the kernel command line a restored guest is given
+        # anew (its identity) or that varies from call to call (the host's TSC frequency). So
+        # host groups alike share a key, and a daemon can use another's template (template_cache).
+        command[command.index("-name") + 1] = "VM"
+        at = command.index("-append") + 1
+        command[at] = " ".join(w for w in command[at].split() if not w.startswith(PER_VM_KERNEL_ARGS))
         h.update(GUEST_CLOCK.encode())  # states saved before it (on jiffies, whose clocks drift) are rebuilt
         for arg in command:
             arg = re.sub(r"\b(fd|addr\.str)=-?\d+", r"\1=FD", arg)
