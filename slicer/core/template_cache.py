@@ -13,7 +13,6 @@ restore: the directory must be its owner's alone (as ``~/.ssh`` is for sshd).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -23,6 +22,8 @@ from pathlib import Path
 
 from slicer.core.error_codes import ErrorCode
 from slicer.core.errors import SlicerError
+from slicer.vmm.base import VMMError
+from slicer.vmm.disks import copy_files
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +101,10 @@ class TemplateCache:
 
 
 async def _copy_files(src: Path, dst: Path) -> None:
-    """The files of ``src`` (but :data:`SKIPPED`) into ``dst``: sparse, sharing extents where the
-    filesystem can, modes kept."""
-    files = [str(p) for p in src.iterdir() if p.name not in SKIPPED and p.is_file() and not p.is_symlink()]
-    if not files:
-        return
-    proc = await asyncio.create_subprocess_exec(
-        "cp", "--preserve=mode", "--reflink=auto", "--sparse=always", "--", *files, str(dst),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), COPY_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise OSError(f"copying {src.name} took over {COPY_TIMEOUT:g}s") from None
-    if proc.returncode:
-        raise OSError(err.decode(errors="replace").strip()[:500])
+    """The files of ``src`` (but :data:`SKIPPED`) into ``dst``."""
+    files = [p for p in src.iterdir() if p.name not in SKIPPED and p.is_file() and not p.is_symlink()]
+    if files:
+        try:
+            await copy_files(files, dst, COPY_TIMEOUT)
+        except VMMError as e:
+            raise OSError(str(e)) from None

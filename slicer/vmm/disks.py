@@ -212,6 +212,13 @@ async def copy_disk(src: Path, dst: Path) -> None:
     await _run("cp", "--reflink=auto", "--sparse=always", str(src), str(dst))
 
 
+async def copy_files(files: list[Path], into: Path, timeout: float) -> None:
+    """Copies of ``files`` in the directory ``into``: sparse, sharing extents where the filesystem
+    can, modes kept (a template's files, records included)."""
+    await _run("cp", "--preserve=mode", "--reflink=auto", "--sparse=always", "--", *map(str, files), str(into),
+               timeout=timeout)
+
+
 def copy_record(src: Path, dst: Path) -> None:
     """``dst`` is (or will be) the same layer as ``src`` (a copy or a hard link)."""
     below = recorded_backing(src)

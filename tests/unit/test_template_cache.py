@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,8 +15,10 @@ from slicer.core.manager import Manager
 from slicer.image.build import GuestImage
 from slicer.image.oci import ImageStore
 from slicer.net.dryrun import DryRunNetwork
+from slicer.vmm import qemu
+from slicer.vmm.base import VMSpec
 from slicer.vmm.fake import FakeDriver
-from tests.unit.conftest import SHM, Lab, create_args, parsed
+from tests.unit.conftest import Lab, create_args, parsed
 
 CONFIG = """\
 config:
@@ -35,9 +37,9 @@ def config(cache: Path, group: str = "sbx", gateway: str = "10.78.0.1/24") -> st
     return CONFIG.replace("CACHE", str(cache)).replace("GROUP", group).replace("GATEWAY", gateway)
 
 
-async def other_daemon(lab: Lab, text: str) -> Manager:
+async def other_daemon(lab: Lab, text: str, tmp_path: Path) -> Manager:
     """A daemon of another data directory on the same host and image."""
-    data_dir = Path(tempfile.mkdtemp(prefix="slicer-unit-", dir=SHM if SHM.is_dir() else None))
+    data_dir = Path(tempfile.mkdtemp(prefix="data-", dir=tmp_path))
     cfg = parsed(text)
     images = BootImages(GuestImage.at(lab.image_dir), ImageStore.of(data_dir), cfg)
     m = Manager(cfg, data_dir, FakeDriver(lab.host), images, net=DryRunNetwork(cfg.host_groups, data_dir))
@@ -59,16 +61,13 @@ async def test_another_daemon_copies_the_template_instead_of_booting_one(lab: La
     assert (entry / "meta.json").exists() and (entry / "state").exists()
 
     # Another data directory, and a group of another name and subnet but the same machine.
-    second = await other_daemon(lab, config(cache, group="box", gateway="10.91.0.1/24"))
-    try:
-        node = await second.create("box", **create_args())
-        assert template_boots(lab) == 1, "the second daemon booted no template of its own"
-        assert node.boot == "template" and node.status == "Running"
-        tpl = second.templates.current(second.group("box"))
-        assert tpl is not None and tpl.group == "box" and tpl.key == entry.name
-        assert tpl.path.parent == second.templates.root and not (tpl.state.samefile(entry / "state"))
-    finally:
-        shutil.rmtree(second.data_dir, ignore_errors=True)
+    second = await other_daemon(lab, config(cache, group="box", gateway="10.91.0.1/24"), tmp_path)
+    node = await second.create("box", **create_args())
+    assert template_boots(lab) == 1, "the second daemon booted no template of its own"
+    assert node.boot == "template" and node.status == "Running"
+    tpl = second.templates.current(second.group("box"))
+    assert tpl is not None and tpl.group == "box" and tpl.key == entry.name
+    assert tpl.path.parent == second.templates.root and not (tpl.state.samefile(entry / "state"))
 
 
 async def test_a_cached_template_that_failed_here_is_built_anew_and_replaces_the_entry(lab: Lab, tmp_path: Path):
@@ -77,30 +76,24 @@ async def test_a_cached_template_that_failed_here_is_built_anew_and_replaces_the
     await first.create("sbx", **create_args())
     (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
     before = json.loads((entry / "meta.json").read_text())["created_at"]
-    second = await other_daemon(lab, config(cache))
-    try:
-        await second.create("sbx", **create_args())
-        assert template_boots(lab) == 1
-        second.templates.retire(second.templates.current(second.group("sbx")), "its restore failed in this test")
-        node = await second.create("sbx", **create_args())
-        assert template_boots(lab) == 2, "a template that failed is not copied again: it is built"
-        assert node.boot == "template"
-        assert json.loads((entry / "meta.json").read_text())["created_at"] != before, "the new one replaced it"
-        assert [p.name for p in cache.iterdir()] == [entry.name], "nothing half-made is left"
-    finally:
-        shutil.rmtree(second.data_dir, ignore_errors=True)
+    second = await other_daemon(lab, config(cache), tmp_path)
+    await second.create("sbx", **create_args())
+    assert template_boots(lab) == 1
+    second.templates.retire(second.templates.current(second.group("sbx")), "its restore failed in this test")
+    node = await second.create("sbx", **create_args())
+    assert template_boots(lab) == 2, "a template that failed is not copied again: it is built"
+    assert node.boot == "template"
+    assert json.loads((entry / "meta.json").read_text())["created_at"] != before, "the new one replaced it"
+    assert [p.name for p in cache.iterdir()] == [entry.name], "nothing half-made is left"
 
 
 async def test_a_daemon_without_the_cache_builds_its_own(lab: Lab, tmp_path: Path):
     cache = tmp_path / "cache"
     first = await lab.daemon(config(cache))
     await first.create("sbx", **create_args())
-    second = await other_daemon(lab, config(cache).replace(f"  template_cache: {cache}\n", ""))
-    try:
-        await second.create("sbx", **create_args())
-        assert template_boots(lab) == 2
-    finally:
-        shutil.rmtree(second.data_dir, ignore_errors=True)
+    second = await other_daemon(lab, config(cache).replace(f"  template_cache: {cache}\n", ""), tmp_path)
+    await second.create("sbx", **create_args())
+    assert template_boots(lab) == 2
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o770])
@@ -110,3 +103,25 @@ def test_a_cache_others_can_write_is_refused(lab: Lab, tmp_path: Path, mode: int
     cache.chmod(mode)
     with pytest.raises(SlicerError, match="no one else"):
         lab.manager(config(cache))
+
+
+def test_a_qemu_templates_key_leaves_out_what_each_vm_has_of_its_own(tmp_path: Path, monkeypatch):
+    """Name and identity (which a clone's reset replaces) do not change the key; anything the
+    saved state depends on does: the machine's size, a kernel argument of the boot, the files."""
+    monkeypatch.setattr(qemu, "_cached_version", lambda binary: "QEMU emulator version 7.2.0")
+    driver = qemu.QemuDriver("tcg", binary="true")
+    for f in ("vmlinuz", "initrd.img", "rootfs.ext4"):
+        (tmp_path / f).write_text(f)
+    spec = VMSpec(name="tpl-sbx-1c256m", cpus=1, ram_bytes=256 << 20, kernel=tmp_path / "vmlinuz",
+                  initrd=tmp_path / "initrd.img", base_disk=tmp_path / "rootfs.ext4", disk=tmp_path / "a/disk.qcow2",
+                  disk_size=1 << 30, run_dir=tmp_path / "run-a", ip_cidr="10.0.0.2/24", gateway="10.0.0.1",
+                  dns=["10.0.0.1"], mac="02:00:0a:00:00:02")
+    key = driver.fingerprint(spec)
+    other_group = dataclasses.replace(spec, name="tpl-box-1c256m", ip_cidr="10.9.0.2/24", gateway="10.9.0.1",
+                                      dns=["1.1.1.1"], mac="02:00:0a:09:00:02", disk=tmp_path / "b/disk.qcow2",
+                                      run_dir=tmp_path / "run-b")
+    assert driver.fingerprint(other_group) == key
+    assert driver.fingerprint(dataclasses.replace(spec, ram_bytes=512 << 20)) != key
+    assert driver.fingerprint(dataclasses.replace(spec, kernel_args=["slicer.init=image"])) != key
+    (tmp_path / "initrd2.img").write_text("another initramfs")
+    assert driver.fingerprint(dataclasses.replace(spec, initrd=tmp_path / "initrd2.img")) != key
