@@ -74,7 +74,7 @@ def up(
         cfg.suspend_on_shutdown |= suspend_on_shutdown
         cfg.warm |= warm
         if template_cache is not None:
-            cfg.template_cache = str(template_cache)
+            cfg.template_cache = str(template_cache.absolute())
     except OSError as e:
         err.print(f"[red]cannot read {config}: {e}[/red]")
         raise typer.Exit(2) from e

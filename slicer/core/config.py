@@ -205,6 +205,13 @@ class Config(_Strict):
     # Unset: when the daemon runs as root; true: required (the daemon refuses to start without).
     confine: bool | None = None
 
+    @field_validator("template_cache")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"must be an absolute path, not {value[:100]!r}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Config:
         names = [g.name for g in self.host_groups]

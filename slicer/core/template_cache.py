@@ -73,7 +73,12 @@ class TemplateCache:
         if not isinstance(meta, dict) or meta.get("key") != key:
             log.warning("template cache: entry %s is not the template of that key; building instead", key)
             return None
+        before = entry.stat().st_ino
         await _copy_files(entry, into)
+        # A daemon replacing the entry meanwhile (store(replace=True)) could have given this copy
+        # the RAM of one build and the device state of another: such a copy is not used.
+        if entry.stat().st_ino != before:
+            raise OSError(f"entry {key} was replaced while it was copied")
         return meta
 
     async def store(self, key: str, template: Path, replace: bool = False) -> None:

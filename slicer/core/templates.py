@@ -120,7 +120,9 @@ class Templates:
                  cache: TemplateCache | None = None) -> None:
         self.root = root
         self.cache = cache
-        self._spoiled: set[str] = set()  # keys whose cached template failed to restore here: built anew
+        # Keys whose cached template failed here (its restore, or it is unusable): built anew, and
+        # the build replaces the cache's entry.
+        self._spoiled: set[str] = set()
         self.net = net
         self.run_root = run_root
         self.driver = driver
@@ -303,12 +305,15 @@ class Templates:
         try:
             meta = await self.cache.fetch(key, building)
             if meta is None or (meta.get("cpus"), meta.get("ram_bytes")) != size:
+                self._spoiled.add(key)  # the template built instead replaces the entry
                 shutil.rmtree(building, ignore_errors=True)
                 return None
             tpl = self._finish(building, group, *size, int(meta["disk_size"]), int(meta.get("layout", 0)))
         except (OSError, KeyError, TypeError, ValueError) as e:
             log.warning("host group %s: the cached template %s could not be copied (%s); building one", group.name,
                         key, e)
+            if not isinstance(e, OSError):
+                self._spoiled.add(key)  # unusable as it is: the template built instead replaces it
             shutil.rmtree(building, ignore_errors=True)
             return None
         log.info("host group %s: template %s copied from the template cache in %.2fs", group.name, tpl.name,

@@ -264,7 +264,7 @@ class FakeHost:
         self._pids = itertools.count(40000)
 
     def fingerprint_of(self, spec: VMSpec) -> str:
-        machine = (spec.cpus, spec.ram_bytes, str(spec.kernel), str(spec.initrd), spec.disk_size)
+        machine = (spec.cpus, spec.ram_bytes, str(spec.kernel.resolve()), str(spec.initrd.resolve()), spec.disk_size)
         return hashlib.sha256(repr(machine).encode()).hexdigest()[:16]
 
     def vm(self, name: str) -> FakeVM:

@@ -52,9 +52,10 @@ FINAL_MIGRATION_STATES = ("completed", "failed", "cancelled")
 # a guest's clock then drifts behind by seconds a minute. QEMU's TSC follows the host's clock, so
 # it is kept.
 GUEST_CLOCK = "tsc=reliable"
-# Kernel arguments of one VM's own (its identity: a restored guest gets its clone's from the
-# agent) or of the moment (the host's TSC frequency): not part of what a saved state fits.
-PER_VM_KERNEL_ARGS = ("slicer.hostname=", "slicer.ip=", "slicer.gw=", "slicer.dns=", "slicer.mac=", "tsc_early_khz=")
+# Kernel arguments of one VM's own (its identity, which a restored guest's reset replaces) or
+# of the moment (the host's TSC frequency): not part of what a saved state fits. Not the DNS
+# servers: a host group's setting, which the reset leaves alone where a group has none.
+PER_VM_KERNEL_ARGS = ("slicer.hostname=", "slicer.ip=", "slicer.gw=", "slicer.mac=", "tsc_early_khz=")
 
 class SerialLog:
     """Appends console output to a file, rotating it so it never exceeds twice the limit."""

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from slicer.core import template_cache
 from slicer.core.errors import SlicerError
 from slicer.core.images import BootImages
 from slicer.core.manager import Manager
+from slicer.core.template_cache import TemplateCache
 from slicer.image.build import GuestImage
 from slicer.image.oci import ImageStore
 from slicer.net.dryrun import DryRunNetwork
@@ -118,10 +120,47 @@ def test_a_qemu_templates_key_leaves_out_what_each_vm_has_of_its_own(tmp_path: P
                   dns=["10.0.0.1"], mac="02:00:0a:00:00:02")
     key = driver.fingerprint(spec)
     other_group = dataclasses.replace(spec, name="tpl-box-1c256m", ip_cidr="10.9.0.2/24", gateway="10.9.0.1",
-                                      dns=["1.1.1.1"], mac="02:00:0a:09:00:02", disk=tmp_path / "b/disk.qcow2",
+                                      mac="02:00:0a:09:00:02", disk=tmp_path / "b/disk.qcow2",
                                       run_dir=tmp_path / "run-b")
     assert driver.fingerprint(other_group) == key
     assert driver.fingerprint(dataclasses.replace(spec, ram_bytes=512 << 20)) != key
     assert driver.fingerprint(dataclasses.replace(spec, kernel_args=["slicer.init=image"])) != key
+    assert driver.fingerprint(dataclasses.replace(spec, dns=[])) != key, "a group's DNS servers (none: kept)"
     (tmp_path / "initrd2.img").write_text("another initramfs")
     assert driver.fingerprint(dataclasses.replace(spec, initrd=tmp_path / "initrd2.img")) != key
+
+
+async def test_an_unusable_entry_is_replaced_by_the_template_built_instead(lab: Lab, tmp_path: Path):
+    cache = tmp_path / "cache"
+    first = await lab.daemon(config(cache))
+    await first.create("sbx", **create_args())
+    (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    meta = json.loads((entry / "meta.json").read_text())
+    (entry / "meta.json").write_text(json.dumps({**meta, "ram_bytes": 1 << 20}))  # another machine's
+    second = await other_daemon(lab, config(cache), tmp_path)
+    await second.create("sbx", **create_args())
+    assert template_boots(lab) == 2, "the unusable entry was not copied"
+    assert json.loads((entry / "meta.json").read_text())["ram_bytes"] == 512 << 20, "the new build replaced it"
+
+
+async def test_an_entry_replaced_while_it_is_copied_is_not_used(tmp_path: Path, monkeypatch):
+    cache = TemplateCache.open(tmp_path / "cache")
+    built = tmp_path / "built"
+    built.mkdir()
+    for name, text in (("state", "state 1"), ("ram", "ram 1"), ("meta.json", json.dumps({"key": "k1"}))):
+        (built / name).write_text(text)
+    await cache.store("k1", built)
+    real_copy = template_cache._copy_files
+
+    async def copy_then_replace(src: Path, dst: Path) -> None:
+        await real_copy(src, dst)
+        monkeypatch.setattr(template_cache, "_copy_files", real_copy)
+        (built / "state").write_text("state 2")
+        await cache.store("k1", built, replace=True)  # another daemon's new build, meanwhile
+
+    monkeypatch.setattr(template_cache, "_copy_files", copy_then_replace)
+    into = tmp_path / "into"
+    into.mkdir()
+    with pytest.raises(OSError, match="replaced while it was copied"):
+        await cache.fetch("k1", into)
+    assert await cache.fetch("k1", into) == {"key": "k1"} and (into / "state").read_text() == "state 2"
