@@ -6,6 +6,7 @@ where ``slicer image build`` puts it) and shared by every test daemon through a 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -21,6 +22,7 @@ import httpx
 import pytest
 
 from slicer.image.build import build_image
+from tests.failures import FAILED
 
 IMAGE_DATA_DIR = Path(os.environ.get("SLICER_TEST_IMAGE_DIR", "/var/lib/slicer"))
 BOOT_TIMEOUT = 240.0
@@ -50,6 +52,14 @@ def pytest_configure(config) -> None:
 def pytest_unconfigure(config) -> None:
     if made := getattr(config, "made_template_cache", None):
         shutil.rmtree(made, ignore_errors=True)
+
+
+KEPT_LOGS = Path("/tmp/slt-failed")
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.failed:  # a daemon that saw a test fail keeps its logs
+        FAILED[0] += 1
 
 
 # No order of our own: pytest-xdist (3.6+, --dist loadfile) hands files out by their number of tests,
@@ -99,6 +109,7 @@ class Daemon:
         self.config_path.write_text(self.config_text)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / "daemon.log"
+        self.failures_before = FAILED[0]
 
     @property
     def url(self) -> str:
@@ -158,7 +169,20 @@ class Daemon:
             self.stop()
         for pid in qemu_pids(str(self.data_dir)):
             os.kill(pid, signal.SIGKILL)
+        if FAILED[0] > self.failures_before:
+            self.keep_logs()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def keep_logs(self) -> None:
+        """A test failed while this daemon ran: keep its log and its VMs' console logs (in
+        ``/tmp/slt-failed/<data dir>/``) to find out why after the run."""
+        into = KEPT_LOGS / self.data_dir.name
+        with contextlib.suppress(OSError):
+            into.mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.log_path, into / "daemon.log")
+            for console in (self.data_dir / "run").glob("*/console.log"):
+                shutil.copy(console, into / f"{console.parent.name}.console.log")
+            sys.stderr.write(f"\nslicer test daemon {self.data_dir}: logs kept in {into}\n")
 
 
 def ticker(path: str, every: float = 0.1) -> str:
