@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -160,10 +162,18 @@ def test_a_vm_saved_while_rebooting_is_set_up_after_its_reboot(api):
             api.post(f"/vm/{h}/relaunch", params={"wait": "agent", "timeout": "4m"})
 
 
-def test_relaunch_boots_a_shut_down_persistent_vm_from_its_disk(api):
+def test_relaunch_boots_a_shut_down_persistent_vm_from_its_disk(daemon, api):
     h = create(api, persistent=True)
     try:
-        assert api.get(f"/vm/{h}").json()["boot"] == "boot", "persistent VMs never share a template's disk"
+        # Restored from the group's template, but persistent VMs never share a template's disk:
+        # its own starts as a copy of the template's, on the image alone.
+        assert api.get(f"/vm/{h}").json()["boot"] == "template"
+        disk = daemon.data_dir / "disks" / f"{h}.qcow2"
+        below = json.loads(disk.with_name(disk.name + ".backing").read_text())["path"]
+        assert Path(below).is_relative_to(IMAGE_DATA_DIR.resolve()), below
+        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(disk)],
+                                         capture_output=True, check=True).stdout)
+        assert Path(info["backing-filename"]).resolve() == Path(below), info
         run(api, h, "echo kept > /root/kept && sync")
         running = api.post(f"/vm/{h}/relaunch")
         assert running.status_code == 409 and running.json()["code"] == "running"
@@ -181,6 +191,9 @@ def test_relaunch_boots_a_shut_down_persistent_vm_from_its_disk(api):
         r = api.post(f"/vm/{h}/relaunch", params={"wait": "agent", "timeout": "4m"})
         assert r.status_code == 200, r.text
         assert run(api, h, "cat /root/kept") == "kept\n"
+        assert api.get(f"/vm/{h}").json()["boot"] == "boot"
+        nodes = {n["hostname"]: n for n in api.get("/storage").json()["nodes"]}
+        assert nodes[h]["template"] is None, "booted from its own disk, it uses nothing of the template"
     finally:
         api.delete(f"/hostgroup/sbx/nodes/{h}")
     assert api.post("/vm/ghost-1/relaunch").status_code == 404

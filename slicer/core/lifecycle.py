@@ -29,7 +29,7 @@ from slicer.core.templates import Template, Templates
 from slicer.net import NetworkError
 from slicer.net.surface import Network
 from slicer.vmm.base import LAYOUT, VM, Driver, Laps, VMMError, VMSpec, VMState
-from slicer.vmm.disks import TamperedDisk, remove_disk
+from slicer.vmm.disks import TamperedDisk, copy_disk, remove_disk
 
 log = logging.getLogger("slicer.core.manager")
 GRACEFUL_TIMEOUT = 30.0
@@ -55,6 +55,12 @@ class Lifecycle:
         rec = node.record
         spec, boot, restore_from = self._boot_spec(node, group, template, restore_from)
         node.stopping = False
+        if template is not None and rec.own_disk:  # starts as a copy of the template's, then its own
+            try:
+                await copy_disk(template.disk, Path(rec.disk))
+            except VMMError as e:
+                raise SlicerError(f"{rec.hostname}: could not copy its template's disk: {e}",
+                                  ErrorCode.VM_START_FAILED) from e
         if rec.paused:  # a new QEMU runs
             rec.paused = False
             self.registry.store.put(rec)
@@ -97,9 +103,13 @@ class Lifecycle:
         if template is not None:
             rec.template = template.name
             self.registry.store.put(rec)
-            spec.base_disk, spec.base_format = template.disk, "qcow2"
+            if not rec.own_disk:  # a sandbox's disk is an overlay on the template's
+                spec.base_disk, spec.base_format = template.disk, "qcow2"
             template.start_console_log(spec.serial_log, rec.hostname)
             restore_from, boot = template.state, BootKind.TEMPLATE
+        elif rec.template and rec.own_disk and restore_from is None:
+            rec.template = ""  # it boots its own disk: nothing of the template's is used any more
+            self.registry.store.put(rec)
         if rec.template:  # a clone's memory is mapped from its template's: same machine, same layout
             spec.memory_file = self.templates.memory_file(rec.template)
         return as_recorded(spec, rec), boot, restore_from
@@ -237,7 +247,7 @@ class Lifecycle:
         self.remove_files(node.record, disk=disk)
         self.registry.forget(node)
         node.deleted = True
-        if disk and node.record.template and node.record.template not in self.templates_in_use():
+        if node.record.template and node.record.template not in self.templates_in_use():
             self.collect_templates()  # its last clone is gone: a stale template may go too
         return disk
 
@@ -271,7 +281,8 @@ class Lifecycle:
 
     # -- templates in use ---------------------------------------------------------------------------
     def templates_in_use(self) -> Counter[str]:
-        """How many nodes' disks each template backs (a fork's snapshot keeps its base in use)."""
+        """How many nodes use each template, by their disk or their RAM (a fork's snapshot keeps
+        its base in use)."""
         used = Counter(n.record.template for n in self.registry.nodes.values() if n.record.template)
         todo = list(used)
         while todo:  # a fork of a fork: every snapshot down the chain

@@ -10,8 +10,10 @@ state store and address allocation, and hands every other kind of work to a coll
 Services are the VMs of a group's YAML ``count``: started with the daemon, shut down
 gracefully with it (or suspended, with ``suspend_on_shutdown``), never deleted through the
 API. Sandboxes are created through the API: deleted (process and disk) when asked, when their
-guest powers off, and when the daemon stops. A sandbox restores from a template of its group
-and size (see :mod:`slicer.core.templates`) unless it or its group asks to boot cold.
+guest powers off, and when the daemon stops. A new VM restores from a template of its group
+and size (see :mod:`slicer.core.templates`) unless it or its group asks to boot cold: a
+sandbox's disk is an overlay on the template's, a service's or persistent VM's a copy of it
+(so it outlives the template); a kept disk boots cold.
 """
 
 from __future__ import annotations
@@ -249,15 +251,15 @@ class Manager:
             raise BadRequest(f"network: a VM's own allow/drop apply to isolated host groups; {group.name} is "
                              f"{mode} (its VMs share their subnet)", ErrorCode.INVALID_NETWORK)
         group_image = await self._choose_image(group, spec, inherited=template is not None)
-        # Clones share their template's disk, so persistent VMs boot cold; so do forks of a commit.
-        # So does a VM of another image than its group's (templates are the group's image).
-        cold = persistent or "cold" in (group.boot, spec.boot) or bool(spec.parent_commit)
-        cold = cold or spec.image != group_image
+        # Forks of a commit boot cold (their disk rests on it), and so does a VM of another image
+        # than its group's (templates are the group's image). A persistent VM is restored from the
+        # template with a copy of its disk (lifecycle), never from the pool (whose disks rest on it).
+        cold = "cold" in (group.boot, spec.boot) or bool(spec.parent_commit) or spec.image != group_image
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         lap = Laps()
-        if (template is None and not cold and hostname is None and ip is None and not spec.network
-                and (cpus, ram) == (group.vcpu, group.ram) and group.warm_pool):
+        if (template is None and not cold and not persistent and hostname is None and ip is None
+                and not spec.network and (cpus, ram) == (group.vcpu, group.ram) and group.warm_pool):
             node = await self.pool.take(group, spec)
             if node is not None:
                 return await self._wait_pooled(node, wait, timeout, t0)

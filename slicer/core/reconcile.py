@@ -9,6 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from slicer.core.actions import NodeAction
 from slicer.core.commits import Commits
 from slicer.core.config import Config, HostGroup
 from slicer.core.error_codes import ErrorCode
@@ -25,7 +26,7 @@ from slicer.core.templates import Templates
 from slicer.net import NetworkError
 from slicer.net.surface import Network
 from slicer.vmm.base import Driver, VMMError, VMState
-from slicer.vmm.disks import remove_disk
+from slicer.vmm.disks import PART, remove_disk
 
 log = logging.getLogger("slicer.core.manager")
 
@@ -75,6 +76,9 @@ class Reconciler:
         for part in (self.registry.data_dir / "snapshots").glob("*.part"):
             log.warning("removing %s, left by a suspend that did not finish", part.name)
             part.unlink(missing_ok=True)
+        for part in (self.registry.data_dir / "disks").glob(f"*{PART}"):
+            log.warning("removing %s, left by a copy of a template's disk that did not finish", part.name)
+            remove_disk(part)
         for rec in records.values():  # a suspend that saved the state but died before its record said so
             if not rec.suspended and (state := self.registry.state_file(rec.hostname)).exists():
                 log.warning("%s: removing %s: its record does not say it was suspended", rec.hostname, state.name)
@@ -204,8 +208,14 @@ class Reconciler:
         self.registry.store.put(rec)
         node = self.registry.add(Node(rec, self.registry.run_dir(hostname)))
         try:
-            await self.lifecycle.launch(node, group)
-            log.info("%s: service booted", hostname)
+            async with node.act(NodeAction.LAUNCH):  # Starting, also while its template is made
+                # A new disk starts as a copy of the group's template, restored in a second; a
+                # kept disk (or no template) boots cold.
+                template = None
+                if group.boot == "snapshot" and not Path(rec.disk).exists():
+                    template = await self.templates.ensure(group)
+                await self.lifecycle.launch(node, group, template=template)
+            log.info("%s: service %s", hostname, "restored from its group's template" if template else "booted")
         except SlicerError as e:
             log.error("%s: service failed to boot: %s", hostname, e.message)
 

@@ -65,7 +65,9 @@ class NodeRecord:
     disk: str
     # What the create request asked for that later stages act on (userdata, keys, tags, …).
     spec: NodeSpec = field(default_factory=NodeSpec)
-    template: str = ""  # the template whose disk backs this node's disk, if any
+    # The template it was restored from, while it uses any of it: a sandbox's disk is an overlay
+    # on the template's; every clone's RAM maps the template's file (own_disk: only that).
+    template: str = ""
     suspended: Suspended = Suspended.NO
     # paused on request (POST /pause): a paused QEMU a new daemon adopts stays paused only then;
     # otherwise its vCPUs stopped because its daemon died between a restore and the resume
@@ -74,6 +76,12 @@ class NodeRecord:
     @property
     def tags(self) -> list[str]:
         return list(self.spec.tags)
+
+    @property
+    def own_disk(self) -> bool:
+        """Its disk rests on nothing of a template's, even when it was restored from one (it starts
+        as a copy of the template's): a service's or a persistent VM's, which outlive templates."""
+        return self.persistent or self.kind == NodeKind.SERVICE
 
 
 @dataclass

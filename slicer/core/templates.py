@@ -1,15 +1,16 @@
-"""Per-group templates: one VM booted to a ready agent, saved, and restored for every sandbox.
+"""Per-group templates: one VM booted to a ready agent, saved, and restored for every new VM.
 
 A template is a directory under ``<data>/templates`` named ``<group>-<key>-<serial>``:
 ``ram`` (the guest's memory: clones map it copy-on-write, so a restore reads only what the
 guest touches, and clean pages are shared), ``state`` (device state), ``disk.qcow2`` (the disk
-at that instant, frozen: every clone's overlay is backed by it) and ``meta.json`` (written
-last: a template without it is incomplete). The key digests everything the saved state
-depends on (hypervisor version, accelerator, devices, sizes, kernel, initrd, image), so a
-change to any of them makes a new template. A template whose restore failed is retired
-(marker file); templates neither current nor used by a node's disk are removed. With a
-``template_cache`` (:mod:`slicer.core.template_cache`), a template another daemon built is
-copied from there rather than built, and every template built here is stored there.
+at that instant, frozen: every sandbox's overlay is backed by it, a service or persistent VM
+starts as a copy of it) and ``meta.json`` (written last: a template without it is incomplete).
+The key digests everything the saved state depends on (hypervisor version, accelerator,
+devices, sizes, kernel, initrd, image), so a change to any of them makes a new template. A
+template whose restore failed is retired (marker file); templates neither current nor used by
+a node (its disk, or the RAM it maps) are removed. With a ``template_cache``
+(:mod:`slicer.core.template_cache`), a template another daemon built is copied from there
+rather than built, and every template built here is stored there.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pathlib import Path
 from slicer.vmm.base import VMMError
 from slicer.vmm.handoff import Layer
 
-__all__ = ["Layer", "chain_paths", "copy_disk", "create_overlay", "move_disk", "rebase", "recorded_chain",
+__all__ = ["PART", "Layer", "chain_paths", "copy_disk", "create_overlay", "move_disk", "rebase", "recorded_chain",
            "remove_disk", "verified_chain", "virtual_size"]
 
 log = logging.getLogger(__name__)
@@ -206,10 +206,20 @@ async def create_overlay(path: Path, backing: Path, backing_format: str = "qcow2
                     str(size))
 
 
+PART = ".part"  # a copy under way (:func:`copy_disk`): what a crash left of one is removed at start
+
+
 async def copy_disk(src: Path, dst: Path) -> None:
-    """A copy of a qcow2 overlay (sparse; shared extents where the filesystem can), with its record."""
-    copy_record(src, dst)
-    await _run("cp", "--reflink=auto", "--sparse=always", str(src), str(dst))
+    """A copy of a qcow2 overlay (sparse; shared extents where the filesystem can), with its
+    record; it appears whole under ``dst`` or not at all (made as ``dst.part``, then renamed)."""
+    part = dst.with_name(dst.name + PART)
+    copy_record(src, part)
+    try:
+        await _run("cp", "--reflink=auto", "--sparse=always", str(src), str(part))
+        move_disk(part, dst)
+    except BaseException:
+        remove_disk(part)
+        raise
 
 
 async def copy_files(files: list[Path], into: Path, timeout: float) -> None:

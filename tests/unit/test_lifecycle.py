@@ -12,15 +12,50 @@ from slicer.core.errors import BadRequest, Conflict, Forbidden, NotFound
 from tests.unit.conftest import Lab, create_args
 
 
-async def test_services_boot_with_the_daemon_and_are_set_up(lab: Lab):
+async def test_services_start_with_the_daemon_from_one_template_and_are_set_up(lab: Lab):
     m = await lab.daemon()
     assert sorted(m.nodes) == ["svc-1", "svc-2"]
+    builds = [vm for vm in lab.host.started if vm.spec.name.startswith("tpl-svc")]
+    assert len(builds) == 1, "one template for both services"
     for node in m.nodes.values():
-        assert node.status == "Running" and node.boot == "boot"
+        assert node.status == "Running" and node.boot == "template" and node.record.template
         guest = lab.host.vm(node.hostname).guest
+        (identity,) = guest.called("identity")
+        assert identity["hostname"] == node.hostname and identity["ip"] == f"{node.record.ip}/24"
         assert guest.called("put_secrets") == [{}]  # no secrets yet: an empty set, still pushed
         assert guest.called("put_ssh_keys") == [{"keys": []}]
     assert {n.record.ip for n in m.nodes.values()} == {"10.77.0.2", "10.77.0.3"}
+
+
+async def test_a_service_restored_from_a_template_has_a_disk_of_its_own(lab: Lab):
+    """Its disk starts as a copy of the template's (nothing of it rests on the template), so a
+    cold boot of it later leaves the template unused, and collected once superseded."""
+    m = await lab.daemon()
+    node = m.get("svc-1")
+    (template,) = [t for t in m.templates._all() if t.group == "svc"]
+    disk = Path(node.record.disk)
+    assert disk == lab.data_dir / "disks" / "svc-1.qcow2"
+    assert disk.read_bytes() == template.disk.read_bytes() and not disk.samefile(template.disk)
+    assert node.vm.spec.base_disk != template.disk
+    assert node.vm.spec.memory_file == m.templates.memory_file(template.name)
+    assert m.lifecycle.templates_in_use()[template.name] == 2, "its RAM is mapped from the template's"
+    await m.power.shutdown("svc-1", "shutdown")
+    await node.exited.wait()
+    await m.snapshots.relaunch("svc-1", wait="agent", timeout=5)
+    assert node.boot == "boot" and node.record.template == "" and node.vm.spec.memory_file is None
+    assert {r.hostname: r.template for r in m.store.all()}["svc-1"] == "", "the record says so too"
+    assert m.lifecycle.templates_in_use()[template.name] == 1
+
+
+async def test_a_service_with_a_kept_disk_boots_it_cold(lab: Lab):
+    m = await lab.daemon()
+    await lab.crash(m)
+    (lab.data_dir / "disks" / "svc-1.qcow2").write_text("kept\n")
+    for vm in list(lab.host.processes.values()):
+        vm.end(-9)  # the VMs died with the host
+    m = await lab.daemon()
+    assert m.get("svc-1").boot == "boot" and m.get("svc-1").record.template == ""
+    assert (lab.data_dir / "disks" / "svc-1.qcow2").read_text() == "kept\n"
 
 
 async def test_a_sandbox_restores_from_its_groups_template(lab: Lab):
@@ -41,21 +76,24 @@ async def test_the_second_sandbox_reuses_the_template(lab: Lab):
     a = await m.create("sbx", **create_args())
     b = await m.create("sbx", **create_args())
     assert a.record.template == b.record.template
-    assert len([vm for vm in lab.host.started if vm.spec.name.startswith("tpl-")]) == 1
+    assert len([vm for vm in lab.host.started if vm.spec.name.startswith("tpl-sbx")]) == 1
 
 
 async def test_a_cold_group_boots_without_a_template(lab: Lab):
     m = await lab.daemon()
     node = await m.create("cold", **create_args())
     assert node.boot == "boot" and node.record.template == ""
-    assert not any(vm.spec.name.startswith("tpl-") for vm in lab.host.started)
+    assert not any(vm.spec.name.startswith("tpl-cold") for vm in lab.host.started)
 
 
-async def test_a_persistent_vm_boots_cold_on_a_disk_of_its_own(lab: Lab):
+async def test_a_persistent_vm_restores_from_the_template_on_a_copy_of_its_disk(lab: Lab):
     m = await lab.daemon()
     node = await m.create("sbx", **create_args(persistent=True))
-    assert node.boot == "boot" and node.record.template == ""
-    assert Path(node.record.disk) == lab.data_dir / "disks" / f"{node.hostname}.qcow2"
+    assert node.boot == "template" and node.record.template
+    disk = Path(node.record.disk)
+    assert disk == lab.data_dir / "disks" / f"{node.hostname}.qcow2"
+    assert disk.read_text().startswith("overlay on ") and node.record.template not in disk.read_text()
+    assert not list(disk.parent.glob("*.part"))
 
 
 async def test_hostnames_skip_the_services_and_numbers_in_use(lab: Lab):

@@ -18,7 +18,7 @@ async def test_a_new_daemon_adopts_the_vms_a_dead_one_left_running(lab: Lab):
         adopted = m2.get(hostname)
         assert adopted.vm is vm and adopted.boot == "adopted" and adopted.status == "Running"
     assert m2.get(node.hostname).record.tags == ["keep"]
-    assert len(lab.host.started) == len(vms) + 1  # + the template VM: nothing booted again
+    assert len(lab.host.started) == len(vms) + 2  # + the two template VMs: nothing booted again
     assert set(m2.net.group("sbx").links) == {node.hostname}
 
 
