@@ -73,8 +73,9 @@ class Forks:
                 await vm.capture(state, lambda: copy_disk(Path(rec.disk), disk))
                 log.info("%s: paused %.2fs to be forked", hostname, loop.time() - paused_at)
 
+            base = "" if rec.own_disk else rec.template  # the template the copy of its disk rests on
             try:
-                snapshot = await self.templates.from_capture(group, name, rec.cpus, rec.ram_bytes, rec.template,
+                snapshot = await self.templates.from_capture(group, name, rec.cpus, rec.ram_bytes, base,
                                                              rec.spec.image, capture, layout=rec.spec.layout or 0)
             except VMMError as e:
                 raise SlicerError(f"{hostname}: fork failed: {e}", ErrorCode.FORK_FAILED) from e

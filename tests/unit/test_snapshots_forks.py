@@ -134,9 +134,16 @@ async def test_a_live_fork_makes_running_copies_and_the_source_goes_on(lab: Lab)
         assert lab.host.vm(copy.hostname).guest.called("identity")[0]["hostname"] == copy.hostname
     snapshot = copies[0].record.template
     assert "-fork-" in snapshot and copies[1].record.template == snapshot
+    assert m.templates.base_of(snapshot) == source.record.template, "the copies' disks rest on it"
     for copy in copies:
         await m.power.delete("sbx", copy.hostname)
     assert not (m.templates.root / snapshot).exists()  # gone with its last copy
+
+
+async def test_a_fork_of_a_vm_on_a_disk_of_its_own_rests_on_no_template(lab: Lab):
+    m = await lab.daemon()
+    (copy,) = await m.forks.fork("svc-1", 1, [], wait="agent", timeout=10)
+    assert m.get("svc-1").record.template and m.templates.base_of(copy.record.template) == ""
 
 
 async def test_a_fork_is_all_or_nothing(lab: Lab):
