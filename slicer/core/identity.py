@@ -48,7 +48,7 @@ async def ssh_host_keys(hostname: str) -> dict[str, dict[str, str]]:
 async def identity_body(node: Node, spec: VMSpec) -> dict:
     """What to send the agent of ``node`` right after its restore (before anything else)."""
     body: dict = {"seed": fresh_seed()}
-    if node.boot == BootKind.TEMPLATE:
+    if node.boot == BootKind.TEMPLATE or node.record.identity_pending:  # still the template's
         body.update(
             hostname=node.hostname, machine_id=os.urandom(16).hex(), ip=spec.ip_cidr,
             gateway=spec.gateway, mac=spec.mac, dns=spec.dns, ssh_host_keys=await ssh_host_keys(node.hostname),

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import shutil
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from slicer.core import telemetry
@@ -101,7 +102,7 @@ class Lifecycle:
             spec.base_disk, spec.base_format = self.registry.commit_disk(parent), "qcow2"
             boot = BootKind.FORK
         if template is not None:
-            rec.template = template.name
+            rec.template, rec.identity_pending = template.name, True
             self.registry.store.put(rec)
             if not rec.own_disk:  # a sandbox's disk is an overlay on the template's
                 spec.base_disk, spec.base_format = template.disk, "qcow2"
@@ -128,7 +129,10 @@ class Lifecycle:
         lap("attach")
         vm = None
         try:
-            vm = await self.driver.start(spec, restore_from)
+            try:
+                vm = await self.driver.start(spec, restore_from)
+            except OSError as e:  # a file it needs went away (a template's RAM, say)
+                raise VMMError(f"cannot start it: {e}") from e
             lap.laps.update(vm.phases)  # the driver timed its own steps
             lap.restart()
             if vm.state == VMState.PAUSED:
@@ -291,5 +295,6 @@ class Lifecycle:
                 used[base] += 1
         return used
 
-    def collect_templates(self) -> None:
-        self.templates.collect(self.config.host_groups, self.templates_in_use())
+    def collect_templates(self, also: Iterable[str] = ()) -> None:
+        """Remove the templates nothing uses; ``also``: used by records not yet registered."""
+        self.templates.collect(self.config.host_groups, self.templates_in_use() + Counter(also))

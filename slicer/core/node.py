@@ -62,7 +62,7 @@ class Node:
         self.agent = AgentClient(Channel(str(vm.spec.channel_socket)),
                                  bulk=BulkLink(vm.spec.bulk_sockets) if vm.spec.bulk else None)
         self.boot = boot
-        self.identity_pending = boot.needs_identity
+        self.identity_pending = boot.needs_identity or self.record.identity_pending
         self.setup_error = None
         self.provisioned.clear()
         self.exited.clear()

@@ -108,6 +108,9 @@ class Provisioner:
             assert node.vm is not None
             await agent.identity(await identity_body(node, node.vm.spec), timeout=30)
             node.identity_pending = False
+            if node.record.identity_pending:
+                node.record.identity_pending = False
+                self.registry.store.put(node.record)
             lap("identity")
         spec = node.record.spec
 

@@ -67,7 +67,8 @@ class Reconciler:
         await self.net.remove_stale_taps()
         for rec in records.values():
             self._judge(rec, adopted=rec.hostname in adopted)
-        self.lifecycle.collect_templates()
+        # Services are registered as they boot: a suspended one restores into its template's RAM.
+        self.lifecycle.collect_templates(also=[r.template for r in records.values() if r.suspended and r.template])
         self._boot_missing(records, adopted)
 
     def _remove_leftovers(self, records: dict[str, NodeRecord]) -> None:
@@ -76,7 +77,7 @@ class Reconciler:
         for part in (self.registry.data_dir / "snapshots").glob("*.part"):
             log.warning("removing %s, left by a suspend that did not finish", part.name)
             part.unlink(missing_ok=True)
-        for part in (self.registry.data_dir / "disks").glob(f"*{PART}"):
+        for part in (self.registry.data_dir / "disks").glob(f"*{PART}*"):  # and its .backing record
             log.warning("removing %s, left by a copy of a template's disk that did not finish", part.name)
             remove_disk(part)
         for rec in records.values():  # a suspend that saved the state but died before its record said so
@@ -120,6 +121,9 @@ class Reconciler:
             self.lifecycle.remove_files(rec, disk=False)
             store.delete(rec.hostname)
         else:
+            if rec.own_disk and rec.template and not rec.suspended:
+                rec.template = ""  # its QEMU is gone: its disk is its own, and its next boot is cold
+                store.put(rec)
             self.registry.add(Node(rec, self.registry.run_dir(rec.hostname)))
 
     def _boot_missing(self, records: dict[str, NodeRecord], adopted: set[str]) -> None:

@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     spec       TEXT NOT NULL DEFAULT '{}',
     template   TEXT NOT NULL DEFAULT '',
     suspended  TEXT NOT NULL DEFAULT '',
-    paused     INTEGER NOT NULL DEFAULT 0
+    paused     INTEGER NOT NULL DEFAULT 0,
+    identity_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS commits (
     commit_id         TEXT PRIMARY KEY,
@@ -45,7 +46,7 @@ CREATE TABLE IF NOT EXISTS commits (
 """
 # Columns added after the first release: (name, definition), added to older databases at open.
 ADDED_COLUMNS = [("template", "TEXT NOT NULL DEFAULT ''"), ("suspended", "TEXT NOT NULL DEFAULT ''"),
-                 ("paused", "INTEGER NOT NULL DEFAULT 0")]
+                 ("paused", "INTEGER NOT NULL DEFAULT 0"), ("identity_pending", "INTEGER NOT NULL DEFAULT 0")]
 
 
 def now_rfc3339() -> str:
@@ -72,6 +73,10 @@ class NodeRecord:
     # paused on request (POST /pause): a paused QEMU a new daemon adopts stays paused only then;
     # otherwise its vCPUs stopped because its daemon died between a restore and the resume
     paused: bool = False
+    # Restored from a template and not yet given its own identity: until a reset succeeds, every
+    # boot of it (a restore of its saved state, an adoption, a cold boot of its copied disk) gets
+    # the full reset, since each still holds the template's name, address, machine-id and keys.
+    identity_pending: bool = False
 
     @property
     def tags(self) -> list[str]:
@@ -133,6 +138,7 @@ class StateStore:
         row = asdict(rec)
         row["persistent"] = int(rec.persistent)
         row["paused"] = int(rec.paused)
+        row["identity_pending"] = int(rec.identity_pending)
         row["spec"] = json.dumps(rec.spec.to_dict())
         cols = ", ".join(row)
         marks = ", ".join(f":{c}" for c in row)
@@ -147,13 +153,13 @@ class StateStore:
         with self._lock:
             cur = self._db.execute(
                 "SELECT hostname, hostgroup, kind, ip, cpus, ram_bytes, persistent, created_at, disk, spec, "
-                "template, suspended, paused FROM nodes ORDER BY hostgroup, created_at"
+                "template, suspended, paused, identity_pending FROM nodes ORDER BY hostgroup, created_at"
             )
             rows = cur.fetchall()
         return [
             NodeRecord(h, g, NodeKind(k), ip, c, r, bool(p), ca, d, NodeSpec.from_dict(json.loads(s)), t,
-                       Suspended(su), bool(pa))
-            for h, g, k, ip, c, r, p, ca, d, s, t, su, pa in rows
+                       Suspended(su), bool(pa), bool(ip_))
+            for h, g, k, ip, c, r, p, ca, d, s, t, su, pa, ip_ in rows
         ]
 
     def put_commit(self, rec: CommitRecord) -> None:

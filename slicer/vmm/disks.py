@@ -41,6 +41,9 @@ async def _run(*argv: str, timeout: float | None = None) -> bytes:
         proc.kill()
         await proc.wait()
         raise VMMError(f"{argv[0]} {argv[1]} did not finish within {timeout:g}s") from None
+    except asyncio.CancelledError:  # a daemon that stops: no copy goes on writing behind it
+        proc.kill()
+        raise
     if proc.returncode:
         raise VMMError(f"{argv[0]} {argv[1]} failed: {err.decode(errors='replace').strip()}")
     return out
@@ -213,8 +216,8 @@ async def copy_disk(src: Path, dst: Path) -> None:
     """A copy of a qcow2 overlay (sparse; shared extents where the filesystem can), with its
     record; it appears whole under ``dst`` or not at all (made as ``dst.part``, then renamed)."""
     part = dst.with_name(dst.name + PART)
-    copy_record(src, part)
     try:
+        copy_record(src, part)
         await _run("cp", "--reflink=auto", "--sparse=always", str(src), str(part))
         move_disk(part, dst)
     except BaseException:

@@ -452,3 +452,21 @@ async def test_metrics_carry_slicers_names_and_ours(lab: Lab):
     assert after[("slicer_system_cpus", ())] == os.cpu_count()
     assert 0 < after[("slicer_system_memory_available_bytes", ())] < after[("slicer_system_memory_total_bytes", ())]
     assert after[("slicer_system_uptime_seconds", ())] > 0
+
+
+async def test_the_record_says_a_clone_is_not_itself_until_its_identity_reset(lab: Lab, monkeypatch):
+    """So a daemon that dies before the reset leaves a record the next one acts on."""
+    from slicer.core.provision import Provisioner
+
+    seen = []
+    configure = Provisioner.configure
+
+    async def spy(self: Provisioner, node) -> None:
+        seen.append({r.hostname: r.identity_pending for r in self.registry.store.all()}.get(node.hostname))
+        await configure(self, node)
+
+    monkeypatch.setattr(Provisioner, "configure", spy)
+    m = await lab.daemon()
+    node = await m.create("sbx", **create_args(persistent=True))
+    assert seen[-1] is True, "recorded before the reset"
+    assert not {r.hostname: r for r in m.store.all()}[node.hostname].identity_pending, "and cleared after it"

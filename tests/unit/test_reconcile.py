@@ -193,3 +193,61 @@ async def test_a_state_saved_by_a_suspend_that_died_before_its_record_is_removed
     state.write_text("a whole state")
     m2 = await lab.daemon()
     assert not state.exists() and m2.get(node.hostname).status == "Stopped"
+
+
+async def test_a_vm_adopted_before_its_identity_reset_gets_it_then(lab: Lab):
+    """Its daemon died between the restore from a template and the identity reset: the record
+    says so, and the next daemon gives the adopted VM the whole reset (not just a fresh clock)."""
+    m = await lab.daemon()
+    rec = m.get("svc-1").record
+    rec.identity_pending = True  # as the record stands between the restore and the reset
+    m.store.put(rec)
+    await lab.crash(m)
+    m2 = await lab.daemon()
+    node = m2.get("svc-1")
+    assert node.boot == "adopted" and node.status == "Running"
+    last = lab.host.vm("svc-1").guest.called("identity")[-1]
+    assert last["hostname"] == "svc-1" and last["ip"] == f"{node.record.ip}/24"
+    assert "machine_id" in last and "ssh_host_keys" in last
+    assert not {r.hostname: r for r in m2.store.all()}["svc-1"].identity_pending
+
+
+async def test_a_suspended_services_template_is_kept_at_start(lab: Lab):
+    """A service restored from a template and suspended with its daemon maps the template's RAM
+    when it is restored: the next start must not remove that template first, stale or not."""
+    config = CONFIG.replace("  api:", "  suspend_on_shutdown: true\n  api:")
+    m = await lab.daemon(config)
+    name = m.get("svc-1").record.template
+    m.templates.retire(next(t for t in m.templates._all() if t.name == name), "superseded")
+    await m.stop()
+    lab.managers.remove(m)
+    m2 = await lab.daemon(config)
+    node = m2.get("svc-1")
+    assert node.boot == "suspend" and node.status == "Running" and node.record.template == name
+    assert (m2.templates.root / name).exists(), "its RAM maps the template's file"
+
+
+async def test_a_stopped_persistent_vm_lets_go_of_its_template_at_start(lab: Lab):
+    """Restored from a template on a copy of its disk, then its QEMU died with the host: the next
+    daemon keeps it Stopped, and its template is no longer its (its next boot is cold)."""
+    m = await lab.daemon()
+    node = await m.create("sbx", **create_args(persistent=True))
+    assert node.record.template
+    await lab.crash(m)
+    lab.host.vm(node.hostname).end(-9)
+    m2 = await lab.daemon()
+    assert m2.get(node.hostname).status == "Stopped" and m2.get(node.hostname).record.template == ""
+    assert {r.hostname: r.template for r in m2.store.all()}[node.hostname] == ""
+
+
+async def test_a_copy_of_a_templates_disk_cut_short_is_removed_at_start(lab: Lab):
+    m = await lab.daemon()
+    await lab.crash(m)
+    part = lab.data_dir / "disks" / "sbx-9.qcow2.part"
+    part.write_text("half a disk")
+    part.with_name(part.name + ".backing").write_text("{}")
+    record_only = lab.data_dir / "disks" / "sbx-8.qcow2.part.backing"  # killed before cp began
+    record_only.write_text("{}")
+    await lab.daemon()
+    assert not part.exists() and not part.with_name(part.name + ".backing").exists()
+    assert not record_only.exists()
