@@ -242,7 +242,8 @@ class Reconciler:
         spec = NodeSpec(userdata=group.userdata or None)
         # A kept disk goes on booting the image it was made from (None: the project's); a new
         # one, the group's.
-        if old is not None and persistent and disk.exists():
+        kept = old is not None and persistent and disk.exists()
+        if kept:
             image = old.spec.image
         else:
             try:
@@ -253,4 +254,6 @@ class Reconciler:
         spec.image = dict(image) if image else None
         return NodeRecord(hostname=hostname, hostgroup=group.name, kind=NodeKind.SERVICE, ip=ip, cpus=group.vcpu,
                           ram_bytes=group.ram, persistent=persistent,
-                          created_at=old.created_at if old else now_rfc3339(), disk=str(disk), spec=spec)
+                          created_at=old.created_at if old else now_rfc3339(), disk=str(disk), spec=spec,
+                          # a kept copy of a template's disk whose reset never came still holds its identity
+                          identity_pending=kept and old.identity_pending)

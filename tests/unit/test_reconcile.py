@@ -251,3 +251,22 @@ async def test_a_copy_of_a_templates_disk_cut_short_is_removed_at_start(lab: Lab
     await lab.daemon()
     assert not part.exists() and not part.with_name(part.name + ".backing").exists()
     assert not record_only.exists()
+
+
+async def test_a_service_whose_reset_never_came_gets_it_at_its_cold_boot(lab: Lab):
+    """Killed with its host between its restore from a template and its identity reset: its
+    kept disk (a copy of the template's) still holds the template's machine-id and host keys."""
+    m = await lab.daemon()
+    rec = m.get("svc-1").record
+    rec.identity_pending = True
+    m.store.put(rec)
+    await lab.crash(m)
+    for vm in list(lab.host.processes.values()):
+        vm.end(-9)
+    m2 = await lab.daemon()
+    node = m2.get("svc-1")
+    assert node.boot == "boot" and node.status == "Running"
+    (identity,) = lab.host.vm("svc-1").guest.called("identity")
+    assert identity["hostname"] == "svc-1" and "machine_id" in identity and "ssh_host_keys" in identity
+    assert not {r.hostname: r for r in m2.store.all()}["svc-1"].identity_pending
+    assert m2.get("svc-2").boot == "boot" and not lab.host.vm("svc-2").guest.called("identity")
