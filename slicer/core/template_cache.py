@@ -7,17 +7,26 @@ one cold (a copy takes a fraction of a second; a cold boot under TCG, 10–20 s)
 ``<key>/`` directories, published whole by a rename and never changed in place: a daemon copies
 (never links) in and out, so nothing it does to its own template reaches another daemon's.
 
+A daemon about to build a template holds the key's lock (``.lock-<key>``, an ``flock``, which
+goes with a daemon that dies) until it has stored it: another daemon, or another group of the
+same machine, that needs that key meanwhile waits, then copies it, rather than booting the same
+template at the same time.
+
 Guest memory is in these files, and whoever can write here chooses what every daemon's guests
 restore: the directory must be its owner's alone (as ``~/.ssh`` is for sshd).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from slicer.core.error_codes import ErrorCode
@@ -28,6 +37,8 @@ from slicer.vmm.disks import copy_files
 log = logging.getLogger(__name__)
 
 COPY_TIMEOUT = 120.0
+LOCK_WAIT = 600.0  # past any build's own limit (a stuck builder is then ignored, not waited for forever)
+LOCK_POLL = 0.1
 SKIPPED = ("meta.json", "retired")  # each daemon writes its own
 
 
@@ -56,6 +67,30 @@ class TemplateCache:
             pid = path.name.split("-")[2]
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.asynccontextmanager
+    async def building(self, key: str) -> AsyncIterator[None]:
+        """Hold the lock of ``key`` while it is looked for and, if missing, built and stored."""
+        try:
+            fd = os.open(self.root / f".lock-{key}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            log.warning("template cache: no lock for %s (%s); building without it", key, e)
+            yield
+            return
+        try:
+            deadline = asyncio.get_running_loop().time() + LOCK_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        log.warning("template cache: %s is still being built elsewhere; building it here too", key)
+                        break
+                    await asyncio.sleep(LOCK_POLL)  # polled: a daemon that stops is not stuck in flock()
+            yield
+        finally:
+            os.close(fd)  # and the lock with it
 
     def has(self, key: str) -> bool:
         return (self.root / key / "meta.json").is_file()

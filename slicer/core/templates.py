@@ -210,11 +210,12 @@ class Templates:
                          len(sizes), f"{size[0]} vCPU / {size[1] >> 20} MiB")
                 return None
             try:
-                if (tpl := await self._from_cache(group, size)) is not None:
+                async with self._shared_build(group, size):  # a daemon building the same machine: wait, copy
+                    if (tpl := await self._from_cache(group, size)) is not None:
+                        return tpl
+                    tpl = await self._build(group, size)
+                    await self._share(tpl)
                     return tpl
-                tpl = await self._build(group, size)
-                await self._share(tpl)
-                return tpl
             except (SlicerError, VMMError, NetworkError, OSError, TimeoutError) as e:
                 self._failed_at[(group.name, size)] = time.monotonic()
                 log.error("template for host group %s could not be built: %s", group.name, e)
@@ -320,6 +321,11 @@ class Templates:
         log.info("host group %s: template %s copied from the template cache in %.2fs", group.name, tpl.name,
                  asyncio.get_running_loop().time() - t0)
         return tpl
+
+    def _shared_build(self, group: HostGroup, size: Size) -> contextlib.AbstractAsyncContextManager:
+        if self.cache is None:
+            return contextlib.nullcontext()
+        return self.cache.building(self.key(group, size))
 
     async def _share(self, tpl: Template) -> None:
         """Store a template built here in the cache (replacing one that failed here)."""

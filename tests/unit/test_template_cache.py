@@ -86,7 +86,8 @@ async def test_a_cached_template_that_failed_here_is_built_anew_and_replaces_the
     assert template_boots(lab) == 2, "a template that failed is not copied again: it is built"
     assert node.boot == "template"
     assert json.loads((entry / "meta.json").read_text())["created_at"] != before, "the new one replaced it"
-    assert [p.name for p in cache.iterdir()] == [entry.name], "nothing half-made is left"
+    left = [p.name for p in cache.iterdir() if not p.name.startswith(".lock-")]  # empty files, one per key
+    assert left == [entry.name], "nothing half-made is left"
 
 
 async def test_a_daemon_without_the_cache_builds_its_own(lab: Lab, tmp_path: Path):
@@ -164,3 +165,25 @@ async def test_an_entry_replaced_while_it_is_copied_is_not_used(tmp_path: Path, 
     with pytest.raises(OSError, match="replaced while it was copied"):
         await cache.fetch("k1", into)
     assert await cache.fetch("k1", into) == {"key": "k1"} and (into / "state").read_text() == "state 2"
+
+
+async def test_two_daemons_needing_one_template_at_once_build_it_once(lab: Lab, tmp_path: Path):
+    """The second waits for the first's build (the key's lock in the cache), then copies it."""
+    import asyncio
+
+    cache = tmp_path / "cache"
+    first = await lab.daemon(config(cache))
+    second = await other_daemon(lab, config(cache, group="box", gateway="10.91.0.1/24"), tmp_path)
+    a, b = await asyncio.gather(first.create("sbx", **create_args()), second.create("box", **create_args()))
+    assert template_boots(lab) == 1, "one template VM booted for both daemons"
+    assert a.boot == b.boot == "template" and a.status == b.status == "Running"
+    assert first.templates.current(first.group("sbx")).key == second.templates.current(second.group("box")).key
+
+
+async def test_a_lock_that_cannot_be_made_does_not_stop_a_build(lab: Lab, tmp_path: Path):
+    cache = tmp_path / "cache"
+    m = await lab.daemon(config(cache))
+    key = m.templates.key(m.group("sbx"))
+    (cache / f".lock-{key}").mkdir()  # not a file: it cannot be opened for writing
+    node = await m.create("sbx", **create_args())
+    assert node.boot == "template" and template_boots(lab) == 1
