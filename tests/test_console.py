@@ -25,7 +25,8 @@ pytestmark = pytest.mark.vm
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 SHOTS = Path(os.environ.get("SLICER_CONSOLE_SCREENSHOTS", "/tmp/slicer-console-screenshots"))
-# One small group: its service vm-1, and the sandbox the test creates (booted cold: no template to build).
+# One small group: its service vm-1, and the sandbox the test creates, both restored from the
+# group's template (the session's template cache has one of this machine: the main daemon's sbx).
 CONFIG = """
 config:
   host_groups:
@@ -34,7 +35,6 @@ config:
     vcpu: 1
     ram_mb: 384
     storage_size: 2G
-    boot: cold
   api:
     bind_address: 127.0.0.1
     port: PORT

@@ -33,7 +33,6 @@ config:
     vcpu: 1
     ram_mb: 256
     storage_size: 1G
-    boot: cold
   api:
     bind_address: 127.0.0.1
     port: PORT
