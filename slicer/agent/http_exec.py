@@ -26,6 +26,30 @@ NDJSON = {"Content-Type": "application/x-ndjson"}
 EntryHandler = Callable[[web.Request, background.Entry], Awaitable[web.StreamResponse]]
 
 
+async def _execute(registry: background.Registry, request: web.Request) -> web.StreamResponse:
+    """Run one command: streamed (NDJSON frames), buffered (one JSON answer) or in the background."""
+    try:
+        req = ExecRequest.from_query(request.query)
+        ring = registry.check_budget(req.ring_bytes) if req.background else 0
+        proc = await spawn(req)
+    except ExecError as e:
+        return error(str(e), e.code, e.status)
+    if req.background:
+        entry = registry.start(req, proc, ring)
+        return web.json_response({"exec_id": entry.exec_id, "pid": proc.pid, "started_at": entry.started_at,
+                                  "ring_bytes": ring}, status=201)
+    stdin = request.content.iter_chunked(STREAM_CHUNK) if req.stdin else None
+    if req.buffered:
+        # Nothing is written until the end, so the client's leaving shows only on the transport.
+        async with contextlib.aclosing(until_disconnect(request, once(run_buffered(req, proc, stdin)))) as done:
+            async for result in done:
+                return web.json_response(result)
+        kill_group(proc)  # the client left first
+        return web.Response(status=499)
+    # Leaving early (client gone) closes the frames, which kills the process group.
+    return await stream(request, stream_frames(req, proc, stdin), NDJSON)
+
+
 def handlers(ctx: Context) -> Handlers:
     registry = ctx.registry
 
@@ -41,26 +65,7 @@ def handlers(ctx: Context) -> Handlers:
         return handler
 
     async def execute(request: web.Request) -> web.StreamResponse:
-        try:
-            req = ExecRequest.from_query(request.query)
-            ring = registry.check_budget(req.ring_bytes) if req.background else 0
-            proc = await spawn(req)
-        except ExecError as e:
-            return error(str(e), e.code, e.status)
-        if req.background:
-            entry = registry.start(req, proc, ring)
-            return web.json_response({"exec_id": entry.exec_id, "pid": proc.pid, "started_at": entry.started_at,
-                                      "ring_bytes": ring}, status=201)
-        stdin = request.content.iter_chunked(STREAM_CHUNK) if req.stdin else None
-        if req.buffered:
-            # Nothing is written until the end, so the client's leaving shows only on the transport.
-            async with contextlib.aclosing(until_disconnect(request, once(run_buffered(req, proc, stdin)))) as done:
-                async for result in done:
-                    return web.json_response(result)
-            kill_group(proc)  # the client left first
-            return web.Response(status=499)
-        # Leaving early (client gone) closes the frames, which kills the process group.
-        return await stream(request, stream_frames(req, proc, stdin), NDJSON)
+        return await _execute(registry, request)
 
     async def list_execs(request: web.Request) -> web.Response:
         return web.json_response([e.info() for e in registry.entries.values()])

@@ -23,7 +23,7 @@ Answer = Literal["json", "stream", "websocket"]
 # What the request carries besides its query: nothing, a JSON body, or raw bytes (a file, a tar, stdin).
 Body = Literal["none", "json", "bytes"]
 
-# The error codes the agent answers with (the host passes these on; see slicer.core.agent).
+# The error codes the agent answers with (the host passes these on; see slicer.core.agent_answers).
 ERROR_CODES = frozenset({
     "invalid_request", "copy_failed", "fs_error", "not_found", "invalid_cwd", "unsafe_tar", "exec_failed",
     "is_directory", "not_a_directory", "not_empty", "exists", "unsafe_path", "unsafe_session", "gone",

@@ -74,6 +74,78 @@ def run_shell(ws) -> int:
     return code
 
 
+async def _carry(ws, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Carry one local connection over its WebSocket, both ways, until either side ends."""
+    async def up() -> None:
+        while data := await reader.read(65536):
+            await ws.send(data)
+        await ws.close()
+
+    async def down() -> None:
+        async for msg in ws:
+            writer.write(msg if isinstance(msg, bytes) else msg.encode())
+            await writer.drain()
+
+    tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), 1)
+
+
+class _Forwarder:
+    """The local listeners of ``vm forward`` and the connections they carry into one VM."""
+
+    def __init__(self, ac, hostname: str, err) -> None:
+        self.ac, self.hostname, self.err = ac, hostname, err
+        self.connections: set[asyncio.Task] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        try:
+            try:
+                ws = await self.ac.forward(self.hostname, target)
+            except Exception as e:
+                self.err.print(f"[red]{target}: {e}[/red]")
+                writer.close()
+                return
+            await _carry(ws, reader, writer)
+        except asyncio.CancelledError:  # Ctrl-C: cut, and end quietly (asyncio's stream
+            writer.transport.abort()    # callback reports a cancelled task as an error)
+        finally:
+            self.connections.discard(task)
+
+    async def listen(self, addr: str, port: int | None, target: str, unix_paths: list[str]) -> None:
+        """Listen on (addr, port), or on a local unix socket (addr, None), for ``target``."""
+        if port is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(addr)
+            server = await asyncio.start_unix_server(lambda r, w: self.handle(r, w, target), addr)
+            unix_paths.append(addr)
+            where = addr
+        else:
+            server = await asyncio.start_server(lambda r, w: self.handle(r, w, target), addr, port)
+            where = f"{addr}:{port}"
+        self.servers.append(server)
+        self.err.print(f"forwarding {where} → {self.hostname} {target} (Ctrl-C to stop)")
+
+    async def close(self) -> None:
+        """Stop listening and cut every open connection (not drained)."""
+        for server in self.servers:
+            server.close()
+        for task in list(self.connections):
+            task.cancel()
+        if self.connections:
+            await asyncio.wait(list(self.connections), timeout=2)
+
+
 def forward_ports(client, hostname: str, specs: list[tuple[str, int | None, str]]) -> None:
     """Listen on each (addr, port), or on a local unix socket (path, None), and carry every
     connection to its target in the VM (``host:port`` or ``unix:/path``)."""
@@ -83,6 +155,7 @@ def forward_ports(client, hostname: str, specs: list[tuple[str, int | None, str]
 
     err = Console(stderr=True, soft_wrap=True)
     settings = client.settings
+    unix_paths: list[str] = []
 
     async def serve() -> None:
         # Ctrl-C (or SIGTERM) ends it at once: open connections are cut, not drained, and no
@@ -91,70 +164,13 @@ def forward_ports(client, hostname: str, specs: list[tuple[str, int | None, str]
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        connections: set[asyncio.Task] = set()
         async with AsyncSlicerClient(settings.base_url if not settings.uds else settings.uds,
                                      token=settings.token) as ac:
-            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
-                task = asyncio.current_task()
-                assert task is not None
-                connections.add(task)
-                try:
-                    await carry(reader, writer, target)
-                except asyncio.CancelledError:  # Ctrl-C: cut, and end quietly (asyncio's stream
-                    writer.transport.abort()    # callback reports a cancelled task as an error)
-                finally:
-                    connections.discard(task)
-
-            async def carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str) -> None:
-                try:
-                    ws = await ac.forward(hostname, target)
-                except Exception as e:
-                    err.print(f"[red]{target}: {e}[/red]")
-                    writer.close()
-                    return
-
-                async def up() -> None:
-                    while data := await reader.read(65536):
-                        await ws.send(data)
-                    await ws.close()
-
-                async def down() -> None:
-                    async for msg in ws:
-                        writer.write(msg if isinstance(msg, bytes) else msg.encode())
-                        await writer.drain()
-
-                tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-                try:
-                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for t in tasks:
-                        t.cancel()
-                    writer.close()
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(ws.close(), 1)
-
-            servers = []
+            forwarder = _Forwarder(ac, hostname, err)
             for addr, port, target in specs:
-                if port is None:  # a local unix socket
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(addr)
-                    server = await asyncio.start_unix_server(lambda r, w, t=target: handle(r, w, t), addr)
-                    unix_paths.append(addr)
-                    where = addr
-                else:
-                    server = await asyncio.start_server(lambda r, w, t=target: handle(r, w, t), addr, port)
-                    where = f"{addr}:{port}"
-                servers.append(server)
-                err.print(f"forwarding {where} → {hostname} {target} (Ctrl-C to stop)")
+                await forwarder.listen(addr, port, target, unix_paths)
             await stop.wait()
-            for server in servers:
-                server.close()
-            for task in list(connections):
-                task.cancel()
-            if connections:
-                await asyncio.wait(list(connections), timeout=2)
-
-    unix_paths: list[str] = []
+            await forwarder.close()
 
     try:
         with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):

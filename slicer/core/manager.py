@@ -19,11 +19,9 @@ sandbox's disk is an overlay on the template's, a service's or persistent VM's a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import re
-from collections import deque
 from pathlib import Path
 
 from slicer.channel.host import ChannelError
@@ -34,7 +32,7 @@ from slicer.core.agent import AgentClient
 from slicer.core.commits import Commits
 from slicer.core.config import Config, HostGroup
 from slicer.core.error_codes import ErrorCode
-from slicer.core.errors import BadRequest, Conflict, NotFound, SlicerError, UpstreamUnreachable
+from slicer.core.errors import BadRequest, Conflict, SlicerError, UpstreamUnreachable
 from slicer.core.forks import Forks
 from slicer.core.images import BootImages
 from slicer.core.lifecycle import Lifecycle
@@ -51,6 +49,7 @@ from slicer.core.snapshots import Snapshots
 from slicer.core.state import NodeRecord, StateStore, now_rfc3339
 from slicer.core.template_cache import TemplateCache
 from slicer.core.templates import Template, Templates
+from slicer.core.views import bg_execs, console_tail
 from slicer.net import HostNetwork, NetworkError
 from slicer.net.surface import Network
 from slicer.vmm.base import Driver, Laps, VMState
@@ -185,7 +184,7 @@ class Manager:
         group = self.config.group(node.record.hostgroup)
         view = node.view(vmm=True)
         view["open_agent_connections"] = node.agent.channel.open_streams if node.agent else 0
-        if (execs := await self._bg_execs(node)) is not None:
+        if (execs := await bg_execs(node)) is not None:
             view["bg_execs"] = execs
         if group is None:  # its group left the config: nothing to say about a policy, but the field is there
             empty: dict[str, list[str]] = {"allow": [], "drop": []}
@@ -201,22 +200,6 @@ class Manager:
                 "network": {"mode": mode, "policy_source": "vm" if override else "host_group",
                             "host_group": policy, **({"override": override} if override else {}),
                             "effective": {**policy, **(override or {})}}}
-
-    @staticmethod
-    async def _bg_execs(node: Node) -> list[dict] | None:
-        """The agent's background execs in the SDK's summary shape; None if it cannot say."""
-        try:
-            found = await asyncio.wait_for(node.running_agent().list_execs(timeout=2), 3)
-        except (SlicerError, TimeoutError):
-            return None
-        if not isinstance(found, list):  # the guest's word: checked like input
-            return None
-        return [{"exec_id": str(e.get("exec_id", "")), "command": str(e.get("command", "")),
-                 "pid": e["pid"] if isinstance(e.get("pid"), int) else 0,
-                 "state": "running" if e.get("running") else "exited",
-                 **({"started_at": e["started_at"]} if isinstance(e.get("started_at"), str) else {}),
-                 **({"exit_code": e["exit_code"]} if isinstance(e.get("exit_code"), int) else {})}
-                for e in found[:1000] if isinstance(e, dict)]
 
     # -- tags -------------------------------------------------------------------------------------
     def tags(self, hostname: str) -> dict:
@@ -392,16 +375,7 @@ class Manager:
         node = self.registry.get(hostname)
         if lines < 0:
             raise BadRequest("lines must be 0 (everything) or more", ErrorCode.INVALID_LINES)
-        log_file = node.run_dir / "console.log"
-        parts = [log_file.with_name("console.log.1"), log_file]
-        if not any(p.exists() for p in parts):
-            raise NotFound(f"no console log for {hostname} yet", ErrorCode.LOG_NOT_FOUND)
-        tail: deque[str] = deque(maxlen=lines or None)
-        for part in parts:
-            with contextlib.suppress(FileNotFoundError), open(part, errors="replace", newline="") as f:
-                for line in f:
-                    tail.append(line)
-        return "".join(tail)
+        return console_tail(node.run_dir / "console.log", hostname, lines)
 
     async def agent(self, hostname: str, wait: float = AGENT_WAIT) -> AgentClient:
         """The agent of a running VM once it is set up: a call made while the VM boots (or is

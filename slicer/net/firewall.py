@@ -44,14 +44,8 @@ def ruleset(table: str, bridges: list[str], bridge_nets: list[str], isolated: li
     bridge group's VMs may reach the host at (no other address of the host's); ``helper_uid``:
     the uid passt runs as, whose connections may not reach the host or link-local addresses."""
     gw = ", ".join(f'"{b}" . {a}' for b, a in gateways)
-    passt = (f"  chain output {{\n    type filter hook output priority -10; policy accept;\n"
-             f"    # passt connects for its guests: never to the host itself (every local address is on lo)\n"
-             f'    meta skuid {helper_uid} oifname "lo" drop\n'
-             f"    meta skuid {helper_uid} ip daddr {LINK_LOCAL} drop\n  }}\n") if helper_uid is not None else ""
-    unknown = f'"{veth_prefix}*"'
-    unknown_in = f"    iifname {unknown} drop\n" if veth_prefix else ""
-    unknown_fwd = (f"    iifname {unknown} iifname != @isolated drop\n"
-                   f"    oifname {unknown} oifname != @isolated drop\n") if veth_prefix else ""
+    passt = _passt_chain(helper_uid) if helper_uid is not None else ""
+    unknown_in, unknown_fwd = _unknown_veths(veth_prefix)
     iso_nets = [g.range for g in isolated]
     group_sets = "".join(f"  set {g.set_name} {{ type ifname; }}\n" for g in isolated)
     jumps = "".join(f"    iifname @{g.set_name} jump {g.set_name}\n" for g in isolated)
@@ -62,22 +56,7 @@ add table bridge {table}
 delete table bridge {table}
 add table inet {table}
 delete table inet {table}
-table bridge {table} {{
-  # Anti-spoofing: a frame from a VM's port must carry that VM's MAC, and its IPv4 or ARP
-  # sender address must be the VM's; nothing else (IPv6, VLANs, other protocols) gets in.
-  set ports {{ type ifname; }}
-  set macs {{ type ifname . ether_addr; }}
-  set ips {{ type ifname . ether_addr . ipv4_addr; }}
-  chain prerouting {{
-    type filter hook prerouting priority -200; policy accept;
-    iifname != @ports accept
-    iifname . ether saddr != @macs drop
-    ether type arp iifname . arp saddr ether . arp saddr ip != @ips drop
-    ether type ip iifname . ether saddr . ip saddr != @ips drop
-    ether type != {{ ip, arp }} drop
-  }}
-}}
-table inet {table} {{
+{_bridge_table(table)}table inet {table} {{
   set bridges {{ type ifname;{_elements(bridges, quote=True)} }}
   set bridge_nets {{ type ipv4_addr; flags interval;{_elements(bridge_nets)} }}
   set bridge_gateways {{ type ifname . ipv4_addr;{f" elements = {{ {gw} }};" if gw else ""} }}
@@ -115,6 +94,42 @@ table inet {table} {{
   }}
 }}
 """
+
+
+def _bridge_table(table: str) -> str:
+    # Anti-spoofing: a frame from a VM's port must carry that VM's MAC, and its IPv4 or ARP
+    # sender address must be the VM's; nothing else (IPv6, VLANs, other protocols) gets in.
+    return f"""\
+table bridge {table} {{
+  set ports {{ type ifname; }}
+  set macs {{ type ifname . ether_addr; }}
+  set ips {{ type ifname . ether_addr . ipv4_addr; }}
+  chain prerouting {{
+    type filter hook prerouting priority -200; policy accept;
+    iifname != @ports accept
+    iifname . ether saddr != @macs drop
+    ether type arp iifname . arp saddr ether . arp saddr ip != @ips drop
+    ether type ip iifname . ether saddr . ip saddr != @ips drop
+    ether type != {{ ip, arp }} drop
+  }}
+}}
+"""
+
+
+def _unknown_veths(veth_prefix: str) -> tuple[str, str]:
+    """The input and forward rules that stop a veth of ours not (yet) in the sets."""
+    if not veth_prefix:
+        return "", ""
+    unknown = f'"{veth_prefix}*"'
+    return (f"    iifname {unknown} drop\n", f"    iifname {unknown} iifname != @isolated drop\n"
+                                           f"    oifname {unknown} oifname != @isolated drop\n")
+
+
+def _passt_chain(helper_uid: int) -> str:
+    return (f"  chain output {{\n    type filter hook output priority -10; policy accept;\n"
+            f"    # passt connects for its guests: never to the host itself (every local address is on lo)\n"
+            f'    meta skuid {helper_uid} oifname "lo" drop\n'
+            f"    meta skuid {helper_uid} ip daddr {LINK_LOCAL} drop\n  }}\n")
 
 
 def _host_port_rules(g: IsolatedGroup) -> str:

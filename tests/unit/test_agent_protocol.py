@@ -12,7 +12,7 @@ import pytest
 
 from slicer.agent import protocol
 from slicer.agent.protocol import ENDPOINTS, Endpoint
-from slicer.core import agent as host_agent
+from slicer.core import agent_answers as host_agent
 from slicer.image.build import GUEST_FILES
 
 ROOT = Path(__file__).resolve().parents[2]
