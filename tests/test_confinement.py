@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from slicer.vmm.jail import MEMORY_OVERHEAD, PIDS_MAX
-from tests.conftest import qemu_pids
+from tests.conftest import qemu_pids, wait_agent
 
 pytestmark = pytest.mark.vm
 MiB = 1 << 20
@@ -70,10 +70,11 @@ def open_fd_of(pid: int, target: Path, flags: int):
 
 @pytest.fixture(scope="module")
 def two_vms(api, daemon):
-    """The service vm-1 (cold boot) and a sandbox restored from its group's template."""
+    """The service vm-1 and a sandbox, each restored from its group's template."""
     r = api.post("/hostgroup/sbx/nodes", json={}, params={"wait": "agent", "timeout": "4m"})
     assert r.status_code == 201, r.text
     sandbox = r.json()["hostname"]
+    wait_agent(api, "vm-1")  # a service of the session's daemon: it may still be coming up
     yield {"vm-1": pid_of(daemon, "vm-1"), sandbox: pid_of(daemon, sandbox)}
     api.delete(f"/hostgroup/sbx/nodes/{sandbox}")
 
@@ -94,6 +95,10 @@ def test_every_qemu_runs_as_its_own_uid_under_seccomp(api, two_vms):
 
 
 def test_every_qemu_has_a_cgroup_with_limits(api, two_vms):
+    # Whether a VM maps a template's RAM is the record's (/storage), not its boot's word: vm-1, the
+    # session's service, restores from its template and may have been suspended and restored
+    # since ("suspend"), still mapping it.
+    mapping = {n["hostname"]: n["template"] for n in api.get("/storage").json()["nodes"]}
     for name, pid in two_vms.items():
         node = api.get(f"/vm/{name}").json()
         ram = node["ram_bytes"] if "ram_bytes" in node else node["ram_gb"] * (1 << 30)
@@ -105,7 +110,9 @@ def test_every_qemu_has_a_cgroup_with_limits(api, two_vms):
             limit = int((mem / "memory.max").read_text())
             quota = int((mem / "cpu.max").read_text().split()[0])
             pids = (mem / "pids.max").read_text().strip()
-        clone = node.get("boot") == "template"  # maps its template's RAM: charged up to twice
+        clone = mapping[name] is not None  # maps its template's RAM: charged up to twice
+        if node.get("boot") in ("template", "boot"):  # restored from a template, or cold: it says which
+            assert clone == (node["boot"] == "template"), (name, node["boot"], mapping[name])
         assert limit == (2 if clone else 1) * ram + MEMORY_OVERHEAD, (name, limit, ram, node.get("boot"))
         assert quota == node["cpus"] * 100_000, (name, quota)
         assert pids == str(PIDS_MAX)
