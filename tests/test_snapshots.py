@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -93,6 +94,14 @@ def test_cold_boot_on_request(api):
         assert api.get(f"/vm/{h}").json()["boot"] == "boot"
         assert "Linux version" in api.get(f"/vm/{h}/logs", params={"lines": 0}).json()["content"]
         assert "restored from template" not in api.get(f"/vm/{h}/logs", params={"lines": 0}).json()["content"]
+        # Its init set the network up from the kernel command line (one ip -batch): lo, the
+        # VM's own address and MAC on eth0, the default route.
+        boot_log = api.get(f"/vm/{h}/logs", params={"lines": 0}).json()["content"]
+        mac = re.search(r"slicer\.mac=(\S+)", boot_log)
+        links = run(api, h, "ip -o link show")
+        assert "lo: <LOOPBACK,UP" in links and (mac is None or mac[1] in links), links
+        assert f"inet {api.get(f'/vm/{h}').json()['ip']}/" in run(api, h, "ip -o -4 addr show dev eth0")
+        assert run(api, h, "ip route show default").startswith("default via ")
     finally:
         api.delete(f"/hostgroup/sbx/nodes/{h}")
     r = api.post("/hostgroup/sbx/nodes", json={"boot": "warm"})

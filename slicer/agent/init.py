@@ -48,9 +48,9 @@ def log(msg: str) -> None:
     print(f"slicer-init: {msg}", flush=True)
 
 
-def run(*cmd: str) -> None:
+def run(*cmd: str, stdin: str | None = None) -> None:
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = subprocess.run(cmd, input=stdin, capture_output=True, text=True)
     except OSError as e:
         log(f"{cmd[0]}: {e.strerror}")
         return
@@ -116,17 +116,17 @@ def link_virtio_ports() -> None:
 
 
 def setup_network(params: dict[str, str]) -> None:
-    run("ip", "link", "set", "lo", "up")
-    ip = params.get("slicer.ip")
-    if not ip:
-        return
-    if mac := params.get("slicer.mac"):  # the host's firewall passes only this MAC from this VM
-        run("ip", "link", "set", "eth0", "address", mac)
-    run("ip", "addr", "add", ip, "dev", "eth0")
-    run("ip", "link", "set", "eth0", "up")
-    if gw := params.get("slicer.gw"):
-        run("ip", "route", "add", "default", "via", gw)
-    if dns := params.get("slicer.dns"):
+    """Loopback, and eth0 as the kernel command line says: one ``ip`` process for all of it (each
+    costs ~0.1 s under TCG); ``-force`` goes on past a command that fails, as separate runs did."""
+    commands = ["link set lo up"]
+    if ip := params.get("slicer.ip"):
+        if mac := params.get("slicer.mac"):  # the host's firewall passes only this MAC from this VM
+            commands.append(f"link set eth0 address {mac}")
+        commands += [f"addr add {ip} dev eth0", "link set eth0 up"]
+        if gw := params.get("slicer.gw"):
+            commands.append(f"route add default via {gw}")
+    run("ip", "-force", "-batch", "-", stdin="\n".join(commands) + "\n")
+    if ip and (dns := params.get("slicer.dns")):
         write_resolv_conf(dns.split(","))
 
 
