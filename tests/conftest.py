@@ -65,7 +65,8 @@ def pytest_runtest_logreport(report) -> None:
 # No order of our own: pytest-xdist (3.6+, --dist loadfile) hands files out by their number of tests,
 # most first, which mixes quick files of many tests with long ones of few. Handing them out longest
 # first (measured 2026-12-04, two workers, two runs each) ran the heaviest files side by side and was
-# slower: 1,091 and 1,124 s against 1,004 and 1,062 s.
+# slower: 1,091 and 1,124 s against 1,004 and 1,062 s. Three workers on these two cores (2026-12-05)
+# took 776 s against two's 786 s the same hour: the CPU was already busy (4 % idle with three).
 
 
 def free_port() -> int:
