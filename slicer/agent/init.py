@@ -54,8 +54,8 @@ def run(*cmd: str, stdin: str | None = None) -> None:
     except OSError as e:
         log(f"{cmd[0]}: {e.strerror}")
         return
-    if r.returncode:
-        log(f"{' '.join(cmd)}: {r.stderr.strip()}")
+    if r.returncode:  # a batch's error names its line: say the lines too
+        log(f"{' '.join(cmd)}: {r.stderr.strip()}" + (f" (its input: {stdin.strip()!r})" if stdin else ""))
 
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT = 1, 2, 4, 32
