@@ -158,8 +158,8 @@ class StateStore:
             rows = cur.fetchall()
         return [
             NodeRecord(h, g, NodeKind(k), ip, c, r, bool(p), ca, d, NodeSpec.from_dict(json.loads(s)), t,
-                       Suspended(su), bool(pa), bool(ip_))
-            for h, g, k, ip, c, r, p, ca, d, s, t, su, pa, ip_ in rows
+                       Suspended(su), bool(pa), bool(pending))
+            for h, g, k, ip, c, r, p, ca, d, s, t, su, pa, pending in rows
         ]
 
     def put_commit(self, rec: CommitRecord) -> None:

@@ -62,6 +62,7 @@ PER_VM_KERNEL_ARGS = ("slicer.hostname=", "slicer.ip=", "slicer.gw=", "slicer.ma
 # took 0.63 s with them and 0.43 s without. They are hints only: no program needs them.
 TCG_CPU = "max,erms=off,fsrm=off"
 
+
 class SerialLog:
     """Appends console output to a file, rotating it so it never exceeds twice the limit."""
 
