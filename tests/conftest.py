@@ -6,6 +6,7 @@ where ``slicer image build`` puts it) and shared by every test daemon through a 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import os
@@ -38,6 +39,8 @@ def pytest_configure(config) -> None:
     TAPs, namespaces and nftables tables live there and vanish with it, and no guest can reach
     anything but loopback and the test's own hosts. The controller (xdist's, or the only
     process) makes the session's template cache; its workers inherit its environment."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # pytest_collection_modifyitems orders the files
     if not hasattr(config, "workerinput") and TEMPLATE_CACHE_ENV not in os.environ:
         os.environ[TEMPLATE_CACHE_ENV] = tempfile.mkdtemp(prefix="slt-templates-", dir="/tmp")
         config.made_template_cache = os.environ[TEMPLATE_CACHE_ENV]
@@ -62,11 +65,24 @@ def pytest_runtest_logreport(report) -> None:
         FAILED[0] += 1
 
 
-# No order of our own: pytest-xdist (3.6+, --dist loadfile) hands files out by their number of tests,
-# most first, which mixes quick files of many tests with long ones of few. Handing them out longest
-# first (measured 2026-12-04, two workers, two runs each) ran the heaviest files side by side and was
-# slower: 1,091 and 1,124 s against 1,004 and 1,062 s. Three workers on these two cores (2026-12-05)
-# took 776 s against two's 786 s the same hour: the CPU was already busy (4 % idle with three).
+def pytest_collection_modifyitems(config, items) -> None:
+    """The order pytest-xdist (``--dist loadfile``) hands files out in; its own reordering is
+    turned off (``pytest_configure``). Its order, most tests first, put the long files of one test
+    last: one worker then ran the suite's last 60-90 s alone (139 s once, measured 2026-12-05).
+    Here files marked ``long`` (one long test) go first, then the other VM files by their number
+    of tests, most first, as before; the files that boot no VM (seconds each) go last, to fill
+    the workers' ends. (Every file handed out longest first, measured 2026-12-04, ran the
+    heaviest files side by side and was slower: 1,091 and 1,124 s against 1,004 and 1,062 s.)"""
+    per_file = collections.Counter(item.path for item in items)
+
+    def group(item) -> int:
+        return 0 if item.get_closest_marker("long") else 1 if item.get_closest_marker("vm") else 2
+
+    items.sort(key=lambda item: (group(item), -per_file[item.path], str(item.path)))
+
+
+# Three workers on these two cores (2026-12-05) took 776 s against two's 786 s the same hour: the
+# CPU was already busy (4 % idle with three).
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import Daemon, qemu_pids, wait_agent
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.long]
 
 CONFIG = """
 config:

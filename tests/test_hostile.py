@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.long]
 PHASE_SECONDS = 8
 FLOODER = Path(__file__).with_name("guest_flood.py")
 

@@ -25,6 +25,8 @@ import pytest
 
 from tests.conftest import Daemon
 
+pytestmark = pytest.mark.vm
+
 UP_A, UP_B, HOST_UP = "198.51.100.10", "198.51.100.11", "198.51.100.1"
 METADATA = "169.254.169.254"  # a cloud's instance metadata, served here by the upstream namespace
 

@@ -26,6 +26,8 @@ from slicer.core.ca import ensure_group_ca, issue_leaf
 from tests.conftest import Daemon, qemu_pids
 from tests.proxy_upstream import auth_digest
 
+pytestmark = pytest.mark.vm
+
 UP, HOST_SIDE, PROXY = "203.0.113.10", "203.0.113.1", "192.168.222.1"
 NAMES = ("api.upstream.test", "other.upstream.test", "ttl.upstream.test", "evil.upstream.test")
 # names the proxy resolves into networks it must refuse: loopback always, the upper half by --deny-cidr

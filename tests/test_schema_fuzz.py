@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import Daemon, wait_agent
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.long]
 
 CONFIG = """
 config:
