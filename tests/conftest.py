@@ -81,8 +81,10 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: (group(item), -per_file[item.path], str(item.path)))
 
 
-# Three workers on these two cores (2026-12-05) took 776 s against two's 786 s the same hour: the
-# CPU was already busy (4 % idle with three).
+# Workers (.ci/run starts three on these two cores): with this order two left the CPU 19 % idle over
+# the pytest run (a worker's test that waits on one VM, or on a sleep, uses less than its core) and
+# took 741-760 s; three left it 4 % idle and took 689 s (2026-12-05). With xdist's own order three
+# had not helped (776 s against two's 786 s): the long files at the end decided the time.
 
 
 def free_port() -> int:
