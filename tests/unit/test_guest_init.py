@@ -15,9 +15,15 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[str, ...], str | No
     return calls
 
 
-def test_one_ip_process_sets_lo_mac_address_and_route(ran, monkeypatch: pytest.MonkeyPatch) -> None:
-    written: list[list[str]] = []
-    monkeypatch.setattr(init, "write_resolv_conf", written.append)
+@pytest.fixture
+def written(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The name servers each resolv.conf written would list."""
+    servers: list[list[str]] = []
+    monkeypatch.setattr(init, "write_resolv_conf", servers.append)
+    return servers
+
+
+def test_one_ip_process_sets_lo_mac_address_and_route(ran, written) -> None:
     init.setup_network({"slicer.ip": "192.168.1.2/24", "slicer.gw": "192.168.1.1", "slicer.mac": "02:5c:c0:a8:01:02",
                         "slicer.dns": "1.1.1.1,8.8.8.8"})
     assert ran == [(("ip", "-force", "-batch", "-"),
@@ -26,9 +32,7 @@ def test_one_ip_process_sets_lo_mac_address_and_route(ran, monkeypatch: pytest.M
     assert written == [["1.1.1.1", "8.8.8.8"]]
 
 
-def test_without_an_address_only_loopback_and_no_resolv_conf(ran, monkeypatch: pytest.MonkeyPatch) -> None:
-    written: list[list[str]] = []
-    monkeypatch.setattr(init, "write_resolv_conf", written.append)
+def test_without_an_address_only_loopback_and_no_resolv_conf(ran, written) -> None:
     init.setup_network({"slicer.dns": "1.1.1.1"})
     assert ran == [(("ip", "-force", "-batch", "-"), "link set lo up\n")]
     assert written == []
