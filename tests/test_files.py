@@ -227,11 +227,12 @@ def test_chunked_copy_as_the_official_sdks_do_it(api, vm, tmp_path):
     # a file, to a home-relative path (the SDK's ~ forms), in uneven chunks, owned by a user
     data = os.urandom(5 * 1024 * 1024 + 123)
     home = sh(api, vm, "getent passwd 1000 | cut -d: -f6").strip()
-    first: list[str] = []  # the first chunk's inode: it becomes the file (the rest are appended, not copied)
+    # the session's data file (chunk i at i x 64 MiB) becomes the file, its gaps cut out in place: nothing is copied
+    first: list[str] = []
     result, session = chunked_copy.upload(
         api, vm, data, "~/chunked.bin", chunk_size=2 * 1024 * 1024, uid=1000, permissions="0640",
         before_finalise=lambda s: first.append(
-            sh(api, vm, f"stat -c %i {s.replace('~', home, 1)}/chunks/000000.chunk").strip()))
+            sh(api, vm, f"stat -c %i {s.replace('~', home, 1)}/chunks/data").strip()))
     assert result["exit_code"] == 0, result
     assert sh(api, vm, f"sha256sum {home}/chunked.bin").split()[0] == hashlib.sha256(data).hexdigest()
     assert first[0] and sh(api, vm, f"stat -c %i {home}/chunked.bin").strip() == first[0]
@@ -248,27 +249,34 @@ def test_chunked_copy_as_the_official_sdks_do_it(api, vm, tmp_path):
         result, session = chunked_copy.upload(api, vm, payload, dest, mode=mode, chunk_size=64 * 1024, corrupt=1)
         assert result["exit_code"] == 1 and "chunk 1 does not match its SHA-256" in result["stderr"], result
         assert sh(api, vm, f"ls -d {dest} 2>/dev/null || echo absent").strip() == "absent"
-        # the first chunk, taken as the file before chunk 1 failed, is given back as it came
-        assert sh(api, vm, f"sha256sum {session}/chunks/000000.chunk").split()[0] == \
+        # every chunk is checked before anything is written: the session's first chunk is as it came
+        assert sh(api, vm, f"head -c 65536 {session}/chunks/data | sha256sum").split()[0] == \
             hashlib.sha256(payload[:64 * 1024]).hexdigest()
         aborted = chunked_copy.helper(api, vm, "upload", "abort", "--manifest", f"{session}/manifest.json",
                                       "--uid", "0", "--gid", "0")
         assert aborted["exit_code"] == 0, aborted
         assert sh(api, vm, f"ls -d {session} 2>/dev/null || echo gone").strip() == "gone"
-    # A chunk sent alone goes on the bulk port with the host's SHA-256, kept beside it: finalise
-    # copies it without reading it. One changed in the guest after it landed (same size, its mtime
-    # set back) loses that: it is read, and refused.
+    # A chunk sent alone goes on the bulk port with the host's SHA-256, recorded beside it: finalise
+    # does not read it. The data file changed in the guest after the chunks landed (same size,
+    # its mtime set back) loses that: the chunks are read, and the changed one refused.
     def tamper(session: str) -> None:
-        assert sh(api, vm, f"ls {session}/chunks").split() == [
-            f"{i:06d}.chunk{suffix}" for i in range(3) for suffix in ("", ".sha256")]
-        sh(api, vm, f"f={session}/chunks/000001.chunk; t=$(stat -c %y $f); printf X | "
-                    f"dd of=$f bs=1 seek=7 conv=notrunc status=none; touch -d \"$t\" $f")
+        assert sh(api, vm, f"ls {session}/chunks").split() == [f"{i:06d}.chunk.slot" for i in range(3)] + [
+            "data", "data.stamp"]
+        sh(api, vm, f"f={session}/chunks/data; t=$(stat -c %y $f); printf X | "
+                    f"dd of=$f bs=1 seek=$((64 * 1024 * 1024 + 7)) conv=notrunc status=none; touch -d \"$t\" $f")
     result, _ = chunked_copy.upload(api, vm, data[:3 * 65536], "/tmp/tampered.bin", chunk_size=65536,
                                     before_finalise=tamper)
     assert result["exit_code"] == 1 and "chunk 1 does not match its SHA-256" in result["stderr"], result
     result, _ = chunked_copy.upload(api, vm, data[:3 * 65536], "/tmp/untampered.bin", chunk_size=65536)
     assert result["exit_code"] == 0, result
     assert sh(api, vm, "sha256sum /tmp/untampered.bin").split()[0] == hashlib.sha256(data[:3 * 65536]).hexdigest()
+    # the SDKs' own chunks (64 MiB, a slot each): the data file is the file as it lies, on the guest's tmpfs too
+    big, slots = os.urandom((64 << 20) + 5), []
+    result, _ = chunked_copy.upload(api, vm, big, "/tmp/slots.bin", chunk_size=64 << 20,
+                                    before_finalise=lambda s: slots.append(sh(api, vm, f"stat -c %i {s}/chunks/data")))
+    assert result["exit_code"] == 0, result
+    assert sh(api, vm, "sha256sum /tmp/slots.bin").split()[0] == hashlib.sha256(big).hexdigest()
+    assert sh(api, vm, "stat -c %i /tmp/slots.bin") == slots[0]
     # a manifest outside a session, or a hostile one, is refused with a reason
     result = chunked_copy.helper(api, vm, "upload", "finalise", "--manifest", "/etc/passwd")
     assert result["exit_code"] == 1 and "not a chunked-copy manifest" in result["stderr"], result
@@ -332,6 +340,14 @@ def test_chunked_copy_cannot_be_turned_against_root(api, vm):
     r = chunked_copy.post_chunk(api, vm, f"{link}/chunks/000000.chunk", b"x")
     assert r.status_code == 409 and r.json()["code"] == "unsafe_session", r.text
     assert sh(api, vm, "ls /etc/chunks 2>/dev/null || echo absent").strip() == "absent"
+    # a session's data file the user made a link to root's file: never written through (409)
+    mine = "/tmp/.slicer-upload-" + "4" * 32
+    sh(api, vm, f"rm -rf {mine}; su -s /bin/sh -c 'mkdir -p {mine}/chunks && chmod 700 {mine} {mine}/chunks && "
+                f"ln -s /etc/passwd {mine}/chunks/data' ubuntu")
+    before = sh(api, vm, "sha256sum /etc/passwd")
+    r = chunked_copy.post_chunk(api, vm, f"{mine}/chunks/000000.chunk", b"x", uid=1000)
+    assert r.status_code == 409 and r.json()["code"] == "unsafe_session", r.text
+    assert sh(api, vm, "sha256sum /etc/passwd") == before
     # a user's own upload: the manifest's owner must be the one finalise runs as, the destination beside
     data = b"mine"
     result, session = chunked_copy.upload(api, vm, data, "/tmp/mine.bin", uid=1000)
@@ -413,15 +429,17 @@ def test_copies_take_the_bulk_port_and_broken_ones_spoil_nothing(api, vm):
             time.sleep(pause)
             yield blob[at:at + (1 << 20)]
 
-    def overlapping(first: bytes, pause: float, second: bytes, second_path: str) -> None:
-        """``first`` sent slowly, and ``second`` while it is under way; both land whole."""
+    def overlapping(first: bytes, pause: float, second: bytes, second_path: str, landed: str = "") -> None:
+        """``first`` sent slowly, and ``second`` while it is under way; both land whole (``second``
+        at the start of ``landed``: a chunk's slot in its session's data file)."""
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             slow = pool.submit(api.post, f"/vm/{vm}/cp", params={"path": "/tmp/first.bin"},
                                content=slowly(first, pause))
             time.sleep(0.3)
             quick = api.post(f"/vm/{vm}/cp", params={"path": second_path}, content=second)
             assert quick.status_code == 200 and slow.result().status_code == 200, (quick.text, slow.result().text)
-        assert sh(api, vm, f"sha256sum /tmp/first.bin {second_path}").split()[::2] == [
+        assert sh(api, vm, f"sha256sum /tmp/first.bin; head -c {len(second)} {landed or second_path} | sha256sum"
+                  ).split()[::2] == [
             hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest()]
 
     # held about 1 s: a plain copy meanwhile takes the channel at once; a chunk (BULK_WAIT is 3 s)
@@ -430,7 +448,8 @@ def test_copies_take_the_bulk_port_and_broken_ones_spoil_nothing(api, vm):
     overlapping(os.urandom(4 << 20), 0.25, os.urandom(3 << 20), "/tmp/second.bin")
     assert (_copies(api, "in", "bulk"), _copies(api, "in", "channel")) == (before["bulk"] + 1, before["channel"] + 1)
     session = "/root/.slicer-upload-" + "ab" * 16
-    overlapping(os.urandom(4 << 20), 0.25, os.urandom(3 << 20), f"{session}/chunks/000000.chunk")
+    overlapping(os.urandom(4 << 20), 0.25, os.urandom(3 << 20), f"{session}/chunks/000000.chunk",
+                f"{session}/chunks/data")
     assert (_copies(api, "in", "bulk"), _copies(api, "in", "channel")) == (before["bulk"] + 3, before["channel"] + 1)
     sh(api, vm, f"rm -rf {session}")
 

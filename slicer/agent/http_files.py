@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from slicer.agent import bulk, copyv1, files, paths, sessions, tars, upload
+from slicer.agent import bulk, copyv1, files, paths, sessions, stripe, tars, upload
 from slicer.agent.http_util import BodyReader, Context, Handlers, ResponseWriter, error
 
 
@@ -40,12 +40,11 @@ async def _cp_in(q, content) -> web.Response:
                                             q.getall("exclude", []))
             return web.json_response({"path": path, "mode": "tar", "entries": count})
         with upload.upload_path(path, uid, gid) as (dir_fd, target):  # an SDK's chunk goes via its session
-            if dir_fd is not None:
-                upload.forget_digest(dir_fd, target)
-            size = await files.receive_file(target, content.iter_chunked(files.CHUNK), perms, uid, gid,
-                                            dir_fd=dir_fd)
-            if dir_fd is not None and (digest := getattr(content, "digest", None)):
-                upload.record_digest(dir_fd, target, digest, size, uid, gid)
+            if dir_fd is not None and (index := stripe.index_of(path)) is not None:  # into its slot
+                size = await stripe.receive(dir_fd, index, content, uid, gid)
+            else:
+                size = await files.receive_file(target, content.iter_chunked(files.CHUNK), perms, uid, gid,
+                                                dir_fd=dir_fd)
         return web.json_response({"path": path, "mode": "binary", "size": size})
     except files.FileError as e:
         return error(str(e), e.code, e.status)
@@ -77,7 +76,7 @@ async def _cp_in_bulk(port: bulk.BulkPort | None, request: web.Request) -> web.S
         async with port.source(token, lambda: _gone(request)) as source:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
-            # a chunk of an SDK's chunked copy: the host sends its digest too (see upload.record_digest)
+            # a chunk of an SDK's chunked copy: the host sends its digest too (see slicer.agent.stripe)
             chunk = sessions.is_chunk(str(request.query.get("path", "")))
             ready = {"ready": True, **({"digest": True} if chunk else {}),
                      **({"lanes": port.lanes} if port.lanes > 1 else {})}  # an upload may be striped over them

@@ -15,12 +15,13 @@ cannot be entered by anyone else) and read through descriptors opened without fo
 symlinks, so renaming or replacing them midway changes nothing. The destination must sit
 beside the session, where the SDKs put it.
 
-A chunk that came on the bulk port comes with its SHA-256, hashed by the host as it sent it; the
-agent keeps it beside the chunk (``NNNNNN.chunk.sha256``) with the chunk's inode, size, mtime
-and ctime, and finalise believes it only while all four still hold (a write or a utime changes
-the ctime, which nobody can set back), copying the chunk with ``copy_file_range`` instead of
-reading it to hash it: under TCG that reading was most of finalise's time. Only the session's
-owner (or root) can change the record, and what finalise writes, that owner could write anyway.
+The agent lands every chunk at its slot of one sparse data file (slicer.agent.stripe), so with
+the SDKs' 64 MiB chunks that file already is the new file: finalise links it beside the
+destination and renames it into place. Smaller chunks of whole filesystem blocks are closed up
+first (``FALLOC_FL_COLLAPSE_RANGE``, put back if finalise fails later); others, or where the
+filesystem cannot (tmpfs), are copied with ``copy_file_range``. A chunk whose recorded digest (the
+host's, for one that came on the bulk port) still stands is not read again; the others are read
+and hashed before anything is written. Under TCG that reading and copying was most of finalise's time.
 
 Manifest versions 1 and 2 are spoken (``check`` prints ``chunked-copy-v1 chunked-copy-v2``; the
 newest SDKs then send v2). Version 1 writes the file to, or extracts the tar into, the
@@ -41,18 +42,17 @@ import stat
 import sys
 from collections.abc import Iterator
 
-from slicer.agent import copyv1, files, paths
+from slicer.agent import copyv1, files, paths, stripe
 from slicer.agent.sessions import HEX_DIGITS, VERSIONS, is_session_name, session_of
 
 # The helper starts once or twice per chunked copy, and under TCG each import is felt (argparse,
 # hashlib and shutil took ~0.25 s of its ~0.5 s start): what only some runs need is imported there.
 
 MAX_MANIFEST = 16 << 20  # ~170k chunk entries (11 TB in the SDKs' 64 MiB chunks); a hostile one is refused
-MAX_CHUNK = 64 << 20  # the SDKs' own limit
+MAX_CHUNK = stripe.SLOT  # the SDKs' own limit, a slot of the data file
 READ = 1 << 20
 NON_ROOT_USER = 2**32 - 1  # the Go SDK's NonRootUser
-DIGEST_SUFFIX = ".sha256"  # beside a chunk: the digest the host sent of it
-MAX_RECORD = 4096
+FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE = 0x08, 0x20  # linux/falloc.h
 
 
 def real_ids(uid: int, gid: int) -> tuple[int, int]:
@@ -71,27 +71,6 @@ class SessionMissing(UploadError):
 
 
 # -- the agent's side: chunk uploads into a session ---------------------------------------------
-def forget_digest(dir_fd: int, name: str) -> None:
-    """Drop chunk ``name``'s record before the chunk is written again (a retry through the
-    channel brings none: an old record must not outlive the bytes it was made for)."""
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
-        os.unlink(name + DIGEST_SUFFIX, dir_fd=dir_fd)
-
-
-def record_digest(dir_fd: int, name: str, sha256: str, size: int, uid: int | None, gid: int | None) -> None:
-    """Keep the SHA-256 the host sent of chunk ``name`` (just written in ``dir_fd``) beside it,
-    with what says it is still that file (see the module's docstring). Best effort: without a
-    record, finalise reads and hashes the chunk, as it always could."""
-    with contextlib.suppress(OSError, files.FileError):
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            return
-        record = {"sha256": sha256, "size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns,
-                  "ctime_ns": st.st_ctime_ns}
-        with files.atomic_file(name + DIGEST_SUFFIX, 0o600, uid, gid, dir_fd=dir_fd) as f:
-            f.write(json.dumps(record).encode())
-
-
 def _owned_dir(name: str, dir_fd: int | None, uid: int, gid: int, make: bool) -> int:
     """Open directory ``name`` (made for ``uid:gid`` with mode 0700 if missing and ``make``);
     refused unless it is a real directory of that owner that nobody else may write."""
@@ -284,55 +263,204 @@ def _check_semantics(m: dict) -> None:
         raise UploadError("directory copy semantics require tar mode")
 
 
-def _chunk_file(session: Session, chunks_fd: int, chunk: dict) -> tuple[str, io.BufferedReader]:
-    """The chunk's name and file: ``NNNNNN.chunk``, or the older SDKs' ``NNNNNN-<sha256>.chunk``."""
-    name = f"{chunk['index']:06d}.chunk"
-    try:
-        return name, session.open(name, chunks_fd)
-    except UploadError:
-        name = f"{chunk['index']:06d}-{chunk['sha256']}.chunk"
-        return name, session.open(name, chunks_fd)
-
-
-def _vouched(session: Session, chunks_fd: int, chunk: dict, name: str, f: io.BufferedReader) -> bool:
-    """Whether the digest recorded when chunk ``f`` (called ``name``) landed still stands for it
-    and matches the manifest's: then it needs no reading to be checked."""
-    try:
-        with session.open(name + DIGEST_SUFFIX, chunks_fd) as r:
-            record = json.loads(r.read(MAX_RECORD + 1))
-    except (UploadError, ValueError):
-        return False
-    st = os.fstat(f.fileno())
-    return (isinstance(record, dict) and record.get("sha256") == chunk["sha256"] and st.st_size == chunk["size"]
-            and [record.get(k) for k in ("size", "ino", "mtime_ns", "ctime_ns")]
-            == [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
-
-
 class Part:
-    """One chunk of a manifest: its entry, its file (open for reading), whether its recorded
-    digest vouches for it, and its name in the directory ``dir_fd``."""
+    """One chunk of a manifest: its entry, where it starts in the data file, and whether its
+    recorded digest vouches for it (see slicer.agent.stripe)."""
 
-    __slots__ = ("entry", "file", "vouched", "name", "dir_fd")
+    __slots__ = ("entry", "offset", "vouched")
 
-    def __init__(self, entry: dict, file: io.BufferedReader, vouched: bool, name: str, dir_fd: int) -> None:
-        self.entry, self.file, self.vouched, self.name, self.dir_fd = entry, file, vouched, name, dir_fd
+    def __init__(self, entry: dict, offset: int, vouched: bool) -> None:
+        self.entry, self.offset, self.vouched = entry, offset, vouched
+
+    @property
+    def size(self) -> int:
+        return self.entry["size"]
 
 
-def chunks(session: Session, manifest: dict) -> Iterator[Part]:
-    """Each chunk of the manifest in order (its file is closed once the next is asked for)."""
-    try:
-        chunks_fd = os.open("chunks", paths.DIR_FLAGS, dir_fd=session.fd)
-    except OSError as e:
-        if manifest["chunks"]:
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes  # only to cut gaps out: Python has no fallocate with flags
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class Chunks:
+    """A session's chunks as its manifest lists them, in the session's data file (held open)."""
+
+    def __init__(self, session: Session, manifest: dict) -> None:
+        self.session, self.parts, self.total = session, [], manifest["size"]
+        self.fd = self.dir_fd = -1
+        self.writable = False  # the data file is open for writing (it can become the new file)
+        self.collapsed = 0  # gaps cut out by take (put back by give_back)
+        if not manifest["chunks"]:
+            return
+        if len(manifest["chunks"]) > stripe.MAX_SLOTS:
+            raise UploadError(f"a copy has at most {stripe.MAX_SLOTS} chunks")
+        try:
+            self.dir_fd = os.open("chunks", paths.DIR_FLAGS, dir_fd=session.fd)
+        except OSError as e:
             raise UploadError(f"{session.path}: no chunks directory ({e.strerror})") from None
-        return
-    try:
+        try:
+            self._open(manifest)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, manifest: dict) -> None:
+        for flags in (os.O_RDWR, os.O_RDONLY):  # read-only: its owner took write away (then it is copied)
+            try:
+                self.fd = os.open(stripe.DATA, flags | stripe.OPEN, dir_fd=self.dir_fd)
+                self.writable = flags == os.O_RDWR
+                break
+            except PermissionError:
+                continue
+            except FileNotFoundError:
+                raise UploadError(f"{self.session.path}: chunk 0 is missing") from None
+            except OSError as e:
+                raise UploadError(f"{self.session.path}: chunks/{stripe.DATA}: {e.strerror}") from None
+        if self.fd < 0 or not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            raise UploadError(f"{self.session.path}: chunks/{stripe.DATA} is not a readable file")
+        fresh = stripe.read_json(stripe.STAMP, self.dir_fd) == stripe.stamp_of(os.fstat(self.fd))
         for chunk in manifest["chunks"]:
-            name, f = _chunk_file(session, chunks_fd, chunk)
-            with f:
-                yield Part(chunk, f, _vouched(session, chunks_fd, chunk, name, f), name, chunks_fd)
-    finally:
-        os.close(chunks_fd)
+            i = chunk["index"]
+            record = stripe.read_json(stripe.record_name(i), self.dir_fd)
+            if record is None:
+                raise UploadError(f"{self.session.path}: chunk {i} is missing")
+            if record.get("size") != chunk["size"]:
+                raise UploadError(f"chunk {i} has {record.get('size')} bytes, expected {chunk['size']}")
+            self.parts.append(Part(chunk, i * stripe.SLOT, fresh and record.get("sha256") == chunk["sha256"]))
+
+    def close(self) -> None:
+        for fd in (self.fd, self.dir_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.dir_fd = -1
+
+    def __enter__(self) -> Chunks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def blocks(self, part: Part, check: bool) -> Iterator[bytes]:
+        """The part's bytes; with ``check``, its SHA-256 is checked as they are read (a mismatch
+        raises UploadError after its last byte)."""
+        digest, seen = _sha256() if check else None, 0
+        while seen < part.size and (block := os.pread(self.fd, min(READ, part.size - seen), part.offset + seen)):
+            seen += len(block)
+            if digest is not None:
+                digest.update(block)
+            yield block
+        if seen != part.size:
+            raise UploadError(f"chunk {part.entry['index']} has {seen} bytes, expected {part.size}")
+        if digest is not None and digest.hexdigest() != part.entry["sha256"]:
+            raise UploadError(f"chunk {part.entry['index']} does not match its SHA-256")
+
+    def check(self) -> None:
+        """Every chunk no recorded digest vouches for, read and checked: before anything is written."""
+        for part in self.parts:
+            if not part.vouched:
+                for _ in self.blocks(part, check=True):
+                    pass
+
+    def stream(self) -> Iterator[bytes]:
+        for part in self.parts:
+            yield from self.blocks(part, check=False)
+
+    def _stride(self) -> int | None:
+        """The chunks' common size if they lie as a file's would once the gaps between their
+        slots are cut out (each but the last the same size, in whole filesystem blocks)."""
+        size = self.parts[0].size
+        if any(p.size != size for p in self.parts[:-1]) or self.parts[-1].size > size:
+            return None
+        if size != stripe.SLOT and (len(self.parts) > 1 and size % os.fstatvfs(self.fd).f_frsize):
+            return None
+        return size
+
+    def take(self, dir_fd: int, tmp: str) -> int | None:
+        """For :func:`files.atomic_file`: the data file becomes the new file itself (a hard link;
+        the gaps between chunks then cut out in place); its descriptor, at its end. ``None`` where
+        it cannot (linked elsewhere, read-only, another filesystem, chunks of odd sizes): then the
+        chunks are copied into a new file.
+
+        It is made 0600 before it is linked beside the destination, where others may look."""
+        stride = self._stride()
+        if stride is None or not self.writable or os.fstat(self.fd).st_nlink != 1:
+            return None
+        os.fchmod(self.fd, 0o600)  # atomic_file sets the mode asked for once the file is whole
+        try:
+            os.link(stripe.DATA, tmp, src_dir_fd=self.dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            raise  # the temp name is taken: atomic_file tries another
+        except OSError:
+            return None  # another filesystem (a destination that is a mount point): copied
+        fd = os.dup(self.fd)
+        try:
+            st, linked = os.fstat(fd), os.stat(tmp, dir_fd=dir_fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != (linked.st_dev, linked.st_ino):  # the name was changed under us
+                raise UploadError("the session's data file changed while the file was assembled")
+            if not self._close_gaps(stride):
+                os.close(fd)
+                os.unlink(tmp, dir_fd=dir_fd)
+                return None
+            os.ftruncate(fd, self.total)
+            os.lseek(fd, self.total, os.SEEK_SET)
+            return fd
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            with contextlib.suppress(UploadError):
+                self.give_back()
+            raise
+
+    def _close_gaps(self, stride: int) -> bool:
+        """The gaps between slots cut out, last first; False if this filesystem cannot (tmpfs)."""
+        if stride == stripe.SLOT:
+            return True
+        try:
+            for i in reversed(range(len(self.parts) - 1)):
+                _fallocate(self.fd, FALLOC_FL_COLLAPSE_RANGE, i * stripe.SLOT + stride, stripe.SLOT - stride)
+                self.collapsed += 1
+        except OSError as e:
+            if self.collapsed or e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EPERM):
+                raise UploadError(f"cutting the gaps between chunks failed: {e.strerror}") from None
+            return False
+        return True
+
+    def give_back(self) -> None:
+        """A finalise that failed after cutting gaps out puts them back (``FALLOC_FL_INSERT_RANGE``),
+        so that the session can still be finalised (reading every chunk: its stamp moved) or aborted."""
+        stride = self.parts[0].size if self.parts else 0
+        try:
+            for i in range(len(self.parts) - 1 - self.collapsed, len(self.parts) - 1):
+                _fallocate(self.fd, FALLOC_FL_INSERT_RANGE, i * stripe.SLOT + stride, stripe.SLOT - stride)
+                self.collapsed -= 1
+        except OSError as e:
+            raise UploadError(f"putting back the gaps between chunks failed ({e.strerror}): "
+                              "abort the copy and send it again") from None
+
+    def copy_to(self, dst: io.BufferedWriter) -> None:
+        """Every chunk appended to ``dst`` inside the kernel (no copy through Python); through Python
+        where the kernel cannot (another filesystem: the destination on the guest's tmpfs)."""
+        dst.flush()
+        for part in self.parts:
+            left, pos = part.size, part.offset
+            try:
+                while left and (n := os.copy_file_range(self.fd, dst.fileno(), left, pos)):
+                    left, pos = left - n, pos + n
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                    raise
+                while left and (block := os.pread(self.fd, min(READ, left), pos)):
+                    dst.write(block)
+                    left, pos = left - len(block), pos + len(block)
+                dst.flush()
+            if left:
+                raise UploadError(f"chunk {part.entry['index']} is {left} bytes shorter than its {part.size}")
 
 
 def _sha256():  # hashlib (OpenSSL) only for a chunk no record vouches for
@@ -341,55 +469,8 @@ def _sha256():  # hashlib (OpenSSL) only for a chunk no record vouches for
     return hashlib.sha256()
 
 
-def _blocks(chunk: dict, f: io.BufferedReader, check: bool, longer: bool = False) -> Iterator[bytes]:
-    """Chunk ``f``'s bytes; with ``check``, its size and SHA-256 are checked as they are read (a
-    mismatch raises UploadError after its last byte). ``longer``: bytes past its size are left
-    unread, not refused (a first chunk a killed finalise had begun appending to)."""
-    digest, seen = _sha256() if check else None, 0
-    while block := f.read(min(READ, chunk["size"] + (0 if longer else 1) - seen)):
-        seen += len(block)
-        if seen > chunk["size"]:
-            raise UploadError(f"chunk {chunk['index']} is larger than {chunk['size']} bytes")
-        if digest is not None:
-            digest.update(block)
-        yield block
-    if seen != chunk["size"]:
-        raise UploadError(f"chunk {chunk['index']} has {seen} bytes, expected {chunk['size']}")
-    if digest is not None and digest.hexdigest() != chunk["sha256"]:
-        raise UploadError(f"chunk {chunk['index']} does not match its SHA-256")
-
-
-def stream(session: Session, manifest: dict) -> Iterator[bytes]:
-    """The chunks' bytes in order, each checked for size and SHA-256 as it is read (unless its
-    recorded digest vouches for it); a chunk that does not match raises UploadError after its
-    last byte (before the next is read)."""
-    for part in chunks(session, manifest):
-        yield from _blocks(part.entry, part.file, check=not part.vouched)
-
-
-def _copy_range(src: io.BufferedReader, dst: io.BufferedWriter, size: int) -> None:
-    """``size`` bytes of ``src`` appended to ``dst`` inside the kernel (no copy through Python);
-    through Python where the kernel cannot (another filesystem: the destination on the guest's
-    tmpfs, the session on its disk), from where it stopped (it moves both offsets by what it copied)."""
-    dst.flush()
-    left = size
-    try:
-        while left:
-            if (n := os.copy_file_range(src.fileno(), dst.fileno(), left)) == 0:
-                break
-            left -= n
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
-            raise
-        while left and (block := os.read(src.fileno(), min(READ, left))):
-            dst.write(block)
-            left -= len(block)
-    if left:
-        raise UploadError(f"a chunk is {left} bytes shorter than its {size}")
-
-
 class _StreamReader(io.RawIOBase):
-    """A file over :func:`stream`, for ``tarfile``."""
+    """A file over :meth:`Chunks.stream`, for ``tarfile``."""
 
     def __init__(self, blocks: Iterator[bytes]) -> None:
         self._blocks = blocks
@@ -408,116 +489,36 @@ class _StreamReader(io.RawIOBase):
         return n
 
 
-def _take(part: Part, dir_fd: int, tmp: str) -> int | None:
-    """For :func:`files.atomic_file`: the first chunk, checked, becomes the new file itself (a hard
-    link, not a copy; the other chunks are appended to it; its name in the session goes with the
-    session); its descriptor, at its end. ``None`` for one with another name already (its links
-    would see what is appended) or on another filesystem: that one is copied as the rest.
-
-    It is opened for writing in the session (the owner's alone, where nothing can be swapped in
-    under it) and made 0600 before it is linked beside the destination, where others may look."""
-    st = os.fstat(part.file.fileno())
-    if st.st_nlink != 1:
-        return None
-    try:
-        fd = os.open(part.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=part.dir_fd)
-    except OSError:
-        return None  # not writable by its owner (0444, say): copied
-    linked = False
-    try:
-        now = os.fstat(fd)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):  # the name was changed under us
-            raise UploadError(f"chunk {part.entry['index']} changed while the file was assembled")
-        os.fchmod(fd, 0o600)  # atomic_file sets the mode asked for once the file is whole
-        try:
-            os.link(part.name, tmp, src_dir_fd=part.dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-        except FileExistsError:
-            raise  # the temp name is taken: atomic_file tries another
-        except OSError:
-            os.close(fd)
-            return None
-        linked = True
-        os.ftruncate(fd, part.entry["size"])  # nothing written to it since it was checked stays
-        os.lseek(fd, part.entry["size"], os.SEEK_SET)
-        return fd
-    except BaseException:
-        os.close(fd)
-        if linked:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-        raise
-
-
-def _untake(part: Part, dir_fd: int, inode: tuple[int, int]) -> None:
-    """A finalise that failed after taking the first chunk gives it back as it came (what was
-    appended is cut off), so that the session can still be finalised or aborted. (After a killed
-    one, the next finalise reads the first chunk only up to its size.)"""
-    try:
-        fd = os.open(part.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return
-    try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) == inode:
-            os.ftruncate(fd, part.entry["size"])
-    except OSError:
-        pass  # the error that brought us here is the one to tell
-    finally:
-        os.close(fd)
-
-
-def _append(part: Part, dst: io.BufferedWriter, checked: bool = False) -> None:
-    if part.vouched or checked:
-        _copy_range(part.file, dst, part.entry["size"])
-    else:
-        for block in _blocks(part.entry, part.file, check=True):
-            dst.write(block)
-
-
 def _write_binary(session: Session, m: dict, dest: str, perms: int | None) -> dict:
-    parts = chunks(session, m)
-    first = next(parts, None)
-    if first is None:
-        with files.atomic_file(dest, perms, m["uid"], m["gid"], fsync=True):
-            pass
-        return {"path": dest, "mode": "binary", "size": m["size"]}
-    if not first.vouched:  # checked before it is taken (up to its size: a killed finalise may have appended)
-        for _ in _blocks(first.entry, first.file, check=True, longer=True):
-            pass
-        first.file.seek(0)
-    st = os.fstat(first.file.fileno())
-    taken, chunks_dir = False, os.dup(first.dir_fd)  # its own: the iteration closes the chunks' when it ends
+    with Chunks(session, m) as chunks:
+        chunks.check()
+        taken = False
 
-    def adopt(dir_fd: int, tmp: str) -> int | None:
-        nonlocal taken
-        fd = _take(first, dir_fd, tmp)
-        taken = fd is not None
-        return fd
+        def adopt(dir_fd: int, tmp: str) -> int | None:
+            nonlocal taken
+            fd = chunks.take(dir_fd, tmp)
+            taken = fd is not None
+            return fd
 
-    try:
-        with files.atomic_file(dest, perms, m["uid"], m["gid"], fsync=True, adopt=adopt) as f:
-            if not taken:
-                _append(first, f, checked=True)
-            for part in parts:
-                _append(part, f)
-    except BaseException:
-        if taken:
-            _untake(first, chunks_dir, (st.st_dev, st.st_ino))
-        raise
-    finally:
-        os.close(chunks_dir)
+        try:
+            with files.atomic_file(dest, perms, m["uid"], m["gid"], fsync=True,
+                                   adopt=adopt if chunks.parts else None) as f:
+                if not taken:
+                    chunks.copy_to(f)
+        except BaseException:
+            with contextlib.suppress(UploadError):  # the error that brought us here is the one to tell
+                chunks.give_back()
+            raise
     return {"path": dest, "mode": "binary", "size": m["size"]}
 
 
 def _extract(session: Session, m: dict, dest: str, perms: int | None) -> dict:
-    for part in chunks(session, m):  # every chunk checked before anything is extracted
-        if not part.vouched:
-            for _ in _blocks(part.entry, part.file, check=True):
-                pass
-    from slicer.agent import tars  # tarfile and shutil: only for a tar
+    with Chunks(session, m) as chunks:
+        chunks.check()  # every chunk checked before anything is extracted
+        from slicer.agent import tars  # tarfile and shutil: only for a tar
 
-    count = tars.extract_tar(io.BufferedReader(_StreamReader(stream(session, m)), READ), dest, perms,
-                              m["uid"], m["gid"])
+        count = tars.extract_tar(io.BufferedReader(_StreamReader(chunks.stream()), READ), dest, perms,
+                                  m["uid"], m["gid"])
     return {"path": dest, "mode": "tar", "entries": count}
 
 
