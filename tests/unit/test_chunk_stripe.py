@@ -60,17 +60,22 @@ def land(session: Path, index: int, data: bytes, digest: bool = True, fail_after
         return asyncio.run(stripe.receive(dir_fd, index, Body(data, digest, fail_after), uid, uid))
 
 
-@pytest.fixture(params=list(LAYOUTS))
-def session(tmp_path, monkeypatch, request):
-    """A root session beside its destination, its chunks landed out of order as the SDKs send them."""
+def landed(tmp_path: Path, monkeypatch, parts: list[bytes], mode: str = "binary", digests: bool = True) -> str:
+    """A root session beside its destination (its name), ``parts`` landed out of order as the SDKs
+    send them (every other one without a digest unless ``digests``), then its manifest."""
     monkeypatch.setattr(stripe, "SLOT", SLOT)
     tmp_path.chmod(0o755)
     name = f".slicer-upload-{os.urandom(16).hex()}"
-    parts = [os.urandom(n) for n in LAYOUTS[request.param]]
     for i in reversed(range(len(parts))):
-        assert land(tmp_path / name, i, parts[i]) == len(parts[i])
-    write_manifest(tmp_path, name, parts)
-    return tmp_path, name, parts, request.param
+        assert land(tmp_path / name, i, parts[i], digest=digests or i % 2 == 0) == len(parts[i])
+    write_manifest(tmp_path, name, parts, mode)
+    return name
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def session(tmp_path, monkeypatch, request):
+    parts = [os.urandom(n) for n in LAYOUTS[request.param]]
+    return tmp_path, landed(tmp_path, monkeypatch, parts), parts, request.param
 
 
 def write_manifest(tmp_path: Path, name: str, parts: list[bytes], mode: str = "binary") -> None:
@@ -252,8 +257,6 @@ def test_a_tar_is_extracted_from_the_data_file(tmp_path, monkeypatch):
     import io
     import tarfile
 
-    monkeypatch.setattr(stripe, "SLOT", SLOT)
-    tmp_path.chmod(0o755)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         body = os.urandom(100_000)
@@ -261,11 +264,7 @@ def test_a_tar_is_extracted_from_the_data_file(tmp_path, monkeypatch):
         info.size = len(body)
         tar.addfile(info, io.BytesIO(body))
     whole = buf.getvalue()
-    name = f".slicer-upload-{os.urandom(16).hex()}"
-    parts = [whole[i:i + 16384] for i in range(0, len(whole), 16384)]
-    for i, part in enumerate(parts):
-        land(tmp_path / name, i, part, digest=i % 2 == 0)
-    write_manifest(tmp_path, name, parts, mode="tar")
+    name = landed(tmp_path, monkeypatch, [whole[i:i + 16384] for i in range(0, len(whole), 16384)], "tar", False)
     (tmp_path / "out.bin").mkdir()
     assert _finalise(tmp_path, name)["entries"] == 1
     assert (tmp_path / "out.bin" / "dir" / "file.bin").read_bytes() == body
@@ -275,13 +274,8 @@ def test_a_tar_is_extracted_from_the_data_file(tmp_path, monkeypatch):
 def test_a_destination_on_another_filesystem_is_written_through_python(tmp_path, monkeypatch, after):
     """copy_file_range says EXDEV across filesystems (the guest's /tmp is a tmpfs): the copy goes
     on from where the kernel stopped, and the file is whole."""
-    monkeypatch.setattr(stripe, "SLOT", SLOT)
-    tmp_path.chmod(0o755)
-    name = f".slicer-upload-{os.urandom(16).hex()}"
     parts = [os.urandom(n) for n in LAYOUTS["odd"]]
-    for i, part in enumerate(parts):
-        land(tmp_path / name, i, part)
-    write_manifest(tmp_path, name, parts)
+    name = landed(tmp_path, monkeypatch, parts)
     real, calls = os.copy_file_range, []
 
     def cross_device(src: int, dst: int, count: int, offset_src=None, offset_dst=None) -> int:
@@ -328,13 +322,8 @@ def test_chunk_names():
 def test_where_gaps_cannot_be_cut_the_chunks_are_copied(tmp_path, monkeypatch):
     """A filesystem without FALLOC_FL_COLLAPSE_RANGE (the guest's /tmp is a tmpfs): the data file
     is left as it was and the chunks are copied."""
-    monkeypatch.setattr(stripe, "SLOT", SLOT)
-    tmp_path.chmod(0o755)
-    name = f".slicer-upload-{os.urandom(16).hex()}"
     parts = [os.urandom(n) for n in LAYOUTS["blocks"]]
-    for i, part in enumerate(parts):
-        land(tmp_path / name, i, part)
-    write_manifest(tmp_path, name, parts)
+    name = landed(tmp_path, monkeypatch, parts)
     inode = _data(tmp_path, name).stat().st_ino
 
     def unsupported(*_):
