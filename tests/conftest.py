@@ -201,6 +201,8 @@ class Daemon:
             shutil.copy(self.log_path, into / "daemon.log")
             for console in (self.data_dir / "run").glob("*/console.log"):
                 shutil.copy(console, into / f"{console.parent.name}.console.log")
+            for console in (self.data_dir / "run").glob(".*/console.log"):  # template VMs' (.tpl-*)
+                shutil.copy(console, into / f"{console.parent.name}.console.log")
             sys.stderr.write(f"\nslicer test daemon {self.data_dir}: logs kept in {into}\n")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from slicer.core.templates import BUILD_TIMEOUT
 from tests.conftest import Daemon, qemu_pids, wait_agent
 
 pytestmark = [pytest.mark.vm, pytest.mark.long]
@@ -114,7 +115,8 @@ def test_killed_at_random_points_leaves_nothing_inconsistent(guest_image):
             if i < 2:
                 choices = [("template build", "POST", "/hostgroup/sbx/template", {}, 12.0)]
             elif not templates:  # the builds were cut short: one that finishes, for the clones
-                assert api.post("/hostgroup/sbx/template").status_code == 200
+                r = api.post("/hostgroup/sbx/template", timeout=BUILD_TIMEOUT + 60)  # the daemon's own error first
+                assert r.status_code == 200, r.text
             for h in running:
                 choices.append(("delete", "DELETE", f"/hostgroup/sbx/nodes/{h}", {}, 1.5))
                 choices.append(("suspend", "POST", f"/vm/{h}/suspend", {}, 2.5))
@@ -167,6 +169,7 @@ def test_killed_at_random_points_leaves_nothing_inconsistent(guest_image):
         assert not any(p.is_dir() for p in (d.data_dir / "run").resolve().iterdir())
     except BaseException:
         print(d.log())
+        d.keep_logs()  # its VMs' console logs too (the failure is counted only after this test ends)
         raise
     finally:
         print("\n".join(done))

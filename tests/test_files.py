@@ -340,6 +340,10 @@ def test_chunked_copy_cannot_be_turned_against_root(api, vm):
     r = chunked_copy.post_chunk(api, vm, f"{link}/chunks/000000.chunk", b"x")
     assert r.status_code == 409 and r.json()["code"] == "unsafe_session", r.text
     assert sh(api, vm, "ls /etc/chunks 2>/dev/null || echo absent").strip() == "absent"
+    # a chunk's name must be chunks/NNNNNN.chunk (its slot in the session's data file)
+    for name in ("000000.chunk", "chunks/016384.chunk"):
+        r = chunked_copy.post_chunk(api, vm, f"/tmp/.slicer-upload-{'5' * 32}/{name}", b"x")
+        assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
     # a session's data file the user made a link to root's file: never written through (409)
     mine = "/tmp/.slicer-upload-" + "4" * 32
     sh(api, vm, f"rm -rf {mine}; su -s /bin/sh -c 'mkdir -p {mine}/chunks && chmod 700 {mine} {mine}/chunks && "

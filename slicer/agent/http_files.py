@@ -42,6 +42,9 @@ async def _cp_in(q, content) -> web.Response:
         with upload.upload_path(path, uid, gid) as (dir_fd, target):  # an SDK's chunk goes via its session
             if dir_fd is not None and (index := stripe.index_of(path)) is not None:  # into its slot
                 size = await stripe.receive(dir_fd, index, content, uid, gid)
+            elif sessions.is_chunk(path):
+                raise files.FileError(f"{path}: a chunk goes to <session>/chunks/NNNNNN.chunk, NNNNNN below "
+                                      f"{stripe.MAX_SLOTS}", "invalid_request")
             else:
                 size = await files.receive_file(target, content.iter_chunked(files.CHUNK), perms, uid, gid,
                                                 dir_fd=dir_fd)

@@ -27,7 +27,7 @@ Body = Literal["none", "json", "bytes"]
 ERROR_CODES = frozenset({
     "invalid_request", "copy_failed", "fs_error", "not_found", "invalid_cwd", "unsafe_tar", "exec_failed",
     "is_directory", "not_a_directory", "not_empty", "exists", "unsafe_path", "unsafe_session", "gone",
-    "too_large", "permission_denied", "budget_exhausted", "bulk_busy", "bulk_unavailable",
+    "too_large", "permission_denied", "budget_exhausted", "bulk_busy", "bulk_unavailable", "conflict",
 })
 
 

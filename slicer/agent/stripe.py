@@ -9,9 +9,13 @@ the destination's content, and with smaller ones (whole filesystem blocks) the g
 in place (``FALLOC_FL_COLLAPSE_RANGE``; slicer.agent.upload).
 
 A recorded digest is believed only while ``data.stamp`` still describes the data file (inode,
-size, mtime, ctime: rewritten after every chunk that lands; any other write, even a half-done
-one, changes the ctime, which nobody can set back); else finalise reads and hashes every chunk.
-Everything here belongs to the session's owner, who could write the destination anyway.
+size, mtime, ctime: rewritten after every chunk that lands; a later write, even a half-done one,
+moves the ctime, which nobody can set back); else finalise reads and hashes every chunk. Only the
+session's owner (or root) can write there, and the owner could write the destination anyway.
+
+The data file is sparse: chunks smaller than 64 MiB leave holes between them, so a filesystem
+without sparse files or with small files (vfat) needs the SDKs' default 64 MiB chunks. A copy has
+at most MAX_SLOTS chunks (1 TiB in 64 MiB chunks).
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ SLOT = 64 << 20  # the SDKs' largest (and default) chunk: chunk i's bytes start 
 MAX_SLOTS = 1 << 14  # 1 TiB of offsets; a manifest with more chunks is refused
 DATA = "data"
 STAMP = "data.stamp"
-RECORD = ".slot"  # beside the chunk's name: NNNNNN.chunk.slot
+RECORD_SUFFIX = ".slot"  # beside the chunk's name: NNNNNN.chunk.slot
 MAX_RECORD = 4096
-OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO or symlink planted as the data file never blocks us
+OPEN = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # a FIFO, tty or symlink planted there: no effect
 
 
 def index_of(path: str) -> int | None:
@@ -47,7 +51,7 @@ def index_of(path: str) -> int | None:
 
 
 def record_name(index: int) -> str:
-    return f"{index:06d}.chunk{RECORD}"
+    return f"{index:06d}.chunk{RECORD_SUFFIX}"
 
 
 def stamp_of(st: os.stat_result) -> dict:
@@ -65,7 +69,7 @@ def read_json(name: str, dir_fd: int) -> dict | None:
             return None
         try:
             value = json.loads(f.read(MAX_RECORD + 1))
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return value if isinstance(value, dict) else None
 
@@ -89,50 +93,54 @@ def _open_data(dir_fd: int, owner: int, group: int) -> int:
     except OSError as e:
         raise files.FileError(f"chunks/{DATA}: {e.strerror}", "unsafe_session", 409) from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != owner:
-        os.close(fd)
-        raise files.FileError(f"chunks/{DATA} is not a file of this upload's (uid {owner})", "unsafe_session", 409)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != owner or st.st_nlink != 1 or st.st_mode & 0o7000:
+        os.close(fd)  # root's writes would keep set-id bits; a link elsewhere would see every chunk
+        raise files.FileError(f"chunks/{DATA} is not a file of this upload's (uid {owner}, one link, no set-id bits)",
+                              "unsafe_session", 409)
     return fd
 
 
-_writing: set[tuple[int, int, int]] = set()  # (device, inode of a chunks directory, index) being written
+_writing: set[tuple[int, int, int]] = set()  # (device, inode of a data file, index) being written
 
 
 async def receive(dir_fd: int, index: int, body, uid: int | None, gid: int | None) -> int:
     """Write a chunk's bytes (the request's body, or a bulk transfer's) into its slot of the
     session's data file in ``dir_fd`` (its ``chunks`` directory); its size. Its record goes first
     and comes back only once it is whole. One chunk is written by one request at a time (two
-    interleaved would leave bytes of both under the record of one)."""
+    interleaved would leave bytes of both under the record of one): a second meanwhile is 409
+    ``conflict``, to be sent again."""
     owner = uid or 0
     group = gid if gid is not None else owner
-    st = os.fstat(dir_fd)
-    key = (st.st_dev, st.st_ino, index)
-    if key in _writing:
-        raise files.FileError(f"chunk {index} of this upload is being written already", "unsafe_session", 409)
-    _writing.add(key)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(record_name(index), dir_fd=dir_fd)
-        return await _write(dir_fd, index, body, owner, group)
-    finally:
-        _writing.discard(key)
-
-
-async def _write(dir_fd: int, index: int, body, owner: int, group: int) -> int:
     fd = _open_data(dir_fd, owner, group)
     try:
-        base, size = index * SLOT, 0
-        async for block in body.iter_chunked(files.CHUNK):
-            if size + len(block) > SLOT:
-                raise files.FileError(f"a chunk holds at most {SLOT >> 20} MiB", "too_large", 413)
-            view = memoryview(block)
-            while view:
-                view = view[os.pwrite(fd, view, base + size + len(block) - len(view)):]
-            size += len(block)
-        digest = getattr(body, "digest", None)  # the host's, for a chunk on the bulk port
-        _write_json(record_name(index), dir_fd, {"size": size, **({"sha256": digest} if digest else {})},
-                    owner, group)
-        _write_json(STAMP, dir_fd, stamp_of(os.fstat(fd)), owner, group)  # no await since the last write
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, index)
+        if key in _writing:
+            raise files.FileError(f"chunk {index} of this upload is being written already: send it again once "
+                                  "that request has ended", "conflict", 409)
+        _writing.add(key)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record_name(index), dir_fd=dir_fd)
+            size = await _write(fd, index, body)
+            digest = getattr(body, "digest", None)  # the host's, for a chunk on the bulk port
+            _write_json(record_name(index), dir_fd, {"size": size, **({"sha256": digest} if digest else {})},
+                        owner, group)
+            _write_json(STAMP, dir_fd, stamp_of(os.fstat(fd)), owner, group)  # no await since the last write
+            return size
+        finally:
+            _writing.discard(key)
     finally:
         os.close(fd)
+
+
+async def _write(fd: int, index: int, body) -> int:
+    base, size = index * SLOT, 0
+    async for block in body.iter_chunked(files.CHUNK):
+        if size + len(block) > SLOT:
+            raise files.FileError(f"a chunk holds at most {SLOT >> 20} MiB", "too_large", 413)
+        view = memoryview(block)
+        while view:
+            view = view[os.pwrite(fd, view, base + size + len(block) - len(view)):]
+        size += len(block)
     return size

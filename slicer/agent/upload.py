@@ -5,8 +5,9 @@ chunks with ordinary ``POST /cp`` requests into a session directory next to the 
 (``<parent>/.slicer-upload-<32 hex>/chunks/NNNNNN.chunk``), then a ``manifest.json`` listing
 them, and runs this helper (as root, through exec) to check every chunk against the manifest
 and assemble the result. Nothing reaches the destination unless every chunk's size and
-SHA-256 match: a binary file is written to a temporary file and renamed into place; a tar is
-verified whole before it is extracted (with the same member checks as ``/cp?mode=tar``).
+SHA-256 match (checked here, or by the host as it sent the chunk: below): a binary file is made
+under a temporary name and renamed into place; a tar is verified whole before it is extracted
+(with the same member checks as ``/cp?mode=tar``).
 
 Guest users are not trusted with each other's files: the helper works as ``--uid``/``--gid``
 (it drops root's privileges first), so a manifest rewritten by that user can only do what the
@@ -48,7 +49,7 @@ from slicer.agent.sessions import HEX_DIGITS, VERSIONS, is_session_name, session
 # The helper starts once or twice per chunked copy, and under TCG each import is felt (argparse,
 # hashlib and shutil took ~0.25 s of its ~0.5 s start): what only some runs need is imported there.
 
-MAX_MANIFEST = 16 << 20  # ~170k chunk entries (11 TB in the SDKs' 64 MiB chunks); a hostile one is refused
+MAX_MANIFEST = 16 << 20  # ~170k chunk entries; a hostile one is refused (and one of over stripe.MAX_SLOTS chunks)
 MAX_CHUNK = stripe.SLOT  # the SDKs' own limit, a slot of the data file
 READ = 1 << 20
 NON_ROOT_USER = 2**32 - 1  # the Go SDK's NonRootUser
@@ -280,9 +281,9 @@ class Part:
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     import ctypes  # only to cut gaps out: Python has no fallocate with flags
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if libc.fallocate(fd, mode, offset, length) != 0:
+    fallocate = ctypes.CDLL(None, use_errno=True).fallocate64  # 64-bit offsets on every glibc
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -318,7 +319,7 @@ class Chunks:
             except PermissionError:
                 continue
             except FileNotFoundError:
-                raise UploadError(f"{self.session.path}: chunk 0 is missing") from None
+                raise UploadError(f"{self.session.path}: no chunk has landed") from None
             except OSError as e:
                 raise UploadError(f"{self.session.path}: chunks/{stripe.DATA}: {e.strerror}") from None
         if self.fd < 0 or not stat.S_ISREG(os.fstat(self.fd).st_mode):

@@ -308,6 +308,16 @@ def test_what_lands_in_a_slot_is_bounded_and_only_in_the_owners_own_file(tmp_pat
     os.chown(data, 4242, 4242)  # another user's file linked in: root never writes into it for this owner
     with pytest.raises(files.FileError, match="not a file of this upload"):
         land(session, 0, b"x")
+    os.chown(data, 0, 0)
+    data.chmod(0o4600)  # set-id bits root's writes would keep
+    with pytest.raises(files.FileError, match="not a file of this upload"):
+        land(session, 0, b"x")
+    data.chmod(0o600)
+    os.link(data, tmp_path / "elsewhere")  # a name outside the session would see every chunk
+    with pytest.raises(files.FileError, match="not a file of this upload"):
+        land(session, 0, b"x")
+    (tmp_path / "elsewhere").unlink()
+    assert land(session, 0, b"x") == 1 and (tmp_path / "elsewhere").exists() is False
 
 
 def test_chunk_names():
