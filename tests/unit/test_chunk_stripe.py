@@ -1,6 +1,6 @@
 """The chunked copy's session as the agent lands it (slicer.agent.stripe: each chunk at its slot
 of one sparse data file, with its record and the file's stamp) and finalise taking that file as
-the destination without copying it (slicer.agent.upload), or copying where it cannot."""
+the destination without copying it (slicer.agent.assemble, .upload), or copying where it cannot."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from slicer.agent import files, stripe, upload
+from slicer.agent import assemble, files, stripe, upload
 
 SLOT = 64 << 10  # the tests' slot: stripe.SLOT (64 MiB) made small
 LAYOUTS = {
@@ -28,7 +28,7 @@ def _collapses(where: Path) -> bool:
     fd = os.open(where / ".probe", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.pwrite(fd, b"x" * 8192, 0)
-        upload._fallocate(fd, upload.FALLOC_FL_COLLAPSE_RANGE, 0, 4096)
+        assemble._fallocate(fd, assemble.FALLOC_FL_COLLAPSE_RANGE, 0, 4096)
         return True
     except OSError:
         return False
@@ -93,7 +93,7 @@ def _session(tmp_path: Path, name: str) -> upload.Session:
 def _vouched(tmp_path: Path, name: str) -> list[bool]:
     s = _session(tmp_path, name)
     try:
-        with upload.Chunks(s, upload.load_manifest(s)) as chunks:
+        with assemble.Chunks(s.fd, s.path, upload.load_manifest(s)) as chunks:
             return [part.vouched for part in chunks.parts]
     finally:
         s.close()
@@ -134,8 +134,8 @@ def test_recorded_digests_spare_reading_and_the_data_file_becomes_the_file(sessi
     tmp_path, name, parts, layout = session
     assert _vouched(tmp_path, name) == [True] * len(parts)
     inode = _data(tmp_path, name).stat().st_ino
-    read, real = [], upload.Chunks.blocks
-    monkeypatch.setattr(upload.Chunks, "blocks", lambda self, part, check: read.append(part) or real(self, part, check))
+    read, real = [], assemble.Chunks.blocks
+    monkeypatch.setattr(assemble.Chunks, "blocks", lambda self, p, check: read.append(p) or real(self, p, check))
     assert _finalise(tmp_path, name)["size"] == sum(map(len, parts))
     out = tmp_path / "out.bin"
     assert out.read_bytes() == b"".join(parts) and read == []
@@ -339,7 +339,7 @@ def test_where_gaps_cannot_be_cut_the_chunks_are_copied(tmp_path, monkeypatch):
     def unsupported(*_):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
-    monkeypatch.setattr(upload, "_fallocate", unsupported)
+    monkeypatch.setattr(assemble, "_fallocate", unsupported)
     _finalise(tmp_path, name)
     assert (tmp_path / "out.bin").read_bytes() == b"".join(parts)
     assert (tmp_path / "out.bin").stat().st_ino != inode
