@@ -35,12 +35,17 @@ class Part:
         return self.entry["size"]
 
 
+_libc_fallocate = None  # looked up once per helper run: a copy in small chunks closes a gap per chunk
+
+
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    global _libc_fallocate
     import ctypes  # only to cut gaps out: Python has no fallocate with flags
 
-    fallocate = ctypes.CDLL(None, use_errno=True).fallocate64  # 64-bit offsets on every glibc
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if fallocate(fd, mode, offset, length) != 0:
+    if _libc_fallocate is None:
+        _libc_fallocate = ctypes.CDLL(None, use_errno=True).fallocate64  # 64-bit offsets on every glibc
+        _libc_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc_fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
