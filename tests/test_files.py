@@ -259,10 +259,12 @@ def test_chunked_copy_as_the_official_sdks_do_it(api, vm, tmp_path):
     # A chunk sent alone goes on the bulk port with the host's SHA-256, recorded beside it: finalise
     # does not read it. The data file changed in the guest after the chunks landed (same size,
     # its mtime set back) loses that: the chunks are read, and the changed one refused.
+    other = data[65536 + 7] ^ 0xFF  # a byte that differs from the one it replaces (a fixed one matched 1 in 256)
+
     def tamper(session: str) -> None:
         assert sh(api, vm, f"ls {session}/chunks").split() == [f"{i:06d}.chunk.slot" for i in range(3)] + [
             "data", "data.stamp"]
-        sh(api, vm, f"f={session}/chunks/data; t=$(stat -c %y $f); printf X | "
+        sh(api, vm, f"f={session}/chunks/data; t=$(stat -c %y $f); printf '\\{other:03o}' | "
                     f"dd of=$f bs=1 seek=$((64 * 1024 * 1024 + 7)) conv=notrunc status=none; touch -d \"$t\" $f")
     result, _ = chunked_copy.upload(api, vm, data[:3 * 65536], "/tmp/tampered.bin", chunk_size=65536,
                                     before_finalise=tamper)

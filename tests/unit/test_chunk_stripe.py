@@ -233,7 +233,7 @@ def test_a_data_file_changed_after_the_last_chunk_landed_is_read_and_checked_aga
     if change in ("rewrite", "same-mtime", "record"):
         with open(data, "r+b") as f:
             f.seek(SLOT)
-            f.write(b"X")  # same size, other bytes
+            f.write(bytes([parts[1][0] ^ 0xFF]))  # same size, another byte (a fixed one matched 1 time in 256)
         if change == "same-mtime":
             os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime set back: the ctime still moved
         if change == "record":  # a record naming the new bytes' digest, the old stamp kept
