@@ -93,6 +93,7 @@ def console(daemon):
         page.on("websocket", lambda ws: requests.append(ws.url))
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.set_default_timeout(30_000)
+        expect.set_options(timeout=30_000)  # its own default is 5 s: short for a shell or an exec under TCG
         try:
             yield Console(daemon, browser, page, requests, errors)
         finally:

@@ -53,7 +53,7 @@ def test_clones_of_one_template_are_separate_machines(api):
             assert name == h
             assert ip == views[h]["ip"] + "/24"
             assert len(machine_id) == 32 and len(random) == 64
-            assert abs(float(clock) - before) < 5, "the clock was set from the host after restore"
+            assert before - 2 <= float(clock) <= time.time() + 1, "the clock was set from the host after restore"
         for i, what in enumerate(["machine-id", "IP", "SSH host key", "random stream"]):
             assert ids[a][i] != ids[b][i], f"{what} is shared by two clones"
         run(api, a, "echo only-in-a > /root/mine && sync")

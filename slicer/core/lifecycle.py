@@ -29,7 +29,7 @@ from slicer.core.state import NodeRecord
 from slicer.core.templates import Template, Templates
 from slicer.net import NetworkError
 from slicer.net.surface import Network
-from slicer.vmm.base import LAYOUT, VM, Driver, Laps, VMMError, VMSpec, VMState
+from slicer.vmm.base import LAYOUT, VM, Driver, HostError, Laps, VMMError, VMSpec, VMState
 from slicer.vmm.disks import TamperedDisk, copy_disk, remove_disk
 
 log = logging.getLogger("slicer.core.manager")
@@ -72,7 +72,7 @@ class Lifecycle:
                 raise Conflict(f"{rec.hostname}: {e}", ErrorCode.DISK_TAMPERED) from e
             if restore_from is not None:
                 telemetry.RESTORES.labels(rec.hostgroup, boot, "failed").inc()
-            if template is None:
+            if template is None or isinstance(e, HostError):
                 raise SlicerError(f"{rec.hostname}: could not start the VM: {e}", ErrorCode.VM_START_FAILED) from e
             await self._boot_cold_instead(node, template, spec, e)
             return await self.launch(node, group)

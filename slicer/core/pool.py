@@ -143,8 +143,9 @@ class Pool:
             self.filling[group.name] = 1
             try:
                 node = await self._make(group)
-            except (SlicerError, OSError, TimeoutError) as e:
-                log.error("host group %s: warm pool not filled: %s; retrying in %.0fs", group.name, e, RETRY_AFTER)
+            except Exception as e:  # noqa: BLE001 - whatever failed, the filler lives on: it is the pool's only one
+                log.error("host group %s: warm pool not filled: %s; retrying in %.0fs", group.name,
+                          e if isinstance(e, SlicerError | OSError | TimeoutError) else repr(e), RETRY_AFTER)
                 await asyncio.sleep(RETRY_AFTER)
                 continue
             finally:

@@ -388,7 +388,7 @@ def build_image(data_dir: Path, progress: Progress = print, force: bool = False)
 
 
 def _point_current(idir: Path, key: str) -> None:
-    tmp = idir / ".current.tmp"
+    tmp = idir / f".current.{os.getpid()}.tmp"  # its own per process: test workers point it at once
     tmp.unlink(missing_ok=True)
     os.symlink(key, tmp)
     os.replace(tmp, idir / "current")

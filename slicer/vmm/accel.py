@@ -72,7 +72,7 @@ def choose_accelerator(binary: str, kernel: Path, initrd: Path, cache: Path) -> 
     ok, detail = _probe_kvm(binary, kernel, initrd)
     accel = "kvm" if ok else "tcg"
     log.info("KVM probe: %s (%s); using %s", "booted" if ok else "failed", detail, accel)
-    tmp = cache.with_suffix(".tmp")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # its own per process: daemons may probe at once
     tmp.write_text(json.dumps({"key": key, "accelerator": accel, "detail": detail}))
     tmp.replace(cache)
     return accel

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
+import time
 from pathlib import Path
 
 from slicer.vmm.base import VMMError
@@ -51,6 +53,35 @@ def vmm_processes(run_root: Path) -> dict[int, Path]:
             if var.startswith(prefix):
                 found[int(entry.name)] = Path(var.split(b"=", 1)[1].decode(errors="replace"))
     return found
+
+
+def kill_and_wait(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """SIGKILL each of ``pids`` through a pidfd (never a process that reused the number), then
+    wait up to ``timeout`` s for them to end: until then the kernel keeps their cgroups busy, and
+    a VM started again under the same name finds its cgroup taken. Returns the PIDs signalled."""
+    fds: dict[int, int] = {}
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except (ProcessLookupError, OSError):
+            continue
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            fds[pid] = fd
+        except (ProcessLookupError, OSError):
+            os.close(fd)
+    poller = select.poll()
+    for fd in fds.values():
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    pending = set(fds.values())
+    while pending and (left := deadline - time.monotonic()) > 0:
+        for fd, _ in poller.poll(left * 1000):
+            poller.unregister(fd)
+            pending.discard(fd)
+    for fd in fds.values():
+        os.close(fd)
+    return list(fds)
 
 
 class AdoptedProcess:

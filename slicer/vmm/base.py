@@ -52,6 +52,11 @@ class VMStateError(VMMError):
     """The action is not allowed in the VM's current state."""
 
 
+class HostError(VMMError):
+    """The host could not give the VMM what it runs in (its uid, cgroup, jail): neither the
+    image's fault nor the template's, so nothing is retired for it."""
+
+
 @dataclass
 class NetDevice:
     """What a VM's NIC is connected to on the host, as the network layer hands it over.

@@ -146,7 +146,11 @@ class CgroupManager:
         cg = Cgroup(dirs, self.version)
         try:
             for d in dirs:
-                d.mkdir()
+                try:
+                    d.mkdir()
+                except FileExistsError:  # an earlier VM's of this name and uid: its process is gone by now
+                    Cgroup([d], self.version).remove(wait=1.0)
+                    d.mkdir()
         except OSError as e:
             cg.remove(wait=0)
             raise CgroupError(f"cannot make {dirs[0]}: {e.strerror}") from e

@@ -257,8 +257,8 @@ class FakeHost:
     def __init__(self) -> None:
         self.processes: dict[Path, FakeVM] = {}
         self.started: list[FakeVM] = []
-        # Each start pops one: the VMMError it raises (None: that start succeeds).
-        self.fail_next_start: list[str | None] = []
+        # Each start pops one: the error it raises, a VMMError for a string (None: that start succeeds).
+        self.fail_next_start: list[str | Exception | None] = []
         self.ignore_powerdown = False  # guests that ignore the ACPI button (killed after a timeout)
         self.tasks: set[asyncio.Future] = set()
         self._pids = itertools.count(40000)
@@ -281,7 +281,7 @@ class FakeDriver(Driver):
 
     async def start(self, spec: VMSpec, restore_from: Path | None = None) -> VM:
         if self.host.fail_next_start and (why := self.host.fail_next_start.pop(0)) is not None:
-            raise VMMError(why)
+            raise VMMError(why) if isinstance(why, str) else why
         if restore_from is not None:
             saved = json.loads(restore_from.read_text())
             if saved["fingerprint"] != self.host.fingerprint_of(spec):

@@ -34,6 +34,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from slicer.vmm.base import HostError
 from slicer.vmm.cgroup import Cgroup, CgroupError, CgroupManager, Limits
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ def helper_uid(tag: str) -> int:
     return _first_uid(tag) + UID_BLOCK_SIZE - 1
 
 
-class JailError(Exception):
-    pass
+class JailError(HostError):
+    """Confinement could not be set up (see :class:`slicer.vmm.base.HostError`)."""
 
 
 class JailRoot:

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from qemu.qmp import ConnectError, QMPClient
 from slicer.channel import PORT_NAME
 from slicer.channel.bulk import port_name as bulk_port_name
 from slicer.vmm.accel import qemu_version, tsc_khz
-from slicer.vmm.adopted import RUN_DIR_ENV, AdoptedProcess, running_vmm, vmm_processes
+from slicer.vmm.adopted import RUN_DIR_ENV, AdoptedProcess, kill_and_wait, running_vmm, vmm_processes
 from slicer.vmm.base import VM, Driver, Laps, VMMError, VMSpec, VMState, VMStateError
 from slicer.vmm.disks import create_overlay, verified_chain
 from slicer.vmm.handoff import Handoff, Layer, open_handoff, placeholder
@@ -622,19 +621,12 @@ class QemuDriver(Driver):
         return vm
 
     def kill_strays(self, run_root: Path, keep: set[int]) -> list[int]:
-        killed = []
-        for pid in vmm_processes(run_root):
-            if pid not in keep and pid != os.getpid():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-        return killed
+        return kill_and_wait([pid for pid in vmm_processes(run_root) if pid not in keep and pid != os.getpid()])
 
     def kill_stale(self, run_dir: Path) -> bool:
         pid = running_vmm(run_dir)
         if pid is None:
             return False
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        kill_and_wait([pid])
         (run_dir / "qemu.pid").unlink(missing_ok=True)
         return True

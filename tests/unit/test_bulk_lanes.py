@@ -152,8 +152,8 @@ async def test_a_copy_waits_a_little_for_a_held_port_and_then_does_without():
     assert await link.claim("out")  # the other direction is its own
     waiter = asyncio.ensure_future(link.claim("in", wait=5))
     other = asyncio.ensure_future(link.claim("in", wait=0.2))
-    await asyncio.sleep(0.3)
-    assert other.done() and other.result() is False  # gave up: the channel, then
+    assert await asyncio.wait_for(other, 5) is False  # gave up: the channel, then
+    assert not waiter.done()
     link.release("in")
     assert await asyncio.wait_for(waiter, 1) is True  # took it when the first let go
     assert not await link.claim("in", wait=0.05)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from slicer.core.errors import BadRequest, Conflict, Forbidden, NotFound
+from slicer.core.errors import BadRequest, Conflict, Forbidden, NotFound, SlicerError
+from slicer.vmm.base import HostError
 from tests.unit.conftest import Lab, create_args
 
 
@@ -162,6 +163,18 @@ async def test_a_failed_template_restore_boots_cold_and_retires_the_template(lab
     assert (tpl / "retired").exists()  # kept for the first clone, never used again
     third = await m.create("sbx", **create_args())
     assert third.boot == "template" and third.record.template != first.record.template
+
+
+async def test_a_restore_the_host_could_not_confine_fails_and_keeps_the_template(lab: Lab):
+    m = await lab.daemon()
+    first = await m.create("sbx", **create_args())
+    lab.host.fail_next_start.append(HostError("cannot make its cgroup: File exists"))
+    with pytest.raises(SlicerError, match="cgroup") as e:
+        await m.create("sbx", **create_args())
+    assert e.value.code == "vm_start_failed"
+    assert not (m.templates.root / first.record.template / "retired").exists()  # not the template's fault
+    second = await m.create("sbx", **create_args())
+    assert second.boot == "template" and second.record.template == first.record.template
 
 
 async def test_delete_removes_the_vm_its_disk_and_its_record(lab: Lab):

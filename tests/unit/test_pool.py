@@ -6,10 +6,11 @@ import asyncio
 
 import pytest
 
+from slicer.core import pool
 from slicer.core.config import load_config
 from slicer.core.errors import BadRequest, NotFound
 from slicer.core.records import NodeKind
-from slicer.vmm.base import VMState
+from slicer.vmm.base import HostError, VMState
 from tests.unit.conftest import Lab, create_args
 
 POOLED = """\
@@ -145,6 +146,15 @@ async def test_a_restarted_daemon_discards_the_old_pool_and_fills_a_new_one(lab:
     running = {vm.pid for vm in lab.host.processes.values()}
     assert not running & set(old.values())  # the old pool's QEMUs were stopped
     assert all(n.vm.pid not in old.values() for n in pooled(m2))
+
+
+async def test_the_pool_goes_on_filling_after_any_error(lab: Lab, monkeypatch):
+    monkeypatch.setattr(pool, "RETRY_AFTER", 0.01)
+    # the template's build goes through; the first two restores from it fail
+    lab.host.fail_next_start.extend([None, RuntimeError("a bug"), HostError("cannot make its cgroup: File exists")])
+    m = await lab.daemon(POOLED)
+    await filled(m)  # its one filler lived through both
+    assert not lab.host.fail_next_start
 
 
 async def test_stop_removes_the_pool(lab: Lab):
