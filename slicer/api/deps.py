@@ -1,4 +1,9 @@
-"""Dependencies shared by the routes: the manager and the bearer-token check."""
+"""Dependencies shared by the routes: the manager and the bearer-token check.
+
+The dependencies are ``async`` though they never wait: FastAPI runs a plain ``def`` dependency in
+its thread pool, two thread hops on every request for what takes microseconds. Code that is not a
+dependency (a WebSocket route) calls the plain functions, :func:`manager_of` and :func:`check_auth`:
+an ``async`` check called without ``await`` would check nothing."""
 
 from __future__ import annotations
 
@@ -10,11 +15,19 @@ from slicer.core.errors import Unauthorized
 from slicer.core.manager import Manager
 
 
-def manager(request: HTTPConnection) -> Manager:
+def manager_of(request: HTTPConnection) -> Manager:
     return request.app.state.manager
 
 
-def require_auth(request: HTTPConnection) -> None:
+async def manager(request: HTTPConnection) -> Manager:
+    return manager_of(request)
+
+
+async def require_auth(request: HTTPConnection) -> None:
+    check_auth(request)
+
+
+def check_auth(request: HTTPConnection) -> None:
     token: str | None = request.app.state.token
     if token is None:
         return

@@ -22,7 +22,7 @@ import httpcore
 import httpx
 
 from slicer.channel.budget import GLOBAL_FRAME_RATE, FrameBudget
-from slicer.channel.yamux import READY, Session, Stream, StreamClosed, connect_port
+from slicer.channel.yamux import INITIAL_WINDOW, READY, Session, Stream, StreamClosed, connect_answer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ HANDSHAKE_LIMIT = 8 * 1024 * 1024  # stale guest bytes kept while looking for th
 # event loop from the other VMs) and bytes queued towards a guest that does not read them.
 FRAME_RATE = 20_000
 MAX_OUTBOUND = 32 * 1024 * 1024
+COALESCE_LIMIT = 64 * 1024  # frames queued in one turn of the loop up to this size are written together
 # ... and all guests together: GLOBAL_FRAME_RATE shared equally by the VMs sending (budget.py).
 FRAMES = FrameBudget(GLOBAL_FRAME_RATE, FRAME_RATE)
 
@@ -81,6 +82,8 @@ class Channel:
         # next good handshake.
         self.fault: str | None = None
         self.last_stream_at: datetime | None = None  # a stream last opened: the API's last_agent_call
+        self._outbox: list[bytes] = []  # frames of this turn of the loop, not yet written
+        self._outbox_size = 0
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -97,8 +100,25 @@ class Channel:
         proto.transport.write(b"SLICER-HELLO " + self._nonce + b"\n")
 
     def _send(self, proto: _Protocol, data: bytes) -> None:
+        """Queue a frame; the frames of one turn of the event loop go out in one write (a
+        stream's SYN, its CONNECT and its request: one wake-up of QEMU and of the guest, not three)."""
+        if proto is not self._proto:
+            return
+        if self._outbox:
+            self._outbox.append(data)
+        else:
+            self._outbox = [data]
+            asyncio.get_running_loop().call_soon(self._flush, proto)
+        self._outbox_size += len(data)
+        if self._outbox_size >= COALESCE_LIMIT:  # bulk data: nothing gained by waiting
+            self._flush(proto)
+
+    def _flush(self, proto: _Protocol) -> None:
+        data = b"".join(self._outbox) if len(self._outbox) > 1 else (self._outbox[0] if self._outbox else b"")
+        self._outbox = []
+        self._outbox_size = 0
         transport = proto.transport
-        if proto is not self._proto or transport is None or transport.is_closing():
+        if not data or proto is not self._proto or transport is None or transport.is_closing():
             return
         transport.write(data)
         if transport.get_write_buffer_size() > MAX_OUTBOUND:
@@ -195,21 +215,38 @@ class Channel:
 
     async def open(self, port: int | str, timeout: float = 10.0) -> Stream:
         """A stream connected to ``port`` (or ``unix:/path``) inside the guest."""
+        stream, session = await self.begin(port, timeout)
+        await self.confirm(stream, session, port, timeout)
+        return stream
+
+    async def begin(self, port: int | str, timeout: float = 10.0) -> tuple[Stream, Session]:
+        """A stream to ``port`` that may be written at once, before the guest has said it is
+        connected: what is written follows the SYN and the ``CONNECT`` in the same burst, two
+        round trips through the guest saved. The caller then calls :meth:`confirm` before it
+        trusts what it reads."""
         session = await self.session(timeout)
+        stream = session.start_stream()
         try:
-            stream = await session.open_stream(timeout=timeout)
+            await stream.write(f"CONNECT {port}\n".encode())
+        except StreamClosed as e:
+            raise ChannelError(str(e)) from e
+        self.last_stream_at = datetime.now(UTC)
+        return stream, session
+
+    async def confirm(self, stream: Stream, session: Session, port: int | str, timeout: float) -> None:
+        """Wait for the guest to acknowledge a stream :meth:`begin` opened and to say ``OK``."""
+        try:
+            await session.confirm_stream(stream, timeout)
         except StreamClosed as e:
             # An unacknowledged SYN means the guest restarted its end: start over next time.
             if self._session is session:
                 self.disconnect()
             raise ChannelError(str(e)) from e
         try:
-            await asyncio.wait_for(connect_port(stream, port), timeout)
+            await asyncio.wait_for(connect_answer(stream, port), timeout)
         except (StreamClosed, TimeoutError) as e:
             stream.reset()
             raise ChannelError(str(e) or f"CONNECT {port} timed out") from e
-        self.last_stream_at = datetime.now(UTC)
-        return stream
 
     @property
     def open_streams(self) -> int:
@@ -222,24 +259,66 @@ class Channel:
 
 
 class _StreamAdapter(httpcore.AsyncNetworkStream):
-    def __init__(self, stream: Stream) -> None:
-        self._stream = stream
+    """A channel stream as httpcore's connection. The stream is opened by the request's first
+    write, in the same turn of the loop, so its SYN, its ``CONNECT`` and the request reach the
+    guest in one write; the guest's ACK and ``OK`` are awaited before anything is read."""
+
+    def __init__(self, channel: Channel, port: int, timeout: float) -> None:
+        self._channel = channel
+        self._port = port
+        self._timeout = timeout
+        self._stream: Stream | None = None
+        self._confirm: typing.Coroutine[None, None, None] | None = None
+        self._unconfirmed = 0  # bytes written before the guest confirmed
+
+    async def _opened(self) -> Stream:
+        if self._stream is None:
+            try:
+                self._stream, session = await self._channel.begin(self._port, self._timeout)
+            except ChannelError as e:
+                raise httpcore.ConnectError(str(e)) from e
+            self._confirm = self._channel.confirm(self._stream, session, self._port, self._timeout)
+        return self._stream
+
+    async def _confirmed(self) -> Stream:
+        stream = await self._opened()
+        if self._confirm is not None:
+            confirm, self._confirm = self._confirm, None
+            try:
+                await confirm
+            except ChannelError as e:
+                raise httpcore.ConnectError(str(e)) from e
+        return stream
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        try:
-            return await asyncio.wait_for(self._stream.read(max_bytes), timeout)
+        stream = await self._confirmed()
+        try:  # asyncio.timeout, not wait_for: no task per read
+            async with asyncio.timeout(timeout):
+                return await stream.read(max_bytes)
         except TimeoutError:  # httpcore's own, so that httpx (and our callers) see a timeout, not a crash
             raise httpcore.ReadTimeout(f"the guest sent nothing for {timeout}s") from None
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        try:
-            await asyncio.wait_for(self._stream.write(buffer), timeout)
+        stream = await self._opened()
+        # Within the window every stream starts with, a write cannot wait for the guest; past
+        # it, one to a guest that refused the stream would wait for ever.
+        self._unconfirmed += len(buffer)
+        if self._unconfirmed > PIPELINED:
+            await self._confirmed()
+        try:  # asyncio.timeout, not wait_for (a task): the write stays in this turn of the loop
+            async with asyncio.timeout(timeout):
+                await stream.write(buffer)
         except TimeoutError:
             raise httpcore.WriteTimeout(f"the guest took nothing for {timeout}s") from None
         except StreamClosed as e:
+            await self._confirmed()  # a guest that refused the stream: a ConnectError, as it was
             raise httpcore.WriteError(f"the guest closed the stream while we were sending: {e}") from e
 
     async def aclose(self) -> None:
+        if self._confirm is not None:
+            self._confirm.close()  # never awaited: the request failed before its answer was read
+        if self._stream is None:
+            return
         try:
             await self._stream.close()
         except ConnectionError:
@@ -254,11 +333,7 @@ class _ChannelBackend(httpcore.AsyncNetworkBackend):
         self._port = port
 
     async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        try:
-            stream = await self._channel.open(self._port, timeout=timeout or 10.0)
-        except ChannelError as e:
-            raise httpcore.ConnectError(str(e)) from e
-        return _StreamAdapter(stream)
+        return _StreamAdapter(self._channel, self._port, timeout or 10.0)
 
     async def connect_unix_socket(self, path, timeout=None, socket_options=None):
         raise httpcore.ConnectError("unix sockets are reached through connect_tcp on the channel")
@@ -268,6 +343,7 @@ class _ChannelBackend(httpcore.AsyncNetworkBackend):
 
 
 MAX_STREAMS = 128
+PIPELINED = INITIAL_WINDOW // 2  # bytes of a request sent before the guest confirms its stream
 
 
 class ChannelTransport(httpx.AsyncHTTPTransport):

@@ -336,13 +336,25 @@ class Session:
         self._streams.pop(stream.id, None)
 
     # -- public -------------------------------------------------------------------------------
-    async def open_stream(self, timeout: float = 10.0) -> Stream:
-        """Open a stream and wait for the peer's ACK."""
+    def start_stream(self) -> Stream:
+        """Open a stream without waiting for the peer's ACK: the spec lets data follow the SYN
+        at once (see :meth:`confirm_stream`)."""
         sid = self._next_id
         self._next_id += 2
         stream = Stream(self, sid)
         self._streams[sid] = stream
         self._send_frame(TYPE_WINDOW_UPDATE, FLAG_SYN, sid, STREAM_WINDOW - INITIAL_WINDOW)
+        return stream
+
+    async def open_stream(self, timeout: float = 10.0) -> Stream:
+        """Open a stream and wait for the peer's ACK."""
+        stream = self.start_stream()
+        await self.confirm_stream(stream, timeout)
+        return stream
+
+    async def confirm_stream(self, stream: Stream, timeout: float) -> None:
+        """Wait for the ACK of a stream :meth:`start_stream` opened (StreamClosed if refused)."""
+        sid = stream.id
         try:
             await asyncio.wait_for(stream._established.wait(), timeout)
         except TimeoutError:
@@ -350,7 +362,6 @@ class Session:
             raise StreamClosed(f"peer did not acknowledge stream {sid} within {timeout}s") from None
         if stream.reset_by:
             raise StreamClosed(f"peer refused stream {sid}")
-        return stream
 
     async def ping(self, timeout: float = 5.0) -> None:
         self._ping_id = (self._ping_id + 1) & 0xFFFFFFFF
@@ -389,9 +400,9 @@ class Session:
         self.done.set()
 
 
-async def connect_port(stream: Stream, port: int | str) -> None:
-    """Client half of the hybrid-vsock handshake: ``CONNECT <port>`` → ``OK <port>``."""
-    await stream.write(f"CONNECT {port}\n".encode())
+async def connect_answer(stream: Stream, port: int | str) -> None:
+    """Client half of the hybrid-vsock handshake, once ``CONNECT <port>`` is sent: the guest's
+    ``OK <port>``, or the reason it refused."""
     line = await stream.readline()
     if not line.startswith(b"OK "):
         reason = line.decode(errors="replace").strip() or "stream closed"

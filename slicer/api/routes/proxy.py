@@ -22,7 +22,7 @@ from slicer.proxy.store import ProxyStore
 router = APIRouter(prefix="/proxy/v1", dependencies=[Depends(require_auth)])
 
 
-def store(request: Request) -> ProxyStore:
+async def store(request: Request) -> ProxyStore:  # async: not run in the thread pool
     return request.app.state.proxy
 
 

@@ -8,7 +8,7 @@ import contextlib
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from slicer.api.deps import manager, require_auth
+from slicer.api.deps import check_auth, manager_of
 from slicer.api.errors import error_response
 from slicer.channel.websocket import MessageTooBig
 from slicer.channel.yamux import Stream
@@ -71,11 +71,11 @@ async def forward(ws: WebSocket, hostname: str) -> None:
     """One WebSocket per TCP connection; the target is ``X-Inlets-Upstream`` (``host:port``
     or ``unix:/path`` inside the VM). Bytes are relayed as binary messages, unframed."""
     try:
-        require_auth(ws)
+        check_auth(ws)
         target = ws.headers.get("x-inlets-upstream", "").strip()
         if not target:
             raise BadRequest("X-Inlets-Upstream header is required (host:port or unix:/path)", "invalid_target")
-        stream = await manager(ws).open_stream(hostname, target)
+        stream = await manager_of(ws).open_stream(hostname, target)
     except SlicerError as e:
         await deny(ws, e)
         return
@@ -88,8 +88,8 @@ async def shell(ws: WebSocket, hostname: str) -> None:
     """Slicer's shell frames (type byte, u32 length, payload) relayed to a PTY in the VM.
     Query: uid, gid, shell, cwd."""
     try:
-        require_auth(ws)
-        agent = await manager(ws).agent(hostname)
+        check_auth(ws)
+        agent = await manager_of(ws).agent(hostname)
         session = await agent.shell([(k, v) for k, v in ws.query_params.multi_items()
                                      if k in ("uid", "gid", "shell", "cwd")])
     except SlicerError as e:
