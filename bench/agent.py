@@ -6,6 +6,8 @@ the QEMU driver so it can hold the VM's channel itself (the raw path). Prints JS
 
 * exec of ``true`` (buffered): p50/p99 through the API and straight over the channel (agent
   HTTP on a channel stream, no daemon);
+* exec of ``/usr/bin/true`` through the API on a plain line (the agent execs it) and quoted (bash
+  starts first, then execs it), and their ratio;
 * bytes into and out of a VM: ``POST/GET /vm/{h}/cp`` through the API, and a bare yamux stream
   to a guest TCP sink/source (the channel's own ceiling), with ratios.
 
@@ -140,6 +142,15 @@ async def measure(work: Path, size: int, execs: int, boot: str) -> dict:
             if i >= 3:
                 api_exec.append(a)
                 raw_exec.append(b)
+        # A program on a plain line is execed by the agent itself; quoted, bash starts first and
+        # execs it (slicer.agent.direct): the same program, both through the API, interleaved.
+        plain_exec, via_bash = [], []
+        for i in range(execs + 3):
+            a = await timed(api.post("/vm/bench-1/exec", params={"cmd": "/usr/bin/true", "buffered": "true"}))
+            b = await timed(api.post("/vm/bench-1/exec", params={"cmd": '"/usr/bin/true"', "buffered": "true"}))
+            if i >= 3:
+                plain_exec.append(a)
+                via_bash.append(b)
         await agent.post("/exec", params={"cmd": f"nohup python3 -c '{GUEST_PEERS}' >/dev/null 2>&1 &",
                                           "buffered": "true"})
         for _ in range(200):
@@ -188,7 +199,8 @@ async def measure(work: Path, size: int, execs: int, boot: str) -> dict:
                 rounds[name].append(size / await timed(fn()) / 1e6)
         await agent.aclose()
         await api.aclose()
-        return {"api_exec": api_exec, "raw_exec": raw_exec, **{k: max(v) for k, v in rounds.items()}}
+        return {"api_exec": api_exec, "raw_exec": raw_exec, "plain_exec": plain_exec, "via_bash": via_bash,
+                **{k: max(v) for k, v in rounds.items()}}
     finally:
         await vm.kill()
         daemon.terminate()
@@ -218,6 +230,8 @@ def main() -> None:
                       "pairwise_difference_p50_ms": round(pct([a - b for a, b in zip(m["api_exec"], m["raw_exec"],
                                                                                         strict=True)], 0.5) * 1000, 2),
                       "goal_p50_overhead_ms": 5},
+        "exec_program": {"plain_line": ms(m["plain_exec"]), "through_bash": ms(m["via_bash"]),
+                         "ratio_p50": round(pct(m["plain_exec"], 0.5) / pct(m["via_bash"], 0.5), 3)},
         "copy_into_vm": {"api_MBps": round(m["api_into"], 1), "raw_channel_MBps": round(m["raw_into"], 1),
                          "ratio": round(m["api_into"] / m["raw_into"], 3)},
         "copy_out_of_vm": {"api_MBps": round(m["api_out"], 1), "raw_channel_MBps": round(m["raw_out"], 1),

@@ -54,6 +54,43 @@ def test_env_cwd_uid_gid_and_args(api, vm):
     assert direct["stdout"] == "a b|$HOME|", "without a shell, arguments are passed untouched"
 
 
+@pytest.mark.parametrize("uid", [0, 1000])
+def test_a_plain_command_runs_as_it_did_through_bash(api, vm, uid):
+    """A plain line is execed by the agent itself (slicer.agent.direct); the quoted one below
+    goes through bash, which execs the same program in its own place: the same argv, environment
+    (PWD, SHLVL, _), directory and user."""
+    def both(line: str, quoted: str, cwd: str = "/tmp") -> tuple[dict, dict]:
+        def one(cmd: str) -> dict:
+            return api.post(f"/vm/{vm}/exec", params={"cmd": cmd, "cwd": cwd, "uid": uid, "buffered": "true",
+                                                      "env": "SHLVL=2"}).json()
+        return one(line), one(quoted)
+
+    for line, quoted in (("env", '"env"'), ("cat /proc/self/cmdline", '"cat" /proc/self/cmdline'),
+                         ("id", '"id"'), ("/bin/pwd", '"/bin/pwd"'), ("ls /proc/self/fd", '"ls" /proc/self/fd')):
+        plain, shell = both(line, quoted)
+        assert plain["exit_code"] == shell["exit_code"] == 0, (plain, shell)
+        if line == "env":  # bash exports in an order of its own
+            plain["stdout"], shell["stdout"] = (sorted(x["stdout"].splitlines()) for x in (plain, shell))
+        assert plain["stdout"] == shell["stdout"] and plain["stderr"] == shell["stderr"] == "", line
+    # ... and the plain lines above were not through bash: in this guest, bash and PATH qualify
+    probe = ("from slicer.agent import direct, execute, runtime; "
+             "p = direct.plan('env', [], runtime.shell('/bin/bash'), dict(execute.BASE_ENV), '/tmp'); print(p.path)")
+    r = api.post(f"/vm/{vm}/exec", params={"cmd": "/usr/bin/python3", "args": ["-c", probe], "shell": "",
+                                           "env": "PYTHONPATH=/opt/slicer", "buffered": "true"}).json()
+    assert r["stdout"] == "/usr/bin/env\n", r
+    env = both("env", '"env"', cwd="/usr/share")[0]["stdout"].splitlines()
+    assert {"PWD=/usr/share", "SHLVL=2", "_=/usr/bin/env"} <= set(env)
+    # What fails is bash's to say, as before: not found 127, not executable 126, no #! run by bash.
+    setup = ("printf 'echo from-a-script\\n' > /tmp/noshebang && chmod 755 /tmp/noshebang && "
+             "printf 'x' > /tmp/noexec && chmod 644 /tmp/noexec")
+    assert api.post(f"/vm/{vm}/exec", params={"cmd": setup, "buffered": "true"}).json()["exit_code"] == 0
+    for line, code, out, err in (("no-such-program-here", 127, "", "command not found"),
+                                 ("/tmp/noexec", 126, "", "Permission denied"),
+                                 ("/tmp/noshebang", 0, "from-a-script\n", "")):
+        r = api.post(f"/vm/{vm}/exec", params={"cmd": line, "uid": uid, "buffered": "true"}).json()
+        assert (r["exit_code"], r["stdout"]) == (code, out) and err in r["stderr"], (line, r)
+
+
 def test_stdin_is_piped(api, vm):
     payload = b"line one\nline two\n" * 1000
     r = api.post(f"/vm/{vm}/exec", params={"cmd": "sha256sum", "stdin": "true", "buffered": "true"},

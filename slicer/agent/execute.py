@@ -12,6 +12,7 @@ import asyncio
 import base64
 import codecs
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -19,7 +20,7 @@ import signal
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from slicer.agent import catrust, paths, runtime
+from slicer.agent import catrust, direct, paths, runtime
 
 READ_CHUNK = 65536
 BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -172,22 +173,40 @@ async def _spawn(req: ExecRequest, cwd_fd: int | None) -> asyncio.subprocess.Pro
         ids = {"group": req.gid, "extra_groups": []}
     else:
         ids = {}
+    # the child changes into it before it drops privileges and before exec closes the descriptor
+    cwd = f"/proc/self/fd/{cwd_fd}" if cwd_fd is not None else u.home or "/"
+    launch = functools.partial(
+        asyncio.create_subprocess_exec,
+        stdin=asyncio.subprocess.PIPE if req.stdin else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE if req.stdout else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE if req.stderr else asyncio.subprocess.DEVNULL,
+        cwd=cwd, **ids,
+        start_new_session=True,  # its own process group: killed as a whole
+    )
+    if req.shell and (plain := direct.plan(runtime.helper(req.cmd), req.args, runtime.shell(req.shell), env,
+                                           _physical(cwd))):
+        try:
+            return await launch(*plain.argv, executable=plain.path, env=plain.env)
+        except (OSError, ValueError):
+            pass  # nothing ran: bash meets the same failure and words it as it always has (127, 126)
     try:
-        return await asyncio.create_subprocess_exec(
-            *req.argv(),
-            stdin=asyncio.subprocess.PIPE if req.stdin else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE if req.stdout else asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE if req.stderr else asyncio.subprocess.DEVNULL,
-            # the child changes into it before it drops privileges and before exec closes the descriptor
-            cwd=f"/proc/self/fd/{cwd_fd}" if cwd_fd is not None else u.home or "/", env=env, **ids,
-            start_new_session=True,  # its own process group: killed as a whole
-        )
+        return await launch(*req.argv(), env=env)
     except FileNotFoundError:
         raise ExecError(f"{req.argv()[0]}: command not found", "not_found", 400) from None
     except PermissionError as e:
         raise ExecError(f"cannot run {req.argv()[0]}: {e.strerror}", "permission_denied") from None
     except (OSError, ValueError) as e:
         raise ExecError(f"cannot start {req.argv()[0]}: {e}", "exec_failed") from None
+
+
+def _physical(cwd: str) -> str:
+    """The directory ``cwd`` names with no symlink in it (bash's ``PWD`` when none is inherited);
+    "" when it cannot be known here."""
+    try:
+        path = os.readlink(cwd) if cwd.startswith("/proc/self/fd/") else os.path.realpath(cwd, strict=True)
+    except OSError:
+        return ""
+    return "" if path.endswith(" (deleted)") else path
 
 
 def kill_group(proc: asyncio.subprocess.Process) -> None:

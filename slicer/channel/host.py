@@ -84,6 +84,7 @@ class Channel:
         self.last_stream_at: datetime | None = None  # a stream last opened: the API's last_agent_call
         self._outbox: list[bytes] = []  # frames of this turn of the loop, not yet written
         self._outbox_size = 0
+        self._outbox_for: _Protocol | None = None  # the connection they are for
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -104,16 +105,18 @@ class Channel:
         stream's SYN, its CONNECT and its request: one wake-up of QEMU and of the guest, not three)."""
         if proto is not self._proto:
             return
-        if self._outbox:
+        if self._outbox and self._outbox_for is proto:
             self._outbox.append(data)
-        else:
-            self._outbox = [data]
+        else:  # (frames left for an earlier connection are dropped with it)
+            self._outbox, self._outbox_size, self._outbox_for = [data], 0, proto
             asyncio.get_running_loop().call_soon(self._flush, proto)
         self._outbox_size += len(data)
         if self._outbox_size >= COALESCE_LIMIT:  # bulk data: nothing gained by waiting
             self._flush(proto)
 
     def _flush(self, proto: _Protocol) -> None:
+        if self._outbox_for is not proto:
+            return
         data = b"".join(self._outbox) if len(self._outbox) > 1 else (self._outbox[0] if self._outbox else b"")
         self._outbox = []
         self._outbox_size = 0
