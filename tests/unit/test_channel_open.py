@@ -1,6 +1,7 @@
 """The host's channel (slicer.channel.host) against a guest end made here from the same yamux
-code: an agent call goes out in one write (SYN, CONNECT, request), and a guest that refuses or
-never acknowledges the stream still ends the call with a connect error, not a hang."""
+code: an agent call sends its request without waiting for the guest's OK (one trip through the
+guest, not three), and a guest that refuses or never acknowledges the stream still ends the call
+with a connect error, not a hang."""
 
 from __future__ import annotations
 
@@ -51,17 +52,17 @@ class Guest:
             await stream.write(b"ERR no agent listening\n")
             await stream.close()
             return
-        await stream.write(b"OK 1\n")
+        # The whole request first, and only then OK: a host that waited for OK before sending
+        # would wait for ever.
         request = bytearray()
         while b"\r\n\r\n" not in request:
             request += await stream.read()
         head, _, body = bytes(request).partition(b"\r\n\r\n")
         sizes = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
-        length = sizes[0] if sizes else 0
-        while len(body) < length:
+        while len(body) < (sizes[0] if sizes else 0):
             body += await stream.read()
         self.bodies.append(body)
-        await stream.write(ANSWER)
+        await stream.write(b"OK 1\n" + ANSWER)
         await stream.close()
 
 
@@ -72,21 +73,13 @@ async def client_for(tmp_path: Path, behaviour: str) -> tuple[Guest, Channel, ht
     return guest, channel, httpx.AsyncClient(transport=ChannelTransport(channel, 1), base_url="http://agent")
 
 
-async def test_an_agent_call_goes_out_in_one_write(tmp_path: Path):
+async def test_an_agent_call_sends_its_request_before_the_guest_says_ok(tmp_path: Path):
     guest, channel, client = await client_for(tmp_path, "ok")
-    async with client:
-        await channel.session(5)
-        transport = channel._proto.transport
-        writes: list[bytes] = []
-        write = transport.write
-        transport.write = lambda data: (writes.append(bytes(data)), write(data))[1]
+    async with client, asyncio.timeout(10):
         for body in (b"", b"x" * 5000):
-            before = len(writes)
             r = await client.post("/exec", content=body, timeout=5)
             assert r.status_code == 200 and r.json() == {"ok": True}
             assert guest.bodies[-1] == body
-            opening = next(w for w in writes[before:] if b"CONNECT 1\n" in w)
-            assert b"POST /exec" in opening and opening.endswith(body)  # SYN, CONNECT and the request together
 
 
 @pytest.mark.parametrize("size", [0, 2 * host.PIPELINED])
