@@ -144,6 +144,8 @@ class Pool:
             try:
                 node = await self._make(group)
             except Exception as e:  # noqa: BLE001 - whatever failed, the filler lives on: it is the pool's only one
+                if (task := asyncio.current_task()) is not None and task.cancelling():
+                    raise  # failed on its way out (the daemon stops): nothing to retry, and it must end
                 log.error("host group %s: warm pool not filled: %s; retrying in %.0fs", group.name,
                           e if isinstance(e, SlicerError | OSError | TimeoutError) else repr(e), RETRY_AFTER)
                 await asyncio.sleep(RETRY_AFTER)
