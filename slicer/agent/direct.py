@@ -40,13 +40,14 @@ class Direct:
 
 def plan(line: str, args: list[str], shell: str, env: dict[str, str], cwd: str) -> Direct | None:
     """What ``shell -c "line args…"`` would exec, or None when the line needs the shell.
-    ``args`` are quoted for the shell, so they are words as they are; ``cwd`` is the physical
-    directory the command starts in (bash's ``PWD``)."""
+    ``args`` are quoted for the shell, so they are words as they are; ``cwd`` is the directory
+    the command starts in (a path, or ``/proc/self/fd/N``). The cheap checks come first: most
+    lines that need bash cost no system call here."""
     if not PLAIN_LINE.fullmatch(line) or os.path.basename(os.path.realpath(shell)) != "bash":
         return None  # (a "bash" that links to busybox is not bash)
     words = line.split()
     first = words[0]
-    if "=" in first or first in BASH_WORDS or not os.path.isabs(cwd):
+    if "=" in first or first in BASH_WORDS:
         return None
     if any(k in env for k in BASH_ENV_VARS) or any(k.startswith("BASH_FUNC_") for k in env):
         return None
@@ -57,8 +58,22 @@ def plan(line: str, args: list[str], shell: str, env: dict[str, str], cwd: str) 
         path = first  # relative to the command's directory: the child changes into it before exec
     elif (path := _search(first, env.get("PATH", ""))) is None:
         return None
+    if not (pwd := physical(cwd)):
+        return None
     # bash raises SHLVL by one and lowers it again before it execs in its own place
-    return Direct(path, [*words, *args], {**env, "PWD": cwd, "SHLVL": str(int(level)), "_": path})
+    return Direct(path, [*words, *args], {**env, "PWD": pwd, "SHLVL": str(int(level)), "_": path})
+
+
+def physical(cwd: str) -> str:
+    """The directory ``cwd`` names with no symlink in it (bash's ``PWD`` when none is inherited);
+    "" when it cannot be known here."""
+    if not os.path.isabs(cwd):
+        return ""
+    try:
+        path = os.readlink(cwd) if cwd.startswith("/proc/self/fd/") else os.path.realpath(cwd, strict=True)
+    except OSError:
+        return ""
+    return "" if path.endswith(" (deleted)") or not os.path.isabs(path) else path
 
 
 def _search(name: str, path_var: str) -> str | None:

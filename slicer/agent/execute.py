@@ -183,8 +183,7 @@ async def _spawn(req: ExecRequest, cwd_fd: int | None) -> asyncio.subprocess.Pro
         cwd=cwd, **ids,
         start_new_session=True,  # its own process group: killed as a whole
     )
-    if req.shell and (plain := direct.plan(runtime.helper(req.cmd), req.args, runtime.shell(req.shell), env,
-                                           _physical(cwd))):
+    if req.shell and (plain := direct.plan(runtime.helper(req.cmd), req.args, runtime.shell(req.shell), env, cwd)):
         try:
             return await launch(*plain.argv, executable=plain.path, env=plain.env)
         except (OSError, ValueError):
@@ -197,16 +196,6 @@ async def _spawn(req: ExecRequest, cwd_fd: int | None) -> asyncio.subprocess.Pro
         raise ExecError(f"cannot run {req.argv()[0]}: {e.strerror}", "permission_denied") from None
     except (OSError, ValueError) as e:
         raise ExecError(f"cannot start {req.argv()[0]}: {e}", "exec_failed") from None
-
-
-def _physical(cwd: str) -> str:
-    """The directory ``cwd`` names with no symlink in it (bash's ``PWD`` when none is inherited);
-    "" when it cannot be known here."""
-    try:
-        path = os.readlink(cwd) if cwd.startswith("/proc/self/fd/") else os.path.realpath(cwd, strict=True)
-    except OSError:
-        return ""
-    return "" if path.endswith(" (deleted)") else path
 
 
 def kill_group(proc: asyncio.subprocess.Process) -> None:

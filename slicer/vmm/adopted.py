@@ -63,12 +63,12 @@ def kill_and_wait(pids: list[int], timeout: float = 5.0) -> list[int]:
     for pid in pids:
         try:
             fd = os.pidfd_open(pid)
-        except (ProcessLookupError, OSError):
+        except OSError:  # gone already (ProcessLookupError) or not ours to signal
             continue
         try:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
             fds[pid] = fd
-        except (ProcessLookupError, OSError):
+        except OSError:  # gone already (ProcessLookupError) or not ours to signal
             os.close(fd)
     poller = select.poll()
     for fd in fds.values():
